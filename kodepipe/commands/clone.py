@@ -1,0 +1,71 @@
+"""kp-clone: copy-on-write clones of a golden image."""
+
+from __future__ import annotations
+
+import click
+
+from kodepipe import cli as kpcli
+from kodepipe.commands import options
+from kodepipe.errors import KpError
+
+
+@click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
+@click.argument("base", shell_complete=kpcli.name_completion(("image",)))
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@options.quiet
+def cli(base: str, names: tuple[str, ...], quiet: bool) -> int:
+    """Make VMs as copy-on-write clones of the golden image BASE.
+
+    Each NAME becomes a VM whose disk is a qcow2 overlay on BASE's disk: it
+    takes constant time and a few hundred kilobytes whatever BASE's size.
+    Writes one vm record per clone, with state "stopped"; kp-boot starts it.
+
+    BASE "-" reads image records from stdin (from kp-image or kp-ls) and
+    clones every NAME from each of them; other records pass through
+    unchanged.  An existing NAME, or a BASE that is missing or not ready,
+    fails that clone (an error record) and changes nothing.
+
+    \b
+    Examples:
+      kp-clone base proj
+      kp-clone base a b c | kp-ls
+      kp-ls --kind image base | kp-clone - proj
+    """
+    from kodepipe import proc, vms
+    from kodepipe.records import check_name
+    from kodepipe.state import Store
+
+    options.check_names(names)
+    if base != "-":
+        options.check_names([base], "BASE")
+    proc.require("qemu-img")
+    out = kpcli.Output("kp-clone", quiet=quiet)
+    store = Store()
+
+    def make(base_name: str, base_id: str | None) -> None:
+        for name in names:
+            try:
+                out.emit(vms.clone(store, base_name, name, base_id=base_id))
+            except KpError as exc:
+                out.fail({"kind": "vm", "name": name, "base": base_name}, exc)
+
+    if base != "-":
+        make(base, None)
+        return out.status()
+    for _, record in out.records():
+        if record.get("kind") != "image" or "error" in record:
+            out.emit(record)
+            continue
+        try:
+            image_name = check_name(record.get("name"), "image name")
+        except KpError as exc:
+            out.fail(record, exc)
+            continue
+        image_id = record.get("id") if isinstance(record.get("id"), str) else None
+        out.emit(record)
+        make(image_name, image_id)
+    return out.status()
+
+
+def main() -> None:
+    kpcli.run(cli, "kp-clone")

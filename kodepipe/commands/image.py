@@ -1,0 +1,121 @@
+"""kp-image: build golden VM images."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+
+from kodepipe import cli as kpcli
+from kodepipe.commands import options
+
+PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,30}")
+SIZE_RE = re.compile(r"[1-9][0-9]*[MGT]")
+SUITE_RE = re.compile(r"[a-z][a-z0-9-]*")
+
+
+@click.group(context_settings=options.CONTEXT, epilog=options.EPILOG)
+def cli() -> None:
+    """Build golden VM images that kp-clone clones.
+
+    List images with kp-ls --kind image and remove them with kp-rm.
+    """
+
+
+def _packages(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[str]:
+    packages = [p for value in values for p in re.split(r"[,\s]+", value) if p]
+    for package in packages:
+        if not PACKAGE_RE.fullmatch(package):
+            raise click.BadParameter(f"{package!r} is not a Debian package name")
+    return packages
+
+
+def _match(pattern: re.Pattern[str], what: str):  # type: ignore[no-untyped-def]
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None and not pattern.fullmatch(value):
+            raise click.BadParameter(f"{value!r} is not {what}")
+        return value
+    return check
+
+
+@cli.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
+@click.argument("name")
+@click.option("--ssh-key", "ssh_keys", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Public key allowed to log in (repeatable). Default: ~/.ssh/id_ed25519.pub, "
+                   "id_ecdsa.pub or id_rsa.pub, whichever exists. kodepipe's own key is always added.")
+@click.option("--user", default="kp", show_default=True, callback=_match(USER_RE, "a Linux user name"),
+              help="The non-root login user (passwordless sudo, key-only SSH).")
+@click.option("--packages", multiple=True, callback=_packages, metavar="PKG[,PKG...]",
+              help="Extra Debian packages to install (repeatable, comma-separated).")
+@click.option("--dotfiles", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Directory copied to ~/.dotfiles; its install.sh (or bootstrap.sh, setup.sh, "
+                   "script/bootstrap, ...) runs as the user at build time.")
+@click.option("--suite", callback=_match(SUITE_RE, "a Debian suite name"),
+              help="Debian release, e.g. bookworm. Default: the one apt is configured with.")
+@click.option("--mirror", metavar="URL", help="Debian mirror. Default: the one apt is configured with.")
+@click.option("--size", default="8G", show_default=True, callback=_match(SIZE_RE, "a size like 8G"),
+              help="Virtual size of the disk (clones grow into it as they write).")
+@click.option("-v", "--verbose", is_flag=True, default=None, help="Show progress even when stderr is not a terminal.")
+@options.quiet
+def build(name: str, ssh_keys: tuple[Path, ...], user: str, packages: list[str], dotfiles: Path | None,
+          suite: str | None, mirror: str | None, size: str, verbose: bool | None, quiet: bool) -> int:
+    """Build the golden VM image NAME from Debian with debootstrap.
+
+    The image has systemd, openssh-server (key-only login for USER, who has
+    passwordless sudo), qemu-guest-agent, DHCP on the virtio NIC and a
+    serial console; it has an empty machine-id and no SSH host keys, so
+    each clone makes its own at first boot.  A kernel and a small initrd
+    sit beside the disk for direct kernel boot.  Packages come from the
+    Debian mirror that apt uses, through a local cache; no registry.
+
+    Needs root (debootstrap, chroot).  Takes a minute or two; progress goes
+    to stderr on a terminal.  A failed or interrupted build leaves nothing
+    behind but its log.  Writes one image record.
+
+    \b
+    Examples:
+      kp-image build base
+      kp-image build dev --packages git,build-essential --dotfiles ~/dotfiles
+    """
+    import os
+
+    from kodepipe import images, proc, sshkeys
+    from kodepipe.errors import KpError, NoPermission
+    from kodepipe.imagebuild import BuildSpec, detect_mirror
+    from kodepipe.state import Store
+
+    options.check_names([name])
+    out = kpcli.Output("kp-image", verbose=verbose, quiet=quiet)
+    for program in ("debootstrap", "unshare", "chroot", "mkfs.ext4", "qemu-img"):
+        proc.require(program)
+    if os.geteuid() != 0:
+        raise NoPermission("building an image needs root (debootstrap and chroot)",
+                           hint="run it with sudo; clones, VMs and containers then work as your user")
+    keys = [sshkeys.read_public_key(p) for p in ssh_keys]
+    if not ssh_keys:
+        own = sshkeys.default_user_key()
+        if own is not None:
+            keys.append(sshkeys.read_public_key(own))
+        else:
+            out.info("no ~/.ssh/id_*.pub found: only kodepipe's own key can log in (kp-ssh uses it)")
+    keys.append(sshkeys.own_key()[1])
+    if mirror is None or suite is None:
+        found_mirror, found_suite = detect_mirror()
+        mirror, suite = mirror or found_mirror, suite or found_suite
+    spec = BuildSpec(suite=suite, mirror=mirror, user=user, authorized_keys=list(dict.fromkeys(keys)),
+                     packages=packages, dotfiles=dotfiles, size=size)
+    out.progress(f"building image {name}: Debian {suite} from {mirror}")
+    try:
+        record = images.build(Store(), name, spec, out.progress)
+    except KpError as exc:
+        out.fail({"kind": "image", "name": name}, exc)
+        return out.status()
+    out.progress(f"image {name} is ready ({record.get('build_seconds')} s)")
+    out.emit(record)
+    return out.status()
+
+
+def main() -> None:
+    kpcli.run(cli, "kp-image")

@@ -1,0 +1,146 @@
+"""kp-ls: list the images and VMs that kodepipe owns."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from kodepipe import cli as kpcli
+from kodepipe.commands import options
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    from kodepipe.errors import BadInput
+    from kodepipe.inventory import parse_duration
+
+    try:
+        return parse_duration(value)
+    except BadInput as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+@click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
+@click.argument("names", nargs=-1, metavar="[NAME]...", shell_complete=kpcli.name_completion(("image", "vm")))
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(["image", "vm"]),
+              help="Only this kind (repeatable).")
+@click.option("--state", "states", multiple=True,
+              type=click.Choice(["building", "ready", "stopped", "broken"]),
+              help="Only this state (repeatable).")
+@click.option("--older-than", callback=_duration, metavar="AGE",
+              help="Only things created more than AGE ago (90s, 15m, 2h, 1d, 1w, 1h30m).")
+@click.option("--newer-than", callback=_duration, metavar="AGE", help="Only things created less than AGE ago.")
+@click.option("--json", "fmt", flag_value="json", help="Write records (the default when stdout is not a terminal).")
+@click.option("--table", "fmt", flag_value="table", help="Write a table (the default on a terminal).")
+@click.option("-a", "--all", "all_", is_flag=True, help="List everything even when records arrive on stdin.")
+def cli(names: tuple[str, ...], kinds: tuple[str, ...], states: tuple[str, ...],
+        older_than: float | None, newer_than: float | None, fmt: str | None, all_: bool) -> int:
+    """List the images and VMs that kodepipe owns, as records.
+
+    NAMEs are shell patterns (quote them: 'proj-*').  The state is checked
+    now, not only read from metadata: an image whose build was killed, or a
+    VM whose base is gone, shows as "broken" (with a "problem" key), and
+    kp-rm removes it.  Image records list their "clones".
+
+    When stdin is a pipe or a file (kp-clone base a | kp-ls), kp-ls shows
+    the current state of what the image and vm records on it name ("gone"
+    if removed), keeping their other keys, and passes other records
+    through.  If no record arrives (cron's empty stdin), or with --all, it
+    lists everything.
+
+    \b
+    Examples:
+      kp-ls
+      kp-clone base a b | kp-ls
+      kp-ls --kind vm --older-than 1d | kp-rm
+      kp-ls --state broken | jq -r .name
+    """
+    from kodepipe import inventory
+    from kodepipe.state import Store
+
+    out = kpcli.Output("kp-ls")
+    store = Store()
+    as_table = fmt == "table" or (fmt is None and sys.stdout.isatty())
+    chosen = kinds or inventory.KINDS
+    shown: list[dict[str, object]] = []
+
+    def show(items: list[dict[str, object]]) -> None:
+        items = inventory.select(items, states=states, names=names, older_than=older_than,
+                                 newer_than=newer_than)
+        if as_table:
+            shown.extend(items)
+        else:
+            for record in items:
+                out.emit(record)
+
+    piped = False
+    if not all_ and kpcli.stdin_is_piped():
+        for _, record in out.records():
+            piped = True
+            kind = record.get("kind")
+            if kind not in inventory.KINDS or not isinstance(record.get("name"), str):
+                if not as_table:
+                    out.emit(record)
+                continue
+            if kind in chosen:
+                show([inventory.refresh(store, record)])
+    if not piped:
+        show(inventory.records(store, chosen))
+    if as_table:
+        click.echo(table(shown, colour=kpcli._colour(sys.stdout)), nl=False)
+    return out.status()
+
+
+STATE_COLOURS = {"ready": "green", "stopped": "blue", "building": "yellow", "broken": "red"}
+
+
+def human_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{max(int(seconds), 0)}s"
+
+
+def human_size(size: object) -> str:
+    if not isinstance(size, int):
+        return "-"
+    value = float(size)
+    for unit in ("B", "K", "M", "G", "T"):
+        if value < 1024 or unit == "T":
+            return f"{value:.0f}{unit}" if unit == "B" or value >= 10 else f"{value:.1f}{unit}"
+        value /= 1024
+    return "-"
+
+
+def table(items: list[dict[str, object]], *, colour: bool) -> str:
+    from kodepipe.inventory import age
+
+    now = time.time()
+    rows = [("KIND", "NAME", "STATE", "AGE", "DISK", "DETAIL")]
+    for r in items:
+        if r.get("problem"):
+            detail = str(r["problem"])
+        elif r.get("kind") == "image":
+            clones = r.get("clones") or []
+            detail = f"{len(clones)} clone(s)" if isinstance(clones, list) else ""
+        else:
+            detail = f"base {r.get('base')}"
+        rows.append((str(r.get("kind")), str(r.get("name")), str(r.get("state")),
+                     human_age(age(r, now)), human_size(r.get("disk_bytes")), detail))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = []
+    for n, row in enumerate(rows):
+        cells = [row[i].ljust(widths[i]) for i in range(5)]
+        if colour and n and row[2] in STATE_COLOURS:
+            cells[2] = click.style(cells[2], fg=STATE_COLOURS[row[2]])
+        lines.append("  ".join(cells + [row[5]]).rstrip() + "\n")
+    return "".join(lines) if len(rows) > 1 else ""
+
+
+def main() -> None:
+    kpcli.run(cli, "kp-ls")

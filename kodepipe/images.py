@@ -1,0 +1,123 @@
+"""Golden images: building, viewing and removing them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kodepipe import paths
+from kodepipe.errors import InUse, KpError
+from kodepipe.records import Record
+from kodepipe.state import Store, check_id, new_id, now_iso
+
+if TYPE_CHECKING:
+    from kodepipe.imagebuild import BuildSpec
+
+DISK = "disk.qcow2"
+KERNEL = "vmlinuz"
+INITRD = "initrd.img"
+
+
+def view(store: Store, name: str) -> Record:
+    """The image record for ``name``: its metadata plus the state checked now."""
+    folder = store.folder("image", name)
+    record: Record = {"kind": "image", "name": name}
+    try:
+        meta = store.read_meta(folder)
+    except KpError as exc:
+        return {**record, "state": "broken", "problem": exc.message, "path": str(folder)}
+    if meta is None:
+        return {**record, "state": "broken", "problem": "no metadata: creation was interrupted",
+                "path": str(folder)}
+    record.update(meta)
+    record["kind"], record["name"], record["path"] = "image", name, str(folder)
+    for key in ("disk", "kernel", "initrd"):
+        if isinstance(meta.get(key), str):
+            record[key] = str(folder / meta[key])
+    if meta.get("state") == "building":
+        if not store.lock_held(name):
+            record["state"] = "broken"
+            record["problem"] = "the build was interrupted (its builder is gone)"
+    elif meta.get("state") == "ready":
+        missing = [k for k in ("disk", "kernel", "initrd") if not Path(record.get(k, "")).is_file()]
+        if missing:
+            record["state"] = "broken"
+            record["problem"] = f"missing {', '.join(missing)} file"
+    return record
+
+
+def clones_of(store: Store, name: str, image_id: str | None) -> list[str]:
+    """Names of VMs whose disk is an overlay on this image."""
+    found = []
+    for vm in store.names("vm"):
+        try:
+            meta = store.read_meta(store.folder("vm", vm))
+        except KpError:
+            continue
+        if meta and meta.get("base") == name and (image_id is None or meta.get("base_id") == image_id):
+            found.append(vm)
+    return found
+
+
+def build(store: Store, name: str, spec: BuildSpec, progress: Callable[[str], None]) -> Record:
+    """Build a golden image called ``name``; nothing is left behind on failure."""
+    from kodepipe import imagebuild
+
+    started = time.monotonic()
+    meta: dict[str, Any] = {"kind": "image", "name": name, "id": new_id(), "created": now_iso(),
+                            "state": "building", "builder_pid": os.getpid()}
+    with store.lock(name, wait=1.0), store.creating("image", name, meta) as folder:
+        log = folder / "build.log"
+        try:
+            facts = imagebuild.build(spec, folder, progress=progress, log=log,
+                                     cache_dir=paths.cache_dir() / "debs")
+        except BaseException as exc:
+            kept = _keep_log(name, log)
+            if isinstance(exc, KpError) and kept:
+                exc.hint = f"{exc.hint}; full log: {kept}" if exc.hint else f"full log: {kept}"
+            raise
+        # the golden disk is only ever read (clones write to their overlays)
+        os.chmod(folder / DISK, 0o444)
+        meta.update(facts)
+        from kodepipe.sshkeys import fingerprint
+
+        meta["ssh_keys"] = [fingerprint(k) for k in spec.authorized_keys]
+        meta.update(state="ready", disk=DISK, kernel=KERNEL, initrd=INITRD,
+                    build_seconds=round(time.monotonic() - started, 1))
+        meta.pop("builder_pid", None)
+        store.write_meta(folder, meta)
+    return view(store, name)
+
+
+def _keep_log(name: str, log: Path) -> Path | None:
+    """Copy a failed build's log out of the folder that is about to be removed."""
+    if not log.exists():
+        return None
+    logs = paths.cache_dir() / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    kept = logs / f"build-{name}-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    shutil.copyfile(log, kept)
+    return kept
+
+
+def remove(store: Store, name: str, *, expect_id: str | None, force: bool, dry_run: bool) -> Record | None:
+    """Remove image ``name``; None when there is none (already removed)."""
+    with store.lock(name):
+        folder = store.folder("image", name)
+        if not folder.is_dir():
+            return None
+        record = view(store, name)
+        check_id(record, expect_id)
+        clones = clones_of(store, name, record.get("id"))
+        if clones and not force:
+            shown = ", ".join(clones[:5]) + (", ..." if len(clones) > 5 else "")
+            raise InUse(f"image {name} is the base of {len(clones)} clone(s): {shown}",
+                        hint="remove the clones first, or use --force (the clones then stop working)")
+        if not dry_run:
+            store.discard(folder)
+        return record
+

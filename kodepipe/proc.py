@@ -1,0 +1,93 @@
+"""Running external programs: the one place kodepipe starts processes.
+
+Every failure becomes a KpError that names the program, its command line
+and the tail of what it printed, so an error explains itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from kodepipe.errors import CommandFailed, MissingProgram, Timeout
+
+# program -> Debian package that provides it, for the "install it" hint.
+PACKAGES = {
+    "qemu-img": "qemu-utils",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "debootstrap": "debootstrap",
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "unshare": "util-linux",
+    "chroot": "coreutils",
+    "podman": "podman",
+    "strace": "strace",
+}
+
+
+def which(program: str) -> str | None:
+    found = shutil.which(program)
+    if found is None and not os.path.isabs(program):
+        # root's PATH may lack the sbin directories when run from cron or sudo -E
+        found = shutil.which(program, path="/usr/local/sbin:/usr/sbin:/sbin")
+    return found
+
+
+def require(program: str) -> str:
+    """Return the path of ``program`` or raise MissingProgram with an install hint."""
+    path = which(program)
+    if path is None:
+        package = PACKAGES.get(program, program)
+        raise MissingProgram(f"{program} is not installed",
+                             hint=f"install it with: apt-get install {package}")
+    return path
+
+
+def tail(text: str | bytes | None, lines: int = 15) -> str:
+    if not text:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path | None = None,
+        env: dict[str, str] | None = None, log: Path | None = None,
+        input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run a program to completion and return its result.
+
+    Output is captured (or appended to ``log`` when given, so a long build
+    keeps a full record); a non-zero exit raises CommandFailed with the
+    command line and the last lines of output.
+    """
+    args = [str(a) for a in argv]
+    args[0] = require(args[0])
+    if log is not None:
+        with open(log, "ab") as out:
+            out.write(f"$ {shlex.join(args)}\n".encode())
+            out.flush()
+            try:
+                proc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                                      if input is None else None, input=input, timeout=timeout, cwd=cwd,
+                                      env=env, check=False)
+            except subprocess.TimeoutExpired as exc:
+                raise Timeout(f"{Path(args[0]).name} did not finish within {timeout:g} s",
+                              hint=f"see {log}") from exc
+        if proc.returncode != 0:
+            output = log.read_bytes()[-8192:]
+            raise CommandFailed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{tail(output)}")
+        return proc
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=timeout, cwd=cwd, env=env, check=False,
+                              stdin=subprocess.DEVNULL if input is None else None, input=input)
+    except subprocess.TimeoutExpired as exc:
+        raise Timeout(f"{shlex.join(args)} did not finish within {timeout:g} s") from exc
+    if proc.returncode != 0:
+        output = tail(proc.stderr) or tail(proc.stdout)
+        raise CommandFailed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{output}")
+    return proc

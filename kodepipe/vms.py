@@ -1,0 +1,99 @@
+"""VMs: copy-on-write clones of golden images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kodepipe import images, qemu_img
+from kodepipe.errors import KpError, NotFound
+from kodepipe.records import Record
+from kodepipe.state import Store, check_id, new_id, now_iso
+
+DISK = "disk.qcow2"
+
+
+def clone(store: Store, base: str, name: str, *, base_id: str | None = None) -> Record:
+    """Make VM ``name`` as a qcow2 overlay on image ``base``.
+
+    The base's shared lock keeps it from being removed or rebuilt while the
+    overlay is made; the name's exclusive lock makes concurrent clones of
+    the same name safe (exactly one wins, the others get 'exists').
+    """
+    with store.lock(base, shared=True):
+        if not store.folder("image", base).is_dir():
+            other = store.lookup(base)
+            if other is not None:
+                raise NotFound(f"{base} is a {other[0]}, not an image", code="base_missing",
+                               hint="clone from a golden image (kp-ls --kind image)")
+            raise NotFound(f"there is no image named {base}", code="base_missing",
+                           hint="kp-ls --kind image lists images; kp-image build NAME makes one")
+        image = images.view(store, base)
+        if image.get("state") != "ready":
+            why = image.get("problem") or f"it is {image.get('state')}"
+            raise KpError(f"image {base} cannot be cloned: {why}", code="base_not_ready")
+        if base_id is not None and image.get("id") != base_id:
+            raise NotFound(f"image {base} was rebuilt since the record was made", code="stale_record",
+                           hint="run kp-ls again to get current records")
+        with store.lock(name):
+            meta: dict[str, Any] = {"kind": "vm", "name": name, "id": new_id(), "created": now_iso(),
+                                    "state": "creating", "base": base, "base_id": image["id"]}
+            with store.creating("vm", name, meta) as folder:
+                qemu_img.create_overlay(Path(image["disk"]), folder / DISK)
+                meta.update(state="ready", disk=DISK)
+                store.write_meta(folder, meta)
+    return view(store, name)
+
+
+def view(store: Store, name: str) -> Record:
+    """The vm record for ``name``, with its state checked now."""
+    folder = store.folder("vm", name)
+    record: Record = {"kind": "vm", "name": name}
+    try:
+        meta = store.read_meta(folder)
+    except KpError as exc:
+        return {**record, "state": "broken", "problem": exc.message, "path": str(folder)}
+    if meta is None:
+        return {**record, "state": "broken", "problem": "no metadata: creation was interrupted",
+                "path": str(folder)}
+    record.update(meta)
+    record["kind"], record["name"], record["path"] = "vm", name, str(folder)
+    if isinstance(meta.get("disk"), str):
+        record["disk"] = str(folder / meta["disk"])
+    if meta.get("state") == "creating":
+        if not store.lock_held(name):
+            record["state"], record["problem"] = "broken", "creation was interrupted"
+        return record
+    record["state"] = "stopped"
+    problem = _base_problem(store, meta)
+    if problem is None and not Path(record.get("disk", "")).is_file():
+        problem = "its disk is missing"
+    if problem:
+        record["state"], record["problem"] = "broken", problem
+    return record
+
+
+def _base_problem(store: Store, meta: dict[str, Any]) -> str | None:
+    base = meta.get("base")
+    if not isinstance(base, str) or not store.folder("image", base).is_dir():
+        return f"its base image {base} is gone"
+    try:
+        base_meta = store.read_meta(store.folder("image", base))
+    except KpError:
+        return f"its base image {base} is unreadable"
+    if base_meta is None or base_meta.get("id") != meta.get("base_id"):
+        return f"its base image {base} was rebuilt; this clone's disk no longer matches it"
+    return None
+
+
+def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool) -> Record | None:
+    """Remove VM ``name``; None when there is none (already removed)."""
+    with store.lock(name):
+        folder = store.folder("vm", name)
+        if not folder.is_dir():
+            return None
+        record = view(store, name)
+        check_id(record, expect_id)
+        if not dry_run:
+            store.discard(folder)
+        return record
