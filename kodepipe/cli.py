@@ -7,6 +7,7 @@ way a command can end to one documented exit status, in one place.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import stat
@@ -91,7 +92,11 @@ def stdin_is_piped() -> bool:
     command run by hand, from cron or over ssh -n never waits for input.
     """
     try:
-        mode = os.fstat(0).st_mode
+        fd = sys.stdin.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return sys.stdin is not None  # an in-memory stream (click's test runner): read it
+    try:
+        mode = os.fstat(fd).st_mode
     except OSError:
         return False
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)

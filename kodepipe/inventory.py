@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import re
@@ -71,10 +72,8 @@ def refresh(store: Store, record: Record) -> Record:
 def _add_disk_bytes(record: Record) -> None:
     disk = record.get("disk")
     if isinstance(disk, str):
-        try:
+        with contextlib.suppress(OSError):
             record["disk_bytes"] = os.stat(disk).st_blocks * 512
-        except OSError:
-            pass
 
 
 def age(record: Record, now: float) -> float | None:

@@ -79,8 +79,8 @@ def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path |
                 raise Timeout(f"{Path(args[0]).name} did not finish within {timeout:g} s",
                               hint=f"see {log}") from exc
         if proc.returncode != 0:
-            output = log.read_bytes()[-8192:]
-            raise CommandFailed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{tail(output)}")
+            logged = log.read_bytes()[-8192:]
+            raise CommandFailed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{tail(logged)}")
         return proc
     try:
         proc = subprocess.run(args, capture_output=True, timeout=timeout, cwd=cwd, env=env, check=False,

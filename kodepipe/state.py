@@ -50,7 +50,7 @@ def parse_iso(text: object) -> float | None:
                  int(text[11:13]), int(text[14:16]), int(text[17:19]))
     except ValueError:
         return None
-    return float(calendar.timegm(parts + (0, 0, 0)))
+    return float(calendar.timegm((*parts, 0, 0, 0)))
 
 
 def natural_key(name: str) -> list[object]:

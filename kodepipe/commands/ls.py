@@ -138,7 +138,7 @@ def table(items: list[dict[str, object]], *, colour: bool) -> str:
         cells = [row[i].ljust(widths[i]) for i in range(5)]
         if colour and n and row[2] in STATE_COLOURS:
             cells[2] = click.style(cells[2], fg=STATE_COLOURS[row[2]])
-        lines.append("  ".join(cells + [row[5]]).rstrip() + "\n")
+        lines.append("  ".join([*cells, row[5]]).rstrip() + "\n")
     return "".join(lines) if len(rows) > 1 else ""
 
 

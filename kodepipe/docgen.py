@@ -1,0 +1,251 @@
+"""Generate man pages and shell completions from the click commands.
+
+    python -m kodepipe.docgen [ROOT]     (rewrites ROOT/man and ROOT/completions)
+
+A test regenerates them into a temporary folder and fails when the
+committed files differ, so the docs never drift from the options.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+
+import click
+from click.shell_completion import get_completion_class
+
+from kodepipe import __version__, errors
+from kodepipe.commands import COMMANDS
+
+DATE = "2026-11"  # fixed, so regenerating does not churn the files
+SHELLS = {"bash": "{prog}", "zsh": "_{prog}", "fish": "{prog}.fish"}
+
+
+def esc(text: str) -> str:
+    """Escape text for roff: backslashes, and a leading dot or quote."""
+    text = text.replace("\\", "\\e").replace("-", "\\-")
+    return "\n".join(("\\&" + ln) if ln[:1] in (".", "'") else ln for ln in text.split("\n"))
+
+
+def paragraphs(help_text: str) -> str:
+    """click help text (with \\b blocks kept verbatim) as roff paragraphs."""
+    out = []
+    for block in re.split(r"\n\s*\n", help_text.strip()):
+        lines = block.split("\n")
+        if lines[0].strip() == "\b":
+            out.append(".PP\n.nf\n" + esc(_dedent(lines[1:])) + "\n.fi")
+        else:
+            out.append(".PP\n" + esc(" ".join(ln.strip() for ln in lines)))
+    return "\n".join(out)
+
+
+def _dedent(lines: list[str]) -> str:
+    indent = min((len(ln) - len(ln.lstrip()) for ln in lines if ln.strip()), default=0)
+    return "\n".join(ln[indent:] for ln in lines)
+
+
+def _options(command: click.Command, ctx: click.Context) -> str:
+    out = []
+    for param in command.get_params(ctx):
+        if not isinstance(param, click.Option):
+            continue
+        record = param.get_help_record(ctx)
+        if record is None:
+            continue
+        names, help_text = record
+        out.append(f".TP\n.B {esc(names)}\n{esc(help_text)}")
+    return "\n".join(out)
+
+
+def _synopsis(command: click.Command, ctx: click.Context, prog: str) -> str:
+    pieces = " ".join(command.collect_usage_pieces(ctx))
+    return f".B {esc(prog)}\n{esc(pieces)}"
+
+
+def man_page(prog: str, command: click.Command) -> str:
+    ctx = click.Context(command, info_name=prog, **command.context_settings)
+    summary = command.get_short_help_str(limit=80).rstrip(".")
+    parts = [
+        f'.TH {prog.upper()} 1 "{DATE}" "kodepipe {__version__}" "kodepipe manual"',
+        ".SH NAME", f"{esc(prog)} \\- {esc(summary)}",
+        ".SH SYNOPSIS", _synopsis(command, ctx, prog),
+        ".SH DESCRIPTION", paragraphs(command.help or ""),
+        ".SH OPTIONS", _options(command, ctx),
+    ]
+    if isinstance(command, click.Group):
+        parts.append(".SH COMMANDS")
+        for name, sub in sorted(command.commands.items()):
+            sub_ctx = click.Context(sub, info_name=name, parent=ctx, **sub.context_settings)
+            parts += [f".SS {esc(prog)} {esc(name)} {esc(' '.join(sub.collect_usage_pieces(sub_ctx)))}",
+                      paragraphs(sub.help or ""), _options(sub, sub_ctx)]
+    parts += [".SH EXIT STATUS", _exit_statuses(),
+              ".SH ENVIRONMENT", _environment(),
+              ".SH SEE ALSO", ", ".join(f"\\fB{esc(p)}\\fR(1)" for p in COMMANDS if p != prog)
+              + ", \\fBkodepipe\\fR(7)"]
+    return "\n".join(parts) + "\n"
+
+
+def _exit_statuses() -> str:
+    return "\n".join(f".TP\n.B {code}\n{esc(text)}" for code, text in errors.EXIT_STATUSES)
+
+
+ENVIRONMENT = [
+    ("KODEPIPE_STATE_DIR", "where images and VMs live (default $XDG_DATA_HOME/kodepipe, "
+                           "else ~/.local/share/kodepipe)"),
+    ("KODEPIPE_RUNTIME_DIR", "control sockets and pid files (default $XDG_RUNTIME_DIR/kodepipe, "
+                             "else /tmp/kodepipe-UID); keep it short, socket paths are limited to 107 bytes"),
+    ("KODEPIPE_CACHE_DIR", "downloaded packages and logs of failed builds (default $XDG_CACHE_HOME/kodepipe, "
+                           "else ~/.cache/kodepipe)"),
+    ("KODEPIPE_CONFIG_DIR", "user configuration (default $XDG_CONFIG_HOME/kodepipe, else ~/.config/kodepipe)"),
+    ("NO_COLOR", "when set, messages and tables are never coloured"),
+]
+
+
+def _environment() -> str:
+    return "\n".join(f".TP\n.B {name}\n{esc(text)}" for name, text in ENVIRONMENT)
+
+
+CONTRACT = r"""
+.TH KODEPIPE 7 "{date}" "kodepipe {version}" "kodepipe manual"
+.SH NAME
+kodepipe \- the JSON\-lines record contract shared by the kp\-* commands
+.SH DESCRIPTION
+kodepipe is a set of small commands (kp\-image, kp\-clone, kp\-ls, kp\-rm, ...)
+that give AI coding agents disposable, isolated sandboxes: a QEMU VM cloned
+copy\-on\-write from a golden image, and a locked\-down Podman container in it.
+Each command reads and writes JSON lines, so a workflow is a shell pipe:
+.PP
+.nf
+  kp\-clone base proj | kp\-ls
+  kp\-ls \-\-older\-than 1d | kp\-rm
+.fi
+.SH RECORDS
+.IP \(bu 2
+One JSON object per line, UTF\-8, compact.  Standard output carries records
+only, flushed after each one so a pipeline streams; messages, progress and
+errors go to standard error.
+.IP \(bu 2
+Every record has a \fBkind\fR (\fBimage\fR, \fBvm\fR, ...) and a stable
+identity: its \fBname\fR, and an \fBid\fR that is new each time something of
+that name is made.  A stage that gets a record with an \fBid\fR acts only on
+that very object; if the name was since re\-created, it says so
+(error code \fBstale_record\fR) and leaves the new one alone.
+.IP \(bu 2
+A stage enriches the records it handles and passes through, unchanged,
+every key and every record it does not handle, so \fBjq\fR can select on
+anything and stages can be added later.
+.IP \(bu 2
+Blank lines are skipped.  A line that is not a JSON object is bad input:
+the stage names the line number on standard error, changes nothing for it,
+goes on with the next line, and exits with status 65 at the end.
+.IP \(bu 2
+A record that a stage failed on is still written, with an \fBerror\fR
+object: \fB{{"code": ..., "message": ...}}\fR.  Later stages pass it through
+untouched, except \fBkp\-rm\fR, which still cleans up what it names when it
+carries an \fBid\fR (a record without one names nothing that was made).
+A stage that failed any record exits non\-zero at the end; it does not stop
+at the first failure.
+.IP \(bu 2
+Times are UTC, as \fBYYYY\-MM\-DDTHH:MM:SSZ\fR (jq's \fBfromdateiso8601\fR
+reads them).  Paths are absolute.
+.SH NAMES
+Names of images, VMs and containers are hostname labels: 1 to 63 characters
+of lowercase \fBa\-z\fR, \fB0\-9\fR and \fB\-\fR, starting and ending with a
+letter or digit.  Images and VMs share one namespace.  Anything else
+(\fB../x\fR, \fB\-rf\fR, an empty name, unicode) is refused before any side
+effect: on the command line with status 2, in a record with status 65.
+.SH KINDS
+.TP
+.B image
+a golden VM image: \fBstate\fR is \fBbuilding\fR, \fBready\fR or
+\fBbroken\fR; \fBdisk\fR, \fBkernel\fR, \fBinitrd\fR, \fBcmdline\fR,
+\fBsuite\fR, \fBmirror\fR, \fBuser\fR, \fBpackages\fR, \fBssh_keys\fR
+(fingerprints), \fBclones\fR (from kp\-ls).
+.TP
+.B vm
+a clone: \fBstate\fR is \fBstopped\fR or \fBbroken\fR; \fBbase\fR and
+\fBbase_id\fR (the image it is an overlay on), \fBdisk\fR.
+.PP
+Every kind has \fBpath\fR (its folder in the state directory),
+\fBcreated\fR, and, when broken, \fBproblem\fR (why).  kp\-ls adds
+\fBdisk_bytes\fR (space used); kp\-rm adds \fBremoved\fR.
+.SH ERROR CODES
+.TP
+.B bad_input, bad_name
+a record field is missing, of the wrong type, or not a valid name
+.TP
+.B exists
+the name is taken
+.TP
+.B not_found, base_missing, stale_record
+the thing named is not there, or is not the one the record named
+.TP
+.B base_not_ready
+the image is still building, or broken
+.TP
+.B in_use
+an image that clones still use (kp\-rm \-\-force overrides)
+.TP
+.B busy
+another kodepipe command holds the name's lock
+.TP
+.B command_failed
+an external program failed; the message has its command line and output
+.TP
+.B missing_program, no_permission, timeout
+as the exit statuses below
+.SH EXIT STATUS
+{exits}
+.SH FILES
+.TP
+.B $KODEPIPE_STATE_DIR/images/NAME, .../vms/NAME
+one folder each, with \fBmeta.json\fR written atomically; the single source
+of truth, of which records are views
+.TP
+.B $KODEPIPE_STATE_DIR/locks/NAME.lock
+per\-name locks (flock): concurrent commands on one name are safe
+.SH ENVIRONMENT
+{env}
+.SH SEE ALSO
+{see_also}
+"""
+
+
+def contract_page() -> str:
+    see_also = ", ".join(f"\\fB{esc(p)}\\fR(1)" for p in COMMANDS) + ", \\fBjq\\fR(1)"
+    return CONTRACT.lstrip("\n").format(date=DATE, version=__version__, exits=_exit_statuses(),
+                                        env=_environment(), see_also=see_also)
+
+
+def completion(prog: str, command: click.Command, shell: str) -> str:
+    var = "_{}_COMPLETE".format(prog.replace("-", "_").upper())
+    cls = get_completion_class(shell)
+    if cls is None:
+        raise ValueError(f"click has no completion for {shell}")
+    return cls(command, {}, prog, var).source()
+
+
+def generate(root: Path) -> list[Path]:
+    """Write every man page and completion file under ``root``; return their paths."""
+    written = []
+
+    def put(path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+
+    for prog, module in COMMANDS.items():
+        command = importlib.import_module(module).cli
+        put(root / "man" / "man1" / f"{prog}.1", man_page(prog, command))
+        for shell, pattern in SHELLS.items():
+            put(root / "completions" / shell / pattern.format(prog=prog), completion(prog, command, shell))
+    put(root / "man" / "man7" / "kodepipe.7", contract_page())
+    return written
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent
+    for path in generate(target):
+        print(path.relative_to(target))
