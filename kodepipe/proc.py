@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from kodepipe.errors import CommandFailed, MissingProgram, Timeout
@@ -48,6 +50,18 @@ def require(program: str) -> str:
     return path
 
 
+def _die_with_parent(parent: int) -> None:
+    """Runs in the child before exec: if kodepipe dies, even by SIGKILL, the child
+    gets SIGKILL too, so no debootstrap or qemu-img outlives the command that
+    started it (unshare --kill-child carries this on to a whole namespace)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def tail(text: str | bytes | None, lines: int = 15) -> str:
     if not text:
         return ""
@@ -74,7 +88,7 @@ def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path |
             try:
                 proc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
                                       if input is None else None, input=input, timeout=timeout, cwd=cwd,
-                                      env=env, check=False)
+                                      env=env, check=False, preexec_fn=partial(_die_with_parent, os.getpid()))
             except subprocess.TimeoutExpired as exc:
                 raise Timeout(f"{Path(args[0]).name} did not finish within {timeout:g} s",
                               hint=f"see {log}") from exc
@@ -84,7 +98,8 @@ def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path |
         return proc
     try:
         proc = subprocess.run(args, capture_output=True, timeout=timeout, cwd=cwd, env=env, check=False,
-                              stdin=subprocess.DEVNULL if input is None else None, input=input)
+                              stdin=subprocess.DEVNULL if input is None else None, input=input,
+                              preexec_fn=partial(_die_with_parent, os.getpid()))
     except subprocess.TimeoutExpired as exc:
         raise Timeout(f"{shlex.join(args)} did not finish within {timeout:g} s") from exc
     if proc.returncode != 0:

@@ -87,29 +87,38 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path`` (from /proc/self/mountinfo)."""
-    prefix = os.path.realpath(path)
+    """Mount points at or below ``path`` in this process's mount namespace."""
+    root = os.path.realpath(path)
     found = []
-    try:
-        with open("/proc/self/mountinfo", "rb") as info:
-            for line in info:
-                point = line.split()[4].decode().encode("latin-1").decode("unicode_escape")
-                if point == prefix or point.startswith(prefix + "/"):
-                    found.append(point)
-    except OSError:
-        pass
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as info:
+        for line in info:
+            fields = line.split()
+            if len(fields) < 5:
+                continue
+            # mountinfo escapes space, tab, newline and backslash as octal
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            if point == root or point.startswith(root.rstrip("/") + "/"):
+                found.append(point)
     return found
 
 
-def remove_tree(path: Path) -> None:
-    """Delete a folder kodepipe owns, refusing to cross into a mount point."""
-    mounted = mounts_under(path)
+def remove_tree(path: Path, *, mount_wait: float = 0.0) -> None:
+    """Delete a folder kodepipe owns, refusing to cross into a mount point.
+
+    A killed namespace's mounts vanish with its last process: ``mount_wait``
+    gives them that long.  Read-only files and folders (the golden disk is
+    0444) are made writable first.
+    """
+    if not path.exists() and not path.is_symlink():
+        return
+    deadline = time.monotonic() + mount_wait
+    while (mounted := mounts_under(path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
     if mounted:
-        raise KpError(f"refusing to delete {path}: {mounted[0]} is mounted inside it",
-                      hint=f"unmount it first (umount -R {mounted[0]})")
+        raise KpError(f"refusing to delete {path}: {mounted[0]} is mounted inside it", code="mounted",
+                      hint=f"unmount it first (umount -R {mounted[0]}), then remove {path} by hand")
 
     def onerror(func: Any, name: str, exc_info: Any) -> None:
-        # read-only files (the golden disk is 0444) and dirs: make writable and retry
         if isinstance(exc_info[1], PermissionError):
             os.chmod(os.path.dirname(name), 0o700)
             if os.path.isdir(name) and not os.path.islink(name):
@@ -249,7 +258,7 @@ class Store:
             if exc.errno != errno.EXDEV:
                 raise
             target = folder
-        remove_tree(target)
+        remove_tree(target, mount_wait=5.0)
 
     def empty_trash(self) -> None:
         """Finish deletions that a killed kp-rm left half done."""

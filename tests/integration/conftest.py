@@ -1,0 +1,47 @@
+"""One real golden image per test run, built with debootstrap, shared by the
+integration tests (each makes and removes its own clones)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, lines
+
+
+def kp_env(state: Path, home: Path, cache: Path) -> dict[str, str]:
+    return {**os.environ, "KODEPIPE_STATE_DIR": str(state), "KODEPIPE_CACHE_DIR": str(cache),
+            "KODEPIPE_RUNTIME_DIR": str(state.parent / "run"), "HOME": str(home), "NO_COLOR": "1"}
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Build the image "base" once, with an extra package, dotfiles and the user's key."""
+    root = tmp_path_factory.mktemp("golden")
+    home = root / "home"
+    (home / ".ssh").mkdir(parents=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "user@test",
+                    "-f", str(home / ".ssh" / "id_ed25519")], check=True)
+    dotfiles = root / "dotfiles"
+    dotfiles.mkdir()
+    (dotfiles / "install.sh").write_text(
+        '#!/bin/sh\nset -e\necho "ran as $(id -un) in $HOME" > "$HOME/.dotfiles-ran"\n')
+    (dotfiles / "install.sh").chmod(0o755)
+    # the .deb cache outlives the run when KODEPIPE_TEST_CACHE names a folder (developers' re-runs)
+    cache = Path(os.environ.get("KODEPIPE_TEST_CACHE", root / "cache"))
+    env = kp_env(root / "state", home, cache)
+    proc = subprocess.run([str(BIN / "kp-image"), "build", "base", "--packages", "less",
+                           "--dotfiles", str(dotfiles), "--size", "4G"],
+                          env=env, capture_output=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr.decode()[-4000:]
+    (record,) = lines(proc.stdout)
+    return {"record": record, "env": env, "state": root / "state", "home": home, "root": root,
+            "stderr": proc.stderr.decode()}
+
+
+def run(env: dict[str, str], prog: str, *args: str, input: bytes | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([str(BIN / prog), *args], env=env, input=input, capture_output=True, timeout=timeout)
