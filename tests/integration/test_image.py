@@ -22,7 +22,8 @@ def guest_file(disk: Path, path: str, scratch: Path) -> str | None:
     raw = scratch / "disk.raw"
     if not raw.exists():
         subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True)
-    proc = subprocess.run(["debugfs", "-R", f"cat {path}", str(raw)], capture_output=True, text=True)
+    proc = subprocess.run(["debugfs", "-R", f"cat {path}", str(raw)], capture_output=True, text=True,
+                          errors="replace")
     if "File not found" in proc.stderr:
         return None
     return proc.stdout
