@@ -12,7 +12,6 @@ import os
 import signal
 import stat
 import sys
-import traceback
 from collections.abc import Iterator
 from typing import IO, Any, NoReturn
 
@@ -137,6 +136,8 @@ def run(command: click.Command, prog: str, args: list[str] | None = None) -> NoR
         click.echo(f"{prog}: interrupted", err=True)
         status = errors.INTERRUPTED
     except Exception:
+        import traceback
+
         traceback.print_exc()
         click.echo(f"{prog}: internal error; please report it with the traceback above", err=True)
         status = errors.SOFTWARE

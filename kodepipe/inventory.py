@@ -15,7 +15,7 @@ from kodepipe.records import NAME_RE, Record
 from kodepipe.state import Store, parse_iso
 
 KINDS = ("image", "vm")
-STATES = ("building", "ready", "stopped", "broken")
+STATES = ("building", "ready", "stopped", "running", "suspended", "saved", "crashed", "broken")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")

@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
+from typing import IO, Any
 
 from kodepipe.errors import CommandFailed, MissingProgram, Timeout
 
@@ -106,3 +107,16 @@ def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path |
         output = tail(proc.stderr) or tail(proc.stdout)
         raise CommandFailed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{output}")
     return proc
+
+
+def spawn(argv: Sequence[str | Path], *, stdout: int | IO[Any] | None = subprocess.DEVNULL,
+          stderr: int | IO[Any] | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """Start a program and return at once; the caller must wait for it or kill it.
+
+    For a child whose fate is decided by a clock (a probe that may hang):
+    like run(), it dies with kodepipe even if kodepipe is SIGKILLed.
+    """
+    args = [str(a) for a in argv]
+    args[0] = require(args[0])
+    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            preexec_fn=partial(_die_with_parent, os.getpid()))

@@ -12,8 +12,6 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
-import orjson
-
 from kodepipe.errors import BadInput, BadName
 
 Record = dict[str, Any]
@@ -50,6 +48,8 @@ class Writer:
         self.count = 0
 
     def __call__(self, record: Record) -> None:
+        import orjson  # loaded on first use: --help never pays for it
+
         try:
             self.stream.write(orjson.dumps(record) + b"\n")
             self.stream.flush()
@@ -60,6 +60,8 @@ class Writer:
 
 def parse_line(line: bytes, lineno: int) -> Record:
     """Parse one line into a record, or raise BadInput naming the line."""
+    import orjson
+
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError as exc:

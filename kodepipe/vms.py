@@ -13,8 +13,12 @@ from kodepipe.state import Store, check_id, new_id, now_iso
 DISK = "disk.qcow2"
 
 
-def clone(store: Store, base: str, name: str, *, base_id: str | None = None) -> Record:
+def clone(store: Store, base: str, name: str, *, base_id: str | None = None, cold: bool = False) -> Record:
     """Make VM ``name`` as a qcow2 overlay on image ``base``.
+
+    When the image is warm (kp-image warm), the overlay goes on the warm
+    disk and the clone resumes from the warm RAM state at its first boot,
+    unless ``cold``.
 
     The base's shared lock keeps it from being removed or rebuilt while the
     overlay is made; the name's exclusive lock makes concurrent clones of
@@ -38,8 +42,16 @@ def clone(store: Store, base: str, name: str, *, base_id: str | None = None) -> 
         with store.lock(name):
             meta: dict[str, Any] = {"kind": "vm", "name": name, "id": new_id(), "created": now_iso(),
                                     "state": "creating", "base": base, "base_id": image["id"]}
+            warm = image.get("warm") if not cold and isinstance(image.get("warm"), dict) else None
             with store.creating("vm", name, meta) as folder:
-                qemu_img.create_overlay(Path(image["disk"]), folder / DISK)
+                if warm is not None:
+                    qemu_img.create_overlay(Path(image["path"]) / warm["disk"], folder / DISK)
+                    meta["warm_id"] = warm["id"]
+                    # resumes from the image's warm RAM state, on the hardware it was saved with
+                    meta["saved"] = {"saved": warm["created"], "memory": warm["memory"], "cpus": warm["cpus"],
+                                     "net": "user", "share": None, "warm": True}
+                else:
+                    qemu_img.create_overlay(Path(image["disk"]), folder / DISK)
                 meta.update(state="ready", disk=DISK)
                 store.write_meta(folder, meta)
     return view(store, name)
@@ -65,12 +77,32 @@ def view(store: Store, name: str) -> Record:
             record["state"], record["problem"] = "broken", "creation was interrupted"
         return record
     record["state"] = "stopped"
+    boot = record.pop("boot", None)
+    if isinstance(boot, dict):
+        record.update({k: v for k, v in boot.items() if k != "boot_id"})
+        record["state"] = live_state(boot)
+        if record["state"] == "crashed":
+            record["problem"] = "QEMU exited without kp-stop; see the serial log"
+        return record
+    if isinstance(meta.get("saved"), dict):
+        record["state"] = "saved" if not meta["saved"].get("warm") else "stopped"
     problem = _base_problem(store, meta)
     if problem is None and not Path(record.get("disk", "")).is_file():
         problem = "its disk is missing"
     if problem:
         record["state"], record["problem"] = "broken", problem
     return record
+
+
+def live_state(boot: dict[str, Any]) -> str:
+    """running, suspended, crashed or stopped: checked against the real process."""
+    from kodepipe import qemu
+
+    if qemu.is_alive(boot):
+        return "suspended" if boot.get("paused") else "running"
+    if boot.get("boot_id") == qemu.boot_id():
+        return "crashed"
+    return "stopped"  # the host rebooted since: nothing crashed, nothing runs
 
 
 def _base_problem(store: Store, meta: dict[str, Any]) -> str | None:
@@ -83,6 +115,8 @@ def _base_problem(store: Store, meta: dict[str, Any]) -> str | None:
         return f"its base image {base} is unreadable"
     if base_meta is None or base_meta.get("id") != meta.get("base_id"):
         return f"its base image {base} was rebuilt; this clone's disk no longer matches it"
+    if meta.get("warm_id") and (base_meta.get("warm") or {}).get("id") != meta["warm_id"]:
+        return f"the warm state of its base image {base} was remade or removed; this clone's disk no longer matches it"
     return None
 
 
@@ -95,5 +129,11 @@ def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool) -> 
         record = view(store, name)
         check_id(record, expect_id)
         if not dry_run:
+            boot = (store.read_meta(folder) or {}).get("boot") if record.get("state") != "broken" else None
+            if isinstance(boot, dict):
+                from kodepipe import qemu
+
+                qemu.kill(boot)  # a VM being removed need not shut down gracefully
+                qemu.cleanup(boot)
             store.discard(folder)
         return record

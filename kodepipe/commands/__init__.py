@@ -7,5 +7,10 @@ COMMANDS = {
     "kp-image": "kodepipe.commands.image",
     "kp-clone": "kodepipe.commands.clone",
     "kp-ls": "kodepipe.commands.ls",
+    "kp-boot": "kodepipe.commands.boot",
+    "kp-ip": "kodepipe.commands.ip",
+    "kp-stop": "kodepipe.commands.stop",
+    "kp-ssh": "kodepipe.commands.ssh",
+    "kp-attach": "kodepipe.commands.attach",
     "kp-rm": "kodepipe.commands.rm",
 }

@@ -12,13 +12,17 @@ from kodepipe.errors import KpError
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
 @click.argument("base", shell_complete=kpcli.name_completion(("image",)))
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@click.option("--cold", is_flag=True, help="Boot cold even when BASE is warm (kp-image warm).")
 @options.quiet
-def cli(base: str, names: tuple[str, ...], quiet: bool) -> int:
+def cli(base: str, names: tuple[str, ...], cold: bool, quiet: bool) -> int:
     """Make VMs as copy-on-write clones of the golden image BASE.
 
     Each NAME becomes a VM whose disk is a qcow2 overlay on BASE's disk: it
     takes constant time and a few hundred kilobytes whatever BASE's size.
     Writes one vm record per clone, with state "stopped"; kp-boot starts it.
+
+    When BASE is warm (kp-image warm), clones resume from its saved running
+    state at their first kp-boot, unless --cold.
 
     BASE "-" reads image records from stdin (from kp-image or kp-ls) and
     clones every NAME from each of them; other records pass through
@@ -45,7 +49,7 @@ def cli(base: str, names: tuple[str, ...], quiet: bool) -> int:
     def make(base_name: str, base_id: str | None) -> None:
         for name in names:
             try:
-                out.emit(vms.clone(store, base_name, name, base_id=base_id))
+                out.emit(vms.clone(store, base_name, name, base_id=base_id, cold=cold))
             except KpError as exc:
                 out.fail({"kind": "vm", "name": name, "base": base_name}, exc)
 

@@ -117,5 +117,56 @@ def build(name: str, ssh_keys: tuple[Path, ...], user: str, packages: list[str],
     return out.status()
 
 
+@cli.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
+@click.argument("name", shell_complete=kpcli.name_completion(("image",)))
+@click.option("-m", "--memory", default="1G", show_default=True, help="Guest memory of the warm machine "
+              "(its clones keep it).")
+@click.option("-c", "--cpus", default=2, show_default=True, type=click.IntRange(1, 64), help="Virtual CPUs.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+              help="As in kp-boot; clones resume with the same accelerator.")
+@click.option("-t", "--timeout", default=300.0, show_default=True, type=click.FloatRange(10, 3600),
+              help="Seconds to wait for the boot.")
+@click.option("-f", "--force", is_flag=True, help="Remake the warm state even though clones resume from it "
+              "(they become broken).")
+@click.option("-v", "--verbose", is_flag=True, default=None, help="Show progress even when stderr is not a terminal.")
+@options.quiet
+def warm(name: str, memory: str, cpus: int, accel: str, timeout: float, force: bool, verbose: bool | None,
+         quiet: bool) -> int:
+    """Boot the image NAME once and save the running machine, so clones start in seconds.
+
+    Waits until the guest agent and SSH answer, then saves the RAM and
+    device state beside the golden disk.  Clones made afterwards (kp-clone,
+    unless --cold) resume from it: SSH-ready in a few seconds instead of a
+    cold boot.  Each resumed clone is given its own identity at once:
+    clock, hostname, machine-id, SSH host key, MAC, and fresh randomness
+    mixed into its kernel RNG.  Writes the image record, with "warm".
+
+    \b
+    Examples:
+      kp-image warm base && kp-clone base proj | kp-boot | kp-ip | kp-ssh -- uptime
+    """
+    from kodepipe import accel as accelerator
+    from kodepipe import proc, qemu
+    from kodepipe.errors import BadInput, KpError
+    from kodepipe.state import Store
+    from kodepipe.warm import make_warm
+
+    options.check_names([name])
+    try:
+        qemu.BootOptions(memory=memory, cpus=cpus).check()
+    except BadInput as exc:
+        raise click.BadParameter(exc.message) from None
+    proc.require(qemu.QEMU)
+    out = kpcli.Output("kp-image", verbose=verbose, quiet=quiet)
+    try:
+        record = make_warm(Store(), name, memory=memory, cpus=cpus, accel=accelerator.choose(accel),
+                           timeout=timeout, force=force, progress=out.progress)
+    except KpError as exc:
+        out.fail({"kind": "image", "name": name}, exc)
+        return out.status()
+    out.emit(record)
+    return out.status()
+
+
 def main() -> None:
     kpcli.run(cli, "kp-image")

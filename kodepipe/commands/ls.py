@@ -28,7 +28,8 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--kind", "kinds", multiple=True, type=click.Choice(["image", "vm"]),
               help="Only this kind (repeatable).")
 @click.option("--state", "states", multiple=True,
-              type=click.Choice(["building", "ready", "stopped", "broken"]),
+              type=click.Choice(["building", "ready", "stopped", "running", "suspended", "saved", "crashed",
+                                 "broken"]),
               help="Only this state (repeatable).")
 @click.option("--older-than", callback=_duration, metavar="AGE",
               help="Only things created more than AGE ago (90s, 15m, 2h, 1d, 1w, 1h30m).")
@@ -94,7 +95,8 @@ def cli(names: tuple[str, ...], kinds: tuple[str, ...], states: tuple[str, ...],
     return out.status()
 
 
-STATE_COLOURS = {"ready": "green", "stopped": "blue", "building": "yellow", "broken": "red"}
+STATE_COLOURS = {"ready": "green", "running": "green", "stopped": "blue", "saved": "blue", "building": "yellow",
+                 "suspended": "yellow", "broken": "red", "crashed": "red"}
 
 
 def human_age(seconds: float | None) -> str:
@@ -130,6 +132,9 @@ def table(items: list[dict[str, object]], *, colour: bool) -> str:
             detail = f"{len(clones)} clone(s)" if isinstance(clones, list) else ""
         else:
             detail = f"base {r.get('base')}"
+            ssh = r.get("ssh")
+            if r.get("state") in ("running", "suspended") and isinstance(ssh, dict):
+                detail += f", ssh {ssh.get('user')}@{ssh.get('host')}:{ssh.get('port')}"
         rows.append((str(r.get("kind")), str(r.get("name")), str(r.get("state")),
                      human_age(age(r, now)), human_size(r.get("disk_bytes")), detail))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]

@@ -1,0 +1,146 @@
+"""kp-attach: a VM's serial console, interactive or scripted, or its log."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kodepipe import cli as kpcli
+from kodepipe.commands import options
+
+
+@click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
+@click.argument("name", shell_complete=kpcli.name_completion(("vm",)))
+@click.option("--log", "show_log", is_flag=True,
+              help="Print the serial console's log (everything the VM printed since it was made) instead.")
+@click.option("-f", "--follow", is_flag=True, help="With --log: keep printing new output until the VM stops.")
+@click.option("--idle", default=1.0, show_default=True, type=click.FloatRange(0, 3600),
+              help="Without a terminal: after stdin ends, keep copying the console's output until it has "
+                   "been quiet this many seconds.")
+def cli(name: str, show_log: bool, follow: bool, idle: float) -> int:
+    """Connect the terminal to VM NAME's serial console (ttyS0).
+
+    The image logs its user in on the console, so pressing Enter gives a
+    shell prompt; it works without any network (--net none) and while SSH
+    is broken.  Press Ctrl-] to detach: the VM keeps running.  QEMU serves
+    one console connection at a time.
+
+    Without a terminal, stdin is sent to the console and its output is
+    written to stdout, so it can be scripted (output includes the echo of
+    what was typed, with CR LF line ends).
+
+    \b
+    Examples:
+      kp-attach proj
+      kp-attach --log -f proj
+      printf 'uname -a\\n' | kp-attach --idle 2 proj
+    """
+    from kodepipe.errors import KpError
+
+    options.check_names([name])
+    record = _current(name)
+    if show_log:
+        return _print_log(name, record, follow)
+    if follow:
+        raise click.UsageError("--follow goes with --log")
+    state = record.get("state")
+    if state not in ("running", "suspended"):
+        raise KpError(f"{name} is not running (it is {state})", code="not_running", hint=f"kp-boot {name}")
+    console = _connect(name, record)
+    with console:
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            return _interactive(name, state, console)
+        return _scripted(console, idle)
+
+
+def _current(name: str) -> dict[str, Any]:
+    from kodepipe import runtime, vms
+    from kodepipe.state import Store
+
+    store = Store()
+    runtime.vm_meta(store, name, None)  # there is no such VM: a clear error
+    return vms.view(store, name)
+
+
+def _connect(name: str, record: dict[str, Any]) -> Any:
+    import socket
+
+    from kodepipe.errors import KpError
+
+    path = (record.get("sockets") or {}).get("serial")
+    if not isinstance(path, str):
+        raise KpError(f"{name} has no serial console socket", code="no_console")
+    console = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        console.connect(path)
+    except OSError as exc:
+        console.close()
+        raise KpError(f"cannot connect to {name}'s serial console ({path}): {exc.strerror}",
+                      code="no_console") from None
+    return console
+
+
+def _interactive(name: str, state: object, console: Any) -> int:
+    from kodepipe import terminal
+
+    kpcli.Output("kp-attach").info(f"Connected to {name}'s serial console; Ctrl-] to detach")
+    if state == "suspended":
+        kpcli.Output("kp-attach").warn(f"{name} is suspended: nothing answers until kp-stop --resume {name}")
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    with terminal.raw_mode(stdin):
+        why = terminal.relay(stdin, stdout, console, escape=terminal.ESCAPE)
+    # the guest's last output may have left the cursor mid-line
+    click.echo("", err=True)
+    if why == "remote_closed":
+        kpcli.Output("kp-attach").info(f"{name}'s console closed (the VM stopped?)")
+    return 0
+
+
+def _scripted(console: Any, idle: float) -> int:
+    from kodepipe import terminal
+    from kodepipe.records import PipeClosed
+
+    try:
+        terminal.relay(sys.stdin.fileno(), sys.stdout.fileno(), console, linger=idle)
+    except BrokenPipeError:
+        raise PipeClosed() from None
+    return 0
+
+
+def _print_log(name: str, record: dict[str, Any], follow: bool) -> int:
+    from kodepipe.errors import KpError
+    from kodepipe.records import PipeClosed
+
+    path = Path(record.get("serial_log") or Path(str(record.get("path"))) / "serial.log")
+    try:
+        log = open(path, "rb")  # noqa: SIM115  (kept open while following)
+    except FileNotFoundError:
+        raise KpError(f"{name} has no serial log yet: it has never booted", code="no_log",
+                      hint=f"kp-boot {name}") from None
+    out = sys.stdout.buffer
+    stopped, last_check = not follow, time.monotonic()
+    try:
+        with log:
+            while True:
+                chunk = log.read(65536)
+                if chunk:
+                    out.write(chunk)
+                    out.flush()
+                    continue
+                if stopped:
+                    return 0  # a last read after the VM stopped caught its final words
+                if time.monotonic() - last_check > 1.0:
+                    last_check = time.monotonic()
+                    stopped = _current(name).get("state") not in ("running", "suspended")
+                    continue
+                time.sleep(0.2)
+    except BrokenPipeError:
+        raise PipeClosed() from None
+
+
+def main() -> None:
+    kpcli.run(cli, "kp-attach")

@@ -1,0 +1,76 @@
+"""kp-boot: start VMs headless."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from kodepipe import cli as kpcli
+from kodepipe.commands import options, vmargs
+
+
+@click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
+@click.argument("names", nargs=-1, metavar="[NAME]...", shell_complete=kpcli.name_completion(("vm",)))
+@click.option("-m", "--memory", default="1G", show_default=True, help="Guest memory (M or G).")
+@click.option("-c", "--cpus", default=2, show_default=True, type=click.IntRange(1, 64), help="Virtual CPUs.")
+@click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
+              help="auto uses KVM only after a test guest really ran under it (on hosts where nested "
+                   "KVM hangs, it falls back to TCG), else TCG.")
+@click.option("--net", default="user", show_default=True, metavar="user|none|bridge:BR",
+              help="user: private NAT, SSH forwarded to a free port on 127.0.0.1 (no privileges); "
+                   "none: no NIC at all; bridge:BR: a tap on host bridge BR for a routable address (root).")
+@click.option("--share", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="One host directory shared read-write into the guest (9p, tag 'workspace'; mounted at "
+                   "/workspace by kp-ip). Nothing else of the host is visible.")
+@options.quiet
+def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, share: Path | None,
+        quiet: bool) -> int:
+    """Start VMs headless, from NAMEs or the vm records on stdin.
+
+    Each VM runs as a detached QEMU under QEMU's seccomp sandbox, with a
+    QMP socket, a guest-agent socket and a serial console socket (whose
+    output is also logged to serial.log in the VM's folder); direct kernel
+    boot from its image.  Returns at once: kp-ip waits for the guest.  A VM
+    that is already running passes through as it is; one saved with
+    kp-stop --save resumes where it was.  A launch failure carries QEMU's
+    own message.
+
+    \b
+    Examples:
+      kp-clone base proj | kp-boot | kp-ip
+      kp-boot --memory 4G --cpus 2 --share ~/code/proj proj
+    """
+    from kodepipe import qemu, runtime
+    from kodepipe.accel import choose
+    from kodepipe.errors import BadInput
+    from kodepipe.state import Store
+
+    opts = qemu.BootOptions(memory=memory, cpus=cpus, accel=accel, net=net, share=share.resolve() if share else None)
+    try:
+        opts.check()
+    except BadInput as exc:
+        raise click.BadParameter(exc.message) from None
+    out = kpcli.Output("kp-boot", quiet=quiet)
+    store = Store()
+    chosen: list[tuple[str, str]] = []
+
+    def act(name: str, expect_id: str | None, record: dict[str, object]) -> dict[str, object]:
+        if not chosen:  # probe the accelerator once, and only when there is something to boot
+            from kodepipe import proc
+
+            proc.require(qemu.QEMU)
+            chosen.append(choose(accel))
+            out.progress(f"accelerator: {chosen[0][0]} ({chosen[0][1]})")
+        result, already = runtime.boot(store, name, opts, chosen[0], expect_id=expect_id)
+        if already:
+            out.info(f"{name}: already {result['state']}")
+        else:
+            out.progress(f"{name}: started (pid {result.get('pid')})")
+        return result
+
+    return vmargs.run_each(out, names, act)
+
+
+def main() -> None:
+    kpcli.run(cli, "kp-boot")

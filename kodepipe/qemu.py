@@ -1,0 +1,239 @@
+"""QEMU processes: the command line, the launch, and whether one is alive.
+
+The command line is a pure function of the VM, its image and the boot
+options, so it is tested without starting anything.  A launch failure
+carries QEMU's own message and the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kodepipe import paths, proc
+from kodepipe.errors import BadInput, KpError
+
+QEMU = "qemu-system-x86_64"
+NET_RE = re.compile(r"user|none|bridge:[A-Za-z0-9_.-]{1,15}")
+MEMORY_RE = re.compile(r"[1-9][0-9]*[MG]")
+
+
+@dataclass(frozen=True)
+class Sockets:
+    """Where a running VM's control sockets and pid file live (the runtime dir)."""
+
+    qmp: Path
+    qga: Path
+    serial: Path
+    pidfile: Path
+
+    @classmethod
+    def for_vm(cls, name: str) -> Sockets:
+        return cls(qmp=paths.socket_path(name, "qmp"), qga=paths.socket_path(name, "qga"),
+                   serial=paths.socket_path(name, "serial"), pidfile=paths.runtime_dir() / f"{name}.pid")
+
+    def paths(self) -> list[Path]:
+        return [self.qmp, self.qga, self.serial, self.pidfile]
+
+
+@dataclass(frozen=True)
+class BootOptions:
+    memory: str = "1G"
+    cpus: int = 2
+    accel: str = "auto"
+    net: str = "user"
+    share: Path | None = None
+    share_tag: str = "workspace"
+
+    def check(self) -> None:
+        if not MEMORY_RE.fullmatch(self.memory):
+            raise BadInput(f"invalid memory size {self.memory!r}: use a number with M or G, e.g. 2G")
+        if not 1 <= self.cpus <= 64:
+            raise BadInput(f"invalid CPU count {self.cpus}: 1 to 64")
+        if self.accel not in ("auto", "kvm", "tcg"):
+            raise BadInput(f"invalid accelerator {self.accel!r}: auto, kvm or tcg")
+        if not NET_RE.fullmatch(self.net):
+            raise BadInput(f"invalid network {self.net!r}: user, none or bridge:NAME")
+        if self.share is not None and not self.share.is_dir():
+            raise BadInput(f"the shared directory {self.share} is not a directory")
+
+
+def mac_address(vm_id: str) -> str:
+    """A stable, locally administered MAC for the VM (QEMU's 52:54:00 prefix)."""
+    digest = hashlib.sha256(vm_id.encode()).digest()
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (QEMU binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, sockets: Sockets, *,
+                 accel: str, ssh_port: int | None, serial_log: Path, incoming: str | None = None) -> list[str]:
+    """The whole QEMU command line for ``vm``.  Pure: starts nothing."""
+    name = vm["name"]
+    argv = [
+        QEMU, "-name", f"{name},process=kp-{name}",
+        "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+        "-m", opts.memory, "-smp", str(opts.cpus),
+        # nothing but what is listed here: no default NIC, no VGA, no monitor on stdio
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-pidfile", str(sockets.pidfile),
+        # QEMU's own seccomp filter: no new processes (so no -daemonize: kp-boot
+        # detaches it instead, and migrations go through fds), no privilege changes
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-kernel", image["kernel"], "-initrd", image["initrd"],
+        # the clone's own hostname from its first instruction (systemd reads it from the command line)
+        "-append", f"{image.get('cmdline') or 'root=/dev/vda rw console=ttyS0'} systemd.hostname={name}",
+        "-drive", f"file={_comma(vm['disk'])},if=virtio,format=qcow2,discard=unmap,detect-zeroes=unmap",
+        "-device", "virtio-rng-pci",
+        "-chardev", f"socket,id=qmp0,path={_comma(sockets.qmp)},server=on,wait=off",
+        "-mon", "chardev=qmp0,mode=control",
+        "-chardev", f"socket,id=qga0,path={_comma(sockets.qga)},server=on,wait=off",
+        "-device", "virtio-serial-pci",
+        "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        "-chardev", f"socket,id=ser0,path={_comma(sockets.serial)},server=on,wait=off,"
+                    f"logfile={_comma(serial_log)},logappend=on",
+        "-serial", "chardev:ser0",
+    ]
+    mac = mac_address(vm.get("id") or name)
+    if opts.net == "user":
+        forward = f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22" if ssh_port else ""
+        argv += ["-netdev", f"user,id=n0,hostname={name}{forward}",
+                 "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+    elif opts.net.startswith("bridge:"):
+        argv += ["-netdev", f"bridge,id=n0,br={opts.net.split(':', 1)[1]}",
+                 "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+    if opts.share is not None:
+        argv += ["-virtfs", f"local,path={_comma(opts.share)},mount_tag={opts.share_tag},"
+                            "security_model=mapped-xattr,id=share0"]
+    if incoming is not None:
+        argv += ["-incoming", incoming]
+    return argv
+
+
+def _comma(value: object) -> str:
+    # QEMU option values escape a comma by doubling it
+    return str(value).replace(",", ",,")
+
+
+def launch(argv: list[str], log: Path, qmp_socket: Path, *, timeout: float = 60.0,
+           pass_fds: tuple[int, ...] = ()) -> int:
+    """Start QEMU detached from kodepipe and return its pid once its monitor answers.
+
+    QEMU runs in a session of its own with its output in ``log``, so it
+    outlives the command that started it.  If it exits during start-up
+    (a bad option, a busy port, a missing file), the error carries QEMU's
+    own words.
+    """
+    from kodepipe.qmp import Monitor
+
+    argv = [proc.require(argv[0]), *argv[1:]]
+    start = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as out:
+        out.write(f"$ {shlex.join(argv)}\n".encode())
+        out.flush()
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True, close_fds=True, pass_fds=pass_fds)
+    deadline = time.monotonic() + timeout
+    while True:
+        status = child.poll()
+        if status is not None:
+            with open(log, "rb") as f:
+                f.seek(start)
+                output = f.read().decode("utf-8", "replace").split("\n", 1)[-1]
+            message = proc.tail(output) or f"exit status {status}"
+            raise KpError(f"QEMU failed to start: {message}", code="qemu_failed",
+                          hint=f"its command line and output are in {log}")
+        if qmp_socket.exists():
+            try:
+                with Monitor(qmp_socket, timeout=2.0) as monitor:
+                    monitor.status()
+                return child.pid
+            except KpError:
+                pass
+        if time.monotonic() > deadline:
+            child.kill()
+            raise KpError(f"QEMU did not come up within {timeout:g} s", code="qemu_failed",
+                          hint=f"see {log}")
+        time.sleep(0.05)
+
+
+def alive(pid: object, marker: Path) -> bool:
+    """True when ``pid`` is a live QEMU whose command line names ``marker``.
+
+    Checking the command line (not only the pid) keeps a reused pid from
+    passing for our VM.
+    """
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # a zombie (state Z) has exited already
+    if status.rsplit(")", 1)[-1].split()[0] == "Z":
+        return False
+    return os.fsencode(str(marker)) in cmdline
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def pid_of(boot: dict[str, Any]) -> int | None:
+    """The QEMU pid of a boot: recorded, or from its pid file if kp-boot died before recording it."""
+    pid = boot.get("pid")
+    if isinstance(pid, int):
+        return pid
+    try:
+        return int(Path(boot["sockets"]["pidfile"]).read_text().strip())
+    except (KeyError, TypeError, OSError, ValueError):
+        return None
+
+
+def is_alive(boot: dict[str, Any]) -> bool:
+    return alive(pid_of(boot), Path(str((boot.get("sockets") or {}).get("qmp", ""))))
+
+
+def cleanup(boot_meta: dict[str, Any]) -> None:
+    """Remove a finished boot's sockets and pid file."""
+    for path in (boot_meta.get("sockets") or {}).values():
+        Path(path).unlink(missing_ok=True)
+
+
+def kill(boot_meta: dict[str, Any], grace: float = 5.0) -> None:
+    """End QEMU now: SIGTERM (it quits cleanly), then SIGKILL."""
+    pid = pid_of(boot_meta)
+    if pid is None or not is_alive(boot_meta):
+        return
+    os.kill(pid, signal.SIGTERM)
+    if not wait_gone(boot_meta, grace):
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(boot_meta, 5.0)
+
+
+def wait_gone(boot_meta: dict[str, Any], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while is_alive(boot_meta):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

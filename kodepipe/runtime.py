@@ -1,0 +1,282 @@
+"""Running VMs: boot, stop, suspend, resume, save, and cleaning up after them."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from kodepipe import images, qemu, vms
+from kodepipe.errors import KpError, NotFound
+from kodepipe.records import Record
+from kodepipe.state import Store, check_id, now_iso
+
+RAM_STATE = "ram.state"
+
+
+def vm_meta(store: Store, name: str, expect_id: str | None) -> tuple[Path, dict[str, Any]]:
+    folder = store.folder("vm", name)
+    if not folder.is_dir():
+        other = store.lookup(name)
+        if other is not None:
+            raise NotFound(f"{name} is an {other[0]}, not a VM", hint="kp-clone IMAGE NAME makes a VM from it")
+        raise NotFound(f"there is no VM named {name}", hint="kp-clone BASE NAME makes one")
+    meta = store.read_meta(folder)
+    if meta is None:
+        raise KpError(f"{name} is broken: its creation was interrupted", code="broken", hint=f"kp-rm {name}")
+    check_id(meta, expect_id)
+    return folder, meta
+
+
+def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str], *,
+         expect_id: str | None = None) -> tuple[Record, bool]:
+    """Start VM ``name``; returns its record and whether it was already running."""
+    with store.lock(name):
+        folder, meta = vm_meta(store, name, expect_id)
+        current = vms.view(store, name)
+        if current["state"] in ("running", "suspended"):
+            return current, True
+        if current["state"] == "broken":
+            raise KpError(f"{name} cannot boot: {current.get('problem')}", code="broken",
+                          hint=f"remove it with kp-rm {name}")
+        if current["state"] == "crashed":
+            qemu.cleanup(meta["boot"])
+        image = images.view(store, meta["base"])
+        saved = meta.get("saved") if isinstance(meta.get("saved"), dict) else None
+        if saved is not None:
+            # a saved machine resumes with the very hardware it was saved with
+            opts = qemu.BootOptions(memory=saved["memory"], cpus=saved["cpus"], accel=opts.accel,
+                                    net=saved["net"], share=Path(saved["share"]) if saved.get("share") else None)
+        sockets = qemu.Sockets.for_vm(name)
+        for stale in sockets.paths():
+            stale.unlink(missing_ok=True)
+        serial_log, qemu_log = folder / "serial.log", folder / "qemu.log"
+        user = image.get("user", "kp")
+        boot_meta: dict[str, Any] = {
+            "pid": None, "boot_id": qemu.boot_id(), "started": now_iso(), "accel": accel[0],
+            "accel_reason": accel[1], "memory": opts.memory, "cpus": opts.cpus, "net": opts.net,
+            "share": str(opts.share) if opts.share else None, "mac": qemu.mac_address(meta.get("id") or name),
+            "sockets": {"qmp": str(sockets.qmp), "qga": str(sockets.qga), "serial": str(sockets.serial),
+                        "pidfile": str(sockets.pidfile)},
+            "serial_log": str(serial_log), "qemu_log": str(qemu_log), "resumed": saved is not None,
+        }
+        # recorded before QEMU starts, so a crash in between still leaves a trail to its pid file
+        meta["boot"] = boot_meta
+        store.write_meta(folder, meta)
+        try:
+            pid, port = _launch(meta, image, opts, sockets, accel[0], serial_log, qemu_log, folder, saved)
+            boot_meta["pid"] = pid
+            boot_meta["ssh"] = {"host": "127.0.0.1", "port": port, "user": user} if port else None
+            if saved is not None and saved.get("warm"):
+                # a warm clone must not be usable before it stops being a copy of the others
+                boot_meta["reseed_seconds"] = round(_reseed(boot_meta, name, meta.get("id") or name), 2)
+            elif saved is not None:
+                _set_clock(boot_meta)
+        except BaseException:
+            qemu.kill(boot_meta)
+            qemu.cleanup(boot_meta)
+            meta.pop("boot", None)
+            store.write_meta(folder, meta)
+            raise
+        if saved is not None:
+            meta.pop("saved", None)
+            if not saved.get("warm"):
+                (folder / RAM_STATE).unlink(missing_ok=True)
+        store.write_meta(folder, meta)
+    return vms.view(store, name), False
+
+
+def _set_clock(boot_meta: dict[str, Any]) -> None:
+    """A resumed guest's clock stopped when it was saved: set it from the host's."""
+    from kodepipe.guest_agent import wait_for_agent
+
+    with wait_for_agent(Path(boot_meta["sockets"]["qga"]), 30.0, alive=lambda: qemu.is_alive(boot_meta)) as agent:
+        agent.set_time(time.time_ns())
+
+
+def _reseed(boot_meta: dict[str, Any], name: str, vm_id: str) -> float:
+    from kodepipe import identity
+    from kodepipe.guest_agent import wait_for_agent
+
+    with wait_for_agent(Path(boot_meta["sockets"]["qga"]), 60.0, alive=lambda: qemu.is_alive(boot_meta)) as agent:
+        mac = qemu.mac_address(vm_id) if str(boot_meta.get("net", "")).startswith("bridge:") else None
+        return identity.reseed(agent, name, mac)
+
+
+def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets: qemu.Sockets, accel: str,
+            serial_log: Path, qemu_log: Path, folder: Path, saved: dict[str, Any] | None) -> tuple[int, int | None]:
+    vm = {**meta, "disk": str(folder / meta["disk"])}
+    for attempt in range(3):
+        port = qemu.free_port() if opts.net == "user" else None
+        fds: tuple[int, ...] = ()
+        incoming = None
+        state_fd = None
+        if saved is not None:
+            # QEMU's sandbox forbids exec: migrations come in on an inherited fd
+            state_fd = os.open(_state_file(image, folder, saved), os.O_RDONLY)
+            fds, incoming = (state_fd,), f"fd:{state_fd}"
+        argv = qemu.command_line(vm, image, opts, sockets, accel=accel, ssh_port=port, serial_log=serial_log,
+                                 incoming=incoming)
+        try:
+            pid = qemu.launch(argv, qemu_log, sockets.qmp, pass_fds=fds)
+            if saved is not None:
+                _wait_incoming(sockets.qmp)
+            return pid, port
+        except KpError as exc:
+            # another program took the SSH port between our probe and QEMU's bind: try another
+            if ("hostfwd" not in exc.message and "host forwarding" not in exc.message) or attempt == 2:
+                raise
+        finally:
+            if state_fd is not None:
+                os.close(state_fd)
+    raise AssertionError("unreachable")
+
+
+def _state_file(image: Record, folder: Path, saved: dict[str, Any]) -> Path:
+    if saved.get("warm"):
+        return Path(str(image["path"])) / str(image["warm"]["state"])
+    return folder / RAM_STATE
+
+
+def _wait_incoming(qmp_socket: Path, timeout: float = 120.0) -> None:
+    from kodepipe.qmp import Monitor
+
+    deadline = time.monotonic() + timeout
+    with Monitor(qmp_socket) as monitor:
+        while True:
+            status = monitor.status()
+            if status == "running":
+                return
+            if status == "paused":
+                # the state was saved from a stopped VM: once loaded, start it
+                migration = monitor.execute("query-migrate").get("status")
+                if migration == "completed":
+                    monitor.execute("cont")
+                    continue
+                if migration in ("failed", "cancelled"):
+                    raise KpError(f"resuming the saved state failed: loading it {migration}", code="resume_failed")
+            elif status not in ("inmigrate", "prelaunch", "restore-vm"):
+                raise KpError(f"resuming the saved state failed: the VM is {status}", code="resume_failed")
+            if time.monotonic() > deadline:
+                raise KpError(f"resuming the saved state took longer than {timeout:g} s", code="resume_failed")
+            time.sleep(0.1)
+
+
+def stop(store: Store, name: str, *, timeout: float, graceful: bool = True,
+         expect_id: str | None = None) -> tuple[Record, str]:
+    """Shut VM ``name`` down: guest agent, then ACPI, then kill. Returns the record and how it stopped."""
+    with store.lock(name, wait=timeout + 10):
+        folder, meta = vm_meta(store, name, expect_id)
+        boot_meta = meta.get("boot")
+        if not isinstance(boot_meta, dict):
+            return vms.view(store, name), "not running"
+        how = "already gone"
+        if qemu.is_alive(boot_meta):
+            how = _shut_down(boot_meta, timeout) if graceful else "killed"
+            qemu.kill(boot_meta)  # nothing to do if it shut down
+        qemu.cleanup(boot_meta)
+        meta.pop("boot", None)
+        store.write_meta(folder, meta)
+    return vms.view(store, name), how
+
+
+def _shut_down(boot_meta: dict[str, Any], timeout: float) -> str:
+    """Ask nicely, twice, each with half the time; say which way worked ("killed" if none)."""
+    from kodepipe.guest_agent import GuestAgent
+    from kodepipe.qmp import Monitor
+
+    sockets = boot_meta["sockets"]
+    try:
+        if boot_meta.get("paused"):  # a frozen guest cannot shut itself down
+            with Monitor(Path(sockets["qmp"])) as monitor:
+                monitor.execute("cont")
+        with GuestAgent(Path(sockets["qga"])) as agent:
+            agent.sync(timeout=min(3.0, timeout))
+            agent.shutdown("powerdown")
+        if qemu.wait_gone(boot_meta, timeout / 2):
+            return "guest agent"
+    except KpError:
+        pass
+    try:
+        with Monitor(Path(sockets["qmp"])) as monitor:
+            monitor.execute("system_powerdown")
+        if qemu.wait_gone(boot_meta, timeout / 2):
+            return "ACPI power button"
+    except KpError:
+        pass
+    return "killed"
+
+
+def pause(store: Store, name: str, *, resume: bool, expect_id: str | None = None) -> Record:
+    """Freeze (QMP stop) or thaw (cont) a running VM; its processes keep their state."""
+    from kodepipe.qmp import Monitor
+
+    with store.lock(name):
+        folder, meta = vm_meta(store, name, expect_id)
+        boot_meta = meta.get("boot")
+        if not isinstance(boot_meta, dict) or not qemu.is_alive(boot_meta):
+            raise KpError(f"{name} is not running", code="not_running",
+                          hint="kp-boot starts it" + (" (it was saved: kp-boot resumes it)"
+                                                      if meta.get("saved") else ""))
+        with Monitor(Path(boot_meta["sockets"]["qmp"])) as monitor:
+            monitor.execute("cont" if resume else "stop")
+        boot_meta["paused"] = not resume
+        store.write_meta(folder, meta)
+    return vms.view(store, name)
+
+
+def save_ram(qmp_socket: Path, target: Path, *, timeout: float) -> None:
+    """Freeze the VM, write its whole state to ``target`` and end QEMU.
+
+    The file goes to QEMU as an open fd (its sandbox forbids exec: URIs);
+    on failure the VM is thawed and left running.
+    """
+    from kodepipe.qmp import Monitor
+
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with Monitor(qmp_socket) as monitor:
+            monitor.execute("stop")
+            monitor.send_fd(fd, "kpsave")
+            monitor.execute("migrate", {"uri": "fd:kpsave"})
+            deadline = time.monotonic() + timeout
+            while True:
+                info = monitor.execute("query-migrate")
+                status = info.get("status")
+                if status == "completed":
+                    break
+                if status in ("failed", "cancelled") or time.monotonic() > deadline:
+                    monitor.execute("cont")
+                    detail = f": {info['error-desc']}" if info.get("error-desc") else ""
+                    raise KpError(f"saving the VM's state failed: migration {status}{detail}", code="save_failed")
+                time.sleep(0.1)
+            monitor.execute("quit")
+    finally:
+        os.close(fd)
+
+
+def save(store: Store, name: str, *, timeout: float, expect_id: str | None = None) -> Record:
+    """Save the VM's RAM to its folder and end QEMU; kp-boot resumes it, even after a host reboot."""
+    with store.lock(name, wait=timeout + 10):
+        folder, meta = vm_meta(store, name, expect_id)
+        boot_meta = meta.get("boot")
+        if not isinstance(boot_meta, dict) or not qemu.is_alive(boot_meta):
+            raise KpError(f"{name} is not running", code="not_running")
+        target = folder / RAM_STATE
+        partial = folder / (RAM_STATE + ".partial")
+        try:
+            save_ram(Path(boot_meta["sockets"]["qmp"]), partial, timeout=timeout)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, target)
+        qemu.wait_gone(boot_meta, 10.0)
+        qemu.kill(boot_meta)
+        qemu.cleanup(boot_meta)
+        meta["saved"] = {"saved": now_iso(), "memory": boot_meta["memory"], "cpus": boot_meta["cpus"],
+                         "net": boot_meta["net"], "share": boot_meta.get("share"),
+                         "bytes": target.stat().st_size}
+        meta.pop("boot", None)
+        store.write_meta(folder, meta)
+    return vms.view(store, name)

@@ -1,0 +1,108 @@
+"""Relaying a local terminal (or plain stdin/stdout) to a remote byte stream.
+
+Used by kp-ssh's interactive shell (a paramiko channel) and kp-attach (the
+serial console's unix socket): both have fileno(), recv() and sendall().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import termios
+import tty
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+ESCAPE = b"\x1d"  # Ctrl-], as in telnet and virsh console
+CHUNK = 65536
+
+
+class Stream(Protocol):
+    def fileno(self) -> int: ...
+
+    def recv(self, size: int, /) -> bytes: ...
+
+    def sendall(self, data: bytes, /) -> Any: ...
+
+
+@contextlib.contextmanager
+def raw_mode(fd: int) -> Iterator[None]:
+    """The terminal on ``fd`` in raw mode, restored however the block ends."""
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSANOW)
+        yield
+    finally:
+        # TCSAFLUSH would drop what the user typed ahead; TCSADRAIN keeps it
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def size(fd: int) -> tuple[int, int]:
+    """(columns, rows) of the terminal on ``fd``; 80x24 when it has none."""
+    try:
+        cols, rows = os.get_terminal_size(fd)
+    except OSError:
+        return 80, 24
+    return (cols or 80), (rows or 24)
+
+
+@contextlib.contextmanager
+def on_resize(fd: int, resized: Callable[[int, int], None]) -> Iterator[None]:
+    """Call ``resized(columns, rows)`` whenever the terminal on ``fd`` changes size (SIGWINCH)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        with contextlib.suppress(Exception):  # a resize must never break the session
+            resized(*size(fd))
+
+    previous = signal.signal(signal.SIGWINCH, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGWINCH, previous)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def relay(local_in: int, local_out: int, remote: Stream, *, escape: bytes | None = None,
+          linger: float | None = None) -> str:
+    """Copy local_in -> remote and remote -> local_out until one side ends.
+
+    Returns why it stopped: "escape" (the escape byte was typed; what came
+    before it is still sent), "remote_closed", or "local_eof".  With
+    ``linger``, after local EOF the remote's output is still copied until it
+    has been quiet for that many seconds (a script's last command gets its
+    answer).
+    """
+    local_open = True
+    while True:
+        watched: list[Any] = [remote, local_in] if local_open else [remote]
+        ready, _, _ = select.select(watched, [], [], None if local_open else linger)
+        if not ready:
+            return "local_eof"  # quiet for `linger` seconds after local EOF
+        if remote in ready:
+            try:
+                data = remote.recv(CHUNK)
+            except (ConnectionResetError, BrokenPipeError):
+                data = b""
+            if not data:
+                return "remote_closed"
+            write_all(local_out, data)
+        if local_open and local_in in ready:
+            data = os.read(local_in, CHUNK)
+            if escape is not None and escape in data:
+                before = data.split(escape, 1)[0]
+                if before:
+                    remote.sendall(before)
+                return "escape"
+            if not data:
+                if linger is None:
+                    return "local_eof"
+                local_open = False
+                continue
+            remote.sendall(data)

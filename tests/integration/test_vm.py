@@ -1,0 +1,208 @@
+"""The VM layer on real QEMU (TCG here): boot, address, SSH, suspend, save,
+crash, warm clones, removal.  Two cold clones are booted once for the
+module; the warm test boots once more to warm the image."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BIN, lines
+from tests.integration.conftest import run
+
+pytestmark = pytest.mark.integration
+
+
+def one(proc: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
+    assert proc.returncode == 0, proc.stderr.decode()
+    records = lines(proc.stdout)
+    assert len(records) == 1, records
+    return records[0]
+
+
+def ssh(env: dict[str, str], name: str, *command: str) -> dict[str, Any]:
+    proc = run(env, "kp-ssh", name, "--", *command, timeout=120)
+    results = [r for r in lines(proc.stdout) if r.get("kind") == "result"]
+    assert len(results) == 1, proc.stderr.decode()
+    return results[0]
+
+
+def qemu_processes(name: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == f"kp-{name}"[:15]:
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def pair(golden: dict[str, Any]) -> Any:
+    """vm-a and vm-b, cloned, booted and addressed in one pipeline, side by side."""
+    env = golden["env"]
+    started = time.monotonic()
+    pipeline = f"{BIN}/kp-clone base vm-a vm-b | {BIN}/kp-boot | {BIN}/kp-ip --timeout 400"
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], env=env, capture_output=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    records = {r["name"]: r for r in lines(proc.stdout)}
+    yield env, records, time.monotonic() - started
+    run(env, "kp-rm", "vm-a", "vm-b")
+
+
+def test_clone_boot_ip_ssh_pipeline(pair: Any) -> None:
+    env, records, seconds = pair
+    assert set(records) == {"vm-a", "vm-b"}
+    for name, record in records.items():
+        assert record["state"] == "running" and record["accel"] in ("tcg", "kvm")
+        assert record["address_source"] == "guest-agent" and record["address"].startswith("10.0.2.")
+        assert record["ssh"]["host"] == "127.0.0.1" and record["host_key"].startswith("SHA256:")
+        result = ssh(env, name, "uname", "-a")
+        assert result["exit_status"] == 0 and f"Linux {name} " in result["stdout"]
+    print(f"cold: two clones SSH-ready in {seconds:.0f} s")
+
+
+def test_two_clones_have_their_own_identity(pair: Any) -> None:
+    env, records, _ = pair
+    ids = {n: ssh(env, n, "sh", "-c", "hostname; cat /etc/machine-id")["stdout"].split() for n in records}
+    assert ids["vm-a"][0] == "vm-a" and ids["vm-b"][0] == "vm-b"
+    assert ids["vm-a"][1] != ids["vm-b"][1] and len(ids["vm-a"][1]) == 32
+    assert records["vm-a"]["host_key"] != records["vm-b"]["host_key"]
+    assert records["vm-a"]["ssh"]["port"] != records["vm-b"]["ssh"]["port"]
+    assert records["vm-a"]["mac"] != records["vm-b"]["mac"]
+
+
+def test_ls_and_a_second_boot_see_the_running_vm(pair: Any) -> None:
+    env, records, _ = pair
+    listed = {r["name"]: r for r in lines(run(env, "kp-ls", "--kind", "vm").stdout)}
+    assert listed["vm-a"]["state"] == "running" and listed["vm-a"]["pid"] == records["vm-a"]["pid"]
+    again = run(env, "kp-boot", "vm-a")
+    assert again.returncode == 0 and b"already running" in again.stderr
+    assert one(again)["pid"] == records["vm-a"]["pid"]
+    assert len(qemu_processes("vm-a")) == 1
+
+
+def test_suspend_and_resume_keep_a_process_alive(pair: Any) -> None:
+    env, _, _ = pair
+    pid = ssh(env, "vm-a", "sh", "-c", "nohup sleep 3600 >/dev/null 2>&1 & echo $!")["stdout"].strip()
+    assert one(run(env, "kp-stop", "--suspend", "vm-a"))["state"] == "suspended"
+    assert one(run(env, "kp-ls", "vm-a"))["state"] == "suspended"
+    time.sleep(2)
+    assert one(run(env, "kp-stop", "--resume", "vm-a"))["state"] == "running"
+    assert ssh(env, "vm-a", "kill", "-0", pid)["exit_status"] == 0
+
+
+def test_save_and_resume_from_disk_keep_a_process_alive(pair: Any) -> None:
+    env, _, _ = pair
+    pid = ssh(env, "vm-b", "sh", "-c", "nohup sleep 3600 >/dev/null 2>&1 & echo $!")["stdout"].strip()
+    saved = one(run(env, "kp-stop", "--save", "vm-b", timeout=300))
+    assert saved["state"] == "saved" and qemu_processes("vm-b") == []
+    assert Path(saved["path"], "ram.state").stat().st_size > 1024 * 1024
+    resumed = one(run(env, "kp-boot", "vm-b", timeout=300))
+    assert resumed["state"] == "running" and resumed["resumed"] is True
+    one(run(env, "kp-ip", "vm-b", "--timeout", "120"))
+    assert ssh(env, "vm-b", "kill", "-0", pid)["exit_status"] == 0
+
+
+def test_graceful_stop_then_a_crash_then_removal(pair: Any) -> None:
+    env, records, _ = pair
+    stopped = one(run(env, "kp-stop", "vm-a", timeout=120))
+    assert stopped["state"] == "stopped" and stopped["stopped_by"] in ("guest agent", "ACPI power button")
+    assert qemu_processes("vm-a") == []
+    for path in records["vm-a"]["sockets"].values():
+        assert not Path(path).exists()
+    # vm-b is killed behind kodepipe's back: kp-ls must say so, kp-rm must clean up
+    pids = qemu_processes("vm-b")
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while one(run(env, "kp-ls", "vm-b"))["state"] != "crashed":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    removed = run(env, "kp-rm", "vm-a", "vm-b")
+    assert removed.returncode == 0, removed.stderr.decode()
+    for path in [*records["vm-b"]["sockets"].values(), records["vm-b"]["path"], records["vm-a"]["path"]]:
+        assert not Path(path).exists(), path
+    assert qemu_processes("vm-b") == []
+
+
+def test_kp_ip_times_out_with_the_serial_console(golden: dict[str, Any]) -> None:
+    env = golden["env"]
+    one(run(env, "kp-clone", "base", "slow"))
+    try:
+        one(run(env, "kp-boot", "slow"))
+        proc = run(env, "kp-ip", "slow", "--timeout", "3")
+        assert proc.returncode == 75
+        message = lines(proc.stdout)[0]["error"]["message"]
+        assert "did not answer within 3 s" in message and "serial console" in message
+        assert "Linux version" in message or "[    " in message  # the kernel's own lines
+    finally:
+        run(env, "kp-rm", "slow")
+    assert qemu_processes("slow") == []
+
+
+def test_warm_clones_are_ssh_ready_in_seconds_with_their_own_identity(golden: dict[str, Any]) -> None:
+    env = golden["env"]
+    warmed = one(run(env, "kp-image", "warm", "base", timeout=900))
+    assert warmed["warm"]["state_bytes"] > 0
+    try:
+        started = time.monotonic()
+        pipeline = f"{BIN}/kp-clone base w-1 w-2 | {BIN}/kp-boot | {BIN}/kp-ip --timeout 120"
+        proc = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], env=env, capture_output=True, timeout=600)
+        seconds = time.monotonic() - started
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+        records = {r["name"]: r for r in lines(proc.stdout)}
+        assert all(r["resumed"] for r in records.values())
+        print(f"warm: two clones SSH-ready in {seconds:.1f} s")
+        facts = {n: ssh(env, n, "sh", "-c", "hostname; cat /etc/machine-id; date +%s")["stdout"].split()
+                 for n in records}
+        assert facts["w-1"][0] == "w-1" and facts["w-2"][0] == "w-2"
+        assert facts["w-1"][1] != facts["w-2"][1]
+        assert records["w-1"]["host_key"] != records["w-2"]["host_key"]
+        for name in records:
+            assert abs(int(facts[name][2]) - time.time()) < 30  # the clock was set on resume
+    finally:
+        run(env, "kp-rm", "w-1", "w-2")
+    assert qemu_processes("w-1") == [] and qemu_processes("w-2") == []
+
+
+def test_boot_without_qemu_exits_69(golden: dict[str, Any], tmp_path: Path) -> None:
+    env = dict(golden["env"])
+    one(run(env, "kp-clone", "base", "noqemu"))
+    try:
+        lonely = tmp_path / "bin"
+        lonely.mkdir()
+        for tool in ("sh", "dirname", "env"):
+            (lonely / tool).symlink_to(subprocess.run(["which", tool], capture_output=True, text=True).stdout.strip())
+        proc = run({**env, "PATH": str(lonely)}, "kp-boot", "noqemu")
+        assert proc.returncode == 69 and b"apt-get install qemu-system-x86" in proc.stderr
+        assert one(run(env, "kp-ls", "noqemu"))["state"] == "stopped"
+    finally:
+        run(env, "kp-rm", "noqemu")
+
+
+def test_boot_of_a_clone_whose_base_is_gone_fails_clearly(tmp_path: Path, golden: dict[str, Any]) -> None:
+    from tests.integration.conftest import kp_env
+
+    env = kp_env(tmp_path / "state", tmp_path, tmp_path / "cache")
+    base = tmp_path / "state" / "images" / "tiny"
+    base.mkdir(parents=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base / "disk.qcow2"), "1G"], check=True)
+    for name in ("vmlinuz", "initrd.img"):
+        (base / name).write_bytes(b"x")
+    (base / "meta.json").write_text(
+        '{"kind":"image","name":"tiny","id":"aaaaaaaaaaaa","created":"2026-01-01T00:00:00Z",'
+        '"state":"ready","disk":"disk.qcow2","kernel":"vmlinuz","initrd":"initrd.img"}')
+    one(run(env, "kp-clone", "tiny", "orphan"))
+    run(env, "kp-rm", "--force", "tiny")
+    proc = run(env, "kp-boot", "orphan")
+    assert proc.returncode == 1
+    assert "base image tiny is gone" in lines(proc.stdout)[0]["error"]["message"]
