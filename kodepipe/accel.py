@@ -67,7 +67,7 @@ def probe(accel: str, timeout: float) -> Probe:
         return Probe(status, time.monotonic() - started, proc.tail(out))
 
 
-def kvm_works(timeout: float = 5.0, *, cached: bool = True) -> tuple[bool, str]:
+def kvm_works(timeout: float = 3.0, *, cached: bool = True) -> tuple[bool, str]:
     """Whether KVM runs guests here, and why (or why not)."""
     dev = KVM_DEVICE
     if not dev.exists():

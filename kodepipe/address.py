@@ -90,6 +90,12 @@ def find(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
         raise timed_out("the guest agent did not answer") from None
     with agent:
         found = interfaces(agent.interfaces())
+        while first_ipv4(found) is None and boot.get("net") != "none":
+            # the agent can start before DHCP has answered
+            if time.monotonic() > deadline:
+                raise timed_out("the guest got no IPv4 address")
+            time.sleep(0.5)
+            found = interfaces(agent.interfaces())
         host_key = None
         while host_key is None:
             try:

@@ -30,6 +30,7 @@ PACKAGES = {
     "chroot": "coreutils",
     "podman": "podman",
     "strace": "strace",
+    "ip": "iproute2",
 }
 
 

@@ -82,7 +82,8 @@ def free_port() -> int:
 
 
 def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, sockets: Sockets, *,
-                 accel: str, ssh_port: int | None, serial_log: Path, incoming: str | None = None) -> list[str]:
+                 accel: str, ssh_port: int | None, serial_log: Path, incoming: str | None = None,
+                 tap: str | None = None) -> list[str]:
     """The whole QEMU command line for ``vm``.  Pure: starts nothing."""
     name = vm["name"]
     argv = [
@@ -115,7 +116,9 @@ def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, s
         argv += ["-netdev", f"user,id=n0,hostname={name}{forward}",
                  "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
     elif opts.net.startswith("bridge:"):
-        argv += ["-netdev", f"bridge,id=n0,br={opts.net.split(':', 1)[1]}",
+        if not tap:
+            raise KpError("bridged networking needs a tap device")
+        argv += ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
                  "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
     if opts.share is not None:
         argv += ["-virtfs", f"local,path={_comma(opts.share)},mount_tag={opts.share_tag},"
@@ -214,9 +217,13 @@ def is_alive(boot: dict[str, Any]) -> bool:
 
 
 def cleanup(boot_meta: dict[str, Any]) -> None:
-    """Remove a finished boot's sockets and pid file."""
+    """Remove a finished boot's sockets, pid file and tap device."""
     for path in (boot_meta.get("sockets") or {}).values():
         Path(path).unlink(missing_ok=True)
+    if boot_meta.get("tap"):
+        from kodepipe import tap
+
+        tap.remove(boot_meta["tap"])
 
 
 def kill(boot_meta: dict[str, Any], grace: float = 5.0) -> None:

@@ -65,7 +65,13 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
         meta["boot"] = boot_meta
         store.write_meta(folder, meta)
         try:
-            pid, port = _launch(meta, image, opts, sockets, accel[0], serial_log, qemu_log, folder, saved)
+            if opts.net.startswith("bridge:"):
+                from kodepipe import tap
+
+                boot_meta["tap"] = tap.create(opts.net.split(":", 1)[1], meta.get("id") or name)
+                store.write_meta(folder, meta)
+            pid, port = _launch(meta, image, opts, sockets, accel[0], serial_log, qemu_log, folder, saved,
+                                boot_meta.get("tap"))
             boot_meta["pid"] = pid
             boot_meta["ssh"] = {"host": "127.0.0.1", "port": port, "user": user} if port else None
             if saved is not None and saved.get("warm"):
@@ -105,7 +111,8 @@ def _reseed(boot_meta: dict[str, Any], name: str, vm_id: str) -> float:
 
 
 def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets: qemu.Sockets, accel: str,
-            serial_log: Path, qemu_log: Path, folder: Path, saved: dict[str, Any] | None) -> tuple[int, int | None]:
+            serial_log: Path, qemu_log: Path, folder: Path, saved: dict[str, Any] | None,
+            tap_device: str | None) -> tuple[int, int | None]:
     vm = {**meta, "disk": str(folder / meta["disk"])}
     for attempt in range(3):
         port = qemu.free_port() if opts.net == "user" else None
@@ -117,7 +124,7 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
             state_fd = os.open(_state_file(image, folder, saved), os.O_RDONLY)
             fds, incoming = (state_fd,), f"fd:{state_fd}"
         argv = qemu.command_line(vm, image, opts, sockets, accel=accel, ssh_port=port, serial_log=serial_log,
-                                 incoming=incoming)
+                                 incoming=incoming, tap=tap_device)
         try:
             pid = qemu.launch(argv, qemu_log, sockets.qmp, pass_fds=fds)
             if saved is not None:
@@ -256,6 +263,21 @@ def save_ram(qmp_socket: Path, target: Path, *, timeout: float) -> None:
         os.close(fd)
 
 
+def _unmount_share(boot_meta: dict[str, Any], name: str) -> None:
+    """QEMU cannot migrate (so cannot save) a VM while a 9p export is mounted in it;
+    unmount it first (kp-ip mounts it again after the resume)."""
+    from kodepipe.guest_agent import GuestAgent
+
+    with GuestAgent(Path(boot_meta["sockets"]["qga"])) as agent:
+        agent.sync(timeout=5.0)
+        status, _, err = agent.exec(["/bin/sh", "-c", "! mountpoint -q /workspace || umount /workspace"], timeout=30)
+    if status != 0:
+        why = err.decode(errors="replace").strip()
+        raise KpError(f"{name} cannot be saved while its shared folder is in use ({why})",
+                      code="share_busy", hint="QEMU cannot save a VM with a mounted 9p share: close the files under "
+                      "/workspace in the guest, or stop the VM instead")
+
+
 def save(store: Store, name: str, *, timeout: float, expect_id: str | None = None) -> Record:
     """Save the VM's RAM to its folder and end QEMU; kp-boot resumes it, even after a host reboot."""
     with store.lock(name, wait=timeout + 10):
@@ -265,6 +287,8 @@ def save(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
             raise KpError(f"{name} is not running", code="not_running")
         target = folder / RAM_STATE
         partial = folder / (RAM_STATE + ".partial")
+        if boot_meta.get("share"):
+            _unmount_share(boot_meta, name)
         try:
             save_ram(Path(boot_meta["sockets"]["qmp"]), partial, timeout=timeout)
         except BaseException:

@@ -99,10 +99,22 @@ def live_state(boot: dict[str, Any]) -> str:
     from kodepipe import qemu
 
     if qemu.is_alive(boot):
-        return "suspended" if boot.get("paused") else "running"
+        return "suspended" if _paused(boot) else "running"
     if boot.get("boot_id") == qemu.boot_id():
         return "crashed"
     return "stopped"  # the host rebooted since: nothing crashed, nothing runs
+
+
+def _paused(boot: dict[str, Any]) -> bool:
+    """Asks QEMU itself (someone may have used the monitor directly); kodepipe's own
+    record answers when the monitor is busy with another client."""
+    from kodepipe.qmp import Monitor
+
+    try:
+        with Monitor(Path(boot["sockets"]["qmp"]), timeout=0.5) as monitor:
+            return monitor.status() in ("paused", "suspended")
+    except (KpError, KeyError, OSError):
+        return bool(boot.get("paused"))
 
 
 def _base_problem(store: Store, meta: dict[str, Any]) -> str | None:

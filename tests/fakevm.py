@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kodepipe import paths, qemu
+from tests.conftest import make_image
 
 
 def state() -> Path:
@@ -88,6 +89,11 @@ def make_vm(name: str, *, running: bool = True) -> FakeVM:
     if running:
         meta["boot"] = {"pid": process.pid, "boot_id": "x", "net": "user", "sockets": sockets,
                         "serial_log": str(folder / "serial.log"), "ssh": None}
+    else:
+        # a stopped VM is only "stopped" (not "broken") with its base image and disk in place
+        if not (state() / "images" / "base").is_dir():
+            make_image("base")
+        (folder / "disk.qcow2").write_bytes(b"")
     vm = FakeVM(name, folder, process, meta)
     vm.write()
     return vm
@@ -164,6 +170,9 @@ class SSHServer(paramiko.ServerInterface):  # type: ignore[misc]
         return True
 
     def _exec(self, channel: paramiko.Channel, command: str) -> None:
+        # kp-ssh sends EOF once its exec request is answered; a close before that answer would
+        # reach it first (paramiko replies after this handler returns), which no real sshd does
+        wait_for(lambda: channel.eof_received)
         proc = subprocess.run(["sh", "-c", command], capture_output=True, stdin=subprocess.DEVNULL, check=False)
         channel.sendall(proc.stdout)
         channel.sendall_stderr(proc.stderr)
@@ -213,3 +222,10 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.02)
+
+
+def wait_raw(tty: int) -> None:
+    """Wait until the program on ``tty`` has put it in raw mode (what is typed before that is cooked)."""
+    import termios
+
+    wait_for(lambda: not termios.tcgetattr(tty)[3] & termios.ECHO)

@@ -38,7 +38,7 @@ def test_verdicts(probes: list[accel.Probe], status: int | None, seconds: float,
 
 def test_the_answer_is_cached_for_the_host_boot(probes: list[accel.Probe], monkeypatch: pytest.MonkeyPatch,
                                                kp_env: dict[str, Path]) -> None:
-    probes.append(accel.Probe(None, 5.0, ""))
+    probes.append(accel.Probe(None, 3.0, ""))
     first = accel.kvm_works()
     assert accel.kvm_works() == (False, f"{first[1]} (cached since the host booted)")  # no second probe
     assert json.loads((kp_env["runtime"] / accel.CACHE).read_text())["boot_id"] == "boot-1"
@@ -66,7 +66,7 @@ def test_no_device_means_no_probe(probes: list[accel.Probe], monkeypatch: pytest
 @pytest.mark.parametrize(("requested", "kvm", "expected"), [
     ("tcg", None, ("tcg", "requested")),
     ("auto", accel.Probe(3, 0.1, ""), ("kvm", "KVM ran a test guest in 0.10 s")),
-    ("auto", accel.Probe(None, 5.0, ""), ("tcg", "KVM is present but a test guest did not run within 5 s")),
+    ("auto", accel.Probe(None, 3.0, ""), ("tcg", "KVM is present but a test guest did not run within 3 s")),
     ("kvm", accel.Probe(3, 0.1, ""), ("kvm", "requested")),
 ])
 def test_choose(probes: list[accel.Probe], requested: str, kvm: accel.Probe | None,
@@ -79,11 +79,11 @@ def test_choose(probes: list[accel.Probe], requested: str, kvm: accel.Probe | No
 
 
 def test_choose_kvm_when_it_does_not_work(probes: list[accel.Probe]) -> None:
-    probes.append(accel.Probe(None, 5.0, ""))
+    probes.append(accel.Probe(None, 3.0, ""))
     with pytest.raises(KpError) as info:
         accel.choose("kvm")
     assert info.value.code == "kvm_unusable"
-    assert "did not run within 5 s" in info.value.message and "--accel tcg" in info.value.message
+    assert "did not run within 3 s" in info.value.message and "--accel tcg" in info.value.message
 
 
 def test_choose_rejects_other_names(probes: list[accel.Probe]) -> None:

@@ -24,7 +24,7 @@ from kodepipe import ssh
 from kodepipe.sshkeys import own_key
 from tests.cli import invoke
 from tests.conftest import BIN
-from tests.fakevm import FakeVM, SSHServer, ed25519_key, ed25519_pem, make_vm, public_line, serve
+from tests.fakevm import FakeVM, SSHServer, ed25519_key, ed25519_pem, make_vm, public_line, serve, wait_raw
 
 
 @pytest.fixture
@@ -220,6 +220,7 @@ def test_interactive_shell_on_a_pty_relays_and_exits_with_the_shell_status(vm: F
     proc = subprocess.Popen([str(BIN / "kp-ssh"), "s1"], stdin=follower, stdout=follower, stderr=follower,
                             env=env, start_new_session=True)
     seen = _read_until(leader, b"fake shell ready")
+    wait_raw(follower)
     os.write(leader, b"echo hi\r")
     seen += _read_until(leader, b"echo hi")
     _set_size(follower, 40, 120)

@@ -22,7 +22,10 @@ from kodepipe.commands import options, vmargs
                    "none: no NIC at all; bridge:BR: a tap on host bridge BR for a routable address (root).")
 @click.option("--share", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="One host directory shared read-write into the guest (9p, tag 'workspace'; mounted at "
-                   "/workspace by kp-ip). Nothing else of the host is visible.")
+                   "/workspace by kp-ip). Nothing else of the host is visible. The guest sees the host's owners "
+                   "and modes (its user is uid 1000); what it creates is owned on the host by the user running "
+                   "kp-boot, with the guest's owner and mode kept in extended attributes, so a guest can never "
+                   "plant a setuid file on the host.")
 @options.quiet
 def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, share: Path | None,
         quiet: bool) -> int:

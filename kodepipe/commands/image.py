@@ -145,8 +145,8 @@ def warm(name: str, memory: str, cpus: int, accel: str, timeout: float, force: b
     Examples:
       kp-image warm base && kp-clone base proj | kp-boot | kp-ip | kp-ssh -- uptime
     """
-    from kodepipe import accel as accelerator
     from kodepipe import proc, qemu
+    from kodepipe.accel import choose
     from kodepipe.errors import BadInput, KpError
     from kodepipe.state import Store
     from kodepipe.warm import make_warm
@@ -159,7 +159,7 @@ def warm(name: str, memory: str, cpus: int, accel: str, timeout: float, force: b
     proc.require(qemu.QEMU)
     out = kpcli.Output("kp-image", verbose=verbose, quiet=quiet)
     try:
-        record = make_warm(Store(), name, memory=memory, cpus=cpus, accel=accelerator.choose(accel),
+        record = make_warm(Store(), name, memory=memory, cpus=cpus, accel=choose(accel),
                            timeout=timeout, force=force, progress=out.progress)
     except KpError as exc:
         out.fail({"kind": "image", "name": name}, exc)

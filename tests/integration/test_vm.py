@@ -34,23 +34,37 @@ def ssh(env: dict[str, str], name: str, *command: str) -> dict[str, Any]:
 
 
 def qemu_processes(name: str) -> list[int]:
+    """Live QEMU processes of VM ``name`` (a zombie has exited: only its parent's wait() is missing,
+    and QEMU's parent is whatever reaps orphans on this machine)."""
     found = []
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == f"kp-{name}"[:15]:
-                    found.append(int(pid))
+                stat = Path(f"/proc/{pid}/stat").read_text()
             except OSError:
-                pass
+                continue
+            comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+            if comm == f"kp-{name}"[:15] and state != "Z":
+                found.append(int(pid))
     return found
 
 
 @pytest.fixture(scope="module")
-def pair(golden: dict[str, Any]) -> Any:
-    """vm-a and vm-b, cloned, booted and addressed in one pipeline, side by side."""
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("shared")
+    (folder / "from-host.txt").write_text("hello from the host\n")
+    # a developer's checkout: owned by the first normal user, as the guest's user is
+    for path in (folder, folder / "from-host.txt"):
+        os.chown(path, 1000, 1000)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair(golden: dict[str, Any], shared: Path) -> Any:
+    """vm-a and vm-b, cloned, booted and addressed in one pipeline, side by side, sharing one folder."""
     env = golden["env"]
     started = time.monotonic()
-    pipeline = f"{BIN}/kp-clone base vm-a vm-b | {BIN}/kp-boot | {BIN}/kp-ip --timeout 400"
+    pipeline = f"{BIN}/kp-clone base vm-a vm-b | {BIN}/kp-boot --share {shared} | {BIN}/kp-ip --timeout 400"
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], env=env, capture_output=True, timeout=900)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     records = {r["name"]: r for r in lines(proc.stdout)}
@@ -78,6 +92,18 @@ def test_two_clones_have_their_own_identity(pair: Any) -> None:
     assert records["vm-a"]["host_key"] != records["vm-b"]["host_key"]
     assert records["vm-a"]["ssh"]["port"] != records["vm-b"]["ssh"]["port"]
     assert records["vm-a"]["mac"] != records["vm-b"]["mac"]
+
+
+def test_the_shared_folder_and_nothing_else_of_the_host(pair: Any, shared: Path) -> None:
+    env, _, _ = pair
+    result = ssh(env, "vm-a", "sh", "-c", "cat /workspace/from-host.txt && echo written > /workspace/from-guest.txt"
+                 " && findmnt -n -o FSTYPE /workspace && ls /workspace")
+    assert result["exit_status"] == 0, result["stderr"]
+    assert result["stdout"].splitlines()[:2] == ["hello from the host", "9p"]
+    assert (shared / "from-guest.txt").read_text() == "written\n"
+    # only the one folder: the host's root and home are not mounted anywhere in the guest
+    mounts = ssh(env, "vm-a", "findmnt", "-n", "-t", "9p,virtiofs", "-o", "SOURCE")["stdout"].split()
+    assert mounts == ["workspace"]
 
 
 def test_ls_and_a_second_boot_see_the_running_vm(pair: Any) -> None:
@@ -139,10 +165,10 @@ def test_kp_ip_times_out_with_the_serial_console(golden: dict[str, Any]) -> None
     one(run(env, "kp-clone", "base", "slow"))
     try:
         one(run(env, "kp-boot", "slow"))
-        proc = run(env, "kp-ip", "slow", "--timeout", "3")
+        proc = run(env, "kp-ip", "slow", "--timeout", "12")
         assert proc.returncode == 75
         message = lines(proc.stdout)[0]["error"]["message"]
-        assert "did not answer within 3 s" in message and "serial console" in message
+        assert "did not answer within 12 s" in message and "serial console" in message
         assert "Linux version" in message or "[    " in message  # the kernel's own lines
     finally:
         run(env, "kp-rm", "slow")
@@ -206,3 +232,41 @@ def test_boot_of_a_clone_whose_base_is_gone_fails_clearly(tmp_path: Path, golden
     proc = run(env, "kp-boot", "orphan")
     assert proc.returncode == 1
     assert "base image tiny is gone" in lines(proc.stdout)[0]["error"]["message"]
+
+
+def test_bridge_networking_in_a_test_namespace(golden: dict[str, Any], tmp_path: Path) -> None:
+    """A routable guest address on a bridge with DHCP, all inside a network namespace the test makes
+    (the bridge, dnsmasq, QEMU's tap, SSH); the tap goes with the VM."""
+    env = golden["env"]
+    ns = f"kpt{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        def inside(*argv: str, **kw: Any) -> subprocess.CompletedProcess[bytes]:
+            return subprocess.run(["ip", "netns", "exec", ns, *argv], env=env, capture_output=True, **kw)
+
+        for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "link", "add", "kpbr0", "type", "bridge"],
+                    ["ip", "addr", "add", "10.77.0.1/24", "dev", "kpbr0"], ["ip", "link", "set", "kpbr0", "up"]):
+            assert inside(*cmd).returncode == 0
+        dnsmasq = subprocess.Popen(["ip", "netns", "exec", ns, "dnsmasq", "--keep-in-foreground", "--port=0",
+                                    "--interface=kpbr0", "--bind-interfaces", "--dhcp-range=10.77.0.50,10.77.0.99",
+                                    f"--dhcp-leasefile={tmp_path}/leases", f"--pid-file={tmp_path}/dnsmasq.pid"])
+        try:
+            one(run(env, "kp-clone", "base", "--cold", "br-1"))
+            pipeline = (f"{BIN}/kp-boot --net bridge:kpbr0 br-1 | {BIN}/kp-ip --timeout 400 | "
+                        f"{BIN}/kp-ssh -- ip -4 -br addr")
+            proc = inside("bash", "-o", "pipefail", "-c", pipeline, timeout=900)
+            assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+            vm, result = lines(proc.stdout)
+            assert vm["address"].startswith("10.77.0.") and vm["ssh"] == {"host": vm["address"], "port": 22,
+                                                                          "user": "kp"}
+            assert vm["address"] in result["stdout"]
+            tap = vm["tap"]
+            assert inside("ip", "link", "show", tap).returncode == 0
+            assert inside(str(BIN / "kp-rm"), "br-1").returncode == 0
+            assert inside("ip", "link", "show", tap).returncode != 0
+        finally:
+            dnsmasq.terminate()
+            dnsmasq.wait(timeout=10)
+            run(env, "kp-rm", "br-1")
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
