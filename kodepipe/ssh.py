@@ -9,6 +9,7 @@ imported inside functions only: it takes a quarter of a second to load.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import select
 import time
@@ -111,6 +112,10 @@ def connect(ep: Endpoint, key: Any, *, timeout: float) -> Any:
                           hint=f"if the VM rebooted, run kp-ip {ep.name} again: it learns the key from the guest "
                                "agent")
 
+    # paramiko's transport thread logs each failed attempt with a traceback; we report the outcome
+    quiet = logging.getLogger("paramiko")
+    if not quiet.handlers:
+        quiet.addHandler(logging.NullHandler())
     deadline = time.monotonic() + timeout
     while True:
         client = paramiko.SSHClient()

@@ -171,6 +171,38 @@ def test_connection_refused_is_retried_until_the_timeout_then_75() -> None:
     assert 0.9 < time.monotonic() - started < 5
 
 
+def test_a_port_that_closes_before_the_banner_is_retried_quietly() -> None:
+    """QEMU's user-mode network accepts the connection and then drops it while the guest's sshd is down."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[int] = []
+
+    def drop() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            conn.close()
+
+    threading.Thread(target=drop, daemon=True).start()
+    made = make_vm("s1")
+    try:
+        made.set_ssh(listener.getsockname()[1], ed25519_key())
+        # in a process of its own: pytest's log capture would hide paramiko's tracebacks
+        proc = subprocess.run([str(BIN / "kp-ssh"), "--timeout", "1.5", "s1", "--", "true"],
+                              capture_output=True, text=True, timeout=30)
+    finally:
+        listener.close()
+        made.stop()
+    assert proc.returncode == 75
+    assert len(accepted) >= 2  # retried
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "did not accept a connection within 1.5 s" in proc.stderr
+
+
 def test_a_server_that_comes_up_late_is_reached(server: SSHServer) -> None:
     port = free_port()
     made = make_vm("s1")

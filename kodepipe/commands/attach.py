@@ -50,6 +50,9 @@ def cli(name: str, show_log: bool, follow: bool, idle: float) -> int:
     state = record.get("state")
     if state not in ("running", "suspended"):
         raise KpError(f"{name} is not running (it is {state})", code="not_running", hint=f"kp-boot {name}")
+    if _console_busy(record):
+        raise KpError(f"another client is attached to {name}'s serial console, and QEMU serves one at a time",
+                      code="console_busy", hint="detach it first (Ctrl-] there)")
     console = _connect(name, record)
     with console:
         if sys.stdin.isatty() and sys.stdout.isatty():
@@ -64,6 +67,23 @@ def _current(name: str) -> dict[str, Any]:
     store = Store()
     runtime.vm_meta(store, name, None)  # there is no such VM: a clear error
     return vms.view(store, name)
+
+
+def _console_busy(record: dict[str, Any]) -> bool:
+    """True when QEMU says its serial socket has a client already: a second one would be queued
+    unheard, and what it typed would reach the guest later.  Best effort: False when unsure."""
+    from kodepipe.errors import KpError
+    from kodepipe.qmp import Monitor
+
+    try:
+        with Monitor(Path(record["sockets"]["qmp"]), timeout=1.0) as monitor:
+            devices = monitor.execute("query-chardev")
+    except (KpError, OSError, KeyError, TypeError):
+        return False  # a busy or slow monitor must not keep anyone from the console
+    for device in devices if isinstance(devices, list) else []:
+        if isinstance(device, dict) and device.get("label") == "ser0":  # the id kp-boot gives it
+            return not str(device.get("filename", "")).startswith("disconnected:")
+    return False
 
 
 def _connect(name: str, record: dict[str, Any]) -> Any:
@@ -135,7 +155,10 @@ def _print_log(name: str, record: dict[str, Any], follow: bool) -> int:
                     return 0  # a last read after the VM stopped caught its final words
                 if time.monotonic() - last_check > 1.0:
                     last_check = time.monotonic()
-                    stopped = _current(name).get("state") not in ("running", "suspended")
+                    try:
+                        stopped = _current(name).get("state") not in ("running", "suspended")
+                    except KpError:
+                        stopped = True  # removed meanwhile
                     continue
                 time.sleep(0.2)
     except BrokenPipeError:
