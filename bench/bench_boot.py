@@ -31,7 +31,9 @@ from kodepipe.accel import choose
 from kodepipe.qmp import Monitor
 from kodepipe.state import Store
 
-BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+# the installed commands when the venv has them all, else the checkout's bin/
+BIN = Path(sys.executable).parent if (Path(sys.executable).parent / "kp-ip").exists() else ROOT / "bin"
 
 
 def kp_pipeline(name: str, image: str, cold: bool) -> float:
