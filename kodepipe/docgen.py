@@ -219,6 +219,145 @@ def contract_page() -> str:
                                         env=_environment(), see_also=see_also)
 
 
+EVENTS = r"""
+.TH KODEPIPE\-EVENTS 7 "{date}" "kodepipe {version}" "kodepipe manual"
+.SH NAME
+kodepipe\-events \- the system\-call event records that kp\-trace writes (schema {schema})
+.SH DESCRIPTION
+\fBkp\-trace\fR(1) turns strace's text output into one JSON object per
+system call, signal, exit and tracer message, in the order strace completed
+them.  Every event has \fBkind\fR "event" and \fBschema\fR {schema}; the
+number changes only when a key changes meaning or disappears (new keys may
+be added without a new number).  The capture side runs
+.PP
+.nf
+  strace {flags} \-o FILE
+.fi
+.PP
+and kp\-trace also reads \fB\-tt\fR timestamps, no timestamps, and strace's
+terminal format (\fB[pid N]\fR prefixes, lines cut by its own messages).
+.SH KEYS OF EVERY EVENT
+.TP
+.B type
+\fBexec\fR, \fBfile\fR, \fBnet\fR, \fBprocess\fR, \fBsignal\fR, \fBexit\fR,
+\fBsyscall\fR (any other call), \fBattach\fR, \fBdetach\fR, \fBtracer\fR
+(another strace message) or \fBparse_error\fR.
+.TP
+.B line
+the line of the trace where the event starts (an unfinished call's first line).
+.TP
+.B ts
+seconds since the epoch (\fB\-ttt\fR) or since midnight (\fB\-tt\fR); null
+without timestamps.  An unfinished call has the time it started.
+.TP
+.B pid, tid, ppid
+the process (thread group) id, the thread id strace printed, and the parent
+process; null when the trace does not show them (a process that was running
+before the trace began has no known parent).
+.TP
+.B exe, exec_id
+the program the process runs (null until it is seen to exec), and a number,
+unique in the trace, that changes when a process is created or execs:
+events with the same \fBexec_id\fR come from one program run, even if the
+pid was reused.
+.TP
+.B denied
+true for a call that failed with EACCES or EPERM, and for a SIGSYS sent by a
+seccomp filter (then \fBseccomp\fR is true and \fBsyscall\fR names the call).
+.SH KEYS OF SYSTEM CALLS
+.TP
+.B syscall, args, ret
+the call's name, its arguments as strace printed them (a list of strings,
+split at top\-level commas; strings keep their quotes and escapes), and its
+raw return value with any fd decoration (\fB"3</etc/passwd>"\fR).
+.TP
+.B outcome, errno, duration
+\fBok\fR, \fBerror\fR (with \fBerrno\fR such as \fB"ENOENT"\fR),
+\fBinterrupted\fR (\fB= ? ERESTART...\fR), \fBunknown\fR (\fB= ?\fR, as for
+exit_group), \fBunfinished\fR (never returned: its thread died or the trace
+ended) or \fBdetached\fR; \fBduration\fR is the time in the call (\fB\-T\fR),
+in seconds, or null.
+.SH KEYS BY TYPE
+.TP
+.B exec
+\fBpath\fR, \fBargv\fR (decoded strings), \fBargv_truncated\fR; on success
+\fBexe\fR and \fBexec_id\fR are already the new program's.
+.TP
+.B file
+\fBop\fR (open, read, write, stat, access, readlink, unlink, rmdir, rename,
+link, symlink, mkdir, mknod, chmod, chown, truncate, chdir, chroot, utime,
+xattr, mount), \fBpath\fR (absolute when strace's decorations or the
+process's known working directory allow), \fBfd\fR, and \fBtarget\fR
+(rename, link, symlink).  Opens add \fBflags\fR, \fBwrite\fR (true for
+O_WRONLY, O_RDWR, O_CREAT, O_TRUNC, O_APPEND or creat) and \fBresolved\fR
+(the kernel's name for what was opened).  Reads and writes add \fBbytes\fR;
+on pipes, sockets and anonymous inodes they are type \fBsyscall\fR.
+.TP
+.B net
+\fBop\fR (socket, socketpair, connect, bind, listen, accept, sendto, sendmsg,
+recvfrom, recvmsg, shutdown), \fBfd\fR, \fBsocket\fR (strace's decoration:
+\fB"TCP:[127.0.0.1:40000->127.0.0.1:5555]"\fR), \fBaddress\fR:
+\fB{{"family": "AF_INET", "address": "127.0.0.1", "port": 9}}\fR, or
+\fB{{"family": "AF_UNIX", "path": ...}}\fR (abstract names start with @), or
+\fB{{"family": ..., "raw": ...}}\fR.  socket adds \fBfamily\fR; accept adds
+\fBpeer_fd\fR and \fBpeer_socket\fR.
+.TP
+.B process
+\fBop\fR: fork or clone (\fBchild\fR, \fBthread\fR), kill (\fBtarget\fR,
+\fBsignal\fR), exit (\fBcode\fR), wait, ptrace, setuid, setgid, prctl,
+seccomp, unshare, setns.
+.TP
+.B signal
+\fBsignal\fR, \fBinfo\fR (the siginfo fields), \fBstopped\fR (a stop by
+SIGSTOP/SIGTSTP).
+.TP
+.B exit
+\fBcode\fR, or \fBsignal\fR and \fBcore_dumped\fR; \fBthread\fR is true when
+a thread other than the leader ended.  \fBsuperseded_by\fR names the thread
+whose execve replaced the process (strace's "superseded by execve" line).
+.TP
+.B attach, detach, tracer
+\fBmessage\fR, strace's own words.
+.TP
+.B parse_error
+\fBraw\fR, the whole line, and \fBreason\fR.  No line is ever dropped.
+.PP
+When kp\-trace reads container records, each event also has
+\fBcontainer\fR, the record's name.
+.SH SUMMARIES
+\fBkp\-trace \-\-summary\fR writes records of kind \fBsummary\fR with
+\fBitem\fR \fBfile_written\fR (\fBpath\fR, \fBops\fR), \fBfile_read\fR
+(\fBpath\fR, \fBcount\fR), \fBexec\fR (\fBpath\fR, \fBargv\fR, \fBpid\fR,
+\fBexit_code\fR or \fBsignal\fR; both null when the program exec'd another),
+\fBnet\fR (\fBop\fR, \fBaddress\fR, \fBcount\fR, \fBoutcomes\fR),
+\fBdenied\fR, and one \fBtotals\fR.
+.SH WHAT A CAPTURE MODE CANNOT SEE
+{blind}
+.SH EXAMPLES
+.nf
+  kp\-trace \-\- make | jq \-c 'select(.type=="net")'
+  kp\-trace < log | jq \-r 'select(.type=="file" and .write).path'
+  kp\-trace < log | jq 'select(.denied)'
+.fi
+.SH EXIT STATUS
+{exits}
+.SH SEE ALSO
+\fBkp\-trace\fR(1), \fBkodepipe\fR(7), \fBstrace\fR(1), \fBjq\fR(1)
+"""
+
+
+def events_page() -> str:
+    from kodepipe import strace
+
+    blind = "\n".join(f".TP\n.B {mode}\n" + "\n".join(f".br\n{esc(line)}" if i else esc(line)
+                                                        for i, line in enumerate(lines))
+                      for mode, lines in strace.BLIND.items())
+    blind += "\n.PP\n" + esc(strace.ATTACHED_NOTE[:1].upper() + strace.ATTACHED_NOTE[1:]) + "."
+    return EVENTS.lstrip("\n").format(date=DATE, version=__version__, schema=strace.SCHEMA,
+                                      flags=esc(" ".join(strace.CAPTURE_FLAGS)), blind=blind,
+                                      exits=_exit_statuses())
+
+
 def completion(prog: str, command: click.Command, shell: str) -> str:
     var = "_{}_COMPLETE".format(prog.replace("-", "_").upper())
     cls = get_completion_class(shell)
@@ -242,6 +381,7 @@ def generate(root: Path) -> list[Path]:
         for shell, pattern in SHELLS.items():
             put(root / "completions" / shell / pattern.format(prog=prog), completion(prog, command, shell))
     put(root / "man" / "man7" / "kodepipe.7", contract_page())
+    put(root / "man" / "man7" / "kodepipe-events.7", events_page())
     return written
 
 

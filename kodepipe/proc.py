@@ -111,7 +111,8 @@ def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path |
 
 
 def spawn(argv: Sequence[str | Path], *, stdout: int | IO[Any] | None = subprocess.DEVNULL,
-          stderr: int | IO[Any] | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+          stderr: int | IO[Any] | None = subprocess.DEVNULL,
+          stdin: int | IO[Any] | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
     """Start a program and return at once; the caller must wait for it or kill it.
 
     For a child whose fate is decided by a clock (a probe that may hang):
@@ -119,5 +120,5 @@ def spawn(argv: Sequence[str | Path], *, stdout: int | IO[Any] | None = subproce
     """
     args = [str(a) for a in argv]
     args[0] = require(args[0])
-    return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+    return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr,
                             preexec_fn=partial(_die_with_parent, os.getpid()))

@@ -13,4 +13,5 @@ COMMANDS = {
     "kp-ssh": "kodepipe.commands.ssh",
     "kp-attach": "kodepipe.commands.attach",
     "kp-rm": "kodepipe.commands.rm",
+    "kp-trace": "kodepipe.commands.trace",
 }
