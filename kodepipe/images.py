@@ -24,17 +24,10 @@ INITRD = "initrd.img"
 
 def view(store: Store, name: str) -> Record:
     """The image record for ``name``: its metadata plus the state checked now."""
-    folder = store.folder("image", name)
-    record: Record = {"kind": "image", "name": name}
-    try:
-        meta = store.read_meta(folder)
-    except KpError as exc:
-        return {**record, "state": "broken", "problem": exc.message, "path": str(folder)}
+    record, meta = store.record_base("image", name)
     if meta is None:
-        return {**record, "state": "broken", "problem": "no metadata: creation was interrupted",
-                "path": str(folder)}
-    record.update(meta)
-    record["kind"], record["name"], record["path"] = "image", name, str(folder)
+        return record
+    folder = store.folder("image", name)
     for key in ("disk", "kernel", "initrd"):
         if isinstance(meta.get(key), str):
             record[key] = str(folder / meta[key])
@@ -52,15 +45,8 @@ def view(store: Store, name: str) -> Record:
 
 def clones_of(store: Store, name: str, image_id: str | None) -> list[str]:
     """Names of VMs whose disk is an overlay on this image."""
-    found = []
-    for vm in store.names("vm"):
-        try:
-            meta = store.read_meta(store.folder("vm", vm))
-        except KpError:
-            continue
-        if meta and meta.get("base") == name and (image_id is None or meta.get("base_id") == image_id):
-            found.append(vm)
-    return found
+    return [vm for vm, meta in store.metas("vm")
+            if meta.get("base") == name and (image_id is None or meta.get("base_id") == image_id)]
 
 
 def build(store: Store, name: str, spec: BuildSpec, progress: Callable[[str], None]) -> Record:

@@ -170,6 +170,35 @@ class Store:
             raise KpError(f"{folder / META} is corrupt (not an object)")
         return meta
 
+    def metas(self, kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(name, metadata) of every readable entry of ``kind``."""
+        for name in self.names(kind):
+            try:
+                meta = self.read_meta(self.folder(kind, name))
+            except KpError:
+                continue
+            if meta is not None:
+                yield name, meta
+
+    def record_base(self, kind: str, name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The start of a record view: metadata laid over kind, name and path.
+
+        Returns the metadata too, or None when it is missing or unreadable;
+        the record then already says "broken" and why.
+        """
+        folder = self.folder(kind, name)
+        record: dict[str, Any] = {"kind": kind, "name": name}
+        try:
+            meta = self.read_meta(folder)
+        except KpError as exc:
+            return {**record, "state": "broken", "problem": exc.message, "path": str(folder)}, None
+        if meta is None:
+            return {**record, "state": "broken", "problem": "no metadata: creation was interrupted",
+                    "path": str(folder)}, None
+        record.update(meta)
+        record["kind"], record["name"], record["path"] = kind, name, str(folder)
+        return record, meta
+
     def write_meta(self, folder: Path, meta: dict[str, Any]) -> None:
         write_atomic(folder / META, orjson.dumps(meta, option=orjson.OPT_INDENT_2) + b"\n")
 

@@ -59,17 +59,10 @@ def clone(store: Store, base: str, name: str, *, base_id: str | None = None, col
 
 def view(store: Store, name: str) -> Record:
     """The vm record for ``name``, with its state checked now."""
-    folder = store.folder("vm", name)
-    record: Record = {"kind": "vm", "name": name}
-    try:
-        meta = store.read_meta(folder)
-    except KpError as exc:
-        return {**record, "state": "broken", "problem": exc.message, "path": str(folder)}
+    record, meta = store.record_base("vm", name)
     if meta is None:
-        return {**record, "state": "broken", "problem": "no metadata: creation was interrupted",
-                "path": str(folder)}
-    record.update(meta)
-    record["kind"], record["name"], record["path"] = "vm", name, str(folder)
+        return record
+    folder = store.folder("vm", name)
     if isinstance(meta.get("disk"), str):
         record["disk"] = str(folder / meta["disk"])
     if meta.get("state") == "creating":

@@ -25,15 +25,7 @@ WARM_STATE = "warm.state"
 
 
 def warm_clones(store: Store, name: str, warm_id: str) -> list[str]:
-    found = []
-    for vm in store.names("vm"):
-        try:
-            meta = store.read_meta(store.folder("vm", vm))
-        except KpError:
-            continue
-        if meta and meta.get("base") == name and meta.get("warm_id") == warm_id:
-            found.append(vm)
-    return found
+    return [vm for vm, meta in store.metas("vm") if meta.get("base") == name and meta.get("warm_id") == warm_id]
 
 
 def make_warm(store: Store, name: str, *, memory: str, cpus: int, accel: tuple[str, str], timeout: float,
