@@ -85,6 +85,34 @@ _SPLIT = re.compile(r'(?:[^()\[\]{},"</]++|"[^"\\]*+(?:\\.[^"\\]*+)*+"'
                     r"|<[^<>-]*+(?:(?:->(?=[\w\[])|-|<[^<>]*+>)[^<>-]*+)*+>"
                     r"|/\*.*?\*/|[</])*+([()\[\]{},])")
 _RET_RE = re.compile(rf"\s*=\s{_RET}")
+
+# The fast path matches a whole call, arguments and return value, with one
+# regular expression and takes the arguments from its groups: no Python loop
+# per comma.  Its tokens are _SPLIT's (same strings, decorations, comments,
+# lone < and /), each atomic so the match is the one split_args would make;
+# brackets nest up to _FAST_DEPTH deep; more than _FAST_ARGS arguments or an
+# empty one ("a, , b" or "a, )") do not match: such lines go to split_args,
+# whose answer this must always equal (an argument is everything between two
+# top-level commas, stripped: here it starts and ends with a token, never with
+# a space).  tests/test_strace.py checks the two agree on mangled lines.
+_FAST_DEPTH = 6
+_OPAQUE = (r'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+           r"|<[^<>-]*+(?:(?:->(?=[\w\[])|-|<[^<>]*+>)[^<>-]*+)*+>"
+           r"|/\*.*?\*/|[</]")
+_NESTED = r"[(\[{](?>[^()\[\]{}\"</]++|" + _OPAQUE + r")*+[)\]}]"
+for _ in range(_FAST_DEPTH - 1):
+    _NESTED = r"[(\[{](?>[^()\[\]{}\"</]++|" + _OPAQUE + "|" + _NESTED + r")*+[)\]}]"
+_UNIT = r"(?>[^\s()\[\]{},\"</]++|" + _OPAQUE + "|" + _NESTED + ")"
+_ARG = _UNIT + r"(?:\s*+" + _UNIT + ")*+"
+_FAST_ARGS = 6  # system calls take at most six: groups 1-6 of _FAST_TAIL (4-9 of _FAST_LINE), None when absent
+_FAST_LIST = ""
+for _ in range(_FAST_ARGS - 1):
+    _FAST_LIST = rf"(?:\s*+,\s*+({_ARG}){_FAST_LIST})?"
+_FAST_TAIL = re.compile(rf"\s*+(?:({_ARG}){_FAST_LIST})?\s*+\)\s*=\s{_RET}")
+# a whole line: tid, time, name, then _FAST_TAIL's groups
+_FAST_LINE = re.compile(r"(\d+) +(\d+\.\d+) ([a-z_][a-z0-9_]*)\(" + _FAST_TAIL.pattern)
+_UNFINISHED_LEN = len(" <unfinished ...>")
+_RESUMED_LINE = re.compile(r"(\d+) +(\d+\.\d+) <\.\.\. ([a-z_][a-z0-9_]*) resumed> ?")
 _COMMON = re.compile(r"(\d+) +(\d+\.\d+) ([a-z_][a-z0-9_]*)\(")
 _NAME = re.compile(r"([a-z_][a-z0-9_]*)\(")
 _RESUMED = re.compile(r"<\.\.\. ([a-z_][a-z0-9_]*) resumed> ?")
@@ -267,6 +295,9 @@ _PROC_OPS = {"fork": "fork", "vfork": "fork", "clone": "clone", "clone3": "clone
              "waitid": "wait", "ptrace": "ptrace", "setuid": "setuid", "setgid": "setgid",
              "setresuid": "setuid", "setresgid": "setgid", "prctl": "prctl", "seccomp": "seccomp",
              "unshare": "unshare", "setns": "setns"}
+# syscall -> event type, for those that are not plain "syscall" events
+_KINDS: dict[str, str] = {**dict.fromkeys(_PROC_OPS, "process"), **dict.fromkeys(("execve", "execveat"), "exec"),
+                          **dict.fromkeys(_NET_OPS, "net"), **dict.fromkeys(_FILE_OPS, "file")}
 _CLONES = frozenset(("fork", "vfork", "clone", "clone3"))
 _EXECS = frozenset(("execve", "execveat"))
 _DENIED = frozenset(("EACCES", "EPERM"))
@@ -401,15 +432,34 @@ class Parser:
         self.lineno += 1
         self.raw = line = line.rstrip("\r\n")
         try:
-            # fast path: "PID TIME name(args) = ret <dur>", what kp-trace captures
-            m = _COMMON.match(line)
-            if m is not None and self.cut is None and not line.endswith(_UNFINISHED):
-                args, end = split_args(line, m.end())
-                if end > 0:
-                    r = _RET_RE.fullmatch(line, end)
-                    if r is not None:
+            if self.cut is None:
+                # fast paths: "PID TIME name(args) = ret <dur>", what kp-trace
+                # captures, and the two halves of such a call cut by another thread
+                if line.endswith(_UNFINISHED):
+                    m = _COMMON.match(line)
+                    if m is not None:
                         tid = int(m.group(1))
-                        return self._complete(m.group(3), args, r, tid, float(m.group(2)), self.lineno)
+                        self._proc(tid)  # a child's first line may be unfinished
+                        self.pending[tid] = _Pending(m.group(3), line[m.end():-_UNFINISHED_LEN],
+                                                     float(m.group(2)), self.lineno)
+                        return []
+                else:
+                    c = _FAST_LINE.fullmatch(line)
+                    if c is not None:
+                        g = c.groups()
+                        return [self._event(g[2], list(filter(None, g[3:9])), g[9], g[10], g[11], g[14],
+                                            int(g[0]), float(g[1]), self.lineno)]
+                    r = _RESUMED_LINE.match(line)
+                    if r is not None:
+                        return self._resumed(r.group(3), line[r.end():], int(r.group(1)), float(r.group(2)))
+                    m = _COMMON.match(line)
+                    if m is not None:
+                        args, end = split_args(line, m.end())
+                        r = _RET_RE.fullmatch(line, end) if end > 0 else None
+                        if r is not None:
+                            value, deco, errno, _errmsg, _comment, dur = r.groups()
+                            return [self._event(m.group(3), args, value, deco, errno, dur, int(m.group(1)),
+                                                float(m.group(2)), self.lineno)]
             if not line.strip():
                 return []
             return self._line(line)
@@ -472,7 +522,8 @@ class Parser:
         if end > 0:
             r = _RET_RE.fullmatch(body, end)
             if r is not None:
-                return self._complete(name, args, r, tid, ts, line)
+                value, deco, errno, _errmsg, _comment, dur = r.groups()
+                return [self._event(name, args, value, deco, errno, dur, tid, ts, line)]
             return [self._error(body, "unreadable return value", tid, ts)]
         cut = body.find("strace: Process ")
         if cut > 0:  # strace on a terminal: its message cut this line; the rest follows
@@ -480,7 +531,7 @@ class Parser:
             return self._tracer(body[cut:], ts, body[cut:])
         if body.endswith(_DETACHED):
             args, _ = split_args(body[:-len(_DETACHED)], i + 1)
-            return [self._event(name, args, "", "detached", None, None, tid, ts, line)]
+            return [self._event(name, args, "", None, None, None, tid, ts, line, "detached")]
         return [self._error(body, "no closing parenthesis", tid, ts)]
 
     def _resumed(self, name: str, rest: str, tid: int | None, ts: float | None) -> list[Event]:
@@ -491,48 +542,46 @@ class Parser:
         if pending is None:
             # the resumed call was started by another thread (a thread's
             # execve resumes in the leader) or before the trace began
-            head, start_ts, start_line = "", ts, self.lineno
+            text, start_ts, start_line = rest, ts, self.lineno
         else:
-            head, start_ts, start_line = pending.args, pending.ts, pending.line
-        return self._syscall(f"{name}({head}{rest}", tid, start_ts, start_line)
+            text, start_ts, start_line = pending.args + rest, pending.ts, pending.line
+        if not text.endswith(_UNFINISHED):
+            c = _FAST_TAIL.fullmatch(text)
+            if c is not None:
+                g = c.groups()
+                return [self._event(name, list(filter(None, g[:6])), g[6], g[7], g[8], g[11], tid, start_ts,
+                                    start_line)]
+        return self._syscall(f"{name}({text}", tid, start_ts, start_line)
 
-    def _complete(self, name: str, args: list[str], m: re.Match[str], tid: int | None, ts: float | None,
-                  line: int) -> list[Event]:
-        value, deco, errno, _errmsg, _comment, dur = m.groups()
-        if value == "?":
-            outcome = "interrupted" if errno else "unknown"
-        elif errno:
-            outcome = "error"
-        else:
-            outcome = "ok"
+    def _event(self, name: str, args: list[str], value: str, deco: str | None, errno: str | None,
+               dur: str | None, tid: int | None, ts: float | None, line: int, outcome: str | None = None) -> Event:
+        """One call: value, deco, errno and dur are _RET's groups; outcome is given for one that never returned."""
+        if outcome is None:
+            if value == "?":
+                outcome = "interrupted" if errno else "unknown"
+            elif errno:
+                outcome = "error"
+            else:
+                outcome = "ok"
         ret = value + deco if deco else value
         duration = float(dur) if dur and dur != "unavailable" else None
-        return [self._event(name, args, ret, outcome, errno, duration, tid, ts, line)]
-
-    def _event(self, name: str, args: list[str], ret: str, outcome: str, errno: str | None,
-               duration: float | None, tid: int | None, ts: float | None, line: int) -> Event:
-        proc = self._proc(tid)
-        if name in _FILE_OPS:
-            kind = "file"
-        elif name in _NET_OPS:
-            kind = "net"
-        elif name in _EXECS:
-            kind = "exec"
-        elif name in _PROC_OPS:
-            kind = "process"
-        else:
-            kind = "syscall"
+        proc = self.procs.get(tid)
+        if proc is None:
+            proc = self._proc(tid)
+        kind = _KINDS.get(name, "syscall")
         ev: Event = {"kind": "event", "schema": SCHEMA, "type": kind, "line": line, "ts": ts, "pid": proc.pid,
                      "tid": tid, "ppid": proc.ppid, "exe": proc.exe, "exec_id": proc.exec_id,
                      "syscall": name, "args": args, "ret": ret, "outcome": outcome, "errno": errno,
                      "denied": errno in _DENIED, "duration": duration}
+        if kind == "syscall":
+            return ev
         if kind == "file":
             self._file(ev, name, args, ret, proc)
         elif kind == "net":
             self._net(ev, name, args, ret)
         elif kind == "exec":
             self._exec(ev, name, args, outcome, proc, tid)
-        elif kind == "process":
+        else:
             self._process(ev, name, args, ret, outcome, proc, tid)
         return ev
 
@@ -708,7 +757,7 @@ class Parser:
         if kind == "detach" and tid in self.pending:
             pending = self.pending.pop(tid)
             args, _ = split_args(pending.args)
-            out.append(self._event(pending.name, args, "", "detached", None, None, tid, pending.ts, pending.line))
+            out.append(self._event(pending.name, args, "", None, None, None, tid, pending.ts, pending.line, "detached"))
         if kind == "attach" and tid not in self.procs and None in self.procs and not self._parent_pending():
             self.procs[tid] = self._child(self.procs[None], tid, thread=False)  # stderr mode: a bare clone
         ev = self._context(kind, tid, ts, self.lineno)
@@ -720,7 +769,7 @@ class Parser:
         if pending is None:
             return []
         args, _ = split_args(pending.args)
-        return [self._event(pending.name, args, "", "unfinished", None, None, tid, pending.ts, pending.line)]
+        return [self._event(pending.name, args, "", None, None, None, tid, pending.ts, pending.line, "unfinished")]
 
     def finish(self) -> list[Event]:
         """The end of the input: emit every call still unfinished."""

@@ -240,6 +240,34 @@ def test_no_line_crashes_the_parser() -> None:
             orjson.dumps(ev)
 
 
+def test_the_fast_path_splits_arguments_as_split_args_does() -> None:
+    import random
+
+    rng = random.Random(7)  # noqa: S311 - a fixed sample of mangled lines, not secrets
+    sample = [line for path in CASES for line in path.read_text(errors="replace").splitlines()]
+    sample += [line for line, _ in TRICKY] + ["1 1.5 f(a, b, c, d, e, f, g) = 0", "1 1.5 f(a, , b) = 0",
+                                               "1 1.5 f(a, ) = 0", "1 1.5 f( ) = 0", "1 1.5 f({[({[(x)]})]}) = 0"]
+    pieces = ["", ")", "(", '"', "<", ">", "{", "}", "[", "]", "\\", " = ", ",", ", ", "/*", "*/", "->", "/", " ",
+              "\t", "...", "\u00a0", ", x"]
+    fast = 0
+    for n in range(20_000):
+        line = rng.choice(sample)
+        for _ in range(rng.randrange(4) if n % 4 else 0):
+            cut = rng.randrange(len(line) + 1)
+            line = line[:cut] + rng.choice(pieces) + line[cut + rng.randrange(2):]
+        start = line.find("(") + 1
+        m = strace._FAST_TAIL.fullmatch(line, start) if start else None
+        if m is None:
+            continue
+        fast += 1
+        args, end = strace.split_args(line, start)
+        ret = strace._RET_RE.fullmatch(line, end) if end > 0 else None
+        groups = m.groups()
+        assert [a for a in groups[:strace._FAST_ARGS] if a is not None] == args, line
+        assert ret is not None and ret.groups() == groups[strace._FAST_ARGS:], line
+    assert fast > 5_000
+
+
 def bless() -> None:
     for path in CASES:
         out = b"".join(orjson.dumps(e) + b"\n" for e in events(path))
