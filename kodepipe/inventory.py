@@ -42,15 +42,16 @@ def view(store: Store, kind: str, name: str) -> Record:
 def records(store: Store, kinds: Iterable[str] = KINDS) -> list[Record]:
     """Every image and VM, images first, each with its state checked now."""
     out: list[Record] = []
-    vm_records = [vms.view(store, n) for n in store.names("vm")] if "vm" in kinds or "image" in kinds else []
     if "image" in kinds:
+        # clones are counted from metadata: a VM's live view asks its QEMU, which is not needed here
+        vm_metas = list(store.metas("vm"))
         for name in store.names("image"):
             record = images.view(store, name)
-            record["clones"] = [v["name"] for v in vm_records
-                                if v.get("base") == name and v.get("base_id") == record.get("id")]
+            record["clones"] = [vm for vm, meta in vm_metas
+                                if meta.get("base") == name and meta.get("base_id") == record.get("id")]
             out.append(record)
     if "vm" in kinds:
-        out.extend(vm_records)
+        out.extend(vms.view(store, n) for n in store.names("vm"))
     for record in out:
         _add_disk_bytes(record)
     return out
