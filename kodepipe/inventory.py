@@ -9,13 +9,14 @@ import re
 import time
 from collections.abc import Iterable
 
-from kodepipe import images, vms
+from kodepipe import containers, images, vms
 from kodepipe.errors import BadInput
 from kodepipe.records import NAME_RE, Record
 from kodepipe.state import Store, parse_iso
 
-KINDS = ("image", "vm")
-STATES = ("building", "ready", "stopped", "running", "suspended", "saved", "crashed", "broken")
+KINDS = ("image", "vm", "container")
+STATES = ("building", "ready", "stopped", "running", "suspended", "saved", "crashed", "broken",
+          "exited", "quarantined", "orphaned")
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -36,11 +37,13 @@ def parse_duration(text: str) -> float:
 
 
 def view(store: Store, kind: str, name: str) -> Record:
+    if kind == "container":
+        return containers.view(store, name)
     return images.view(store, name) if kind == "image" else vms.view(store, name)
 
 
 def records(store: Store, kinds: Iterable[str] = KINDS) -> list[Record]:
-    """Every image and VM, images first, each with its state checked now."""
+    """Every image, VM and container folder, images first, each with its state checked now."""
     out: list[Record] = []
     if "image" in kinds:
         # clones are counted from metadata: a VM's live view asks its QEMU, which is not needed here
@@ -52,6 +55,8 @@ def records(store: Store, kinds: Iterable[str] = KINDS) -> list[Record]:
             out.append(record)
     if "vm" in kinds:
         out.extend(vms.view(store, n) for n in store.names("vm"))
+    if "container" in kinds:
+        out.extend(containers.view(store, n) for n in store.names("container"))
     for record in out:
         _add_disk_bytes(record)
     return out
@@ -107,6 +112,8 @@ def select(items: Iterable[Record], *, states: Iterable[str] = (), names: Iterab
 
 def remove(store: Store, kind: str, name: str, *, expect_id: str | None, force: bool,
            dry_run: bool) -> Record | None:
+    if kind == "container":
+        return containers.remove(store, name, expect_id=expect_id, dry_run=dry_run)
     if kind == "image":
         return images.remove(store, name, expect_id=expect_id, force=force, dry_run=dry_run)
     return vms.remove(store, name, expect_id=expect_id, dry_run=dry_run)

@@ -4,10 +4,11 @@ Layout under paths.state_dir():
 
     images/NAME/meta.json   one folder per golden image
     vms/NAME/meta.json      one folder per VM (clone)
+    containers/NAME/        one folder per kp-run (kept for quarantines, audits, --keep)
     locks/NAME.lock         flock(2) files, one per name (never deleted)
     trash/                  folders being deleted (renamed here first)
 
-Images and VMs share one namespace of names, so ``kp-rm NAME`` is never
+Images, VMs and containers share one namespace of names, so ``kp-rm NAME`` is never
 ambiguous.  Every change takes the name's lock; metadata is written
 atomically (write, fsync, rename), so a crash leaves either the old or the
 new file, never half of one.  Records are views of this state.
@@ -32,7 +33,7 @@ import orjson
 from kodepipe import paths
 from kodepipe.errors import Busy, Exists, KpError, NotFound
 
-KIND_DIRS = {"image": "images", "vm": "vms"}
+KIND_DIRS = {"image": "images", "vm": "vms", "container": "containers"}
 META = "meta.json"
 LOCK_WAIT = 10.0
 

@@ -14,4 +14,5 @@ COMMANDS = {
     "kp-attach": "kodepipe.commands.attach",
     "kp-rm": "kodepipe.commands.rm",
     "kp-trace": "kodepipe.commands.trace",
+    "kp-run": "kodepipe.commands.run",
 }

@@ -1,4 +1,4 @@
-"""kp-ls: list the images and VMs that kodepipe owns."""
+"""kp-ls: list the images, VMs and containers that kodepipe owns."""
 
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
-@click.argument("names", nargs=-1, metavar="[NAME]...", shell_complete=kpcli.name_completion(("image", "vm")))
-@click.option("--kind", "kinds", multiple=True, type=click.Choice(["image", "vm"]),
+@click.argument("names", nargs=-1, metavar="[NAME]...",
+                shell_complete=kpcli.name_completion(("image", "vm", "container")))
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(["image", "vm", "container"]),
               help="Only this kind (repeatable).")
 @click.option("--state", "states", multiple=True,
               type=click.Choice(["building", "ready", "stopped", "running", "suspended", "saved", "crashed",
-                                 "broken"]),
+                                 "broken", "exited", "quarantined", "orphaned"]),
               help="Only this state (repeatable).")
 @click.option("--older-than", callback=_duration, metavar="AGE",
               help="Only things created more than AGE ago (90s, 15m, 2h, 1d, 1w, 1h30m).")
@@ -39,12 +40,14 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("-a", "--all", "all_", is_flag=True, help="List everything even when records arrive on stdin.")
 def cli(names: tuple[str, ...], kinds: tuple[str, ...], states: tuple[str, ...],
         older_than: float | None, newer_than: float | None, fmt: str | None, all_: bool) -> int:
-    """List the images and VMs that kodepipe owns, as records.
+    """List the images, VMs and containers that kodepipe owns, as records.
 
     NAMEs are shell patterns (quote them: 'proj-*').  The state is checked
     now, not only read from metadata: an image whose build was killed, or a
     VM whose base is gone, shows as "broken" (with a "problem" key), and
-    kp-rm removes it.  Image records list their "clones".
+    kp-rm removes it.  Image records list their "clones".  Containers are
+    the kp-runs in progress and the ones kept: quarantined changes to
+    review, audit logs, --keep; one whose kp-run was killed is "orphaned".
 
     When stdin is a pipe or a file (kp-clone base a | kp-ls), kp-ls shows
     the current state of what the image and vm records on it name ("gone"
@@ -95,7 +98,8 @@ def cli(names: tuple[str, ...], kinds: tuple[str, ...], states: tuple[str, ...],
     return out.status()
 
 
-STATE_COLOURS = {"ready": "green", "running": "green", "stopped": "blue", "saved": "blue", "building": "yellow",
+STATE_COLOURS = {"ready": "green", "running": "green", "quarantined": "yellow", "orphaned": "red",
+                 "stopped": "blue", "saved": "blue", "building": "yellow",
                  "suspended": "yellow", "broken": "red", "crashed": "red"}
 
 
@@ -127,6 +131,14 @@ def table(items: list[dict[str, object]], *, colour: bool) -> str:
     for r in items:
         if r.get("problem"):
             detail = str(r["problem"])
+        elif r.get("kind") == "container":
+            detail = f"{r.get('profile') or r.get('image')}"
+            if r.get("workspace"):
+                detail += f", {r.get('workspace')}"
+            q = r.get("quarantine")
+            if r.get("state") == "quarantined" and isinstance(q, dict):
+                detail += (f", {len(q.get('added') or [])}+ {len(q.get('modified') or [])}~ "
+                           f"{len(q.get('deleted') or [])}-")
         elif r.get("kind") == "image":
             clones = r.get("clones") or []
             detail = f"{len(clones)} clone(s)" if isinstance(clones, list) else ""

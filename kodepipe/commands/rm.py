@@ -10,13 +10,14 @@ from kodepipe.errors import InUse, KpError
 
 
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
-@click.argument("names", nargs=-1, metavar="[NAME]...", shell_complete=kpcli.name_completion(("image", "vm")))
+@click.argument("names", nargs=-1, metavar="[NAME]...",
+                shell_complete=kpcli.name_completion(("image", "vm", "container")))
 @click.option("-f", "--force", is_flag=True,
               help="Remove an image even though clones still use it (they become broken).")
 @click.option("-n", "--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 @options.quiet
 def cli(names: tuple[str, ...], force: bool, dry_run: bool, quiet: bool) -> int:
-    """Remove the images and VMs that NAMEs, or the records on stdin, name.
+    """Remove the images, VMs and containers that NAMEs, or the records on stdin, name.
 
     Without NAMEs, reads records (from kp-ls, kp-clone, ...) and removes
     what each image or vm record names; other records pass through.  A
@@ -26,7 +27,8 @@ def cli(names: tuple[str, ...], force: bool, dry_run: bool, quiet: bool) -> int:
 
     Idempotent: something already gone is not an error.  An image that
     clones still use is refused unless --force; workspaces are never
-    touched.  Writes each removed record with "removed": true.
+    touched.  Removing a container stops it if it still runs and discards
+    its folder: quarantined changes that were not applied, audit logs.  Writes each removed record with "removed": true.
 
     \b
     Examples:

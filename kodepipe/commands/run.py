@@ -1,0 +1,276 @@
+"""kp-run: run a command in an ephemeral, locked-down Podman container."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from kodepipe import cli as kpcli
+from kodepipe.commands import options
+
+CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "NET_RAW",
+        "SETGID", "SETUID", "SETPCAP", "SYS_CHROOT", "AUDIT_WRITE", "MKNOD")
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from kodepipe.errors import BadInput
+    from kodepipe.sandbox import parse_size
+
+    try:
+        return parse_size(value)
+    except BadInput as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    if value.strip() in ("0", "none"):
+        return 0.0
+    from kodepipe.errors import BadInput
+    from kodepipe.inventory import parse_duration
+
+    try:
+        return parse_duration(value)
+    except BadInput as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    import os
+    import re
+
+    env: dict[str, str] = {}
+    for value in values:
+        name, sep, given = value.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise click.BadParameter(f"{name!r} is not an environment variable name")
+        if sep:
+            env[name] = given
+        elif name in os.environ:
+            env[name] = os.environ[name]
+        else:
+            raise click.BadParameter(f"{name} is not set in kp-run's environment")
+    return env
+
+
+@click.command(context_settings={**options.CONTEXT, "allow_interspersed_args": False}, epilog=options.EPILOG)
+@click.argument("command", nargs=-1, metavar="[-- COMMAND [ARG]...]")
+@click.option("-w", "--workspace", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The one host directory the agent sees, at /workspace (read-write). Refused: /, your home "
+                   "directory, or a directory that contains it.")
+@click.option("--read-only-workspace", is_flag=True, help="Mount the workspace read-only (for audits).")
+@click.option("--quarantine", is_flag=True,
+              help="Mount the workspace as an overlay: the agent's writes land in kodepipe's folder for this "
+                   "run and the checkout is untouched until kp-run --apply NAME (kp-rm NAME discards them).")
+@click.option("-p", "--profile", metavar="NAME",
+              help="Agent profile: image and defaults (shell, claude, aider, codex, gemini, or your own in "
+                   "~/.config/kodepipe/profiles). Default: shell.")
+@click.option("--image", metavar="IMAGE", help="Run this local image instead of the profile's.")
+@click.option("--name", metavar="NAME", help="Name of the run (default: run-XXXXXXXX).")
+@click.option("-m", "--memory", callback=_size, metavar="SIZE", help="Memory limit (default: the profile's, 2g).")
+@click.option("--cpus", type=click.FloatRange(0.01, 1024), help="CPU limit in cores (default: the profile's, 2).")
+@click.option("--pids", type=click.IntRange(8, 1 << 22), help="Process and thread limit (default: the profile's, 512).")
+@click.option("--time", "time_limit", callback=_duration, metavar="DURATION",
+              help="Wall-time limit, e.g. 30m, 2h; 0 for none (default: the profile's, 2h).")
+@click.option("--tmp-size", callback=_size, metavar="SIZE",
+              help="Size of the /tmp tmpfs, which counts against --memory (default: a quarter of it).")
+@click.option("--net", "network", type=click.Choice(["none", "open"]), default="none", show_default=True,
+              help="none: no network at all (only lo). open: Podman's bridge, full outbound access (loosens "
+                   "the sandbox; recorded).")
+@click.option("--cap-add", "cap_add", multiple=True, type=click.Choice(CAPS, case_sensitive=False),
+              help="Give back one capability (repeatable; loosens the sandbox; recorded).")
+@click.option("--writable-root", is_flag=True, help="A writable root filesystem (loosens the sandbox; recorded).")
+@click.option("-e", "--env", "env", multiple=True, callback=_env, metavar="NAME",
+              help="Pass one environment variable by name (repeatable; recorded by name, never by value). "
+                   "NAME=VALUE sets it.")
+@click.option("--secret", "secret_specs", multiple=True, metavar="FILE[:DEST]",
+              help="Mount one file read-only (default at /run/secrets/NAME; repeatable; recorded).")
+@click.option("--mask", "masks", multiple=True, metavar="GLOB",
+              help="Also hide workspace files matching GLOB (a name at any depth, or a path with /) behind an "
+                   "empty read-only file; the host files are not touched. Always hidden: .env, .env.*")
+@click.option("--no-default-masks", is_flag=True, help="Do not hide .env and .env.* (recorded).")
+@click.option("-i", "--interactive", is_flag=True, help="Keep standard input open to the command.")
+@click.option("-t", "--tty", is_flag=True, help="Give the command a terminal (window size, Ctrl-C).")
+@click.option("--keep", is_flag=True, help="Keep the stopped container for inspection (kp-rm removes it).")
+@click.option("--audit", is_flag=True,
+              help="Record every system call of the container from the host with strace, where the agent "
+                   "cannot reach it; the log's path is the record's audit_log (kp-trace reads it).")
+@click.option("--audit-mode", type=click.Choice(["minimal", "default", "full"]), default="default",
+              show_default=True, help="Which system calls --audit records (see kp-trace --mode).")
+@click.option("--apply", "apply_names", multiple=True, metavar="NAME",
+              help="Apply a quarantined run's changes to its workspace (repeatable; or quarantined records on "
+                   "stdin with --apply -), then remove the quarantine. Refused if the checkout changed since.")
+@click.option("--force", is_flag=True, help="With --apply: apply even over files changed on the host since.")
+@options.quiet
+def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: bool, quarantine: bool,
+        profile: str | None, image: str | None, name: str | None, memory: int | None, cpus: float | None,
+        pids: int | None, time_limit: float | None, tmp_size: int | None, network: str,
+        cap_add: tuple[str, ...], writable_root: bool, env: dict[str, str], secret_specs: tuple[str, ...],
+        masks: tuple[str, ...], no_default_masks: bool, interactive: bool, tty: bool, keep: bool, audit: bool,
+        audit_mode: str, apply_names: tuple[str, ...], force: bool, quiet: bool) -> int:
+    """Run COMMAND in a fresh, locked-down Podman container that sees one
+    project directory and nothing else of the host, and is gone when it exits.
+
+    \b
+    Defaults, each loosened only by a flag that the record then lists
+    under "loosened":
+      - no network (--net open);
+      - all capabilities dropped (--cap-add), no-new-privileges, a seccomp
+        profile that also forbids new namespaces;
+      - read-only root filesystem (--writable-root), a tmpfs at /tmp;
+      - a user namespace: root inside is not root outside; the agent is
+        uid 1000 inside, and what it writes in the workspace is owned by
+        you on the host (by SUDO_UID under sudo);
+      - memory, CPU, pids and wall-time limits;
+      - only --workspace mounted; no host environment (--env), home,
+        SSH agent or Podman socket; files only with --secret;
+      - .env and .env.* in the workspace hidden (--mask adds more).
+
+    The command's output goes to standard error, so standard output
+    carries only the container record (kind "container": name, image,
+    profile, workspace, loosened defaults, limits, exit_code, times, and
+    the quarantine's changes or the audit log's path).  kp-run exits 1 if
+    the command failed; the record's exit_code is the command's own.
+
+    kp-run needs root (sudo): rootful Podman with an explicit user
+    namespace is what enforces the limits on every host.  It starts its
+    own Podman API service on demand (set KODEPIPE_PODMAN_URL to use
+    another one).
+
+    \b
+    Examples:
+      sudo kp-run -w ~/code/proj -- make test
+      sudo kp-run -it -w ~/code/proj --profile claude
+      sudo kp-run --quarantine -w . -- sh -c 'agent-does-things'
+      sudo kp-run --apply run-1a2b3c4d
+      sudo kp-run --audit -w . -- pytest | kp-trace | jq 'select(.type=="net")'
+    """
+    from kodepipe.state import Store
+
+    out = kpcli.Output("kp-run", quiet=quiet)
+    store = Store()
+    if apply_names:
+        return _apply(out, store, apply_names, force)
+    if force:
+        raise click.UsageError("--force goes with --apply")
+    from kodepipe import launch, sandbox
+    from kodepipe.errors import BadInput, KpError
+    from kodepipe.records import check_name
+
+    try:
+        if name is not None:
+            check_name(name, "container name")
+        chosen = _profile(out, profile, image)
+        limits_in = {"memory": memory, "cpus": cpus, "pids": pids, "seconds": time_limit}
+        defaults = chosen["limits"]
+        mem = limits_in["memory"] or defaults["memory"]
+        limits = sandbox.Limits(memory=int(mem), cpus=float(cpus or defaults["cpus"]),
+                                pids=int(pids or defaults["pids"]),
+                                seconds=float(defaults["seconds"] if time_limit is None else time_limit),
+                                tmpfs=int(tmp_size or mem // 4))
+        limits.check()
+        secrets = [sandbox.check_secret(spec) for spec in secret_specs]
+    except BadInput as exc:
+        raise click.BadParameter(exc.message) from None
+    if not command and not chosen["command"]:
+        raise click.UsageError("give a COMMAND after --")
+    mask_list = ([] if no_default_masks else list(sandbox.DEFAULT_MASKS)) + list(masks)
+    req = launch.Request(
+        command=list(command) or list(chosen["command"]), image=chosen["image"], limits=limits, name=name,
+        profile=chosen["profile"], workspace=workspace, read_only_workspace=read_only_workspace,
+        quarantine=quarantine, network=network, cap_add=[c.upper() for c in cap_add], writable_root=writable_root,
+        env={**chosen["env"], **env}, secrets=secrets, masks=mask_list, tty=tty, interactive=interactive or tty,
+        keep=keep, audit=audit_mode if audit else None)
+
+    def say(level: str, message: str) -> None:
+        getattr(out, {"warn": "warn", "progress": "progress"}.get(level, "info"))(message)
+
+    try:
+        record, status = launch.run(store, req, say)
+    except KpError as exc:
+        record = getattr(exc, "record", {"kind": "container", "name": name})
+        out.fail(record, exc)
+        return out.status()
+    except BaseException as exc:
+        partial = getattr(exc, "record", None)
+        if partial is not None:
+            out.emit({**partial, "error": {"code": "interrupted", "message": "kp-run was interrupted"}})
+        raise
+    if no_default_masks:
+        record.setdefault("loosened", []).append("no-default-masks")
+    if status:
+        out.statuses.add(1)
+        if record.get("timed_out"):
+            out.warn(f"{record['name']}: stopped at the time limit")
+        elif record.get("oom_killed"):
+            out.warn(f"{record['name']}: killed for exceeding the memory limit")
+    if record.get("state") == "quarantined":
+        q = record.get("quarantine", {})
+        out.info(f"{record['name']}: quarantined: {len(q.get('added', []))} added, {len(q.get('modified', []))} "
+                 f"modified, {len(q.get('deleted', []))} deleted; kp-run --apply {record['name']} applies them, "
+                 f"kp-rm {record['name']} discards them")
+    out.emit(record)
+    return out.status()
+
+
+DEFAULT_LIMITS = {"memory": 2 << 30, "cpus": 2.0, "pids": 512, "seconds": 7200.0}
+
+
+def _profile(out: kpcli.Output, name: str | None, image: str | None) -> dict[str, Any]:
+    """The image, default command, limits and environment of a profile (--image alone: no profile)."""
+    from kodepipe.inventory import parse_duration
+    from kodepipe.sandbox import parse_size
+
+    if image is not None and name is None:
+        return {"profile": None, "image": image, "command": [], "limits": dict(DEFAULT_LIMITS), "env": {}}
+    from kodepipe import profile as profiles
+
+    prof = profiles.load(name or "shell")
+    tag = image or profiles.ensure_image(prof, out)
+    env = {}
+    import os
+
+    for var in prof.env:
+        if var in os.environ:
+            env[var] = os.environ[var]
+    return {"profile": prof.name, "image": tag, "command": list(prof.command),
+            "limits": {"memory": parse_size(prof.memory), "cpus": prof.cpus, "pids": prof.pids,
+                       "seconds": parse_duration(prof.time) if prof.time not in ("0", "none") else 0.0},
+            "env": env}
+
+
+def _apply(out: kpcli.Output, store: Any, names: tuple[str, ...], force: bool) -> int:
+    from kodepipe import apply as applying
+    from kodepipe.errors import KpError
+    from kodepipe.records import check_name
+
+    targets: list[tuple[str, str | None, dict[str, Any]]] = []
+    for name in names:
+        if name == "-":
+            for _, record in out.records():
+                if record.get("kind") != "container" or "error" in record:
+                    out.emit(record)
+                    continue
+                rid = record.get("id")
+                targets.append((str(record.get("name")), rid if isinstance(rid, str) else None, record))
+        else:
+            targets.append((name, None, {"kind": "container", "name": name}))
+    for name, expect_id, record in targets:
+        try:
+            check_name(name, "container name")
+            result = applying.apply(store, name, expect_id=expect_id, force=force, say=out.warn)
+        except KpError as exc:
+            out.fail(record, exc)
+            continue
+        out.info(f"{name}: applied {result.get('applied_count', 0)} change(s) to {result.get('workspace')}")
+        out.emit(result)
+    return out.status()
+
+
+def main() -> None:
+    kpcli.run(cli, "kp-run")

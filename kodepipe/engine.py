@@ -1,0 +1,246 @@
+"""The Podman engine: kodepipe's one place that talks to Podman's REST API.
+
+kp-run uses the socket named by KODEPIPE_PODMAN_URL (or Podman's own
+CONTAINER_HOST) when set.  Otherwise it starts its own ``podman system
+service`` on a socket in the runtime dir, on demand; that service exits by
+itself after IDLE_SECONDS without clients, so nothing lingers.
+
+Requests go through podman-py's HTTP client (imported lazily: 200 ms).  The
+container spec is built by sandbox.py and posted as it is, because
+podman-py's ``create()`` silently drops fields kodepipe relies on (``remove``,
+``timeout``, CPU limits as nano_cpus; docs/kp-run-notes.md section 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from kodepipe import paths, proc
+from kodepipe.errors import CommandFailed, KpError, NotFound, Timeout
+
+IDLE_SECONDS = 300
+READY_WAIT = 15.0
+STORAGE_RUN = Path("/run/containers/storage/overlay")
+
+
+class EngineError(KpError):
+    code = "podman"
+
+
+def configured_url() -> str | None:
+    for var in ("KODEPIPE_PODMAN_URL", "CONTAINER_HOST"):
+        value = os.environ.get(var, "").strip()
+        if value:
+            return value
+    return None
+
+
+def runtime() -> str | None:
+    """runc when installed: crun rejects this kind of host's hybrid cgroups (environment.md)."""
+    return "runc" if proc.which("runc") else None
+
+
+def force_chown_copies(base: Path = STORAGE_RUN) -> None:
+    """Make containers/storage copy image layers for a uid map instead of idmapping them.
+
+    On some kernels (this project's CI among them) its idmapped-lower-layer
+    probe passes but the overlay mount then fails with EACCES (Podman bug
+    18435).  The probe's cached answer lives in /run; a copy per mapping
+    costs a few seconds once and always works.  Only for a service that
+    kodepipe starts itself, before it starts.
+    """
+    if os.geteuid() != 0:
+        return
+    with contextlib.suppress(OSError):
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "idmapped-lower-dir-false").touch()
+        with contextlib.suppress(FileNotFoundError):
+            (base / "idmapped-lower-dir-true").unlink()
+
+
+class Engine:
+    """A connection to one Podman service."""
+
+    def __init__(self, url: str) -> None:
+        from podman import PodmanClient
+
+        self.url = url
+        self.client = PodmanClient(base_url=url)
+        self.api = self.client.api
+
+    # -- connecting -----------------------------------------------------------
+
+    @classmethod
+    def connect(cls, progress: Callable[[str], None] = lambda _m: None) -> Engine:
+        url = configured_url()
+        if url is not None:
+            engine = cls(url)
+            if not engine.ping():
+                raise EngineError(f"no Podman service answers at {url}",
+                                  hint="start it (podman system service), or unset KODEPIPE_PODMAN_URL "
+                                       "and CONTAINER_HOST to let kp-run start its own")
+            return engine
+        sock = paths.runtime_dir() / "podman.sock"
+        engine = cls(f"unix://{sock}")
+        if engine.ping():
+            return engine
+        with _lock(paths.runtime_dir() / "podman.lock"):
+            if engine.ping():  # another kp-run started it meanwhile
+                return engine
+            progress("starting a Podman API service")
+            _start_service(sock)
+            deadline = time.monotonic() + READY_WAIT
+            while not engine.ping():
+                if time.monotonic() > deadline:
+                    raise Timeout(f"the Podman service did not answer on {sock} within {READY_WAIT:g} s",
+                                  hint=f"see {service_log()}")
+                time.sleep(0.01)
+        return engine
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.client.ping())
+        except Exception:
+            return False
+
+    # -- requests -------------------------------------------------------------
+
+    def _check(self, response: Any, what: str) -> Any:
+        if response.status_code < 400:
+            return response
+        try:
+            message = response.json().get("message") or response.text
+        except ValueError:
+            message = response.text
+        if response.status_code == 404:
+            raise NotFound(f"{what}: {message}")
+        raise EngineError(f"{what}: Podman says: {message.strip()}")
+
+    def create(self, spec: dict[str, Any]) -> str:
+        response = self.api.post("/containers/create", data=orjson.dumps(spec),
+                                 headers={"content-type": "application/json"})
+        if response.status_code == 404:
+            raise NotFound(f"image {spec.get('image')} is not in Podman's store",
+                           hint="build it with kp-image base, or name a profile with --profile")
+        return str(self._check(response, "creating the container").json()["Id"])
+
+    def init(self, cid: str) -> None:
+        self._check(self.api.post(f"/containers/{cid}/init"), "preparing the container")
+
+    def start(self, cid: str) -> None:
+        self._check(self.api.post(f"/containers/{cid}/start"), "starting the container")
+
+    def inspect(self, cid: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._check(self.api.get(f"/containers/{cid}/json"), "inspecting").json()
+        return result
+
+    def exists(self, cid: str) -> bool:
+        return bool(self.api.get(f"/containers/{cid}/exists").status_code == 204)
+
+    def kill(self, cid: str, signal: str = "KILL") -> None:
+        response = self.api.post(f"/containers/{cid}/kill", params={"signal": signal})
+        if response.status_code in (204, 404, 409) or "state improper" in response.text:
+            return  # done, gone, or not running any more
+        self._check(response, "stopping the container")
+
+    def wait(self, cid: str) -> int:
+        response = self.api.post(f"/containers/{cid}/wait",
+                                 params={"condition": ["exited", "stopped"], "interval": "10ms"})
+        return int(self._check(response, "waiting for the container").text.strip())
+
+    def remove(self, cid: str) -> None:
+        """Remove, riding out conmon's clean-up race (500 "shm busy"); gone already is fine."""
+        deadline = time.monotonic() + 10
+        while True:
+            response = self.api.delete(f"/containers/{cid}", params={"force": True, "v": True})
+            if response.status_code in (200, 204, 404):
+                return
+            if time.monotonic() > deadline:
+                self._check(response, "removing the container")
+            time.sleep(0.02)
+
+    def stream(self, cid: str, sinks: dict[int, Callable[[bytes], None]]) -> None:
+        """Copy the container's output to ``sinks`` (1: stdout, 2: stderr) until it exits."""
+        response = self.api.get(f"/containers/{cid}/logs",
+                                params={"follow": True, "stdout": True, "stderr": True}, stream=True)
+        self._check(response, "reading the container's output")
+        raw = response.raw
+        for kind, data in frames(raw.read):
+            sinks.get(kind, sinks[2])(data)
+
+    def image_id(self, ref: str) -> str | None:
+        response = self.api.get(f"/images/{ref}/json")
+        if response.status_code == 404:
+            return None
+        return str(self._check(response, f"image {ref}").json()["Id"])
+
+    def containers(self, label: str) -> list[dict[str, Any]]:
+        response = self.api.get("/containers/json",
+                                params={"all": True, "filters": orjson.dumps({"label": [label]}).decode()})
+        result: list[dict[str, Any]] = self._check(response, "listing containers").json() or []
+        return result
+
+
+def frames(read: Callable[[int], bytes]) -> Iterator[tuple[int, bytes]]:
+    """(stream, bytes) from Podman's multiplexed log stream: an 8-byte header per frame."""
+    while True:
+        header = _read_exact(read, 8)
+        if len(header) < 8:
+            return
+        kind, length = struct.unpack(">BxxxL", header)
+        data = _read_exact(read, length)
+        if data:
+            yield kind, data
+        if len(data) < length:
+            return
+
+
+def _read_exact(read: Callable[[int], bytes], n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def service_log() -> Path:
+    return paths.cache_dir() / "logs" / "podman-service.log"
+
+
+def _start_service(sock: Path) -> None:
+    podman = proc.require("podman")
+    force_chown_copies()
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    log = service_log()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        try:
+            # its own session: the service outlives this kp-run and serves the next ones
+            subprocess.Popen([podman, "system", "service", f"--time={IDLE_SECONDS}", f"unix://{sock}"],
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+        except OSError as exc:
+            raise CommandFailed(f"could not start the Podman service: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

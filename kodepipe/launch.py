@@ -1,0 +1,347 @@
+"""One kp-run on this host: prepare, run, watch, clean up, and say what happened.
+
+The container's policy comes from sandbox.py; Podman is reached through
+engine.py; the quarantine's bookkeeping is quarantine.py.  This module owns
+the order of things and makes sure that however a run ends (exit, time
+limit, Ctrl-C, SIGTERM, an error half way), the container is removed, the
+overlay is unmounted, and the folder is either gone or truthfully
+describes what is left to review.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets as pysecrets
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kodepipe import containers, paths, proc, sandbox
+from kodepipe.errors import BadInput, KpError, NoPermission
+from kodepipe.records import Record
+from kodepipe.state import Store, new_id, now_iso
+
+AUDIT_LOG = "audit.strace"
+STRACE_ATTACH_WAIT = 10.0
+
+
+@dataclass
+class Request:
+    """What the user asked kp-run for, options already parsed."""
+
+    command: list[str]
+    image: str
+    limits: sandbox.Limits
+    name: str | None = None
+    profile: str | None = None
+    workspace: Path | None = None
+    read_only_workspace: bool = False
+    quarantine: bool = False
+    network: str = "none"
+    cap_add: list[str] = field(default_factory=list)
+    writable_root: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    secrets: list[tuple[Path, str]] = field(default_factory=list)
+    masks: list[str] = field(default_factory=lambda: list(sandbox.DEFAULT_MASKS))
+    tty: bool = False
+    interactive: bool = False
+    keep: bool = False
+    audit: str | None = None  # a kp-trace mode
+
+
+def new_name() -> str:
+    return f"run-{pysecrets.token_hex(4)}"
+
+
+class Run:
+    """The state of one run in progress, so that clean-up knows what exists."""
+
+    def __init__(self, store: Store, req: Request, say: Callable[[str, str], None]) -> None:
+        self.store, self.req, self.say = store, req, say
+        self.name = req.name or new_name()
+        self.folder: Path | None = None
+        self.meta: dict[str, Any] = {"kind": "container", "name": self.name}
+        self.engine: Any = None
+        self.cid: str | None = None
+        self.upper: Path | None = None
+        self.merged: Path | None = None
+        self.workspace: Path | None = None
+        self.setuid_before: set[str] = set()
+        self.timed_out = False
+        self.strace: subprocess.Popen[bytes] | None = None
+
+    # -- preparing ------------------------------------------------------------
+
+    def prepare(self) -> sandbox.Sandbox:
+        from kodepipe import engine, quarantine, seccomp
+
+        req = self.req
+        if os.geteuid() != 0:
+            raise NoPermission(
+                "kp-run needs root (run it with sudo): it uses rootful Podman with a user namespace, the one "
+                "set-up that both enforces the limits and keeps workspace files owned by you",
+                hint="sudo kp-run ...; files the agent writes are still owned by you (SUDO_UID)")
+        if req.quarantine and req.read_only_workspace:
+            raise BadInput("--quarantine and --read-only-workspace exclude each other")
+        if req.quarantine and req.workspace is None:
+            raise BadInput("--quarantine needs a --workspace")
+        ws = sandbox.check_workspace(req.workspace) if req.workspace is not None else None
+        self.workspace = ws
+        uid, gid, source = sandbox.invoker(ws)
+        masked: list[str] = []
+        if ws is not None:
+            masked, credentials, self.setuid_before = sandbox.scan(ws, req.masks)
+            if credentials:
+                shown = ", ".join(credentials[:8]) + (" ..." if len(credentials) > 8 else "")
+                self.say("warn", f"the workspace holds files that look like credentials, and the agent can "
+                                 f"read them: {shown} (hide them with --mask GLOB)")
+            if source == "nobody" and not req.read_only_workspace:
+                self.say("warn", f"{ws} belongs to root and kp-run was not started through sudo: the agent runs "
+                                 f"as host uid {uid} and cannot write it (chown the workspace to its user, "
+                                 "or run kp-run through sudo)")
+        seccomp_path = seccomp.ensure(paths.cache_dir() / "seccomp")
+        self.engine = engine.Engine.connect(lambda m: self.say("progress", m))
+
+        with self.store.lock(self.name):
+            self.meta = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
+                         "state": "creating", "host": "local", "image": req.image, "profile": req.profile,
+                         "command": req.command, "workspace": str(ws) if ws else None,
+                         "pid": os.getpid(), "pid_start": containers.start_time(os.getpid()),
+                         "boot_id": containers.boot_id()}
+            with self.store.creating("container", self.name, self.meta) as folder:
+                self.folder = folder
+        if not (self.folder is not None):
+            raise RuntimeError("kp-run: out of order")
+        os.chmod(self.folder, 0o700)
+
+        bound = str(ws) if ws is not None else None
+        if req.quarantine and ws is not None:
+            self.upper, work = quarantine.prepare(self.folder)
+            info = ws.stat()
+            # the overlay's root takes its owner and mode from the upper dir
+            os.chown(self.upper, info.st_uid, info.st_gid)
+            os.chmod(self.upper, stat.S_IMODE(info.st_mode))
+            self.merged = self.folder / containers.MERGED
+            self.merged.mkdir()
+            proc.run(["mount", "-t", "overlay", "overlay", "-o",
+                      f"lowerdir={ws},upperdir={self.upper},workdir={work}", self.merged])
+            bound = str(self.merged)
+
+        secret_list = []
+        if req.secrets:
+            private = self.folder / "secrets"
+            private.mkdir(mode=0o700)
+            os.chown(private, uid, gid)
+            for n, (src, dest) in enumerate(req.secrets):
+                copy = private / f"{n}-{src.name}"
+                shutil.copyfile(src, copy)
+                os.chown(copy, uid, gid)
+                os.chmod(copy, 0o400)
+                secret_list.append(sandbox.Secret(copy, dest, str(src)))
+        mask_file = None
+        if masked:
+            empty = self.folder / "empty"
+            empty.touch()
+            os.chmod(empty, 0o444)
+            mask_file = str(empty)
+
+        limits = req.limits
+        box = sandbox.Sandbox(
+            name=self.name, image=req.image, command=req.command, workspace=bound, host_uid=uid, host_gid=gid,
+            limits=limits, seccomp=str(seccomp_path), read_only_workspace=req.read_only_workspace,
+            network=req.network, cap_add=req.cap_add, writable_root=req.writable_root, env=req.env,
+            secrets=secret_list, masks=masked, mask_file=mask_file, tty=req.tty, interactive=req.interactive,
+            labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
+            runtime=engine.runtime(),
+            # a backstop: conmon kills the container even if kp-run itself is killed
+            timeout=int(limits.seconds) + 60 if limits.seconds else 0)
+        self.meta.update(
+            workspace_mode="quarantine" if req.quarantine else "ro" if req.read_only_workspace else
+            "rw" if ws is not None else None,
+            network=req.network, limits=limits.record(), loosened=box.loosened(),
+            user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
+            masked=masked, secrets=[s.dest for s in secret_list], env=sorted(req.env),
+            engine=self.engine.url)
+        if self.upper is not None:
+            self.meta["quarantine"] = {"path": str(self.upper)}
+        return box
+
+    # -- running ----------------------------------------------------------------
+
+    def start(self, box: sandbox.Sandbox) -> None:
+        if not (self.folder is not None):
+            raise RuntimeError("kp-run: out of order")
+        self.cid = self.engine.create(box.spec())
+        self.meta.update(container_id=self.cid, state="running", started=now_iso())
+        if self.req.audit:
+            self.meta["audit_log"] = str(self.folder / AUDIT_LOG)
+        self.store.write_meta(self.folder, self.meta)
+        if self.req.audit:
+            self._attach_strace()
+
+    def _attach_strace(self) -> None:
+        from kodepipe import strace
+
+        if not (self.folder is not None and self.cid is not None and self.req.audit is not None):
+            raise RuntimeError("kp-run: out of order")
+        self.engine.init(self.cid)
+        pid = self.engine.inspect(self.cid)["State"]["Pid"]
+        args = ["strace", *strace.CAPTURE_FLAGS,
+                *[a for a in strace.MODES[self.req.audit] if a != "--seccomp-bpf"],
+                "-o", str(self.folder / AUDIT_LOG), "-p", str(pid)]
+        self.strace = subprocess.Popen([proc.require("strace"), *args[1:]], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # strace says "Process N attached" once it holds every thread; start only then
+        if not (self.strace.stderr is not None):
+            raise RuntimeError("kp-run: out of order")
+        deadline = time.monotonic() + STRACE_ATTACH_WAIT
+        said = b""
+        while b"attached" not in said:
+            line = self.strace.stderr.readline()
+            if not line or time.monotonic() > deadline:
+                raise KpError(f"strace could not attach to the container: {said.decode(errors='replace')}")
+            said += line
+        threading.Thread(target=self.strace.stderr.read, daemon=True).start()
+
+    def attached_run(self) -> int:
+        """Start, copy the output to stderr until the container exits, and return its status."""
+        if not (self.cid is not None):
+            raise RuntimeError("kp-run: out of order")
+        timer = None
+        if self.req.limits.seconds:
+            timer = threading.Timer(self.req.limits.seconds, self._time_up)
+            timer.daemon = True
+            timer.start()
+        try:
+            if self.req.tty or self.req.interactive:
+                self._terminal_run()
+            else:
+                self.engine.start(self.cid)
+                err = sys.stderr.buffer
+
+                def write(data: bytes) -> None:
+                    err.write(data)
+                    err.flush()
+
+                self.engine.stream(self.cid, {1: write, 2: write})
+            return int(self.engine.wait(self.cid))
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _terminal_run(self) -> None:
+        """A real terminal for the agent: Podman's own client attaches (window size, Ctrl-C)."""
+        if not (self.cid is not None):
+            raise RuntimeError("kp-run: out of order")
+        stdin: Any = None
+        if self.req.tty and not os.isatty(0):
+            try:
+                stdin = open("/dev/tty", "rb")  # noqa: SIM115 - closed below
+            except OSError:
+                raise BadInput("-t needs a terminal, and there is none",
+                               hint="drop -t, or run kp-run from a terminal") from None
+        try:
+            subprocess.run([proc.require("podman"), "--remote", "--url", self.engine.url, "start",
+                            "--attach", "--interactive", self.cid], stdin=stdin, check=False)
+        finally:
+            if stdin is not None:
+                stdin.close()
+
+    def _time_up(self) -> None:
+        from kodepipe import engine
+
+        self.timed_out = True
+        self.say("warn", f"{self.name}: the time limit ({self.req.limits.seconds:g} s) is up; stopping it")
+        with contextlib.suppress(Exception):
+            engine.Engine(self.engine.url).kill(self.cid or "", "KILL")
+
+    # -- ending -----------------------------------------------------------------
+
+    def finish(self, exit_code: int | None, outcome: str) -> Record:
+        """Remove what should not outlive the run; return the record of what happened."""
+        from kodepipe import quarantine
+
+        meta = self.meta
+        if self.cid is not None and self.engine is not None:
+            with contextlib.suppress(Exception):
+                state = self.engine.inspect(self.cid)["State"]
+                meta["oom_killed"] = bool(state.get("OOMKilled"))
+                if exit_code is None and state.get("Status") == "exited":
+                    exit_code = int(state.get("ExitCode", 0))
+            if not self.req.keep:
+                try:
+                    self.engine.remove(self.cid)  # forced: stops it first if it still runs
+                except Exception as exc:  # noqa: BLE001 - reported, and kp-rm can still remove it
+                    self.say("warn", f"{self.name}: could not remove container {self.cid[:12]}: {exc}")
+                    self.req.keep = True
+            elif outcome != "exited":
+                with contextlib.suppress(Exception):
+                    self.engine.kill(self.cid)
+        if self.strace is not None:
+            try:
+                self.strace.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.strace.kill()
+        meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome)
+        if self.workspace is not None and self.upper is None and not self.req.read_only_workspace:
+            after = sandbox.scan(self.workspace, [])[2]
+            new = sorted(after - self.setuid_before)
+            if new:
+                meta["setuid_files"] = new
+                self.say("warn", f"the agent left setuid/setgid files in the workspace: {', '.join(new[:8])}")
+        keep = self.req.keep or self.req.audit is not None
+        if self.folder is not None:
+            if self.merged is not None:
+                containers.unmount(self.folder)
+            if self.upper is not None and self.workspace is not None:
+                try:
+                    changes = quarantine.changes(self.upper, self.workspace)
+                    meta["quarantine"] = {"path": str(self.upper), **quarantine.summary(changes)}
+                    meta["fingerprints"] = quarantine.fingerprint(self.workspace, changes)
+                    if changes:
+                        keep = True
+                        meta["state"] = "quarantined"
+                except KpError as exc:  # keep the upper dir: it is the only copy of the agent's work
+                    keep = True
+                    meta["state"] = "quarantined"
+                    meta["problem"] = f"could not list the quarantined changes: {exc.message}"
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.folder / "secrets")
+            if meta.get("state") != "quarantined":
+                meta["state"] = "exited"
+            if keep and self.folder.is_dir():
+                self.store.write_meta(self.folder, meta)
+            else:
+                self.store.discard(self.folder)
+        record = {k: v for k, v in meta.items() if k not in ("pid", "pid_start", "boot_id", "fingerprints")}
+        if keep and self.folder is not None:
+            record["path"] = str(self.folder)
+        else:
+            record["removed"] = True
+        return record
+
+
+def run(store: Store, req: Request, say: Callable[[str, str], None]) -> tuple[Record, int | None]:
+    """Run one container; return its record and the command's exit status (None if it never ran).
+
+    On an interruption the container is removed and the record is returned
+    through the exception's ``record`` attribute before it propagates.
+    """
+    job = Run(store, req, say)
+    try:
+        box = job.prepare()
+        job.start(box)
+        status = job.attached_run()
+    except BaseException as exc:
+        record = job.finish(None, "interrupted" if not isinstance(exc, Exception) else "failed")
+        exc.record = record  # type: ignore[attr-defined]
+        raise
+    return job.finish(status, "timed-out" if job.timed_out else "exited"), status
