@@ -30,6 +30,7 @@ from kodepipe.records import Record
 from kodepipe.state import Store, new_id, now_iso
 
 AUDIT_LOG = "audit.strace"
+EGRESS_LOG = "egress.jsonl"
 STRACE_ATTACH_WAIT = 10.0
 
 
@@ -55,6 +56,8 @@ class Request:
     interactive: bool = False
     keep: bool = False
     audit: str | None = None  # a kp-trace mode
+    allow: list[str] = field(default_factory=list)  # egress rules: the proxy is the only way out
+    resolve: list[str] = field(default_factory=list)  # NAME=ADDRESS pins for the proxy
 
 
 def new_name() -> str:
@@ -77,6 +80,8 @@ class Run:
         self.setuid_before: set[str] = set()
         self.timed_out = False
         self.strace: subprocess.Popen[bytes] | None = None
+        self.proxy: Any = None
+        self.policy: Any = None
 
     # -- preparing ------------------------------------------------------------
 
@@ -107,6 +112,14 @@ class Run:
                 self.say("warn", f"{ws} belongs to root and kp-run was not started through sudo: the agent runs "
                                  f"as host uid {uid} and cannot write it (chown the workspace to its user, "
                                  "or run kp-run through sudo)")
+        if req.allow:
+            from kodepipe import egress
+
+            if req.network != "none":
+                raise BadInput("--allow and --net open exclude each other: --allow is the only way out")
+            self.policy = egress.Policy.build(req.allow, req.resolve)
+        elif req.resolve:
+            raise BadInput("--resolve only matters with --allow")
         seccomp_path = seccomp.ensure(paths.cache_dir() / "seccomp")
         self.engine = engine.Engine.connect(lambda m: self.say("progress", m))
 
@@ -153,22 +166,35 @@ class Run:
             os.chmod(empty, 0o444)
             mask_file = str(empty)
 
+        extra_mounts, env = [], dict(req.env)
+        if self.policy is not None:
+            from kodepipe import egress
+
+            resolv = self.folder / "resolv.conf"
+            resolv.write_text(egress.RESOLV_CONF)
+            os.chmod(resolv, 0o444)
+            extra_mounts.append(sandbox.Mount(str(resolv), "/etc/resolv.conf", True))
+            env.update(egress.container_env())
         limits = req.limits
         box = sandbox.Sandbox(
             name=self.name, image=req.image, command=req.command, workspace=bound, host_uid=uid, host_gid=gid,
             limits=limits, seccomp=str(seccomp_path), read_only_workspace=req.read_only_workspace,
-            network=req.network, cap_add=req.cap_add, writable_root=req.writable_root, env=req.env,
+            network=req.network, cap_add=req.cap_add, writable_root=req.writable_root, env=env,
             secrets=secret_list, masks=masked, mask_file=mask_file, tty=req.tty, interactive=req.interactive,
             labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
             runtime=engine.runtime(),
             # a backstop: conmon kills the container even if kp-run itself is killed
-            timeout=int(limits.seconds) + 60 if limits.seconds else 0)
+            timeout=int(limits.seconds) + 60 if limits.seconds else 0,
+            allow=[r.pattern + ("" if r.ports == (80, 443) else ":" + ",".join(map(str, r.ports)))
+                   for r in self.policy.rules] if self.policy else [],
+            extra_mounts=extra_mounts)
         self.meta.update(
             workspace_mode="quarantine" if req.quarantine else "ro" if req.read_only_workspace else
             "rw" if ws is not None else None,
-            network=req.network, limits=limits.record(), loosened=box.loosened(),
+            network="proxy" if self.policy else req.network, limits=limits.record(), loosened=box.loosened(),
             user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
             masked=masked, secrets=[s.dest for s in secret_list], env=sorted(req.env),
+            allow=box.allow,
             engine=self.engine.url)
         if self.upper is not None:
             self.meta["quarantine"] = {"path": str(self.upper)}
@@ -182,17 +208,35 @@ class Run:
         self.cid = self.engine.create(box.spec())
         self.meta.update(container_id=self.cid, state="running", started=now_iso())
         if self.req.audit:
-            self.meta["audit_log"] = str(self.folder / AUDIT_LOG)
+            from kodepipe import strace
+
+            self.meta.update(audit_log=str(self.folder / AUDIT_LOG), audit_mode=self.req.audit,
+                             audit_blind=[*strace.BLIND[self.req.audit], strace.ATTACHED_NOTE])
+        if self.policy is not None:
+            self.meta["egress_log"] = str(self.folder / EGRESS_LOG)
         self.store.write_meta(self.folder, self.meta)
+        if self.req.audit or self.policy is not None:
+            self.engine.init(self.cid)  # the container's processes and namespaces exist, nothing runs yet
+        if self.policy is not None:
+            self._start_proxy()
         if self.req.audit:
             self._attach_strace()
+
+    def _start_proxy(self) -> None:
+        from kodepipe import egress
+
+        if self.folder is None or self.cid is None:
+            raise RuntimeError("kp-run: out of order")
+        pid = self.engine.inspect(self.cid)["State"]["Pid"]
+        tcp, udp = egress.sockets_in_netns(pid)
+        self.proxy = egress.Proxy(self.policy, egress.DecisionLog(self.folder / EGRESS_LOG, self.name))
+        self.proxy.start(tcp, udp)
 
     def _attach_strace(self) -> None:
         from kodepipe import strace
 
         if not (self.folder is not None and self.cid is not None and self.req.audit is not None):
             raise RuntimeError("kp-run: out of order")
-        self.engine.init(self.cid)
         pid = self.engine.inspect(self.cid)["State"]["Pid"]
         args = ["strace", *strace.CAPTURE_FLAGS,
                 *[a for a in strace.MODES[self.req.audit] if a != "--seccomp-bpf"],
@@ -279,12 +323,16 @@ class Run:
             if not self.req.keep:
                 try:
                     self.engine.remove(self.cid)  # forced: stops it first if it still runs
-                except Exception as exc:  # noqa: BLE001 - reported, and kp-rm can still remove it
+                except Exception as exc:
                     self.say("warn", f"{self.name}: could not remove container {self.cid[:12]}: {exc}")
                     self.req.keep = True
             elif outcome != "exited":
                 with contextlib.suppress(Exception):
                     self.engine.kill(self.cid)
+        if self.proxy is not None:
+            self.proxy.stop()
+            meta["egress"] = dict(self.proxy.log.counts)
+            self.proxy.log.close()
         if self.strace is not None:
             try:
                 self.strace.wait(timeout=10)
@@ -297,7 +345,7 @@ class Run:
             if new:
                 meta["setuid_files"] = new
                 self.say("warn", f"the agent left setuid/setgid files in the workspace: {', '.join(new[:8])}")
-        keep = self.req.keep or self.req.audit is not None
+        keep = self.req.keep or self.req.audit is not None or self.policy is not None
         if self.folder is not None:
             if self.merged is not None:
                 containers.unmount(self.folder)

@@ -130,6 +130,8 @@ class Sandbox:
     labels: dict[str, str] = field(default_factory=dict)
     runtime: str | None = "runc"
     timeout: int = 0  # seconds after which conmon kills the container even if kp-run died
+    allow: list[str] = field(default_factory=list)  # egress rules served by the proxy (egress.py)
+    extra_mounts: list[Mount] = field(default_factory=list)  # files kodepipe provides, read-only
 
     # -- the policy --------------------------------------------------------
 
@@ -153,6 +155,7 @@ class Sandbox:
             if self.mask_file is not None:
                 out.extend(Mount(self.mask_file, f"{WORKSPACE}/{rel}", True) for rel in self.masks)
         out.extend(Mount(str(s.source), s.dest, True) for s in self.secrets)
+        out.extend(self.extra_mounts)
         return out
 
     def loosened(self) -> list[str]:
@@ -160,6 +163,7 @@ class Sandbox:
         out = []
         if self.network != "none":
             out.append(f"network:{self.network}")
+        out.extend(f"allow:{rule}" for rule in self.allow)
         out.extend(f"cap:{cap}" for cap in self.cap_add)
         if self.writable_root:
             out.append("writable-root")

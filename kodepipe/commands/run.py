@@ -82,6 +82,17 @@ def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
 @click.option("--net", "network", type=click.Choice(["none", "open"]), default="none", show_default=True,
               help="none: no network at all (only lo). open: Podman's bridge, full outbound access (loosens "
                    "the sandbox; recorded).")
+@click.option("--allow", "allow", multiple=True, metavar="DOMAIN[:PORTS]",
+              help="Let the container reach DOMAIN (or *.DOMAIN) on ports 80 and 443 (or PORTS) through kodepipe's "
+                   "egress proxy, its only way out (repeatable; added to the profile's; recorded). Every "
+                   "decision is logged to the record's egress_log.")
+@click.option("--allow-file", "allow_files", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read --allow rules from a file, one per line (# comments).")
+@click.option("--resolve", "pins", multiple=True, metavar="NAME=ADDRESS",
+              help="Pin an allowed name to an address for the proxy, like curl --resolve (also lets a name reach "
+                   "a loopback address, which is otherwise refused).")
+@click.option("--no-profile-allow", is_flag=True, help="Ignore the domains the profile allows.")
 @click.option("--cap-add", "cap_add", multiple=True, type=click.Choice(CAPS, case_sensitive=False),
               help="Give back one capability (repeatable; loosens the sandbox; recorded).")
 @click.option("--writable-root", is_flag=True, help="A writable root filesystem (loosens the sandbox; recorded).")
@@ -110,6 +121,7 @@ def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
 def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: bool, quarantine: bool,
         profile: str | None, image: str | None, name: str | None, memory: int | None, cpus: float | None,
         pids: int | None, time_limit: float | None, tmp_size: int | None, network: str,
+        allow: tuple[str, ...], allow_files: tuple[Path, ...], pins: tuple[str, ...], no_profile_allow: bool,
         cap_add: tuple[str, ...], writable_root: bool, env: dict[str, str], secret_specs: tuple[str, ...],
         masks: tuple[str, ...], no_default_masks: bool, interactive: bool, tty: bool, keep: bool, audit: bool,
         audit_mode: str, apply_names: tuple[str, ...], force: bool, quiet: bool) -> int:
@@ -119,7 +131,8 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     \b
     Defaults, each loosened only by a flag that the record then lists
     under "loosened":
-      - no network (--net open);
+      - no network (--net open; or --allow DOMAIN: a proxy on the host is
+        the only way out, by name, and logs every decision);
       - all capabilities dropped (--cap-add), no-new-privileges, a seccomp
         profile that also forbids new namespaces;
       - read-only root filesystem (--writable-root), a tmpfs at /tmp;
@@ -175,6 +188,12 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
                                 tmpfs=int(tmp_size or mem // 4))
         limits.check()
         secrets = [sandbox.check_secret(spec) for spec in secret_specs]
+        from kodepipe import egress
+
+        rules = ([] if no_profile_allow or network != "none" else list(chosen["allow"])) + list(allow)
+        for path in allow_files:
+            rules += egress.read_rules(path)
+        egress.Policy.build(rules, pins)  # refuse bad rules before anything starts
     except BadInput as exc:
         raise click.BadParameter(exc.message) from None
     if not command and not chosen["command"]:
@@ -185,7 +204,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         profile=chosen["profile"], workspace=workspace, read_only_workspace=read_only_workspace,
         quarantine=quarantine, network=network, cap_add=[c.upper() for c in cap_add], writable_root=writable_root,
         env={**chosen["env"], **env}, secrets=secrets, masks=mask_list, tty=tty, interactive=interactive or tty,
-        keep=keep, audit=audit_mode if audit else None)
+        keep=keep, audit=audit_mode if audit else None, allow=list(dict.fromkeys(rules)), resolve=list(pins))
 
     def say(level: str, message: str) -> None:
         getattr(out, {"warn": "warn", "progress": "progress"}.get(level, "info"))(message)
@@ -227,7 +246,8 @@ def _profile(out: kpcli.Output, name: str | None, image: str | None) -> dict[str
     from kodepipe.sandbox import parse_size
 
     if image is not None and name is None:
-        return {"profile": None, "image": image, "command": [], "limits": dict(DEFAULT_LIMITS), "env": {}}
+        return {"profile": None, "image": image, "command": [], "limits": dict(DEFAULT_LIMITS), "env": {},
+                "allow": []}
     from kodepipe import profile as profiles
 
     prof = profiles.load(name or "shell")
@@ -241,7 +261,7 @@ def _profile(out: kpcli.Output, name: str | None, image: str | None) -> dict[str
     return {"profile": prof.name, "image": tag, "command": list(prof.command),
             "limits": {"memory": parse_size(prof.memory), "cpus": prof.cpus, "pids": prof.pids,
                        "seconds": parse_duration(prof.time) if prof.time not in ("0", "none") else 0.0},
-            "env": env}
+            "env": env, "allow": list(prof.allow)}
 
 
 def _apply(out: kpcli.Output, store: Any, names: tuple[str, ...], force: bool) -> int:

@@ -42,7 +42,9 @@ def cli(command: tuple[str, ...], mode: str, summary: bool, log: Path | None, qu
     strace -f -ttt -T -yy -o FILE, or -tt, or strace's terminal output), or
     records, of which those with an "audit_log" key (a raw strace log, as
     kp-run --audit writes) are passed through and followed by the events of
-    their log, each with a "container" key naming the record.
+    their log, each with a "container" key naming the record.  Such a log
+    is read from the container's first execve on: what comes before is the
+    container runtime starting, not the agent.
 
     A line strace printed that kp-trace cannot read becomes a "parse_error"
     event with the raw text: nothing is dropped.
@@ -140,7 +142,18 @@ def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
         sink.record(record)
         name = record.get("name") or record.get("id")
         with handle:
-            _parse_stream(_lines(handle), sink, {"container": name})
+            _parse_stream(after_runtime(_lines(handle)), sink, {"container": name})
+
+
+def after_runtime(lines: Iterable[str]) -> Iterator[str]:
+    """An audit log from its first execve on: the lines before it are the container
+    runtime's own start-up (runc's init writing to its exec fifo), not the agent."""
+    it = iter(lines)
+    for line in it:
+        if "execve(" in line:
+            yield line
+            break
+    yield from it
 
 
 def _chain(first: bytes, stream: IO[bytes]) -> Iterator[bytes]:

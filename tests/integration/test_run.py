@@ -1,0 +1,410 @@
+"""kp-run on real Podman: every default is attacked from inside and must hold,
+and every loosening flag must do what it says (and show in the record)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BIN, lines
+
+pytestmark = pytest.mark.integration
+
+OWNER = 4321  # the workspace's owner: the "invoking user" when root runs kp-run without sudo
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    ws = tmp_path / "proj"
+    ws.mkdir()
+    (ws / "main.py").write_text("print('hello')\n")
+    (ws / ".env").write_text("API_KEY=hunter2\n")
+    (ws / "old.txt").write_text("old\n")
+    (ws / "sub").mkdir()
+    (ws / "sub" / "x.txt").write_text("x\n")
+    for path in [ws, *ws.rglob("*")]:
+        os.chown(path, OWNER, OWNER)
+    return ws
+
+
+def kprun(*args: str, env: dict[str, str] | None = None, input: bytes | None = None,
+          timeout: float = 120) -> tuple[subprocess.CompletedProcess[bytes], dict[str, Any]]:
+    """Run kp-run; return the process and its container record (the last record it wrote)."""
+    proc = subprocess.run([str(BIN / "kp-run"), *args], capture_output=True, input=input, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    records = lines(proc.stdout)
+    assert records, proc.stderr.decode()
+    return proc, records[-1]
+
+
+def inside(image: str, ws: Path | None, script: str, *flags: str,
+           env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[bytes], dict[str, Any], str]:
+    args = ["--image", image, *(["-w", str(ws)] if ws else []), *flags, "--", "bash", "-c", script]
+    proc, record = kprun(*args, env=env)
+    return proc, record, proc.stderr.decode()
+
+
+# -- the basics ----------------------------------------------------------------------------------
+
+
+def test_a_run_reports_and_leaves_nothing(shell_image: str, ws: Path, kp_env: dict[str, Path]) -> None:
+    proc, record, err = inside(shell_image, ws, "echo to-out; echo to-err >&2; id -u; exit 3")
+    assert proc.returncode == 1
+    assert record["kind"] == "container" and record["exit_code"] == 3 and record["state"] == "exited"
+    assert record["image"] == shell_image and record["workspace"] == str(ws)
+    assert record["loosened"] == [] and record["network"] == "none"
+    assert record["user"] == {"agent_uid": 1000, "host_uid": OWNER, "host_gid": OWNER, "from": "workspace-owner"}
+    assert "to-out" in err and "to-err" in err and "1000" in err
+    assert record["removed"] is True
+    # nothing left: no folder, no Podman container
+    assert not (kp_env["state"] / "containers" / record["name"]).exists()
+    ps = subprocess.run(["podman", "ps", "-a", "--format", "{{.ID}}", "--filter",
+                         f"label=io.kodepipe.name={record['name']}"], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
+
+
+def test_files_written_belong_to_the_invoker_and_root_inside_is_not_root(shell_image: str, ws: Path) -> None:
+    script = "echo made > /workspace/made.txt; cat /proc/self/uid_map"
+    proc, record, err = inside(shell_image, ws, script)
+    assert record["exit_code"] == 0, err
+    assert (ws / "made.txt").stat().st_uid == OWNER
+    maps = [line.split() for line in err.splitlines() if line.strip() and line.split()[0].isdigit()]
+    # container root maps to kodepipe's unprivileged range, never to host 0
+    assert ["0", str(0x70000000), "1000"] in maps
+    assert all(m[1] != "0" for m in maps)
+    # under sudo the invoker is SUDO_UID, whoever owns the workspace
+    proc, record, err = inside(shell_image, ws, "echo s > /workspace/sudo.txt",
+                               env={"SUDO_UID": "4322", "SUDO_GID": "4322"})
+    assert record["user"]["from"] == "sudo" and (ws / "sudo.txt").stat().st_uid == 4322
+
+
+# -- the defaults, attacked ----------------------------------------------------------------------
+
+
+def test_files_outside_the_workspace_are_out_of_reach(shell_image: str, ws: Path, tmp_path: Path) -> None:
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("top secret\n")
+    script = (f"cat {secret}; cat /workspace/../{secret.name}; ls /proc/1/root{tmp_path} ; "
+              "ls -A /home /root; test -e /run/podman/podman.sock && echo PODMAN-SOCKET; "
+              "test -S \"$SSH_AUTH_SOCK\" && echo SSH-AGENT; true")
+    proc, record, err = inside(shell_image, ws, script, env={"SSH_AUTH_SOCK": "/tmp/agent.sock"})
+    assert "top secret" not in err and "PODMAN-SOCKET" not in err and "SSH-AGENT" not in err
+    assert "No such file" in err
+    # loosened: one file, read-only, at the place asked for
+    proc, record, err = inside(shell_image, ws, "cat /run/secrets/tok; echo x >> /run/secrets/tok && echo WROTE",
+                               "--secret", f"{secret}:/run/secrets/tok")
+    assert "top secret" in err and "WROTE" not in err
+    assert "secret:/run/secrets/tok" in record["loosened"] and record["secrets"] == ["/run/secrets/tok"]
+    assert secret.read_text() == "top secret\n"
+
+
+@pytest.fixture
+def host_server() -> Any:
+    """A TCP server on every host address, answering "pong"; yields the host's non-loopback IPv4."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 1))  # no packet is sent: it only picks the outgoing address
+        addr = probe.getsockname()[0]
+    finally:
+        probe.close()
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("0.0.0.0", 0))
+    server.listen(16)
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            conn.sendall(b"pong\n")
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield addr, server.getsockname()[1]
+    stop.set()
+    thread.join()
+    server.close()
+
+
+NET_PROBE = """
+import socket, errno
+def try_(family, addr):
+    s = socket.socket(family, socket.SOCK_STREAM); s.settimeout(5)
+    try:
+        s.connect(addr); print("CONNECTED", s.recv(10).decode().strip())
+    except OSError as e:
+        print("REFUSED", errno.errorcode.get(e.errno, e))
+try_(socket.AF_INET, ("{ip}", {port}))
+try_(socket.AF_INET6, ("2001:db8::1", {port}))
+ns = [l.split()[1] for l in open("/etc/resolv.conf") if l.startswith("nameserver")] or ["192.0.2.53"]
+u = socket.socket(socket.AF_INET6 if ":" in ns[0] else socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u.sendto(b"\\0" * 12, (ns[0], 53)); print("DNS-SENT")
+except OSError as e:
+    print("DNS", errno.errorcode.get(e.errno, e))
+import subprocess
+print("IFACES", subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.count(": "))
+"""
+
+
+def test_there_is_no_network_unless_asked_for(shell_image: str, ws: Path, host_server: Any) -> None:
+    ip, port = host_server
+    code = NET_PROBE.format(ip=ip, port=port)
+    proc, record, err = inside(shell_image, ws, f"python3 -c '{code}'")
+    assert "REFUSED ENETUNREACH" in err and "CONNECTED" not in err, err
+    assert "DNS ENETUNREACH" in err and "DNS-SENT" not in err
+    assert "IFACES 1" in err  # lo only
+    # loosened: Podman's bridge reaches the host's address
+    proc, record, err = inside(shell_image, ws, f"python3 -c '{code}'", "--net", "open")
+    assert "CONNECTED pong" in err, err
+    assert record["network"] == "open" and "network:open" in record["loosened"]
+
+
+def test_the_root_filesystem_is_read_only(shell_image: str, ws: Path) -> None:
+    proc, record, err = inside(shell_image, ws, "touch /etc/evil /usr/bin/evil; touch /tmp/ok && echo TMP-OK")
+    assert err.count("Read-only file system") == 2 and "TMP-OK" in err
+    proc, record, err = inside(shell_image, ws, "touch /etc/evil && echo ROOT-OK", "--writable-root")
+    assert "ROOT-OK" in err and "writable-root" in record["loosened"]
+
+
+CAP_PROBE = """
+import socket, os
+for what, f in [("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)),
+                ("chown", lambda: os.chown("/workspace/old.txt", 0, 0)),
+                ("chmod-other", lambda: os.chmod("/etc/passwd", 0o777))]:
+    try:
+        f(); print(what, "ALLOWED")
+    except OSError as e:
+        print(what, "DENIED", e.errno)
+"""
+
+
+def test_capabilities_cannot_be_gained(shell_image: str, ws: Path) -> None:
+    script = (f"python3 -c '{CAP_PROBE}'; mount -t tmpfs none /mnt || echo MOUNT-DENIED; "
+              "unshare -Urm true || echo USERNS-DENIED; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' "
+              "/proc/self/status")
+    proc, record, err = inside(shell_image, ws, script)
+    assert "raw DENIED" in err and "chown DENIED" in err and "chmod-other DENIED" in err, err
+    assert "MOUNT-DENIED" in err and "USERNS-DENIED" in err
+    assert "CapEff:\t0000000000000000" in err and "CapBnd:\t0000000000000000" in err
+    assert "NoNewPrivs:\t1" in err and "Seccomp:\t2" in err
+    assert (ws / "old.txt").stat().st_uid == OWNER
+    # loosened: one capability back, and only that one
+    proc, record, err = inside(shell_image, ws, f"python3 -c '{CAP_PROBE}'", "--cap-add", "NET_RAW")
+    assert "raw ALLOWED" in err and "chown DENIED" in err
+    assert record["loosened"] == ["cap:NET_RAW"]
+
+
+def test_the_pids_limit_holds(shell_image: str, ws: Path) -> None:
+    script = ("python3 -c 'import os, time\nn = 0\nfor i in range(100):\n  try:\n    pid = os.fork()\n"
+              "  except OSError: break\n  if pid == 0: time.sleep(5); os._exit(0)\n  n += 1\nprint(\"FORKED\", n)'")
+    proc, record, err = inside(shell_image, ws, script, "--pids", "32")
+    forked = int(err.split("FORKED")[1].split()[0])
+    assert forked < 32, err
+    proc, record, err = inside(shell_image, ws, script, "--pids", "256")
+    assert "FORKED 100" in err and record["limits"]["pids"] == 256
+
+
+def test_the_memory_limit_holds(shell_image: str, ws: Path) -> None:
+    script = "python3 -c 'x = bytearray(200 * 1024 * 1024); x[::4096] = b\"a\" * len(x[::4096]); print(\"ALLOC-OK\")'"
+    proc, record, err = inside(shell_image, ws, script, "--memory", "64m", "--tmp-size", "8m")
+    assert "ALLOC-OK" not in err
+    assert record["exit_code"] == 137 and record["oom_killed"] is True
+    assert record["limits"]["memory"] == 64 << 20
+    proc, record, err = inside(shell_image, ws, script, "--memory", "512m")
+    assert "ALLOC-OK" in err and record["exit_code"] == 0
+
+
+def test_the_wall_time_limit_holds(shell_image: str, ws: Path) -> None:
+    proc, record, err = inside(shell_image, ws, "sleep 60", "--time", "2s")
+    assert record["timed_out"] is True and record["exit_code"] != 0
+    assert record["outcome"] == "timed-out"
+
+
+def test_env_files_are_masked_and_the_host_file_kept(shell_image: str, ws: Path) -> None:
+    (ws / "cert.pem").write_text("PRIVATE KEY\n")
+    script = ("cat /workspace/.env; echo leak >> /workspace/.env || echo WRITE-DENIED; "
+              "rm /workspace/.env || echo RM-DENIED; cat /workspace/cert.pem")
+    proc, record, err = inside(shell_image, ws, script, "--mask", "*.pem")
+    assert "hunter2" not in err and "PRIVATE KEY" not in err
+    assert "WRITE-DENIED" in err and "RM-DENIED" in err
+    assert sorted(record["masked"]) == [".env", "cert.pem"]
+    assert (ws / ".env").read_text() == "API_KEY=hunter2\n"
+    # loosened: without the default masks .env is the host's file
+    proc, record, err = inside(shell_image, ws, "cat /workspace/.env", "--no-default-masks")
+    assert "hunter2" in err and "no-default-masks" in record["loosened"]
+
+
+def test_host_environment_stays_out(shell_image: str, ws: Path) -> None:
+    env = {"FOO_SECRET": "s3cr3t-value", "AWS_SECRET_ACCESS_KEY": "aws-value"}
+    proc, record, err = inside(shell_image, ws, "env", env=env)
+    assert "s3cr3t-value" not in err and "aws-value" not in err and "HOME=/tmp/home" in err
+    proc, record, err = inside(shell_image, ws, "echo got=$FOO_SECRET; env", "--env", "FOO_SECRET", env=env)
+    assert "got=s3cr3t-value" in err and "aws-value" not in err
+    assert record["env"] == ["FOO_SECRET"] and "env:FOO_SECRET" in record["loosened"]
+    assert "s3cr3t-value" not in proc.stdout.decode()  # the record names it, never its value
+
+
+def test_a_read_only_workspace(shell_image: str, ws: Path) -> None:
+    proc, record, err = inside(shell_image, ws, "cat /workspace/main.py; touch /workspace/n || echo DENIED",
+                               "--read-only-workspace")
+    assert "print('hello')" in err and "DENIED" in err and not (ws / "n").exists()
+    assert record["workspace_mode"] == "ro"
+
+
+def test_dangerous_workspaces_are_refused(shell_image: str, kp_env: dict[str, Path]) -> None:
+    for bad in ("/", str(kp_env["home"]), str(kp_env["home"].parent)):
+        proc, record = kprun("--image", shell_image, "-w", bad, "--", "true")
+        assert proc.returncode != 0 and "error" in record, bad
+        assert "home directory" in proc.stderr.decode() or "cannot be /" in proc.stderr.decode()
+
+
+def test_credential_files_are_warned_about(shell_image: str, ws: Path) -> None:
+    (ws / "deploy").mkdir()
+    (ws / "deploy" / "id_ed25519").write_text("key\n")
+    proc, record, err = inside(shell_image, ws, "true")
+    assert "look like credentials" in err and "deploy/id_ed25519" in err
+
+
+# -- quarantine ----------------------------------------------------------------------------------
+
+
+def tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+EDIT = ("echo changed >> /workspace/main.py; echo new > /workspace/new.txt; rm /workspace/old.txt; "
+        "rm -rf /workspace/sub; mkdir -p /workspace/sub /workspace/dir; echo y > /workspace/sub/y.txt; "
+        "echo d > /workspace/dir/d.txt")
+
+
+def test_quarantine_round_trip(shell_image: str, ws: Path, kp_env: dict[str, Path]) -> None:
+    before = tree(ws)
+    proc, record, err = inside(shell_image, ws, EDIT + "; cat /workspace/main.py", "--quarantine")
+    assert record["exit_code"] == 0, err
+    assert "changed" in err  # the agent saw its own edits
+    assert tree(ws) == before  # the checkout is untouched
+    q = record["quarantine"]
+    assert set(q["added"]) >= {"new.txt", "dir", "dir/d.txt", "sub/y.txt"}
+    assert q["modified"] == ["main.py"]
+    assert set(q["deleted"]) >= {"old.txt", "sub/x.txt"}
+    assert record["state"] == "quarantined"
+    listed = lines(subprocess.run([str(BIN / "kp-ls"), "--kind", "container"], capture_output=True).stdout)
+    assert [r["name"] for r in listed if r["state"] == "quarantined"] == [record["name"]]
+    # apply: the checkout now matches what the agent saw, owned by its owner
+    applied = subprocess.run([str(BIN / "kp-run"), "--apply", record["name"]], capture_output=True)
+    assert applied.returncode == 0, applied.stderr.decode()
+    assert (ws / "main.py").read_text() == "print('hello')\nchanged\n"
+    assert (ws / "new.txt").read_text() == "new\n" and not (ws / "old.txt").exists()
+    assert (ws / "sub" / "y.txt").exists() and not (ws / "sub" / "x.txt").exists()
+    assert (ws / "dir" / "d.txt").read_text() == "d\n"
+    assert (ws / "new.txt").stat().st_uid == OWNER
+    assert not (kp_env["state"] / "containers" / record["name"]).exists()
+
+
+def test_quarantine_discard_and_conflicts(shell_image: str, ws: Path, kp_env: dict[str, Path]) -> None:
+    before = tree(ws)
+    proc, first, err = inside(shell_image, ws, EDIT, "--quarantine")
+    removed = subprocess.run([str(BIN / "kp-rm"), first["name"]], capture_output=True)
+    assert removed.returncode == 0, removed.stderr.decode()
+    assert tree(ws) == before and not (kp_env["state"] / "containers" / first["name"]).exists()
+    # a host edit after the run: apply refuses rather than overwrite it, and keeps the quarantine
+    proc, second, err = inside(shell_image, ws, "echo agent >> /workspace/main.py", "--quarantine")
+    (ws / "main.py").write_text("user's own edit\n")
+    refused = subprocess.run([str(BIN / "kp-run"), "--apply", second["name"]], capture_output=True)
+    assert refused.returncode != 0 and b"main.py" in refused.stderr
+    assert (ws / "main.py").read_text() == "user's own edit\n"
+    assert (kp_env["state"] / "containers" / second["name"]).is_dir()
+    forced = subprocess.run([str(BIN / "kp-run"), "--apply", second["name"], "--force"], capture_output=True)
+    assert forced.returncode == 0 and (ws / "main.py").read_text() == "print('hello')\nagent\n"
+
+
+def test_an_interrupted_run_is_cleaned_up(shell_image: str, ws: Path, kp_env: dict[str, Path]) -> None:
+    proc = subprocess.Popen([str(BIN / "kp-run"), "--image", shell_image, "-w", str(ws), "--name", "stopme",
+                             "--", "sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    folder = kp_env["state"] / "containers" / "stopme"
+    for _ in range(200):
+        if folder.is_dir() and b'"running"' in (folder / "meta.json").read_bytes():
+            break
+        threading.Event().wait(0.05)
+    listed = lines(subprocess.run([str(BIN / "kp-ls"), "stopme"], capture_output=True).stdout)
+    assert listed and listed[0]["state"] == "running"
+    proc.terminate()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    (record,) = lines(out)
+    assert record["outcome"] == "interrupted" and record["error"]["code"] == "interrupted"
+    assert not folder.exists()
+    ps = subprocess.run(["podman", "ps", "-a", "--format", "{{.ID}}", "--filter", "label=io.kodepipe.name=stopme"],
+                        capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
+
+
+def test_a_killed_kp_run_is_orphaned_and_kp_rm_cleans_it(shell_image: str, ws: Path,
+                                                         kp_env: dict[str, Path]) -> None:
+    proc = subprocess.Popen([str(BIN / "kp-run"), "--image", shell_image, "-w", str(ws), "--quarantine",
+                             "--name", "killed", "--", "sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    folder = kp_env["state"] / "containers" / "killed"
+    for _ in range(200):
+        if folder.is_dir() and b'"running"' in (folder / "meta.json").read_bytes():
+            break
+        threading.Event().wait(0.05)
+    proc.kill()
+    proc.wait()
+    (record,) = lines(subprocess.run([str(BIN / "kp-ls"), "killed"], capture_output=True).stdout)
+    assert record["state"] == "orphaned" and record.get("mounted") is True
+    removed = subprocess.run([str(BIN / "kp-rm"), "killed"], capture_output=True)
+    assert removed.returncode == 0, removed.stderr.decode()
+    assert not folder.exists()
+    ps = subprocess.run(["podman", "ps", "-a", "--format", "{{.ID}}", "--filter", "label=io.kodepipe.name=killed"],
+                        capture_output=True, text=True)
+    assert ps.stdout.strip() == ""
+    assert (ws / "main.py").read_text() == "print('hello')\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_podman_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One API service for the module (kp-run would otherwise start one per test's runtime dir)."""
+    from kodepipe import engine
+
+    run_dir = tmp_path_factory.mktemp("podman-run")
+    run_dir.chmod(0o700)
+    sock = run_dir / "podman.sock"
+    old = os.environ.get("KODEPIPE_PODMAN_URL")
+    engine._start_service(sock)
+    os.environ["KODEPIPE_PODMAN_URL"] = f"unix://{sock}"
+    eng = engine.Engine(os.environ["KODEPIPE_PODMAN_URL"])
+    for _ in range(1000):
+        if eng.ping():
+            break
+        threading.Event().wait(0.01)
+    yield
+    if old is None:
+        del os.environ["KODEPIPE_PODMAN_URL"]
+    else:
+        os.environ["KODEPIPE_PODMAN_URL"] = old
+    subprocess.run(["pkill", "-f", f"unix://{sock}"], check=False)
+
+
+def test_kp_run_starts_its_own_service_when_none_is_configured(shell_image: str, ws: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              kp_env: dict[str, Path]) -> None:
+    monkeypatch.delenv("KODEPIPE_PODMAN_URL")
+    monkeypatch.delenv("CONTAINER_HOST", raising=False)
+    try:
+        proc, record, err = inside(shell_image, ws, "echo ran")
+        assert record["exit_code"] == 0 and "ran" in err
+        assert record["engine"] == f"unix://{kp_env['runtime']}/podman.sock"
+    finally:
+        subprocess.run(["pkill", "-f", f"unix://{kp_env['runtime']}/podman.sock"], check=False)

@@ -1,0 +1,138 @@
+"""The kp-run policy as data: what the spec and the podman arguments say, what counts as loosened."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kodepipe import sandbox, seccomp
+from kodepipe.errors import BadInput
+
+LIMITS = sandbox.Limits(memory=512 << 20, cpus=1.5, pids=64, seconds=60, tmpfs=64 << 20)
+
+
+def box(**kw: object) -> sandbox.Sandbox:
+    args: dict[str, object] = dict(name="run-1", image="localhost/x:1", command=["true"], workspace="/w",
+                                   host_uid=1234, host_gid=1235, limits=LIMITS, seccomp="/s.json")
+    args.update(kw)
+    return sandbox.Sandbox(**args)  # type: ignore[arg-type]
+
+
+def test_the_default_spec_is_locked_down() -> None:
+    spec = box().spec()
+    assert spec["cap_drop"] == ["all"] and spec["cap_add"] == []
+    assert spec["no_new_privileges"] is True and spec["read_only_filesystem"] is True
+    assert spec["netns"] == {"nsmode": "none"}
+    assert spec["user"] == "1000:1000"
+    assert spec["seccomp_profile_path"] == "/s.json"
+    assert spec["resource_limits"]["memory"]["limit"] == 512 << 20
+    assert spec["resource_limits"]["pids"]["limit"] == 64
+    assert spec["resource_limits"]["cpu"]["quota"] == 150000
+    assert spec["env"] == {"HOME": "/tmp/home", "LANG": "C.UTF-8"}
+    assert [m["destination"] for m in spec["mounts"]] == ["/tmp", "/workspace"]
+    uid = spec["idmappings"]["UIDMap"]
+    assert {"container_id": 1000, "host_id": 1234, "size": 1} in uid
+    assert all(m["host_id"] != 0 for m in uid) and sum(m["size"] for m in uid) == 65536
+    assert {"container_id": 1000, "host_id": 1235, "size": 1} in spec["idmappings"]["GIDMap"]
+    assert box().loosened() == []
+
+
+def test_every_loosening_is_listed() -> None:
+    loose = box(network="open", cap_add=["NET_RAW"], writable_root=True, env={"TOKEN": "zz-token-value"},
+                secrets=[sandbox.Secret(Path("/c"), "/run/secrets/c", "/home/u/c")],
+                limits=sandbox.Limits(memory=1 << 30, cpus=1, pids=64, seconds=0, tmpfs=1 << 20))
+    assert loose.loosened() == ["network:open", "cap:NET_RAW", "writable-root", "env:TOKEN",
+                                "secret:/run/secrets/c", "no-time-limit"]
+    spec = loose.spec()
+    assert spec["netns"] == {"nsmode": "bridge"} and spec["read_only_filesystem"] is False
+    assert {"type": "bind", "source": "/c", "destination": "/run/secrets/c", "options": ["rbind", "ro"]} \
+        in spec["mounts"]
+    assert "zz-token-value" not in json.dumps(loose.loosened())
+
+
+def test_masks_and_the_read_only_workspace_become_read_only_binds() -> None:
+    spec = box(masks=[".env", "a/.env.local"], mask_file="/f/empty", read_only_workspace=True).spec()
+    binds = {m["destination"]: m["options"] for m in spec["mounts"] if m["type"] == "bind"}
+    assert binds == {"/workspace": ["rbind", "ro"], "/workspace/.env": ["rbind", "ro"],
+                     "/workspace/a/.env.local": ["rbind", "ro"]}
+
+
+def test_podman_arguments_say_the_same_as_the_spec() -> None:
+    args = box(cap_add=["NET_RAW"]).podman_args()
+    joined = " ".join(args)
+    for expected in ("--cap-drop all", "--cap-add NET_RAW", "--security-opt no-new-privileges",
+                     "--security-opt seccomp=/s.json", "--read-only", "--network none", "--pids-limit 64",
+                     "--cpus 1.5", "--uidmap 1000:1234:1", "--gidmap 1000:1235:1", "--user 1000:1000",
+                     "type=bind,source=/w,destination=/workspace"):
+        assert expected in joined
+    assert args[-2:] == ["localhost/x:1", "true"]
+
+
+def test_the_invoker_is_never_root(tmp_path: Path) -> None:
+    assert sandbox.invoker(tmp_path, {"SUDO_UID": "1001", "SUDO_GID": "1002"}, euid=0) == (1001, 1002, "sudo")
+    # root's own workspace, no sudo: an id that owns nothing
+    assert sandbox.invoker(tmp_path, {}, euid=0)[2] == "nobody"
+    assert sandbox.invoker(tmp_path, {"SUDO_UID": "0", "SUDO_GID": "0"}, euid=0)[0] == sandbox.FALLBACK_HOST_UID
+
+
+def test_dangerous_workspaces(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (home / "code" / "proj").mkdir(parents=True)
+    for bad in (Path("/"), home, tmp_path):
+        with pytest.raises(BadInput):
+            sandbox.check_workspace(bad, home)
+    assert sandbox.check_workspace(home / "code" / "proj", home) == (home / "code" / "proj").resolve()
+    with pytest.raises(BadInput, match="does not exist"):
+        sandbox.check_workspace(tmp_path / "nope", home)
+
+
+def test_scan_finds_masks_credentials_and_setuid(tmp_path: Path) -> None:
+    for rel in (".env", "a/.env.prod", "a/b/.env", "keys/id_ed25519", "cert.pem", ".git/x/.env", "ok.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    (tmp_path / "link.env").symlink_to("/etc/passwd")
+    (tmp_path / "suid").write_text("x")
+    (tmp_path / "suid").chmod(0o4755)
+    masked, creds, setuid = sandbox.scan(tmp_path, [".env", ".env.*", "*.pem"])
+    assert sorted(masked) == [".env", "a/.env.prod", "a/b/.env", "cert.pem"]
+    assert creds == ["keys/id_ed25519"] and setuid == {"suid"}
+
+
+def test_secret_and_size_parsing(tmp_path: Path) -> None:
+    f = tmp_path / "tok"
+    f.write_text("t")
+    assert sandbox.check_secret(str(f)) == (f, "/run/secrets/tok")
+    assert sandbox.check_secret(f"{f}:/etc/tok") == (f, "/etc/tok")
+    for bad in (f"{f}:/workspace/tok", f"{f}:/proc/x", f"{f}:rel", str(tmp_path / "missing")):
+        with pytest.raises(BadInput):
+            sandbox.check_secret(bad)
+    assert sandbox.parse_size("2g") == 2 << 30 and sandbox.parse_size("512M") == 512 << 20
+    with pytest.raises(BadInput):
+        sandbox.parse_size("lots")
+    with pytest.raises(BadInput):
+        sandbox.Limits(memory=64 << 20, cpus=1, pids=64, seconds=0, tmpfs=64 << 20).check()
+
+
+def test_seccomp_profile_forbids_new_namespaces() -> None:
+    base = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+        {"names": ["read", "clone", "clone3", "unshare", "setns"], "action": "SCMP_ACT_ALLOW", "args": []},
+        {"names": ["mount", "setns"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_SYS_ADMIN"]}},
+    ]}
+    derived = seccomp.derive(base)
+    allowed = [n for r in derived["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" and not r.get("args")
+               for n in r["names"]]
+    assert "read" in allowed and not {"clone", "clone3", "unshare", "setns"} & set(allowed)
+    clone = [r for r in derived["syscalls"] if r["names"] == ["clone"]][0]
+    assert clone["args"][0]["op"] == "SCMP_CMP_MASKED_EQ" and clone["args"][0]["value"] & 0x10000000
+    assert {"names": ["unshare", "setns"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1} in derived["syscalls"]
+    assert base["syscalls"][0]["names"][1] == "clone"  # the input is not changed
+
+
+def test_seccomp_from_the_system_profile(tmp_path: Path) -> None:
+    if not seccomp.SYSTEM_PROFILE.exists():
+        pytest.skip("no containers seccomp.json here")
+    path = seccomp.ensure(tmp_path)
+    assert path == seccomp.ensure(tmp_path)  # stable name: written once
+    assert json.loads(path.read_text())["defaultAction"]
