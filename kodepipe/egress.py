@@ -311,7 +311,10 @@ class Proxy:
             method, host, port, forward = parse_request(head)
             fields.update(method=method, host=host, port=port)
             host = self.policy.check(host, port)
-            addrs = await self.loop.run_in_executor(None, self.policy.addresses, host, port)
+            if host in self.policy.pins:  # no lookup: no need to leave the loop
+                addrs = self.policy.addresses(host, port)
+            else:
+                addrs = await self.loop.run_in_executor(None, self.policy.addresses, host, port)
             upstream_r, upstream_w, address = await self._connect(addrs, port)
             fields["address"] = address
             if method == "CONNECT":
@@ -449,7 +452,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, index: int) -> None:
         try:
             while True:
-                data = await src.read(65536)
+                data = await src.read(1 << 18)
                 if not data:
                     break
                 counts[index] += len(data)

@@ -155,7 +155,7 @@ class Engine:
 
     def wait(self, cid: str) -> int:
         response = self.api.post(f"/containers/{cid}/wait",
-                                 params={"condition": ["exited", "stopped"], "interval": "10ms"})
+                                 params={"condition": "exited", "interval": "10ms"})
         return int(self._check(response, "waiting for the container").text.strip())
 
     def remove(self, cid: str) -> None:

@@ -188,12 +188,13 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
                                 tmpfs=int(tmp_size or mem // 4))
         limits.check()
         secrets = [sandbox.check_secret(spec) for spec in secret_specs]
-        from kodepipe import egress
-
         rules = ([] if no_profile_allow or network != "none" else list(chosen["allow"])) + list(allow)
-        for path in allow_files:
-            rules += egress.read_rules(path)
-        egress.Policy.build(rules, pins)  # refuse bad rules before anything starts
+        if rules or allow_files or pins:
+            from kodepipe import egress
+
+            for path in allow_files:
+                rules += egress.read_rules(path)
+            egress.Policy.build(rules, pins)  # refuse bad rules before anything starts
     except BadInput as exc:
         raise click.BadParameter(exc.message) from None
     if not command and not chosen["command"]:

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Throughput and added latency of kp-run's egress proxy, against a direct connection.
+
+    .venv/bin/python bench/bench_proxy.py [--requests 300] [--megabytes 200]
+
+Everything is on loopback, in one process run: an HTTP origin server, and
+kodepipe's proxy (egress.Proxy, the code kp-run --allow serves a container
+with, listening here on a loopback port instead of inside a container's
+network namespace).  The client alternates direct and proxied requests, so
+the figures that matter are the ratios:
+
+- latency: a new connection and one small GET, direct vs through the proxy
+  (plain HTTP, and CONNECT as HTTPS clients use it);
+- throughput: one large download, direct vs through a CONNECT tunnel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kodepipe import egress  # noqa: E402
+
+CHUNK = b"x" * (1 << 20)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:  # noqa: N802
+        size = int(self.path.strip("/") or 0)
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        left = size
+        while left > 0:
+            n = min(left, len(CHUNK))
+            self.wfile.write(CHUNK[:n])
+            left -= n
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def fetch(port: int, request: bytes, connect: bytes | None = None) -> int:
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        if connect is not None:
+            s.sendall(connect)
+            reply = s.recv(4096)
+            if not reply.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(reply[:100])
+        s.sendall(request)
+        total = 0
+        while chunk := s.recv(1 << 20):
+            total += len(chunk)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--megabytes", type=int, default=200)
+    args = parser.parse_args()
+    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    origin.daemon_threads = True
+    threading.Thread(target=origin.serve_forever, daemon=True).start()
+    oport = origin.server_address[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = egress.Policy.build([f"origin.test:{oport}"], ["origin.test=127.0.0.1"])
+        log = egress.DecisionLog(Path(tmp) / "egress.jsonl", "bench")
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(512)
+        proxy = egress.Proxy(policy, log)
+        proxy.start(listener, None)
+        pport = listener.getsockname()[1]
+        small_direct = b"GET /100 HTTP/1.0\r\n\r\n"
+        small_proxied = f"GET http://origin.test:{oport}/100 HTTP/1.1\r\n\r\n".encode()
+        connect = f"CONNECT origin.test:{oport} HTTP/1.1\r\n\r\n".encode()
+        lat: dict[str, list[float]] = {"direct": [], "http": [], "connect": []}
+        for _ in range(args.requests):
+            for kind in lat:
+                t = time.perf_counter()
+                if kind == "direct":
+                    fetch(oport, small_direct)
+                elif kind == "http":
+                    fetch(pport, small_proxied)
+                else:
+                    fetch(pport, small_direct, connect)
+                lat[kind].append(time.perf_counter() - t)
+        big = f"GET /{args.megabytes << 20} HTTP/1.0\r\n\r\n".encode()
+        tput: dict[str, list[float]] = {"direct": [], "connect": []}
+        for _ in range(3):
+            for kind in tput:
+                t = time.perf_counter()
+                got = fetch(oport, big) if kind == "direct" else fetch(pport, big, connect)
+                tput[kind].append(got / (1 << 20) / (time.perf_counter() - t))
+        proxy.stop()
+        log.close()
+    med = {k: statistics.median(v) * 1000 for k, v in lat.items()}
+    mbps = {k: statistics.median(v) for k, v in tput.items()}
+    result = {"bench": "proxy", "requests": args.requests, "megabytes": args.megabytes,
+              "latency_ms": {k: round(v, 3) for k, v in med.items()},
+              "latency_ratio_http": round(med["http"] / med["direct"], 2),
+              "latency_ratio_connect": round(med["connect"] / med["direct"], 2),
+              "added_latency_ms_connect": round(med["connect"] - med["direct"], 3),
+              "throughput_mib_s": {k: round(v, 1) for k, v in mbps.items()},
+              "throughput_ratio": round(mbps["connect"] / mbps["direct"], 2)}
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    print(f"latency median: direct {med['direct']:.2f} ms, proxied http {med['http']:.2f} ms "
+          f"(x{result['latency_ratio_http']}), CONNECT {med['connect']:.2f} ms (x{result['latency_ratio_connect']}); "
+          f"throughput: direct {mbps['direct']:.0f} MiB/s, CONNECT {mbps['connect']:.0f} MiB/s "
+          f"(x{result['throughput_ratio']})", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""kp-run -- true against a bare `podman run --rm` of the same image and options.
+
+    sudo .venv/bin/python bench/bench_run.py [--runs 15] [--image TAG]
+
+Both sides run interleaved in the same process: the bare side gets exactly
+the arguments kp-run's policy renders (sandbox.Sandbox.podman_args(): the
+uid map, dropped capabilities, seccomp profile, read-only root, tmpfs,
+limits, no network, the workspace), so the ratio is what kodepipe adds:
+Python start-up, the API round trips, the record, the clean-up.  Each side
+runs once untimed first (the first run of a uid map copies the image).
+Writes JSON lines on stdout and a summary on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kodepipe import engine, paths, sandbox, seccomp  # noqa: E402
+
+
+def timed(argv: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--image", default=None, help="default: the shell profile's image (built if missing)")
+    args = parser.parse_args()
+    venv_kp_run = Path(sys.executable).parent / "kp-run"
+    kp_run = str(venv_kp_run if venv_kp_run.exists() else ROOT / "bin" / "kp-run")
+    with tempfile.TemporaryDirectory(prefix="kp-bench-") as tmp:
+        env = {**os.environ, "KODEPIPE_STATE_DIR": f"{tmp}/state", "KODEPIPE_RUNTIME_DIR": f"{tmp}/run",
+               "KODEPIPE_CACHE_DIR": os.environ.get("KODEPIPE_CACHE_DIR", str(paths.cache_dir()))}
+        image = args.image
+        if image is None:
+            from kodepipe import cli, profile
+
+            image = profile.ensure_image(profile.load("shell"), cli.Output("bench"))
+        ws = Path(tmp) / "ws"
+        ws.mkdir()
+        os.chown(ws, 4321, 4321)
+        limits = sandbox.Limits(memory=2 << 30, cpus=2, pids=512, seconds=7200, tmpfs=512 << 20)
+        box = sandbox.Sandbox(name="kp-bench-bare", image=image, command=["true"], workspace=str(ws),
+                              host_uid=4321, host_gid=4321, limits=limits,
+                              seccomp=str(seccomp.ensure(Path(tmp) / "seccomp")), runtime=engine.runtime(),
+                              timeout=7260)
+        engine.force_chown_copies()
+        bare = ["podman", "run", *box.podman_args()]
+        ours = [kp_run, "--image", image, "-w", str(ws), "--", "true"]
+        timed(bare, env)
+        timed(ours, env)
+        samples: dict[str, list[float]] = {"bare": [], "kp-run": []}
+        for _ in range(args.runs):
+            samples["bare"].append(timed(bare, env))
+            samples["kp-run"].append(timed(ours, env))
+        subprocess.run(["pkill", "-f", f"unix://{tmp}/run/podman.sock"], check=False)
+    result = {"bench": "run", "image": image, "runs": args.runs,
+              **{f"{k}_median_s": round(statistics.median(v), 4) for k, v in samples.items()},
+              **{f"{k}_min_s": round(min(v), 4) for k, v in samples.items()}}
+    result["ratio"] = round(result["kp-run_median_s"] / result["bare_median_s"], 2)
+    sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    print(f"kp-run -- true: median {result['kp-run_median_s']:.3f} s; podman run --rm (same options): "
+          f"{result['bare_median_s']:.3f} s; ratio {result['ratio']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

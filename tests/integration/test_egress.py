@@ -1,0 +1,136 @@
+"""kp-run --allow on real Podman: the proxy is the container's only way out, by name,
+and every decision is logged.  Only servers this test starts are ever targets."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import BIN, lines
+from tests.integration.test_run import one_podman_service  # noqa: F401 - the module's shared service
+
+pytestmark = pytest.mark.integration
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        body = f"origin says {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def origin() -> Iterator[tuple[str, int]]:
+    """An HTTP server on all the host's addresses; yields (non-loopback host address, port)."""
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), _Handler)
+    server.daemon_threads = True
+    server.request_queue_size = 512
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.connect(("10.255.255.255", 1))  # picks the outgoing address; sends nothing
+    addr = probe.getsockname()[0]
+    probe.close()
+    yield addr, server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+PROBE = r"""
+set -u
+echo "HTTP: $(curl -sS --max-time 10 http://allowed.test:$PORT/plain)"
+echo "CONNECT: $(curl -sS --max-time 10 --proxytunnel http://allowed.test:$PORT/tunnel)"
+echo "DENIED: $(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' http://denied.test:$PORT/)"
+echo "RAWIP: $(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' http://$HOSTIP:$PORT/)"
+echo "META: $(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' --proxytunnel http://meta.test:$PORT/)"
+echo "DIRECT: $(curl -sS --noproxy '*' --max-time 5 http://$HOSTIP:$PORT/ 2>&1)"
+echo "DNS-ALLOWED: $(getent hosts allowed.test)"
+echo "DNS-DENIED: $(getent hosts denied.test || echo refused)"
+python3 - <<'EOF'
+import concurrent.futures, os, urllib.request
+url = "http://allowed.test:%s/many" % os.environ["PORT"]
+def one(n):
+    with urllib.request.urlopen(url + str(n), timeout=60) as r:
+        return r.read() == b"origin says /many%d\n" % n
+with concurrent.futures.ThreadPoolExecutor(200) as pool:
+    print("CONCURRENT:", sum(pool.map(one, range(200))))
+EOF
+"""
+
+
+def test_the_proxy_is_the_only_way_out(shell_image: str, origin: tuple[str, int], tmp_path: Path,
+                                       kp_env: dict[str, Path]) -> None:
+    host_ip, port = origin
+    env = {"PORT": str(port), "HOSTIP": host_ip}
+    proc = subprocess.run(
+        [str(BIN / "kp-run"), "--image", shell_image, "--allow", f"allowed.test:{port}",
+         "--allow", f"meta.test:{port}", "--resolve", "allowed.test=127.0.0.1",
+         "--resolve", "meta.test=169.254.169.254", "--pids", "1024",
+         "-e", "PORT", "-e", "HOSTIP", "--", "bash", "-c", PROBE],
+        capture_output=True, env={**os.environ, **env}, timeout=300)
+    err = proc.stderr.decode()
+    (record,) = lines(proc.stdout)
+    assert record["exit_code"] == 0, err
+    assert "HTTP: origin says /plain" in err
+    assert "CONNECT: origin says /tunnel" in err
+    assert "DENIED: 403" in err and "RAWIP: 403" in err
+    assert "META: 000" in err or "META: 403" in err  # curl reports a refused CONNECT as 000 or 403
+    assert "origin says" not in err.split("DIRECT:")[1].split("\n")[0]  # no route around the proxy
+    assert "DNS-ALLOWED: 127.0.0.1" in err and "DNS-DENIED: refused" in err
+    assert "CONCURRENT: 200" in err
+    assert record["network"] == "proxy" and f"allow:allowed.test:{port}" in record["loosened"]
+    log = [orjson.loads(line) for line in Path(record["egress_log"]).read_bytes().splitlines()]
+    by = {(d["decision"], d.get("method"), d.get("host")) for d in log}
+    assert ("allow", "GET", "allowed.test") in by and ("allow", "CONNECT", "allowed.test") in by
+    assert ("deny", "GET", "denied.test") in by and ("deny", "GET", host_ip) in by
+    assert ("deny", "CONNECT", "meta.test") in by and ("deny", "DNS", "denied.test") in by
+    assert sum(1 for d in log if d.get("decision") == "allow" and d.get("method") == "GET") >= 201
+    assert record["egress"]["deny"] >= 4
+    # the log is outside the container's reach: in the run's own folder in the state dir
+    assert Path(record["egress_log"]).is_relative_to(kp_env["state"])
+    subprocess.run([str(BIN / "kp-rm"), record["name"]], check=True, capture_output=True)
+
+
+def test_without_allow_there_is_no_proxy_and_no_network(shell_image: str, origin: tuple[str, int]) -> None:
+    host_ip, port = origin
+    proc = subprocess.run([str(BIN / "kp-run"), "--image", shell_image, "--", "bash", "-c",
+                           f"curl -sS --max-time 5 -x http://127.0.0.1:3128 http://x.test/ 2>&1; "
+                           f"curl -sS --max-time 5 http://{host_ip}:{port}/ 2>&1; env | grep -ci proxy"],
+                          capture_output=True, timeout=120)
+    err = proc.stderr.decode()
+    assert "origin says" not in err and "Connection refused" in err
+    (record,) = lines(proc.stdout)
+    assert "egress_log" not in record and record["network"] == "none"
+
+
+def test_the_proxy_refuses_everyone_but_its_sandbox(shell_image: str, origin: tuple[str, int]) -> None:
+    """While a sandbox with --allow runs, its proxy is not reachable from the host or another container."""
+    host_ip, port = origin
+    holder = subprocess.Popen([str(BIN / "kp-run"), "--image", shell_image, "--name", "holder",
+                               "--allow", f"allowed.test:{port}", "--resolve", "allowed.test=127.0.0.1",
+                               "--", "sleep", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        threading.Event().wait(5)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", 3128), timeout=2).close()
+        proc = subprocess.run([str(BIN / "kp-run"), "--image", shell_image, "--net", "open", "--", "bash", "-c",
+                               f"curl -sS --max-time 5 -x http://{host_ip}:3128 http://allowed.test:{port}/ 2>&1"],
+                              capture_output=True, timeout=120)
+        assert "origin says" not in proc.stderr.decode()
+    finally:
+        holder.terminate()
+        holder.communicate(timeout=60)
+        subprocess.run([str(BIN / "kp-rm"), "holder"], capture_output=True)
