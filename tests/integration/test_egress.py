@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         body = f"origin says {self.path}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -36,7 +36,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def origin() -> Iterator[tuple[str, int]]:
     """An HTTP server on all the host's addresses; yields (non-loopback host address, port)."""
-    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), _Handler)
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), _Handler)  # noqa: S104 - reached via the host IP
     server.daemon_threads = True
     server.request_queue_size = 512
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -71,7 +71,7 @@ def test_a_run_reports_and_leaves_nothing(shell_image: str, ws: Path, kp_env: di
 
 def test_files_written_belong_to_the_invoker_and_root_inside_is_not_root(shell_image: str, ws: Path) -> None:
     script = "echo made > /workspace/made.txt; cat /proc/self/uid_map"
-    proc, record, err = inside(shell_image, ws, script)
+    _, record, err = inside(shell_image, ws, script)
     assert record["exit_code"] == 0, err
     assert (ws / "made.txt").stat().st_uid == OWNER
     maps = [line.split() for line in err.splitlines() if line.strip() and line.split()[0].isdigit()]
@@ -79,7 +79,7 @@ def test_files_written_belong_to_the_invoker_and_root_inside_is_not_root(shell_i
     assert ["0", str(0x70000000), "1000"] in maps
     assert all(m[1] != "0" for m in maps)
     # under sudo the invoker is SUDO_UID, whoever owns the workspace
-    proc, record, err = inside(shell_image, ws, "echo s > /workspace/sudo.txt",
+    _, record, err = inside(shell_image, ws, "echo s > /workspace/sudo.txt",
                                env={"SUDO_UID": "4322", "SUDO_GID": "4322"})
     assert record["user"]["from"] == "sudo" and (ws / "sudo.txt").stat().st_uid == 4322
 
@@ -93,11 +93,11 @@ def test_files_outside_the_workspace_are_out_of_reach(shell_image: str, ws: Path
     script = (f"cat {secret}; cat /workspace/../{secret.name}; ls /proc/1/root{tmp_path} ; "
               "ls -A /home /root; test -e /run/podman/podman.sock && echo PODMAN-SOCKET; "
               "test -S \"$SSH_AUTH_SOCK\" && echo SSH-AGENT; true")
-    proc, record, err = inside(shell_image, ws, script, env={"SSH_AUTH_SOCK": "/tmp/agent.sock"})
+    _, record, err = inside(shell_image, ws, script, env={"SSH_AUTH_SOCK": "/tmp/agent.sock"})
     assert "top secret" not in err and "PODMAN-SOCKET" not in err and "SSH-AGENT" not in err
     assert "No such file" in err
     # loosened: one file, read-only, at the place asked for
-    proc, record, err = inside(shell_image, ws, "cat /run/secrets/tok; echo x >> /run/secrets/tok && echo WROTE",
+    _, record, err = inside(shell_image, ws, "cat /run/secrets/tok; echo x >> /run/secrets/tok && echo WROTE",
                                "--secret", f"{secret}:/run/secrets/tok")
     assert "top secret" in err and "WROTE" not in err
     assert "secret:/run/secrets/tok" in record["loosened"] and record["secrets"] == ["/run/secrets/tok"]
@@ -115,7 +115,7 @@ def host_server() -> Any:
         probe.close()
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    server.bind(("0.0.0.0", 0))
+    server.bind(("0.0.0.0", 0))  # noqa: S104 - the container must reach it through the host address
     server.listen(16)
     stop = threading.Event()
 
@@ -161,20 +161,20 @@ print("IFACES", subprocess.run(["ip", "-o", "link"], capture_output=True, text=T
 def test_there_is_no_network_unless_asked_for(shell_image: str, ws: Path, host_server: Any) -> None:
     ip, port = host_server
     code = NET_PROBE.format(ip=ip, port=port)
-    proc, record, err = inside(shell_image, ws, f"python3 -c '{code}'")
+    _, record, err = inside(shell_image, ws, f"python3 -c '{code}'")
     assert "REFUSED ENETUNREACH" in err and "CONNECTED" not in err, err
     assert "DNS ENETUNREACH" in err and "DNS-SENT" not in err
     assert "IFACES 1" in err  # lo only
     # loosened: Podman's bridge reaches the host's address
-    proc, record, err = inside(shell_image, ws, f"python3 -c '{code}'", "--net", "open")
+    _, record, err = inside(shell_image, ws, f"python3 -c '{code}'", "--net", "open")
     assert "CONNECTED pong" in err, err
     assert record["network"] == "open" and "network:open" in record["loosened"]
 
 
 def test_the_root_filesystem_is_read_only(shell_image: str, ws: Path) -> None:
-    proc, record, err = inside(shell_image, ws, "touch /etc/evil /usr/bin/evil; touch /tmp/ok && echo TMP-OK")
+    _, record, err = inside(shell_image, ws, "touch /etc/evil /usr/bin/evil; touch /tmp/ok && echo TMP-OK")
     assert err.count("Read-only file system") == 2 and "TMP-OK" in err
-    proc, record, err = inside(shell_image, ws, "touch /etc/evil && echo ROOT-OK", "--writable-root")
+    _, record, err = inside(shell_image, ws, "touch /etc/evil && echo ROOT-OK", "--writable-root")
     assert "ROOT-OK" in err and "writable-root" in record["loosened"]
 
 
@@ -194,14 +194,14 @@ def test_capabilities_cannot_be_gained(shell_image: str, ws: Path) -> None:
     script = (f"python3 -c '{CAP_PROBE}'; mount -t tmpfs none /mnt || echo MOUNT-DENIED; "
               "unshare -Urm true || echo USERNS-DENIED; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' "
               "/proc/self/status")
-    proc, record, err = inside(shell_image, ws, script)
+    _, record, err = inside(shell_image, ws, script)
     assert "raw DENIED" in err and "chown DENIED" in err and "chmod-other DENIED" in err, err
     assert "MOUNT-DENIED" in err and "USERNS-DENIED" in err
     assert "CapEff:\t0000000000000000" in err and "CapBnd:\t0000000000000000" in err
     assert "NoNewPrivs:\t1" in err and "Seccomp:\t2" in err
     assert (ws / "old.txt").stat().st_uid == OWNER
     # loosened: one capability back, and only that one
-    proc, record, err = inside(shell_image, ws, f"python3 -c '{CAP_PROBE}'", "--cap-add", "NET_RAW")
+    _, record, err = inside(shell_image, ws, f"python3 -c '{CAP_PROBE}'", "--cap-add", "NET_RAW")
     assert "raw ALLOWED" in err and "chown DENIED" in err
     assert record["loosened"] == ["cap:NET_RAW"]
 
@@ -209,25 +209,25 @@ def test_capabilities_cannot_be_gained(shell_image: str, ws: Path) -> None:
 def test_the_pids_limit_holds(shell_image: str, ws: Path) -> None:
     script = ("python3 -c 'import os, time\nn = 0\nfor i in range(100):\n  try:\n    pid = os.fork()\n"
               "  except OSError: break\n  if pid == 0: time.sleep(5); os._exit(0)\n  n += 1\nprint(\"FORKED\", n)'")
-    proc, record, err = inside(shell_image, ws, script, "--pids", "32")
+    _, record, err = inside(shell_image, ws, script, "--pids", "32")
     forked = int(err.split("FORKED")[1].split()[0])
     assert forked < 32, err
-    proc, record, err = inside(shell_image, ws, script, "--pids", "256")
+    _, record, err = inside(shell_image, ws, script, "--pids", "256")
     assert "FORKED 100" in err and record["limits"]["pids"] == 256
 
 
 def test_the_memory_limit_holds(shell_image: str, ws: Path) -> None:
     script = "python3 -c 'x = bytearray(200 * 1024 * 1024); x[::4096] = b\"a\" * len(x[::4096]); print(\"ALLOC-OK\")'"
-    proc, record, err = inside(shell_image, ws, script, "--memory", "64m", "--tmp-size", "8m")
+    _, record, err = inside(shell_image, ws, script, "--memory", "64m", "--tmp-size", "8m")
     assert "ALLOC-OK" not in err
     assert record["exit_code"] == 137 and record["oom_killed"] is True
     assert record["limits"]["memory"] == 64 << 20
-    proc, record, err = inside(shell_image, ws, script, "--memory", "512m")
+    _, record, err = inside(shell_image, ws, script, "--memory", "512m")
     assert "ALLOC-OK" in err and record["exit_code"] == 0
 
 
 def test_the_wall_time_limit_holds(shell_image: str, ws: Path) -> None:
-    proc, record, err = inside(shell_image, ws, "sleep 60", "--time", "2s")
+    _, record, _err = inside(shell_image, ws, "sleep 60", "--time", "2s")
     assert record["timed_out"] is True and record["exit_code"] != 0
     assert record["outcome"] == "timed-out"
 
@@ -236,19 +236,19 @@ def test_env_files_are_masked_and_the_host_file_kept(shell_image: str, ws: Path)
     (ws / "cert.pem").write_text("PRIVATE KEY\n")
     script = ("cat /workspace/.env; echo leak >> /workspace/.env || echo WRITE-DENIED; "
               "rm /workspace/.env || echo RM-DENIED; cat /workspace/cert.pem")
-    proc, record, err = inside(shell_image, ws, script, "--mask", "*.pem")
+    _, record, err = inside(shell_image, ws, script, "--mask", "*.pem")
     assert "hunter2" not in err and "PRIVATE KEY" not in err
     assert "WRITE-DENIED" in err and "RM-DENIED" in err
     assert sorted(record["masked"]) == [".env", "cert.pem"]
     assert (ws / ".env").read_text() == "API_KEY=hunter2\n"
     # loosened: without the default masks .env is the host's file
-    proc, record, err = inside(shell_image, ws, "cat /workspace/.env", "--no-default-masks")
+    _, record, err = inside(shell_image, ws, "cat /workspace/.env", "--no-default-masks")
     assert "hunter2" in err and "no-default-masks" in record["loosened"]
 
 
 def test_host_environment_stays_out(shell_image: str, ws: Path) -> None:
     env = {"FOO_SECRET": "s3cr3t-value", "AWS_SECRET_ACCESS_KEY": "aws-value"}
-    proc, record, err = inside(shell_image, ws, "env", env=env)
+    _, record, err = inside(shell_image, ws, "env", env=env)
     assert "s3cr3t-value" not in err and "aws-value" not in err and "HOME=/tmp/home" in err
     proc, record, err = inside(shell_image, ws, "echo got=$FOO_SECRET; env", "--env", "FOO_SECRET", env=env)
     assert "got=s3cr3t-value" in err and "aws-value" not in err
@@ -257,7 +257,7 @@ def test_host_environment_stays_out(shell_image: str, ws: Path) -> None:
 
 
 def test_a_read_only_workspace(shell_image: str, ws: Path) -> None:
-    proc, record, err = inside(shell_image, ws, "cat /workspace/main.py; touch /workspace/n || echo DENIED",
+    _, record, err = inside(shell_image, ws, "cat /workspace/main.py; touch /workspace/n || echo DENIED",
                                "--read-only-workspace")
     assert "print('hello')" in err and "DENIED" in err and not (ws / "n").exists()
     assert record["workspace_mode"] == "ro"
@@ -273,7 +273,7 @@ def test_dangerous_workspaces_are_refused(shell_image: str, kp_env: dict[str, Pa
 def test_credential_files_are_warned_about(shell_image: str, ws: Path) -> None:
     (ws / "deploy").mkdir()
     (ws / "deploy" / "id_ed25519").write_text("key\n")
-    proc, record, err = inside(shell_image, ws, "true")
+    _proc, _record, err = inside(shell_image, ws, "true")
     assert "look like credentials" in err and "deploy/id_ed25519" in err
 
 
@@ -291,7 +291,7 @@ EDIT = ("echo changed >> /workspace/main.py; echo new > /workspace/new.txt; rm /
 
 def test_quarantine_round_trip(shell_image: str, ws: Path, kp_env: dict[str, Path]) -> None:
     before = tree(ws)
-    proc, record, err = inside(shell_image, ws, EDIT + "; cat /workspace/main.py", "--quarantine")
+    _, record, err = inside(shell_image, ws, EDIT + "; cat /workspace/main.py", "--quarantine")
     assert record["exit_code"] == 0, err
     assert "changed" in err  # the agent saw its own edits
     assert tree(ws) == before  # the checkout is untouched
@@ -315,12 +315,12 @@ def test_quarantine_round_trip(shell_image: str, ws: Path, kp_env: dict[str, Pat
 
 def test_quarantine_discard_and_conflicts(shell_image: str, ws: Path, kp_env: dict[str, Path]) -> None:
     before = tree(ws)
-    proc, first, err = inside(shell_image, ws, EDIT, "--quarantine")
+    _, first, _err = inside(shell_image, ws, EDIT, "--quarantine")
     removed = subprocess.run([str(BIN / "kp-rm"), first["name"]], capture_output=True)
     assert removed.returncode == 0, removed.stderr.decode()
     assert tree(ws) == before and not (kp_env["state"] / "containers" / first["name"]).exists()
     # a host edit after the run: apply refuses rather than overwrite it, and keeps the quarantine
-    proc, second, err = inside(shell_image, ws, "echo agent >> /workspace/main.py", "--quarantine")
+    _, second, _err = inside(shell_image, ws, "echo agent >> /workspace/main.py", "--quarantine")
     (ws / "main.py").write_text("user's own edit\n")
     refused = subprocess.run([str(BIN / "kp-run"), "--apply", second["name"]], capture_output=True)
     assert refused.returncode != 0 and b"main.py" in refused.stderr
@@ -341,7 +341,7 @@ def test_an_interrupted_run_is_cleaned_up(shell_image: str, ws: Path, kp_env: di
     listed = lines(subprocess.run([str(BIN / "kp-ls"), "stopme"], capture_output=True).stdout)
     assert listed and listed[0]["state"] == "running"
     proc.terminate()
-    out, err = proc.communicate(timeout=60)
+    out, _err = proc.communicate(timeout=60)
     assert proc.returncode == 143
     (record,) = lines(out)
     assert record["outcome"] == "interrupted" and record["error"]["code"] == "interrupted"
@@ -403,7 +403,7 @@ def test_kp_run_starts_its_own_service_when_none_is_configured(shell_image: str,
     monkeypatch.delenv("KODEPIPE_PODMAN_URL")
     monkeypatch.delenv("CONTAINER_HOST", raising=False)
     try:
-        proc, record, err = inside(shell_image, ws, "echo ran")
+        _proc, record, err = inside(shell_image, ws, "echo ran")
         assert record["exit_code"] == 0 and "ran" in err
         assert record["engine"] == f"unix://{kp_env['runtime']}/podman.sock"
     finally:
