@@ -43,7 +43,8 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
         for warning in warnings:
             say(f"{name}: {warning}")
         record = {k: v for k, v in meta.items() if k not in ("pid", "pid_start", "boot_id", "fingerprints")}
-        record.update(state="applied", applied=now_iso(), applied_count=len(applied), **quarantine.summary(applied))
+        record.update(state="applied", applied=now_iso(), applied_count=len(applied),
+                      quarantine={**q, **quarantine.summary(applied), "applied": True})
         store.discard(folder)
     record["removed"] = True
     return record

@@ -1,0 +1,690 @@
+"""Quarantined workspaces: reading an overlay upper dir, fingerprints, and applying it safely.
+
+Most tests build upper and lower trees by hand (whiteouts are character
+devices 0/0 and opaque dirs carry trusted.overlay.opaque, which needs root);
+the last ones mount a real overlayfs and check that apply() reproduces what
+the merged view showed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import orjson
+import pytest
+
+from kodepipe import quarantine as q
+from kodepipe.errors import BadInput, Exists, KpError
+from kodepipe.quarantine import Change, Conflict, UnsafePath, UnsupportedOverlay
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts, trusted xattrs and mounts need root")
+
+Tree = dict[str, tuple[object, ...]]
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def put(root: Path, rel: str, content: bytes | str = b"", mode: int = 0o644) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    os.chmod(path, mode)
+    return path
+
+
+def mkdir(root: Path, rel: str, mode: int = 0o755) -> Path:
+    path = root / rel
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, mode)
+    return path
+
+
+def link(root: Path, rel: str, target: str) -> Path:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, path)
+    return path
+
+
+def whiteout(root: Path, rel: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def opaque(root: Path, rel: str, mode: int = 0o755) -> Path:
+    path = mkdir(root, rel, mode)
+    os.setxattr(path, "trusted.overlay.opaque", b"y")
+    return path
+
+
+def tree(root: Path) -> Tree:
+    """Every entry under root with its type, permission bits and content (or symlink target)."""
+    out: Tree = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            rel = str(path.relative_to(root))
+            st = path.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("symlink", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            elif stat.S_ISREG(st.st_mode):
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), path.read_bytes())
+            else:
+                out[rel] = ("other", st.st_mode)
+    return out
+
+
+def kinds(changes: list[Change]) -> dict[str, tuple[str, str]]:
+    return {c.path: (c.kind, c.type) for c in changes}
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    upper, lower = tmp_path / "upper", tmp_path / "lower"
+    upper.mkdir()
+    lower.mkdir()
+    return upper, lower
+
+
+def apply_all(upper: Path, lower: Path, **kwargs: object) -> q.Applied:
+    found = q.changes(upper, lower)
+    prints = orjson.loads(orjson.dumps(q.fingerprint(lower, found)))  # as it comes back from a record
+    return q.apply(upper, lower, found, fingerprints=prints, **kwargs)  # type: ignore[arg-type]
+
+
+# --- prepare, summary, Change -----------------------------------------------------------------
+
+
+def test_prepare_makes_upper_and_work_with_their_modes(tmp_path: Path) -> None:
+    folder = tmp_path / "ctr" / "quarantine"
+    upper, work = q.prepare(folder)
+    assert (upper, work) == (folder / "upper", folder / "work")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(upper.stat().st_mode) == 0o755
+    assert stat.S_IMODE(work.stat().st_mode) == 0o700
+    assert q.prepare(folder) == (upper, work)  # again, while upper is empty
+
+
+def test_prepare_refuses_when_upper_holds_unapplied_changes(tmp_path: Path) -> None:
+    upper, _ = q.prepare(tmp_path / "f")
+    put(upper, "left-over", "x")
+    with pytest.raises(Exists) as info:
+        q.prepare(tmp_path / "f")
+    assert "apply or discard" in info.value.message
+    assert (upper / "left-over").read_text() == "x"
+
+
+def test_summary_groups_paths_by_kind() -> None:
+    changes = [Change("b", "added", "file"), Change("a", "deleted", "dir"), Change("a/x", "deleted", "file"),
+               Change("c", "modified", "symlink")]
+    assert q.summary(changes) == {"added": ["b"], "modified": ["c"], "deleted": ["a", "a/x"]}
+    assert q.summary([]) == {"added": [], "modified": [], "deleted": []}
+
+
+def test_change_round_trips_through_a_record() -> None:
+    change = Change("src/a.py", "modified", "file")
+    assert Change.from_dict(orjson.loads(orjson.dumps(change.as_dict()))) == change
+    for bad in ({"path": "a", "kind": "renamed", "type": "file"}, {"path": 3, "kind": "added", "type": "file"},
+                {"path": "a", "kind": "added", "type": "socket"}):
+        with pytest.raises(BadInput):
+            Change.from_dict(bad)
+    with pytest.raises(UnsafePath):
+        Change.from_dict({"path": "../etc/passwd", "kind": "added", "type": "file"})
+
+
+# --- changes() ------------------------------------------------------------------------------
+
+
+def test_plain_files_added_modified_and_not_changed(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "same", "same\n")
+    put(lower, "edited", "old\n")
+    put(lower, "longer", "abc")
+    put(lower, "chmodded", "x", 0o644)
+    put(lower, "src/kept", "kept")
+    put(upper, "same", "same\n")  # rewritten identically: a copy-up, not a change
+    put(upper, "edited", "new\n")  # same size, other bytes
+    put(upper, "longer", "abcd")
+    put(upper, "chmodded", "x", 0o755)
+    put(upper, "src/new.py", "print()")
+    put(upper, "fresh", "")
+    assert kinds(q.changes(upper, lower)) == {
+        "chmodded": ("modified", "file"), "edited": ("modified", "file"), "fresh": ("added", "file"),
+        "longer": ("modified", "file"), "src/new.py": ("added", "file")}
+
+
+def test_changes_are_sorted_by_path(dirs: tuple[Path, Path]) -> None:
+    upper, _ = dirs
+    for name in ("z", "a/b", "m", "a/a"):
+        put(upper, name, "x")
+    assert [c.path for c in q.changes(upper, dirs[1])] == ["a", "a/a", "a/b", "m", "z"]
+
+
+def test_touched_file_is_not_a_change_but_a_large_rewrite_is(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    big = os.urandom(3 * q.CHUNK + 5)
+    put(lower, "big", big)
+    put(upper, "big", big)
+    os.utime(upper / "big", ns=(1, 1))
+    assert q.changes(upper, lower) == []
+    put(upper, "big", big[:-1] + bytes([big[-1] ^ 1]))
+    assert kinds(q.changes(upper, lower)) == {"big": ("modified", "file")}
+
+
+@needs_root
+def test_whiteouts_delete_files_and_whole_directories(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "gone.txt", "x")
+    put(lower, "lib/a.py", "a")
+    put(lower, "lib/sub/b.py", "b")
+    link(lower, "lib/sub/l", "../a.py")
+    whiteout(upper, "gone.txt")
+    whiteout(upper, "lib")
+    whiteout(upper, "tmpfile")  # made and removed by the agent: the lower never had it
+    mkdir(upper, "new")
+    whiteout(upper, "new/scratch")
+    assert kinds(q.changes(upper, lower)) == {
+        "gone.txt": ("deleted", "file"), "lib": ("deleted", "dir"), "lib/a.py": ("deleted", "file"),
+        "lib/sub": ("deleted", "dir"), "lib/sub/b.py": ("deleted", "file"), "lib/sub/l": ("deleted", "symlink"),
+        "new": ("added", "dir")}
+
+
+def test_copied_up_directory_is_reported_only_when_its_mode_changed(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "a/b/c", "c")
+    put(lower, "x/y", "y")
+    mkdir(upper, "a/b")
+    put(upper, "a/b/d", "d")
+    mkdir(upper, "x", 0o700)
+    assert kinds(q.changes(upper, lower)) == {"a/b/d": ("added", "file"), "x": ("modified", "dir")}
+
+
+def test_new_directory_is_added_with_all_its_contents(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(upper, "pkg/mod/__init__.py", "")
+    link(upper, "pkg/alias", "mod")
+    mkdir(upper, "pkg/empty")
+    assert kinds(q.changes(upper, lower)) == {
+        "pkg": ("added", "dir"), "pkg/alias": ("added", "symlink"), "pkg/empty": ("added", "dir"),
+        "pkg/mod": ("added", "dir"), "pkg/mod/__init__.py": ("added", "file")}
+
+
+@needs_root
+def test_opaque_directory_hides_the_lower_contents(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "d/same", "same")
+    put(lower, "d/differs", "old")
+    put(lower, "d/sub/c", "c")
+    put(lower, "d/sub/d", "d")
+    put(lower, "keep", "k")
+    opaque(upper, "d")
+    put(upper, "d/same", "same")  # re-created identically under the opaque dir: no change
+    put(upper, "d/differs", "new")
+    put(upper, "d/new", "n")
+    mkdir(upper, "d/sub")  # under an opaque parent, the lower d/sub is hidden too
+    put(upper, "d/sub/d", "d")
+    assert kinds(q.changes(upper, lower)) == {
+        "d/differs": ("modified", "file"), "d/new": ("added", "file"), "d/sub/c": ("deleted", "file")}
+    expected = {**tree(lower)}
+    del expected["d/sub/c"]
+    expected["d/differs"] = ("file", 0o644, b"new")
+    expected["d/new"] = ("file", 0o644, b"n")
+    apply_all(upper, lower)
+    assert tree(lower) == expected
+
+
+@needs_root
+def test_file_replaced_by_directory_and_directory_by_file(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "was-file", "f")
+    put(lower, "was-dir/a", "a")
+    put(lower, "was-dir/deep/b", "b")
+    link(lower, "was-link", "was-file")
+    opaque(upper, "was-file", 0o750)
+    put(upper, "was-file/inner", "i")
+    put(upper, "was-dir", "now a file")
+    mkdir(upper, "was-link")
+    put(upper, "was-link/x", "x")
+    found = q.changes(upper, lower)
+    assert kinds(found) == {
+        "was-dir": ("modified", "file"), "was-dir/a": ("deleted", "file"), "was-dir/deep": ("deleted", "dir"),
+        "was-dir/deep/b": ("deleted", "file"), "was-file": ("modified", "dir"),
+        "was-file/inner": ("added", "file"), "was-link": ("modified", "dir"), "was-link/x": ("added", "file")}
+    applied, warnings = apply_all(upper, lower)
+    assert sorted(applied, key=lambda c: c.path) == found
+    assert warnings == []
+    assert tree(lower) == {
+        "was-dir": ("file", 0o644, b"now a file"), "was-file": ("dir", 0o750),
+        "was-file/inner": ("file", 0o644, b"i"), "was-link": ("dir", 0o755), "was-link/x": ("file", 0o644, b"x")}
+
+
+def test_symlinks_compare_by_target_and_are_never_followed(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    upper, lower = dirs
+    outside = put(tmp_path, "outside/secret", "secret")
+    link(lower, "same", "target")
+    link(lower, "retargeted", "a")
+    link(lower, "to-outside", str(outside))
+    link(upper, "same", "target")
+    link(upper, "retargeted", "b")
+    link(upper, "new", "/etc/passwd")
+    put(upper, "to-outside", "replaced")  # the agent removed the link and wrote a file there
+    assert kinds(q.changes(upper, lower)) == {
+        "new": ("added", "symlink"), "retargeted": ("modified", "symlink"), "to-outside": ("modified", "file")}
+    apply_all(upper, lower)
+    assert outside.read_text() == "secret"
+    assert os.readlink(lower / "new") == "/etc/passwd"
+    assert os.readlink(lower / "retargeted") == "b"
+    assert tree(lower)["to-outside"] == ("file", 0o644, b"replaced")
+
+
+@needs_root
+@pytest.mark.parametrize("xattr", ["trusted.overlay.redirect", "trusted.overlay.metacopy", "user.overlay.redirect",
+                                   "trusted.overlay.whiteout"])
+def test_redirect_and_metacopy_are_refused(dirs: tuple[Path, Path], xattr: str) -> None:
+    upper, lower = dirs
+    put(lower, "d/f", "data")
+    put(upper, "d/f", b"\0\0\0\0")
+    os.setxattr(upper / "d/f", xattr, b"")
+    with pytest.raises(UnsupportedOverlay, match=xattr.rsplit(".", 1)[1]) as info:
+        q.changes(upper, lower)
+    assert "d/f" in info.value.message and "left as it is" in info.value.message
+
+
+@needs_root
+def test_user_namespace_opaque_xattr_is_read_too(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "d/old", "o")
+    mkdir(upper, "d")
+    os.setxattr(upper / "d", "user.overlay.opaque", b"y")
+    assert kinds(q.changes(upper, lower)) == {"d/old": ("deleted", "file")}
+    os.setxattr(upper / "d", "user.overlay.opaque", b"x")  # xattr whiteouts inside: not supported
+    with pytest.raises(UnsupportedOverlay):
+        q.changes(upper, lower)
+
+
+def test_missing_dirs_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(KpError, match="upper dir"):
+        q.changes(tmp_path / "nope", tmp_path)
+
+
+# --- fingerprint() --------------------------------------------------------------------------
+
+
+def test_fingerprint_records_the_lower_state_of_each_changed_path(dirs: tuple[Path, Path]) -> None:
+    _, lower = dirs
+    put(lower, "f", "hello", 0o640)
+    link(lower, "l", "f")
+    mkdir(lower, "d", 0o700)
+    changes = [Change("f", "modified", "file"), Change("l", "modified", "symlink"),
+               Change("d", "modified", "dir"), Change("new", "added", "file"), Change("f/x", "added", "file")]
+    prints = q.fingerprint(lower, changes)
+    assert orjson.loads(orjson.dumps(prints)) == prints
+    f = prints["f"]
+    assert isinstance(f, dict)
+    assert f == {"type": "file", "size": 5, "mtime_ns": (lower / "f").stat().st_mtime_ns, "mode": 0o640,
+                 "sha256": "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"}
+    assert prints["l"] == {"type": "symlink", "size": 1, "mtime_ns": (lower / "l").lstat().st_mtime_ns,
+                           "mode": 0o777, "target": "f"}
+    d = prints["d"]
+    assert isinstance(d, dict) and d["type"] == "dir" and d["mode"] == 0o700
+    assert prints["new"] is None and prints["f/x"] is None
+
+
+# --- apply() --------------------------------------------------------------------------------
+
+
+def test_apply_makes_lower_equal_to_the_merged_view(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "a.py", "old")
+    put(lower, "b.py", "b")
+    put(upper, "a.py", "new", 0o600)
+    put(upper, "pkg/c.py", "c", 0o755)
+    mkdir(upper, "pkg", 0o750)
+    applied, warnings = apply_all(upper, lower)
+    assert {c.path for c in applied} == {"a.py", "pkg", "pkg/c.py"}
+    assert warnings == []
+    assert tree(lower) == {"a.py": ("file", 0o600, b"new"), "b.py": ("file", 0o644, b"b"),
+                           "pkg": ("dir", 0o750), "pkg/c.py": ("file", 0o755, b"c")}
+    assert not [p for p in lower.rglob("*") if ".kp-tmp-" in p.name]
+    assert q.changes(upper, lower) == []  # applied: nothing left to do
+
+
+@needs_root
+def test_apply_deletes_deepest_first_and_sets_readonly_dir_modes_last(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "old/x/y/z", "z")
+    put(lower, "old/w", "w")
+    whiteout(upper, "old")
+    put(upper, "ro/inside", "i")
+    mkdir(upper, "ro", 0o555)  # read-only: its contents must be written before its mode
+    apply_all(upper, lower)
+    assert tree(lower) == {"ro": ("dir", 0o555), "ro/inside": ("file", 0o644, b"i")}
+
+
+def test_setuid_and_setgid_bits_are_stripped_and_reported(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(upper, "suid", "#!/bin/sh", 0o4755)
+    put(upper, "sgid", "#!/bin/sh", 0o2750)
+    mkdir(upper, "shared", 0o2775)
+    put(upper, "plain", "x", 0o755)
+    _, warnings = apply_all(upper, lower)
+    assert tree(lower) == {"suid": ("file", 0o755, b"#!/bin/sh"), "sgid": ("file", 0o750, b"#!/bin/sh"),
+                           "shared": ("dir", 0o775), "plain": ("file", 0o755, b"x")}
+    assert sorted(w.split(":")[0] for w in warnings) == ["sgid", "shared", "suid"]
+    assert any("4755" in w and "0755" in w for w in warnings)
+
+
+def test_fifo_is_reported_but_not_applied(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    os.mkfifo(upper / "pipe")
+    put(upper, "f", "f")
+    assert kinds(q.changes(upper, lower)) == {"f": ("added", "file"), "pipe": ("added", "other")}
+    applied, warnings = apply_all(upper, lower)
+    assert [c.path for c in applied] == ["f"]
+    assert len(warnings) == 1 and warnings[0].startswith("pipe: not applied")
+    assert not (lower / "pipe").exists()
+
+
+@needs_root
+def test_conflict_after_a_host_edit_then_force(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "edited-by-both", "base")
+    put(lower, "deleted-by-agent", "base")
+    put(lower, "untouched-by-host", "base")
+    put(upper, "edited-by-both", "agent")
+    whiteout(upper, "deleted-by-agent")
+    put(upper, "untouched-by-host", "agent")
+    put(upper, "added-by-both", "agent")
+    found = q.changes(upper, lower)
+    prints = q.fingerprint(lower, found)
+    # the user keeps working on the host before reviewing
+    put(lower, "edited-by-both", "host")
+    put(lower, "deleted-by-agent", "host edit")
+    put(lower, "added-by-both", "host")
+    before = tree(lower)
+    with pytest.raises(Conflict) as info:
+        q.apply(upper, lower, found, fingerprints=prints)
+    message = info.value.message
+    assert "3 path(s)" in message
+    for path in ("added-by-both", "deleted-by-agent", "edited-by-both"):
+        assert path in message
+    assert "untouched-by-host" not in message and "force" in message
+    assert tree(lower) == before  # nothing was changed
+    q.apply(upper, lower, found, fingerprints=prints, force=True)
+    assert tree(lower) == {"added-by-both": ("file", 0o644, b"agent"), "edited-by-both": ("file", 0o644, b"agent"),
+                           "untouched-by-host": ("file", 0o644, b"agent")}
+
+
+def test_conflict_names_at_most_ten_paths(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    for i in range(12):
+        put(upper, f"f{i:02}", "agent")
+    found = q.changes(upper, lower)
+    prints = q.fingerprint(lower, found)
+    for i in range(12):
+        put(lower, f"f{i:02}", "host")
+    with pytest.raises(Conflict, match=r"12 path\(s\).*f09 and 2 more") as info:
+        q.apply(upper, lower, found, fingerprints=prints)
+    assert "f10" not in info.value.message
+
+
+@needs_root
+def test_conflict_when_the_host_adds_a_file_to_a_deleted_directory(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "build/out.o", "o")
+    whiteout(upper, "build")
+    found = q.changes(upper, lower)
+    prints = q.fingerprint(lower, found)
+    put(lower, "build/precious.c", "host work")
+    with pytest.raises(Conflict, match=r"2 path\(s\).*: build, build/precious.c \(new on the host"):
+        q.apply(upper, lower, found, fingerprints=prints)
+    assert (lower / "build/precious.c").exists()
+    q.apply(upper, lower, found, fingerprints=prints, force=True)
+    assert not (lower / "build").exists()
+
+
+def test_conflict_when_a_fingerprint_is_missing_or_a_parent_vanished(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "src/a", "a")
+    put(upper, "src/a", "changed")
+    put(upper, "src/b", "new")
+    found = q.changes(upper, lower)
+    with pytest.raises(Conflict, match=r"1 path\(s\).*src/a \(no fingerprint"):
+        q.apply(upper, lower, found, fingerprints={"src/b": None})
+    prints = q.fingerprint(lower, found)
+    (lower / "src/a").unlink()
+    (lower / "src").rmdir()  # the copied-up parent is gone from the host
+    with pytest.raises(Conflict, match=r"2 path\(s\).*src/a \(its parent src is missing.*src/b \(its parent src"):
+        q.apply(upper, lower, found, fingerprints=prints)
+    q.apply(upper, lower, found, fingerprints=prints, force=True)  # forced: the parent is made again
+    assert tree(lower) == {"src": ("dir", 0o755), "src/a": ("file", 0o644, b"changed"),
+                           "src/b": ("file", 0o644, b"new")}
+
+
+def test_apply_never_writes_through_a_symlink_in_the_lower_tree(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    upper, lower = dirs
+    outside = mkdir(tmp_path, "outside")
+    put(lower, "src/a.py", "a")
+    put(upper, "src/a.py", "agent")
+    put(upper, "src/new.py", "agent")
+    found = q.changes(upper, lower)
+    prints = q.fingerprint(lower, found)
+    # the host replaces the directory with a symlink pointing out of the workspace
+    os.rename(lower / "src", tmp_path / "src.moved")
+    link(lower, "src", str(outside))
+    for force in (False, True):
+        with pytest.raises(UnsafePath, match="src is a symlink"):
+            q.apply(upper, lower, found, fingerprints=prints, force=force)
+    assert list(outside.iterdir()) == []
+
+
+def test_apply_refuses_paths_that_escape_or_pass_through_a_symlink(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    upper, lower = dirs
+    outside = mkdir(tmp_path, "outside")
+    link(lower, "escape", str(outside))
+    put(upper, "escape/pwned", "x")  # a hand-made upper: the kernel would never put this here
+    bad = [Change("escape/pwned", "added", "file")]
+    with pytest.raises(UnsafePath):
+        q.apply(upper, lower, bad, fingerprints={"escape/pwned": None}, force=True)
+    for path in ("../outside/pwned", "/etc/passwd", "a//b", "./a", "", "a/.."):
+        with pytest.raises(UnsafePath):
+            q.apply(upper, lower, [Change(path, "added", "file")], fingerprints={path: None}, force=True)
+    assert list(outside.iterdir()) == []
+    # changes() sees that upper has a directory where lower has a symlink, and apply replaces the link
+    assert kinds(q.changes(upper, lower)) == {"escape": ("modified", "dir"), "escape/pwned": ("added", "file")}
+    apply_all(upper, lower)
+    assert list(outside.iterdir()) == []
+    assert tree(lower) == {"escape": ("dir", 0o755), "escape/pwned": ("file", 0o644, b"x")}
+
+
+def test_apply_refuses_an_inconsistent_list(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(upper, "d/f", "x")
+    changes = [Change("d", "deleted", "dir"), Change("d/f", "added", "file")]
+    with pytest.raises(BadInput, match="inconsistent"):
+        q.apply(upper, lower, changes, fingerprints={}, force=True)
+    put(upper, "d/e/f", "x")
+    changes = [Change("d", "added", "dir"), Change("d/e/f", "added", "file")]
+    with pytest.raises(BadInput, match="parent d/e is not in the list"):  # d is new, so d/e must be listed
+        q.apply(upper, lower, changes, fingerprints={"d": None, "d/e/f": None})
+    with pytest.raises(Conflict, match="parent d is missing"):
+        q.apply(upper, lower, [Change("d/f", "added", "file")], fingerprints={"d/f": None})
+    assert tree(lower) == {}
+
+
+def test_apply_refuses_when_the_upper_no_longer_matches(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(upper, "f", "x")
+    found = q.changes(upper, lower)
+    (upper / "f").unlink()
+    mkdir(upper, "f")
+    with pytest.raises(KpError, match="no longer matches"):
+        q.apply(upper, lower, found, fingerprints=q.fingerprint(lower, found))
+
+
+def test_a_subset_of_changes_can_be_applied(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(upper, "keep", "k")
+    put(upper, "skip", "s")
+    found = [c for c in q.changes(upper, lower) if c.path == "keep"]
+    q.apply(upper, lower, found, fingerprints=q.fingerprint(lower, found))
+    assert tree(lower) == {"keep": ("file", 0o644, b"k")}
+
+
+@needs_root
+def test_apply_again_with_force_is_idempotent(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "gone/x", "x")
+    put(lower, "f", "f")
+    whiteout(upper, "gone")
+    put(upper, "f", "g")
+    put(upper, "n/m", "m")
+    found = q.changes(upper, lower)
+    prints = q.fingerprint(lower, found)
+    q.apply(upper, lower, found, fingerprints=prints)
+    once = tree(lower)
+    applied, _ = q.apply(upper, lower, found, fingerprints=prints, force=True)
+    assert tree(lower) == once
+    assert sorted(applied, key=lambda c: c.path) == found
+
+
+@needs_root
+def test_what_apply_creates_is_chowned_to_the_owner(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "existing", "e")
+    mkdir(lower, "olddir")
+    put(upper, "existing", "changed")
+    put(upper, "newdir/file", "f")
+    link(upper, "newdir/link", "file")
+    mkdir(upper, "olddir", 0o700)
+    apply_all(upper, lower, owner=(4321, 8765))
+    for rel in ("existing", "newdir", "newdir/file", "newdir/link"):
+        st = (lower / rel).lstat()
+        assert (rel, st.st_uid, st.st_gid) == (rel, 4321, 8765)
+    st = (lower / "olddir").lstat()  # only its mode was changed: it keeps its owner
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+
+
+# --- against a real kernel overlayfs ----------------------------------------------------------
+
+
+@contextmanager
+def overlay(root: Path, options: str = "") -> Iterator[tuple[Path, Path, Path]]:
+    """Mount root/merged over root/lower with root/upper; always unmounted again."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting an overlay needs root")
+    lower, upper, work, merged = (root / name for name in ("lower", "upper", "work", "merged"))
+    for path in (upper, work, merged):
+        path.mkdir(exist_ok=True)
+    lower.mkdir(exist_ok=True)
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}" + (f",{options}" if options else "")
+    done = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(merged)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount an overlay here: {done.stderr.strip()}")
+    try:
+        yield lower, upper, merged
+    finally:
+        if subprocess.run(["umount", str(merged)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(merged)], check=False)
+
+
+def make_lower(lower: Path) -> None:
+    lower.mkdir()
+    for rel, content in {"f": "one\n", "same": "same\n", "touched": "t\n", "x": "gone\n", "again": "again\n",
+                         "old-name": "moved\n", "chmodded": "mode\n", "d/a": "a", "d/sub/b": "b",
+                         "e/keep": "keep", "e/old": "old", "p": "p file", "q/z": "z", "r/inside": "r"}.items():
+        put(lower, rel, content)
+    for rel in ("d", "d/sub", "e", "q", "r"):
+        mkdir(lower, rel)
+    link(lower, "t", "f")
+
+
+def edit_through_merged(m: Path) -> None:
+    with open(m / "f", "a") as f:
+        f.write("two\n")
+    (m / "same").write_text("same\n")
+    os.utime(m / "touched")
+    put(m, "n", "new\n", 0o640)
+    (m / "x").unlink()
+    (m / "again").unlink()
+    (m / "again").write_text("again\n")
+    os.rename(m / "old-name", m / "new-name")
+    os.chmod(m / "chmodded", 0o600)
+    subprocess.run(["rm", "-rf", str(m / "d")], check=True)
+    subprocess.run(["rm", "-rf", str(m / "e")], check=True)
+    mkdir(m, "e")  # a directory made over a deleted one
+    put(m, "e/keep", "keep")
+    put(m, "e/new", "new")
+    (m / "p").unlink()
+    put(m, "p/inner", "i")
+    subprocess.run(["rm", "-rf", str(m / "q")], check=True)
+    put(m, "q", "now a file")
+    os.chmod(m / "r", 0o700)
+    put(m, "newdir/a/b", "deep")
+    put(m, "scratch", "tmp")
+    (m / "scratch").unlink()
+    link(m, "s", "f")
+    (m / "t").unlink()
+    link(m, "t", "n")
+
+
+@needs_root
+def test_real_overlay_changes_and_apply_reproduce_the_merged_view(tmp_path: Path) -> None:
+    make_lower(tmp_path / "lower")
+    with overlay(tmp_path) as (lower, upper, merged):
+        edit_through_merged(merged)
+        expected = tree(merged)
+    assert not os.path.ismount(tmp_path / "merged")
+    # what the kernel wrote: whiteouts, and opaque dirs where a directory was made over a deleted name
+    assert stat.S_ISCHR((upper / "x").lstat().st_mode) and (upper / "x").lstat().st_rdev == 0
+    assert os.getxattr(upper / "e", "trusted.overlay.opaque") == b"y"
+    assert os.getxattr(upper / "p", "trusted.overlay.opaque") == b"y"
+    assert (upper / "same").exists() and (upper / "touched").exists()  # copied up, yet no change
+
+    found = q.changes(upper, lower)
+    assert q.summary(found) == {
+        "added": ["e/new", "n", "new-name", "newdir", "newdir/a", "newdir/a/b", "p/inner", "s"],
+        "modified": ["chmodded", "f", "p", "q", "r", "t"],
+        "deleted": ["d", "d/a", "d/sub", "d/sub/b", "e/old", "old-name", "q/z", "x"]}
+    prints = orjson.loads(orjson.dumps(q.fingerprint(lower, found)))
+    before = tree(lower)
+    assert before != expected
+    applied, warnings = q.apply(upper, lower, found, fingerprints=prints)
+    assert sorted(applied, key=lambda c: c.path) == found and warnings == []
+    assert tree(lower) == expected
+
+
+@needs_root
+def test_real_overlay_with_redirect_dir_is_refused(tmp_path: Path) -> None:
+    put(tmp_path / "lower", "dir/f", "f")
+    with overlay(tmp_path, "redirect_dir=on") as (lower, upper, merged):
+        os.rename(merged / "dir", merged / "renamed")
+    with pytest.raises(UnsupportedOverlay, match="redirect"):
+        q.changes(upper, lower)
+
+
+@needs_root
+def test_real_overlay_with_metacopy_is_refused(tmp_path: Path) -> None:
+    put(tmp_path / "lower", "f", "data")
+    with overlay(tmp_path, "redirect_dir=on,metacopy=on") as (lower, upper, merged):
+        os.chmod(merged / "f", 0o600)
+    assert (upper / "f").read_bytes() != b"data"  # outside the mount, the upper copy has no data
+    with pytest.raises(UnsupportedOverlay, match="metacopy"):
+        q.changes(upper, lower)
+
+
+def test_a_name_that_is_not_utf8_is_refused_not_dropped(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    (upper / os.fsdecode(b"caf\xe9")).write_text("x")
+    with pytest.raises(UnsupportedOverlay, match="not a UTF-8 name"):
+        q.changes(upper, lower)
