@@ -40,7 +40,7 @@ CHUNK = b"x" * (1 << 20)
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         size = int(self.path.strip("/") or 0)
         self.send_response(200)
         self.send_header("Content-Length", str(size))

@@ -76,7 +76,7 @@ def test_read_rules(tmp_path: Path) -> None:
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_GET(self) -> None:
         body = f"hello from {self.path}\n".encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))

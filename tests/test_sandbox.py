@@ -124,7 +124,7 @@ def test_seccomp_profile_forbids_new_namespaces() -> None:
     allowed = [n for r in derived["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" and not r.get("args")
                for n in r["names"]]
     assert "read" in allowed and not {"clone", "clone3", "unshare", "setns"} & set(allowed)
-    clone = [r for r in derived["syscalls"] if r["names"] == ["clone"]][0]
+    clone = next(r for r in derived["syscalls"] if r["names"] == ["clone"])
     assert clone["args"][0]["op"] == "SCMP_CMP_MASKED_EQ" and clone["args"][0]["value"] & 0x10000000
     assert {"names": ["unshare", "setns"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1} in derived["syscalls"]
     assert base["syscalls"][0]["names"][1] == "clone"  # the input is not changed
