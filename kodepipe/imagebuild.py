@@ -20,7 +20,7 @@ import shlex
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -44,6 +44,13 @@ DISABLED_UNITS = ["e2scrub_reap.service", "e2scrub_all.timer", "apt-daily.timer"
                   "dpkg-db-backup.timer", "fstrim.timer", "systemd-networkd-wait-online.service"]
 # Installed after the initramfs configuration is in place (see _install_kernel).
 KERNEL_PACKAGE = "linux-image-amd64"
+# So that kp-run can run its containers inside the VM: rootful Podman, which
+# brings an OCI runtime (crun), conmon and containers-common (its seccomp.json
+# is what kp-run derives its profile from).  Installed with the kernel, by apt:
+# debootstrap's --include cannot choose between the providers of a virtual
+# package (containers-common's network stack).  No uidmap: kp-run gives
+# rootful Podman its id maps explicitly.
+CONTAINER_PACKAGES = ["podman"]
 # Split out of systemd in bookworm; older suites have resolved inside systemd.
 RESOLVED_PACKAGE = "systemd-resolved"
 
@@ -242,6 +249,44 @@ def validate(spec: BuildSpec) -> None:
         raise BadInput(f"dotfiles {spec.dotfiles} is not a directory")
 
 
+# --------------------------------------------------------------------------- debootstrap
+
+def debootstrap(suite: str, mirror: str, rootfs: Path, *, log: Path, cache_dir: Path | None,
+                include: Sequence[str] = ()) -> None:
+    """debootstrap --variant=minbase of ``suite`` from ``mirror`` into ``rootfs``.
+
+    It runs in a private mount and pid namespace, so its mounts and any stray
+    process vanish with it even if kodepipe is SIGKILLed.  The .debs are kept
+    in ``cache_dir``/debootstrap for the next build.  Output goes to ``log``;
+    a failure becomes a KpError whose code and hint say what to do
+    (bad_suite, mirror_unreachable, debootstrap_failed).
+    """
+    argv = ["debootstrap", "--variant=minbase"]
+    if include:
+        argv.append(f"--include={','.join(include)}")
+    if cache_dir is not None:
+        (cache_dir / "debootstrap").mkdir(parents=True, exist_ok=True)
+        argv.append(f"--cache-dir={cache_dir / 'debootstrap'}")
+    argv += [suite, str(rootfs), mirror]
+    try:
+        proc.run(["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+                  "--", *argv], log=log, timeout=DEBOOTSTRAP_TIMEOUT)
+    except CommandFailed as exc:
+        text = str(exc)
+        if "No such script" in text:
+            raise KpError(f"debootstrap does not know the suite {suite!r}", code="bad_suite",
+                          hint="pass a suite this debootstrap supports with --suite, "
+                          "or upgrade debootstrap") from exc
+        if re.search(r"Failed getting release file|Couldn't download|Could not resolve|"
+                     r"Connection refused|Release signed by unknown key|Invalid Release", text):
+            raise KpError(f"could not download suite {suite} from the mirror {mirror}:\n{text}",
+                          code="mirror_unreachable",
+                          hint="check the network, or pass a reachable Debian mirror with --mirror "
+                          "and an existing suite with --suite") from exc
+        raise KpError(f"debootstrap of {suite} from {mirror} failed: {text}",
+                      code="debootstrap_failed", hint=f"see the full log in {log}") from exc
+
+
 # --------------------------------------------------------------------------- the build
 
 class _Builder:
@@ -338,29 +383,8 @@ class _Builder:
         }
 
     def debootstrap(self) -> None:
-        spec = self.spec
-        argv = ["debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}"]
-        if self.cache_dir is not None:
-            (self.cache_dir / "debootstrap").mkdir(parents=True, exist_ok=True)
-            argv.append(f"--cache-dir={self.cache_dir / 'debootstrap'}")
-        argv += [spec.suite, str(self.rootfs), spec.mirror]
-        try:
-            proc.run(["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
-                      "--", *argv], log=self.log, timeout=DEBOOTSTRAP_TIMEOUT)
-        except CommandFailed as exc:
-            text = str(exc)
-            if "No such script" in text:
-                raise KpError(f"debootstrap does not know the suite {spec.suite!r}", code="bad_suite",
-                              hint="pass a suite this debootstrap supports with --suite, "
-                              "or upgrade debootstrap") from exc
-            if re.search(r"Failed getting release file|Couldn't download|Could not resolve|"
-                         r"Connection refused|Release signed by unknown key|Invalid Release", text):
-                raise KpError(f"could not download suite {spec.suite} from the mirror {spec.mirror}:\n{text}",
-                              code="mirror_unreachable",
-                              hint="check the network, or pass a reachable Debian mirror with --mirror "
-                              "and an existing suite with --suite") from exc
-            raise KpError(f"debootstrap of {spec.suite} from {spec.mirror} failed: {text}",
-                          code="debootstrap_failed", hint=f"see the full log in {self.log}") from exc
+        debootstrap(self.spec.suite, self.spec.mirror, self.rootfs, log=self.log, cache_dir=self.cache_dir,
+                    include=BASE_PACKAGES)
 
     def configure(self) -> None:
         spec = self.spec
@@ -388,11 +412,11 @@ install -d -m 0700 -o {user} -g {user} /home/{user}/.ssh
 
     def install_packages(self) -> list[str]:
         """Install the kernel (after the initramfs config is in place, so its initrd is
-        built once and small), systemd-resolved when the suite has it, and the extras."""
+        built once and small), Podman, systemd-resolved when the suite has it, and the extras."""
         extras = " ".join(shlex.quote(p) for p in self.spec.packages)
         try:
             self.chroot(f"""
-pkgs="{KERNEL_PACKAGE} {extras}"
+pkgs="{KERNEL_PACKAGE} {" ".join(CONTAINER_PACKAGES)} {extras}"
 if apt-cache show {RESOLVED_PACKAGE} >/dev/null 2>&1; then pkgs="$pkgs {RESOLVED_PACKAGE}"; fi
 apt-get install -y --no-install-recommends -o Dpkg::Options::=--force-confold {' '.join(INITRD_PACKAGES)}
 apt-get install -y --no-install-recommends -o Dpkg::Options::=--force-confold $pkgs
@@ -406,7 +430,7 @@ apt-get install -y --no-install-recommends -o Dpkg::Options::=--force-confold $p
                 hint = f"check that the mirror {self.spec.mirror} is reachable, or pass another with --mirror"
             raise KpError(f"installing {KERNEL_PACKAGE} and packages failed: {text}",
                           code="packages_failed", hint=hint) from exc
-        installed = set(BASE_PACKAGES + INITRD_PACKAGES + [KERNEL_PACKAGE] + self.spec.packages)
+        installed = set(BASE_PACKAGES + INITRD_PACKAGES + [KERNEL_PACKAGE, *CONTAINER_PACKAGES] + self.spec.packages)
         if self.has_resolved():
             installed.add(RESOLVED_PACKAGE)
         return sorted(installed)

@@ -29,6 +29,8 @@ PACKAGES = {
     "unshare": "util-linux",
     "chroot": "coreutils",
     "podman": "podman",
+    "runc": "runc",
+    "tar": "tar",
     "strace": "strace",
     "ip": "iproute2",
 }

@@ -1,4 +1,4 @@
-"""kp-image: build golden VM images."""
+"""kp-image: build golden VM images and the local container base image."""
 
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ SUITE_RE = re.compile(r"[a-z][a-z0-9-]*")
 
 @click.group(context_settings=options.CONTEXT, epilog=options.EPILOG)
 def cli() -> None:
-    """Build golden VM images that kp-clone clones.
+    """Build golden VM images that kp-clone clones, and the container base image.
 
-    List images with kp-ls --kind image and remove them with kp-rm.
+    List VM images with kp-ls --kind image and remove them with kp-rm.
+    kp-image base makes the local Podman image that kp-run's profiles are
+    built on, without any container registry.
     """
 
 
@@ -164,6 +166,54 @@ def warm(name: str, memory: str, cpus: int, accel: str, timeout: float, force: b
     except KpError as exc:
         out.fail({"kind": "image", "name": name}, exc)
         return out.status()
+    out.emit(record)
+    return out.status()
+
+
+@cli.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
+@click.option("--suite", callback=_match(SUITE_RE, "a Debian suite name"),
+              help="Debian release, e.g. bookworm. Default: the one apt is configured with.")
+@click.option("--mirror", metavar="URL", help="Debian mirror. Default: the one apt is configured with.")
+@click.option("--rebuild", is_flag=True, help="Build it again even if it exists (profile images built on the "
+              "old one are rebuilt on their next use).")
+@click.option("-v", "--verbose", is_flag=True, default=None, help="Show progress even when stderr is not a terminal.")
+@options.quiet
+def base(suite: str | None, mirror: str | None, rebuild: bool, verbose: bool | None, quiet: bool) -> int:
+    """Build the container base image localhost/kodepipe-base:SUITE for kp-run.
+
+    A minimal Debian (debootstrap --variant=minbase, with no .debs, apt
+    lists or temporary files left in it) imported into Podman's store with
+    podman import: no container registry is used.  It has a passwd entry
+    "agent" for uid and gid 1000 (home /tmp/home), the user kp-run runs
+    agents as.  The CA certificates this host trusts locally
+    (/usr/local/share/ca-certificates) are copied in, so TLS through a
+    proxy the host trusts works in the profile images too.  kp-run's profile
+    images are built FROM it; kp-run makes it on first use if it is
+    missing, so this command is for doing that ahead of time or again.
+
+    If the image exists, kp-image base only writes its record (unless
+    --rebuild).  Building needs root and Podman; it takes about a minute
+    and is logged to the cache dir (logs/kodepipe-base-SUITE.log).  Writes
+    one container-image record with name, image_id, size and created.
+
+    \b
+    Examples:
+      sudo kp-image base
+      kp-image base --suite trixie --mirror http://deb.debian.org/debian --rebuild
+    """
+    from kodepipe import containerimage, proc
+    from kodepipe.errors import KpError
+
+    proc.require("podman")
+    out = kpcli.Output("kp-image", verbose=verbose, quiet=quiet)
+    try:
+        record = containerimage.ensure_base(suite, mirror, rebuild=rebuild, progress=out.progress)
+    except KpError as exc:
+        name = containerimage.base_tag(suite) if suite else containerimage.BASE_REPO
+        out.fail({"kind": containerimage.KIND, "name": name}, exc)
+        return out.status()
+    if "build_seconds" in record:
+        out.progress(f"{record['name']} is ready ({record['build_seconds']} s)")
     out.emit(record)
     return out.status()
 

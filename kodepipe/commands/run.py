@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,8 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         raise click.BadParameter(exc.message) from None
     if not command and not chosen["command"]:
         raise click.UsageError("give a COMMAND after --")
+    if not command and chosen["tty"] and not tty and sys.stdin.isatty() and sys.stdout.isatty():
+        tty = True  # an agent profile's own command on a terminal: it is an interactive program
     mask_list = ([] if no_default_masks else list(sandbox.DEFAULT_MASKS)) + list(masks)
     req = launch.Request(
         command=list(command) or list(chosen["command"]), image=chosen["image"], limits=limits, name=name,
@@ -248,7 +251,7 @@ def _profile(out: kpcli.Output, name: str | None, image: str | None) -> dict[str
 
     if image is not None and name is None:
         return {"profile": None, "image": image, "command": [], "limits": dict(DEFAULT_LIMITS), "env": {},
-                "allow": []}
+                "allow": [], "tty": False}
     from kodepipe import profile as profiles
 
     prof = profiles.load(name or "shell")
@@ -262,6 +265,7 @@ def _profile(out: kpcli.Output, name: str | None, image: str | None) -> dict[str
     return {"profile": prof.name, "image": tag, "command": list(prof.command),
             "limits": {"memory": parse_size(prof.memory), "cpus": prof.cpus, "pids": prof.pids,
                        "seconds": parse_duration(prof.time) if prof.time not in ("0", "none") else 0.0},
+            "tty": prof.tty,
             "env": env, "allow": list(prof.allow)}
 
 

@@ -1,9 +1,11 @@
 """One real golden image per test run, built with debootstrap, shared by the
-integration tests (each makes and removes its own clones)."""
+integration tests (each makes and removes its own clones); and the container
+image of kp-run's shell profile, on the local base image."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -45,3 +47,24 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def run(env: dict[str, str], prog: str, *args: str, input: bytes | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([str(BIN / prog), *args], env=env, input=input, capture_output=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def shell_image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tag of kp-run's "shell" profile image, built (with the base image under it) once per
+    run in the real Podman store.  Both stay there: a later run finds them and builds nothing."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("building the container base image needs root")
+    from kodepipe import profile
+    from kodepipe.cli import Output
+
+    root = tmp_path_factory.mktemp("container")
+    # the .deb cache outlives the run when KODEPIPE_TEST_CACHE names a folder (developers' re-runs)
+    cache = Path(os.environ.get("KODEPIPE_TEST_CACHE", root / "cache"))
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KODEPIPE_STATE_DIR", str(root / "state"))
+        env.setenv("KODEPIPE_CACHE_DIR", str(cache))
+        env.setenv("KODEPIPE_CONFIG_DIR", str(root / "config"))  # the built-in profile, not a developer's own
+        return profile.ensure_image(profile.load("shell"), Output("kp-test", verbose=False))
