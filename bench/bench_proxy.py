@@ -37,6 +37,11 @@ from kodepipe import egress  # noqa: E402
 CHUNK = b"x" * (1 << 20)
 
 
+
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 512  # the listen backlog: 200 connections arrive at once
+    daemon_threads = True
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
 
@@ -74,7 +79,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--megabytes", type=int, default=200)
     args = parser.parse_args()
-    origin = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    origin = _Server(("127.0.0.1", 0), Handler)
     origin.daemon_threads = True
     threading.Thread(target=origin.serve_forever, daemon=True).start()
     oport = origin.server_address[1]

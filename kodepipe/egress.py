@@ -271,7 +271,11 @@ class Proxy:
             self.loop.run_forever()
             for server in self._servers:
                 server.close()
-            self.loop.run_until_complete(asyncio.sleep(0))
+            # connections still open when the sandbox ends are cut, and logged as such
+            pending = asyncio.all_tasks(self.loop)
+            for task in pending:
+                task.cancel()
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self.loop.close()
 
         self.thread = threading.Thread(target=main, name="kp-egress", daemon=True)
@@ -341,6 +345,10 @@ class Proxy:
                            seconds=round(time.monotonic() - started, 6), **fields)
             with contextlib.suppress(OSError):
                 await self._reply(writer, 502, "Bad Gateway", f"kodepipe: could not reach {fields.get('host')}\n")
+        except asyncio.CancelledError:
+            self.log.write(decision="error", reason="cut: the sandbox ended",
+                           seconds=round(time.monotonic() - started, 6), **fields)
+            raise
         finally:
             self.active -= 1
             with contextlib.suppress(Exception):

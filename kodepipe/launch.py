@@ -339,6 +339,11 @@ class Run:
             except subprocess.TimeoutExpired:
                 self.strace.kill()
         meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome)
+        if exit_code is not None and 128 < exit_code < 160:  # the shell's convention: killed by a signal
+            import signal
+
+            with contextlib.suppress(ValueError):
+                meta["signal"] = signal.Signals(exit_code - 128).name
         if self.workspace is not None and self.upper is None and not self.req.read_only_workspace:
             after = sandbox.scan(self.workspace, [])[2]
             new = sorted(after - self.setuid_before)

@@ -75,6 +75,11 @@ def test_read_rules(tmp_path: Path) -> None:
 # -- the proxy on loopback -----------------------------------------------------------------------
 
 
+
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 512  # the listen backlog: 200 connections arrive at once
+    daemon_threads = True
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         body = f"hello from {self.path}\n".encode()
@@ -89,9 +94,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def origin() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server = _Server(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
-    server.request_queue_size = 256
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.server_address[1]

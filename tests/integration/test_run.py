@@ -78,7 +78,8 @@ def test_files_written_belong_to_the_invoker_and_root_inside_is_not_root(shell_i
     # container root maps to kodepipe's unprivileged range, never to host 0
     assert ["0", str(0x70000000), "1000"] in maps
     assert all(m[1] != "0" for m in maps)
-    # under sudo the invoker is SUDO_UID, whoever owns the workspace
+    # under sudo the invoker is SUDO_UID, whoever owns the workspace (here: one anybody may write)
+    ws.chmod(0o777)
     _, record, err = inside(shell_image, ws, "echo s > /workspace/sudo.txt",
                                env={"SUDO_UID": "4322", "SUDO_GID": "4322"})
     assert record["user"]["from"] == "sudo" and (ws / "sudo.txt").stat().st_uid == 4322
@@ -154,7 +155,7 @@ try:
 except OSError as e:
     print("DNS", errno.errorcode.get(e.errno, e))
 import subprocess
-print("IFACES", subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.count(": "))
+print("IFACES", len(subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout.splitlines()))
 """
 
 
@@ -172,9 +173,10 @@ def test_there_is_no_network_unless_asked_for(shell_image: str, ws: Path, host_s
 
 
 def test_the_root_filesystem_is_read_only(shell_image: str, ws: Path) -> None:
-    _, record, err = inside(shell_image, ws, "touch /etc/evil /usr/bin/evil; touch /tmp/ok && echo TMP-OK")
+    _, record, err = inside(shell_image, ws, "touch /var/tmp/evil /etc/evil; touch /tmp/ok && echo TMP-OK")
     assert err.count("Read-only file system") == 2 and "TMP-OK" in err
-    _, record, err = inside(shell_image, ws, "touch /etc/evil && echo ROOT-OK", "--writable-root")
+    # loosened: the image's world-writable /var/tmp can be written (/etc still belongs to root)
+    _, record, err = inside(shell_image, ws, "touch /var/tmp/evil && echo ROOT-OK", "--writable-root")
     assert "ROOT-OK" in err and "writable-root" in record["loosened"]
 
 
@@ -220,7 +222,8 @@ def test_the_memory_limit_holds(shell_image: str, ws: Path) -> None:
     script = "python3 -c 'x = bytearray(200 * 1024 * 1024); x[::4096] = b\"a\" * len(x[::4096]); print(\"ALLOC-OK\")'"
     _, record, err = inside(shell_image, ws, script, "--memory", "64m", "--tmp-size", "8m")
     assert "ALLOC-OK" not in err
-    assert record["exit_code"] == 137 and record["oom_killed"] is True
+    # killed by the kernel's OOM killer (Podman reports OOMKilled only sometimes on cgroup v1)
+    assert record["exit_code"] == 137 and record["signal"] == "SIGKILL" and not record["timed_out"]
     assert record["limits"]["memory"] == 64 << 20
     _, record, err = inside(shell_image, ws, script, "--memory", "512m")
     assert "ALLOC-OK" in err and record["exit_code"] == 0
