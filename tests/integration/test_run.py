@@ -4,12 +4,14 @@ and every loosening flag must do what it says (and show in the record)."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import BIN, lines
@@ -411,3 +413,44 @@ def test_kp_run_starts_its_own_service_when_none_is_configured(shell_image: str,
         assert record["engine"] == f"unix://{kp_env['runtime']}/podman.sock"
     finally:
         subprocess.run(["pkill", "-f", f"unix://{kp_env['runtime']}/podman.sock"], check=False)
+
+
+def test_a_terminal_for_interactive_agents(shell_image: str, ws: Path) -> None:
+    """-it: a real TTY with the caller's window size, resizes followed, Ctrl-C delivered inside."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    script = ("tty; stty size; trap 'stty size; echo GOT-INT; exit 130' INT; echo READY; "
+              "for i in $(seq 300); do sleep 0.1; done")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: kp-run on the pty as its terminal
+        os.execv(str(BIN / "kp-run"), ["kp-run", "-it", "--image", shell_image, "-w", str(ws), "--",  # noqa: S606
+                                       "bash", "-c", script])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 132, 0, 0))
+    buf, sent, deadline = b"", False, time.monotonic() + 90
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            buf += data
+        if b"READY" in buf and not sent:
+            fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 100, 0, 0))
+            os.kill(pid, signal.SIGWINCH)
+            time.sleep(1)
+            os.write(fd, b"\x03")
+            sent = True
+    _, status = os.waitpid(pid, 0)
+    text = buf.decode(errors="replace")
+    assert "/dev/pts/" in text and "40 132" in text and "50 100" in text and "GOT-INT" in text, text
+    assert os.waitstatus_to_exitcode(status) == 1  # the command failed (130): kp-run says so
+    record = orjson.loads(text[text.index('{"kind":"container"'):].splitlines()[0])
+    assert record["exit_code"] == 130
