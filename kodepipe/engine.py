@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import struct
 import subprocess
 import time
@@ -169,13 +170,63 @@ class Engine:
                 self._check(response, "removing the container")
             time.sleep(0.02)
 
-    def stream(self, cid: str, sinks: dict[int, Callable[[bytes], None]]) -> None:
-        """Copy the container's output to ``sinks`` (1: stdout, 2: stderr) until it exits."""
-        response = self.api.get(f"/containers/{cid}/logs",
-                                params={"follow": True, "stdout": True, "stderr": True}, stream=True)
-        self._check(response, "reading the container's output")
-        raw = response.raw
-        for kind, data in frames(raw.read):
+    def attach(self, cid: str) -> Callable[[int], bytes] | None:
+        """Attach to a created container's output before it starts; a reader of its raw stream.
+
+        The attach ends the moment the container's process does (its
+        conmon closes it), where following the logs lags by up to half a
+        second.  Only over a unix socket (podman-py has no attach); None
+        otherwise, and stream() then follows the logs.
+        """
+        if not self.url.startswith("unix://"):
+            return None
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(self.url[len("unix://"):])
+            conn.sendall(f"POST /v4.0.0/libpod/containers/{cid}/attach?stream=true&stdout=true&stderr=true "
+                         "HTTP/1.1\r\nHost: podman\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+                         "Content-Length: 0\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    raise EngineError("attaching to the container: Podman closed the connection")
+                head += chunk
+        except OSError as exc:
+            conn.close()
+            raise EngineError(f"attaching to the container: {exc}") from exc
+        head, _, rest = head.partition(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1:2]
+        if status not in ([b"101"], [b"200"]):
+            conn.close()
+            first = head.splitlines()[0].decode(errors="replace")
+            raise EngineError(f"attaching to the container: Podman says {first}")
+        pending = [rest]
+
+        def read(n: int) -> bytes:
+            if pending and pending[0]:
+                data, pending[0] = pending[0][:n], pending[0][n:]
+                return data
+            try:
+                data = conn.recv(n)
+            except OSError:
+                data = b""
+            if not data:
+                conn.close()
+            return data
+
+        return read
+
+    def stream(self, cid: str, sinks: dict[int, Callable[[bytes], None]],
+               attached: Callable[[int], bytes] | None = None) -> None:
+        """Copy the container's output to ``sinks`` (1: stdout, 2: stderr) until it exits:
+        from an attach made before the start, or else by following its logs."""
+        if attached is None:
+            response = self.api.get(f"/containers/{cid}/logs",
+                                    params={"follow": True, "stdout": True, "stderr": True}, stream=True)
+            self._check(response, "reading the container's output")
+            attached = response.raw.read
+        for kind, data in frames(attached):
             sinks.get(kind, sinks[2])(data)
 
     def image_id(self, ref: str) -> str | None:

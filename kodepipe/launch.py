@@ -268,6 +268,7 @@ class Run:
             if self.req.tty or self.req.interactive:
                 self._terminal_run()
             else:
+                attached = self.engine.attach(self.cid)
                 self.engine.start(self.cid)
                 err = sys.stderr.buffer
 
@@ -275,7 +276,7 @@ class Run:
                     err.write(data)
                     err.flush()
 
-                self.engine.stream(self.cid, {1: write, 2: write})
+                self.engine.stream(self.cid, {1: write, 2: write}, attached)
             return int(self.engine.wait(self.cid))
         finally:
             if timer is not None:
