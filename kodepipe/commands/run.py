@@ -61,9 +61,10 @@ def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
 
 @click.command(context_settings={**options.CONTEXT, "allow_interspersed_args": False}, epilog=options.EPILOG)
 @click.argument("command", nargs=-1, metavar="[-- COMMAND [ARG]...]")
-@click.option("-w", "--workspace", type=click.Path(exists=True, file_okay=False, path_type=Path),
+@click.option("-w", "--workspace", type=click.Path(file_okay=False, path_type=Path),
               help="The one host directory the agent sees, at /workspace (read-write). Refused: /, your home "
-                   "directory, or a directory that contains it.")
+                   "directory, or a directory that contains it. With vm records on stdin, a directory in the "
+                   "VM (default: /workspace, the folder shared with kp-boot --share).")
 @click.option("--read-only-workspace", is_flag=True, help="Mount the workspace read-only (for audits).")
 @click.option("--quarantine", is_flag=True,
               help="Mount the workspace as an overlay: the agent's writes land in kodepipe's folder for this "
@@ -118,6 +119,8 @@ def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
               help="Apply a quarantined run's changes to its workspace (repeatable; or quarantined records on "
                    "stdin with --apply -), then remove the quarantine. Refused if the checkout changed since.")
 @click.option("--force", is_flag=True, help="With --apply: apply even over files changed on the host since.")
+@click.option("-v", "--verbose", is_flag=True, default=None,
+              help="Show progress (image builds, the API service) even when stderr is not a terminal.")
 @options.quiet
 def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: bool, quarantine: bool,
         profile: str | None, image: str | None, name: str | None, memory: int | None, cpus: float | None,
@@ -125,7 +128,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         allow: tuple[str, ...], allow_files: tuple[Path, ...], pins: tuple[str, ...], no_profile_allow: bool,
         cap_add: tuple[str, ...], writable_root: bool, env: dict[str, str], secret_specs: tuple[str, ...],
         masks: tuple[str, ...], no_default_masks: bool, interactive: bool, tty: bool, keep: bool, audit: bool,
-        audit_mode: str, apply_names: tuple[str, ...], force: bool, quiet: bool) -> int:
+        audit_mode: str, apply_names: tuple[str, ...], force: bool, verbose: bool | None, quiet: bool) -> int:
     """Run COMMAND in a fresh, locked-down Podman container that sees one
     project directory and nothing else of the host, and is gone when it exits.
 
@@ -166,7 +169,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     """
     from kodepipe.state import Store
 
-    out = kpcli.Output("kp-run", quiet=quiet)
+    out = kpcli.Output("kp-run", verbose=verbose, quiet=quiet)
     store = Store()
     if apply_names:
         return _apply(out, store, apply_names, force)
@@ -213,6 +216,10 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     def say(level: str, message: str) -> None:
         getattr(out, {"warn": "warn", "progress": "progress"}.get(level, "info"))(message)
 
+    if kpcli.stdin_is_piped() and not req.interactive and _in_vms(out, req, say, no_default_masks):
+        return out.status()
+    if workspace is not None and not workspace.is_dir():
+        raise click.BadParameter(f"Directory '{workspace}' does not exist.", param_hint="'-w' / '--workspace'")
     try:
         record, status = launch.run(store, req, say)
     except KpError as exc:
@@ -239,6 +246,45 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
                  f"kp-rm {record['name']} discards them")
     out.emit(record)
     return out.status()
+
+
+def _in_vms(out: kpcli.Output, req: Any, say: Any, no_default_masks: bool) -> bool:
+    """Run the container inside each VM whose record arrives on stdin (from kp-ip), writing the vm
+    record through and then the container's; other records pass through.  False if no vm record
+    came: the run is then the host's."""
+    from kodepipe import errors, vmrun
+    from kodepipe.errors import KpError
+
+    seen = False
+    for _, record in out.records():
+        if record.get("kind") != "vm":
+            out.emit(record)
+            continue
+        seen = True  # never fall back to the host for a VM that an earlier stage failed on
+        out.emit(record)
+        if "error" in record:
+            out.error(f"{record.get('name')}: not run there: an earlier stage failed on it")
+            out.statuses.add(errors.FAILED)
+            continue
+        try:
+            result, status = vmrun.run_in_vm(record, req, say)
+        except KpError as exc:
+            out.fail(getattr(exc, "record", {"kind": "container", "name": req.name, "host": record.get("name")}),
+                     exc)
+            continue
+        except BaseException as exc:
+            partial = getattr(exc, "record", None)
+            if partial is not None:
+                out.emit({**partial, "error": {"code": "interrupted", "message": "kp-run was interrupted"}})
+            raise
+        if no_default_masks:
+            result.setdefault("loosened", []).append("no-default-masks")
+        if status:
+            out.statuses.add(errors.FAILED)
+            if result.get("timed_out"):
+                out.warn(f"{result['name']}: stopped at the time limit")
+        out.emit(result)
+    return seen
 
 
 DEFAULT_LIMITS = {"memory": 2 << 30, "cpus": 2.0, "pids": 512, "seconds": 7200.0}
