@@ -166,7 +166,7 @@ class Run:
             os.chmod(empty, 0o444)
             mask_file = str(empty)
 
-        extra_mounts, env = [], dict(req.env)
+        extra_mounts, extra_env = [], {}
         if self.policy is not None:
             from kodepipe import egress
 
@@ -174,12 +174,12 @@ class Run:
             resolv.write_text(egress.RESOLV_CONF)
             os.chmod(resolv, 0o444)
             extra_mounts.append(sandbox.Mount(str(resolv), "/etc/resolv.conf", True))
-            env.update(egress.container_env())
+            extra_env = egress.container_env()
         limits = req.limits
         box = sandbox.Sandbox(
             name=self.name, image=req.image, command=req.command, workspace=bound, host_uid=uid, host_gid=gid,
             limits=limits, seccomp=str(seccomp_path), read_only_workspace=req.read_only_workspace,
-            network=req.network, cap_add=req.cap_add, writable_root=req.writable_root, env=env,
+            network=req.network, cap_add=req.cap_add, writable_root=req.writable_root, env=req.env,
             secrets=secret_list, masks=masked, mask_file=mask_file, tty=req.tty, interactive=req.interactive,
             labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
             runtime=engine.runtime(),
@@ -187,7 +187,7 @@ class Run:
             timeout=int(limits.seconds) + 60 if limits.seconds else 0,
             allow=[r.pattern + ("" if r.ports == (80, 443) else ":" + ",".join(map(str, r.ports)))
                    for r in self.policy.rules] if self.policy else [],
-            extra_mounts=extra_mounts)
+            extra_mounts=extra_mounts, extra_env=extra_env)
         self.meta.update(
             workspace_mode="quarantine" if req.quarantine else "ro" if req.read_only_workspace else
             "rw" if ws is not None else None,

@@ -132,6 +132,7 @@ class Sandbox:
     timeout: int = 0  # seconds after which conmon kills the container even if kp-run died
     allow: list[str] = field(default_factory=list)  # egress rules served by the proxy (egress.py)
     extra_mounts: list[Mount] = field(default_factory=list)  # files kodepipe provides, read-only
+    extra_env: dict[str, str] = field(default_factory=dict)  # kodepipe's own settings (the proxy's address)
 
     # -- the policy --------------------------------------------------------
 
@@ -145,6 +146,7 @@ class Sandbox:
         env = {"HOME": HOME, "LANG": "C.UTF-8"}
         if self.tty:
             env["TERM"] = os.environ.get("TERM", "xterm-256color")
+        env.update(self.extra_env)
         env.update(self.env)
         return env
 

@@ -44,7 +44,9 @@ def cli(command: tuple[str, ...], mode: str, summary: bool, log: Path | None, qu
     kp-run --audit writes) are passed through and followed by the events of
     their log, each with a "container" key naming the record.  Such a log
     is read from the container's first execve on: what comes before is the
-    container runtime starting, not the agent.
+    container runtime starting, not the agent.  Records with an
+    "egress_log" (kp-run --allow) are followed by the proxy's decisions
+    (kind "egress"; with --summary, counted per host and decision).
 
     A line strace printed that kp-trace cannot read becomes a "parse_error"
     event with the raw text: nothing is dropped.
@@ -76,6 +78,7 @@ class _Sink:
 
         self.out = out
         self.summary = strace.Summary() if summary else None
+        self.egress_counts: dict[tuple[Any, bool, Any], int] = {}
 
     def events(self, evs: Iterable[Record], extra: Record | None = None) -> None:
         for ev in evs:
@@ -89,8 +92,18 @@ class _Sink:
     def record(self, record: Record) -> None:
         self.out.emit(record)
 
+    def egress(self, decision: Record) -> None:
+        if self.summary is None:
+            self.out.emit(decision)
+            return
+        key = (decision.get("decision"), decision.get("method") == "DNS", decision.get("host"))
+        self.egress_counts[key] = self.egress_counts.get(key, 0) + 1
+
     def close(self) -> None:
         if self.summary is not None:
+            for (decision, dns, host), count in sorted(self.egress_counts.items(), key=str):
+                self.out.emit({"kind": "summary", "item": "egress", "decision": decision,
+                               "dns": dns, "host": host, "count": count})
             for item in self.summary.items():
                 self.out.emit(item)
 
@@ -131,6 +144,11 @@ def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
             out.bad_line(exc)
             continue
         log = record.get("audit_log")
+        egress_log = record.get("egress_log")
+        if isinstance(egress_log, str) and "error" not in record and not isinstance(log, str):
+            sink.record(record)
+            _egress(egress_log, record, out, sink)
+            continue
         if not isinstance(log, str) or "error" in record:
             sink.record(record)
             continue
@@ -143,6 +161,24 @@ def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
         name = record.get("name") or record.get("id")
         with handle:
             _parse_stream(after_runtime(_lines(handle)), sink, {"container": name})
+        if isinstance(egress_log, str):
+            _egress(egress_log, record, out, sink)
+
+
+def _egress(path: str, record: Record, out: kpcli.Output, sink: _Sink) -> None:
+    """The egress proxy's decisions of a kp-run --allow, as they were logged."""
+    from kodepipe.errors import NotFound
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        out.fail(record, NotFound(f"cannot read the egress log {path}: {exc.strerror}"))
+        return
+    import orjson
+
+    for line in data.splitlines():
+        if line.strip():
+            sink.egress(orjson.loads(line))
 
 
 def after_runtime(lines: Iterable[str]) -> Iterator[str]:
