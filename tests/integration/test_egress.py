@@ -113,6 +113,11 @@ def test_the_proxy_is_the_only_way_out(shell_image: str, origin: tuple[str, int]
     assert record["egress"]["deny"] >= 4
     # the log is outside the container's reach: in the run's own folder in the state dir
     assert Path(record["egress_log"]).is_relative_to(kp_env["state"])
+    # kp-trace reads the same log from the record: decisions as records, or counted per host
+    summary = lines(subprocess.run([str(BIN / "kp-trace"), "--summary"], input=proc.stdout,
+                                   capture_output=True, check=True).stdout)
+    items = {(s["decision"], s["dns"], s["host"]): s["count"] for s in summary if s.get("item") == "egress"}
+    assert items[("allow", False, "allowed.test")] >= 202 and items[("deny", True, "denied.test")] >= 1
     subprocess.run([str(BIN / "kp-rm"), record["name"]], check=True, capture_output=True)
 
 
