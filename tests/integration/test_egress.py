@@ -151,3 +151,34 @@ def test_the_proxy_refuses_everyone_but_its_sandbox(shell_image: str, origin: tu
         holder.terminate()
         holder.communicate(timeout=60)
         subprocess.run([str(BIN / "kp-rm"), "holder"], capture_output=True)
+
+
+def test_it_fails_closed_when_the_proxy_dies(shell_image: str, origin: tuple[str, int],
+                                             kp_env: dict[str, Path]) -> None:
+    """SIGKILL the kp-run that serves the proxy: the container lives on, with no way out at all."""
+    _, port = origin
+    folder = kp_env["state"] / "containers" / "failclosed"
+    holder = subprocess.Popen([str(BIN / "kp-run"), "--image", shell_image, "--name", "failclosed",
+                               "--allow", f"allowed.test:{port}", "--resolve", "allowed.test=127.0.0.1",
+                               "--", "sleep", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(400):
+            state = subprocess.run(["podman", "inspect", "-f", "{{.State.Status}}", "failclosed"],
+                                   capture_output=True, text=True)
+            if state.stdout.strip() == "running":
+                break
+            threading.Event().wait(0.05)
+        probe = ["podman", "exec", "failclosed", "curl", "-sS", "--max-time", "5", f"http://allowed.test:{port}/x"]
+        before = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        assert "origin says /x" in before.stdout, before.stderr
+        holder.kill()
+        holder.wait()
+        after = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+        assert "origin says" not in after.stdout and "Failed to connect" in after.stderr
+        direct = subprocess.run(["podman", "exec", "failclosed", "ip", "-o", "link"], capture_output=True,
+                                text=True, timeout=60)
+        assert len(direct.stdout.splitlines()) == 1  # still lo only
+    finally:
+        holder.kill()
+        subprocess.run([str(BIN / "kp-rm"), "failclosed"], capture_output=True)
+    assert not folder.exists()
