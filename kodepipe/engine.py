@@ -280,9 +280,13 @@ def _start_service(sock: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         try:
-            # its own session: the service outlives this kp-run and serves the next ones
+            # its own session: the service outlives this kp-run and serves the next ones.  Its
+            # working directory is the socket's private dir: conmon, which it starts, drops an
+            # "oom" file into its cwd when a container hits its memory limit, and that must not
+            # be the user's project
             subprocess.Popen([podman, "system", "service", f"--time={IDLE_SECONDS}", f"unix://{sock}"],
-                             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+                             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                             cwd=sock.parent)
         except OSError as exc:
             raise CommandFailed(f"could not start the Podman service: {exc}") from exc
 
