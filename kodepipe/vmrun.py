@@ -1,0 +1,657 @@
+"""kp-run inside a VM: the same locked-down container, run by the guest's Podman over SSH.
+
+The policy is sandbox.py's, rendered as ``podman run`` arguments; this
+module only finds out what the guest has and ferries things to it:
+
+- the facts (one probe: podman, runc, zstd, sudo, the SSH user, the image,
+  the workspace), then the masks (``find`` in the guest's workspace);
+- the image, when the guest lacks it (or has another image under that
+  tag): ``podman save`` on the host streamed (zstd-compressed when both
+  sides have zstd) into ``sudo podman load``;
+- the seccomp profile, derived from the guest's own containers seccomp.json
+  and kept in /run/kodepipe; secrets and the mask file in a folder of the
+  run's own under /run/kodepipe, removed afterwards;
+- then ``sudo podman run``, its output copied to kp-run's stderr, a timer
+  that kills it at the time limit, and ``podman rm -f`` if kp-run is
+  interrupted.
+
+Everything put into a remote command line goes through shlex.  Paths in
+the workspace that Podman's --mount syntax cannot carry (a comma) are
+refused rather than passed on: a file name must never become a mount
+option.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import select
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kodepipe import proc, sandbox
+from kodepipe.errors import BadInput, CommandFailed, KpError, NotFound
+from kodepipe.launch import Request, new_name
+from kodepipe.records import Record
+from kodepipe.state import new_id, now_iso
+
+GUEST_DIR = "/run/kodepipe"  # root's, on the guest's tmpfs: gone at its next boot
+SHARE_MOUNT = "/workspace"  # where kp-ip mounts kp-boot --share
+GUEST_SECCOMP = "/usr/share/containers/seccomp.json"
+CONNECT_TIMEOUT = 60.0
+COMMAND_TIMEOUT = 300.0  # one small remote step; Podman under TCG takes seconds per call
+CHUNK = 1 << 20
+PROGRESS_EVERY = 5.0
+KILL_RETRY = 2.0
+TAIL = 16384  # bytes of the run's stderr kept to explain a Podman failure
+PODMAN_ERRORS = (125, 126, 127)  # podman run's own failures (docker's convention)
+
+# One round trip for everything the run depends on.  $1: workspace or "", $2: image tag.
+# Answers are NAME=VALUE, NUL-terminated (a path may hold a newline).
+PROBE = r"""
+say() { printf '%s=%s\0' "$1" "$2"; }
+podman=$(command -v podman)
+say podman "$podman"
+say runc "$(command -v runc)"
+say zstd "$(command -v zstd)"
+say uid "$(id -u)"
+say gid "$(id -g)"
+say home "$HOME"
+if sudo -n true 2>/dev/null; then say sudo yes; else say sudo no; fi
+if [ -n "$podman" ]; then
+    say image "$(sudo -n podman image inspect --format '{{.Id}}' -- "$2" 2>/dev/null)"
+fi
+if [ -n "$1" ] && real=$(realpath -e -- "$1"); then
+    say ws_real "$real"
+    say ws_stat "$(stat -c '%u %g %F' -- "$real")"
+fi
+"""
+
+# As root in the guest: $1 profile path, $2 GUEST_DIR, $3 Podman's overlay run dir; stdin: the profile.
+GUEST_SETUP = r"""
+set -e
+umask 022
+mkdir -p "$2" "$3"
+chmod 0755 "$2"
+cat > "$1.$$"
+mv -f "$1.$$" "$1"
+touch "$3/idmapped-lower-dir-false"
+rm -f "$3/idmapped-lower-dir-true"
+"""
+
+
+# -- the pure parts ----------------------------------------------------------------------------
+
+
+def parse_probe(out: bytes) -> dict[str, str]:
+    facts = {}
+    for item in out.split(b"\0"):
+        key, sep, value = item.decode("utf-8", "surrogateescape").partition("=")
+        if sep:
+            facts[key.strip()] = value
+    return facts
+
+
+def guest_workspace(vm: Record, req: Request) -> str | None:
+    """The workspace in the guest: the one asked for, else the share kp-ip mounted, else none."""
+    if req.workspace is not None:
+        path = PurePosixPath(req.workspace)
+        if not path.is_absolute():
+            raise BadInput(f"inside a VM the workspace is a path in the guest and must be absolute, "
+                           f"not {req.workspace}", hint=f"for the folder shared with kp-boot --share: {SHARE_MOUNT}")
+        return str(path)
+    return SHARE_MOUNT if vm.get("share") else None
+
+
+def check_workspace(given: str, facts: dict[str, str], vm_name: str) -> tuple[str, int, int]:
+    """The guest workspace's real path and owner, or BadInput if it would expose too much."""
+    real = facts.get("ws_real")
+    if not real:
+        hint = f"kp-ip {vm_name} mounts the folder shared with kp-boot --share at {SHARE_MOUNT}" \
+            if given == SHARE_MOUNT else None
+        raise BadInput(f"the workspace {given} does not exist in {vm_name}", hint=hint)
+    uid, gid, kind = [*facts.get("ws_stat", "").split(" ", 2), "", "", ""][:3]
+    if kind != "directory":
+        raise BadInput(f"the workspace {given} in {vm_name} is not a directory")
+    path = PurePosixPath(real)
+    if path == PurePosixPath("/"):
+        raise BadInput(f"the workspace cannot be / (the whole of {vm_name})",
+                       hint=f"give the project directory itself, e.g. {SHARE_MOUNT}")
+    homes = {PurePosixPath("/root")}
+    if facts.get("home", "").startswith("/"):
+        homes.add(PurePosixPath(facts["home"]))
+    for home in homes:
+        if path == home or home.is_relative_to(path):
+            raise BadInput(f"the workspace {real} in {vm_name} is or contains the home directory {home}",
+                           hint="give the project directory itself")
+    try:
+        return real, int(uid), int(gid)
+    except ValueError:
+        raise KpError(f"could not read the owner of {real} in {vm_name}: {facts.get('ws_stat')!r}") from None
+
+
+def agent_ids(owner: tuple[int, int] | None, user: tuple[int, int]) -> tuple[int, int, str]:
+    """The guest uid and gid the agent acts as, and where they came from; never root.
+
+    The workspace's owner when that is not root (its files stay the owner's);
+    else the SSH user kp-run logged in as; else a uid that owns nothing.
+    """
+    if owner is not None and owner[0] != 0:
+        return owner[0], owner[1] or owner[0], "workspace-owner"
+    if user[0] != 0:
+        return user[0], user[1] or user[0], "ssh-user"
+    return sandbox.FALLBACK_HOST_UID, sandbox.FALLBACK_HOST_UID, "nobody"
+
+
+def _names(patterns: Iterable[str]) -> list[str]:
+    """find tests for glob patterns: with a slash, a path from the workspace root; else a name
+    at any depth."""
+    tests: list[str] = []
+    for pattern in patterns:
+        if "/" in pattern:
+            tests += ["-o", "-path", f"./{pattern.strip('/')}"]
+        else:
+            tests += ["-o", "-name", pattern]
+    return ["(", *tests[1:], ")"] if tests else []
+
+
+def find_argv(masks: Iterable[str]) -> list[str]:
+    """``find`` (run in the workspace) printing M<path>\\0 for files to mask and C<path>\\0 for
+    credential-looking files left visible; skipping the directories the host scan skips."""
+    prune = ["(", *[w for d in sorted(sandbox.SKIP_DIRS) for w in ("-o", "-name", d)][1:], ")", "-prune"]
+    argv = ["find", ".", *prune]
+    masked = _names(masks)
+    if masked:
+        argv += ["-o", "-type", "f", *masked, "-printf", r"M%P\0"]
+    argv += ["-o", "-type", "f", *_names(sandbox.CREDENTIAL_GLOBS), "-printf", r"C%P\0"]
+    return argv
+
+
+def parse_found(out: bytes) -> tuple[list[str], list[str]]:
+    masked, credentials = [], []
+    for item in out.split(b"\0"):
+        text = item.decode("utf-8", "surrogateescape")
+        if text[:1] == "M":
+            masked.append(text[1:])
+        elif text[:1] == "C":
+            credentials.append(text[1:])
+    return sorted(masked), sorted(credentials)
+
+
+def check_paths(paths: Iterable[str]) -> None:
+    """Refuse paths that ``podman run --mount type=bind,source=...,destination=...`` would misread."""
+    for path in paths:
+        if "," in path or "\n" in path:
+            raise BadInput(f"Podman's --mount cannot carry the path {path!r} (it has a comma or a newline)",
+                           hint="rename it; a file name must never become a mount option")
+
+
+def check_mounts(box: sandbox.Sandbox) -> None:
+    check_paths(p for mount in box.mounts() for p in (mount.source, mount.dest))
+
+
+def run_command(box: sandbox.Sandbox) -> str:
+    """The remote command line that runs the container."""
+    if box.image.startswith("-"):
+        raise BadInput(f"invalid image name {box.image!r}")
+    return shlex.join(["sudo", "-n", "podman", "run", *box.podman_args()])
+
+
+def seccomp_path(text: bytes) -> str:
+    return f"{GUEST_DIR}/seccomp-{hashlib.sha256(text).hexdigest()[:12]}.json"
+
+
+def podman_failure(status: int, stderr: bytes) -> str | None:
+    """Podman's own error message when ``podman run`` failed before the command ran: status 125
+    (Podman), 126 (the runtime could not start it) or 127 (no such command), with Podman's
+    "Error: " as the last line (a command's own 126 or 127 comes from its shell, in other words)."""
+    if status not in PODMAN_ERRORS:
+        return None
+    lines = [ln for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+    return lines[-1].removeprefix("Error: ") if lines and lines[-1].startswith("Error: ") else None
+
+
+# -- the guest, over SSH -----------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    status: int
+    stdout: bytes
+    stderr: bytes
+
+
+class Remote:
+    """Commands in one VM over one SSH connection (paramiko; channels may be opened from any thread)."""
+
+    def __init__(self, client: Any, name: str) -> None:
+        self.client, self.name = client, name
+
+    def run(self, command: str, *, input: bytes = b"", timeout: float | None = COMMAND_TIMEOUT) -> Outcome:
+        return self.send(command, [input] if input else [], timeout=timeout)
+
+    def send(self, command: str, chunks: Iterable[bytes], *, timeout: float | None = COMMAND_TIMEOUT) -> Outcome:
+        """Run ``command`` with ``chunks`` as its stdin; what it prints is kept (it should print little)."""
+        out, err = bytearray(), bytearray()
+        status = self._session(command, out.extend, err.extend, chunks, timeout)
+        return Outcome(status, bytes(out), bytes(err))
+
+    def stream(self, command: str, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
+        """Run ``command``, handing its stdout and stderr to ``sink`` as they arrive; its status
+        and the tail of its stderr."""
+        tail = bytearray()
+
+        def err(chunk: bytes) -> None:
+            sink(chunk)
+            tail.extend(chunk)
+            del tail[:-TAIL]
+
+        status = self._session(command, sink, err, [], None)
+        return status, bytes(tail)
+
+    def _session(self, command: str, out: Callable[[bytes], None], err: Callable[[bytes], None],
+                 chunks: Iterable[bytes], timeout: float | None) -> int:
+        """One exec channel: stdin from ``chunks``, then read until the command is done.
+        The exit status is -1 if the server sent none (killed, or the connection dropped)."""
+        import paramiko
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        what = shlex.split(command)[:4]
+        try:
+            channel = self.client.get_transport().open_session()
+        except (OSError, EOFError, paramiko.SSHException, AttributeError) as exc:
+            raise KpError(f"the SSH connection to {self.name} is gone: {exc or type(exc).__name__}",
+                          code="connection_lost") from None
+        try:
+            channel.exec_command(command)
+
+            def drain() -> None:
+                while channel.recv_ready():
+                    out(channel.recv(65536))
+                while channel.recv_stderr_ready():
+                    err(channel.recv_stderr(65536))
+
+            try:
+                for chunk in chunks:
+                    channel.sendall(chunk)
+                    drain()
+            except OSError:
+                pass  # it stopped reading (it failed, most likely): its status and message say why
+            channel.shutdown_write()
+            while True:
+                # the channel's fileno is a pipe paramiko sets on stdout data, stderr data and EOF
+                select.select([channel], [], [], 1.0)
+                drain()
+                if (channel.eof_received or channel.closed) and not channel.recv_ready() \
+                        and not channel.recv_stderr_ready():
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    raise KpError(f"{self.name}: {shlex.join(what)} did not finish within {timeout:g} s",
+                                  code="timeout")
+            status: int = channel.recv_exit_status()
+            return status
+        except (OSError, EOFError, paramiko.SSHException) as exc:
+            raise KpError(f"the SSH connection to {self.name} broke during {shlex.join(what)}: {exc}",
+                          code="connection_lost") from None
+        finally:
+            channel.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def connect(vm: Record) -> Remote:
+    """An SSH connection to the VM as it is now (a record from stdin may predate a reboot)."""
+    from kodepipe import runtime, ssh, vms
+    from kodepipe.records import check_name
+    from kodepipe.sshkeys import own_key
+    from kodepipe.state import Store
+
+    name = check_name(vm.get("name"), "vm name")
+    store = Store()
+    expect = vm.get("id")
+    runtime.vm_meta(store, name, expect if isinstance(expect, str) else None)
+    ep = ssh.endpoint({**vm, **vms.view(store, name)})
+    return Remote(ssh.connect(ep, ssh.load_key(own_key()[0]), timeout=CONNECT_TIMEOUT), name)
+
+
+def _q(*words: str) -> str:
+    return shlex.join(words)
+
+
+def _script(script: str, *args: str) -> str:
+    """``sh -c SCRIPT`` with positional arguments, as one quoted command line."""
+    return _q("sh", "-c", script, "kp-run", *args)
+
+
+# -- one run -----------------------------------------------------------------------------------
+
+
+class VmRun:
+    """The state of one run in a VM, so that clean-up knows what exists."""
+
+    def __init__(self, vm: Record, req: Request, say: Callable[[str, str], None],
+                 remote: Callable[[Record], Remote] = connect,
+                 sink: Callable[[bytes], None] | None = None) -> None:
+        self.vm, self.req, self.say = vm, req, say
+        self.vm_name = str(vm.get("name"))
+        self.name = req.name or new_name()
+        self.connect = remote
+        self.sink = sink or _to_stderr
+        self.remote: Remote | None = None
+        self.folder: str | None = None  # the run's folder in the guest
+        self.started = False
+        self.streaming = False  # podman run is under way: the timer may kill it
+        self.done = False
+        self.timed_out = False
+        self.meta: dict[str, Any] = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
+                                     "state": "creating", "host": self.vm_name, "vm_id": vm.get("id"),
+                                     "image": req.image, "profile": req.profile, "command": req.command}
+
+    def prepare(self) -> sandbox.Sandbox:
+        req = self.req
+        for flag, used in (("--quarantine", req.quarantine), ("--audit", req.audit is not None),
+                           ("--keep", req.keep), ("-i/-t", req.interactive or req.tty)):
+            if used:
+                raise BadInput(f"{flag} is not supported inside a VM yet",
+                               hint="run it on the host (without vm records on stdin)")
+        if req.image.startswith("-"):
+            raise BadInput(f"invalid image name {req.image!r}")
+        wanted = guest_workspace(self.vm, req)
+        self.remote = remote = self.connect(self.vm)
+        probe = remote.run(_script(PROBE, wanted or "", req.image))
+        facts = parse_probe(probe.stdout)
+        if not facts.get("podman"):
+            raise KpError(f"{self.vm_name} has no Podman: its image was built without it", code="no_podman",
+                          hint="rebuild the image with kp-image build NAME (which now includes Podman), "
+                               "or add --packages podman")
+        if facts.get("sudo") != "yes":
+            raise KpError(f"kp-run needs passwordless sudo in {self.vm_name} (to run rootful Podman there), and "
+                          "the SSH user has none", code="no_sudo",
+                          hint="images from kp-image build give their user passwordless sudo")
+        try:
+            user = int(facts["uid"]), int(facts["gid"])
+        except (KeyError, ValueError):
+            raise KpError(f"could not learn the SSH user's ids in {self.vm_name}: "
+                          f"{probe.stderr.decode(errors='replace')[-500:]}") from None
+
+        ws = owner = None
+        masked: list[str] = []
+        if wanted is not None:
+            ws, ouid, ogid = check_workspace(wanted, facts, self.vm_name)
+            owner = (ouid, ogid)
+            masked, credentials = self.scan(ws)
+            if credentials:
+                shown = ", ".join(credentials[:8]) + (" ..." if len(credentials) > 8 else "")
+                self.say("warn", f"the workspace holds files that look like credentials, and the agent can "
+                                 f"read them: {shown} (hide them with --mask GLOB)")
+        uid, gid, source = agent_ids(owner, user)
+        check_paths([*([ws] if ws else []), *(f"{sandbox.WORKSPACE}/{m}" for m in masked),
+                     *(dest for _, dest in req.secrets)])
+
+        # missing, or another image under the same tag (rebuilt on the host since): copy it in
+        there = facts.get("image", "")
+        if not there or host_image_id(req.image) not in (None, there):
+            self.meta["image_transfer"] = self.copy_image(zstd=bool(facts.get("zstd")))
+        seccomp = self.prepare_guest()
+        self.folder = f"{GUEST_DIR}/{self.name}-{self.meta['id']}"
+        secret_list = self.upload_secrets(uid, gid, masked)
+        mask_file = f"{self.folder}/empty" if masked else None
+
+        limits = req.limits
+        box = sandbox.Sandbox(
+            name=self.name, image=req.image, command=req.command, workspace=ws, host_uid=uid, host_gid=gid,
+            limits=limits, seccomp=seccomp, read_only_workspace=req.read_only_workspace, network=req.network,
+            cap_add=req.cap_add, writable_root=req.writable_root, env=req.env, secrets=secret_list, masks=masked,
+            mask_file=mask_file, labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
+            # crun is what Debian's podman brings; runc only where the guest has it
+            runtime="runc" if facts.get("runc") else None,
+            # a backstop: conmon kills the container even if kp-run or the SSH connection is gone
+            timeout=int(limits.seconds) + 60 if limits.seconds else 0)
+        check_mounts(box)
+        self.meta.update(
+            workspace=ws, workspace_mode="ro" if req.read_only_workspace else "rw" if ws is not None else None,
+            network=req.network, limits=limits.record(), loosened=box.loosened(),
+            user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
+            masked=masked, secrets=[s.dest for s in secret_list], env=sorted(req.env),
+            engine=f"podman in {self.vm_name}")
+        return box
+
+    # -- the steps -------------------------------------------------------------------------------
+
+    def _check(self, outcome: Outcome, what: str) -> Outcome:
+        if outcome.status != 0:
+            raise CommandFailed(f"{self.vm_name}: {what} failed (status {outcome.status}): "
+                                f"{proc.tail(outcome.stderr) or proc.tail(outcome.stdout)}")
+        return outcome
+
+    def scan(self, ws: str) -> tuple[list[str], list[str]]:
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        found = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {shlex.join(find_argv(self.req.masks))}")
+        # find says why it could not read a directory and goes on; what it found still counts
+        if found.status != 0 and not found.stdout:
+            self._check(found, f"looking for files to mask in {ws}")
+        return parse_found(found.stdout)
+
+    def copy_image(self, *, zstd: bool) -> dict[str, Any]:
+        """``podman save`` here, ``podman load`` there; facts for the record."""
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        tag = self.req.image
+        compress = zstd and proc.which("zstd") is not None
+        self.say("info", f"{self.vm_name} lacks the image {tag}: copying it in (once per VM; minutes under TCG)")
+        started = time.monotonic()
+        sent = 0
+        last = started
+        with _saved_image(tag, compress) as (chunks, finished):
+            def counted() -> Iterator[bytes]:
+                nonlocal sent, last
+                for chunk in chunks:
+                    sent += len(chunk)
+                    now = time.monotonic()
+                    if now - last >= PROGRESS_EVERY:
+                        last = now
+                        self.say("progress", f"{self.vm_name}: {tag}: {sent >> 20} MiB sent in {now - started:.0f} s")
+                    yield chunk
+
+            load = "sudo -n podman load"
+            command = f"zstd -d -q -c | {load}" if compress else load
+            loaded = self.remote.send(command, counted(), timeout=None)
+            finished()
+        self._check(loaded, f"loading the image {tag} (podman load)")
+        seconds = round(time.monotonic() - started, 1)
+        self.say("progress", f"{self.vm_name}: {tag} loaded in {seconds:g} s ({sent >> 20} MiB sent)")
+        return {"seconds": seconds, "bytes_sent": sent, "compressed": compress}
+
+    def prepare_guest(self) -> str:
+        """Write the seccomp profile into the guest (derived from its own containers profile) and
+        steer its Podman clear of idmapped layers; the profile's path."""
+        from kodepipe import engine, seccomp
+
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        base = self.remote.run(_q("cat", "--", GUEST_SECCOMP))
+        if base.status != 0:
+            raise KpError(f"{self.vm_name} has no {GUEST_SECCOMP}: kp-run derives its seccomp profile from it",
+                          code="no_seccomp", hint="rebuild the image with kp-image build (its Podman brings it)")
+        text = seccomp.render(base.stdout)
+        path = seccomp_path(text)
+        # the guest's kernel has the same idmapped-overlay trouble as the host's (engine.force_chown_copies)
+        flags = engine.STORAGE_RUN
+        self._check(self.remote.run(_q("sudo", "-n", "sh", "-c", GUEST_SETUP, "kp-run", path, GUEST_DIR, str(flags)),
+                                    input=text), "writing the seccomp profile")
+        return path
+
+    def upload_secrets(self, uid: int, gid: int, masked: list[str]) -> list[sandbox.Secret]:
+        """The run's folder, with the empty mask file and a copy of each secret only the agent can read."""
+        if not (self.remote is not None and self.folder is not None):
+            raise RuntimeError("kp-run: out of order")
+        if not masked and not self.req.secrets:
+            self.folder = None  # nothing to keep there: no folder, nothing to clean up
+            return []
+        self._check(self.remote.run(_script(
+            'set -e; sudo -n mkdir -p -m 0755 "$1"; sudo -n mkdir -m 0700 "$2"; '
+            'sudo -n install -m 0444 /dev/null "$2/empty"', GUEST_DIR, self.folder)),
+            "making the run's folder")
+        out = []
+        for n, (src, dest) in enumerate(self.req.secrets):
+            try:
+                data = src.read_bytes()
+            except OSError as exc:
+                raise BadInput(f"cannot read the secret {src}: {exc.strerror}") from None
+            copy = f"{self.folder}/{n}-{src.name}"
+            self._check(self.remote.run(_script(
+                'set -e; sudo -n sh -c \'umask 077; cat > "$1"\' sh "$1"; sudo -n chown "$2" "$1"; '
+                'sudo -n chmod 0400 "$1"', copy, f"{uid}:{gid}"), input=data),
+                f"copying the secret {src.name}")
+            out.append(sandbox.Secret(Path(copy), dest, str(src)))
+        return out
+
+    def start(self, box: sandbox.Sandbox) -> int:
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        command = run_command(box)
+        timer = None
+        if self.req.limits.seconds:
+            timer = threading.Timer(self.req.limits.seconds, self._time_up)
+            timer.daemon = True
+            timer.start()
+        self.meta.update(state="running", started=now_iso())
+        self.started = self.streaming = True
+        try:
+            status, tail = self.remote.stream(command, self.sink)
+        finally:
+            self.streaming = False
+            if timer is not None:
+                timer.cancel()
+        self.done = True
+        failure = podman_failure(status, tail)
+        if failure is not None:
+            raise KpError(f"Podman in {self.vm_name} could not run the container: {failure}", code="podman")
+        return status
+
+    def _time_up(self) -> None:
+        self.timed_out = True
+        self.say("warn", f"{self.name}: the time limit ({self.req.limits.seconds:g} s) is up; stopping it")
+        # podman run may still be preparing its storage (minutes under TCG, the first time): a
+        # container that is not running yet cannot be killed, so try until it is, or is gone
+        while self.streaming and self.remote is not None:
+            try:
+                if self.remote.run(_q("sudo", "-n", "podman", "kill", "--", self.name), timeout=60).status == 0:
+                    return
+            except KpError:
+                return  # the connection is gone; Podman's --timeout still ends it
+            time.sleep(KILL_RETRY)
+
+    def finish(self, exit_code: int | None, outcome: str) -> Record:
+        """Remove what should not outlive the run; return the record of what happened."""
+        steps = []
+        if self.started and not self.done:  # interrupted or cut off while it ran
+            steps.append(_q("sudo", "-n", "podman", "rm", "-f", "-i", "-t", "0", "--", self.name) + " >/dev/null 2>&1")
+        if self.folder is not None:
+            steps.append(_q("sudo", "-n", "rm", "-rf", "--", self.folder))
+        removed = True
+        if steps and self.remote is not None:
+            try:
+                self._check(self.remote.run("; ".join(steps), timeout=120), "cleaning up")
+            except Exception as exc:  # reported; the VM is disposable and /run is a tmpfs
+                removed = not (self.started and not self.done)
+                self.say("warn", f"{self.name}: could not clean up in {self.vm_name}: {exc}")
+        if self.remote is not None:
+            with contextlib.suppress(Exception):
+                self.remote.close()
+        self.meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome,
+                         state="exited", removed=removed)
+        return dict(self.meta)
+
+
+@contextlib.contextmanager
+def _saved_image(tag: str, compress: bool) -> Iterator[tuple[Iterator[bytes], Callable[[], None]]]:
+    """``podman save TAG`` (through ``zstd -1`` when ``compress``) as chunks, and a check to call
+    after the last one; the processes are killed however the caller leaves."""
+    podman = proc.require("podman")
+    with tempfile.TemporaryFile() as errors:
+        argvs = [[podman, "save", "--format", "docker-archive", tag]]
+        if compress:
+            argvs.append([proc.require("zstd"), "-1", "-T0", "-q", "-c"])
+        children: list[subprocess.Popen[bytes]] = []
+        try:
+            for argv in argvs:
+                children.append(proc.spawn(argv, stdin=children[-1].stdout if children else subprocess.DEVNULL,
+                                           stdout=subprocess.PIPE, stderr=errors))
+            for child in children[:-1]:
+                if child.stdout is not None:
+                    child.stdout.close()  # the next one holds it now; this one sees EPIPE if that one dies
+            out = children[-1].stdout
+            if not (out is not None):
+                raise RuntimeError("kp-run: no pipe")
+
+            def chunks() -> Iterator[bytes]:
+                while block := out.read(CHUNK):
+                    yield block
+
+            def finished() -> None:
+                for argv, child in zip(argvs, children, strict=True):
+                    if child.wait() != 0:
+                        errors.seek(0)
+                        text = errors.read().decode("utf-8", "replace")
+                        if "image not known" in text or "no such image" in text.lower():
+                            raise NotFound(f"image {tag} is not in the host's Podman store",
+                                           hint="build it with kp-image base, or name a profile with --profile")
+                        raise CommandFailed(f"{shlex.join(argv)} exited with status {child.returncode}: "
+                                            f"{proc.tail(text)}")
+
+            yield chunks(), finished
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+
+
+def host_image_id(tag: str) -> str | None:
+    """The id of ``tag`` in the host's Podman store, if it is there."""
+    if proc.which("podman") is None:
+        return None
+    try:
+        return proc.run(["podman", "image", "inspect", "--format", "{{.Id}}", "--", tag],
+                        timeout=60).stdout.decode().strip() or None
+    except KpError:
+        return None
+
+
+def _to_stderr(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
+
+
+def run_in_vm(vm: Record, req: Request, say: Callable[[str, str], None]) -> tuple[Record, int | None]:
+    """Run one container inside the VM of ``vm`` (a vm record from kp-ip); return its record and
+    the command's exit status (None if it never ran).
+
+    The same contract as launch.run: on an interruption the container is
+    removed and the record is returned through the exception's ``record``
+    attribute before it propagates.
+    """
+    job = VmRun(vm, req, say)
+    return _run(job)
+
+
+def _run(job: VmRun) -> tuple[Record, int | None]:
+    try:
+        box = job.prepare()
+        status = job.start(box)
+    except BaseException as exc:
+        record = job.finish(None, "interrupted" if not isinstance(exc, Exception) else "failed")
+        exc.record = record  # type: ignore[attr-defined]
+        raise
+    return job.finish(status, "timed-out" if job.timed_out else "exited"), status

@@ -1,0 +1,488 @@
+"""kp-run inside a VM without a VM: the remote commands it builds, what it makes of the guest's
+answers, and the order of things, against a scripted stand-in for the guest."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kodepipe import launch, proc, sandbox, vmrun
+from kodepipe.errors import BadInput, KpError
+from tests.cli import invoke
+
+LIMITS = sandbox.Limits(memory=512 << 20, cpus=1, pids=64, seconds=60, tmpfs=64 << 20)
+VM = {"kind": "vm", "name": "vm-a", "id": "0123456789ab", "state": "running", "share": "/home/u/proj"}
+FACTS = {"podman": "/usr/bin/podman", "runc": "", "zstd": "/usr/bin/zstd", "uid": "1000", "gid": "1000",
+         "home": "/home/kp", "sudo": "yes", "image": "a1b2c3", "ws_real": "/workspace",
+         "ws_stat": "1000 1000 directory"}
+SECCOMP = orjson.dumps({"defaultAction": "SCMP_ACT_ERRNO",
+                        "syscalls": [{"names": ["read", "unshare"], "action": "SCMP_ACT_ALLOW"}]})
+
+
+@pytest.fixture(autouse=True)
+def _host_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vmrun, "host_image_id", lambda tag: None)  # not the host's real store
+
+
+def request(**kw: Any) -> launch.Request:
+    args: dict[str, Any] = {"command": ["bash", "-c", "echo hi"], "image": "localhost/kodepipe-shell:1",
+                            "limits": LIMITS}
+    args.update(kw)
+    return launch.Request(**args)
+
+
+def probe(facts: dict[str, str]) -> bytes:
+    return b"".join(f"{k}={v}".encode() + b"\0" for k, v in facts.items())
+
+
+# -- the pure parts ------------------------------------------------------------------------------
+
+
+def test_probe_answers_may_hold_newlines_and_equals_signs() -> None:
+    facts = vmrun.parse_probe(b"podman=/usr/bin/podman\0ws_real=/w/a=b\nc\0junk\0uid=1000\0")
+    assert facts == {"podman": "/usr/bin/podman", "ws_real": "/w/a=b\nc", "uid": "1000"}
+
+
+def test_the_probe_script_answers_in_a_real_shell(tmp_path: Path) -> None:
+    (tmp_path / "ws").mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for program in ("sh", "id", "realpath", "stat"):  # and no podman: the image is not even asked about
+        (bin_dir / program).symlink_to(subprocess.run(["sh", "-c", f"command -v {program}"], capture_output=True,
+                                                      text=True, check=True).stdout.strip())
+    script = vmrun._script(vmrun.PROBE, str(tmp_path / "ws" / ".." / "ws"), "localhost/x:1")
+    out = subprocess.run(["/bin/sh", "-c", script], capture_output=True, env={"PATH": str(bin_dir), "HOME": "/h"})
+    facts = vmrun.parse_probe(out.stdout)
+    assert facts["ws_real"] == str(tmp_path / "ws") and facts["ws_stat"].endswith(" directory")
+    assert facts["uid"] == str(os.getuid()) and facts["home"] == "/h" and "image" not in facts
+
+
+@pytest.mark.parametrize(("workspace", "share", "expected"), [
+    (None, "/host/proj", "/workspace"),
+    (None, None, None),
+    (Path("/home/kp/proj"), None, "/home/kp/proj"),
+    (Path("/srv/x/"), "/host/proj", "/srv/x"),
+])
+def test_the_guest_workspace_is_the_one_asked_for_else_the_share(workspace: Path | None, share: str | None,
+                                                                  expected: str | None) -> None:
+    assert vmrun.guest_workspace({**VM, "share": share}, request(workspace=workspace)) == expected
+
+
+def test_a_relative_guest_workspace_is_refused() -> None:
+    with pytest.raises(BadInput, match="must be absolute"):
+        vmrun.guest_workspace(VM, request(workspace=Path("proj")))
+
+
+@pytest.mark.parametrize(("real", "stat", "message"), [
+    (None, None, "does not exist in vm-a; kp-ip vm-a mounts"),
+    ("/workspace", "1000 1000 regular file", "not a directory"),
+    ("/", "0 0 directory", "cannot be /"),
+    ("/root", "0 0 directory", "home directory /root"),
+    ("/home/kp", "1000 1000 directory", "home directory /home/kp"),
+    ("/home", "0 0 directory", "contains the home directory /home/kp"),
+])
+def test_workspaces_that_expose_too_much_are_refused(real: str | None, stat: str | None, message: str) -> None:
+    facts = {"home": "/home/kp", **({"ws_real": real} if real else {}), **({"ws_stat": stat} if stat else {})}
+    with pytest.raises(BadInput) as caught:
+        vmrun.check_workspace("/workspace", facts, "vm-a")
+    assert message in caught.value.message
+
+
+def test_a_project_folder_is_accepted_with_its_owner() -> None:
+    facts = {"home": "/home/kp", "ws_real": "/home/kp/proj", "ws_stat": "1001 1002 directory"}
+    assert vmrun.check_workspace("/home/kp/proj", facts, "vm-a") == ("/home/kp/proj", 1001, 1002)
+
+
+@pytest.mark.parametrize(("owner", "user", "expected"), [
+    ((1234, 1235), (1000, 1000), (1234, 1235, "workspace-owner")),
+    ((1234, 0), (1000, 1000), (1234, 1234, "workspace-owner")),
+    ((0, 0), (1000, 1001), (1000, 1001, "ssh-user")),
+    (None, (1000, 1001), (1000, 1001, "ssh-user")),
+    ((0, 0), (0, 0), (sandbox.FALLBACK_HOST_UID, sandbox.FALLBACK_HOST_UID, "nobody")),
+])
+def test_the_agent_is_the_workspace_owner_else_the_ssh_user_never_root(
+        owner: tuple[int, int] | None, user: tuple[int, int], expected: tuple[int, int, str]) -> None:
+    assert vmrun.agent_ids(owner, user) == expected
+
+
+def test_find_arguments_for_masks() -> None:
+    argv = vmrun.find_argv([".env", ".env.*", "config/secret.yml", "/top.key"])
+    text = shlex.join(argv)
+    assert argv[:3] == ["find", ".", "("] and "-prune" in argv
+    assert "-name .git -o" in text and "-name node_modules" in text
+    assert ("-type f '(' -name .env -o -name '.env.*' -o -path ./config/secret.yml -o -path ./top.key ')' "
+            "-printf 'M%P\\0'") in text
+    assert vmrun.find_argv([]).count("-printf") == 1  # credentials only
+
+
+def test_find_in_a_real_tree_agrees_with_the_host_scan(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    for rel in (".env", "sub/.env.local", "sub/deeper/.env.x", ".git/.env", "node_modules/m/.env",
+                "config/secret.yml", "other/config/secret.yml", "id_rsa", "keys/server.pem", "main.py",
+                "odd name/.env", "new\nline/.env"):
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).write_text("x")
+    (ws / "linked").mkdir()
+    (ws / "linked" / ".env").symlink_to(ws / "main.py")  # a symlink is never bound over: it would be followed
+    masks = [".env", ".env.*", "config/secret.yml"]
+    out = subprocess.run(["sh", "-c", f"cd {shlex.quote(str(ws))} && {shlex.join(vmrun.find_argv(masks))}"],
+                         capture_output=True, check=True).stdout
+    masked, credentials = vmrun.parse_found(out)
+    assert masked == sorted(sandbox.scan(ws, masks)[0])
+    assert credentials == sorted(sandbox.scan(ws, masks)[1]) == ["id_rsa", "keys/server.pem"]
+    assert ".env" in masked and "new\nline/.env" in masked and "config/secret.yml" in masked
+    assert "other/config/secret.yml" not in masked and ".git/.env" not in masked
+    assert "linked/.env" not in masked
+
+
+def box(**kw: Any) -> sandbox.Sandbox:
+    args: dict[str, Any] = {"name": "run-1", "image": "localhost/x:1", "command": ["true"], "workspace": "/workspace",
+                            "host_uid": 1000, "host_gid": 1000, "limits": LIMITS, "seccomp": "/run/kodepipe/s.json",
+                            "runtime": None}
+    args.update(kw)
+    return sandbox.Sandbox(**args)
+
+
+def test_the_remote_command_is_podman_run_with_every_word_quoted() -> None:
+    hostile = box(command=["sh", "-c", "echo $(id) `x`; rm -rf / &"], env={"TOKEN": "a'b\"c $HOME"})
+    command = vmrun.run_command(hostile)
+    assert command.startswith("sudo -n podman run ")
+    assert shlex.split(command) == ["sudo", "-n", "podman", "run", *hostile.podman_args()]
+    assert "--runtime" not in shlex.split(command)  # crun, the guest's default, unless runc is there
+    assert "--timeout" not in shlex.split(command)
+    words = shlex.split(vmrun.run_command(box(runtime="runc", timeout=120)))
+    assert words[words.index("--runtime") + 1] == "runc" and words[words.index("--timeout") + 1] == "120"
+    with pytest.raises(BadInput, match="invalid image"):
+        vmrun.run_command(box(image="--privileged"))
+
+
+def test_a_path_podman_mount_would_misread_is_refused() -> None:
+    vmrun.check_mounts(box(masks=[".env", "a b/.env"], mask_file="/run/kodepipe/r/empty"))
+    with pytest.raises(BadInput, match="comma"):
+        vmrun.check_mounts(box(masks=[".env.x,source=/etc/shadow"], mask_file="/run/kodepipe/r/empty"))
+    with pytest.raises(BadInput, match="comma"):
+        vmrun.check_mounts(box(workspace="/srv/a,b"))
+
+
+@pytest.mark.parametrize(("status", "stderr", "expected"), [
+    (125, b"Error: short-name resolution failed\n", "short-name resolution failed"),
+    (126, b"time=x level=error msg=y\nError: mounting storage: permission denied\n",
+     "mounting storage: permission denied"),
+    (127, b"bash: nope: command not found\n", None),
+    (125, b"Error: the command's own\nand then more\n", None),
+    (0, b"Error: x\n", None),
+    (3, b"", None),
+])
+def test_podmans_own_failures_are_told_from_the_commands(status: int, stderr: bytes, expected: str | None) -> None:
+    assert vmrun.podman_failure(status, stderr) == expected
+
+
+def test_the_seccomp_path_names_its_content() -> None:
+    assert vmrun.seccomp_path(b"a") != vmrun.seccomp_path(b"b")
+    assert vmrun.seccomp_path(b"a").startswith("/run/kodepipe/seccomp-")
+
+
+# -- one run, against a scripted guest --------------------------------------------------------------
+
+
+class FakeGuest:
+    """Answers the commands vmrun sends, and remembers them."""
+
+    def __init__(self, facts: dict[str, str] | None = None, found: bytes = b"M.env\0",
+                 stream: Callable[[FakeGuest, str, Callable[[bytes], None]], tuple[int, bytes]] | None = None) -> None:
+        self.facts = {**FACTS, **(facts or {})}
+        self.found = found
+        self.commands: list[tuple[str, bytes]] = []
+        self.killed = threading.Event()
+        self.closed = False
+        self._stream = stream
+
+    def run(self, command: str, *, input: bytes = b"", timeout: float | None = 60) -> vmrun.Outcome:
+        return self.send(command, [input] if input else [], timeout=timeout)
+
+    def send(self, command: str, chunks: Iterable[bytes], *, timeout: float | None = 60) -> vmrun.Outcome:
+        self.commands.append((command, b"".join(chunks)))
+        if "say()" in command:
+            return vmrun.Outcome(0, probe(self.facts), b"")
+        if " find . " in command:
+            return vmrun.Outcome(0, self.found, b"")
+        if command.startswith("cat "):
+            return vmrun.Outcome(0, SECCOMP, b"")
+        if "podman kill" in command:
+            self.killed.set()
+        return vmrun.Outcome(0, b"", b"")
+
+    def stream(self, command: str, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
+        self.commands.append((command, b""))
+        if self._stream is not None:
+            return self._stream(self, command, sink)
+        sink(b"hello from the container\n")
+        return 3, b""
+
+    def close(self) -> None:
+        self.closed = True
+
+    def sent(self, fragment: str) -> list[tuple[str, bytes]]:
+        return [(c, i) for c, i in self.commands if fragment in c]
+
+
+def job(guest: FakeGuest, req: launch.Request | None = None, vm: dict[str, Any] | None = None
+        ) -> tuple[vmrun.VmRun, list[bytes], list[tuple[str, str]]]:
+    output: list[bytes] = []
+    said: list[tuple[str, str]] = []
+    run = vmrun.VmRun(vm or VM, req or request(), lambda level, message: said.append((level, message)),
+                      remote=lambda _vm: guest, sink=output.append)  # type: ignore[arg-type, return-value]
+    return run, output, said
+
+
+def test_a_run_in_the_guest_reports_like_one_on_the_host() -> None:
+    guest = FakeGuest()
+    run, output, _ = job(guest)
+    record, status = vmrun._run(run)
+    assert status == 3 and output == [b"hello from the container\n"]
+    assert record["kind"] == "container" and record["host"] == "vm-a" and record["vm_id"] == "0123456789ab"
+    assert record["exit_code"] == 3 and record["outcome"] == "exited" and record["removed"] is True
+    assert record["workspace"] == "/workspace" and record["workspace_mode"] == "rw" and record["masked"] == [".env"]
+    assert record["user"] == {"agent_uid": 1000, "host_uid": 1000, "host_gid": 1000, "from": "workspace-owner"}
+    assert record["network"] == "none" and record["loosened"] == [] and record["timed_out"] is False
+    for key in ("name", "id", "image", "profile", "command", "limits", "secrets", "env", "started", "finished"):
+        assert key in record
+    assert "image_transfer" not in record and guest.closed
+    # the container: locked down, the guest's seccomp profile derived and written first, the mask bound
+    (podman, _), = guest.sent("podman run")
+    words = shlex.split(podman)
+    assert words[:4] == ["sudo", "-n", "podman", "run"]
+    seccomp_path = next(w.split("=", 1)[1] for w in words if w.startswith("seccomp="))
+    (setup, profile), = guest.sent("idmapped-lower-dir-false")
+    assert seccomp_path in setup and b'"unshare"' in profile and b'"clone3"' in profile
+    folder = f"/run/kodepipe/{record['name']}-{record['id']}"
+    assert f"type=bind,source={folder}/empty,destination=/workspace/.env,ro" in words
+    assert "type=bind,source=/workspace,destination=/workspace" in words
+    # and its folder is removed afterwards (the container went with --rm)
+    assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
+    assert not guest.sent("podman rm")
+
+
+def test_without_a_share_or_workspace_there_is_nothing_to_mask_and_no_folder() -> None:
+    guest = FakeGuest(facts={"ws_real": "", "ws_stat": ""})
+    run, _, _ = job(guest, vm={**VM, "share": None})
+    record, _ = vmrun._run(run)
+    assert record["workspace"] is None and record["workspace_mode"] is None and record["masked"] == []
+    assert record["user"]["from"] == "ssh-user"
+    assert not guest.sent(" find . ") and not guest.sent("mkdir -m 0700") and not guest.sent("rm -rf")
+    assert "-w /tmp/home" in guest.sent("podman run")[0][0]
+
+
+def test_credentials_in_the_workspace_are_warned_about() -> None:
+    guest = FakeGuest(found=b"M.env\0Cid_rsa\0Ckeys/a.pem\0")
+    run, _, said = job(guest)
+    vmrun._run(run)
+    assert ("warn", "the workspace holds files that look like credentials, and the agent can read them: "
+                    "id_rsa, keys/a.pem (hide them with --mask GLOB)") in said
+
+
+def test_secrets_are_copied_for_the_agent_alone_and_bound_read_only(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_bytes(b"s3cret")
+    guest = FakeGuest(facts={"ws_stat": "1234 1235 directory"})
+    run, _, _ = job(guest, request(secrets=[(secret, "/run/secrets/token")]))
+    record, _ = vmrun._run(run)
+    folder = f"/run/kodepipe/{record['name']}-{record['id']}"
+    (copy, data), = guest.sent("chmod 0400")
+    assert data == b"s3cret" and f"{folder}/0-token" in copy and "1234:1235" in copy
+    assert f"type=bind,source={folder}/0-token,destination=/run/secrets/token,ro" in \
+        shlex.split(guest.sent("podman run")[0][0])
+    assert record["secrets"] == ["/run/secrets/token"] and "secret:/run/secrets/token" in record["loosened"]
+    assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
+
+
+def test_a_guest_without_podman_says_how_to_get_it() -> None:
+    guest = FakeGuest(facts={"podman": ""})
+    run, _, _ = job(guest)
+    with pytest.raises(KpError) as caught:
+        vmrun._run(run)
+    assert caught.value.code == "no_podman" and "kp-image build NAME" in caught.value.message
+    assert "--packages podman" in caught.value.message
+    assert caught.value.record["outcome"] == "failed"  # type: ignore[attr-defined]
+    assert not guest.sent("podman run")
+
+
+def test_a_guest_without_passwordless_sudo_is_refused_before_anything_else() -> None:
+    guest = FakeGuest(facts={"sudo": "no"})
+    run, _, _ = job(guest)
+    with pytest.raises(KpError) as caught:
+        vmrun._run(run)
+    assert caught.value.code == "no_sudo" and len(guest.commands) == 1
+
+
+@pytest.mark.parametrize(("kw", "flag"), [({"quarantine": True}, "--quarantine"), ({"audit": "default"}, "--audit")])
+def test_quarantine_and_audit_are_refused_inside_a_vm(kw: dict[str, Any], flag: str) -> None:
+    guest = FakeGuest()
+    run, _, _ = job(guest, request(**kw))
+    with pytest.raises(BadInput, match=f"{flag} is not supported inside a VM yet"):
+        vmrun._run(run)
+    assert guest.commands == []
+
+
+def test_a_missing_image_is_streamed_in_from_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import contextmanager
+
+    calls: list[tuple[str, bool]] = []
+
+    @contextmanager
+    def saved(tag: str, compress: bool) -> Iterator[tuple[Iterator[bytes], Callable[[], None]]]:
+        calls.append((tag, compress))
+        yield iter([b"a" * 10, b"b" * 5]), lambda: None
+
+    monkeypatch.setattr(vmrun, "_saved_image", saved)
+    monkeypatch.setattr(proc, "which", lambda program: f"/usr/bin/{program}")
+    monkeypatch.setattr(vmrun, "host_image_id", lambda tag: "a1b2c3")
+    guest = FakeGuest(facts={"image": ""})
+    run, _, said = job(guest)
+    record, _ = vmrun._run(run)
+    assert calls == [("localhost/kodepipe-shell:1", True)]
+    (command, data), = guest.sent("podman load")
+    assert command == "zstd -d -q -c | sudo -n podman load" and data == b"a" * 10 + b"b" * 5
+    assert record["image_transfer"]["bytes_sent"] == 15 and record["image_transfer"]["compressed"] is True
+    assert any("lacks the image" in message for _, message in said)
+
+
+@pytest.mark.parametrize(("host", "copied"), [("a1b2c3", False), (None, False), ("d4e5f6", True)])
+def test_an_image_rebuilt_on_the_host_under_the_same_tag_is_copied_again(
+        monkeypatch: pytest.MonkeyPatch, host: str | None, copied: bool) -> None:
+    from contextlib import contextmanager
+
+    @contextmanager
+    def saved(tag: str, compress: bool) -> Iterator[tuple[Iterator[bytes], Callable[[], None]]]:
+        yield iter([b"x"]), lambda: None
+
+    monkeypatch.setattr(vmrun, "_saved_image", saved)
+    monkeypatch.setattr(vmrun, "host_image_id", lambda tag: host)
+    guest = FakeGuest()  # it has a1b2c3
+    run, _, _ = job(guest)
+    record, _ = vmrun._run(run)
+    assert bool(guest.sent("podman load")) is copied and ("image_transfer" in record) is copied
+
+
+def test_podman_failing_to_start_it_is_an_error_not_an_exit_code() -> None:
+    def failing(guest: FakeGuest, command: str, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
+        sink(b"Error: mounting storage: permission denied\n")
+        return 126, b"Error: mounting storage: permission denied\n"
+
+    run, _, _ = job(FakeGuest(stream=failing))
+    with pytest.raises(KpError, match="could not run the container: mounting storage") as caught:
+        vmrun._run(run)
+    assert caught.value.record["outcome"] == "failed"  # type: ignore[attr-defined]
+
+
+def test_the_time_limit_kills_it_over_a_second_channel() -> None:
+    def slow(guest: FakeGuest, command: str, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
+        assert guest.killed.wait(10)
+        return 137, b""
+
+    guest = FakeGuest(stream=slow)
+    run, _, said = job(guest, request(limits=sandbox.Limits(memory=512 << 20, cpus=1, pids=64, seconds=0.2,
+                                                             tmpfs=64 << 20)))
+    record, status = vmrun._run(run)
+    assert status == 137 and record["timed_out"] is True and record["outcome"] == "timed-out"
+    (kill, _), = guest.sent("podman kill")
+    assert kill == f"sudo -n podman kill -- {record['name']}"
+    assert "--timeout 60" in guest.sent("podman run")[0][0]  # Podman's own backstop: the limit + 60 s
+    assert any(level == "warn" and "time limit" in message for level, message in said)
+
+
+def test_the_time_limit_keeps_trying_while_podman_is_still_preparing(monkeypatch: pytest.MonkeyPatch) -> None:
+    tries: list[str] = []
+
+    class Preparing(FakeGuest):
+        def send(self, command: str, chunks: Iterable[bytes], *, timeout: float | None = 60) -> vmrun.Outcome:
+            if "podman kill" in command:
+                tries.append(command)
+                if len(tries) < 3:  # "can only kill running containers"
+                    return vmrun.Outcome(125, b"", b"Error: can only kill running containers")
+            return super().send(command, chunks, timeout=timeout)
+
+    def slow(guest: FakeGuest, command: str, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
+        assert guest.killed.wait(10)
+        return 137, b""
+
+    monkeypatch.setattr(vmrun, "KILL_RETRY", 0.01)
+    run, _, _ = job(Preparing(stream=slow), request(limits=sandbox.Limits(memory=512 << 20, cpus=1, pids=64,
+                                                                          seconds=0.1, tmpfs=64 << 20)))
+    record, _ = vmrun._run(run)
+    assert len(tries) == 3 and record["timed_out"] is True
+
+
+def test_an_interruption_removes_the_container_and_carries_the_record() -> None:
+    def interrupted(guest: FakeGuest, command: str, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
+        raise KeyboardInterrupt
+
+    guest = FakeGuest(stream=interrupted)
+    run, _, _ = job(guest)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        vmrun._run(run)
+    record = caught.value.record  # type: ignore[attr-defined]
+    assert record["outcome"] == "interrupted" and record["exit_code"] is None and record["removed"] is True
+    cleanup = guest.commands[-1][0]
+    assert cleanup.startswith(f"sudo -n podman rm -f -i -t 0 -- {record['name']} >/dev/null 2>&1; sudo -n rm -rf -- ")
+
+
+# -- kp-run with vm records on stdin ------------------------------------------------------------------
+
+
+def test_kp_run_runs_in_each_vm_record_and_passes_the_rest_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, launch.Request]] = []
+
+    def fake(vm: dict[str, Any], req: launch.Request, say: Any) -> tuple[dict[str, Any], int]:
+        seen.append((vm["name"], req))
+        return {"kind": "container", "name": "run-x", "host": vm["name"], "exit_code": 0}, 0
+
+    def host(*args: Any) -> None:
+        raise AssertionError("ran on the host")
+
+    monkeypatch.setattr(vmrun, "run_in_vm", fake)
+    monkeypatch.setattr(launch, "run", host)
+    lines = [{"kind": "image", "name": "base"}, {**VM, "name": "a"}, {**VM, "name": "b"}]
+    result = invoke("kp-run", "--image", "localhost/x:1", "-w", "/srv/proj", "--", "make",
+                    input=b"".join(orjson.dumps(r) + b"\n" for r in lines))
+    assert result.status == 0, result.stderr
+    assert [(r["kind"], r.get("host") or r["name"]) for r in result.records] == [
+        ("image", "base"), ("vm", "a"), ("container", "a"), ("vm", "b"), ("container", "b")]
+    assert [name for name, _ in seen] == ["a", "b"]
+    assert seen[0][1].workspace == Path("/srv/proj") and seen[0][1].command == ["make"]
+
+
+def test_kp_run_never_falls_back_to_the_host_for_a_failed_vm(monkeypatch: pytest.MonkeyPatch) -> None:
+    def host(*args: Any) -> None:
+        raise AssertionError("ran on the host")
+
+    def failing(vm: dict[str, Any], req: launch.Request, say: Any) -> None:
+        exc = KpError("no podman there", code="no_podman")
+        exc.record = {"kind": "container", "name": "run-y", "host": vm["name"]}  # type: ignore[attr-defined]
+        raise exc
+
+    monkeypatch.setattr(launch, "run", host)
+    monkeypatch.setattr(vmrun, "run_in_vm", failing)
+    lines = [{**VM, "name": "a", "error": {"code": "timeout", "message": "x"}}, {**VM, "name": "b"}]
+    result = invoke("kp-run", "--image", "localhost/x:1", "--", "true",
+                    input=b"".join(orjson.dumps(r) + b"\n" for r in lines))
+    assert result.status == 1
+    records: list[Any] = result.records
+    assert records[0]["name"] == "a" and records[0]["error"]["code"] == "timeout"
+    assert records[1]["name"] == "b" and "error" not in records[1]
+    assert records[2] == {"kind": "container", "name": "run-y", "host": "b",
+                          "error": {"code": "no_podman", "message": "no podman there"}}
+    assert "a: not run there" in result.stderr
+
+
+def test_kp_run_without_vm_records_still_checks_the_host_workspace(tmp_path: Path) -> None:
+    result = invoke("kp-run", "--image", "localhost/x:1", "-w", str(tmp_path / "missing"), "--", "true", input=b"")
+    assert result.status == 2 and "does not exist" in result.stderr
