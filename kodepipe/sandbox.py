@@ -234,6 +234,10 @@ class Sandbox:
             args.append("--read-only")
         args += ["--tmpfs", f"/tmp:rw,size={self.limits.tmpfs},mode=1777,nosuid,nodev"]
         for mount in self.mounts():
+            if any(c in mount.source + mount.dest for c in ",\n"):
+                # --mount is comma-separated: a file named "x,source=/etc/shadow" would add options
+                raise BadInput(f"cannot mount {mount.source!r} with the podman command line: its name has a comma "
+                               "or a newline", hint="rename it, or run on the host (the API takes any name)")
             args += ["--mount", f"type=bind,source={mount.source},destination={mount.dest}"
                      + (",ro" if mount.read_only else "")]
         args += ["--network", "none" if self.network == "none" else "bridge"]
@@ -334,8 +338,9 @@ def walk(root: Path, limit: int = WALK_LIMIT) -> Iterator[str]:
 
 
 def _matches(rel: str, pattern: str) -> bool:
-    # a pattern with a slash is anchored at the workspace root; else it matches a name at any depth
-    if "/" in pattern.strip("/"):
+    # a pattern with a slash (leading included) is anchored at the workspace root;
+    # else it matches a name at any depth
+    if "/" in pattern:
         return fnmatch.fnmatchcase(rel, pattern.strip("/"))
     return fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern)
 

@@ -15,6 +15,15 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def stdin_is_devnull() -> None:
+    """Commands started by tests inherit /dev/null, never the runner's stdin: kp-* commands read
+    records from a piped stdin, and a CI runner's pipe that never closes would block them."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+
 @pytest.fixture(autouse=True)
 def kp_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     dirs = {

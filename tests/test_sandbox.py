@@ -136,3 +136,19 @@ def test_seccomp_from_the_system_profile(tmp_path: Path) -> None:
     path = seccomp.ensure(tmp_path)
     assert path == seccomp.ensure(tmp_path)  # stable name: written once
     assert json.loads(path.read_text())["defaultAction"]
+
+
+def test_a_comma_in_a_mount_path_cannot_inject_options() -> None:
+    hostile = box(masks=[".env.x,source=/etc/shadow"], mask_file="/f/empty")
+    assert any(m["destination"] == "/workspace/.env.x,source=/etc/shadow" for m in hostile.spec()["mounts"])
+    with pytest.raises(BadInput, match="comma"):
+        hostile.podman_args()
+
+
+def test_anchored_masks(tmp_path: Path) -> None:
+    for rel in ("top.key", "sub/top.key"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("k")
+    assert sandbox.scan(tmp_path, ["/top.key"])[0] == ["top.key"]
+    assert sorted(sandbox.scan(tmp_path, ["top.key"])[0]) == ["sub/top.key", "top.key"]
+    assert sandbox.scan(tmp_path, ["sub/*.key"])[0] == ["sub/top.key"]

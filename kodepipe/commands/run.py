@@ -154,6 +154,12 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     the quarantine's changes or the audit log's path).  kp-run exits 1 if
     the command failed; the record's exit_code is the command's own.
 
+    When vm records arrive on stdin (kp-clone | kp-boot --share DIR |
+    kp-ip), the container runs inside each VM instead, through the guest's
+    Podman over SSH, with the same defaults; the workspace is then a path
+    in the guest (default /workspace, the share).  The image is copied in
+    the first time.  --quarantine, --audit and -it are host-only for now.
+
     kp-run needs root (sudo): rootful Podman with an explicit user
     namespace is what enforces the limits on every host.  It starts its
     own Podman API service on demand (set KODEPIPE_PODMAN_URL to use
@@ -166,6 +172,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
       sudo kp-run --quarantine -w . -- sh -c 'agent-does-things'
       sudo kp-run --apply run-1a2b3c4d
       sudo kp-run --audit -w . -- pytest | kp-trace | jq 'select(.type=="net")'
+      kp-clone base vm | kp-boot --share ~/code/proj | kp-ip | sudo kp-run -- make test
     """
     from kodepipe.state import Store
 
