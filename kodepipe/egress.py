@@ -16,7 +16,9 @@ from the host's namespace.  Hence:
   never by an address: a raw IP is refused, and a name is resolved on the
   host, where addresses in link-local and cloud-metadata ranges (and
   loopback, unless the name was pinned with --resolve) are refused too;
-- plain HTTP is checked the same way, forwarded with ``Connection: close``;
+- plain HTTP is checked the same way and forwarded with its Host header
+  set to the checked host and ``Connection: close``; a CONNECT tunnel that
+  starts a TLS handshake must name the same host in its SNI;
 - DNS answers only allowed names (with their permitted addresses); others
   get REFUSED.
 
@@ -51,14 +53,16 @@ DEFAULT_PORTS = (80, 443)
 HEAD_LIMIT = 64 * 1024
 HEAD_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
-MAX_CONNECTIONS = 1024
+MAX_CONNECTIONS = 400
 CLONE_NEWNET = 0x40000000
 
 # never a destination, whatever name leads there
 BLOCKED = [ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4", "100.100.100.200/32",
-    "::/128", "fe80::/10", "ff00::/8", "fd00:ec2::254/128")]
-LOOPBACK = [ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128")]
+    "0.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4", "100.100.100.200/32", "168.63.129.16/32",
+    "192.0.0.192/32", "::/128", "fe80::/10", "ff00::/8", "fd00:ec2::254/128")]
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+MAX_DNS_INFLIGHT = 32
+LOG_LIMIT = 64 << 20  # bytes of decisions per run; then one last line says the rest was dropped
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _NAME_RE = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
@@ -172,8 +176,7 @@ class Policy:
             candidates = list(dict.fromkeys(str(info[4][0]) for info in infos))
         good, bad = [], []
         for addr in candidates:
-            ip = ipaddress.ip_address(addr)
-            if any(ip in net for net in BLOCKED) or (not pinned and any(ip in net for net in LOOPBACK)):
+            if forbidden(addr, allow_loopback=pinned):
                 bad.append(addr)
             else:
                 good.append(addr)
@@ -183,17 +186,41 @@ class Policy:
         return good
 
 
+def forbidden(addr: str, *, allow_loopback: bool = False) -> bool:
+    """True for addresses no name may lead to: link-local (cloud metadata), multicast,
+    unspecified, reserved, and loopback unless allowed; IPv4 inside IPv6 forms is unwrapped."""
+    ip = ipaddress.ip_address(addr)
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = ip.ipv4_mapped or ip.sixtofour
+        if inner is None and ip in NAT64:
+            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if inner is not None:
+            return forbidden(str(inner), allow_loopback=allow_loopback)
+    if ip.is_loopback:
+        return not allow_loopback
+    return (ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
+            or any(ip in net for net in BLOCKED))
+
+
 class DecisionLog:
     def __init__(self, path: Path, container: str) -> None:
         self.path, self.container = path, container
         self._file: IO[bytes] = open(path, "ab")  # noqa: SIM115 - closed by close()
         self.counts = {"allow": 0, "deny": 0, "error": 0}
+        self.written = 0
 
     def write(self, **fields: Any) -> None:
         decision = fields.get("decision", "error")
         self.counts[decision] = self.counts.get(decision, 0) + 1
+        if self.written >= LOG_LIMIT:
+            return  # counted, not written: a flood must not fill the host's disk
         record = {"kind": "egress", "ts": round(time.time(), 6), "container": self.container, **fields}
-        self._file.write(orjson.dumps(record) + b"\n")
+        line = orjson.dumps(record) + b"\n"
+        self.written += len(line)
+        if self.written >= LOG_LIMIT:
+            line = orjson.dumps({"kind": "egress", "ts": record["ts"], "container": self.container,
+                                 "decision": "error", "reason": "log full: later decisions are only counted"}) + b"\n"
+        self._file.write(line)
         self._file.flush()
 
     def close(self) -> None:
@@ -324,9 +351,24 @@ class Proxy:
             if method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 await writer.drain()
+                # TLS: the server name inside must be the host that was allowed (no fronting by SNI)
+                # (on other ports the server may speak first, as ssh does: do not wait long for the client)
+                try:
+                    first = await asyncio.wait_for(reader.read(16384), HEAD_TIMEOUT if port == 443 else 1.0)
+                except TimeoutError:
+                    first = b""
+                sni = server_name(first)
+                if sni is not None and sni.lower().rstrip(".") != host:
+                    fields["sni"] = sni
+                    upstream_w.close()
+                    raise Denied(f"TLS server name {sni!r} is not the host asked for")
+                upstream_w.write(first)
+                early = len(first)
             else:
                 upstream_w.write(forward)
+                early = 0
             up, down = await _pipe(reader, writer, upstream_r, upstream_w)
+            up += early
             self.log.write(decision="allow", bytes_up=up, bytes_down=down,
                            seconds=round(time.monotonic() - started, 6), **fields)
         except Denied as exc:
@@ -408,17 +450,24 @@ class _Dns(asyncio.DatagramProtocol):
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.transport: Any = None
+        self.inflight = 0
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         loop = self.proxy.loop
+        if self.inflight >= MAX_DNS_INFLIGHT:
+            return  # dropped, as a busy resolver would: the client retries
+        self.inflight += 1
 
         async def answer() -> None:
-            reply = await loop.run_in_executor(None, self.proxy.answer_dns, data)
-            if reply is not None:
-                self.transport.sendto(reply, addr)
+            try:
+                reply = await loop.run_in_executor(None, self.proxy.answer_dns, data)
+                if reply is not None:
+                    self.transport.sendto(reply, addr)
+            finally:
+                self.inflight -= 1
 
         loop.create_task(answer())
 
@@ -447,10 +496,36 @@ def parse_request(head: bytes) -> tuple[str, str, int, bytes]:
     if u is None:
         raise BadRequest("a proxy request needs an absolute http:// URL (https goes through CONNECT)")
     host, port, path = u.group(1).strip("[]"), int(u.group(2) or 80), u.group(3) or "/"
-    headers = [line for line in lines[1:] if line and not line.lower().startswith((b"proxy-", b"connection:"))]
+    # the Host header is the checked one: a different Host would reach another site behind a shared front end
+    headers = [line for line in lines[1:] if line and not line.lower().startswith(
+        (b"proxy-", b"connection:", b"host:", b"keep-alive:"))]
     first = f"{method} {path} HTTP/1.1".encode("latin-1")
-    forward = b"\r\n".join([first, *headers, b"Connection: close", b"", b""])
+    host_header = f"Host: {host}" + ("" if port == 80 else f":{port}")
+    forward = b"\r\n".join([first, host_header.encode("latin-1"), *headers, b"Connection: close", b"", b""])
     return method, host, port, forward
+
+
+def server_name(hello: bytes) -> str | None:
+    """The SNI host name of a TLS ClientHello, or None if ``hello`` is not one (or has none)."""
+    try:
+        if len(hello) < 43 or hello[0] != 0x16 or hello[5] != 0x01:
+            return None
+        pos = 5 + 4 + 2 + 32  # record header, handshake header, version, random
+        pos += 1 + hello[pos]  # session id
+        pos += 2 + int.from_bytes(hello[pos:pos + 2], "big")  # cipher suites
+        pos += 1 + hello[pos]  # compression methods
+        end = pos + 2 + int.from_bytes(hello[pos:pos + 2], "big")
+        pos += 2
+        while pos + 4 <= end:
+            kind, size = int.from_bytes(hello[pos:pos + 2], "big"), int.from_bytes(hello[pos + 2:pos + 4], "big")
+            pos += 4
+            if kind == 0:  # server_name: list length, type 0 (host_name), name length, name
+                name_len = int.from_bytes(hello[pos + 3:pos + 5], "big")
+                return hello[pos + 5:pos + 5 + name_len].decode("ascii", "replace")
+            pos += size
+    except IndexError:
+        return None
+    return None
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,

@@ -118,6 +118,12 @@ class Run:
             if req.network != "none":
                 raise BadInput("--allow and --net open exclude each other: --allow is the only way out")
             self.policy = egress.Policy.build(req.allow, req.resolve)
+            import resource
+
+            # the proxy holds two descriptors per connection: use the whole hard limit
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft < hard:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         elif req.resolve:
             raise BadInput("--resolve only matters with --allow")
         seccomp_path = seccomp.ensure(paths.cache_dir() / "seccomp")

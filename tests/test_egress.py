@@ -187,3 +187,49 @@ def test_dns_answers_only_allowed_names(proxy: tuple[int, Path, int]) -> None:
     assert query("meta.test").rcode() == dns.rcode.REFUSED  # allowed, but only a metadata address
     assert [(d["host"], d["decision"]) for d in decisions(log)] == [
         ("allowed.test", "allow"), ("denied.test", "deny"), ("meta.test", "deny")]
+
+
+def client_hello(name: str) -> bytes:
+    import ssl
+
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_server_name_is_read_from_a_client_hello() -> None:
+    assert egress.server_name(client_hello("api.example.com")) == "api.example.com"
+    assert egress.server_name(b"GET / HTTP/1.1\r\n\r\n") is None
+    assert egress.server_name(client_hello("x.test")[:40]) is None
+
+
+def test_a_tls_tunnel_must_name_the_allowed_host(proxy: tuple[int, Path, int], origin: int) -> None:
+    port, log, _ = proxy
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"CONNECT allowed.test:{origin} HTTP/1.1\r\n\r\n".encode())
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+        s.sendall(client_hello("attacker.example"))  # domain fronting by SNI
+        rest = b""
+        while chunk := s.recv(4096):
+            rest += chunk
+    assert b"origin" not in rest
+    (decision,) = decisions(log)
+    assert decision["decision"] == "deny" and decision["sni"] == "attacker.example"
+
+
+def test_the_host_header_is_the_checked_host(proxy: tuple[int, Path, int], origin: int) -> None:
+    _port, _, _ = proxy
+    _, _, _, forward = egress.parse_request(
+        f"GET http://allowed.test:{origin}/h HTTP/1.1\r\nHost: attacker.example\r\n\r\n".encode())
+    assert f"Host: allowed.test:{origin}".encode() in forward and b"attacker" not in forward
+
+
+def test_ipv4_inside_ipv6_and_other_forbidden_forms() -> None:
+    for addr in ("::ffff:169.254.169.254", "::ffff:127.0.0.1", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1",
+                 "168.63.129.16", "fe80::1", "0.0.0.0", "127.0.0.2", "::1"):  # noqa: S104
+        assert egress.forbidden(addr), addr
+    assert not egress.forbidden("192.0.2.7") and not egress.forbidden("2001:db8::1")
+    assert not egress.forbidden("127.0.0.1", allow_loopback=True)
