@@ -38,6 +38,16 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
         user = meta.get("user") or {}
         owner = (int(user["host_uid"]), int(user["host_gid"])) if "host_uid" in user else None
         changes = quarantine.changes(upper, workspace)
+        listed = {k: sorted(q.get(k) or []) for k in ("added", "modified", "deleted")}
+        if {k: sorted(v) for k, v in quarantine.summary(changes).items()} != listed and not force:
+            raise quarantine.Conflict(f"{name}: the quarantine's contents differ from what its record listed "
+                                      "after the run (was its container still running?)",
+                                      hint="review it again with kp-ls; --force applies what is there now")
+        risky = [c.path for c in changes if c.path == ".git/config" or c.path.startswith(".git/hooks")]
+        if risky and not force:
+            raise quarantine.Conflict(f"{name}: the agent changed {', '.join(risky[:5])}: git runs hooks and "
+                                      "core.fsmonitor commands as you", hint="inspect them in "
+                                      f"{upper}; --force applies them anyway")
         applied, warnings = quarantine.apply(upper, workspace, changes, fingerprints=meta.get("fingerprints") or {},
                                              owner=owner, force=force)
         for warning in warnings:

@@ -57,7 +57,22 @@ class Request:
     keep: bool = False
     audit: str | None = None  # a kp-trace mode
     allow: list[str] = field(default_factory=list)  # egress rules: the proxy is the only way out
+    writable_git_config: bool = False  # loosened: .git/config and .git/hooks writable
     resolve: list[str] = field(default_factory=list)  # NAME=ADDRESS pins for the proxy
+
+
+def _copy_secret(src: Path, dest: Path) -> None:
+    """Copy a --secret file as root without following a symlink: a link planted in a
+    workspace by an earlier agent must not hand it root's files."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise BadInput(f"--secret {src}: {exc.strerror}" + (" (a symbolic link: name the file it points to)"
+                                                            if os.path.islink(src) else "")) from None
+    with os.fdopen(fd, "rb") as source, open(dest, "wb") as target:
+        if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
+            raise BadInput(f"--secret {src}: not a regular file")
+        shutil.copyfileobj(source, target)
 
 
 def new_name() -> str:
@@ -78,6 +93,7 @@ class Run:
         self.merged: Path | None = None
         self.workspace: Path | None = None
         self.setuid_before: set[str] = set()
+        self.hooks_before = True
         self.timed_out = False
         self.strace: subprocess.Popen[bytes] | None = None
         self.proxy: Any = None
@@ -102,8 +118,11 @@ class Run:
         self.workspace = ws
         uid, gid, source = sandbox.invoker(ws)
         masked: list[str] = []
+        protect: list[str] = []
         if ws is not None:
             masked, credentials, self.setuid_before = sandbox.scan(ws, req.masks)
+            protect = [] if req.writable_git_config else sandbox.protected(ws)
+            self.hooks_before = (ws / ".git" / "hooks").exists()
             if credentials:
                 shown = ", ".join(credentials[:8]) + (" ..." if len(credentials) > 8 else "")
                 self.say("warn", f"the workspace holds files that look like credentials, and the agent can "
@@ -150,8 +169,11 @@ class Run:
             os.chmod(self.upper, stat.S_IMODE(info.st_mode))
             self.merged = self.folder / containers.MERGED
             self.merged.mkdir()
+            # no redirects or metacopy (the upper dir then holds whole files kodepipe can review),
+            # and nothing setuid or a device node comes to life through it
             proc.run(["mount", "-t", "overlay", "overlay", "-o",
-                      f"lowerdir={ws},upperdir={self.upper},workdir={work}", self.merged])
+                      f"lowerdir={ws},upperdir={self.upper},workdir={work},redirect_dir=off,metacopy=off,"
+                      "index=off,nosuid,nodev", self.merged])
             bound = str(self.merged)
 
         secret_list = []
@@ -161,7 +183,7 @@ class Run:
             os.chown(private, uid, gid)
             for n, (src, dest) in enumerate(req.secrets):
                 copy = private / f"{n}-{src.name}"
-                shutil.copyfile(src, copy)
+                _copy_secret(src, copy)
                 os.chown(copy, uid, gid)
                 os.chmod(copy, 0o400)
                 secret_list.append(sandbox.Secret(copy, dest, str(src)))
@@ -186,7 +208,9 @@ class Run:
             name=self.name, image=req.image, command=req.command, workspace=bound, host_uid=uid, host_gid=gid,
             limits=limits, seccomp=str(seccomp_path), read_only_workspace=req.read_only_workspace,
             network=req.network, cap_add=req.cap_add, writable_root=req.writable_root, env=req.env,
-            secrets=secret_list, masks=masked, mask_file=mask_file, tty=req.tty, interactive=req.interactive,
+            secrets=secret_list, masks=masked, mask_file=mask_file, protect=protect,
+            git_writable=req.writable_git_config, tty=req.tty,
+            interactive=req.interactive,
             labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
             runtime=engine.runtime(),
             # a backstop: conmon kills the container even if kp-run itself is killed
@@ -199,7 +223,7 @@ class Run:
             "rw" if ws is not None else None,
             network="proxy" if self.policy else req.network, limits=limits.record(), loosened=box.loosened(),
             user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
-            masked=masked, secrets=[s.dest for s in secret_list], env=sorted(req.env),
+            masked=masked, protected=protect, secrets=[s.dest for s in secret_list], env=sorted(req.env),
             allow=box.allow,
             engine=self.engine.url)
         if self.upper is not None:
@@ -321,6 +345,9 @@ class Run:
         from kodepipe import quarantine
 
         meta = self.meta
+        if self.folder is not None:  # first: nothing below may keep a secret's copy on disk
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.folder / "secrets")
         if self.cid is not None and self.engine is not None:
             with contextlib.suppress(Exception):
                 state = self.engine.inspect(self.cid)["State"]
@@ -352,8 +379,16 @@ class Run:
             with contextlib.suppress(ValueError):
                 meta["signal"] = signal.Signals(exit_code - 128).name
         if self.workspace is not None and self.upper is None and not self.req.read_only_workspace:
-            after = sandbox.scan(self.workspace, [])[2]
+            try:
+                after = sandbox.scan(self.workspace, [])[2]
+            except Exception:
+                after = set()
             new = sorted(after - self.setuid_before)
+            if not self.hooks_before and not self.req.writable_git_config and \
+                    (self.workspace / ".git" / "hooks").exists():
+                meta["git_hooks_created"] = True
+                self.say("warn", f"the agent created {self.workspace}/.git/hooks: look at it before you run git "
+                                 "there (hooks run as you)")
             if new:
                 meta["setuid_files"] = new
                 self.say("warn", f"the agent left setuid/setgid files in the workspace: {', '.join(new[:8])}")
@@ -369,12 +404,11 @@ class Run:
                     if changes:
                         keep = True
                         meta["state"] = "quarantined"
-                except KpError as exc:  # keep the upper dir: it is the only copy of the agent's work
+                except Exception as exc:
                     keep = True
                     meta["state"] = "quarantined"
-                    meta["problem"] = f"could not list the quarantined changes: {exc.message}"
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(self.folder / "secrets")
+                    meta["problem"] = ("could not list the quarantined changes: "
+                                       f"{exc.message if isinstance(exc, KpError) else repr(exc)}")
             if meta.get("state") != "quarantined":
                 meta["state"] = "exited"
             if keep and self.folder.is_dir():

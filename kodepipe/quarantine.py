@@ -41,8 +41,8 @@ How the upper dir encodes the merged view (kernel overlayfs), and how it is read
   A file over a lower directory is *modified* and the directory's contents
   are *deleted*.
 
-Both xattr namespaces are read: ``trusted.overlay.*`` (a mount by root) and
-``user.overlay.*`` (a rootless mount with ``userxattr``); reading trusted.*
+Only ``trusted.overlay.*`` is read (kodepipe mounts as root, and the kernel
+then ignores ``user.overlay.*``, which the agent could set itself); reading trusted.*
 needs root.  Other overlay xattrs (``origin``, ``impure``, ``uuid``,
 ``nlink``, ...) are bookkeeping and are ignored.
 
@@ -87,7 +87,9 @@ EntryType = Literal["file", "dir", "symlink", "other"]
 KINDS: tuple[ChangeKind, ...] = ("added", "modified", "deleted")
 TYPES: tuple[EntryType, ...] = ("file", "dir", "symlink", "other")
 
-XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+# Only trusted.*: kodepipe mounts the overlay as root, so the kernel reads only these, while
+# user.overlay.* is an ordinary attribute the agent could set to fake an opaque directory.
+XATTR_PREFIXES = ("trusted.overlay.",)
 # Overlay features whose upper entries cannot be read without the lower (see the docstring).
 UNSUPPORTED_XATTRS = ("redirect", "metacopy", "whiteout")
 SETID = stat.S_ISUID | stat.S_ISGID

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -56,7 +57,8 @@ CREDENTIAL_GLOBS = (
 )
 # not walked when looking for masks and credentials: big, and never mounted apart
 SKIP_DIRS = {".git", "node_modules", ".venv", "venv", "__pycache__", ".tox", ".mypy_cache"}
-WALK_LIMIT = 200_000
+WALK_LIMIT = 2_000_000
+GIT_PROTECTED = (".git/config", ".git/hooks")
 
 NETWORKS = ("none", "open")
 # capabilities a user may add back, one flag each (the rest are never useful to an agent)
@@ -124,6 +126,8 @@ class Sandbox:
     env: dict[str, str] = field(default_factory=dict)  # passed-through names, values
     secrets: list[Secret] = field(default_factory=list)
     masks: list[str] = field(default_factory=list)  # workspace-relative paths of existing files
+    protect: list[str] = field(default_factory=list)  # workspace-relative paths bound read-only onto themselves
+    git_writable: bool = False  # loosened: no read-only .git/config and .git/hooks
     mask_file: str | None = None  # an empty read-only file bound over each mask
     tty: bool = False
     interactive: bool = False
@@ -156,6 +160,7 @@ class Sandbox:
             out.append(Mount(self.workspace, WORKSPACE, self.read_only_workspace))
             if self.mask_file is not None:
                 out.extend(Mount(self.mask_file, f"{WORKSPACE}/{rel}", True) for rel in self.masks)
+            out.extend(Mount(f"{self.workspace}/{rel}", f"{WORKSPACE}/{rel}", True) for rel in self.protect)
         out.extend(Mount(str(s.source), s.dest, True) for s in self.secrets)
         out.extend(self.extra_mounts)
         return out
@@ -173,6 +178,8 @@ class Sandbox:
         out.extend(f"secret:{s.dest}" for s in self.secrets)
         if self.limits.seconds == 0:
             out.append("no-time-limit")
+        if self.workspace is not None and self.git_writable:
+            out.append("writable-git-config")
         return out
 
     # -- renderings ----------------------------------------------------------
@@ -321,50 +328,90 @@ def check_workspace(path: Path, home: Path | None = None) -> Path:
         if real == h or h.is_relative_to(real):
             raise BadInput(f"the workspace {real} is or contains the home directory {h}",
                            hint="give the project directory itself, e.g. --workspace ~/code/proj")
+        if real.is_relative_to(h) and real.relative_to(h).parts[0].startswith("."):
+            raise BadInput(f"the workspace {real} is inside {h / real.relative_to(h).parts[0]}, where "
+                           "credentials and configuration live (~/.ssh, ~/.aws, ~/.config, ...)",
+                           hint="give a project directory (a symbolic link may have led here)")
     return real
 
 
-def walk(root: Path, limit: int = WALK_LIMIT) -> Iterator[str]:
-    """Workspace-relative paths of files (not directories), pruned of SKIP_DIRS."""
-    seen = 0
-    for top, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-        rel_top = os.path.relpath(top, root)
-        for name in sorted(files):
+def walk(root: Path, limit: int = WALK_LIMIT) -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """(workspace-relative path, entry) of every non-directory below root, without following
+    symlinks and without recursion (a hostile tree may be thousands of levels deep).
+    BadInput past ``limit`` entries: masks must not silently stop applying."""
+    stack, seen = [""], 0
+    while stack:
+        rel_dir = stack.pop()
+        try:
+            entries = sorted(os.scandir(root / rel_dir if rel_dir else root), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
             seen += 1
             if seen > limit:
-                return
-            yield name if rel_top == "." else f"{rel_top}/{name}"
+                raise BadInput(f"the workspace has more than {limit} files: too many to check for files to mask",
+                               hint="give a smaller project directory, or --no-default-masks (recorded)")
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(rel)
+            else:
+                yield rel, entry
+
+
+def _compile(patterns: Iterable[str]) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None]:
+    """(regex for anchored patterns, matched on the path; regex for bare names, on the last part)."""
+    anchored = [fnmatch.translate(p.strip("/")) for p in patterns if "/" in p]
+    names = [fnmatch.translate(p) for p in patterns if "/" not in p]
+    return (re.compile("|".join(anchored)) if anchored else None,
+            re.compile("|".join(names)) if names else None)
 
 
 def _matches(rel: str, pattern: str) -> bool:
     # a pattern with a slash (leading included) is anchored at the workspace root;
     # else it matches a name at any depth
-    if "/" in pattern:
-        return fnmatch.fnmatchcase(rel, pattern.strip("/"))
-    return fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pattern)
+    anchored, names = _compile([pattern])
+    return bool(anchored and anchored.match(rel)) or bool(names and names.match(rel.rsplit("/", 1)[-1]))
 
 
 def scan(root: Path, masks: Iterable[str]) -> tuple[list[str], list[str], set[str]]:
-    """One walk of the workspace: (existing regular files to mask, credential-looking
-    files not masked, setuid/setgid files)."""
-    masks = list(masks)
+    """One walk of the whole workspace: (existing regular files to mask, credential-looking
+    files not masked, setuid/setgid files).  Nothing is pruned for masks: an agent could
+    otherwise move a .env into node_modules/ in one run and read it in the next."""
+    mask_path, mask_name = _compile(masks)
+    cred_path, cred_name = _compile(CREDENTIAL_GLOBS)
     masked, credentials, setuid = [], [], set()
-    for rel in walk(root):
+    for rel, entry in walk(root):
+        name = entry.name
+        is_mask = bool(mask_name and mask_name.match(name)) or bool(mask_path and mask_path.match(rel))
+        is_cred = not is_mask and (bool(cred_name and cred_name.match(name))
+                                   or bool(cred_path and cred_path.match(rel)))
         try:
-            mode = os.lstat(root / rel).st_mode
+            mode = entry.stat(follow_symlinks=False).st_mode
         except OSError:
             continue
         if stat.S_ISREG(mode) and mode & (stat.S_ISUID | stat.S_ISGID):
             setuid.add(rel)
-        if any(_matches(rel, p) for p in masks):
+        if is_mask:
             # only a regular file can be covered; binding over a symlink would follow it
             if stat.S_ISREG(mode):
                 masked.append(rel)
-            continue
-        if any(_matches(rel, p) for p in CREDENTIAL_GLOBS):
+        elif is_cred and not set(rel.split("/")[:-1]) & SKIP_DIRS:
             credentials.append(rel)
     return masked, credentials, setuid
+
+
+def protected(root: Path) -> list[str]:
+    """Existing git files whose change would run code on the host at the user's next git
+    command (hooks, core.fsmonitor, core.hooksPath): bound read-only unless loosened."""
+    out = []
+    for rel in GIT_PROTECTED:
+        try:
+            mode = os.lstat(root / rel).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            out.append(rel)
+    return out
 
 
 def check_secret(spec: str) -> tuple[Path, str]:

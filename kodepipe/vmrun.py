@@ -165,13 +165,13 @@ def _names(patterns: Iterable[str]) -> list[str]:
 
 def find_argv(masks: Iterable[str]) -> list[str]:
     """``find`` (run in the workspace) printing M<path>\\0 for files to mask and C<path>\\0 for
-    credential-looking files left visible; skipping the directories the host scan skips."""
-    prune = ["(", *[w for d in sorted(sandbox.SKIP_DIRS) for w in ("-o", "-name", d)][1:], ")", "-prune"]
-    argv = ["find", ".", *prune]
+    credential-looking files left visible.  Like the host scan, nothing is pruned for masks
+    (an agent could move a .env into node_modules/ between runs)."""
+    argv = ["find", "."]
     masked = _names(masks)
     if masked:
-        argv += ["-o", "-type", "f", *masked, "-printf", r"M%P\0"]
-    argv += ["-o", "-type", "f", *_names(sandbox.CREDENTIAL_GLOBS), "-printf", r"C%P\0"]
+        argv += ["-type", "f", *masked, "-printf", r"M%P\0", "-o"]
+    argv += ["-type", "f", *_names(sandbox.CREDENTIAL_GLOBS), "-printf", r"C%P\0"]
     return argv
 
 
@@ -181,7 +181,7 @@ def parse_found(out: bytes) -> tuple[list[str], list[str]]:
         text = item.decode("utf-8", "surrogateescape")
         if text[:1] == "M":
             masked.append(text[1:])
-        elif text[:1] == "C":
+        elif text[:1] == "C" and not set(text[1:].split("/")[:-1]) & sandbox.SKIP_DIRS:
             credentials.append(text[1:])
     return sorted(masked), sorted(credentials)
 

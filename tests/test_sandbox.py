@@ -96,7 +96,7 @@ def test_scan_finds_masks_credentials_and_setuid(tmp_path: Path) -> None:
     (tmp_path / "suid").write_text("x")
     (tmp_path / "suid").chmod(0o4755)
     masked, creds, setuid = sandbox.scan(tmp_path, [".env", ".env.*", "*.pem"])
-    assert sorted(masked) == [".env", "a/.env.prod", "a/b/.env", "cert.pem"]
+    assert sorted(masked) == [".env", ".git/x/.env", "a/.env.prod", "a/b/.env", "cert.pem"]  # nothing pruned
     assert creds == ["keys/id_ed25519"] and setuid == {"suid"}
 
 

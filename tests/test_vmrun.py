@@ -116,8 +116,7 @@ def test_the_agent_is_the_workspace_owner_else_the_ssh_user_never_root(
 def test_find_arguments_for_masks() -> None:
     argv = vmrun.find_argv([".env", ".env.*", "config/secret.yml", "/top.key"])
     text = shlex.join(argv)
-    assert argv[:3] == ["find", ".", "("] and "-prune" in argv
-    assert "-name .git -o" in text and "-name node_modules" in text
+    assert argv[:3] == ["find", ".", "-type"] and "-prune" not in argv  # masks look everywhere
     assert ("-type f '(' -name .env -o -name '.env.*' -o -path ./config/secret.yml -o -path ./top.key ')' "
             "-printf 'M%P\\0'") in text
     assert vmrun.find_argv([]).count("-printf") == 1  # credentials only
@@ -139,7 +138,8 @@ def test_find_in_a_real_tree_agrees_with_the_host_scan(tmp_path: Path) -> None:
     assert masked == sorted(sandbox.scan(ws, masks)[0])
     assert credentials == sorted(sandbox.scan(ws, masks)[1]) == ["id_rsa", "keys/server.pem"]
     assert ".env" in masked and "new\nline/.env" in masked and "config/secret.yml" in masked
-    assert "other/config/secret.yml" not in masked and ".git/.env" not in masked
+    assert "other/config/secret.yml" not in masked
+    assert ".git/.env" in masked and "node_modules/m/.env" in masked  # nothing is pruned for masks
     assert "linked/.env" not in masked
 
 

@@ -107,6 +107,9 @@ def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
               help="Also hide workspace files matching GLOB (a name at any depth, or a path with /) behind an "
                    "empty read-only file; the host files are not touched. Always hidden: .env, .env.*")
 @click.option("--no-default-masks", is_flag=True, help="Do not hide .env and .env.* (recorded).")
+@click.option("--writable-git-config", is_flag=True,
+              help="Let the agent change .git/config and .git/hooks, which are read-only by default: both can "
+                   "make your next git command on the host run the agent's code (recorded).")
 @click.option("-i", "--interactive", is_flag=True, help="Keep standard input open to the command.")
 @click.option("-t", "--tty", is_flag=True, help="Give the command a terminal (window size, Ctrl-C).")
 @click.option("--keep", is_flag=True, help="Keep the stopped container for inspection (kp-rm removes it).")
@@ -127,7 +130,8 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         pids: int | None, time_limit: float | None, tmp_size: int | None, network: str,
         allow: tuple[str, ...], allow_files: tuple[Path, ...], pins: tuple[str, ...], no_profile_allow: bool,
         cap_add: tuple[str, ...], writable_root: bool, env: dict[str, str], secret_specs: tuple[str, ...],
-        masks: tuple[str, ...], no_default_masks: bool, interactive: bool, tty: bool, keep: bool, audit: bool,
+        masks: tuple[str, ...], no_default_masks: bool, writable_git_config: bool, interactive: bool, tty: bool,
+        keep: bool, audit: bool,
         audit_mode: str, apply_names: tuple[str, ...], force: bool, verbose: bool | None, quiet: bool) -> int:
     """Run COMMAND in a fresh, locked-down Podman container that sees one
     project directory and nothing else of the host, and is gone when it exits.
@@ -146,7 +150,10 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
       - memory, CPU, pids and wall-time limits;
       - only --workspace mounted; no host environment (--env), home,
         SSH agent or Podman socket; files only with --secret;
-      - .env and .env.* in the workspace hidden (--mask adds more).
+      - .env and .env.* in the workspace hidden (--mask adds more);
+      - .git/config and .git/hooks read-only: a changed hook or
+        core.fsmonitor would run the agent's code at your next git
+        command on the host (--writable-git-config).
 
     The command's output goes to standard error, so standard output
     carries only the container record (kind "container": name, image,
@@ -218,7 +225,8 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         profile=chosen["profile"], workspace=workspace, read_only_workspace=read_only_workspace,
         quarantine=quarantine, network=network, cap_add=[c.upper() for c in cap_add], writable_root=writable_root,
         env={**chosen["env"], **env}, secrets=secrets, masks=mask_list, tty=tty, interactive=interactive or tty,
-        keep=keep, audit=audit_mode if audit else None, allow=list(dict.fromkeys(rules)), resolve=list(pins))
+        keep=keep, audit=audit_mode if audit else None, allow=list(dict.fromkeys(rules)), resolve=list(pins),
+        writable_git_config=writable_git_config)
 
     def say(level: str, message: str) -> None:
         getattr(out, {"warn": "warn", "progress": "progress"}.get(level, "info"))(message)

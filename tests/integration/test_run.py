@@ -454,3 +454,20 @@ def test_a_terminal_for_interactive_agents(shell_image: str, ws: Path) -> None:
     assert os.waitstatus_to_exitcode(status) == 1  # the command failed (130): kp-run says so
     record = orjson.loads(text[text.index('{"kind":"container"'):].splitlines()[0])
     assert record["exit_code"] == 130
+
+
+def test_git_config_and_hooks_are_read_only(shell_image: str, ws: Path) -> None:
+    subprocess.run(["git", "init", "-q", str(ws)], check=True)
+    for path in [ws / ".git", *(ws / ".git").rglob("*")]:
+        os.chown(path, OWNER, OWNER, follow_symlinks=False)
+    before = (ws / ".git" / "config").read_bytes()
+    script = ("cd /workspace && git config core.fsmonitor /workspace/evil.sh || echo CONFIG-DENIED; "
+              "touch .git/hooks/post-checkout || echo HOOK-DENIED; echo x > agent.txt && git add agent.txt && "
+              "git -c user.email=a@b -c user.name=a commit -qm agent && echo COMMITTED")
+    _, record, err = inside(shell_image, ws, script)
+    assert "CONFIG-DENIED" in err and "HOOK-DENIED" in err and "COMMITTED" in err, err
+    assert (ws / ".git" / "config").read_bytes() == before
+    assert record["protected"] == [".git/config", ".git/hooks"]
+    _, record, err = inside(shell_image, ws, "cd /workspace && git config core.fsmonitor false && echo SET",
+                            "--writable-git-config")
+    assert "SET" in err and "writable-git-config" in record["loosened"]
