@@ -45,7 +45,14 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
         image = images.view(store, meta["base"])
         saved = meta.get("saved") if isinstance(meta.get("saved"), dict) else None
         if saved is not None:
-            # a saved machine resumes with the very hardware it was saved with
+            # a saved machine resumes with the very hardware it was saved with: a share cannot be added
+            if opts.share is not None and str(opts.share) != saved.get("share"):
+                how = "a warm clone" if saved.get("warm") else "a saved VM"
+                raise KpError(f"{name} is {how}: it resumes with the hardware it was saved with, which has "
+                              f"{'no shared folder' if not saved.get('share') else 'share ' + str(saved['share'])}",
+                              code="share_on_saved",
+                              hint="clone it with kp-clone --cold to boot it with --share" if saved.get("warm")
+                              else "boot it without --share, or kp-stop and boot a fresh clone")
             opts = qemu.BootOptions(memory=saved["memory"], cpus=saved["cpus"], accel=opts.accel,
                                     net=saved["net"], share=Path(saved["share"]) if saved.get("share") else None)
         sockets = qemu.Sockets.for_vm(name)

@@ -59,3 +59,4 @@ def test_frames_split_stdout_and_stderr_and_survive_short_reads() -> None:
     assert got[:2] == [(1, b"out\n"), (2, b"err\n")] and got[2] == (1, b"x" * 70000)
     truncated = io.BytesIO(payload[:10])
     assert list(engine.frames(truncated.read)) == [(1, b"ou")]  # what arrived is kept, then it ends
+

@@ -52,7 +52,8 @@ def test_kp_run_in_a_vm_is_locked_down_and_writes_the_share(golden: dict[str, An
                                                              share: Path) -> None:
     env = golden["env"]
     started = time.monotonic()
-    pipeline = (f"{BIN}/kp-clone base vr | {BIN}/kp-boot --share {share} | {BIN}/kp-ip --timeout 400 | "
+    # --cold: a warm clone resumes with the saved hardware, which has no shared folder
+    pipeline = (f"{BIN}/kp-clone --cold base vr | {BIN}/kp-boot --share {share} | {BIN}/kp-ip --timeout 400 | "
                 f"{BIN}/kp-run --image {shell_image} --name in-vm -- bash -c {shlex.quote(INSIDE)}")
     try:
         proc = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], env=env, capture_output=True,
