@@ -194,7 +194,10 @@ class Run:
             os.chmod(empty, 0o444)
             mask_file = str(empty)
 
-        extra_mounts, extra_env = [], {}
+        hosts = self.folder / "hosts"
+        hosts.write_text(f"127.0.0.1\tlocalhost {self.name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+        os.chmod(hosts, 0o444)
+        extra_mounts, extra_env = [sandbox.Mount(str(hosts), "/etc/hosts", True)], {}
         if self.policy is not None:
             from kodepipe import egress
 

@@ -215,6 +215,9 @@ class Sandbox:
             "terminal": self.tty,
             "stdin": self.interactive,
             "labels": dict(self.labels),
+            # Podman would copy the host's /etc/hosts and add host.containers.internal (the host's
+            # address); kodepipe binds its own minimal one instead (launch.py)
+            "use_image_hosts": any(m.dest == "/etc/hosts" for m in self.extra_mounts),
         }
         if self.seccomp:
             spec["seccomp_profile_path"] = self.seccomp

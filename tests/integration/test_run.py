@@ -95,9 +95,11 @@ def test_files_outside_the_workspace_are_out_of_reach(shell_image: str, ws: Path
     secret.write_text("top secret\n")
     script = (f"cat {secret}; cat /workspace/../{secret.name}; ls /proc/1/root{tmp_path} ; "
               "ls -A /home /root; test -e /run/podman/podman.sock && echo PODMAN-SOCKET; "
-              "test -S \"$SSH_AUTH_SOCK\" && echo SSH-AGENT; true")
+              "test -S \"$SSH_AUTH_SOCK\" && echo SSH-AGENT; cat /etc/hosts; true")
     _, record, err = inside(shell_image, ws, script, env={"SSH_AUTH_SOCK": "/tmp/agent.sock"})
     assert "top secret" not in err and "PODMAN-SOCKET" not in err and "SSH-AGENT" not in err
+    # kodepipe's own /etc/hosts: not the host's names, nor host.containers.internal (the host's address)
+    assert "host.containers.internal" not in err and f"localhost {record['name']}" in err
     assert "No such file" in err
     # loosened: one file, read-only, at the place asked for
     _, record, err = inside(shell_image, ws, "cat /run/secrets/tok; echo x >> /run/secrets/tok && echo WROTE",
