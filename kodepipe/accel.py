@@ -74,7 +74,7 @@ def kvm_works(timeout: float = 3.0, *, cached: bool = True) -> tuple[bool, str]:
         return False, "there is no /dev/kvm (no hardware virtualisation, or the kvm module is not loaded)"
     if not os.access(dev, os.R_OK | os.W_OK):
         return False, "/dev/kvm exists but you cannot open it for reading and writing (join the kvm group)"
-    boot = qemu.boot_id()
+    boot = proc.boot_id()
     cache = paths.runtime_dir() / CACHE
     if cached and boot:
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):

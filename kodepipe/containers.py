@@ -28,27 +28,11 @@ KIND = "container"
 MERGED = "merged"
 
 
-def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (tells a reused pid apart)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def owner_alive(meta: dict[str, Any]) -> bool:
     pid, started = meta.get("pid"), meta.get("pid_start")
-    if not isinstance(pid, int) or meta.get("boot_id") != boot_id():
+    if not isinstance(pid, int) or meta.get("boot_id") != proc.boot_id():
         return False
-    return start_time(pid) == started
+    return proc.start_time(pid) == started
 
 
 def view(store: Store, name: str) -> Record:

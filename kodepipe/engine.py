@@ -14,7 +14,6 @@ podman-py's ``create()`` silently drops fields kodepipe relies on (``remove``,
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import socket
 import struct
@@ -95,7 +94,9 @@ class Engine:
         engine = cls(f"unix://{sock}")
         if engine.ping():
             return engine
-        with _lock(paths.runtime_dir() / "podman.lock"):
+        from kodepipe.state import Store
+
+        with Store().lock("podman-service", wait=READY_WAIT):
             if engine.ping():  # another kp-run started it meanwhile
                 return engine
             progress("starting a Podman API service")
@@ -289,13 +290,3 @@ def _start_service(sock: Path) -> None:
                              cwd=sock.parent)
         except OSError as exc:
             raise CommandFailed(f"could not start the Podman service: {exc}") from exc
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

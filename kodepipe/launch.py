@@ -152,8 +152,8 @@ class Run:
             self.meta = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
                          "state": "creating", "host": "local", "image": req.image, "profile": req.profile,
                          "command": req.command, "workspace": str(ws) if ws else None,
-                         "pid": os.getpid(), "pid_start": containers.start_time(os.getpid()),
-                         "boot_id": containers.boot_id()}
+                         "pid": os.getpid(), "pid_start": proc.start_time(os.getpid()),
+                         "boot_id": proc.boot_id()}
             with self.store.creating("container", self.name, self.meta) as folder:
                 self.folder = folder
         if not (self.folder is not None):

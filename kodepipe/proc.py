@@ -124,3 +124,20 @@ def spawn(argv: Sequence[str | Path], *, stdout: int | IO[Any] | None = subproce
     args[0] = require(args[0])
     return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr,
                             preexec_fn=partial(_die_with_parent, os.getpid()))
+
+
+def boot_id() -> str:
+    """This boot of the host: pids and process states recorded in another boot mean nothing."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (tells a reused pid apart)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None

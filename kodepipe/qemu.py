@@ -194,13 +194,6 @@ def alive(pid: object, marker: Path) -> bool:
     return os.fsencode(str(marker)) in cmdline
 
 
-def boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
 def pid_of(boot: dict[str, Any]) -> int | None:
     """The QEMU pid of a boot: recorded, or from its pid file if kp-boot died before recording it."""
     pid = boot.get("pid")

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kodepipe import images, qemu, vms
+from kodepipe import images, proc, qemu, vms
 from kodepipe.errors import KpError, NotFound
 from kodepipe.records import Record
 from kodepipe.state import Store, check_id, now_iso
@@ -61,7 +61,7 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
         serial_log, qemu_log = folder / "serial.log", folder / "qemu.log"
         user = image.get("user", "kp")
         boot_meta: dict[str, Any] = {
-            "pid": None, "boot_id": qemu.boot_id(), "started": now_iso(), "accel": accel[0],
+            "pid": None, "boot_id": proc.boot_id(), "started": now_iso(), "accel": accel[0],
             "accel_reason": accel[1], "memory": opts.memory, "cpus": opts.cpus, "net": opts.net,
             "share": str(opts.share) if opts.share else None, "mac": qemu.mac_address(meta.get("id") or name),
             "sockets": {"qmp": str(sockets.qmp), "qga": str(sockets.qga), "serial": str(sockets.serial),

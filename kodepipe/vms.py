@@ -89,11 +89,11 @@ def view(store: Store, name: str) -> Record:
 
 def live_state(boot: dict[str, Any]) -> str:
     """running, suspended, crashed or stopped: checked against the real process."""
-    from kodepipe import qemu
+    from kodepipe import proc, qemu
 
     if qemu.is_alive(boot):
         return "suspended" if _paused(boot) else "running"
-    if boot.get("boot_id") == qemu.boot_id():
+    if boot.get("boot_id") == proc.boot_id():
         return "crashed"
     return "stopped"  # the host rebooted since: nothing crashed, nothing runs
 

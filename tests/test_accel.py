@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe import accel, qemu
+from kodepipe import accel, proc
 from kodepipe.errors import BadInput, KpError
 
 
@@ -20,7 +20,7 @@ def probes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[accel.Probe]
     device.touch()
     monkeypatch.setattr(accel, "KVM_DEVICE", device)
     monkeypatch.setattr(accel, "probe", lambda kind, timeout: (calls.append(kind), queue.pop(0))[1])
-    monkeypatch.setattr(qemu, "boot_id", lambda: "boot-1")
+    monkeypatch.setattr(proc, "boot_id", lambda: "boot-1")
     return queue
 
 
@@ -42,7 +42,7 @@ def test_the_answer_is_cached_for_the_host_boot(probes: list[accel.Probe], monke
     first = accel.kvm_works()
     assert accel.kvm_works() == (False, f"{first[1]} (cached since the host booted)")  # no second probe
     assert json.loads((kp_env["runtime"] / accel.CACHE).read_text())["boot_id"] == "boot-1"
-    monkeypatch.setattr(qemu, "boot_id", lambda: "boot-2")  # the host rebooted: probe again
+    monkeypatch.setattr(proc, "boot_id", lambda: "boot-2")  # the host rebooted: probe again
     probes.append(accel.Probe(3, 0.1, ""))
     assert accel.kvm_works()[0] is True
     assert probes == []

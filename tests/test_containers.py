@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-from kodepipe import containers, engine, inventory
+from kodepipe import containers, engine, inventory, proc
 from kodepipe.state import Store
 
 
@@ -17,8 +17,8 @@ def make(store: Store, name: str, **meta: object) -> Path:
     folder = store.folder("container", name)
     folder.mkdir(parents=True)
     base = {"kind": "container", "name": name, "id": "c0ffee000001", "created": "2026-01-01T00:00:00Z",
-            "state": "running", "pid": os.getpid(), "pid_start": containers.start_time(os.getpid()),
-            "boot_id": containers.boot_id()}
+            "state": "running", "pid": os.getpid(), "pid_start": proc.start_time(os.getpid()),
+            "boot_id": proc.boot_id()}
     (folder / "meta.json").write_bytes(orjson.dumps({**base, **meta}))
     return folder
 

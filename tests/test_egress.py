@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
-import http.server
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import pytest
 
 from kodepipe import egress
 from kodepipe.errors import BadInput
+from tests import httpd
 
 
 def test_rules_and_wildcards() -> None:
@@ -76,31 +75,10 @@ def test_read_rules(tmp_path: Path) -> None:
 
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    request_queue_size = 512  # the listen backlog: 200 connections arrive at once
-    daemon_threads = True
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = f"hello from {self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def origin() -> Iterator[int]:
-    server = _Server(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with httpd.origin("127.0.0.1", "hello from") as port:
+        yield port
 
 
 @pytest.fixture

@@ -11,18 +11,6 @@ from kodepipe import cli as kpcli
 from kodepipe.commands import options
 
 
-def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    if value is None:
-        return None
-    from kodepipe.errors import BadInput
-    from kodepipe.inventory import parse_duration
-
-    try:
-        return parse_duration(value)
-    except BadInput as exc:
-        raise click.BadParameter(exc.message) from None
-
-
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
 @click.argument("names", nargs=-1, metavar="[NAME]...",
                 shell_complete=kpcli.name_completion(("image", "vm", "container")))
@@ -32,9 +20,9 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               type=click.Choice(["building", "ready", "stopped", "running", "suspended", "saved", "crashed",
                                  "broken", "exited", "quarantined", "orphaned"]),
               help="Only this state (repeatable).")
-@click.option("--older-than", callback=_duration, metavar="AGE",
+@click.option("--older-than", callback=options.duration, metavar="AGE",
               help="Only things created more than AGE ago (90s, 15m, 2h, 1d, 1w, 1h30m).")
-@click.option("--newer-than", callback=_duration, metavar="AGE", help="Only things created less than AGE ago.")
+@click.option("--newer-than", callback=options.duration, metavar="AGE", help="Only things created less than AGE ago.")
 @click.option("--json", "fmt", flag_value="json", help="Write records (the default when stdout is not a terminal).")
 @click.option("--table", "fmt", flag_value="table", help="Write a table (the default on a terminal).")
 @click.option("-a", "--all", "all_", is_flag=True, help="List everything even when records arrive on stdin.")

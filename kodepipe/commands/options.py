@@ -26,3 +26,16 @@ def check_names(names: Iterable[str], what: str = "NAME") -> None:
         if name in seen:
             raise click.BadParameter(f"{name!r} is given twice", param_hint=what)
         seen.add(name)
+
+
+def duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """A click callback: '90s', '2h', '1d', '1h30m' as seconds."""
+    if value is None:
+        return None
+    from kodepipe.errors import BadInput
+    from kodepipe.inventory import parse_duration
+
+    try:
+        return parse_duration(value)
+    except BadInput as exc:
+        raise click.BadParameter(exc.message) from None

@@ -28,17 +28,9 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    if value is None:
-        return None
-    if value.strip() in ("0", "none"):
+    if value is not None and value.strip() in ("0", "none"):
         return 0.0
-    from kodepipe.errors import BadInput
-    from kodepipe.inventory import parse_duration
-
-    try:
-        return parse_duration(value)
-    except BadInput as exc:
-        raise click.BadParameter(exc.message) from None
+    return options.duration(ctx, param, value)
 
 
 def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
@@ -242,14 +234,27 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         out.fail(record, exc)
         return out.status()
     except BaseException as exc:
-        partial = getattr(exc, "record", None)
-        if partial is not None:
-            out.emit({**partial, "error": {"code": "interrupted", "message": "kp-run was interrupted"}})
+        _emit_interrupted(out, exc)
         raise
+    _report(out, record, status, no_default_masks)
+    return out.status()
+
+
+def _emit_interrupted(out: kpcli.Output, exc: BaseException) -> None:
+    """The record of a run cut short, when it got far enough to have one."""
+    partial = getattr(exc, "record", None)
+    if partial is not None:
+        out.emit({**partial, "error": {"code": "interrupted", "message": "kp-run was interrupted"}})
+
+
+def _report(out: kpcli.Output, record: dict[str, Any], status: int | None, no_default_masks: bool) -> None:
+    """Say how a run ended and write its record (on the host or in a VM alike)."""
+    from kodepipe import errors
+
     if no_default_masks:
         record.setdefault("loosened", []).append("no-default-masks")
     if status:
-        out.statuses.add(1)
+        out.statuses.add(errors.FAILED)
         if record.get("timed_out"):
             out.warn(f"{record['name']}: stopped at the time limit")
         elif record.get("oom_killed"):
@@ -260,7 +265,6 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
                  f"modified, {len(q.get('deleted', []))} deleted; kp-run --apply {record['name']} applies them, "
                  f"kp-rm {record['name']} discards them")
     out.emit(record)
-    return out.status()
 
 
 def _in_vms(out: kpcli.Output, req: Any, say: Any, no_default_masks: bool) -> bool:
@@ -288,17 +292,9 @@ def _in_vms(out: kpcli.Output, req: Any, say: Any, no_default_masks: bool) -> bo
                      exc)
             continue
         except BaseException as exc:
-            partial = getattr(exc, "record", None)
-            if partial is not None:
-                out.emit({**partial, "error": {"code": "interrupted", "message": "kp-run was interrupted"}})
+            _emit_interrupted(out, exc)
             raise
-        if no_default_masks:
-            result.setdefault("loosened", []).append("no-default-masks")
-        if status:
-            out.statuses.add(errors.FAILED)
-            if result.get("timed_out"):
-                out.warn(f"{result['name']}: stopped at the time limit")
-        out.emit(result)
+        _report(out, result, status, no_default_masks)
     return seen
 
 

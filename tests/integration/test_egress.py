@@ -3,18 +3,17 @@ and every decision is logged.  Only servers this test starts are ever targets.""
 
 from __future__ import annotations
 
-import http.server
 import os
 import socket
 import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 
+from tests import httpd
 from tests.conftest import BIN, lines
 from tests.integration.test_run import one_podman_service  # noqa: F401 - the module's shared service
 
@@ -22,35 +21,15 @@ pytestmark = pytest.mark.integration
 
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    request_queue_size = 512  # the listen backlog: 200 connections arrive at once
-    daemon_threads = True
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = f"origin says {self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def origin() -> Iterator[tuple[str, int]]:
     """An HTTP server on all the host's addresses; yields (non-loopback host address, port)."""
-    server = _Server(("0.0.0.0", 0), _Handler)  # noqa: S104 - reached via the host IP
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     probe.connect(("10.255.255.255", 1))  # picks the outgoing address; sends nothing
     addr = probe.getsockname()[0]
     probe.close()
-    yield addr, server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with httpd.origin("0.0.0.0", "origin says") as port:  # noqa: S104 - reached at the host's address
+        yield addr, port
 
 
 PROBE = r"""
