@@ -161,12 +161,16 @@ class Engine:
         return int(self._check(response, "waiting for the container").text.strip())
 
     def remove(self, cid: str) -> None:
-        """Remove, riding out conmon's clean-up race (500 "shm busy"); gone already is fine."""
-        deadline = time.monotonic() + 10
+        """Remove, riding out conmon's clean-up race (500 "shm busy"); gone already is fine.
+
+        The retries get 10 s from the first answer: a forced remove of a running container
+        itself waits out its stop timeout first."""
+        deadline = None
         while True:
             response = self.api.delete(f"/containers/{cid}", params={"force": True, "v": True})
             if response.status_code in (200, 204, 404):
                 return
+            deadline = deadline or time.monotonic() + 10
             if time.monotonic() > deadline:
                 self._check(response, "removing the container")
             time.sleep(0.02)

@@ -357,15 +357,15 @@ class Run:
                 meta["oom_killed"] = bool(state.get("OOMKilled"))
                 if exit_code is None and state.get("Status") == "exited":
                     exit_code = int(state.get("ExitCode", 0))
+            if outcome != "exited":  # cut short: SIGKILL now, not SIGTERM and a 10 s stop timeout
+                with contextlib.suppress(Exception):
+                    self.engine.kill(self.cid)
             if not self.req.keep:
                 try:
                     self.engine.remove(self.cid)  # forced: stops it first if it still runs
                 except Exception as exc:
                     self.say("warn", f"{self.name}: could not remove container {self.cid[:12]}: {exc}")
                     self.req.keep = True
-            elif outcome != "exited":
-                with contextlib.suppress(Exception):
-                    self.engine.kill(self.cid)
         if self.proxy is not None:
             self.proxy.stop()
             meta["egress"] = dict(self.proxy.log.counts)
