@@ -74,6 +74,9 @@ def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool) -> 
         if isinstance(cid, str) and record.get("host", "local") == "local" and record.get("state") != "quarantined":
             _remove_container(cid)
         unmount(folder)
+        from kodepipe import apply  # an apply killed half-way: its temporary files in the workspace
+
+        apply.abandon(folder)
         store.discard(folder)
     return record
 

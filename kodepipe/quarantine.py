@@ -15,7 +15,10 @@ This module is the pure filesystem half of that: it runs no programs.
   ``Conflict`` if any of them changed on the host since, unless forced.
 - ``apply(upper, lower, changes, ...)`` makes the lower equal to the merged
   view for the given changes, and ``summary(changes)`` is the short form for
-  the record.
+  the record.  Its temporary files have names derived from a prefix the
+  caller chooses (``temp_prefix()``) and the change's index, so that after a
+  crash ``remove_temps(lower, changes, prefix)`` finds every one of them, and
+  ``apply(..., resume=True)`` finishes the job.
 
 How the upper dir encodes the merged view (kernel overlayfs), and how it is read:
 
@@ -62,19 +65,21 @@ setuid and setgid bits from everything it writes and says so in its
 warnings, never writes through a symlink in the lower tree (every parent is
 opened with ``O_NOFOLLOW | O_DIRECTORY`` and every operation is relative to
 it), writes each file and symlink under a temporary name in its directory
-and renames it into place, and does not apply fifos, sockets or devices.
+(``.kp-apply-TOKEN-INDEX``) and renames it into place, and does not apply
+fifos, sockets or devices.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +100,8 @@ UNSUPPORTED_XATTRS = ("redirect", "metacopy", "whiteout")
 SETID = stat.S_ISUID | stat.S_ISGID
 CHUNK = 1 << 20
 CONFLICTS_NAMED = 10
+TEMP_PREFIX = ".kp-apply-"  # every temporary name apply() makes in the workspace starts with this
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -463,8 +470,52 @@ def _removes_lower_dir(change: Change, lst: os.stat_result | None) -> bool:
     return lst is not None and stat.S_ISDIR(lst.st_mode) and (change.kind == "deleted" or change.type != "dir")
 
 
+def _upper_print(upper_fd: int, change: Change, warnings: list[str]) -> dict[str, object] | None:
+    """What the lower holds at ``change.path`` once it is applied (the parts apply() sets), or None."""
+    parts = _parts(change.path)
+    ust = _lstat_at(upper_fd, parts)
+    if ust is None or _entry_type(ust.st_mode) != change.type:
+        return None
+    print_: dict[str, object] = {"type": change.type, "mode": _strip(change.path, stat.S_IMODE(ust.st_mode),
+                                                                      warnings)}
+    if change.type == "file":
+        print_["sha256"] = _sha256_at(upper_fd, parts)
+    elif change.type == "symlink":
+        parent = _open_dir(upper_fd, parts[:-1])
+        try:
+            print_["target"] = os.readlink(parts[-1], dir_fd=parent)
+        finally:
+            os.close(parent)
+    return print_
+
+
+def _resumable(upper_fd: int, change: Change, expected: object, now: dict[str, object] | None) -> bool:
+    """After an interrupted apply: is ``now`` a state that apply() itself leaves on its way?
+
+    That is the intended result, or the state before (where applying a
+    directory's children changed its mtime and size), or nothing where apply()
+    removes the old entry before it writes the new one.
+    """
+    old = expected if isinstance(expected, dict) else None
+    if now is None:
+        return change.kind == "deleted" or (change.kind == "modified" and old is not None)
+    if old is not None and old.get("type") == now["type"] == "dir" and old.get("mode") == now["mode"]:
+        return True  # the directory as it was, but for the entries this apply removed or wrote in it
+    if change.kind == "deleted":
+        return False
+    want = _upper_print(upper_fd, change, [])
+    if want is None:
+        return False
+    if change.type == "dir":
+        # made 0700 by apply() until the modes are set at the end
+        return now["type"] == "dir" and now["mode"] in (want["mode"], 0o700)
+    if change.type == "other":
+        return False
+    return all(now.get(key) == value for key, value in want.items())
+
+
 def _check(upper_fd: int, lower_fd: int, items: list[Change], fingerprints: Mapping[str, object],
-           force: bool) -> None:
+           force: bool, resume: bool = False) -> None:
     """Everything that can be checked before the first change: raises, or returns having changed nothing."""
     by_path = {change.path: change for change in items}
     if len(by_path) != len(items):
@@ -475,7 +526,9 @@ def _check(upper_fd: int, lower_fd: int, items: list[Change], fingerprints: Mapp
             expected = fingerprints.get(change.path, _MISSING)
             if expected is _MISSING:
                 conflicts[change.path] = "no fingerprint of it was taken"
-            elif expected != _fingerprint_at(lower_fd, _parts(change.path)):
+                continue
+            now = _fingerprint_at(lower_fd, _parts(change.path))
+            if expected != now and not (resume and _resumable(upper_fd, change, expected, now)):
                 conflicts[change.path] = ""
     for change in items:
         parts = _parts(change.path)
@@ -538,8 +591,44 @@ def _strip(path: str, mode: int, warnings: list[str]) -> int:
     return mode & ~SETID
 
 
-def _tmp_name() -> str:
-    return f".kp-tmp-{secrets.token_hex(8)}"
+def temp_prefix() -> str:
+    """A new prefix for one apply's temporary names: random, so no workspace entry has it by chance."""
+    return f"{TEMP_PREFIX}{secrets.token_hex(8)}-"
+
+
+def _temp_name(prefix: str, index: int) -> str:
+    if not prefix.startswith(TEMP_PREFIX) or "/" in prefix or "\0" in prefix:
+        raise BadInput(f"not a temporary name prefix of kp-run --apply: {prefix!r}")
+    return f"{prefix}{index}"
+
+
+def remove_temps(lower: Path, changes: Iterable[Change], prefix: str) -> list[str]:
+    """Remove the temporary files that an interrupted ``apply(..., tmp_prefix=prefix)`` of ``changes``
+    can have left in ``lower`` (only files and symlinks of exactly those names); returns their paths."""
+    removed: list[str] = []
+    root = _open_root(lower)
+    try:
+        for index, change in enumerate(changes):
+            if change.kind == "deleted" or change.type not in ("file", "symlink"):
+                continue
+            parts = _parts(change.path)
+            name = _temp_name(prefix, index)
+            try:
+                parent = _open_dir(root, parts[:-1])
+            except _Unreachable:
+                continue
+            try:
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                    os.unlink(name, dir_fd=parent)
+                    removed.append(_join("/".join(parts[:-1]), name))
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(parent)
+    finally:
+        os.close(root)
+    return removed
 
 
 def _remove(dir_fd: int, name: str, force: bool) -> None:
@@ -557,8 +646,7 @@ def _remove(dir_fd: int, name: str, force: bool) -> None:
 
 
 def _copy_file(src_dir: int, dst_dir: int, name: str, path: str, owner: tuple[int, int] | None,
-               warnings: list[str]) -> None:
-    tmp = _tmp_name()
+               warnings: list[str], tmp: str, written: Callable[[], None]) -> None:
     src = os.open(name, _READ_FLAGS, dir_fd=src_dir)
     try:
         st = os.fstat(src)
@@ -576,6 +664,7 @@ def _copy_file(src_dir: int, dst_dir: int, name: str, path: str, owner: tuple[in
             os.fsync(dst)
         finally:
             os.close(dst)
+        written()
         os.rename(tmp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -585,13 +674,14 @@ def _copy_file(src_dir: int, dst_dir: int, name: str, path: str, owner: tuple[in
         os.close(src)
 
 
-def _copy_symlink(src_dir: int, dst_dir: int, name: str, owner: tuple[int, int] | None) -> None:
+def _copy_symlink(src_dir: int, dst_dir: int, name: str, owner: tuple[int, int] | None, tmp: str,
+                  written: Callable[[], None]) -> None:
     target = os.readlink(name, dir_fd=src_dir)
-    tmp = _tmp_name()
     os.symlink(target, tmp, dir_fd=dst_dir)
     try:
         if owner is not None:
             os.chown(tmp, *owner, dir_fd=dst_dir, follow_symlinks=False)
+        written()
         os.rename(tmp, name, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -663,13 +753,25 @@ def _step(what: str, path: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise KpError(f"cannot {what} {path} in the workspace: no space left on its filesystem (ENOSPC)",
+                          code="no_space", hint="free some space, then apply again to finish: the upper dir "
+                                                "still holds every change") from exc
         raise KpError(f"cannot {what} {path} in the workspace: {exc.strerror or exc}",
                       hint="the upper dir still holds every change; fix the cause, then apply again with force "
                            "to finish") from exc
 
 
+Step = Callable[[str, str], None]
+
+
+def _no_step(event: str, path: str) -> None:
+    pass
+
+
 def apply(upper: Path, lower: Path, changes: Iterable[Change], *, fingerprints: Mapping[str, object],
-          owner: tuple[int, int] | None = None, force: bool = False) -> Applied:
+          owner: tuple[int, int] | None = None, force: bool = False, tmp_prefix: str | None = None,
+          resume: bool = False, on_step: Step = _no_step) -> Applied:
     """Make ``lower`` equal to the merged view at each of ``changes``; returns what was applied and warnings.
 
     Checks everything first and changes nothing if a check fails: every path
@@ -677,17 +779,32 @@ def apply(upper: Path, lower: Path, changes: Iterable[Change], *, fingerprints: 
     and no path may pass through a symlink in ``lower`` (``UnsafePath``, even
     when forced).  Then removes, deepest first; creates and replaces,
     parents first; and sets directory modes last, deepest first.  Files and
-    symlinks are written under a temporary name and renamed into place;
-    what is created (and every file it replaces) is chowned to ``owner`` when
-    given, else it belongs to the calling process.  After a failure half-way,
-    apply again with ``force``: every step is idempotent.
+    symlinks are written under a temporary name (``tmp_prefix`` + the
+    change's index in ``changes``) and renamed into place; what is created
+    (and every file it replaces) is chowned to ``owner`` when given, else it
+    belongs to the calling process.
+
+    Every step is idempotent.  After an interruption half-way, call
+    ``remove_temps`` with the same prefix and changes, then apply the same
+    changes again with ``resume``: a path may then also be as this apply
+    leaves it on its way (already applied, or removed before being
+    rewritten) without being a conflict.
+
+    ``on_step(event, path)`` is called with "checked" once the checks passed
+    and before the first change (raising there changes nothing), "removed"
+    and "wrote" after each change, and "tmp" when a temporary file is
+    complete but not yet renamed into place.
     """
     items = list(changes)
     for change in items:
         _parts(change.path)
+    prefix = temp_prefix() if tmp_prefix is None else tmp_prefix
+    _temp_name(prefix, 0)
+    position = {change.path: index for index, change in enumerate(items)}
     upper_fd, lower_fd = _open_root(upper), _open_root(lower)
     try:
-        _check(upper_fd, lower_fd, items, fingerprints, force)
+        _check(upper_fd, lower_fd, items, fingerprints, force, resume)
+        on_step("checked", "")
         applied: list[Change] = []
         warnings: list[str] = []
         modes: dict[str, int] = {}
@@ -712,6 +829,7 @@ def apply(upper: Path, lower: Path, changes: Iterable[Change], *, fingerprints: 
                 touched.add(parts[:-1])
                 if change.kind == "deleted":
                     applied.append(change)
+                on_step("removed", change.path)
 
         # 2. creations and replacements, parents first
         for change in sorted((c for c in items if c.kind != "deleted"), key=_depth_key):
@@ -724,16 +842,19 @@ def apply(upper: Path, lower: Path, changes: Iterable[Change], *, fingerprints: 
                     dirs.mkdir(parts)
                 else:
                     src, dst = dirs.upper(parts[:-1]), dirs.lower(parts[:-1])
+                    tmp = _temp_name(prefix, position[change.path])
+                    written = functools.partial(on_step, "tmp", change.path)
                     try:
                         if change.type == "file":
-                            _copy_file(src, dst, parts[-1], change.path, owner, warnings)
+                            _copy_file(src, dst, parts[-1], change.path, owner, warnings, tmp, written)
                         else:
-                            _copy_symlink(src, dst, parts[-1], owner)
+                            _copy_symlink(src, dst, parts[-1], owner, tmp, written)
                     finally:
                         os.close(src)
                         os.close(dst)
             applied.append(change)
             touched.add(parts[:-1])
+            on_step("wrote", change.path)
 
         # 3. directory modes last (a read-only directory would refuse its own contents), deepest first
         for path in sorted(modes, key=lambda p: (-p.count("/"), p)):

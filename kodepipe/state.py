@@ -72,14 +72,29 @@ def check_id(record: dict[str, Any], expect_id: str | None) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync, rename: the old file or the new, never half of one, and no .tmp left on an error.
+
+    A full disk is a KpError (code no_space) that says so, not an OSError."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:  # a write to a nearly full disk can be short
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        from contextlib import suppress
+
+        with suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise KpError(f"cannot write {path}: no space left on its filesystem (ENOSPC)", code="no_space",
+                          hint="free some space, then try again") from None
+        raise
     dirfd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dirfd)

@@ -9,6 +9,7 @@ the merged view showed.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -572,6 +573,127 @@ def test_what_apply_creates_is_chowned_to_the_owner(dirs: tuple[Path, Path]) -> 
         assert (rel, st.st_uid, st.st_gid) == (rel, 4321, 8765)
     st = (lower / "olddir").lstat()  # only its mode was changed: it keeps its owner
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+
+
+# --- interrupted applies: temporary names, resuming ------------------------------------------
+
+
+class Stop(BaseException):
+    """Stands for a kill at one step of apply() (a BaseException, like SIGTERM's)."""
+
+
+def every_change(upper: Path, lower: Path) -> None:
+    put(lower, "main.py", "old")
+    put(lower, "old.txt", "old")
+    put(lower, "gone/a", "a")
+    put(lower, "gone/b", "b")
+    put(lower, "replaced/r", "r")
+    put(lower, "becomes-dir", "f")
+    link(lower, "link", "main.py")
+    put(upper, "main.py", "new")
+    put(upper, "new.txt", "new")
+    whiteout(upper, "old.txt")
+    whiteout(upper, "gone")
+    put(upper, "replaced", "now a file")
+    put(upper, "becomes-dir/inside", "i")
+    put(upper, "dir/d", "d", 0o600)
+    mkdir(upper, "dir", 0o711)  # a mode of its own, which apply() sets last
+    link(upper, "link", "new.txt")
+
+
+def steps_of(upper: Path, lower: Path) -> list[tuple[str, str]]:
+    """Every on_step event of an uninterrupted apply, on a copy of lower (left at tmp_path/copy)."""
+    events: list[tuple[str, str]] = []
+    copy = lower.parent / "copy"
+    shutil.copytree(lower, copy, symlinks=True)
+    found = q.changes(upper, copy)
+    q.apply(upper, copy, found, fingerprints=q.fingerprint(copy, found),
+            on_step=lambda event, path: events.append((event, path)))
+    return events
+
+
+@needs_root
+def test_apply_resumes_after_an_interruption_at_every_step(tmp_path: Path) -> None:
+    base_upper, base_lower = tmp_path / "u", tmp_path / "l"
+    every_change(base_upper, base_lower)
+    events = steps_of(base_upper, base_lower)
+    assert events[0] == ("checked", "") and {e for e, _ in events} == {"checked", "removed", "tmp", "wrote"}
+    want = tree(tmp_path / "copy")
+    for stop_at in range(len(events)):
+        upper, lower = tmp_path / f"u{stop_at}", tmp_path / f"l{stop_at}"
+        every_change(upper, lower)
+        found = q.changes(upper, lower)
+        prints = orjson.loads(orjson.dumps(q.fingerprint(lower, found)))
+        prefix = q.temp_prefix()
+        seen: list[tuple[str, str]] = []
+
+        def step(event: str, path: str, stop_at: int = stop_at, seen: list[tuple[str, str]] = seen,
+                 lower: Path = lower, prefix: str = prefix) -> None:
+            seen.append((event, path))
+            if event == "tmp":  # the temporary file is in place, under the prefix
+                assert any(p.name.startswith(prefix) for p in (lower / path).parent.iterdir())
+            if len(seen) - 1 == stop_at:
+                raise Stop
+
+        with pytest.raises(Stop):
+            q.apply(upper, lower, found, fingerprints=prints, tmp_prefix=prefix, on_step=step)
+        # without resume, what the interrupted apply already did looks like host edits
+        if any(event in ("removed", "wrote") for event, _ in seen):
+            with pytest.raises(Conflict):
+                q.apply(upper, lower, found, fingerprints=prints, tmp_prefix=prefix)
+        q.remove_temps(lower, found, prefix)
+        assert not [p for p in lower.rglob(".kp-*")], stop_at
+        applied, _ = q.apply(upper, lower, found, fingerprints=prints, tmp_prefix=prefix, resume=True)
+        assert tree(lower) == want, (stop_at, seen[-1])
+        assert sorted(applied, key=lambda c: c.path) == found
+
+
+@needs_root
+def test_resume_still_refuses_host_edits(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    put(lower, "a", "a")
+    put(lower, "b", "b")
+    put(upper, "a", "A")
+    put(upper, "b", "B")
+    found = q.changes(upper, lower)
+    prints = q.fingerprint(lower, found)
+    with pytest.raises(Stop):
+        q.apply(upper, lower, found, fingerprints=prints,
+                on_step=lambda event, path: (_ for _ in ()).throw(Stop) if event == "wrote" else None)
+    assert (lower / "a").read_text() == "A" and (lower / "b").read_text() == "b"
+    for edit in ("b", "a"):  # a path not yet applied, and one already applied, edited on the host since
+        (lower / edit).write_text("the user's")
+        with pytest.raises(Conflict, match=f"changed on the host since the run: {edit}"):
+            q.apply(upper, lower, found, fingerprints=prints, resume=True)
+        (lower / edit).write_text("A" if edit == "a" else "b")
+    os.chmod(lower / "a", 0o600)  # the applied file's mode changed: neither state
+    with pytest.raises(Conflict):
+        q.apply(upper, lower, found, fingerprints=prints, resume=True)
+
+
+def test_remove_temps_removes_only_its_own_temporary_names(dirs: tuple[Path, Path]) -> None:
+    _upper, lower = dirs
+    changes = [Change("f", "added", "file"), Change("sub/g", "modified", "file"), Change("gone", "deleted", "file"),
+               Change("sub/link", "added", "symlink"), Change("d", "added", "dir")]
+    prefix = q.temp_prefix()
+    put(lower, f"{prefix}0", "tmp")  # f's
+    put(lower, f"sub/{prefix}1", "tmp")  # sub/g's
+    link(lower, f"sub/{prefix}3", "anywhere")  # sub/link's
+    put(lower, f"{prefix}2", "not a temporary name of a file or symlink change")
+    mkdir(lower, f"sub/{prefix}0")  # a name of another directory's change, and a directory
+    put(lower, f"{prefix[:-1]}x-0", "another prefix")
+    assert sorted(q.remove_temps(lower, changes, prefix)) == sorted([f"{prefix}0", f"sub/{prefix}1",
+                                                                      f"sub/{prefix}3"])
+    assert sorted(p.name for p in lower.rglob("*")) == sorted([f"{prefix}2", "sub", f"{prefix}0",
+                                                                f"{prefix[:-1]}x-0"])
+    assert q.remove_temps(lower, changes, prefix) == []
+    with pytest.raises(BadInput):
+        q.remove_temps(lower, changes, "../x")
+
+
+def test_temporary_names_are_random_and_recognisable() -> None:
+    one, two = q.temp_prefix(), q.temp_prefix()
+    assert one != two and one.startswith(".kp-apply-") and two.startswith(q.TEMP_PREFIX)
 
 
 # --- against a real kernel overlayfs ----------------------------------------------------------

@@ -1,0 +1,343 @@
+"""kp-run --apply as real processes on quarantines made by hand: concurrent applies to one
+workspace never lose an update, and an apply killed at any point leaves no temporary file once
+it is re-run (or the run is removed), and the re-run finishes the job.
+
+The quarantined runs are folders as kp-run leaves them (meta.json with the changes and the
+fingerprints, an upper dir); no container runs here (tests/integration/test_apply.py does that).
+The kill points are reached through kp-run's test hook (KODEPIPE_TEST_APPLY_PAUSE): the apply
+stops there, making a marker file, and the test kills it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kodepipe import apply as applying
+from kodepipe import quarantine as q
+from kodepipe.state import Store
+from tests.conftest import BIN, lines
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts need root (mknod)")
+WAIT = 60.0  # a generous bound on waiting for a real condition; never a measured duration
+
+
+# --- making quarantined runs ------------------------------------------------------------------
+
+
+def put(root: Path, rel: str, content: bytes | str = b"", mode: int = 0o644) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    os.chmod(path, mode)
+
+
+def whiteout(root: Path, rel: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def quarantined(name: str, workspace: Path, build: Any) -> Path:
+    """A run folder as kp-run --quarantine leaves it: ``build(upper)`` makes the agent's changes."""
+    folder = Store().folder("container", name)
+    upper = folder / "upper"
+    upper.mkdir(parents=True)
+    build(upper)
+    changes = q.changes(upper, workspace)
+    meta = {"kind": "container", "name": name, "id": os.urandom(6).hex(), "state": "quarantined",
+            "workspace": str(workspace), "created": "2026-01-01T00:00:00Z",
+            "quarantine": {"path": str(upper), **q.summary(changes)},
+            "fingerprints": q.fingerprint(workspace, changes)}
+    (folder / "meta.json").write_bytes(orjson.dumps(meta))
+    return folder
+
+
+def tree(root: Path) -> dict[str, tuple[object, ...]]:
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            rel = str(path.relative_to(root))
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("symlink", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                out[rel] = ("file", stat.S_IMODE(st.st_mode), path.read_bytes())
+    return out
+
+
+def temps(root: Path) -> list[str]:
+    return [str(p.relative_to(root)) for p in root.rglob("*") if p.name.startswith(".kp-")]
+
+
+def apply_proc(*names: str, pause: str | None = None, pause_dir: Path | None = None) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if pause is not None:
+        env[applying.PAUSE_ENV] = f"{pause}:{pause_dir}"
+    args = [str(BIN / "kp-run")] + [arg for name in names for arg in ("--apply", name)]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def wait_for_markers(pause_dir: Path, count: int, *procs: subprocess.Popen[bytes]) -> list[Path]:
+    """Wait (bounded) until ``count`` processes stopped at their pause point; fail if one ended first."""
+    import time
+
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        found = sorted(pause_dir.iterdir())
+        if len(found) >= count:
+            return found
+        for proc in procs:
+            if proc.poll() is not None:
+                _out, err = proc.communicate()
+                raise AssertionError(f"kp-run --apply ended ({proc.returncode}) before its pause point: "
+                                     f"{err.decode()}")
+        time.sleep(0.005)
+    raise AssertionError(f"no process reached its pause point in {WAIT} s")
+
+
+def finish(proc: subprocess.Popen[bytes]) -> tuple[int, list[dict[str, Any]], str]:
+    out, err = proc.communicate(timeout=WAIT)
+    return proc.returncode, lines(out), err.decode()
+
+
+# --- concurrent applies ---------------------------------------------------------------------------
+
+BIG = 1 << 20  # a version is ~1 MiB, so a torn or mixed write would show
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "proj"
+    put(ws, "shared.txt", "the original\n")
+    put(ws, "other.txt", "untouched\n")
+    return ws
+
+
+def two_runs(ws: Path) -> dict[str, bytes]:
+    """Two quarantines that both changed shared.txt, each in its own way; returns their versions."""
+    versions = {"qa": b"A" * BIG + b"\n", "qb": b"B" * BIG + b"\n"}
+    for name, content in versions.items():
+        quarantined(name, ws, lambda upper, c=content, n=name: (put(upper, "shared.txt", c),
+                                                               put(upper, f"{n}.txt", n)))
+    return versions
+
+
+def test_the_second_of_two_concurrent_applies_waits_and_gets_a_conflict(workspace: Path, tmp_path: Path,
+                                                                         kp_env: dict[str, Path]) -> None:
+    """Deterministic: A stops between its fingerprint check and its first write; B must wait for A's
+    workspace lock (and say so) instead of checking the unchanged file and overwriting A's write."""
+    versions = two_runs(workspace)
+    pause_dir = tmp_path / "pause"
+    pause_dir.mkdir()
+    first = apply_proc("qa", pause="checked", pause_dir=pause_dir)
+    (marker,) = wait_for_markers(pause_dir, 1, first)
+    second = apply_proc("qb")
+    assert second.stderr is not None
+    said = second.stderr.readline().decode()  # B's first message; EOF (b"") if it ended without waiting
+    assert "waiting for another kp-run --apply" in said, said
+    marker.unlink()  # let A write
+    status_a, _records_a, err_a = finish(first)
+    status_b, records_b, err_b = finish(second)
+    assert status_a == 0, err_a
+    assert status_b == 1 and records_b[-1]["error"]["code"] == "conflict", err_b
+    assert "shared.txt" in records_b[-1]["error"]["message"]
+    assert (workspace / "shared.txt").read_bytes() == versions["qa"]
+    assert not (workspace / "qb.txt").exists() and (workspace / "qa.txt").exists()
+    assert (kp_env["state"] / "containers" / "qb").is_dir()  # B's quarantine is kept for the user
+    assert not (kp_env["state"] / "containers" / "qa").exists()
+    assert temps(workspace) == []
+
+
+def test_concurrent_applies_to_one_workspace_never_lose_an_update(workspace: Path, tmp_path: Path,
+                                                                  kp_env: dict[str, Path]) -> None:
+    """Both released at one moment (after their start-up) from a barrier, ten times over."""
+    pause_dir = tmp_path / "pause"
+    pause_dir.mkdir()
+    original = tree(workspace)
+    for _trial in range(10):
+        shutil.rmtree(workspace)
+        put(workspace, "shared.txt", "the original\n")
+        put(workspace, "other.txt", "untouched\n")
+        shutil.rmtree(kp_env["state"] / "containers", ignore_errors=True)
+        versions = two_runs(workspace)
+        procs = {name: apply_proc(name, pause="ready", pause_dir=pause_dir) for name in versions}
+        for marker in wait_for_markers(pause_dir, 2, *procs.values()):
+            marker.unlink()
+        ended = {name: finish(proc) for name, proc in procs.items()}
+        statuses = sorted(status for status, _, _ in ended.values())
+        assert statuses == [0, 1], ended
+        (winner,) = [name for name, (status, _, _) in ended.items() if status == 0]
+        (loser,) = [name for name in versions if name != winner]
+        assert ended[loser][1][-1]["error"]["code"] == "conflict", ended[loser][2]
+        assert (workspace / "shared.txt").read_bytes() == versions[winner]  # one version, wholly
+        assert tree(workspace) == {**original, "shared.txt": ("file", 0o644, versions[winner]),
+                                   f"{winner}.txt": ("file", 0o644, winner.encode())}
+        assert (kp_env["state"] / "containers" / loser).is_dir()
+
+
+def test_applies_to_different_workspaces_do_not_wait_for_each_other(tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    for ws, name in ((one, "qa"), (two, "qb")):
+        put(ws, "f.txt", "old\n")
+        quarantined(name, ws, lambda upper: put(upper, "f.txt", "new\n"))
+    pause_dir = tmp_path / "pause"
+    pause_dir.mkdir()
+    first = apply_proc("qa", pause="checked", pause_dir=pause_dir)
+    (marker,) = wait_for_markers(pause_dir, 1, first)
+    status, _, err = finish(apply_proc("qb"))  # ends while A holds its own workspace's lock
+    assert status == 0 and "waiting" not in err, err
+    marker.unlink()
+    assert finish(first)[0] == 0
+    assert (one / "f.txt").read_text() == (two / "f.txt").read_text() == "new\n"
+
+
+def test_the_workspace_lock_is_in_the_state_dir_by_the_directorys_identity(tmp_path: Path,
+                                                                           kp_env: dict[str, Path]) -> None:
+    ws = tmp_path / "proj"
+    ws.mkdir()
+    alias = tmp_path / "alias"
+    alias.symlink_to(ws)
+    store = Store()
+    path = applying.workspace_lock_path(store, ws)
+    assert path == applying.workspace_lock_path(store, alias)  # two paths to one directory: one lock
+    assert path.parent == kp_env["state"] / "locks" and ws not in path.parents
+    st = ws.stat()
+    assert path.name == f"workspace.{st.st_dev:x}.{st.st_ino:x}.lock"
+
+
+# --- killed applies -----------------------------------------------------------------------------------
+
+
+def agent_changes(upper: Path) -> None:
+    """Every kind of change: files added, modified, deleted; a directory deleted, added, merged into,
+    and replaced by a file; a symlink retargeted; an executable."""
+    put(upper, "main.py", "print('hello')\nchanged\n")
+    put(upper, "new.txt", "new\n")
+    whiteout(upper, "old.txt")
+    whiteout(upper, "gone")
+    os.makedirs(upper / "sub")
+    put(upper, "sub/x.txt", "x changed\n")
+    put(upper, "sub/y.txt", "y\n")
+    put(upper, "dir/d.txt", "d\n")
+    os.chmod(upper / "dir", 0o700)  # a mode of its own, set last
+    put(upper, "replaced", "now a file\n")
+    os.symlink("new.txt", upper / "link")
+    put(upper, "tool.sh", "#!/bin/sh\n", 0o755)
+
+
+def project(ws: Path) -> None:
+    put(ws, "main.py", "print('hello')\n")
+    put(ws, "old.txt", "old\n")
+    put(ws, "sub/x.txt", "x\n")
+    put(ws, "gone/a.txt", "a\n")
+    put(ws, "gone/b.txt", "b\n")
+    put(ws, "replaced/r.txt", "r\n")
+    os.symlink("main.py", ws / "link")
+
+
+def intended(tmp_path: Path) -> dict[str, tuple[object, ...]]:
+    """The workspace after an uninterrupted apply of the same changes."""
+    ref, upper = tmp_path / "ref", tmp_path / "ref-upper"
+    project(ref)
+    agent_changes(upper)
+    found = q.changes(upper, ref)
+    q.apply(upper, ref, found, fingerprints=orjson.loads(orjson.dumps(q.fingerprint(ref, found))))
+    return tree(ref)
+
+
+KILL_POINTS = ["journaled", "removed-2", "removed-5", "tmp-1", "wrote-2", "tmp-4", "wrote-7", "applied"]
+
+
+@needs_root
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_a_killed_apply_is_finished_by_the_next_and_leaves_no_temporary_file(point: str, tmp_path: Path,
+                                                                             kp_env: dict[str, Path]) -> None:
+    ws = tmp_path / "proj"
+    project(ws)
+    want = intended(tmp_path)
+    folder = quarantined("run-k", ws, agent_changes)
+    pause_dir = tmp_path / "pause"
+    pause_dir.mkdir()
+    proc = apply_proc("run-k", pause=point, pause_dir=pause_dir)
+    wait_for_markers(pause_dir, 1, proc)
+    proc.kill()
+    proc.wait()
+    assert (folder / applying.JOURNAL).is_file()  # the journal was written before the first change
+    if point.startswith("tmp-"):
+        assert len(temps(ws)) == 1 and temps(ws)[0].split("/")[-1].startswith(".kp-apply-")
+    # the re-run finishes the job: no --force needed for the paths the killed apply already wrote
+    status, records, err = finish(apply_proc("run-k"))
+    assert status == 0, err
+    assert "finishing the apply that was interrupted" in err
+    assert records[-1]["state"] == "applied" and records[-1]["applied_count"] == 14
+    assert tree(ws) == want
+    assert temps(ws) == []
+    assert not folder.exists()
+
+
+@needs_root
+def test_kp_rm_of_a_killed_apply_removes_its_temporary_files(tmp_path: Path, kp_env: dict[str, Path]) -> None:
+    ws = tmp_path / "proj"
+    project(ws)
+    folder = quarantined("run-k", ws, agent_changes)
+    pause_dir = tmp_path / "pause"
+    pause_dir.mkdir()
+    proc = apply_proc("run-k", pause="tmp-3", pause_dir=pause_dir)
+    wait_for_markers(pause_dir, 1, proc)
+    proc.kill()
+    proc.wait()
+    assert len(temps(ws)) == 1
+    removed = subprocess.run([str(BIN / "kp-rm"), "run-k"], capture_output=True)
+    assert removed.returncode == 0, removed.stderr.decode()
+    assert temps(ws) == [] and not folder.exists()
+
+
+@needs_root
+def test_a_host_edit_after_a_killed_apply_is_still_a_conflict(tmp_path: Path, kp_env: dict[str, Path]) -> None:
+    ws = tmp_path / "proj"
+    project(ws)
+    folder = quarantined("run-k", ws, agent_changes)
+    pause_dir = tmp_path / "pause"
+    pause_dir.mkdir()
+    proc = apply_proc("run-k", pause="wrote-1", pause_dir=pause_dir)
+    wait_for_markers(pause_dir, 1, proc)
+    proc.kill()
+    proc.wait()
+    (ws / "sub" / "x.txt").write_text("the user's own edit\n")  # not yet applied when it was killed
+    status, records, err = finish(apply_proc("run-k"))
+    assert status == 1 and records[-1]["error"]["code"] == "conflict" and "sub/x.txt" in err, err
+    assert (ws / "sub" / "x.txt").read_text() == "the user's own edit\n"
+    assert folder.is_dir() and temps(ws) == []
+    status, _records, err = finish(subprocess.Popen([str(BIN / "kp-run"), "--apply", "run-k", "--force"],
+                                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    assert status == 0, err
+    assert (ws / "sub" / "x.txt").read_text() == "x changed\n"
+
+
+def test_an_interrupted_apply_says_how_to_finish_it(tmp_path: Path, kp_env: dict[str, Path]) -> None:
+    ws = tmp_path / "proj"
+    put(ws, "a.txt", "a\n")
+    put(ws, "b.txt", "b\n")
+    quarantined("run-t", ws, lambda upper: (put(upper, "a.txt", "A\n"), put(upper, "b.txt", "B\n")))
+    pause_dir = tmp_path / "pause"
+    pause_dir.mkdir()
+    proc = apply_proc("run-t", pause="tmp-1", pause_dir=pause_dir)
+    wait_for_markers(pause_dir, 1, proc)
+    proc.terminate()
+    status, _records, err = finish(proc)
+    assert status == 143 and "kp-run --apply run-t finishes the apply" in err, err
+    assert temps(ws) == []  # SIGTERM: the temporary file is removed on the way out
+    status, _records, err = finish(apply_proc("run-t"))
+    assert status == 0, err
+    assert (ws / "a.txt").read_text() == "A\n" and (ws / "b.txt").read_text() == "B\n"
