@@ -98,7 +98,7 @@ def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path |
                               hint=f"see {log}") from exc
         if proc.returncode != 0:
             logged = log.read_bytes()[-8192:]
-            raise CommandFailed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{tail(logged)}")
+            raise _failed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{tail(logged)}")
         return proc
     try:
         proc = subprocess.run(args, capture_output=True, timeout=timeout, cwd=cwd, env=env, check=False,
@@ -108,8 +108,15 @@ def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path |
         raise Timeout(f"{shlex.join(args)} did not finish within {timeout:g} s") from exc
     if proc.returncode != 0:
         output = tail(proc.stderr) or tail(proc.stdout)
-        raise CommandFailed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{output}")
+        raise _failed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{output}")
     return proc
+
+
+def _failed(message: str) -> CommandFailed:
+    """A program that failed on a full disk: the error says so, and what to do."""
+    if "No space left on device" in message or "Disk quota exceeded" in message:
+        return CommandFailed(message, code="no_space", hint="no space left (ENOSPC): free some space, then try again")
+    return CommandFailed(message)
 
 
 def spawn(argv: Sequence[str | Path], *, stdout: int | IO[Any] | None = subprocess.DEVNULL,
