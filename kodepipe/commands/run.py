@@ -112,7 +112,9 @@ def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
               show_default=True, help="Which system calls --audit records (see kp-trace --mode).")
 @click.option("--apply", "apply_names", multiple=True, metavar="NAME",
               help="Apply a quarantined run's changes to its workspace (repeatable; or quarantined records on "
-                   "stdin with --apply -), then remove the quarantine. Refused if the checkout changed since.")
+                   "stdin with --apply -), then remove the quarantine. Refused if the checkout changed since. "
+                   "Applies to one workspace take turns; one stopped half-way (killed, a full disk) is finished "
+                   "by the next --apply NAME.")
 @click.option("--force", is_flag=True, help="With --apply: apply even over files changed on the host since.")
 @click.option("-v", "--verbose", is_flag=True, default=None,
               help="Show progress (image builds, the API service) even when stderr is not a terminal.")
