@@ -144,8 +144,11 @@ def test_the_second_of_two_concurrent_applies_waits_and_gets_a_conflict(workspac
     (marker,) = wait_for_markers(pause_dir, 1, first)
     second = apply_proc("qb")
     assert second.stderr is not None
-    said = second.stderr.readline().decode()  # B's first message; EOF (b"") if it ended without waiting
-    assert "waiting for another kp-run --apply" in said, said
+    said = ""
+    while "waiting for another kp-run --apply" not in said:
+        line = second.stderr.readline().decode()  # EOF ("") if B ended without waiting
+        assert line, f"the second apply did not wait for the first: {said}"
+        said += line
     marker.unlink()  # let A write
     status_a, _records_a, err_a = finish(first)
     status_b, records_b, err_b = finish(second)
