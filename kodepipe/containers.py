@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,7 @@ def owner_alive(meta: dict[str, Any]) -> bool:
 
 def view(store: Store, name: str) -> Record:
     record, meta = store.record_base(KIND, name)
-    if meta is None:
-        record.setdefault("state", "broken")
-        record.setdefault("problem", "its metadata is missing or unreadable")
+    if meta is None:  # record_base says why: creating (its kp-run holds the lock), gone or broken
         return record
     if record.get("state") in ("creating", "running") and not owner_alive(meta):
         record["state"] = "orphaned"
@@ -61,13 +60,18 @@ def unmount(folder: Path) -> None:
             subprocess.run([proc.require("umount"), "-l", mount], capture_output=True, check=False)
 
 
-def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool) -> Record | None:
+def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool,
+           check: Callable[[Record], None] | None = None) -> Record | None:
+    """Remove a run's folder (and its container); ``check`` sees the current record under
+    the lock and may raise to leave it alone."""
     folder = store.folder(KIND, name)
     with store.lock(name):
         if not folder.is_dir():
             return None
         record = view(store, name)
         check_id(record, expect_id)
+        if check is not None:
+            check(record)
         if dry_run:
             return record
         cid = record.get("container_id")

@@ -165,12 +165,17 @@ a golden VM image: \fBstate\fR is \fBbuilding\fR, \fBready\fR or
 (fingerprints), \fBclones\fR (from kp\-ls).
 .TP
 .B vm
-a clone: \fBstate\fR is \fBstopped\fR or \fBbroken\fR; \fBbase\fR and
+a clone: \fBstate\fR is \fBcreating\fR, \fBstopped\fR, \fBbroken\fR or
+one of the running states below; \fBbase\fR and
 \fBbase_id\fR (the image it is an overlay on), \fBdisk\fR.
 .PP
 Every kind has \fBpath\fR (its folder in the state directory),
 \fBcreated\fR, and, when broken, \fBproblem\fR (why).  kp\-ls adds
-\fBdisk_bytes\fR (space used); kp\-rm adds \fBremoved\fR.
+\fBdisk_bytes\fR (space used); kp\-rm adds \fBremoved\fR, and \fBkept\fR
+(why) for what a pipe does not remove: golden images, un\-applied
+quarantines, audit and egress logs, unless it is named or a flag allows it.
+.SH STATES
+{states}
 .SH ERROR CODES
 .TP
 .B bad_input, bad_name
@@ -194,16 +199,6 @@ another kodepipe command holds the name's lock
 .B command_failed
 an external program failed; the message has its command line and output
 .TP
-.B conflict
-kp\-run \-\-apply: the checkout changed where the quarantined changes would
-land (a host edit, or another apply to the same workspace); nothing was
-changed (\-\-force overrides)
-.TP
-.B no_space
-a disk is full (ENOSPC): the message names the file or workspace; nothing
-half\-written is left behind; free some space and run the command again (a
-kp\-run \-\-apply stopped half\-way is then finished)
-.TP
 .B missing_program, no_permission, timeout
 as the exit statuses below
 .SH EXIT STATUS
@@ -216,10 +211,6 @@ of truth, of which records are views
 .TP
 .B $KODEPIPE_STATE_DIR/locks/NAME.lock
 per\-name locks (flock): concurrent commands on one name are safe
-.TP
-.B $KODEPIPE_STATE_DIR/locks/workspace.DEV.INO.lock
-one per workspace directory (by device and inode): kp\-run \-\-apply
-checks and writes under it, so concurrent applies to one workspace take turns
 .SH ENVIRONMENT
 {env}
 .SH SEE ALSO
@@ -229,8 +220,11 @@ checks and writes under it, so concurrent applies to one workspace take turns
 
 def contract_page() -> str:
     see_also = ", ".join(f"\\fB{esc(p)}\\fR(1)" for p in COMMANDS) + ", \\fBjq\\fR(1)"
+    from kodepipe.inventory import STATES
+
+    states = "\n".join(f".TP\n.B {esc(state)}\n{esc(meaning)}" for state, meaning in STATES.items())
     return CONTRACT.lstrip("\n").format(date=DATE, version=__version__, exits=_exit_statuses(),
-                                        env=_environment(), see_also=see_also)
+                                        env=_environment(), see_also=see_also, states=states)
 
 
 EVENTS = r"""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,11 +31,8 @@ def view(store: Store, name: str) -> Record:
     for key in ("disk", "kernel", "initrd"):
         if isinstance(meta.get(key), str):
             record[key] = str(folder / meta[key])
-    if meta.get("state") == "building":
-        if not store.lock_held(name):
-            record["state"] = "broken"
-            record["problem"] = "the build was interrupted (its builder is gone)"
-    elif meta.get("state") == "ready":
+    # "building" while its builder holds the lock; Store.record_base has already made it "broken" if not
+    if meta.get("state") == "ready":
         missing = [k for k in ("disk", "kernel", "initrd") if not Path(record.get(k, "")).is_file()]
         if missing:
             record["state"] = "broken"
@@ -90,15 +87,23 @@ def _keep_log(name: str, log: Path) -> Path | None:
     return kept
 
 
-def remove(store: Store, name: str, *, expect_id: str | None, force: bool, dry_run: bool) -> Record | None:
-    """Remove image ``name``; None when there is none (already removed)."""
+def remove(store: Store, name: str, *, expect_id: str | None, force: bool, dry_run: bool,
+           check: Callable[[Record], None] | None = None, ignore_clones: Collection[str] = ()) -> Record | None:
+    """Remove image ``name``; None when there is none (already removed).
+
+    ``check`` sees the current record under the lock and may raise to leave
+    the image alone; ``ignore_clones`` are clones that a dry run counts as
+    removed already, so that it refuses exactly what the real run would.
+    """
     with store.lock(name):
         folder = store.folder("image", name)
         if not folder.is_dir():
             return None
         record = view(store, name)
         check_id(record, expect_id)
-        clones = clones_of(store, name, record.get("id"))
+        if check is not None:
+            check(record)
+        clones = [c for c in clones_of(store, name, record.get("id")) if c not in ignore_clones]
         if clones and not force:
             shown = ", ".join(clones[:5]) + (", ..." if len(clones) > 5 else "")
             raise InUse(f"image {name} is the base of {len(clones)} clone(s): {shown}",
@@ -106,4 +111,3 @@ def remove(store: Store, name: str, *, expect_id: str | None, force: bool, dry_r
         if not dry_run:
             store.discard(folder)
         return record
-

@@ -7,16 +7,36 @@ import fnmatch
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from pathlib import Path
 
 from kodepipe import containers, images, vms
-from kodepipe.errors import BadInput
+from kodepipe.errors import BadInput, NotFound
 from kodepipe.records import NAME_RE, Record
 from kodepipe.state import Store, parse_iso
 
 KINDS = ("image", "vm", "container")
-STATES = ("building", "ready", "stopped", "running", "suspended", "saved", "crashed", "broken",
-          "exited", "quarantined", "orphaned")
+# every state kp-ls can show, with its meaning (kp-ls --state, and kodepipe(7) is rendered from it)
+STATES = {
+    "creating": "being made: its creator (kp-clone, kp-run) holds the name's lock, or its kp-run is setting "
+                "it up; never broken, and kp-rm waits for the creator to finish",
+    "building": "an image that kp-image build is making",
+    "ready": "an image that can be cloned",
+    "stopped": "a VM that is not running (never booted, shut down, or the host rebooted)",
+    "running": "a VM whose QEMU runs, or a container whose kp-run runs",
+    "suspended": "a VM paused in memory (kp-stop --suspend; kp-stop --resume runs it again)",
+    "frozen": "a VM whose QEMU is alive but runs no guest code, and not by kp-stop --suspend: a kp-stop --save "
+              "cut off (QEMU's status postmigrate), a full disk or an I/O error (io-error), a pause outside "
+              "kodepipe, a guest panic; \"qemu_status\" is QEMU's own word, \"problem\" says why and \"hint\" "
+              "what to do (kp-stop --resume where QEMU allows it)",
+    "saved": "a VM whose RAM is saved to disk (kp-stop --save); kp-boot resumes it",
+    "crashed": "a VM whose QEMU exited without kp-stop",
+    "broken": "something kodepipe cannot use (a killed creation, a missing base or file); \"problem\" says "
+              "why, and kp-rm removes it",
+    "exited": "a container kept after its run (--keep, an audit or egress log)",
+    "quarantined": "a container whose changes wait for review (kp-run --apply, or kp-rm to discard them)",
+    "orphaned": "a container whose kp-run was killed; kp-rm removes what is left",
+}
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -57,6 +77,8 @@ def records(store: Store, kinds: Iterable[str] = KINDS) -> list[Record]:
         out.extend(vms.view(store, n) for n in store.names("vm"))
     if "container" in kinds:
         out.extend(containers.view(store, n) for n in store.names("container"))
+    # removed while this listing ran
+    out = [record for record in out if record.get("state") != "gone"]
     for record in out:
         _add_disk_bytes(record)
     return out
@@ -110,10 +132,123 @@ def select(items: Iterable[Record], *, states: Iterable[str] = (), names: Iterab
     return chosen
 
 
+# -- removal (kp-rm) ---------------------------------------------------------------------------
+
+# what a bulk removal (records on kp-rm's stdin) leaves alone unless a flag allows it: the flag
+# and the words that name what is kept
+KEEP_FLAGS = {"images": "--images", "quarantines": "--quarantines", "evidence": "--evidence"}
+
+
+class Kept(Exception):
+    """Left alone by a bulk removal: not disposable.  The message says why and how to remove it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def holdings(record: Record) -> dict[str, str]:
+    """What a container's folder holds that is the user's, by the flag that allows discarding it.
+
+    Reads the record (the current view) and, for one whose metadata is
+    unreadable, the folder itself: an un-applied quarantine, audit and
+    egress logs.
+    """
+    if record.get("kind") != "container":
+        return {}
+    held: dict[str, str] = {}
+    folder = Path(str(record["path"])) if isinstance(record.get("path"), str) else None
+    quarantine = record.get("quarantine")
+    # quarantined; or still running (or killed) with a quarantine; or changes on disk whatever the metadata says
+    if record.get("state") == "quarantined" or (
+            isinstance(quarantine, dict) and record.get("state") not in ("exited", "applied")) or (
+            folder is not None and _not_empty(folder / "upper")):
+        held["quarantines"] = "an un-applied quarantine"
+    from kodepipe.launch import AUDIT_LOG, EGRESS_LOG
+
+    logs = [what for key, file, what in (("audit_log", AUDIT_LOG, "audit"), ("egress_log", EGRESS_LOG, "egress"))
+            if isinstance(record.get(key), str) or (folder is not None and (folder / file).exists())]
+    if logs:
+        held["evidence"] = f"{' and '.join(logs)} log{'s' if len(logs) > 1 else ''}"
+    return held
+
+
+def _not_empty(folder: Path) -> bool:
+    try:
+        with os.scandir(folder) as entries:
+            return any(True for _ in entries)
+    except OSError:
+        return False
+
+
+def keep_reason(record: Record, held: dict[str, str], allowed: Collection[str]) -> str | None:
+    """Why a bulk removal keeps this (the current record), or None when it is disposable.  Pure."""
+    kind, name = record.get("kind"), record.get("name")
+    if kind == "image" and "images" not in allowed:
+        return f"image {name} is not disposable (a golden image); name it or pass {KEEP_FLAGS['images']}"
+    missing = [flag for flag in held if flag not in allowed]
+    if not missing:
+        return None
+    what = " and ".join(held[flag] for flag in missing)
+    flags = " ".join(KEEP_FLAGS[flag] for flag in missing)
+    return f"{kind} {name} holds {what}; name it or pass {flags}"
+
+
+class Removal:
+    """One kp-rm: removes, keeps or refuses what it is given, and in a dry run simulates the
+    removals, so that what it says it would do is what the real run does (an image whose
+    clones come later in the same input is refused, then removed once they are gone)."""
+
+    def __init__(self, store: Store, *, force: bool, dry_run: bool, allowed: Collection[str] = ()) -> None:
+        self.store, self.force, self.dry_run = store, force, dry_run
+        self.allowed = frozenset(allowed)
+        self.removed: set[tuple[str, str]] = set()  # (kind, name) removed, or that the dry run would remove
+
+    def remove(self, kind: str, name: str, *, expect_id: str | None, bulk: bool,
+               listed: Record | None = None) -> Record | None:
+        """Remove one thing; its last record, or None when it is already gone.
+
+        ``bulk``: it came as a record on stdin, not as a name on the command
+        line, so what is not disposable is kept (Kept).  ``listed`` is the
+        record it came as: one that showed it broken or in the making without
+        an id names that id-less thing, never what has an id now.
+        """
+        if self.dry_run and (kind, name) in self.removed:
+            return None
+
+        def check(current: Record) -> None:
+            if listed is not None:
+                _check_listed(listed, current)
+            if bulk:
+                why = keep_reason(current, holdings(current), self.allowed)
+                if why is not None:
+                    raise Kept(why)
+
+        store, dry_run = self.store, self.dry_run
+        if kind == "container":
+            record = containers.remove(store, name, expect_id=expect_id, dry_run=dry_run, check=check)
+        elif kind == "image":
+            # a dry run removed nothing: the clones it would have removed still count unless ignored
+            ignore = {n for k, n in self.removed if k == "vm"} if dry_run else set()
+            record = images.remove(store, name, expect_id=expect_id, force=self.force, dry_run=dry_run,
+                                   check=check, ignore_clones=ignore)
+        else:
+            record = vms.remove(store, name, expect_id=expect_id, dry_run=dry_run, check=check)
+        if record is not None:
+            self.removed.add((kind, name))
+        return record
+
+
+def _check_listed(listed: Record, current: Record) -> None:
+    """A record that showed something broken or in the making, without an id, named that
+    id-less thing: if the name now has an id, it is something else (finished, or made anew)."""
+    if "id" not in listed and listed.get("state") in ("broken", "creating") and isinstance(current.get("id"), str):
+        raise NotFound(f"{current['name']} is no longer the {listed['state']} {current['kind']} the record named "
+                       f"(it now has id {current['id']}); left alone", code="stale_record",
+                       hint="run kp-ls again to get current records")
+
+
 def remove(store: Store, kind: str, name: str, *, expect_id: str | None, force: bool,
            dry_run: bool) -> Record | None:
-    if kind == "container":
-        return containers.remove(store, name, expect_id=expect_id, dry_run=dry_run)
-    if kind == "image":
-        return images.remove(store, name, expect_id=expect_id, force=force, dry_run=dry_run)
-    return vms.remove(store, name, expect_id=expect_id, dry_run=dry_run)
+    """Remove one thing named on a command line (nothing is kept as not disposable)."""
+    return Removal(store, force=force, dry_run=dry_run).remove(kind, name, expect_id=expect_id, bulk=False)

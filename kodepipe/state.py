@@ -7,11 +7,14 @@ Layout under paths.state_dir():
     containers/NAME/        one folder per kp-run (kept for quarantines, audits, --keep)
     locks/NAME.lock         flock(2) files, one per name (never deleted)
     trash/                  folders being deleted (renamed here first)
+    KIND/.NAME.ID.new       a folder being made (renamed into place with its meta.json)
 
 Images, VMs and containers share one namespace of names, so ``kp-rm NAME`` is never
 ambiguous.  Every change takes the name's lock; metadata is written
 atomically (write, fsync, rename), so a crash leaves either the old or the
-new file, never half of one.  Records are views of this state.
+new file, never half of one.  A new folder appears with its meta.json in one
+rename, and an object whose creator still holds the name's lock is shown as
+"creating" (or "building"), never as broken.  Records are views of this state.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ from kodepipe.errors import Busy, Exists, KpError, NotFound
 KIND_DIRS = {"image": "images", "vm": "vms", "container": "containers"}
 META = "meta.json"
 LOCK_WAIT = 10.0
+NEW_SUFFIX = ".new"
+# metadata states that exist only while the creator holds the name's lock, and what it means
+# when the lock is free but the state is still there: the creator died
+# the locks this process holds now (lock file path: depth)
+_HELD: dict[str, int] = {}
+HELD_STATES = {"image": {"building": "the build was interrupted (its builder is gone)"},
+               "vm": {"creating": "creation was interrupted (kp-clone is gone)"}}
 
 
 def now_iso() -> str:
@@ -95,7 +105,11 @@ def write_atomic(path: Path, data: bytes) -> None:
             raise KpError(f"cannot write {path}: no space left on its filesystem (ENOSPC)", code="no_space",
                           hint="free some space, then try again") from None
         raise
-    dirfd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dirfd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dirfd)
     finally:
@@ -200,20 +214,46 @@ class Store:
         """The start of a record view: metadata laid over kind, name and path.
 
         Returns the metadata too, or None when it is missing or unreadable;
-        the record then already says "broken" and why.
+        the record then already says "creating" (its creator holds the
+        name's lock), "gone" (the folder vanished) or "broken", and why.  A
+        state that exists only while the creator holds the lock (HELD_STATES)
+        is settled here too: "broken" only when the creator is gone.
         """
         folder = self.folder(kind, name)
         record: dict[str, Any] = {"kind": kind, "name": name}
-        try:
-            meta = self.read_meta(folder)
-        except KpError as exc:
-            return {**record, "state": "broken", "problem": exc.message, "path": str(folder)}, None
+        meta, problem = self._try_meta(folder)
+        held = HELD_STATES.get(kind, {})
+        if meta is None and problem is None and not folder.is_dir():
+            return {**record, "state": "gone"}, None
+        if problem is None and (meta is None or meta.get("state") in held):
+            if self.lock_held(name):
+                if meta is None:  # made by something that writes its metadata late: still in the making
+                    return {**record, "state": "creating", "path": str(folder)}, None
+            else:
+                # the lock is free: a creator that held it while we read has written its last
+                # metadata (or removed the folder) before letting go, so read again to settle it
+                first = meta
+                meta, problem = self._try_meta(folder)
+                if problem is None and meta is not None and meta.get("state") in held and \
+                        meta.get("id") == (first or {}).get("id"):
+                    return ({**record, **meta, "kind": kind, "name": name, "path": str(folder),
+                             "state": "broken", "problem": held[meta["state"]]}, meta)
+        if problem is not None:
+            return {**record, "state": "broken", "problem": problem, "path": str(folder)}, None
         if meta is None:
+            if not folder.is_dir():
+                return {**record, "state": "gone"}, None
             return {**record, "state": "broken", "problem": "no metadata: creation was interrupted",
                     "path": str(folder)}, None
         record.update(meta)
         record["kind"], record["name"], record["path"] = kind, name, str(folder)
         return record, meta
+
+    def _try_meta(self, folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            return self.read_meta(folder), None
+        except KpError as exc:
+            return None, exc.message
 
     def write_meta(self, folder: Path, meta: dict[str, Any]) -> None:
         write_atomic(folder / META, orjson.dumps(meta, option=orjson.OPT_INDENT_2) + b"\n")
@@ -226,9 +266,11 @@ class Store:
         return locks / f"{name}.lock"
 
     @contextmanager
-    def lock(self, name: str, *, shared: bool = False, wait: float = LOCK_WAIT) -> Iterator[None]:
-        """Hold the per-name lock; raise Busy after ``wait`` seconds."""
-        fd = os.open(self._lock_path(name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def lock(self, name: str, *, shared: bool = False, wait: float | None = None) -> Iterator[None]:
+        """Hold the per-name lock; raise Busy after ``wait`` seconds (LOCK_WAIT if None)."""
+        wait = LOCK_WAIT if wait is None else wait
+        path = self._lock_path(name)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
             deadline = time.monotonic() + wait
@@ -243,13 +285,23 @@ class Store:
                                    hint="wait for it to finish, or see kp-ls") from None
                     time.sleep(delay)
                     delay = min(delay * 2, 0.2)
-            yield
+            _HELD[str(path)] = _HELD.get(str(path), 0) + 1
+            try:
+                yield
+            finally:
+                _HELD[str(path)] -= 1
         finally:
             os.close(fd)
 
     def lock_held(self, name: str) -> bool:
-        """True when some process holds the name's lock exclusively right now."""
+        """True when another process holds the name's lock exclusively right now.
+
+        A lock this process holds does not count: kp-rm, under the name's lock,
+        then sees a dead creator's leftovers as broken, not as still in the making.
+        """
         path = self.root / "locks" / f"{name}.lock"
+        if _HELD.get(str(path)):
+            return False
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -268,9 +320,11 @@ class Store:
     def creating(self, kind: str, name: str, meta: dict[str, Any]) -> Iterator[Path]:
         """Make the folder for a new ``name`` (caller holds its lock).
 
-        The folder and an initial meta.json exist before the body runs, so a
-        crash leaves something kp-ls shows and kp-rm removes.  If the body
-        raises (or is interrupted), the folder is removed again.
+        The folder is made under a hidden name (KIND/.NAME.ID.new), given its
+        meta.json, and renamed into place: it never exists without its
+        metadata, so no one sees it half made.  It exists before the body
+        runs, so a crash leaves something kp-ls shows and kp-rm removes.  If
+        the body raises (or is interrupted), the folder is removed again.
         """
         existing = self.lookup(name)
         if existing is not None:
@@ -279,12 +333,20 @@ class Store:
                          hint="choose another name, or remove it first with kp-rm")
         folder = self.folder(kind, name)
         folder.parent.mkdir(parents=True, exist_ok=True)
+        new = folder.parent / f".{name}.{new_id()}{NEW_SUFFIX}"
+        os.mkdir(new, 0o755)
         try:
-            os.mkdir(folder, 0o755)
-        except FileExistsError:
-            raise Exists(f"{name} already exists") from None
+            self.write_meta(new, meta)
+            # every creator holds the name's lock, so nothing else can appear at ``folder`` meanwhile;
+            # rename(2) would replace an empty directory, hence the check
+            if folder.exists() or folder.is_symlink():
+                raise Exists(f"{name} already exists")
+            os.rename(new, folder)
+            _fsync_dir(folder.parent)
+        except BaseException:
+            remove_tree(new)
+            raise
         try:
-            self.write_meta(folder, meta)
             yield folder
         except BaseException:
             self.discard(folder)
@@ -306,10 +368,18 @@ class Store:
         remove_tree(target, mount_wait=5.0)
 
     def empty_trash(self) -> None:
-        """Finish deletions that a killed kp-rm left half done."""
+        """Finish deletions that a killed kp-rm left half done, and remove the hidden
+        folders of creations that were killed before their folder was renamed into place."""
         trash = self.root / "trash"
         for entry in self.names_in(trash):
             remove_tree(trash / entry)
+        for kind_dir in KIND_DIRS.values():
+            for entry in self.names_in(self.root / kind_dir):
+                if entry.startswith(".") and entry.endswith(NEW_SUFFIX):
+                    name = entry[1:].split(".", 1)[0]
+                    # a creator holds the lock for as long as its hidden folder exists
+                    if name and not self.lock_held(name):
+                        remove_tree(self.root / kind_dir / entry)
 
     @staticmethod
     def names_in(folder: Path) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,7 @@ def view(store: Store, name: str) -> Record:
     if isinstance(meta.get("disk"), str):
         record["disk"] = str(folder / meta["disk"])
     if meta.get("state") == "creating":
-        if not store.lock_held(name):
-            record["state"], record["problem"] = "broken", "creation was interrupted"
-        return record
+        return record  # Store.record_base settled it: creating while kp-clone holds the lock, else broken
     record["state"] = "stopped"
     boot = record.pop("boot", None)
     if isinstance(boot, dict):
@@ -125,14 +124,18 @@ def _base_problem(store: Store, meta: dict[str, Any]) -> str | None:
     return None
 
 
-def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool) -> Record | None:
-    """Remove VM ``name``; None when there is none (already removed)."""
+def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool,
+           check: Callable[[Record], None] | None = None) -> Record | None:
+    """Remove VM ``name``; None when there is none (already removed).  ``check`` sees the
+    current record under the lock and may raise to leave the VM alone."""
     with store.lock(name):
         folder = store.folder("vm", name)
         if not folder.is_dir():
             return None
         record = view(store, name)
         check_id(record, expect_id)
+        if check is not None:
+            check(record)
         if not dry_run:
             boot = (store.read_meta(folder) or {}).get("boot") if record.get("state") != "broken" else None
             if isinstance(boot, dict):

@@ -213,7 +213,7 @@ def test_ls_piped_to_rm_removes_everything_whatever_the_order() -> None:
     make_image("base")
     invoke("kp-clone", "base", "a", "b")
     listed = invoke("kp-ls").stdout  # the image comes first
-    result = invoke("kp-rm", input=listed)
+    result = invoke("kp-rm", "--images", input=listed)  # a pipe removes an image only with --images
     assert result.status == 0, result.stderr
     assert sorted(r["name"] for r in result.records) == ["a", "b", "base"]
     assert invoke("kp-ls").records == []

@@ -42,3 +42,19 @@ ITEMS = [
 ])
 def test_select(kwargs: dict[str, object], names: list[str]) -> None:
     assert [r["name"] for r in select(ITEMS, now=NOW, **kwargs)] == names  # type: ignore[arg-type]
+
+
+def test_every_state_is_documented_and_selectable() -> None:
+    import click
+
+    from kodepipe import docgen
+    from kodepipe.commands import ls
+    from kodepipe.inventory import STATES
+
+    (option,) = [p for p in ls.cli.params if p.name == "states"]
+    assert isinstance(option.type, click.Choice)
+    assert list(option.type.choices) == list(STATES)
+    page = docgen.contract_page()
+    for state, meaning in STATES.items():
+        assert f".B {docgen.esc(state)}\n{docgen.esc(meaning)}" in page
+    assert "creating" in STATES and "lock" in STATES["creating"]

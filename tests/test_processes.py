@@ -26,7 +26,7 @@ def test_ls_older_than_piped_into_rm_like_cron_does() -> None:
     make_image("base", created="2020-01-01T00:00:00Z")
     kp("kp-clone", "base", "new", check=True)
     # cron's stdin is empty: kp-ls must still list, and kp-rm must remove what it got
-    pipeline = f"{BIN}/kp-ls --older-than 1d --kind image | {BIN}/kp-rm --force"
+    pipeline = f"{BIN}/kp-ls --older-than 1d --kind image | {BIN}/kp-rm --images --force"
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", pipeline], stdin=subprocess.DEVNULL,
                           capture_output=True, check=True)
     assert [(r["name"], r["removed"]) for r in lines(proc.stdout)] == [("base", True)]

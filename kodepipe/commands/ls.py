@@ -17,8 +17,9 @@ from kodepipe.commands import options
 @click.option("--kind", "kinds", multiple=True, type=click.Choice(["image", "vm", "container"]),
               help="Only this kind (repeatable).")
 @click.option("--state", "states", multiple=True,
-              type=click.Choice(["building", "ready", "stopped", "running", "suspended", "saved", "crashed",
-                                 "broken", "exited", "quarantined", "orphaned"]),
+              # inventory.STATES, written out so that --help stays light (a test keeps them equal)
+              type=click.Choice(["creating", "building", "ready", "stopped", "running", "suspended", "frozen",
+                                 "saved", "crashed", "broken", "exited", "quarantined", "orphaned"]),
               help="Only this state (repeatable).")
 @click.option("--older-than", callback=options.duration, metavar="AGE",
               help="Only things created more than AGE ago (90s, 15m, 2h, 1d, 1w, 1h30m).")
@@ -33,9 +34,21 @@ def cli(names: tuple[str, ...], kinds: tuple[str, ...], states: tuple[str, ...],
     NAMEs are shell patterns (quote them: 'proj-*').  The state is checked
     now, not only read from metadata: an image whose build was killed, or a
     VM whose base is gone, shows as "broken" (with a "problem" key), and
-    kp-rm removes it.  Image records list their "clones".  Containers are
-    the kp-runs in progress and the ones kept: quarantined changes to
-    review, audit logs, --keep; one whose kp-run was killed is "orphaned".
+    kp-rm removes it.  Something still being made is "creating" (an image:
+    "building") while its creator holds the name's lock, never "broken", and
+    kp-rm leaves it to its creator.  Image records list their "clones".
+    Containers are the kp-runs in progress and the ones kept: quarantined
+    changes to review, audit logs, --keep; one whose kp-run was killed is
+    "orphaned".  A VM whose QEMU is alive but stopped (a kp-stop --save cut
+    off, a full disk) is "frozen", never "running": QEMU's own
+    "qemu_status", a "problem" and a "hint" say why and what to do.  The
+    states are listed with their meanings in kodepipe(7).
+
+    Piped to kp-rm, a listing removes only what is disposable: golden
+    images, un-applied quarantines and audit or egress logs are kept (kp-rm
+    says so on stderr) unless kp-rm names them or is given --images,
+    --quarantines or --evidence.  So the cron job below removes old VMs and
+    finished runs, never the image they were cloned from.
 
     When stdin is a pipe or a file (kp-clone base a | kp-ls), kp-ls shows
     the current state of what the image and vm records on it name ("gone"
@@ -47,7 +60,7 @@ def cli(names: tuple[str, ...], kinds: tuple[str, ...], states: tuple[str, ...],
     Examples:
       kp-ls
       kp-clone base a b | kp-ls
-      kp-ls --kind vm --older-than 1d | kp-rm
+      kp-ls --older-than 1d | kp-rm
       kp-ls --state broken | jq -r .name
     """
     from kodepipe import inventory
@@ -87,8 +100,8 @@ def cli(names: tuple[str, ...], kinds: tuple[str, ...], states: tuple[str, ...],
 
 
 STATE_COLOURS = {"ready": "green", "running": "green", "quarantined": "yellow", "orphaned": "red",
-                 "stopped": "blue", "saved": "blue", "building": "yellow",
-                 "suspended": "yellow", "broken": "red", "crashed": "red"}
+                 "stopped": "blue", "saved": "blue", "building": "yellow", "creating": "yellow",
+                 "suspended": "yellow", "frozen": "red", "broken": "red", "crashed": "red"}
 
 
 def human_age(seconds: float | None) -> str:

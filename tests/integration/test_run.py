@@ -337,14 +337,29 @@ def test_quarantine_discard_and_conflicts(shell_image: str, ws: Path, kp_env: di
     assert forced.returncode == 0 and (ws / "main.py").read_text() == "print('hello')\nagent\n"
 
 
+def wait_until_running(folder: Path, proc: subprocess.Popen[bytes], bound: float = 120.0) -> None:
+    """Until the run's meta.json exists and says "running" (its container is made and recorded);
+    fails if kp-run ends first or the bound passes.  A folder without its meta.json yet is not
+    an error: that is a moment to wait through, not to read in."""
+    import time
+
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            if orjson.loads((folder / "meta.json").read_bytes()).get("state") == "running":
+                return
+        except FileNotFoundError:
+            pass
+        assert proc.poll() is None, f"kp-run ended ({proc.returncode}) before its run was recorded as running"
+        assert time.monotonic() < deadline, f"{folder.name} was not recorded as running within {bound:g} s"
+        threading.Event().wait(0.05)
+
+
 def test_an_interrupted_run_is_cleaned_up(shell_image: str, ws: Path, kp_env: dict[str, Path]) -> None:
     proc = subprocess.Popen([str(BIN / "kp-run"), "--image", shell_image, "-w", str(ws), "--name", "stopme",
                              "--", "sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     folder = kp_env["state"] / "containers" / "stopme"
-    for _ in range(200):
-        if folder.is_dir() and b'"running"' in (folder / "meta.json").read_bytes():
-            break
-        threading.Event().wait(0.05)
+    wait_until_running(folder, proc)
     listed = lines(subprocess.run([str(BIN / "kp-ls"), "stopme"], capture_output=True).stdout)
     assert listed and listed[0]["state"] == "running"
     proc.terminate()
@@ -363,10 +378,7 @@ def test_a_killed_kp_run_is_orphaned_and_kp_rm_cleans_it(shell_image: str, ws: P
     proc = subprocess.Popen([str(BIN / "kp-run"), "--image", shell_image, "-w", str(ws), "--quarantine",
                              "--name", "killed", "--", "sleep", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     folder = kp_env["state"] / "containers" / "killed"
-    for _ in range(200):
-        if folder.is_dir() and b'"running"' in (folder / "meta.json").read_bytes():
-            break
-        threading.Event().wait(0.05)
+    wait_until_running(folder, proc)
     proc.kill()
     proc.wait()
     (record,) = lines(subprocess.run([str(BIN / "kp-ls"), "killed"], capture_output=True).stdout)
