@@ -130,6 +130,53 @@ def test_seccomp_profile_forbids_new_namespaces() -> None:
     assert base["syscalls"][0]["names"][1] == "clone"  # the input is not changed
 
 
+KEYCTL_BASE = {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 38, "syscalls": [
+    {"names": ["read", "clone", "clone3", "keyctl"], "action": "SCMP_ACT_ALLOW", "args": []}]}
+
+
+def _clone_action(profile: dict[str, object], flags: int) -> tuple[str, int | None]:
+    """What a seccomp filter built from ``profile`` does with clone(flags): the action of the one
+    matching rule (the profile must never have two), else the default."""
+    rules = profile["syscalls"]
+    assert isinstance(rules, list)
+    hits = []
+    for rule in rules:
+        if "clone" not in rule["names"]:
+            continue
+        if all(c["op"] == "SCMP_CMP_MASKED_EQ" and c["index"] == 0 and flags & c["value"] == c["valueTwo"]
+               for c in rule.get("args", [])):
+            hits.append((rule["action"], rule.get("errnoRet")))
+    assert len(hits) <= 1, f"clone({flags:#x}) matches {len(hits)} rules"
+    return hits[0] if hits else (str(profile["defaultAction"]), profile.get("defaultErrnoRet"))  # type: ignore
+
+
+CLONE_NEWUSER, CLONE_UNTRACED, CLONE_VM, CLONE_VFORK, SIGCHLD = 0x10000000, 0x00800000, 0x100, 0x4000, 17
+THREAD_FLAGS = 0x3D0F00  # glibc's pthread_create: VM|FS|FILES|SIGHAND|THREAD|SYSVSEM|SETTLS|PARENT/CHILD_SETTID
+
+
+@pytest.mark.parametrize(("flags", "action"), [
+    (SIGCHLD, ("SCMP_ACT_ALLOW", None)),  # fork
+    (0x01200000 | SIGCHLD, ("SCMP_ACT_ALLOW", None)),  # glibc's fork: CHILD_SETTID|CHILD_CLEARTID
+    (CLONE_VM | CLONE_VFORK | SIGCHLD, ("SCMP_ACT_ALLOW", None)),  # vfork, posix_spawn
+    (THREAD_FLAGS, ("SCMP_ACT_ALLOW", None)),  # threads
+    (CLONE_UNTRACED | SIGCHLD, ("SCMP_ACT_ERRNO", 1)),  # escapes strace -f: refused, EPERM
+    (CLONE_UNTRACED | CLONE_VM | CLONE_VFORK | SIGCHLD, ("SCMP_ACT_ERRNO", 1)),
+    (CLONE_UNTRACED | CLONE_NEWUSER | SIGCHLD, ("SCMP_ACT_ERRNO", 1)),
+    (CLONE_NEWUSER | SIGCHLD, ("SCMP_ACT_ERRNO", 38)),  # a new namespace: the default action
+])
+def test_clone_flags(flags: int, action: tuple[str, int | None]) -> None:
+    assert _clone_action(seccomp.derive(KEYCTL_BASE), flags) == action
+
+
+def test_clone3_and_the_keyring_are_answered_enosys() -> None:
+    derived = seccomp.derive(KEYCTL_BASE)
+    allowed = {n for r in derived["syscalls"] if r["action"] == "SCMP_ACT_ALLOW" for n in r["names"]}
+    assert not {"clone3", "keyctl", "add_key", "request_key"} & allowed
+    assert {"names": ["keyctl", "add_key", "request_key"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38} \
+        in derived["syscalls"]
+    assert {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38} in derived["syscalls"]
+
+
 def test_seccomp_from_the_system_profile(tmp_path: Path) -> None:
     if not seccomp.SYSTEM_PROFILE.exists():
         pytest.skip("no containers seccomp.json here")
@@ -152,3 +199,40 @@ def test_anchored_masks(tmp_path: Path) -> None:
     assert sandbox.scan(tmp_path, ["/top.key"])[0] == ["top.key"]
     assert sorted(sandbox.scan(tmp_path, ["top.key"])[0]) == ["sub/top.key", "top.key"]
     assert sandbox.scan(tmp_path, ["sub/*.key"])[0] == ["sub/top.key"]
+
+
+def test_a_run_gets_a_share_of_the_kernel_quotas(tmp_path: Path) -> None:
+    host = sandbox.Quotas(inotify_instances=128, inotify_watches=192536, sigpending=96365, msgqueue=819200)
+    share = host.share()
+    assert share == sandbox.Quotas(16, 24067, 12045, 102400)
+    assert sandbox.Quotas(3, 5, 7, 0).share() == sandbox.Quotas(1, 1, 1, 1)  # never nothing at all
+    assert share.userns_sysctls() == {"max_inotify_instances": 16, "max_inotify_watches": 24067,
+                                      "max_user_namespaces": 0}
+    spec = box(quotas=share).spec()
+    assert {"type": "sigpending", "soft": 12045, "hard": 12045} in spec["r_limits"]
+    assert {"type": "msgqueue", "soft": 102400, "hard": 102400} in spec["r_limits"]
+    assert {"type": "nofile", "soft": 4096, "hard": 4096} in spec["r_limits"]
+    joined = " ".join(box(quotas=share).podman_args())
+    assert "--ulimit sigpending=12045:12045" in joined and "--ulimit msgqueue=102400:102400" in joined
+    # without the host's values (a VM's podman): Linux's defaults, shared
+    assert box().quotas == sandbox.LINUX_QUOTAS.share() and "--ulimit sigpending=1024:1024" in \
+        " ".join(box().podman_args())
+    # the host's: its sysctls, and Linux's defaults for what cannot be read
+    (tmp_path / "fs" / "inotify").mkdir(parents=True)
+    (tmp_path / "fs" / "inotify" / "max_user_instances").write_text("8192\n")
+    read = sandbox.host_quotas(tmp_path)
+    assert read.inotify_instances == 8192 and read.inotify_watches == sandbox.LINUX_QUOTAS.inotify_watches
+    assert read.sigpending > 0 and read.msgqueue > 0
+
+
+def test_the_user_namespace_limits_script() -> None:
+    from kodepipe import userns
+
+    text = userns.script({"max_inotify_instances": 16, "max_user_namespaces": 0})
+    assert text == ('echo 16 > /proc/sys/user/max_inotify_instances && '
+                    'test "$(cat /proc/sys/user/max_inotify_instances)" = 16 && '
+                    'echo 0 > /proc/sys/user/max_user_namespaces && '
+                    'test "$(cat /proc/sys/user/max_user_namespaces)" = 0')
+    for bad in ({"../../fs/x": 1}, {"max_x": -1}, {"max_x; reboot": 1}, {"max_x": "1; reboot"}):
+        with pytest.raises(ValueError):
+            userns.script(bad)  # type: ignore[arg-type]
