@@ -199,6 +199,16 @@ another kodepipe command holds the name's lock
 .B command_failed
 an external program failed; the message has its command line and output
 .TP
+.B conflict
+kp\-run \-\-apply: the checkout changed where the quarantined changes would
+land (a host edit, or another apply to the same workspace); nothing was
+changed (\-\-force overrides)
+.TP
+.B no_space
+a disk is full (ENOSPC): the message names the file or workspace; nothing
+half\-written is left behind; free some space and run the command again (a
+kp\-run \-\-apply stopped half\-way is then finished)
+.TP
 .B missing_program, no_permission, timeout
 as the exit statuses below
 .SH EXIT STATUS
@@ -211,6 +221,10 @@ of truth, of which records are views
 .TP
 .B $KODEPIPE_STATE_DIR/locks/NAME.lock
 per\-name locks (flock): concurrent commands on one name are safe
+.TP
+.B $KODEPIPE_STATE_DIR/locks/workspace.DEV.INO.lock
+one per workspace directory (by device and inode): kp\-run \-\-apply
+checks and writes under it, so concurrent applies to one workspace take turns
 .SH ENVIRONMENT
 {env}
 .SH SEE ALSO
