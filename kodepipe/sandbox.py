@@ -17,7 +17,25 @@ The defaults (design.md, "Security defaults of kp-run"):
 - no network (its own empty network namespace: only lo);
 - memory, CPU, pids and wall-time limits;
 - only the workspace mounted, at /workspace; no host environment, home, SSH
-  agent or Podman socket.
+  agent or Podman socket;
+- a share of the kernel's per-user quotas (Quotas, below), so that a run
+  cannot use up those of a host account.
+
+Kernel quotas.  Some kernel objects are counted per user, and a container's
+count is charged to host accounts.  The user namespace's counts (inotify
+instances and watches, pending signals, POSIX message-queue bytes) go up the
+namespace chain to its owner, and rootful Podman makes root the owner: one
+container holding 128 inotify instances left host root unable to create one
+(measured; the same for watches, queued signals and message queues).  Other
+counts (keys, epoll watches, pipe pages) belong to the host uid the agent
+runs as, the invoking user.  So each run gets QUOTA_SHARE-th of the host's
+per-user limits: the inotify limits of the container's own user namespace
+(/proc/sys/user/max_inotify_*, which root can lower from outside before the
+agent starts; launch.py) and the sigpending and msgqueue rlimits (the agent
+cannot raise them: it has no CAP_SYS_RESOURCE).  Keys are refused by
+seccomp.py.  SysV IPC is counted per IPC namespace, and every container has
+its own.  What stays shared: several runs at once each take their share of
+root's quotas, and a run given --cap-add SETUID can hold a share per uid.
 """
 
 from __future__ import annotations
@@ -48,6 +66,8 @@ SECRETS_DIR = "/run/secrets"
 DEFAULT_MASKS = (".env", ".env.*")
 NOFILE = 4096
 NPROC = 4096
+# a run may hold at most 1/QUOTA_SHARE of a host account's per-user kernel quotas
+QUOTA_SHARE = 8
 
 # file names that usually hold credentials: a warning if found in a workspace
 CREDENTIAL_GLOBS = (
@@ -94,6 +114,58 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class Quotas:
+    """Per-user kernel quotas: the host's (host_quotas), or one run's share of them."""
+
+    inotify_instances: int  # fs.inotify.max_user_instances
+    inotify_watches: int  # fs.inotify.max_user_watches
+    sigpending: int  # RLIMIT_SIGPENDING: signals queued with their data
+    msgqueue: int  # RLIMIT_MSGQUEUE: bytes of POSIX message queues
+
+    def share(self, parts: int = QUOTA_SHARE) -> Quotas:
+        """One run's part of these quotas (at least one of each)."""
+        return Quotas(*(max(1, v // parts) for v in (self.inotify_instances, self.inotify_watches,
+                                                      self.sigpending, self.msgqueue)))
+
+    def userns_sysctls(self) -> dict[str, int]:
+        """/proc/sys/user/NAME values for the container's own user namespace.  No user
+        namespaces at all: seccomp already refuses them; this is the second lock."""
+        return {"max_inotify_instances": self.inotify_instances, "max_inotify_watches": self.inotify_watches,
+                "max_user_namespaces": 0}
+
+    def record(self) -> dict[str, int]:
+        return {"inotify_instances": self.inotify_instances, "inotify_watches": self.inotify_watches,
+                "sigpending": self.sigpending, "msgqueue": self.msgqueue}
+
+
+# Linux's own defaults (inotify: 128 instances, 8192 watches on small machines; a message
+# queue's 819200 bytes; RLIMIT_SIGPENDING depends on memory), for a host that cannot be read
+LINUX_QUOTAS = Quotas(inotify_instances=128, inotify_watches=8192, sigpending=8192, msgqueue=819200)
+DEFAULT_QUOTAS = LINUX_QUOTAS.share()
+
+
+def host_quotas(proc_sys: Path = Path("/proc/sys")) -> Quotas:
+    """This host's per-user quotas: the inotify sysctls and this process's rlimits (kp-run runs
+    as root, whose quotas a container's counts are charged to)."""
+    import resource
+
+    def sysctl(name: str, fallback: int) -> int:
+        try:
+            return int((proc_sys / name).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return fallback
+
+    def rlimit(which: int, fallback: int) -> int:
+        soft = resource.getrlimit(which)[0]
+        return fallback if soft == resource.RLIM_INFINITY or soft <= 0 else soft
+
+    return Quotas(inotify_instances=sysctl("fs/inotify/max_user_instances", LINUX_QUOTAS.inotify_instances),
+                  inotify_watches=sysctl("fs/inotify/max_user_watches", LINUX_QUOTAS.inotify_watches),
+                  sigpending=rlimit(resource.RLIMIT_SIGPENDING, LINUX_QUOTAS.sigpending),
+                  msgqueue=rlimit(resource.RLIMIT_MSGQUEUE, LINUX_QUOTAS.msgqueue))
+
+
+@dataclass(frozen=True)
 class Secret:
     source: Path  # the file handed to the container (kodepipe's private copy)
     dest: str
@@ -137,6 +209,7 @@ class Sandbox:
     allow: list[str] = field(default_factory=list)  # egress rules served by the proxy (egress.py)
     extra_mounts: list[Mount] = field(default_factory=list)  # files kodepipe provides, read-only
     extra_env: dict[str, str] = field(default_factory=dict)  # kodepipe's own settings (the proxy's address)
+    quotas: Quotas = DEFAULT_QUOTAS  # the run's share of the per-user kernel quotas
 
     # -- the policy --------------------------------------------------------
 
@@ -182,6 +255,11 @@ class Sandbox:
             out.append("writable-git-config")
         return out
 
+    def rlimits(self) -> list[tuple[str, int]]:
+        """(Podman's name, soft and hard value) of each resource limit the agent gets."""
+        return [("nofile", NOFILE), ("nproc", NPROC), ("sigpending", self.quotas.sigpending),
+                ("msgqueue", self.quotas.msgqueue)]
+
     # -- renderings ----------------------------------------------------------
 
     def spec(self) -> dict[str, Any]:
@@ -208,8 +286,7 @@ class Sandbox:
                 "pids": {"limit": self.limits.pids},
                 "cpu": {"period": 100000, "quota": int(self.limits.cpus * 100000)},
             },
-            "r_limits": [{"type": "nofile", "soft": NOFILE, "hard": NOFILE},
-                         {"type": "nproc", "soft": NPROC, "hard": NPROC}],
+            "r_limits": [{"type": name, "soft": value, "hard": value} for name, value in self.rlimits()],
             "env": self.environment(),
             "work_dir": WORKSPACE if self.workspace is not None else HOME,
             "terminal": self.tty,
@@ -252,8 +329,9 @@ class Sandbox:
                      + (",ro" if mount.read_only else "")]
         args += ["--network", "none" if self.network == "none" else "bridge"]
         args += ["--memory", str(self.limits.memory), "--memory-swap", str(self.limits.memory),
-                 "--pids-limit", str(self.limits.pids), "--cpus", f"{self.limits.cpus:g}",
-                 "--ulimit", f"nofile={NOFILE}:{NOFILE}", "--ulimit", f"nproc={NPROC}:{NPROC}"]
+                 "--pids-limit", str(self.limits.pids), "--cpus", f"{self.limits.cpus:g}"]
+        for limit, amount in self.rlimits():
+            args += ["--ulimit", f"{limit}={amount}:{amount}"]
         for key, value in self.environment().items():
             args += ["-e", f"{key}={value}"]
         args += ["-w", WORKSPACE if self.workspace is not None else HOME]
