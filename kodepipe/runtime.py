@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,16 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
 
                 boot_meta["tap"] = tap.create(opts.net.split(":", 1)[1], meta.get("id") or name)
                 store.write_meta(folder, meta)
-            pid, port = _launch(meta, image, opts, sockets, accel[0], serial_log, qemu_log, folder, saved,
-                                boot_meta.get("tap"))
+            def launch(how: str) -> tuple[int, int | None]:
+                return _launch(meta, image, opts, sockets, how, serial_log, qemu_log, folder, saved,
+                               boot_meta.get("tap"))
+
+            if accel[0] == "kvm" and saved is None:  # a resumed guest says nothing: the guest agent proves it
+                pid, port = _launch_under_kvm(name, boot_meta, launch, sockets, serial_log, qemu_log,
+                                              fallback=opts.accel == "auto",
+                                              save=lambda: store.write_meta(folder, meta))
+            else:
+                pid, port = launch(accel[0])
             boot_meta["pid"] = pid
             boot_meta["ssh"] = {"host": "127.0.0.1", "port": port, "user": user} if port else None
             if saved is not None and saved.get("warm"):
@@ -98,6 +107,62 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
                 (folder / RAM_STATE).unlink(missing_ok=True)
         store.write_meta(folder, meta)
     return vms.view(store, name), False
+
+
+def _launch_under_kvm(name: str, boot_meta: dict[str, Any], launch: Callable[[str], tuple[int, int | None]],
+                      sockets: qemu.Sockets, serial_log: Path, qemu_log: Path, *, fallback: bool,
+                      save: Callable[[], None]) -> tuple[int, int | None]:
+    """Cold-boot under KVM and watch the serial console, the second line of defence after accel's probe.
+
+    A guest kernel writes its first line within a second or two even under TCG; one that stays silent
+    for accel.SILENT_BOUND seconds, or a QEMU that ends (or cannot start) under KVM, means KVM does not
+    run guests here.  Under --accel auto (``fallback``) the VM is stopped and booted again under TCG,
+    the record's accel_reason says why, and the verdict is kept for the host's boot; under --accel kvm
+    it is an error.
+    """
+    from kodepipe import accel
+
+    since = serial_log.stat().st_size if serial_log.exists() else 0
+    try:
+        pid, port = launch("kvm")
+    except KpError as exc:
+        if not fallback:
+            raise
+        why = f"QEMU failed to start under KVM ({exc.args[0] if exc.args else exc.code})"
+    else:
+        boot_meta["pid"] = pid
+        seen = accel.watch_console(serial_log, since, lambda: qemu.is_alive(boot_meta))
+        if seen == "printed":
+            return pid, port
+        if seen == "silent":
+            why = f"the guest under KVM wrote nothing on its serial console within {accel.SILENT_BOUND:g} s"
+        else:
+            why = ("QEMU ended under KVM before the guest wrote anything on its serial console"
+                   f" ({_last_output(qemu_log) or 'no message'})")
+        qemu.kill(boot_meta)
+        boot_meta["pid"] = None
+        if not fallback:
+            accel.remember(False, why)  # a later --accel auto need not wait for the bound again
+            raise KpError(f"{name}: {why}: KVM does not run guests on this host", code="kvm_silent",
+                          hint="use --accel tcg (or --accel auto, which falls back to TCG by itself)")
+    reason = f"{why}, so it was stopped and booted again under TCG"
+    for stale in sockets.paths():
+        stale.unlink(missing_ok=True)
+    boot_meta.update(accel="tcg", accel_reason=reason)
+    save()
+    started = launch("tcg")
+    accel.remember(False, reason)  # only now: had TCG failed too, KVM would not have been the cause
+    return started
+
+
+def _last_output(qemu_log: Path) -> str:
+    """What the last QEMU started with qemu.launch wrote (after the "$ argv" line it begins with)."""
+    try:
+        text = qemu_log.read_bytes()[-16384:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+    output = text.rsplit("\n$ ", 1)[-1].partition("\n")[2]
+    return proc.tail(output, 3)
 
 
 def _set_clock(boot_meta: dict[str, Any]) -> None:

@@ -15,6 +15,19 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which KVM case this run is on (the tests must pass in each): works, broken (and why), or absent."""
+    from kodepipe import accel
+
+    try:
+        facts = accel.host()
+        works, reason = accel.kvm_works(cached=False)  # nothing read from or written to the real cache
+    except Exception as exc:
+        return f"kvm: unknown ({exc})"
+    case = "works" if works else "absent" if not facts.usable else "broken"
+    return f"kvm: {case}: {reason}" + ("" if works else " (VMs run under TCG)")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def stdin_is_devnull() -> None:
     """Commands started by tests inherit /dev/null, never the runner's stdin: kp-* commands read

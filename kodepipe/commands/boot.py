@@ -15,8 +15,10 @@ from kodepipe.commands import options, vmargs
 @click.option("-m", "--memory", default="1G", show_default=True, help="Guest memory (M or G).")
 @click.option("-c", "--cpus", default=2, show_default=True, type=click.IntRange(1, 64), help="Virtual CPUs.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
-              help="auto uses KVM only after a test guest really ran under it (on hosts where nested "
-                   "KVM hangs, it falls back to TCG), else TCG.")
+              help="auto uses KVM only where the host has hardware virtualisation (not kvm_pvm) and a test "
+                   "guest runs under KVM at least about as fast as under TCG (at most 3x TCG's time), and boots "
+                   "a guest again under TCG if its serial console stays silent for 30 s under KVM; kvm fails "
+                   "instead of falling back; tcg never uses KVM.")
 @click.option("--net", default="user", show_default=True, metavar="user|none|bridge:BR",
               help="user: private NAT, SSH forwarded to a free port on 127.0.0.1 (no privileges); "
                    "none: no NIC at all; bridge:BR: a tap on host bridge BR for a routable address (root).")
@@ -34,10 +36,12 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, sh
     Each VM runs as a detached QEMU under QEMU's seccomp sandbox, with a
     QMP socket, a guest-agent socket and a serial console socket (whose
     output is also logged to serial.log in the VM's folder); direct kernel
-    boot from its image.  Returns at once: kp-ip waits for the guest.  A VM
-    that is already running passes through as it is; one saved with
-    kp-stop --save resumes where it was.  A launch failure carries QEMU's
-    own message.
+    boot from its image.  Returns at once: kp-ip waits for the guest (under
+    KVM, a cold boot waits for the guest's first line on its serial console,
+    at most 30 s; with --accel auto a silent guest is booted again under TCG
+    and accel_reason says why).  A VM that is already running passes
+    through as it is; one saved with kp-stop --save resumes where it was.
+    A launch failure carries QEMU's own message.
 
     \b
     Examples:
@@ -66,6 +70,10 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, sh
             chosen.append(choose(accel))
             out.progress(f"accelerator: {chosen[0][0]} ({chosen[0][1]})")
         result, already = runtime.boot(store, name, opts, chosen[0], expect_id=expect_id)
+        if not already and chosen[0][0] == "kvm" and result.get("accel") == "tcg":
+            # the guest stayed silent under KVM and was booted again under TCG: so will the next ones be
+            chosen[0] = ("tcg", str(result.get("accel_reason")))
+            out.warn(f"{name}: {chosen[0][1]}")
         if already:
             out.info(f"{name}: already {result['state']}")
         else:
