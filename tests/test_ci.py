@@ -1,0 +1,68 @@
+""".ci/run runs the README's two commands word for word (issue 9, item 2): the set-up with the test
+extra, the quickstart on its default path, the test command; in that order, stopping at the first
+failure, with each step's time on stderr.  Run here against stand-ins for the three steps."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+STEPS = ["./setup --test", "./quickstart", ".venv/bin/pytest"]
+
+
+def readme_commands() -> list[str]:
+    section = (ROOT / "README.md").read_text().split("## Two commands", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    return [command.strip() for block in blocks for line in block.splitlines() for command in line.split("&&")]
+
+
+def test_the_readme_and_ci_name_the_same_commands() -> None:
+    assert sorted(readme_commands()) == sorted(STEPS)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.findall(r"^step (.+)$", ci, re.M) == STEPS
+    assert "set -euo pipefail" in ci
+
+
+def test_the_quickstart_takes_the_default_accelerator() -> None:
+    code = [line for line in (ROOT / "quickstart").read_text().splitlines() if not line.lstrip().startswith("#")]
+    boots = [line for line in code if "| kp-boot |" in line and not line.lstrip().startswith("step ")]
+    assert boots and not any("--accel" in line for line in code)  # as a newcomer runs it: --accel auto
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A checkout whose three steps are stand-ins that log their arguments; ./quickstart fails if told to."""
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    for step in ("setup", "quickstart", ".venv/bin/pytest"):
+        script = tmp_path / step
+        script.write_text(f'#!/bin/sh\necho "{step} $*" >> "$(dirname "$0")/{"../../" if "/" in step else ""}log"\n'
+                          f'[ ! -e "$(dirname "$0")/{"../../" if "/" in step else ""}fail-{Path(step).name}" ]\n')
+        script.chmod(0o755)
+    return tmp_path
+
+
+def test_ci_runs_the_three_steps_in_order(checkout: Path) -> None:
+    proc = subprocess.run(["bash", str(checkout / ".ci" / "run")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (checkout / "log").read_text().splitlines() == ["setup --test", "quickstart ", ".venv/bin/pytest "]
+    for step in STEPS:
+        assert re.search(rf"ci: == {re.escape(step)}: exit 0 after \d+ s", proc.stderr), proc.stderr
+    assert re.search(r"ci: passed in \d+ s", proc.stderr)
+    assert proc.stdout == ""
+
+
+def test_ci_stops_at_a_failing_quickstart(checkout: Path) -> None:
+    (checkout / "fail-quickstart").touch()
+    proc = subprocess.run(["bash", str(checkout / ".ci" / "run")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert (checkout / "log").read_text().splitlines() == ["setup --test", "quickstart "]
+    assert re.search(r"ci: == \./quickstart: exit 1 after \d+ s", proc.stderr), proc.stderr
+    assert "passed" not in proc.stderr
