@@ -109,3 +109,52 @@ def test_a_child_cannot_escape_the_audit_with_clone_untraced(shell_image: str, t
     assert "kp-fork-marker" in log and "kp-spawn-marker" in log  # what children do is on record
     assert "CLONE_UNTRACED" in log  # the attempt itself is on record too
     subprocess.run([str(BIN / "kp-rm"), record["name"]], check=True, capture_output=True)
+
+
+# opens a file again and again (each open is a line of the audit log), and every 1000 opens
+# writes how many it has done into /workspace/progress
+BUSY = r"""
+my $n = 0;
+while (1) {
+    open(my $f, "<", "/workspace/busy.pl") or die;
+    close $f;
+    if (++$n % 1000 == 0) { open(my $p, ">", "/workspace/progress") or die; print $p "$n\n"; close $p }
+}
+"""
+
+
+def test_the_audit_log_has_a_cap_and_the_run_stops_there(shell_image: str, tmp_path: Path) -> None:
+    from kodepipe import auditcap
+
+    ws = tmp_path / "proj"
+    ws.mkdir()
+    (ws / "busy.pl").write_text(BUSY)
+    os.chown(ws, 4321, 4321)
+    cap = 1 << 20
+    proc = subprocess.run([str(BIN / "kp-run"), "--image", shell_image, "-w", str(ws), "--audit",
+                           "--audit-cap", "1m", "--time", "10m", "--", "perl", "/workspace/busy.pl"],
+                          capture_output=True, timeout=900)
+    err = proc.stderr.decode()
+    (record,) = lines(proc.stdout)
+    assert proc.returncode == 1 and "stopped when its audit log reached its cap" in err, err
+    # stopped at the cap, not at the time limit, and the record says so
+    assert record["audit"] == "capped" and record["outcome"] == "audit-capped", record
+    assert record["audit_cap"] == cap and record["audit_capped"]["run"] == "stopped"
+    assert record["exit_code"] == 137 and record["signal"] == "SIGKILL" and not record["timed_out"]
+    log = Path(record["audit_log"])
+    size = log.stat().st_size
+    assert record["audit_capped"]["log_bytes"] == size
+    # the log stops at the cap: past it by what the agent did in the moment before it was halted
+    assert cap <= size < cap + 8 * (1 << 20) < cap + auditcap.SLACK
+    text = log.read_text()
+    assert text.endswith("+++ killed by SIGKILL +++\n")  # the end of the agent is on record ...
+    done = int((ws / "progress").read_text())
+    assert text.count('"/workspace/busy.pl", O_RDONLY') >= done > 0  # ... and all that it did before
+    traced = subprocess.run([str(BIN / "kp-trace")], input=proc.stdout, capture_output=True, timeout=300)
+    assert traced.returncode == 0, traced.stderr.decode()
+    assert not [e for e in lines(traced.stdout) if e.get("type") == "parse_error"]
+    subprocess.run([str(BIN / "kp-rm"), record["name"]], check=True, capture_output=True)
+    # a cap below the minimum is a usage error, before anything runs
+    small = subprocess.run([str(BIN / "kp-run"), "--image", shell_image, "--audit", "--audit-cap", "1k", "--",
+                            "true"], capture_output=True, timeout=60)
+    assert small.returncode == 2 and b"--audit-cap" in small.stderr and not small.stdout

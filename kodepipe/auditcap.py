@@ -1,0 +1,96 @@
+"""The size cap of a kp-run audit log: when strace's log reaches it, the run is stopped.
+
+strace writes the log itself (``-o FILE``), so that it goes on recording even
+if kp-run dies.  A watcher thread in kp-run looks at the log's size every
+POLL seconds; when it has reached the cap, the watcher
+
+1. stops strace (SIGSTOP): every traced process then halts at its next
+   system call, since none goes on before its tracer lets it;
+2. has the container killed (SIGKILL, the callback), which a process halted
+   at a system call cannot ignore;
+3. lets strace go on (SIGCONT), so that it writes the ends of the processes
+   and exits.
+
+So nothing the agent did goes unrecorded, and the log ends no more than one
+poll interval's output past the cap.  The run is stopped rather than left to
+go on unaudited: an audit is asked for as evidence, and a log that stops
+while the agent still runs is none.  A backstop for when kp-run itself is gone
+(SIGKILL): strace's RLIMIT_FSIZE is the cap plus SLACK, so the log can never
+fill the disk; the kernel then kills strace with SIGXFSZ.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEFAULT = 256 << 20
+MINIMUM = 64 << 10
+SLACK = 64 << 20
+POLL = 0.05
+
+
+class SizeCap:
+    """Watches one audit log; ``reached`` is the log's size when the cap was hit, else None."""
+
+    def __init__(self, path: Path, cap: int, tracer: subprocess.Popen[bytes], stop: Callable[[], None],
+                 say: Callable[[str], None] = lambda _m: None) -> None:
+        self.path, self.cap, self.tracer = path, cap, tracer
+        self.stop, self.say = stop, say
+        self.reached: int | None = None
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        limit = self.cap + SLACK
+        resource.prlimit(self.tracer.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        self._thread = threading.Thread(target=self._watch, name="kp-audit-cap", daemon=True)
+        self._thread.start()
+
+    def _size(self) -> int:
+        try:
+            return os.stat(self.path).st_size
+        except OSError:
+            return 0
+
+    def _watch(self) -> None:
+        while not self._done.wait(POLL):
+            size = self._size()
+            if size < self.cap:
+                continue
+            self.reached = size
+            self.say(f"the audit log reached its cap ({self.cap} bytes): stopping the container")
+            # Popen.send_signal does nothing once the tracer was reaped: never a reused pid
+            try:
+                with contextlib.suppress(ProcessLookupError):
+                    self.tracer.send_signal(signal.SIGSTOP)
+                self.stop()
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    self.tracer.send_signal(signal.SIGCONT)
+            return
+
+    def close(self) -> None:
+        """Stop watching (the tracer has ended)."""
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def record(self) -> dict[str, Any]:
+        """The record's fields: the cap always; when it was reached, what became of the run."""
+        out: dict[str, Any] = {"audit_cap": self.cap}
+        if self.reached is not None:
+            out["audit"] = "capped"
+            out["audit_capped"] = {
+                "log_bytes": self._size(), "cap": self.cap, "run": "stopped",
+                "message": f"the audit log reached its cap ({self.cap} bytes): kp-run halted the tracer, so "
+                           "the agent's processes stopped at their next system call, and killed the "
+                           "container; the log records everything up to there"}
+        return out
