@@ -40,30 +40,33 @@ def test_names_are_one_namespace_across_kinds(tmp_path: Path) -> None:
     assert store.lookup("x") == ("image", store.folder("image", "x"))
 
 
-def _hold(root: str, name: str, ready: multiprocessing.synchronize.Event, release: float) -> None:
+def _hold(root: str, name: str, ready: multiprocessing.synchronize.Event,
+          release: multiprocessing.synchronize.Event) -> None:
     with Store(Path(root)).lock(name):
         ready.set()
-        time.sleep(release)
+        release.wait(60)  # held until the test says so, however long the test takes to get there
 
 
 def test_lock_is_exclusive_across_processes_and_times_out_as_busy(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    ready = multiprocessing.Event()
-    holder = multiprocessing.Process(target=_hold, args=(str(tmp_path), "a", ready, 1.5))
+    ready, release = multiprocessing.Event(), multiprocessing.Event()
+    holder = multiprocessing.Process(target=_hold, args=(str(tmp_path), "a", ready, release))
     holder.start()
     try:
-        assert ready.wait(10)
+        assert ready.wait(60)
         assert store.lock_held("a")
         started = time.monotonic()
         with pytest.raises(Busy) as info, store.lock("a", wait=0.3):
             pass
-        assert 0.3 <= time.monotonic() - started < 1.4
+        assert time.monotonic() - started >= 0.3  # it waited its full (monotonic) wait first
         assert info.value.status == 75
         with store.lock("b", wait=0.1):  # other names are not blocked
             pass
-        with store.lock("a", wait=10):  # and the lock is had once released
+        release.set()
+        with store.lock("a", wait=60):  # and the lock is had once released
             pass
     finally:
+        release.set()
         holder.join()
     assert not store.lock_held("a")
 
