@@ -18,8 +18,8 @@ from kodepipe.state import Store, parse_iso
 KINDS = ("image", "vm", "container")
 # every state kp-ls can show, with its meaning (kp-ls --state, and kodepipe(7) is rendered from it)
 STATES = {
-    "creating": "being made: its creator (kp-clone, kp-run) holds the name's lock, or its kp-run is setting "
-                "it up; never broken, and kp-rm waits for the creator to finish",
+    "creating": "being made, never broken: its creator (kp-clone) holds the name's lock, and kp-rm waits for "
+                "it to finish; or a container that its kp-run, still alive, is setting up",
     "building": "an image that kp-image build is making",
     "ready": "an image that can be cloned",
     "stopped": "a VM that is not running (never booted, shut down, or the host rebooted)",
