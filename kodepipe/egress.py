@@ -12,30 +12,45 @@ from the host's namespace.  Hence:
   other namespace), and the sandbox can reach nothing but the proxy;
 - it fails closed: if the proxy (or kp-run) dies, its sockets close, and
   the container is left with a loopback interface and nothing else;
-- HTTPS goes through CONNECT and is checked by the requested host name,
-  never by an address: a raw IP is refused, and a name is resolved on the
-  host, where addresses in link-local and cloud-metadata ranges (and
-  loopback, unless the name was pinned with --resolve) are refused too;
-- plain HTTP is checked the same way and forwarded with its Host header
-  set to the checked host and ``Connection: close``; a CONNECT tunnel that
-  starts a TLS handshake must name the same host in its SNI;
+- names are checked, never addresses: a raw IP is refused, and a name is
+  resolved on the host, where addresses in link-local and cloud-metadata
+  ranges, and loopback or any of the host's own addresses (unless the name
+  was pinned with --resolve), are refused too;
+- plain HTTP (an absolute http:// URL) carries exactly one request per
+  connection: its head, with the Host header set to the checked host and
+  ``Connection: close``, and exactly the body it declares; ambiguous
+  framing (Content-Length and Transfer-Encoding, two Content-Lengths, a
+  malformed chunk) is refused, and whatever the client sends after that
+  one request is dropped, never forwarded;
+- CONNECT, on every port, carries TLS only: the tunnel opens upstream only
+  once a complete ClientHello (reassembled across TCP segments and TLS
+  records, at most HELLO_LIMIT bytes within HELLO_TIMEOUT seconds) names
+  the host that was asked for in its SNI.  Anything else (another protocol,
+  a garbled, truncated or SSLv2-style hello, no SNI, two names, an
+  encrypted ClientHello) is refused: nothing unchecked leaves;
 - DNS answers only allowed names (with their permitted addresses); others
   get REFUSED.
 
+What it cannot see: inside a TLS tunnel to an allowed name, the encrypted
+HTTP Host header, so a front end that serves other sites behind the same
+name (domain fronting by Host) is reachable through it.
+
 Every decision is a JSON line in the run's folder (out of the agent's
 reach): {"kind": "egress", "decision": "allow"|"deny"|"error", "method",
-"host", "port", "address", "reason", "bytes_up", "bytes_down", "seconds",
-"container", "ts"}.
+"host", "port", "address", "sni", "reason", "bytes_up", "bytes_down",
+"dropped" (bytes after the one request, not forwarded), "seconds", "container", "ts"}.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import os
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -45,13 +60,16 @@ from typing import IO, Any
 
 import orjson
 
-from kodepipe.errors import BadInput
+from kodepipe.errors import BadInput, KpError
 
 PROXY_PORT = 3128
 DNS_PORT = 53
 DEFAULT_PORTS = (80, 443)
-HEAD_LIMIT = 64 * 1024
+HEAD_LIMIT = 64 * 1024  # bytes of a request head (and of a chunked body's trailers)
 HEAD_TIMEOUT = 30.0
+HELLO_LIMIT = 64 * 1024  # bytes of TLS records held while a ClientHello is incomplete (real ones: < 4 KiB)
+HELLO_TIMEOUT = 30.0  # seconds from the CONNECT reply to a complete ClientHello
+READ_SIZE = 1 << 18
 CONNECT_TIMEOUT = 10.0
 MAX_CONNECTIONS = 400
 CLONE_NEWNET = 0x40000000
@@ -107,11 +125,24 @@ def parse_rule(text: str) -> Rule:
 
 def read_rules(path: Path) -> list[str]:
     """Allowlist lines from a file: one rule per line, # comments."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise BadInput(f"--allow-file {path}: {exc.strerror}") from None
-    return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
+    from kodepipe.records import decode_text, open_regular
+
+    try:  # a regular file only, and only its first MiB: never /dev/zero, a FIFO or a directory
+        with open_regular(str(path), "--allow-file") as handle:
+            data = handle.read((1 << 20) + 1)
+    except KpError as exc:
+        raise BadInput(exc.message) from None
+    if len(data) > 1 << 20:
+        raise BadInput(f"--allow-file {path} is larger than 1 MiB: is it the right file?")
+    rules = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        try:
+            rule = decode_text(line, number).split("#", 1)[0].strip()
+        except BadInput as exc:
+            raise BadInput(f"--allow-file {path}: {exc.message}") from None
+        if rule:
+            rules.append(rule)
+    return rules
 
 
 def parse_pin(text: str) -> tuple[str, str]:
@@ -177,29 +208,81 @@ class Policy:
         good, bad = [], []
         for addr in candidates:
             if forbidden(addr, allow_loopback=pinned):
-                bad.append(addr)
-            else:
-                good.append(addr)
+                loopback = _unwrap(ipaddress.ip_address(addr)).is_loopback
+                bad.append(f"{addr}: {'loopback' if loopback else 'link-local, metadata, multicast or reserved'}")
+                continue
+            if not pinned:
+                # the host's own addresses, on any interface, lead to its services as loopback does
+                try:
+                    own = host_address(addr)
+                except OSError as exc:
+                    raise Denied(f"could not ask the kernel whether {addr} is this host's own address: "
+                                 f"{exc.strerror or exc}") from None
+                if own:
+                    bad.append(f"{addr}: this host's own")
+                    continue
+            good.append(addr)
         if not good:
-            raise Denied(f"resolves only to forbidden addresses ({', '.join(bad)}: link-local, cloud "
-                         "metadata, multicast or loopback)")
+            raise Denied(f"resolves only to forbidden addresses ({'; '.join(bad)})")
         return good
 
 
-def forbidden(addr: str, *, allow_loopback: bool = False) -> bool:
-    """True for addresses no name may lead to: link-local (cloud metadata), multicast,
-    unspecified, reserved, and loopback unless allowed; IPv4 inside IPv6 forms is unwrapped."""
-    ip = ipaddress.ip_address(addr)
+def _unwrap(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The IPv4 address inside an IPv4-mapped, 6to4 or NAT64 IPv6 address; else the address itself."""
     if isinstance(ip, ipaddress.IPv6Address):
         inner = ip.ipv4_mapped or ip.sixtofour
         if inner is None and ip in NAT64:
             inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if inner is not None:
-            return forbidden(str(inner), allow_loopback=allow_loopback)
+            return inner
+    return ip
+
+
+def forbidden(addr: str, *, allow_loopback: bool = False) -> bool:
+    """True for addresses no name may lead to: link-local (cloud metadata), multicast,
+    unspecified, reserved, and loopback unless allowed; IPv4 inside IPv6 forms is unwrapped."""
+    ip = _unwrap(ipaddress.ip_address(addr))
     if ip.is_loopback:
         return not allow_loopback
     return (ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
             or any(ip in net for net in BLOCKED))
+
+
+# rtnetlink (linux/rtnetlink.h): ask the kernel how it would route an address, as `ip route get` does
+_RTM_NEWROUTE, _RTM_GETROUTE, _NLMSG_ERROR, _NLM_F_REQUEST, _RTA_DST = 24, 26, 2, 1, 1
+_RTN_LOCAL, _RTN_BROADCAST, _RTN_ANYCAST = 2, 3, 4
+_NO_ROUTE = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EACCES)
+
+
+def route_type(addr: str) -> int | None:
+    """The type (RTN_*) of the kernel's route to ``addr`` in this thread's network namespace, or
+    None when there is no route there.  OSError when the kernel cannot be asked."""
+    ip = ipaddress.ip_address(addr)
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    body = struct.pack("=BBBBBBBBI", family, ip.max_prefixlen, 0, 0, 0, 0, 0, 0, 0)
+    body += struct.pack("=HH", 4 + len(ip.packed), _RTA_DST) + ip.packed  # 4 or 16 bytes: aligned
+    message = struct.pack("=IHHII", 16 + len(body), _RTM_GETROUTE, _NLM_F_REQUEST, 1, 0) + body
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+        nl.settimeout(5)
+        nl.sendto(message, (0, 0))
+        reply = nl.recv(65536)
+    if len(reply) < 16 + 12:
+        raise OSError("a short reply from rtnetlink")
+    kind = struct.unpack_from("=H", reply, 4)[0]
+    if kind == _NLMSG_ERROR:
+        code = -struct.unpack_from("=i", reply, 16)[0]
+        if code in _NO_ROUTE:
+            return None
+        raise OSError(code, os.strerror(code))
+    if kind != _RTM_NEWROUTE:
+        raise OSError(f"an unexpected reply from rtnetlink (type {kind})")
+    return reply[16 + 7]  # struct rtmsg's rtm_type
+
+
+def host_address(addr: str) -> bool:
+    """True when the kernel delivers packets for ``addr`` to this host itself: any address of any
+    of its interfaces (and broadcast, anycast and local routes), read fresh for each lookup."""
+    return route_type(str(_unwrap(ipaddress.ip_address(addr)))) in (_RTN_LOCAL, _RTN_BROADCAST, _RTN_ANYCAST)
 
 
 class DecisionLog:
@@ -289,6 +372,9 @@ class Proxy:
         self.active = 0
         self._ready = threading.Event()
         self._servers: list[Any] = []
+        # the loop holds tasks only weakly, and once a client has half-closed, nothing else may hold a
+        # connection's task, its streams and transports: the garbage collector would end it mid-flight
+        self.tasks: set[asyncio.Task[Any]] = set()
 
     def start(self, tcp: socket.socket, udp: socket.socket | None) -> None:
         def main() -> None:
@@ -328,73 +414,97 @@ class Proxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         started = time.monotonic()
         fields: dict[str, Any] = {"method": None, "host": None, "port": None}
+        # what the client was last told: nothing yet, a tunnel (it speaks TLS now), or a response
+        said = {"tunnel": False, "tls": False, "response": False}
         self.active += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+
+        def seconds() -> float:
+            return round(time.monotonic() - started, 6)
+
         try:
             if self.active > MAX_CONNECTIONS:
                 raise Denied("too many connections at once")
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
             except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                fields["reason"] = "no complete request"
-                await self._reply(writer, 400, "Bad Request", "kodepipe: bad proxy request\n")
-                self.log.write(decision="error", seconds=round(time.monotonic() - started, 6), **fields)
-                return
-            method, host, port, forward = parse_request(head)
-            fields.update(method=method, host=host, port=port)
-            host = self.policy.check(host, port)
+                raise BadRequest("no complete request") from None
+            request = parse_request(head)
+            fields.update(method=request.method, host=request.host, port=request.port)
+            host = self.policy.check(request.host, request.port)
             if host in self.policy.pins:  # no lookup: no need to leave the loop
-                addrs = self.policy.addresses(host, port)
+                addrs = self.policy.addresses(host, request.port)
             else:
-                addrs = await self.loop.run_in_executor(None, self.policy.addresses, host, port)
-            upstream_r, upstream_w, address = await self._connect(addrs, port)
-            fields["address"] = address
-            if method == "CONNECT":
+                addrs = await self.loop.run_in_executor(None, self.policy.addresses, host, request.port)
+            if request.method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                said["tunnel"] = True
                 await writer.drain()
-                # TLS: the server name inside must be the host that was allowed (no fronting by SNI)
-                # (on other ports the server may speak first, as ssh does: do not wait long for the client)
-                try:
-                    first = await asyncio.wait_for(reader.read(16384), HEAD_TIMEOUT if port == 443 else 1.0)
-                except TimeoutError:
-                    first = b""
-                sni = server_name(first)
-                if sni is not None and sni.lower().rstrip(".") != host:
-                    fields["sni"] = sni
-                    upstream_w.close()
+                # nothing goes upstream, not even a connection, before the ClientHello names this host
+                hello, sni = await self._client_hello(reader, said, fields)
+                if sni.lower().rstrip(".") != host:
                     raise Denied(f"TLS server name {sni!r} is not the host asked for")
-                upstream_w.write(first)
-                early = len(first)
+                upstream_r, upstream_w, fields["address"] = await self._connect(addrs, request.port)
+                upstream_w.write(hello)
+                up, down = await _pipe(reader, writer, upstream_r, upstream_w)
+                up += len(hello)
             else:
-                upstream_w.write(forward)
-                early = 0
-            up, down = await _pipe(reader, writer, upstream_r, upstream_w)
-            up += early
-            self.log.write(decision="allow", bytes_up=up, bytes_down=down,
-                           seconds=round(time.monotonic() - started, 6), **fields)
+                upstream_r, upstream_w, fields["address"] = await self._connect(addrs, request.port)
+                up, down, dropped = await _one_request(reader, writer, upstream_r, upstream_w, request, said)
+                if dropped:
+                    fields["dropped"] = dropped
+            self.log.write(decision="allow", bytes_up=up, bytes_down=down, seconds=seconds(), **fields)
         except Denied as exc:
-            self.log.write(decision="deny", reason=exc.reason, seconds=round(time.monotonic() - started, 6),
-                           **fields)
+            self.log.write(decision="deny", reason=exc.reason, seconds=seconds(), **fields)
             with contextlib.suppress(OSError):
-                await self._reply(writer, 403, "Forbidden",
-                                  f"kodepipe: {fields.get('host')} is not reachable from this sandbox: {exc.reason}\n")
+                await self._refuse(writer, said, 403, "Forbidden",
+                                   f"kodepipe: {fields.get('host')} is not reachable from this sandbox: {exc.reason}\n")
         except BadRequest as exc:
-            self.log.write(decision="error", reason=str(exc), seconds=round(time.monotonic() - started, 6),
-                           **fields)
+            self.log.write(decision="error", reason=str(exc), seconds=seconds(), **fields)
             with contextlib.suppress(OSError):
-                await self._reply(writer, 400, "Bad Request", f"kodepipe: {exc}\n")
+                await self._refuse(writer, said, 400, "Bad Request", f"kodepipe: {exc}\n")
         except OSError as exc:
-            self.log.write(decision="error", reason=f"upstream: {exc.strerror or exc}",
-                           seconds=round(time.monotonic() - started, 6), **fields)
+            self.log.write(decision="error", reason=f"upstream: {exc.strerror or exc}", seconds=seconds(), **fields)
             with contextlib.suppress(OSError):
-                await self._reply(writer, 502, "Bad Gateway", f"kodepipe: could not reach {fields.get('host')}\n")
+                await self._refuse(writer, said, 502, "Bad Gateway",
+                                   f"kodepipe: could not reach {fields.get('host')}\n")
         except asyncio.CancelledError:
-            self.log.write(decision="error", reason="cut: the sandbox ended",
-                           seconds=round(time.monotonic() - started, 6), **fields)
-            raise
+            # the sandbox ended: logged, and not raised on: asyncio's start_server callback prints a
+            # traceback for a cancelled connection task (Python < 3.12); the loop is stopping anyway
+            self.log.write(decision="error", reason="cut: the sandbox ended", seconds=seconds(), **fields)
         finally:
             self.active -= 1
+            self.tasks.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def _client_hello(self, reader: asyncio.StreamReader, said: dict[str, bool],
+                            fields: dict[str, Any]) -> tuple[bytes, str]:
+        """The bytes of a complete TLS ClientHello (and whatever came with it) and its server name;
+        Denied for anything else, within HELLO_LIMIT bytes and HELLO_TIMEOUT seconds."""
+        hello = HelloBuffer()
+
+        async def collect() -> str:
+            while True:
+                data = await reader.read(READ_SIZE)
+                if not data:
+                    raise BadHello("the client closed before a complete ClientHello")
+                said["tls"] = (hello.data[:1] or data[:1]) == b"\x16"  # then a refusal is a TLS alert
+                name = hello.feed(data)
+                if name is not None:
+                    return name
+
+        try:
+            sni = await asyncio.wait_for(collect(), HELLO_TIMEOUT)
+        except TimeoutError:
+            raise Denied(f"no complete TLS ClientHello within {HELLO_TIMEOUT:g} s: a tunnel carries only TLS "
+                         "that names the host") from None
+        except BadHello as exc:
+            raise Denied(f"a tunnel carries only TLS that names the host: {exc}") from None
+        fields["sni"] = sni
+        return bytes(hello.data), sni
 
     async def _connect(self, addrs: list[str], port: int) -> tuple[Any, Any, str]:
         last: OSError | None = None
@@ -407,7 +517,15 @@ class Proxy:
         raise last or OSError("no address")
 
     @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, code: int, reason: str, body: str) -> None:
+    async def _refuse(writer: asyncio.StreamWriter, said: dict[str, bool], code: int, reason: str,
+                      body: str) -> None:
+        if said["response"]:
+            return  # part of the upstream's response went out already: only closing is left
+        if said["tunnel"] and said["tls"]:
+            # the client speaks TLS by now: a fatal access_denied alert, which it can read
+            writer.write(b"\x15\x03\x01\x00\x02\x02\x31")
+            await writer.drain()
+            return
         data = body.encode()
         writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(data)}\r\n"
                      f"Connection: close\r\n\r\n".encode() + data)
@@ -469,63 +587,309 @@ class _Dns(asyncio.DatagramProtocol):
             finally:
                 self.inflight -= 1
 
-        loop.create_task(answer())
+        task = loop.create_task(answer())
+        self.proxy.tasks.add(task)
+        task.add_done_callback(self.proxy.tasks.discard)
 
 
 class BadRequest(Exception):
     pass
 
 
-_REQUEST_RE = re.compile(rb"([A-Z]{3,10}) (\S+) HTTP/1\.[01]")
+class BadHello(Exception):
+    pass
+
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_RE = re.compile(rb"([A-Z]{3,10}) ([\x21-\x7e]+) HTTP/1\.[01]")
+_HEADER_RE = re.compile(rb"(" + _TOKEN + rb"):([ \t\x21-\x7e\x80-\xff]*)")
 _URL_RE = re.compile(r"http://(\[[0-9a-fA-F:.]+\]|[^/:\s]+)(?::(\d+))?(/\S*)?$")
+_CHUNK_RE = re.compile(rb"([0-9A-Fa-f]{1,15})\r\n")
+# hop-by-hop: not forwarded (Upgrade would turn the connection into an unchecked stream)
+_HOP = (b"proxy-", b"connection", b"host", b"keep-alive", b"upgrade", b"te")
 
 
-def parse_request(head: bytes) -> tuple[str, str, int, bytes]:
-    """(method, host, port, what to send upstream) from a proxy request's head."""
+@dataclass(frozen=True)
+class Request:
+    method: str
+    host: str
+    port: int
+    head: bytes = b""  # what goes upstream: the request line and headers (nothing for CONNECT)
+    length: int = 0  # the body's bytes, from Content-Length
+    chunked: bool = False  # the body is chunked (then length is 0)
+
+
+def parse_request(head: bytes) -> Request:
+    """A proxy request from its head (ending in an empty line), or BadRequest.  The framing must be
+    unambiguous: one Content-Length, or Transfer-Encoding: chunked alone, or neither (no body)."""
     lines = head.split(b"\r\n")
+    if len(lines) < 3 or lines[-2:] != [b"", b""]:
+        raise BadRequest("a request head ends with an empty line")
     m = _REQUEST_RE.fullmatch(lines[0])
     if m is None:
         raise BadRequest("not an HTTP/1 proxy request")
     method, target = m.group(1).decode(), m.group(2).decode("latin-1")
+    headers: list[tuple[bytes, bytes, bytes]] = []
+    for line in lines[1:-2]:
+        h = _HEADER_RE.fullmatch(line)
+        if h is None:
+            # folded lines, a space before the colon, bare CR or LF, NUL: read differently by different servers
+            raise BadRequest("a malformed header line")
+        headers.append((h.group(1).lower(), h.group(2).strip(b" \t"), line))
     if method == "CONNECT":
         host, sep, port_text = target.rpartition(":")
         if not sep or not port_text.isdigit():
             raise BadRequest("CONNECT needs host:port")
-        return method, host.strip("[]"), int(port_text), b""
+        return Request(method, host.strip("[]"), int(port_text))
     u = _URL_RE.match(target)
     if u is None:
         raise BadRequest("a proxy request needs an absolute http:// URL (https goes through CONNECT)")
     host, port, path = u.group(1).strip("[]"), int(u.group(2) or 80), u.group(3) or "/"
+    lengths = [value for name, value, _ in headers if name == b"content-length"]
+    codings = [value for name, value, _ in headers if name == b"transfer-encoding"]
+    if lengths and codings:
+        raise BadRequest("both Content-Length and Transfer-Encoding: ambiguous framing")
+    if len(lengths) > 1 or len(codings) > 1:
+        raise BadRequest("more than one Content-Length or Transfer-Encoding: ambiguous framing")
+    if lengths and not re.fullmatch(rb"[0-9]{1,18}", lengths[0]):
+        raise BadRequest("a Content-Length that is not one number")
+    if codings and codings[0].lower() != b"chunked":
+        raise BadRequest("a Transfer-Encoding other than chunked")
     # the Host header is the checked one: a different Host would reach another site behind a shared front end
-    headers = [line for line in lines[1:] if line and not line.lower().startswith(
-        (b"proxy-", b"connection:", b"host:", b"keep-alive:"))]
+    kept = [line for name, _, line in headers if not name.startswith(_HOP[0]) and name not in _HOP[1:]]
     first = f"{method} {path} HTTP/1.1".encode("latin-1")
     host_header = f"Host: {host}" + ("" if port == 80 else f":{port}")
-    forward = b"\r\n".join([first, host_header.encode("latin-1"), *headers, b"Connection: close", b"", b""])
-    return method, host, port, forward
+    forward = b"\r\n".join([first, host_header.encode("latin-1"), *kept, b"Connection: close", b"", b""])
+    return Request(method, host, port, forward, int(lengths[0]) if lengths else 0, bool(codings))
 
 
-def server_name(hello: bytes) -> str | None:
-    """The SNI host name of a TLS ClientHello, or None if ``hello`` is not one (or has none)."""
+# -- TLS: the server name of a ClientHello ----------------------------------------------------------
+
+_ECH = (0xFE0D, 0xFFCE)  # encrypted_client_hello, and the older encrypted_server_name
+
+
+class HelloBuffer:
+    """Collects TLS records until they hold one complete ClientHello (RFC 8446 5.1: a handshake
+    message may span records), and reads its server name.  Each byte is examined once."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()  # everything fed, forwarded as it came once the hello is checked
+        self._pos = 0  # where the first incomplete record starts
+        self._handshake = bytearray()
+
+    def feed(self, chunk: bytes) -> str | None:
+        """The server name once the ClientHello is complete, None while more bytes are needed;
+        BadHello when these bytes can never be one."""
+        self.data += chunk
+        while True:
+            header = self.data[self._pos:self._pos + 5]
+            if header[:1] and header[0] != 0x16:
+                first = header[0]
+                if first & 0x80 and self._pos == 0:
+                    raise BadHello("an SSLv2-style ClientHello, which carries no server name")
+                raise BadHello(f"not a TLS handshake record (type {first})" if self._pos else
+                               "does not start with a TLS handshake record")
+            if (len(header) > 1 and header[1] != 3) or (len(header) > 2 and header[2] > 4):
+                raise BadHello("not a TLS record version")
+            if len(header) < 5:
+                return None
+            size = int.from_bytes(header[3:5], "big")
+            if not 0 < size <= 1 << 14:
+                raise BadHello(f"a TLS record of {size} bytes (1 to 16384)")
+            if self._pos + 5 + size > HELLO_LIMIT:
+                raise BadHello(f"no complete ClientHello in the first {HELLO_LIMIT} bytes")
+            if len(self.data) < self._pos + 5 + size:
+                return None
+            self._handshake += self.data[self._pos + 5:self._pos + 5 + size]
+            self._pos += 5 + size
+            if self._handshake[0] != 1:
+                raise BadHello(f"a handshake message of type {self._handshake[0]}, not a ClientHello")
+            if len(self._handshake) < 4:
+                continue
+            length = int.from_bytes(self._handshake[1:4], "big")
+            if 4 + length > HELLO_LIMIT:
+                raise BadHello(f"a ClientHello of {length} bytes (the limit is {HELLO_LIMIT})")
+            if len(self._handshake) > 4 + length:
+                raise BadHello("more handshake data after the ClientHello")
+            if len(self._handshake) == 4 + length:
+                return client_hello_name(bytes(self._handshake[4:]))
+
+
+class _Cursor:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise BadHello("a truncated ClientHello")
+        self.pos += n
+        return self.data[self.pos - n:self.pos]
+
+    def number(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+    def vector(self, n: int) -> bytes:
+        return self.take(self.number(n))
+
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+
+def client_hello_name(body: bytes) -> str:
+    """The one host name in a ClientHello's server_name extension (``body`` is the handshake
+    message without its 4-byte header); BadHello if it has none, or more than one, or hides it."""
+    hello = _Cursor(body)
+    if hello.take(2)[0] != 3:
+        raise BadHello("not a TLS ClientHello version")
+    hello.take(32)  # random
+    if len(hello.vector(1)) > 32:
+        raise BadHello("a session id longer than 32 bytes")
+    suites = hello.vector(2)
+    if not suites or len(suites) % 2:
+        raise BadHello("a malformed cipher suite list")
+    if not hello.vector(1):
+        raise BadHello("no compression methods")
+    if not hello.left():
+        raise BadHello("no server name (SNI): the host cannot be checked")
+    extensions = _Cursor(hello.vector(2))
+    if hello.left():
+        raise BadHello("bytes after the extensions")
+    seen: set[int] = set()
+    name = None
+    while extensions.left():
+        kind, data = extensions.number(2), extensions.vector(2)
+        if kind in seen:
+            raise BadHello(f"extension {kind} twice")  # which one would the server read?
+        seen.add(kind)
+        if kind in _ECH:
+            raise BadHello("an encrypted ClientHello, which hides the real server name")
+        if kind == 0:
+            outer = _Cursor(data)
+            names = _Cursor(outer.vector(2))
+            if outer.left():
+                raise BadHello("a malformed server_name extension")
+            kind_of_name, value = names.number(1), names.vector(2)
+            if names.left():
+                raise BadHello("more than one server name")
+            if kind_of_name != 0 or not value:
+                raise BadHello("a server name that is not a host name")
+            try:
+                name = value.decode("ascii")
+            except UnicodeDecodeError:
+                raise BadHello("a server name that is not ASCII") from None
+    if name is None:
+        raise BadHello("no server name (SNI): the host cannot be checked")
+    return name
+
+
+def server_name(data: bytes) -> str:
+    """The server name of the complete ClientHello at the start of ``data`` (TLS records, as sent);
+    BadHello when there is none, or it is incomplete."""
+    name = HelloBuffer().feed(data)
+    if name is None:
+        raise BadHello("an incomplete ClientHello")
+    return name
+
+
+# -- forwarding ---------------------------------------------------------------------------------------
+
+
+async def _copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, counts: list[int], index: int,
+                said: dict[str, bool] | None = None) -> None:
+    while True:
+        data = await src.read(READ_SIZE)
+        if not data:
+            return
+        counts[index] += len(data)
+        if said is not None:
+            said["response"] = True
+        dst.write(data)
+        await dst.drain()
+
+
+async def _exactly(reader: asyncio.StreamReader, up: asyncio.StreamWriter, size: int) -> None:
+    while size:
+        data = await reader.read(min(size, READ_SIZE))
+        if not data:
+            raise BadRequest("the request body ended early")
+        up.write(data)
+        await up.drain()
+        size -= len(data)
+
+
+async def _send_body(reader: asyncio.StreamReader, up: asyncio.StreamWriter, request: Request) -> int:
+    """Forward exactly the body the head declared; return its size in bytes on the wire."""
+    if not request.chunked:
+        await _exactly(reader, up, request.length)
+        return request.length
+    sent = 0
     try:
-        if len(hello) < 43 or hello[0] != 0x16 or hello[5] != 0x01:
-            return None
-        pos = 5 + 4 + 2 + 32  # record header, handshake header, version, random
-        pos += 1 + hello[pos]  # session id
-        pos += 2 + int.from_bytes(hello[pos:pos + 2], "big")  # cipher suites
-        pos += 1 + hello[pos]  # compression methods
-        end = pos + 2 + int.from_bytes(hello[pos:pos + 2], "big")
-        pos += 2
-        while pos + 4 <= end:
-            kind, size = int.from_bytes(hello[pos:pos + 2], "big"), int.from_bytes(hello[pos + 2:pos + 4], "big")
-            pos += 4
-            if kind == 0:  # server_name: list length, type 0 (host_name), name length, name
-                name_len = int.from_bytes(hello[pos + 3:pos + 5], "big")
-                return hello[pos + 5:pos + 5 + name_len].decode("ascii", "replace")
-            pos += size
-    except IndexError:
-        return None
-    return None
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            m = _CHUNK_RE.fullmatch(line)
+            if m is None:
+                raise BadRequest("a malformed chunk size (chunk extensions are refused)")
+            size = int(m.group(1), 16)
+            up.write(line)
+            sent += len(line)
+            if size == 0:
+                break
+            await _exactly(reader, up, size)
+            if await reader.readexactly(2) != b"\r\n":
+                raise BadRequest("a chunk longer than its size")
+            up.write(b"\r\n")
+            sent += size + 2
+        trailers = 0
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            trailers += len(line)
+            if trailers > HEAD_LIMIT:
+                raise BadRequest("trailers too large")
+            if line != b"\r\n" and _HEADER_RE.fullmatch(line[:-2]) is None:
+                raise BadRequest("a malformed trailer field")
+            up.write(line)
+            sent += len(line)
+            if line == b"\r\n":
+                break
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        raise BadRequest("the chunked request body ended early or is malformed") from None
+    await up.drain()
+    return sent
+
+
+async def _one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, request: Request,
+                       said: dict[str, bool]) -> tuple[int, int, int]:
+    """Send one request (its head and exactly its body) upstream while its response comes back;
+    what the client sends after it is read and dropped, never forwarded.  (up, down, dropped)."""
+    counts = [0, 0, 0]
+
+    async def send() -> None:
+        up_writer.write(request.head)
+        counts[0] += len(request.head) + await _send_body(reader, up_writer, request)
+        while data := await reader.read(READ_SIZE):
+            counts[2] += len(data)
+        with contextlib.suppress(OSError):
+            if up_writer.can_write_eof():  # the client is done: so is the upstream's reader
+                up_writer.write_eof()
+
+    sender = asyncio.ensure_future(send())
+    receiver = asyncio.ensure_future(_copy(up_reader, writer, counts, 1, said))
+    try:
+        await asyncio.wait((sender, receiver), return_when=asyncio.FIRST_COMPLETED)
+        failed = sender.exception() if sender.done() and not sender.cancelled() else None
+        if isinstance(failed, BadRequest):
+            raise failed  # a malformed body: nothing more goes up
+        if failed is None:  # else the client went away: its answer has nowhere to go
+            with contextlib.suppress(OSError):
+                await receiver
+    finally:
+        for task in (sender, receiver):
+            task.cancel()
+        await asyncio.gather(sender, receiver, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            up_writer.close()
+    return counts[0], counts[1], counts[2]
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -534,13 +898,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
     async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, index: int) -> None:
         try:
-            while True:
-                data = await src.read(1 << 18)
-                if not data:
-                    break
-                counts[index] += len(data)
-                dst.write(data)
-                await dst.drain()
+            await _copy(src, dst, counts, index)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -548,7 +906,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 if dst.can_write_eof():
                     dst.write_eof()
 
-    await asyncio.gather(copy(reader, up_writer, 0), copy(up_reader, writer, 1))
-    with contextlib.suppress(Exception):
-        up_writer.close()
+    try:
+        await asyncio.gather(copy(reader, up_writer, 0), copy(up_reader, writer, 1))
+    finally:
+        with contextlib.suppress(Exception):
+            up_writer.close()
     return counts[0], counts[1]
