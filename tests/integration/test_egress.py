@@ -1,14 +1,20 @@
 """kp-run --allow on real Podman: the proxy is the container's only way out, by name,
-and every decision is logged.  Only servers this test starts are ever targets."""
+and every decision is logged.  Only servers this test starts are ever targets; each one
+records the requests it received, so a test says what reached it, not only what the
+client was told."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -20,22 +26,60 @@ from tests.integration.test_run import one_podman_service  # noqa: F401 - the mo
 pytestmark = pytest.mark.integration
 
 
+def host_ipv4s() -> list[tuple[str, str]]:
+    """(interface, address) of this host's global IPv4 addresses, lo excluded, from `ip -j addr`."""
+    links = json.loads(subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, check=True).stdout)
+    return [(link["ifname"], a["local"]) for link in links if link["ifname"] != "lo"
+            for a in link.get("addr_info", []) if a.get("family") == "inet" and a.get("scope") == "global"]
+
+
+@dataclass
+class Origin:
+    host_ip: str  # a non-loopback address of this host, where the origin is reachable too
+    port: int
+    seen: list[dict[str, Any]] = field(default_factory=list)
+
+    def paths(self) -> list[str]:
+        return [s["path"] for s in self.seen]
+
+
+def serving(greeting: str, **kwargs: Any) -> Iterator[Origin]:
+    found = host_ipv4s()
+    if not found:
+        pytest.skip("this host has no global IPv4 address")
+    seen: list[dict[str, Any]] = []
+    with httpd.origin("0.0.0.0", greeting, seen=seen, **kwargs) as port:  # noqa: S104 - all the host's addresses
+        yield Origin(found[0][1], port, seen)
+
 
 @pytest.fixture
-def origin() -> Iterator[tuple[str, int]]:
-    """An HTTP server on all the host's addresses; yields (non-loopback host address, port)."""
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    probe.connect(("10.255.255.255", 1))  # picks the outgoing address; sends nothing
-    addr = probe.getsockname()[0]
-    probe.close()
-    with httpd.origin("0.0.0.0", "origin says") as port:  # noqa: S104 - reached at the host's address
-        yield addr, port
+def origin() -> Iterator[Origin]:
+    """An HTTP server on all the host's addresses."""
+    yield from serving("origin says")
+
+
+@pytest.fixture
+def lenient() -> Iterator[Origin]:
+    """An HTTP server that reads every request a connection carries, whatever its Connection header
+    says: bytes smuggled after a request reach it as requests of their own."""
+    yield from serving("lenient says", lenient=True)
+
+
+@pytest.fixture
+def tls_origin() -> Iterator[Origin]:
+    """An HTTPS server (self-signed; the clients inside do not verify it)."""
+    yield from serving("tls says", tls=True)
+
+
+def egress_log(record: dict[str, Any]) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in Path(record["egress_log"]).read_bytes().splitlines()]
 
 
 PROBE = r"""
 set -u
 echo "HTTP: $(curl -sS --max-time 10 http://allowed.test:$PORT/plain)"
-echo "CONNECT: $(curl -sS --max-time 10 --proxytunnel http://allowed.test:$PORT/tunnel)"
+echo "CONNECT: $(curl -sS -k --max-time 10 https://allowed.test:$TLSPORT/tunnel)"
+echo "TUNNEL-PLAIN: $(curl -sS --max-time 10 --proxytunnel http://allowed.test:$PORT/tunnel 2>&1)"
 echo "DENIED: $(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' http://denied.test:$PORT/)"
 echo "RAWIP: $(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' http://$HOSTIP:$PORT/)"
 echo "META: $(curl -sS --max-time 10 -o /dev/null -w '%{http_code}' --proxytunnel http://meta.test:$PORT/)"
@@ -62,34 +106,36 @@ print("CONCURRENT:", sum(ok))
 EOF"""
 
 
-def test_the_proxy_is_the_only_way_out(shell_image: str, origin: tuple[str, int], tmp_path: Path,
+def test_the_proxy_is_the_only_way_out(shell_image: str, origin: Origin, tls_origin: Origin, tmp_path: Path,
                                        kp_env: dict[str, Path]) -> None:
-    host_ip, port = origin
-    env = {"PORT": str(port), "HOSTIP": host_ip}
+    port = origin.port
+    env = {"PORT": str(port), "TLSPORT": str(tls_origin.port), "HOSTIP": origin.host_ip}
     proc = subprocess.run(
-        [str(BIN / "kp-run"), "--image", shell_image, "--allow", f"allowed.test:{port}",
+        [str(BIN / "kp-run"), "--image", shell_image, "--allow", f"allowed.test:{port},{tls_origin.port}",
          "--allow", f"meta.test:{port}", "--resolve", "allowed.test=127.0.0.1",
          "--resolve", "meta.test=169.254.169.254", "--pids", "1024",
-         "-e", "PORT", "-e", "HOSTIP", "--", "bash", "-c", PROBE],
+         "-e", "PORT", "-e", "TLSPORT", "-e", "HOSTIP", "--", "bash", "-c", PROBE],
         capture_output=True, env={**os.environ, **env}, timeout=300)
     err = proc.stderr.decode()
     (record,) = lines(proc.stdout)
     assert record["exit_code"] == 0, err
     assert "HTTP: origin says /plain" in err
-    assert "CONNECT: origin says /tunnel" in err
+    assert "CONNECT: tls says /tunnel" in err  # HTTPS, as clients use CONNECT
+    assert "says" not in err.split("TUNNEL-PLAIN:")[1].split("\n")[0]  # plain HTTP in a tunnel: refused
     assert "DENIED: 403" in err and "RAWIP: 403" in err
     assert "META: 000" in err or "META: 403" in err  # curl reports a refused CONNECT as 000 or 403
     assert "origin says" not in err.split("DIRECT:")[1].split("\n")[0]  # no route around the proxy
     assert "DNS-ALLOWED: 127.0.0.1" in err and "DNS-DENIED: refused" in err
     assert "CONCURRENT: 200" in err, err[-4000:]
-    assert record["network"] == "proxy" and f"allow:allowed.test:{port}" in record["loosened"]
-    log = [orjson.loads(line) for line in Path(record["egress_log"]).read_bytes().splitlines()]
+    assert "/tunnel" not in origin.paths() and tls_origin.paths() == ["/tunnel"]
+    assert record["network"] == "proxy" and f"allow:allowed.test:{port},{tls_origin.port}" in record["loosened"]
+    log = egress_log(record)
     by = {(d["decision"], d.get("method"), d.get("host")) for d in log}
     assert ("allow", "GET", "allowed.test") in by and ("allow", "CONNECT", "allowed.test") in by
-    assert ("deny", "GET", "denied.test") in by and ("deny", "GET", host_ip) in by
+    assert ("deny", "GET", "denied.test") in by and ("deny", "GET", origin.host_ip) in by
     assert ("deny", "CONNECT", "meta.test") in by and ("deny", "DNS", "denied.test") in by
     assert sum(1 for d in log if d.get("decision") == "allow" and d.get("method") == "GET") >= 201
-    assert record["egress"]["deny"] >= 4
+    assert record["egress"]["deny"] >= 5
     # the log is outside the container's reach: in the run's own folder in the state dir
     assert Path(record["egress_log"]).is_relative_to(kp_env["state"])
     # kp-trace reads the same log from the record: decisions as records, or counted per host
@@ -100,11 +146,208 @@ def test_the_proxy_is_the_only_way_out(shell_image: str, origin: tuple[str, int]
     subprocess.run([str(BIN / "kp-rm"), record["name"]], check=True, capture_output=True)
 
 
-def test_without_allow_there_is_no_proxy_and_no_network(shell_image: str, origin: tuple[str, int]) -> None:
-    host_ip, port = origin
+ATTACKS = r'''
+import os, socket, ssl
+plain, tls_port = int(os.environ["PORT"]), int(os.environ["TLSPORT"])
+
+def connection():
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=60)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+def rest(s):
+    got = b""
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+    except ConnectionResetError:
+        pass
+    s.close()
+    return got
+
+def tunnel(port, send=(), half_close=False):
+    s = connection()
+    s.sendall(b"CONNECT allowed.test:%d HTTP/1.1\r\nHost: allowed.test\r\n\r\n" % port)
+    reply = b""
+    while not reply.endswith(b"\r\n\r\n"):
+        reply += s.recv(1)
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    for data in send:
+        s.sendall(data)
+    if half_close:
+        s.shutdown(socket.SHUT_WR)
+    return s
+
+def records(hs, cuts):
+    bounds = [0, *cuts, len(hs)]
+    return b"".join(b"\x16\x03\x01" + (b - a).to_bytes(2, "big") + hs[a:b] for a, b in zip(bounds, bounds[1:]))
+
+def https(name, path, cuts=None, write=0):
+    """GET path over TLS through a tunnel; the ClientHello re-cut into records at cuts, sent in writes
+    of write bytes.  The response body, or "REFUSED" when the proxy ended the handshake."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=name)
+    s, first, got = tunnel(tls_port), True, b""
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            data = outgoing.read()
+            if first and cuts:
+                data = records(data[5:], cuts)
+            first = False
+            step = write or len(data)
+            for at in range(0, len(data), step):
+                s.sendall(data[at:at + step])
+            chunk = s.recv(65536)
+            if not chunk:
+                return "REFUSED"
+            incoming.write(chunk)
+        except ssl.SSLError:
+            return "REFUSED"
+    tls.write(b"GET %s HTTP/1.0\r\nHost: %s\r\n\r\n" % (path.encode(), (name or "none").encode()))
+    s.sendall(outgoing.read())
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        incoming.write(chunk)
+        try:
+            while True:
+                got += tls.read(65536)
+        except ssl.SSLWantReadError:
+            continue
+        except ssl.SSLError:
+            break
+    return got.decode(errors="replace").split("\r\n\r\n")[-1].strip()
+
+def smuggle(data):
+    s = connection()
+    s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+    return rest(s).split(b"\r\n")[0].decode(errors="replace") or "CLOSED"
+
+def plain_hello(name):
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    outgoing = ssl.MemoryBIO()
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), outgoing, server_hostname=name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+def show(name, value):
+    print(f"{name}: {value}", flush=True)
+
+show("PLAIN-IN-TUNNEL", rest(tunnel(plain, [b"GET /in-tunnel HTTP/1.1\r\nHost: denied.test\r\n\r\n"]))[:12])
+show("SPLIT-OK", https("allowed.test", "/split", [2, 130, 134, 300], 97))
+show("SPLIT-FRONTED", https("attacker.example", "/fronted", [2, 130, 134, 300], 7))
+show("NO-SNI", https(None, "/no-sni"))
+show("SSLV2", rest(tunnel(tls_port, [b"\x80\x2e\x01\x03\x01" + bytes(44)]))[:12])
+show("TRUNCATED", rest(tunnel(tls_port, [plain_hello("allowed.test")[:200]], half_close=True)))
+head = b"http://allowed.test:%d" % plain
+show("PIPELINED", smuggle(b"GET %s/first HTTP/1.1\r\nHost: allowed.test\r\n\r\n"
+                          b"GET http://denied.test/second HTTP/1.1\r\nHost: denied.test\r\n\r\n"
+                          b"GET /third HTTP/1.1\r\nHost: denied.test\r\n\r\n" % head))
+show("CL", smuggle(b"POST %s/cl HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"
+                   b"GET /smuggled-cl HTTP/1.1\r\nHost: denied.test\r\n\r\n" % head))
+show("TE", smuggle(b"POST %s/te HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                   b"GET /smuggled-te HTTP/1.1\r\nHost: denied.test\r\n\r\n" % head))
+show("CL-TE", smuggle(b"POST %s/clte HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                      b"0\r\n\r\nGET /smuggled-clte HTTP/1.1\r\nHost: denied.test\r\n\r\n" % head))
+show("CL-CL", smuggle(b"POST %s/clcl HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 48\r\n\r\n"
+                      b"GET /smuggled-clcl HTTP/1.1\r\nHost: denied.test\r\n\r\n" % head))
+show("BAD-CHUNK", smuggle(b"POST %s/badchunk HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"5\r\nhello\r\n0\r\nGET /smuggled-trailer HTTP/1.1\r\nHost: denied.test\r\n\r\n" % head))
+'''
+
+
+def test_nothing_unchecked_passes_an_allowed_port(shell_image: str, lenient: Origin, tls_origin: Origin) -> None:
+    """From inside a real container: plain HTTP inside a CONNECT tunnel, a ClientHello cut into records
+    and writes (naming the allowed host, then another), no SNI, SSLv2, a truncated hello, and every
+    form of request smuggling after a checked request head.  Only the checked requests arrive."""
+    env = {"PORT": str(lenient.port), "TLSPORT": str(tls_origin.port)}
+    proc = subprocess.run(
+        [str(BIN / "kp-run"), "--image", shell_image, "--allow", f"allowed.test:{lenient.port},{tls_origin.port}",
+         "--resolve", "allowed.test=127.0.0.1", "-e", "PORT", "-e", "TLSPORT", "--", "python3", "-c", ATTACKS],
+        capture_output=True, env={**os.environ, **env}, timeout=300)
+    err = proc.stderr.decode()
+    (record,) = lines(proc.stdout)
+    assert record["exit_code"] == 0, err
+    said = dict(line.split(": ", 1) for line in err.splitlines() if ": " in line)
+    assert said["PLAIN-IN-TUNNEL"] == "b'HTTP/1.1 403'", err
+    assert said["SPLIT-OK"] == "tls says /split", err
+    assert said["SPLIT-FRONTED"] == said["NO-SNI"] == "REFUSED", err
+    assert said["SSLV2"] == "b'HTTP/1.1 403'" and said["TRUNCATED"] in ("b''", "b'\\x15\\x03\\x01\\x00\\x02\\x021'")
+    assert said["PIPELINED"] == said["CL"] == said["TE"] == "HTTP/1.1 200 OK", err
+    assert said["CL-TE"] == said["CL-CL"] == "HTTP/1.1 400 Bad Request", err
+    # what reached the origins: the checked requests, and nothing smuggled after them
+    # (/badchunk may arrive: its head and valid chunks went up before the bad trailer line stopped it)
+    assert sorted(p for p in lenient.paths() if p != "/badchunk") == ["/cl", "/first", "/te"], lenient.seen
+    assert [(s["path"], s["body"]) for s in lenient.seen if s["path"] in ("/cl", "/te")] == [
+        ("/cl", b"hello"), ("/te", b"hello")]
+    assert tls_origin.paths() == ["/split"]
+    log = egress_log(record)
+    denied = [d for d in log if d["decision"] == "deny"]
+    assert len(denied) == 5 and sum("only TLS" in d["reason"] for d in denied) == 4, denied
+    assert sum("not the host asked for" in d["reason"] for d in denied) == 1, denied
+    assert {d.get("sni") for d in log if d["method"] == "CONNECT"} >= {"allowed.test", "attacker.example"}
+    dropped = [d.get("dropped") for d in log if d["decision"] == "allow" and d["method"] != "CONNECT"]
+    assert len(dropped) == 3 and all(dropped)  # the smuggled bytes: read, counted, never sent
+    errors = [d["reason"] for d in log if d["decision"] == "error"]
+    assert len(errors) == 3 and sum("framing" in r for r in errors) == 2 and "trailer" in errors[2]
+    subprocess.run([str(BIN / "kp-rm"), record["name"]], check=True, capture_output=True)
+
+
+def test_a_name_that_resolves_to_the_hosts_own_address_is_refused(shell_image: str, origin: Origin,
+                                                                   tmp_path: Path) -> None:
+    """The origin listens on every address of the host.  Names that resolve (through the host's own
+    resolver: kp-run runs with a hosts file of the test's) to the host's addresses on other
+    interfaces than lo are refused, over HTTP, CONNECT and DNS; the same address pinned is reached."""
+    own = host_ipv4s()
+    hosts = tmp_path / "hosts"
+    names = [f"own{n}.test" for n in range(len(own))]
+    hosts.write_text("127.0.0.1\tlocalhost\n" + "".join(f"{addr}\t{name}\n" for name, (_, addr) in zip(
+        names, own, strict=True)))
+    script = "".join(
+        f'echo "HTTP-{name}: $(curl -sS --max-time 10 -o /dev/null -w "%{{http_code}}" http://{name}:$PORT/x)"\n'
+        f'echo "CONNECT-{name}: $(curl -sS -k --max-time 10 -o /dev/null -w "%{{http_code}}" '
+        f'https://{name}:$PORT/x 2>&1)"\n'
+        f'echo "DNS-{name}: $(getent hosts {name} || echo refused)"\n' for name in names)
+    script += 'echo "PINNED: $(curl -sS --max-time 10 http://pinned.test:$PORT/pinned)"\n'
+    allow = [a for name in names for a in ("--allow", f"{name}:{origin.port}")]
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+         str(hosts), str(BIN / "kp-run"), "--image", shell_image, *allow, "--allow", f"pinned.test:{origin.port}",
+         "--resolve", f"pinned.test={own[0][1]}", "-e", "PORT", "--", "bash", "-c", script],
+        capture_output=True, env={**os.environ, "PORT": str(origin.port)}, timeout=300)
+    err = proc.stderr.decode()
+    (record,) = lines(proc.stdout)
+    assert record["exit_code"] == 0, err
+    for name in names:
+        assert f"HTTP-{name}: 403" in err and f"DNS-{name}: refused" in err, err
+        assert "says" not in err.split(f"CONNECT-{name}:")[1].split("\n")[0]
+    assert "PINNED: origin says /pinned" in err, err
+    assert origin.paths() == ["/pinned"]
+    denied = [d for d in egress_log(record) if d["decision"] == "deny"]
+    assert {(d["method"], d["host"]) for d in denied} == {
+        (method, name) for name in names for method in ("GET", "CONNECT", "DNS")}
+    assert all("this host's own" in d["reason"] for d in denied), denied
+    subprocess.run([str(BIN / "kp-rm"), record["name"]], check=True, capture_output=True)
+
+
+def test_without_allow_there_is_no_proxy_and_no_network(shell_image: str, origin: Origin) -> None:
     proc = subprocess.run([str(BIN / "kp-run"), "--image", shell_image, "--", "bash", "-c",
                            f"curl -sS --max-time 5 -x http://127.0.0.1:3128 http://x.test/ 2>&1; "
-                           f"curl -sS --max-time 5 http://{host_ip}:{port}/ 2>&1; env | grep -ci proxy"],
+                           f"curl -sS --max-time 5 http://{origin.host_ip}:{origin.port}/ 2>&1; env | grep -ci proxy"],
                           capture_output=True, timeout=120)
     err = proc.stderr.decode()
     assert "origin says" not in err and err.count("Failed to connect") == 2
@@ -112,19 +355,31 @@ def test_without_allow_there_is_no_proxy_and_no_network(shell_image: str, origin
     assert "egress_log" not in record and record["network"] == "none"
 
 
-def test_the_proxy_refuses_everyone_but_its_sandbox(shell_image: str, origin: tuple[str, int]) -> None:
+def wait_for_decision(log: Path, proc: subprocess.Popen[bytes], bound: float = 120.0) -> None:
+    """Until the run's egress log holds a decision: its proxy is serving."""
+    deadline = time.monotonic() + bound
+    while not (log.exists() and log.read_bytes().strip()):
+        assert proc.poll() is None, f"kp-run ended ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''}"
+        assert time.monotonic() < deadline, f"no egress decision within {bound:g} s"
+        threading.Event().wait(0.05)
+
+
+def test_the_proxy_refuses_everyone_but_its_sandbox(shell_image: str, origin: Origin,
+                                                    kp_env: dict[str, Path]) -> None:
     """While a sandbox with --allow runs, its proxy is not reachable from the host or another container."""
-    host_ip, port = origin
+    port = origin.port
     holder = subprocess.Popen([str(BIN / "kp-run"), "--image", shell_image, "--name", "holder",
                                "--allow", f"allowed.test:{port}", "--resolve", "allowed.test=127.0.0.1",
-                               "--", "sleep", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               "--", "bash", "-c", f"curl -sS http://allowed.test:{port}/up; sleep 120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        threading.Event().wait(5)
+        wait_for_decision(kp_env["state"] / "containers" / "holder" / "egress.jsonl", holder)
+        assert origin.paths() == ["/up"]  # the proxy serves its sandbox
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", 3128), timeout=2).close()
         proc = subprocess.run([str(BIN / "kp-run"), "--image", shell_image, "--net", "open", "--", "bash", "-c",
-                               f"curl -sS --max-time 5 -x http://{host_ip}:3128 http://allowed.test:{port}/ 2>&1"],
-                              capture_output=True, timeout=120)
+                               f"curl -sS --max-time 5 -x http://{origin.host_ip}:3128 http://allowed.test:{port}/ "
+                               "2>&1"], capture_output=True, timeout=120)
         assert "origin says" not in proc.stderr.decode()
     finally:
         holder.terminate()
@@ -132,21 +387,17 @@ def test_the_proxy_refuses_everyone_but_its_sandbox(shell_image: str, origin: tu
         subprocess.run([str(BIN / "kp-rm"), "holder"], capture_output=True)
 
 
-def test_it_fails_closed_when_the_proxy_dies(shell_image: str, origin: tuple[str, int],
+def test_it_fails_closed_when_the_proxy_dies(shell_image: str, origin: Origin,
                                              kp_env: dict[str, Path]) -> None:
     """SIGKILL the kp-run that serves the proxy: the container lives on, with no way out at all."""
-    _, port = origin
+    port = origin.port
     folder = kp_env["state"] / "containers" / "failclosed"
     holder = subprocess.Popen([str(BIN / "kp-run"), "--image", shell_image, "--name", "failclosed",
                                "--allow", f"allowed.test:{port}", "--resolve", "allowed.test=127.0.0.1",
-                               "--", "sleep", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               "--", "bash", "-c", f"curl -sS http://allowed.test:{port}/up; sleep 120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        for _ in range(400):
-            state = subprocess.run(["podman", "inspect", "-f", "{{.State.Status}}", "failclosed"],
-                                   capture_output=True, text=True)
-            if state.stdout.strip() == "running":
-                break
-            threading.Event().wait(0.05)
+        wait_for_decision(folder / "egress.jsonl", holder)
         probe = ["podman", "exec", "failclosed", "curl", "-sS", "--max-time", "5", f"http://allowed.test:{port}/x"]
         before = subprocess.run(probe, capture_output=True, text=True, timeout=60)
         assert "origin says /x" in before.stdout, before.stderr
