@@ -110,6 +110,7 @@ class SSHServer(paramiko.ServerInterface):  # type: ignore[misc]
     typed: bytearray = field(default_factory=bytearray)
     sizes: list[tuple[int, int]] = field(default_factory=list)
     terms: list[str] = field(default_factory=list)
+    auth_attempts: list[str] = field(default_factory=list)  # the user name of each public-key attempt
     port: int = 0
     _listener: socket.socket | None = None
     _transports: list[paramiko.Transport] = field(default_factory=list)
@@ -155,6 +156,7 @@ class SSHServer(paramiko.ServerInterface):  # type: ignore[misc]
         return "publickey"
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        self.auth_attempts.append(username)
         if username == self.user and key.get_base64() == self.authorized:
             return paramiko.AUTH_SUCCESSFUL
         return paramiko.AUTH_FAILED

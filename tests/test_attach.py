@@ -12,6 +12,8 @@ import termios
 import threading
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -24,8 +26,9 @@ from tests.fakevm import FakeVM, make_vm, wait_raw
 class Console:
     """A stand-in for QEMU's serial socket: echoes like a tty and answers a line with a prompt."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, hang_up: bool = False) -> None:
         self.received = bytearray()
+        self.hang_up = hang_up  # close the connection after answering a line
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(path)
         self.listener.listen(1)
@@ -41,6 +44,8 @@ class Console:
                 while data := conn.recv(1024):
                     self.received += data
                     conn.sendall(data.replace(b"\r", b"\r\nkp@s1:~$ "))
+                    if self.hang_up and b"\r" in data:
+                        break
 
     def close(self) -> None:
         self.listener.close()
@@ -84,23 +89,28 @@ def test_relay_copies_the_remote_until_it_closes() -> None:
     assert os.read(read_out, 100) == b"hello\r\n"
 
 
-def test_relay_lingers_after_local_eof_for_late_output() -> None:
+def test_relay_lingers_after_local_eof_for_late_output(monkeypatch: pytest.MonkeyPatch) -> None:
     ours, theirs = socket.socketpair()
     read_in, write_in = os.pipe()
     read_out, write_out = os.pipe()
     os.write(write_in, b"uname\r")
     os.close(write_in)
+    waits: list[tuple[float | None, bool]] = []  # each wait of the relay: its timeout, and whether it saw data
 
-    def answer() -> None:
-        assert theirs.recv(100) == b"uname\r"
-        time.sleep(0.3)
-        theirs.sendall(b"Linux\r\n")
+    def select_(watched: list[Any], w: list[Any], x: list[Any], timeout: float | None = None) -> Any:
+        if timeout is not None and all(t is None for t, _ in waits):
+            # the relay has seen local EOF and begins to linger: only now does the remote answer
+            assert theirs.recv(100) == b"uname\r"
+            theirs.sendall(b"Linux\r\n")
+        ready = select.select(watched, w, x, timeout)
+        waits.append((timeout, bool(ready[0])))
+        return ready
 
-    threading.Thread(target=answer).start()
-    started = time.monotonic()
+    monkeypatch.setattr(terminal, "select", SimpleNamespace(select=select_))
     assert terminal.relay(read_in, write_out, ours, linger=1.0) == "local_eof"
     assert os.read(read_out, 100) == b"Linux\r\n"
-    assert 1.2 < time.monotonic() - started < 3
+    # the late answer came while it lingered; it ended after 1.0 s of quiet, not at EOF
+    assert waits[-2:] == [(1.0, True), (1.0, False)]
     # without linger, local EOF ends it at once
     assert terminal.relay(read_in, write_out, ours) == "local_eof"
 
@@ -119,9 +129,15 @@ def test_raw_mode_is_undone_even_when_the_session_fails() -> None:
 # -- kp-attach ------------------------------------------------------------------
 
 
-def test_without_a_terminal_stdin_goes_to_the_console_and_its_output_to_stdout(console: Console) -> None:
-    proc = subprocess.run([str(BIN / "kp-attach"), "--idle", "0.5", "s1"], input=b"uname\r",
-                          capture_output=True, timeout=20)
+def test_without_a_terminal_stdin_goes_to_the_console_and_its_output_to_stdout(vm: FakeVM) -> None:
+    # the console hangs up after its answer, so the idle time is only a bound: nothing here depends
+    # on the answer coming within it (test_relay_lingers_after_local_eof_for_late_output tests --idle)
+    console = Console(vm.boot["sockets"]["serial"], hang_up=True)
+    try:
+        proc = subprocess.run([str(BIN / "kp-attach"), "--idle", "60", "s1"], input=b"uname\r",
+                              capture_output=True, timeout=120)
+    finally:
+        console.close()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"uname\r\nkp@s1:~$ "
     assert proc.stderr == b""

@@ -25,6 +25,34 @@ import pytest
 from kodepipe.errors import KpError, Timeout
 from kodepipe.guest_agent import AgentError, AgentUnreachable, GuestAgent, wait_for_agent
 
+# A timeout within which a working fake answers: generous, since the wait ends when the answer comes.
+# A test of a timeout that must run out uses a small one and bounds the time only by hang_guard.
+ANSWERS = 30.0
+
+
+def hang_guard(started: float, timeout: float) -> None:
+    """Only a guard against a wait that ignores its timeout, never the property: 10 times the timeout."""
+    assert time.monotonic() - started < 10 * timeout + 1.0
+
+
+def spy_calls(monkeypatch: pytest.MonkeyPatch, agent: GuestAgent) -> list[tuple[str, str | None]]:
+    """Each call the session makes, with the name of the exception it ended with (None: it returned)."""
+    made: list[tuple[str, str | None]] = []
+    real = agent.call
+
+    def call(command: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = real(command, *args, **kwargs)
+        except Exception as exc:
+            made.append((command, type(exc).__name__))
+            raise
+        made.append((command, None))
+        return result
+
+    monkeypatch.setattr(agent, "call", call)
+    return made
+
+
 STRAY = b'{"error": {"class": "GenericError", "desc": "JSON parse error, stray \'\\uFFFD\'"}}\n'
 Reply = dict[str, Any] | str | None  # a reply object, "close" to hang up, None to say nothing
 
@@ -32,18 +60,18 @@ Reply = dict[str, Any] | str | None  # a reply object, "close" to hang up, None 
 class FakeAgent:
     """A qemu-ga stand-in serving one connection at a time, like QEMU's chardev."""
 
-    def __init__(self, path: Path, *, stale: bytes = b"", start_after: float = 0.0, mute: bool = False) -> None:
+    def __init__(self, path: Path, *, stale: bytes = b"", mute: bool = False) -> None:
         self.path = path
         self.stale = stale
-        self.start_after = start_after
-        self.mute = mute
+        self.up = threading.Event()  # a mute agent has not started (yet): up.set() starts it
+        if not mute:
+            self.up.set()
         self.received: list[dict[str, Any]] = []
         self.connections = 0
         self.files: dict[str, bytearray] = {}
         self.handles: dict[int, list[Any]] = {}
         self.procs: dict[int, dict[str, Any]] = {}
         self.clock: int | None = None
-        self.delays: dict[str, float] = {}
         self.handlers: dict[str, Callable[[dict[str, Any]], Reply]] = {}
         self._ids = itertools.count(1000)
         self._stop = threading.Event()
@@ -51,7 +79,6 @@ class FakeAgent:
         self._server.bind(str(path))
         self._server.listen(4)
         self._server.settimeout(0.02)
-        self._born = time.monotonic()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -74,13 +101,12 @@ class FakeAgent:
                 self._session(conn)
 
     def _session(self, conn: socket.socket) -> None:
-        conn.settimeout(0.02)
         conn.sendall(self.stale)  # left over from an earlier client
+        conn.settimeout(0.02)  # for reading only: each recv wakes up to see whether to stop
         buf = b""
         while not self._stop.is_set():
-            if self.mute or time.monotonic() - self._born < self.start_after:
-                time.sleep(0.01)  # not started: what the client sends waits in the socket
-                continue
+            if not self.up.wait(0.01):
+                continue  # not started: what the client sends waits in the socket
             try:
                 data = conn.recv(1 << 16)
             except TimeoutError:
@@ -94,7 +120,7 @@ class FakeAgent:
                 line, buf = buf.split(b"\n", 1)
                 while line.startswith(b"\xff"):
                     line = line[1:]
-                    conn.sendall(STRAY)
+                    self._send(conn, STRAY)
                 if not line.strip():
                     continue
                 request = json.loads(line)
@@ -102,11 +128,19 @@ class FakeAgent:
                 if self._answer(conn, request) == "close":
                     return
 
+    @staticmethod
+    def _send(conn: socket.socket, data: bytes) -> None:
+        """Send all of it, however long a loaded machine's client takes to read a large reply."""
+        conn.settimeout(None)
+        try:
+            conn.sendall(data)
+        finally:
+            conn.settimeout(0.02)
+
     def _answer(self, conn: socket.socket, request: dict[str, Any]) -> str | None:
         command, args = request["execute"], request.get("arguments", {})
-        time.sleep(self.delays.get(command, 0.0))
         if command == "guest-sync-delimited":
-            conn.sendall(b"\xff" + json.dumps({"return": args["id"]}).encode() + b"\n")
+            self._send(conn, b"\xff" + json.dumps({"return": args["id"]}).encode() + b"\n")
             return None
         handler = self.handlers.get(command) or getattr(self, "do_" + command.replace("-", "_"), None)
         if handler is None:
@@ -116,7 +150,7 @@ class FakeAgent:
         if reply == "close":
             return "close"
         if isinstance(reply, dict):
-            conn.sendall(json.dumps(reply).encode() + b"\n")
+            self._send(conn, json.dumps(reply).encode() + b"\n")
         return None
 
     # -- commands -----------------------------------------------------------
@@ -238,7 +272,7 @@ def fake(make_agent: Callable[..., FakeAgent]) -> FakeAgent:
 @pytest.fixture
 def agent(fake: FakeAgent) -> Iterator[GuestAgent]:
     with GuestAgent(fake.path) as client:
-        client.sync(1.0)
+        client.sync(ANSWERS)
         yield client
 
 
@@ -257,7 +291,7 @@ STALE = [
 def test_sync_skips_whatever_was_left_in_the_socket(make_agent: Callable[..., FakeAgent], stale: bytes) -> None:
     fake = make_agent(stale=stale)
     with GuestAgent(fake.path) as agent:
-        agent.sync(1.0)
+        agent.sync(ANSWERS)
         assert agent.hostname() == "fake"
         agent.ping()
         assert agent.hostname() == "fake"
@@ -273,8 +307,8 @@ def test_first_call_syncs_by_itself(fake: FakeAgent) -> None:
 
 def test_sync_ids_are_random(fake: FakeAgent) -> None:
     with GuestAgent(fake.path) as agent:
-        agent.sync(1.0)
-        agent.sync(1.0)
+        agent.sync(ANSWERS)
+        agent.sync(ANSWERS)
     first, second = (r["arguments"]["id"] for r in fake.received)
     assert first != second
 
@@ -305,16 +339,22 @@ def test_a_silent_agent_times_out(make_agent: Callable[..., FakeAgent]) -> None:
     fake = make_agent(mute=True)
     with GuestAgent(fake.path) as agent:
         started = time.monotonic()
-        with pytest.raises(Timeout, match="did not answer guest-sync-delimited"):
+        with pytest.raises(Timeout, match=r"did not answer guest-sync-delimited within 0\.2 s"):
             agent.sync(0.2)
-        assert time.monotonic() - started < 0.5
+        hang_guard(started, 0.2)
 
 
 def test_a_late_reply_is_not_taken_for_the_next_one(agent: GuestAgent, fake: FakeAgent) -> None:
-    fake.handlers["guest-slow"] = lambda args: {"return": "late"}
-    fake.delays["guest-slow"] = 0.2
+    timed_out = threading.Event()
+
+    def slow(args: dict[str, Any]) -> Reply:
+        assert timed_out.wait(ANSWERS)  # the reply comes only once the caller has given up on it
+        return {"return": "late"}
+
+    fake.handlers["guest-slow"] = slow
     with pytest.raises(Timeout, match="guest-slow"):
         agent.call("guest-slow", timeout=0.05)
+    timed_out.set()
     # the late "late" arrives while the next call resynchronises
     assert agent.hostname() == "fake"
     assert fake.commands()[-2:] == ["guest-sync-delimited", "guest-get-host-name"]
@@ -346,7 +386,7 @@ def test_hang_up_mid_call_is_unreachable(agent: GuestAgent, fake: FakeAgent) -> 
 ])
 def test_exec(agent: GuestAgent, fake: FakeAgent, argv: list[str], stdin: bytes | None,
               expected: tuple[int, bytes, bytes]) -> None:
-    assert agent.exec(argv, input=stdin, timeout=1.0) == expected
+    assert agent.exec(argv, input=stdin, timeout=ANSWERS) == expected
     request = next(r for r in fake.received if r["execute"] == "guest-exec")
     assert request["arguments"]["capture-output"] is True
     assert request["arguments"]["arg"] == argv[1:]
@@ -357,7 +397,7 @@ def test_exec_timeout(agent: GuestAgent) -> None:
     started = time.monotonic()
     with pytest.raises(Timeout, match=r"hang in the guest did not finish within 0\.3 s"):
         agent.exec(["hang"], timeout=0.3)
-    assert time.monotonic() - started < 0.7
+    hang_guard(started, 0.3)
     agent.ping()
 
 
@@ -402,18 +442,24 @@ def test_set_time(agent: GuestAgent, fake: FakeAgent) -> None:
     assert fake.clock is not None and before <= fake.clock <= time.time_ns()
 
 
-def test_shutdown_hangs_up_and_that_is_success(agent: GuestAgent, fake: FakeAgent) -> None:
-    started = time.monotonic()
-    agent.shutdown()
-    assert time.monotonic() - started < 0.5
+def test_shutdown_hangs_up_and_that_is_success(agent: GuestAgent, fake: FakeAgent,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = spy_calls(monkeypatch, agent)
+    agent.shutdown(wait=ANSWERS)
+    # the hang-up itself ended the wait (no timeout ran out)
+    assert calls == [("guest-shutdown", "AgentUnreachable")]
     assert fake.received[-1] == {"execute": "guest-shutdown", "arguments": {"mode": "powerdown"}}
 
 
-def test_shutdown_with_silence_is_success(agent: GuestAgent, fake: FakeAgent) -> None:
+def test_shutdown_with_silence_is_success(agent: GuestAgent, fake: FakeAgent,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     fake.handlers["guest-shutdown"] = lambda args: None  # the guest is still on its way down
+    calls = spy_calls(monkeypatch, agent)
     started = time.monotonic()
     agent.shutdown("reboot", wait=0.2)
-    assert 0.2 <= time.monotonic() - started < 0.6
+    assert calls == [("guest-shutdown", "Timeout")]
+    assert time.monotonic() - started >= 0.2  # it waited out the silence (a monotonic deadline)
+    hang_guard(started, 0.2)
 
 
 def test_shutdown_refused(agent: GuestAgent) -> None:
@@ -431,24 +477,33 @@ def test_shutdown_of_an_agent_that_is_not_up_is_not_success(make_agent: Callable
 def test_wait_for_an_agent_that_starts_late(make_agent: Callable[..., FakeAgent]) -> None:
     # several syncs queue up before the agent starts; each 0xFF will earn a parse error,
     # and none of that may be mistaken for a reply afterwards
-    fake = make_agent(start_after=0.35, stale=b'{"return": {"host-name": "old"}}\n')
-    started = time.monotonic()
-    with wait_for_agent(fake.path, 2.0, poll=0.1) as agent:
-        assert 0.3 < time.monotonic() - started < 0.8
+    fake = make_agent(mute=True, stale=b'{"return": {"host-name": "old"}}\n')
+    attempts = itertools.count(1)
+
+    def alive() -> bool:  # asked before each attempt: the agent starts after three unanswered syncs
+        if next(attempts) == 4:
+            fake.up.set()
+        return True
+
+    with wait_for_agent(fake.path, ANSWERS, alive=alive, poll=0.1) as agent:
+        assert fake.up.is_set()
         for _ in range(3):
             assert agent.hostname() == "fake"
             agent.ping()
-    assert fake.commands().count("guest-sync-delimited") >= 3
+    assert fake.commands().count("guest-sync-delimited") >= 4
 
 
 def test_wait_for_a_socket_that_appears_late(sock_path: Path, make_agent: Callable[..., FakeAgent]) -> None:
-    timer = threading.Timer(0.2, make_agent)
-    timer.start()
-    try:
-        with wait_for_agent(sock_path, 2.0, poll=0.05) as agent:
-            assert agent.hostname() == "fake"
-    finally:
-        timer.join()
+    attempts = itertools.count(1)
+
+    def alive() -> bool:  # asked before each attempt: the socket appears after two attempts found none
+        if next(attempts) == 3:
+            make_agent()
+        return True
+
+    with wait_for_agent(sock_path, ANSWERS, alive=alive, poll=0.05) as agent:
+        assert agent.hostname() == "fake"
+    assert next(attempts) > 3  # the attempts before the socket appeared failed and were retried
 
 
 def test_wait_times_out(make_agent: Callable[..., FakeAgent]) -> None:
@@ -457,17 +512,21 @@ def test_wait_times_out(make_agent: Callable[..., FakeAgent]) -> None:
     with pytest.raises(Timeout, match=r"did not answer within 0\.3 s") as info:
         wait_for_agent(fake.path, 0.3, poll=0.1)
     assert "connected, but the agent did not answer" in info.value.message
-    assert time.monotonic() - started < 0.6
+    hang_guard(started, 0.3)
 
 
 def test_wait_stops_at_once_when_the_vm_dies(make_agent: Callable[..., FakeAgent]) -> None:
     fake = make_agent(mute=True)
-    deadline = time.monotonic() + 0.2
-    started = time.monotonic()
+    asked: list[int] = []
+
+    def alive() -> bool:  # QEMU is gone at the third look
+        asked.append(1)
+        return len(asked) < 3
+
     with pytest.raises(KpError) as info:
-        wait_for_agent(fake.path, 30.0, alive=lambda: time.monotonic() < deadline, poll=0.05)
-    assert info.value.code == "vm_died"
-    assert time.monotonic() - started < 0.6
+        wait_for_agent(fake.path, ANSWERS, alive=alive, poll=0.05)
+    assert info.value.code == "vm_died"  # not the timeout: it stopped at once
+    assert len(asked) == 3
 
 
 def test_close_hangs_up(fake: FakeAgent) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -281,21 +280,30 @@ def test_a_second_builder_waits_for_the_first_and_uses_its_image(monkeypatch: py
     p = profile.load("shell")
     tag = p.tag(BASE_ID)
     said: list[str] = []
+    waiting = threading.Event()
     out = Output("kp-run", verbose=True)
-    monkeypatch.setattr(out, "progress", said.append)
+
+    def progress(message: str) -> None:
+        said.append(message)
+        if "waiting for another kodepipe command" in message:
+            waiting.set()
+
+    monkeypatch.setattr(out, "progress", progress)
+    finished: list[bool] = []
 
     def other_builder() -> None:
         with Store().lock("profile.shell"):
             holding.set()
-            time.sleep(0.5)
+            finished.append(waiting.wait(60))  # it holds the lock until the second builder waits for it
             fake.images.add(tag)  # it finished its build
 
     holding = threading.Event()
     thread = threading.Thread(target=other_builder)
     thread.start()
-    holding.wait(5)
+    assert holding.wait(60)
     assert profile.ensure_image(p, out) == tag
     thread.join()
+    assert finished == [True]
     assert fake.built == []
     assert any("waiting for another kodepipe command" in s for s in said)
 

@@ -133,14 +133,14 @@ def test_without_known_hosts_it_says_to_run_kp_ip_first(vm: FakeVM, server: SSHS
     assert server.commands == []
 
 
-def test_a_key_the_vm_does_not_authorize_fails_without_retrying(vm: FakeVM, tmp_path: Path) -> None:
+def test_a_key_the_vm_does_not_authorize_fails_without_retrying(vm: FakeVM, server: SSHServer,
+                                                               tmp_path: Path) -> None:
     other = tmp_path / "id_other"
     other.write_bytes(ed25519_pem())
-    started = time.monotonic()
     result = invoke("kp-ssh", "--identity", str(other), "s1", "--", "true")
     assert result.status == 1
     assert result.records[0]["error"]["code"] == "auth_failed"
-    assert time.monotonic() - started < 5
+    assert server.auth_attempts == ["kp"]  # one attempt: the refusal was not retried
 
 
 def test_a_stopped_vm_and_an_unknown_name_fail_in_band_and_the_rest_still_run(vm: FakeVM) -> None:
@@ -168,7 +168,7 @@ def test_connection_refused_is_retried_until_the_timeout_then_75() -> None:
     assert result.status == 75
     assert result.records[0]["error"]["code"] == "timeout"
     assert "did not accept a connection within 1 s" in result.records[0]["error"]["message"]
-    assert 0.9 < time.monotonic() - started < 5
+    assert time.monotonic() - started >= 1.0  # it kept trying until its (monotonic) deadline
 
 
 def test_a_port_that_closes_before_the_banner_is_retried_quietly() -> None:
@@ -192,15 +192,16 @@ def test_a_port_that_closes_before_the_banner_is_retried_quietly() -> None:
     try:
         made.set_ssh(listener.getsockname()[1], ed25519_key())
         # in a process of its own: pytest's log capture would hide paramiko's tracebacks
-        proc = subprocess.run([str(BIN / "kp-ssh"), "--timeout", "1.5", "s1", "--", "true"],
-                              capture_output=True, text=True, timeout=30)
+        # long enough for a second attempt whatever the load (one attempt takes milliseconds)
+        proc = subprocess.run([str(BIN / "kp-ssh"), "--timeout", "5", "s1", "--", "true"],
+                              capture_output=True, text=True, timeout=60)
     finally:
         listener.close()
         made.stop()
     assert proc.returncode == 75
     assert len(accepted) >= 2  # retried
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert "did not accept a connection within 1.5 s" in proc.stderr
+    assert "did not accept a connection within 5 s" in proc.stderr
 
 
 def test_a_server_that_comes_up_late_is_reached(server: SSHServer) -> None:
