@@ -19,7 +19,7 @@ import click
 
 from kodepipe import errors
 from kodepipe.errors import BadInput, KpError
-from kodepipe.records import PipeClosed, Record, Writer, read, with_error
+from kodepipe.records import Line, PipeClosed, Record, Writer, read, with_error
 
 
 def _colour(stream: IO[str]) -> bool:
@@ -77,8 +77,47 @@ class Output:
         self.statuses.add(exc.status)
         self.error(f"stdin {exc.message}; the line was skipped")
 
-    def records(self, stream: IO[bytes] | None = None) -> Iterator[tuple[int, Record]]:
+    def records(self, stream: IO[bytes] | None = None) -> Iterator[Line]:
+        """Each record on stdin (or ``stream``) as a ``Line``: its number and typed reads of its fields.
+
+        A line that is not a JSON object is reported by number and skipped (65)."""
         return read(stream if stream is not None else sys.stdin.buffer, self.bad_line)
+
+    def objects(self, kinds: tuple[str, ...], *, honour_failed: bool = False, fields: tuple[str, ...] = (),
+                stream: IO[bytes] | None = None) -> Iterator[tuple[Line, str, str | None]]:
+        """The records on stdin that name one of kodepipe's objects of ``kinds``: (line, name, id).
+
+        Every other record is written through unchanged, and so is a record
+        that an earlier stage failed on (it carries an "error"), unless
+        ``honour_failed`` (kp-rm still cleans up what a failed record names
+        by an "id").  A name that is not hostname-safe, or an "id" that is
+        not a string (a number, null, ...), is bad input (65) naming the
+        line: the record fails and nothing is done for it, so a malformed
+        record can never switch off the stale-record check.  A failed record
+        with such an identity is passed through as it is, and nothing is done.
+        ``fields`` are the other string fields the command reads (absent or null is fine).
+        """
+        for line in self.records(stream):
+            kind = line.kind
+            if kind not in kinds:
+                self.emit(line.record)
+                continue
+            if line.failed and not (honour_failed and "id" in line.record):
+                self.emit(line.record)
+                continue
+            try:
+                name, rid = line.identity(f"{kind} name")
+                for key in fields:
+                    line.text(key)
+            except KpError as exc:
+                if line.failed:
+                    self.statuses.add(exc.status)
+                    self.error(f"stdin {exc.message}; nothing was done for it")
+                    self.emit(line.record)
+                else:
+                    self.fail(line.record, exc)
+                continue
+            yield line, name, rid
 
     def status(self) -> int:
         return errors.worst(self.statuses)

@@ -771,6 +771,14 @@ class Parser:
         args, _ = split_args(pending.args)
         return [self._event(pending.name, args, "", None, None, None, tid, pending.ts, pending.line, "unfinished")]
 
+    def unreadable(self, shown: str, reason: str) -> list[Event]:
+        """A line that is not text strace could have written (a NUL byte, bytes that are not UTF-8, or
+        longer than the reader's cap): counted as a line and reported as a parse_error event, with
+        ``shown`` (an escaped, shortened form) as its raw text, so nothing is dropped silently."""
+        self.lineno += 1
+        self.raw = shown
+        return [self._error(shown, reason, None, None)]
+
     def finish(self) -> list[Event]:
         """The end of the input: emit every call still unfinished."""
         out = []
