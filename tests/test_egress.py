@@ -10,6 +10,7 @@ import logging
 import socket
 import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -673,6 +674,18 @@ def test_a_connection_whose_client_half_closed_lives_until_its_answer(tmp_path: 
                 conn.settimeout(10)
                 while conn.recv(65536):  # the request, then the client's end passed on
                     pass
+                # let the proxy's loop settle (the request's sender finishing takes a few rounds),
+                # then collect: only what is still referenced survives
+                settled = threading.Event()
+
+                def hop(rounds: int) -> None:
+                    if rounds:
+                        p.loop.call_soon(hop, rounds - 1)
+                    else:
+                        settled.set()
+
+                p.loop.call_soon_threadsafe(hop, 20)
+                assert settled.wait(10)
                 gc.collect()
                 conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
             assert rest(client).endswith(b"\r\n\r\nok")
