@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +71,29 @@ def find(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
     deadline = started + timeout
     folder, meta = runtime.vm_meta(store, name, expect_id)
     boot = meta.get("boot")
-    state = vms.view(store, name)["state"]
-    if not isinstance(boot, dict) or state not in ("running", "suspended"):
-        raise KpError(f"{name} is not running (it is {state})", code="not_running", hint=f"kp-boot {name}")
-    if state == "suspended":
-        raise KpError(f"{name} is suspended: its guest agent cannot answer", code="suspended",
-                      hint=f"kp-stop --resume {name}")
+    problem = vms.unusable(vms.view(store, name))
+    if problem is not None or not isinstance(boot, dict):
+        raise problem or KpError(f"{name} is not running", code="not_running", hint=f"kp-boot {name}")
 
-    def timed_out(what: str) -> Timeout:
+    def stuck() -> KpError | None:
+        """Frozen or suspended since: nothing in the guest can answer, and waiting longer will not help."""
+        live = qemu.live(boot, name, busy=lambda: store.lock_held(name))
+        if live.state in ("running", "crashed", "stopped"):
+            return None
+        return vms.unusable({"name": name, **live.fields()})
+
+    def alive() -> bool:
+        if not qemu.is_alive(boot):
+            return False
+        problem = stuck()
+        if problem is not None:
+            raise problem
+        return True
+
+    def timed_out(what: str) -> KpError:
+        problem = stuck()
+        if problem is not None:
+            return problem
         hint = "the guest may still be booting: try a longer --timeout"
         if boot.get("accel") == "kvm":
             hint += "; if KVM is broken on this host (nested virtualisation), boot with --accel tcg"
@@ -85,33 +101,18 @@ def find(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
                        f"the serial console's last lines:\n{serial_tail(boot)}", hint=hint)
 
     try:
-        agent = wait_for_agent(Path(boot["sockets"]["qga"]), timeout, alive=lambda: qemu.is_alive(boot))
+        agent = wait_for_agent(Path(boot["sockets"]["qga"]), timeout, alive=alive)
     except Timeout:
         raise timed_out("the guest agent did not answer") from None
-    with agent:
-        found = interfaces(agent.interfaces())
-        while first_ipv4(found) is None and boot.get("net") != "none":
-            # the agent can start before DHCP has answered
-            if time.monotonic() > deadline:
-                raise timed_out("the guest got no IPv4 address")
-            time.sleep(0.5)
-            found = interfaces(agent.interfaces())
-        host_key = None
-        while host_key is None:
-            try:
-                host_key = parse_public_key(agent.read_file(HOST_KEY).decode(), HOST_KEY)
-            except KpError:
-                # made by kp-ssh-hostkey.service early in boot; the agent can be quicker
-                if time.monotonic() > deadline:
-                    raise timed_out(f"the guest made no SSH host key ({HOST_KEY})") from None
-                time.sleep(0.5)
-        if boot.get("share"):
-            status, _, err = agent.exec(["/bin/sh", "-c", "mkdir -p /workspace && (mountpoint -q /workspace || "
-                                         "mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "
-                                         "workspace /workspace)"], timeout=30)
-            if status != 0:
-                raise KpError(f"{name}: mounting the shared directory failed: {err.decode(errors='replace')}",
-                              code="share_failed")
+    try:
+        with agent:
+            found, host_key = _ask_agent(agent, name, boot, deadline, timed_out)
+    except KpError as exc:
+        # an agent that stops answering halfway: if the VM froze under us, say that
+        problem = stuck() if exc.code not in ("frozen", "suspended") else None
+        if problem is not None:
+            raise problem from None
+        raise
     ssh = boot.get("ssh")
     if ssh is None and first_ipv4(found) and boot.get("net", "").startswith("bridge:"):
         ssh = {"host": first_ipv4(found), "port": 22, "user": vms_user(store, meta)}
@@ -133,6 +134,35 @@ def find(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
                                 ready=now_iso())
             store.write_meta(folder, meta)
     return vms.view(store, name)
+
+
+def _ask_agent(agent: Any, name: str, boot: dict[str, Any], deadline: float,
+               timed_out: Callable[[str], KpError]) -> tuple[list[dict[str, Any]], str]:
+    """The guest's addresses and SSH host key, through its agent (and its shared folder mounted)."""
+    found = interfaces(agent.interfaces())
+    while first_ipv4(found) is None and boot.get("net") != "none":
+        # the agent can start before DHCP has answered
+        if time.monotonic() > deadline:
+            raise timed_out("the guest got no IPv4 address")
+        time.sleep(0.5)
+        found = interfaces(agent.interfaces())
+    host_key = None
+    while host_key is None:
+        try:
+            host_key = parse_public_key(agent.read_file(HOST_KEY).decode(), HOST_KEY)
+        except KpError:
+            # made by kp-ssh-hostkey.service early in boot; the agent can be quicker
+            if time.monotonic() > deadline:
+                raise timed_out(f"the guest made no SSH host key ({HOST_KEY})") from None
+            time.sleep(0.5)
+    if boot.get("share"):
+        status, _, err = agent.exec(["/bin/sh", "-c", "mkdir -p /workspace && (mountpoint -q /workspace || "
+                                     "mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "
+                                     "workspace /workspace)"], timeout=30)
+        if status != 0:
+            raise KpError(f"{name}: mounting the shared directory failed: {err.decode(errors='replace')}",
+                          code="share_failed")
+    return found, host_key
 
 
 def vms_user(store: Store, meta: dict[str, Any]) -> str:

@@ -94,7 +94,7 @@ def refresh(store: Store, record: Record) -> Record:
         # same name, but a different object than the record named
         return {**record, "state": "gone"}
     _add_disk_bytes(current)
-    return {**record, **current}
+    return vms.fresh(record, current)
 
 
 def _add_disk_bytes(record: Record) -> None:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,3 +238,184 @@ def wait_gone(boot_meta: dict[str, Any], timeout: float) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+# -- what a live QEMU is doing ------------------------------------------------
+#
+# QMP's query-status gives QEMU's run state.  kodepipe shows three of them
+# as they are (running; suspended: paused by kp-stop --suspend, or by the
+# guest itself) and every other one as "frozen": the VM is alive but runs no
+# guest code, for a reason the record says ("qemu_status", "problem") with
+# what to do about it ("hint").  What each reason means, and which kp-stop
+# --resume can undo, was found on QEMU itself (tests/integration/test_frozen.py).
+
+# a migration (kp-stop --save) still going: QEMU writes the state out and keeps the VM stopped
+MIGRATING = frozenset({"setup", "active", "pre-switchover", "device", "cancelling", "wait-unplug",
+                       "postcopy-active", "postcopy-paused", "postcopy-recover", "colo"})
+# run states `cont` cannot leave: only a restart helps
+NEEDS_RESTART = frozenset({"internal-error", "shutdown", "guest-panicked"})
+# less than this free on the filesystem holding a disk, and a resumed VM stops again at once
+# (a qcow2 write allocates a 64 KiB cluster, and may need new L2 and refcount tables too)
+MIN_FREE = 1 << 20
+
+
+@dataclass(frozen=True)
+class DiskError:
+    """A disk QEMU stopped the VM for (QMP query-block's io-status)."""
+
+    io_status: str  # "nospace" (ENOSPC: the filesystem holding the file is full) or "failed" (EIO, ...)
+    file: str
+    free: int | None = None  # bytes the filesystem holding ``file`` has free now, when known
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a VM's monitor says: its run state and, for a stopped one, why."""
+
+    status: str
+    migration: str | None = None  # query-migrate's status, when the VM is stopped and there was one
+    migration_error: str | None = None
+    disk_errors: tuple[DiskError, ...] = ()
+
+
+@dataclass(frozen=True)
+class Live:
+    """A vm record's live state, with why and what to do when it is not simply running."""
+
+    state: str  # running, suspended, frozen, crashed or stopped
+    qemu_status: str | None = None
+    problem: str | None = None
+    hint: str | None = None
+
+    def fields(self) -> dict[str, str]:
+        return {k: v for k, v in (("state", self.state), ("qemu_status", self.qemu_status),
+                                  ("problem", self.problem), ("hint", self.hint)) if v is not None}
+
+
+def classify(name: str, facts: Facts, *, paused_by_kodepipe: bool, starting: bool = False) -> Live:
+    """The live state of a VM whose QEMU is alive, from what its monitor said.  Pure.
+
+    ``paused_by_kodepipe``: kp-stop --suspend froze it (the record says so).
+    ``starting``: another kodepipe command holds the VM's lock (kp-boot loading a saved state).
+    """
+    status = facts.status
+    resume = f"kp-stop --resume {name}"
+    restart = f"kp-stop --kill {name}, then kp-boot {name} (its disk is kept)"
+
+    def frozen(problem: str, hint: str) -> Live:
+        return Live("frozen", status, problem, hint)
+
+    if status == "running" or (status == "inmigrate" and starting):
+        return Live("running")
+    if status == "suspended":
+        return Live("suspended", problem="the guest suspended itself (ACPI sleep)", hint=f"{resume} wakes it")
+    if status in ("paused", "finish-migrate", "postmigrate") and facts.migration in MIGRATING:
+        return frozen("a save of its state (kp-stop --save) is still being written, but the command that started "
+                      "it is gone", f"{resume} cancels the save and runs it again")
+    if status == "paused":
+        if paused_by_kodepipe:
+            return Live("suspended")
+        if facts.migration in ("failed", "cancelled"):
+            why = f": {facts.migration_error}" if facts.migration_error else ""
+            return frozen(f"a save of its state {facts.migration}{why}, and left it paused",
+                          f"{resume} runs it again")
+        return frozen("it was paused outside kodepipe (QMP stop)", f"{resume} runs it again")
+    if status in ("postmigrate", "finish-migrate"):
+        return frozen("a save of its state was interrupted (kp-stop --save did not end QEMU): QEMU keeps the VM "
+                      "stopped after a save", f"{resume} runs it again (then kp-stop --save {name} to save it)")
+    if status == "io-error":
+        return _disk_error(facts.disk_errors, resume)
+    if status == "inmigrate":
+        return frozen("QEMU still waits for the saved state it was to resume from (kp-boot was interrupted)",
+                      f"kp-stop --kill {name}, then kp-boot {name} resumes it again")
+    if status == "prelaunch":
+        return frozen("QEMU was started but never told to run the guest", f"{resume} runs it")
+    if status in ("save-vm", "restore-vm"):
+        return frozen("QEMU is saving or loading a snapshot (savevm/loadvm, outside kodepipe)",
+                      "wait for it to finish, then kp-ls again")
+    if status == "internal-error":
+        return frozen("QEMU stopped it on an internal error (it could not emulate the guest any further)", restart)
+    if status == "guest-panicked":
+        return frozen("the guest's kernel panicked", restart)
+    if status == "shutdown":
+        return frozen("the guest shut down, but QEMU did not exit", restart)
+    if status == "watchdog":
+        return frozen("the guest's watchdog fired and QEMU paused it", f"{resume} runs it again")
+    if status == "debug":
+        return frozen("a debugger (QEMU's gdb stub) stopped it", f"{resume} runs it again")
+    return frozen(f"QEMU reports it as {status!r}, not running", f"{resume}, or {restart}")
+
+
+def _disk_error(errors: tuple[DiskError, ...], resume: str) -> Live:
+    full = [e for e in errors if e.io_status == "nospace"]
+    if full:
+        where = os.path.dirname(full[0].file) or full[0].file
+        free = f" ({human_bytes(full[0].free)} free now)" if full[0].free is not None else ""
+        return Live("frozen", "io-error", f"QEMU stopped it on a write error: no space left on the filesystem "
+                                          f"holding its disk {full[0].file}{free}",
+                    f"free space on the filesystem holding {where}, then {resume}")
+    if errors:
+        return Live("frozen", "io-error", f"QEMU stopped it on an I/O error on its disk {errors[0].file}",
+                    f"check the disk holding {errors[0].file} (dmesg), free space on it if it is full, then {resume}")
+    return Live("frozen", "io-error", "QEMU stopped it on an I/O error on its disk (a full disk?)",
+                f"free space on the filesystem holding its disk, then {resume}")
+
+
+def disk_errors(blocks: list[dict[str, Any]]) -> list[DiskError]:
+    """The devices of QMP query-block that failed (io-status not "ok"), with their image files.  Pure."""
+    found = []
+    for block in blocks:
+        status = block.get("io-status")
+        if status in ("nospace", "failed"):
+            inserted = block.get("inserted") or {}
+            found.append(DiskError(str(status), str(inserted.get("file") or block.get("device") or "?")))
+    return found
+
+
+def free_bytes(file: str) -> int | None:
+    """Bytes QEMU (running as this user) can still write on the filesystem holding ``file``."""
+    try:
+        st = os.statvfs(os.path.dirname(file) or ".")
+    except (OSError, ValueError):
+        return None
+    # root may use the blocks a filesystem reserves for it; others may not
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def human_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def live(boot: dict[str, Any], name: str, *, busy: Callable[[], bool] = lambda: False) -> Live:
+    """Checked now: crashed or stopped when QEMU is gone, else what its monitor says.
+
+    When the monitor does not answer at once (it serves one client at a time, and
+    kp-stop --save or kp-boot may be using it), kodepipe's own record answers.
+    ``busy`` says whether another command holds the VM's lock.
+    """
+    if not is_alive(boot):
+        if boot.get("boot_id") == proc.boot_id():
+            return Live("crashed", problem="QEMU exited without kp-stop; see the serial log",
+                        hint=f"kp-boot {name} starts it again")
+        return Live("stopped")  # the host rebooted since: nothing crashed, nothing runs
+    facts = ask(boot)
+    if facts is None:
+        return Live("suspended" if boot.get("paused") else "running")
+    return classify(name, facts, paused_by_kodepipe=bool(boot.get("paused")),
+                    starting=facts.status == "inmigrate" and busy())
+
+
+def ask(boot: dict[str, Any], timeout: float = 0.5) -> Facts | None:
+    """What the VM's monitor says now, or None when it does not answer within ``timeout``."""
+    from kodepipe.qmp import Monitor
+
+    try:
+        with Monitor(Path(boot["sockets"]["qmp"]), timeout=timeout) as monitor:
+            return monitor.facts()
+    except (KpError, KeyError, TypeError, OSError):
+        return None

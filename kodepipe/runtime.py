@@ -38,6 +38,8 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
         current = vms.view(store, name)
         if current["state"] in ("running", "suspended"):
             return current, True
+        if current["state"] == "frozen":  # its QEMU is alive: a second one must never start on the same disk
+            vms.require_running(current)
         if current["state"] == "broken":
             raise KpError(f"{name} cannot boot: {current.get('problem')}", code="broken",
                           hint=f"remove it with kp-rm {name}")
@@ -299,7 +301,11 @@ def pause(store: Store, name: str, *, resume: bool, expect_id: str | None = None
                           hint="kp-boot starts it" + (" (it was saved: kp-boot resumes it)"
                                                       if meta.get("saved") else ""))
         with Monitor(Path(boot_meta["sockets"]["qmp"])) as monitor:
-            monitor.execute("cont" if resume else "stop")
+            if resume:  # from kp-stop --suspend, and from the frozen states QEMU can leave (Monitor.resume)
+                monitor.resume(name)
+                (folder / (RAM_STATE + ".partial")).unlink(missing_ok=True)  # left by a kp-stop --save cut off
+            else:
+                monitor.execute("stop")
         boot_meta["paused"] = not resume
         store.write_meta(folder, meta)
     return vms.view(store, name)
@@ -308,12 +314,15 @@ def pause(store: Store, name: str, *, resume: bool, expect_id: str | None = None
 def save_ram(qmp_socket: Path, target: Path, *, timeout: float) -> None:
     """Freeze the VM, write its whole state to ``target`` and end QEMU.
 
-    The file goes to QEMU as an open fd (its sandbox forbids exec: URIs);
-    on failure the VM is thawed and left running.
+    The file goes to QEMU as an open fd (its sandbox forbids exec: URIs).
+    On failure, a timeout or an interruption the save is cancelled and the
+    VM thawed and left running: left alone, QEMU would finish the save and
+    keep the VM frozen (postmigrate) with nobody to end it.
     """
     from kodepipe.qmp import Monitor
 
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    ended = False
     try:
         with Monitor(qmp_socket) as monitor:
             monitor.execute("stop")
@@ -326,13 +335,29 @@ def save_ram(qmp_socket: Path, target: Path, *, timeout: float) -> None:
                 if status == "completed":
                     break
                 if status in ("failed", "cancelled") or time.monotonic() > deadline:
-                    monitor.execute("cont")
                     detail = f": {info['error-desc']}" if info.get("error-desc") else ""
                     raise KpError(f"saving the VM's state failed: migration {status}{detail}", code="save_failed")
                 time.sleep(0.1)
             monitor.execute("quit")
+            ended = True
+    except BaseException:
+        if not ended:
+            _thaw(qmp_socket, target.parent.name)
+        raise
     finally:
         os.close(fd)
+
+
+def _thaw(qmp_socket: Path, name: str) -> None:
+    """Cancel a save that failed or was interrupted and run the VM again (a new session: the old one
+    may have been cut off mid-command).  If that fails too, kp-ls shows the VM as frozen, and why."""
+    from kodepipe.qmp import Monitor
+
+    try:
+        with Monitor(qmp_socket) as monitor:
+            monitor.resume(name)
+    except KpError:
+        pass
 
 
 def _unmount_share(boot_meta: dict[str, Any], name: str) -> None:
@@ -357,6 +382,9 @@ def save(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
         boot_meta = meta.get("boot")
         if not isinstance(boot_meta, dict) or not qemu.is_alive(boot_meta):
             raise KpError(f"{name} is not running", code="not_running")
+        current = vms.view(store, name)
+        if current["state"] == "frozen":  # QEMU refuses to save again after a save, and a full disk stays full
+            vms.require_running(current)
         target = folder / RAM_STATE
         partial = folder / (RAM_STATE + ".partial")
         if boot_meta.get("share"):

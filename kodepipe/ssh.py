@@ -22,6 +22,7 @@ from kodepipe.errors import BadInput, KpError, Timeout
 from kodepipe.records import Record
 
 RETRY_PAUSE = 0.5
+WATCH_EVERY = 5.0  # seconds of silence from a command between two calls of execute's ``watch``
 
 
 @dataclass(frozen=True)
@@ -47,12 +48,12 @@ class Endpoint:
 
 def endpoint(record: Record) -> Endpoint:
     """The SSH endpoint of a current vm record, or a KpError saying what to do first."""
+    from kodepipe import vms
+
     name = str(record.get("name"))
-    state = record.get("state")
-    if state == "suspended":
-        raise KpError(f"{name} is suspended", code="suspended", hint=f"kp-stop --resume {name}")
-    if state != "running":
-        raise KpError(f"{name} is not running (it is {state})", code="not_running", hint=f"kp-boot {name}")
+    problem = vms.unusable(record)  # suspended, frozen (with QEMU's reason and what to do), not running
+    if problem is not None:
+        raise problem
     ssh = record.get("ssh")
     if not isinstance(ssh, dict):
         if record.get("net") == "none":
@@ -171,14 +172,17 @@ class Outcome:
     seconds: float
 
 
-def execute(client: Any, command: str, *, echo: Callable[[bytes], None] | None = None) -> Outcome:
+def execute(client: Any, command: str, *, echo: Callable[[bytes], None] | None = None,
+            watch: Callable[[], None] | None = None) -> Outcome:
     """Run ``command`` through the remote user's shell, without a pty and with empty stdin.
 
-    ``echo`` gets stdout and stderr chunks as they arrive (--stream).  The
-    exit status is -1 when the server sent none (the command was killed by
-    a signal, or the connection dropped).
+    ``echo`` gets stdout and stderr chunks as they arrive (--stream).
+    ``watch`` is called after every WATCH_EVERY seconds of silence (kp-ssh
+    checks that the VM has not frozen).  The exit status is -1 when the
+    server sent none (the command was killed by a signal, or the connection
+    dropped).
     """
-    started = time.monotonic()
+    started = last = time.monotonic()
     channel = client.get_transport().open_session()
     try:
         channel.exec_command(command)
@@ -186,7 +190,11 @@ def execute(client: Any, command: str, *, echo: Callable[[bytes], None] | None =
         out, err = bytearray(), bytearray()
         while True:
             # the channel's fileno is a pipe paramiko sets on stdout data, stderr data and EOF
-            select.select([channel], [], [], 1.0)
+            if select.select([channel], [], [], 1.0)[0]:
+                last = time.monotonic()
+            elif watch is not None and time.monotonic() - last >= WATCH_EVERY:
+                watch()
+                last = time.monotonic()
             while channel.recv_ready():
                 chunk = channel.recv(65536)
                 out += chunk

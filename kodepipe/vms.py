@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kodepipe import images, qemu_img
 from kodepipe.errors import KpError, NotFound
 from kodepipe.records import Record
 from kodepipe.state import Store, check_id, new_id, now_iso
+
+if TYPE_CHECKING:
+    from kodepipe.qemu import Live
 
 DISK = "disk.qcow2"
 
@@ -72,9 +75,7 @@ def view(store: Store, name: str) -> Record:
     boot = record.pop("boot", None)
     if isinstance(boot, dict):
         record.update({k: v for k, v in boot.items() if k != "boot_id"})
-        record["state"] = live_state(boot)
-        if record["state"] == "crashed":
-            record["problem"] = "QEMU exited without kp-stop; see the serial log"
+        record.update(live_state(boot, name, busy=lambda: store.lock_held(name)).fields())
         return record
     if isinstance(meta.get("saved"), dict):
         record["state"] = "saved" if not meta["saved"].get("warm") else "stopped"
@@ -86,27 +87,44 @@ def view(store: Store, name: str) -> Record:
     return record
 
 
-def live_state(boot: dict[str, Any]) -> str:
-    """running, suspended, crashed or stopped: checked against the real process."""
-    from kodepipe import proc, qemu
+def live_state(boot: dict[str, Any], name: str, *, busy: Callable[[], bool] = lambda: False) -> Live:
+    """running, suspended, frozen, crashed or stopped: checked against the real process and its
+    monitor (see qemu.classify), with a problem and a hint when it is not simply running."""
+    from kodepipe import qemu
 
-    if qemu.is_alive(boot):
-        return "suspended" if _paused(boot) else "running"
-    if boot.get("boot_id") == proc.boot_id():
-        return "crashed"
-    return "stopped"  # the host rebooted since: nothing crashed, nothing runs
+    return qemu.live(boot, name, busy=busy)
 
 
-def _paused(boot: dict[str, Any]) -> bool:
-    """Asks QEMU itself (someone may have used the monitor directly); kodepipe's own
-    record answers when the monitor is busy with another client."""
-    from kodepipe.qmp import Monitor
+def unusable(record: Record) -> KpError | None:
+    """Why nothing in VM ``record`` can answer now (not running, suspended, frozen), or None if it runs."""
+    name, state = record.get("name"), record.get("state")
+    if state == "running":
+        return None
+    if state == "frozen":
+        return KpError(f"{name} is frozen: {record.get('problem')}", code="frozen",
+                       hint=str(record.get("hint") or f"kp-stop --resume {name}"))
+    if state == "suspended":
+        why = f" ({record['problem']})" if record.get("problem") else ""
+        return KpError(f"{name} is suspended{why}", code="suspended",
+                       hint=str(record.get("hint") or f"kp-stop --resume {name}"))
+    return KpError(f"{name} is not running (it is {state})", code="not_running", hint=f"kp-boot {name}")
 
-    try:
-        with Monitor(Path(boot["sockets"]["qmp"]), timeout=0.5) as monitor:
-            return monitor.status() in ("paused", "suspended")
-    except (KpError, KeyError, OSError):
-        return bool(boot.get("paused"))
+
+# keys a record's view sets only while they apply: a fresh view drops them from an older record
+VIEW_ONLY = ("problem", "hint", "qemu_status")
+
+
+def fresh(record: Record, current: Record) -> Record:
+    """``current`` (a view made now) laid over an older ``record`` (from stdin): the older record's
+    other keys pass through, but not a "problem" or "hint" that no longer holds (a VM frozen then)."""
+    return {**{k: v for k, v in record.items() if k not in VIEW_ONLY}, **current}
+
+
+def require_running(record: Record) -> None:
+    """Raise the KpError that says why VM ``record`` cannot be used now, if it cannot."""
+    problem = unusable(record)
+    if problem is not None:
+        raise problem
 
 
 def _base_problem(store: Store, meta: dict[str, Any]) -> str | None:
