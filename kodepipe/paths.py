@@ -22,11 +22,27 @@ MAX_SOCKET_PATH = 107
 def _xdg(env: str, xdg: str, fallback: str) -> Path:
     override = os.environ.get(env)
     if override:
-        return Path(override).absolute()
-    base = os.environ.get(xdg)
-    if base and os.path.isabs(base):
-        return Path(base) / "kodepipe"
-    return Path.home() / fallback / "kodepipe"
+        path = Path(override).absolute()
+    else:
+        base = os.environ.get(xdg)
+        path = Path(base) / "kodepipe" if base and os.path.isabs(base) else Path.home() / fallback / "kodepipe"
+    return _directory(path, env)
+
+
+def _directory(path: Path, env: str) -> Path:
+    """``path`` if it is a directory or does not exist yet (it is made when first needed); else a
+    clear error, rather than a traceback from the first file made in it."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as exc:  # ENOTDIR: a file on the way to it; EACCES; ELOOP
+        raise KpError(f"cannot use {path} as kodepipe's directory: {exc.strerror}", code="bad_directory",
+                      hint=f"set {env} to a directory") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise KpError(f"kodepipe's directory {path} is not a directory", code="bad_directory",
+                      hint=f"remove it, or set {env} to a directory")
+    return path
 
 
 def state_dir() -> Path:
@@ -54,6 +70,7 @@ def runtime_dir(create: bool = True) -> Path:
     else:
         path = Path(f"/tmp/kodepipe-{os.getuid()}")
     if create:
+        _directory(path, "KODEPIPE_RUNTIME_DIR")
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = path.lstat()
         # /tmp is shared: refuse a directory someone else made for us

@@ -38,10 +38,13 @@ def parse_public_key(text: str, source: str) -> str:
 
 
 def read_public_key(path: Path) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        raise BadInput(f"cannot read SSH key {path}: {exc.strerror}") from None
+    from kodepipe.records import open_regular
+
+    try:  # a regular file, and at most 64 KiB of it: never /dev/zero or a FIFO
+        with open_regular(str(path), "SSH key") as handle:
+            text = handle.read(65536).decode("utf-8", "replace")
+    except KpError as exc:
+        raise BadInput(exc.message) from None
     return parse_public_key(text, str(path))
 
 

@@ -18,7 +18,7 @@ from kodepipe.commands import options
 @click.option("--log", "show_log", is_flag=True,
               help="Print the serial console's log (everything the VM printed since it was made) instead.")
 @click.option("-f", "--follow", is_flag=True, help="With --log: keep printing new output until the VM stops.")
-@click.option("--idle", default=1.0, show_default=True, type=click.FloatRange(0, 3600),
+@click.option("--idle", default=1.0, show_default=True, type=options.FiniteRange(0, 3600),
               help="Without a terminal: after stdin ends, keep copying the console's output until it has "
                    "been quiet this many seconds.")
 def cli(name: str, show_log: bool, follow: bool, idle: float) -> int:
@@ -132,13 +132,15 @@ def _scripted(console: Any, idle: float) -> int:
 
 
 def _print_log(name: str, record: dict[str, Any], follow: bool) -> int:
-    from kodepipe.errors import KpError
-    from kodepipe.records import PipeClosed
+    from kodepipe.errors import KpError, NotFound
+    from kodepipe.records import PipeClosed, open_regular
 
-    path = Path(record.get("serial_log") or Path(str(record.get("path"))) / "serial.log")
-    try:
-        log = open(path, "rb")  # noqa: SIM115  (kept open while following)
-    except FileNotFoundError:
+    path = record.get("serial_log")
+    if not isinstance(path, str) or not path:
+        path = str(Path(str(record.get("path"))) / "serial.log")
+    try:  # a regular file only (never a FIFO or /dev/zero), copied in bounded chunks
+        log = open_regular(path, f"{name}'s serial log")
+    except NotFound:
         raise KpError(f"{name} has no serial log yet: it has never booted", code="no_log",
                       hint=f"kp-boot {name}") from None
     out = sys.stdout.buffer
@@ -163,6 +165,8 @@ def _print_log(name: str, record: dict[str, Any], follow: bool) -> int:
                 time.sleep(0.2)
     except BrokenPipeError:
         raise PipeClosed() from None
+    except OSError as exc:  # the log could not be read (EIO), or stdout not written (ENOSPC)
+        raise KpError(f"copying {name}'s serial log {path} failed: {exc.strerror}", code="unreadable") from None
 
 
 def main() -> None:

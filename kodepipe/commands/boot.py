@@ -58,6 +58,10 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, sh
         opts.check()
     except BadInput as exc:
         raise click.BadParameter(exc.message) from None
+    # every option is checked before any VM's metadata is touched
+    _check_memory(memory)
+    if net.startswith("bridge:"):
+        _check_bridge(net.split(":", 1)[1])
     out = kpcli.Output("kp-boot", quiet=quiet)
     store = Store()
     chosen: list[tuple[str, str]] = []
@@ -81,6 +85,39 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, sh
         return result
 
     return vmargs.run_each(out, names, act)
+
+
+def _check_memory(memory: str) -> None:
+    """At least 64M, and no more than the host has (RAM and swap): QEMU would fail to start."""
+    mib = int(memory[:-1]) * (1024 if memory.endswith("G") else 1)
+    if mib < 64:
+        raise click.BadParameter(f"{memory} is too little memory for a guest: at least 64M", param_hint="'--memory'")
+    try:
+        with open("/proc/meminfo") as info:
+            kib = sum(int(line.split()[1]) for line in info if line.startswith(("MemTotal:", "SwapTotal:")))
+    except (OSError, ValueError, IndexError):
+        return
+    if kib and mib > kib // 1024:
+        raise click.BadParameter(f"{memory} is more memory than this host has ({kib >> 20} GiB with swap)",
+                                 param_hint="'--memory'")
+
+
+def _check_bridge(bridge: str) -> None:
+    """The bridge exists and kp-boot may add a tap to it (CAP_NET_ADMIN), or a clear error now."""
+    from kodepipe.errors import NoPermission
+
+    if not (Path("/sys/class/net") / bridge / "bridge").is_dir():
+        raise click.BadParameter(f"there is no bridge {bridge} on this host: create one (ip link add {bridge} "
+                                 "type bridge) with DHCP on it (dnsmasq), or use --net user", param_hint="'--net'")
+    try:
+        with open("/proc/self/status") as status:
+            caps = next((int(line.split()[1], 16) for line in status if line.startswith("CapEff:")), None)
+    except (OSError, ValueError):
+        caps = None
+    cap_net_admin = 12
+    if caps is not None and not caps >> cap_net_admin & 1:
+        raise NoPermission(f"a tap device on bridge {bridge} needs root (CAP_NET_ADMIN)",
+                           hint="run kp-boot with sudo, or use --net user")
 
 
 def main() -> None:

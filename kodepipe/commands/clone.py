@@ -6,7 +6,7 @@ import click
 
 from kodepipe import cli as kpcli
 from kodepipe.commands import options
-from kodepipe.errors import KpError
+from kodepipe.errors import Exists, KpError
 
 
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
@@ -36,12 +36,14 @@ def cli(base: str, names: tuple[str, ...], cold: bool, quiet: bool) -> int:
       kp-ls --kind image base | kp-clone - proj
     """
     from kodepipe import proc, vms
-    from kodepipe.records import check_name
     from kodepipe.state import Store
 
     options.check_names(names)
     if base != "-":
         options.check_names([base], "BASE")
+        if base in names:  # refused at once: its lock would be waited on by the clone itself
+            raise click.BadParameter(f"{base!r} is BASE itself: a clone needs a name of its own",
+                                     param_hint="NAME")
     proc.require("qemu-img")
     out = kpcli.Output("kp-clone", quiet=quiet)
     store = Store()
@@ -49,6 +51,8 @@ def cli(base: str, names: tuple[str, ...], cold: bool, quiet: bool) -> int:
     def make(base_name: str, base_id: str | None) -> None:
         for name in names:
             try:
+                if name == base_name:  # never wait on the lock it holds itself
+                    raise Exists(f"{name} is the base image itself: a clone needs a name of its own")
                 out.emit(vms.clone(store, base_name, name, base_id=base_id, cold=cold))
             except KpError as exc:
                 out.fail({"kind": "vm", "name": name, "base": base_name}, exc)
@@ -56,17 +60,8 @@ def cli(base: str, names: tuple[str, ...], cold: bool, quiet: bool) -> int:
     if base != "-":
         make(base, None)
         return out.status()
-    for _, record in out.records():
-        if record.get("kind") != "image" or "error" in record:
-            out.emit(record)
-            continue
-        try:
-            image_name = check_name(record.get("name"), "image name")
-        except KpError as exc:
-            out.fail(record, exc)
-            continue
-        image_id = record.get("id") if isinstance(record.get("id"), str) else None
-        out.emit(record)
+    for line, image_name, image_id in out.objects(("image",)):
+        out.emit(line.record)
         make(image_name, image_id)
     return out.status()
 

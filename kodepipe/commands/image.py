@@ -126,7 +126,7 @@ def build(name: str, ssh_keys: tuple[Path, ...], user: str, packages: list[str],
 @click.option("-c", "--cpus", default=2, show_default=True, type=click.IntRange(1, 64), help="Virtual CPUs.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto", show_default=True,
               help="As in kp-boot; clones resume with the same accelerator.")
-@click.option("-t", "--timeout", default=300.0, show_default=True, type=click.FloatRange(10, 3600),
+@click.option("-t", "--timeout", default=300.0, show_default=True, type=options.FiniteRange(10, 3600),
               help="Seconds to wait for the boot.")
 @click.option("-f", "--force", is_flag=True, help="Remake the warm state even though clones resume from it "
               "(they become broken).")

@@ -10,7 +10,7 @@ from kodepipe.commands import options, vmargs
 
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
 @click.argument("names", nargs=-1, metavar="[NAME]...", shell_complete=kpcli.name_completion(("vm",)))
-@click.option("-t", "--timeout", default=300.0, show_default=True, type=click.FloatRange(1, 3600),
+@click.option("-t", "--timeout", default=300.0, show_default=True, type=options.FiniteRange(1, 3600),
               help="Seconds to wait for each VM (a cold boot under TCG takes 30-60 s).")
 @options.quiet
 def cli(names: tuple[str, ...], timeout: float, quiet: bool) -> int:

@@ -64,6 +64,7 @@ def cli(names: tuple[str, ...], kinds: tuple[str, ...], states: tuple[str, ...],
       kp-ls --state broken | jq -r .name
     """
     from kodepipe import inventory
+    from kodepipe.errors import KpError
     from kodepipe.state import Store
 
     out = kpcli.Output("kp-ls")
@@ -83,12 +84,21 @@ def cli(names: tuple[str, ...], kinds: tuple[str, ...], states: tuple[str, ...],
 
     piped = False
     if not all_ and kpcli.stdin_is_piped():
-        for _, record in out.records():
+        for line in out.records():
             piped = True
-            kind = record.get("kind")
+            record, kind = line.record, line.kind
             if kind not in inventory.KINDS or not isinstance(record.get("name"), str):
                 if not as_table:
                     out.emit(record)
+                continue
+            try:
+                line.id()  # a wrong-typed id would show the current object as the one the record named
+            except KpError as exc:
+                if as_table:
+                    out.statuses.add(exc.status)
+                    out.error(f"stdin {exc.message}")
+                else:
+                    out.fail(record, exc)
                 continue
             if kind in chosen:
                 show([inventory.refresh(store, record)])

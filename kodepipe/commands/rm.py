@@ -72,7 +72,7 @@ def cli(names: tuple[str, ...], force: bool, images: bool, quarantines: bool, ev
       kp-ls 'old-*' | kp-rm --images --force
     """
     from kodepipe import inventory
-    from kodepipe.records import Record, check_name
+    from kodepipe.records import Record
     from kodepipe.state import Store
 
     options.check_names(names)
@@ -126,18 +126,9 @@ def cli(names: tuple[str, ...], force: bool, images: bool, quarantines: bool, ev
             if not remove(found[0], name, None, record, False, retry=True):
                 deferred.append((found[0], name, None, record, False))
     else:
-        for _, record in out.records():
-            kind = record.get("kind")
-            if kind not in inventory.KINDS or ("error" in record and "id" not in record):
-                out.emit(record)
-                continue
-            try:
-                name = check_name(record.get("name"), f"{kind} name")
-            except KpError as exc:
-                out.fail(record, exc)
-                continue
-            rid = record.get("id")
-            expect_id = rid if isinstance(rid, str) else None
+        # a failed record is still cleaned up by its id; a wrong-typed name or id is bad input (65)
+        for line, name, expect_id in out.objects(inventory.KINDS, honour_failed=True, fields=("state",)):
+            kind, record = line.kind, line.record
             if not remove(str(kind), name, expect_id, record, True, retry=True):
                 deferred.append((str(kind), name, expect_id, record, True))
     for kind, name, expect_id, record, bulk in deferred:

@@ -16,15 +16,7 @@ CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE",
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
-    from kodepipe.errors import BadInput
-    from kodepipe.sandbox import parse_size
-
-    try:
-        return parse_size(value)
-    except BadInput as exc:
-        raise click.BadParameter(exc.message) from None
+    return options.size(ctx, param, value)  # 0, inf and nan are refused, never the defaults
 
 
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -67,7 +59,7 @@ def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
 @click.option("--image", metavar="IMAGE", help="Run this local image instead of the profile's.")
 @click.option("--name", metavar="NAME", help="Name of the run (default: run-XXXXXXXX).")
 @click.option("-m", "--memory", callback=_size, metavar="SIZE", help="Memory limit (default: the profile's, 2g).")
-@click.option("--cpus", type=click.FloatRange(0.01, 1024), help="CPU limit in cores (default: the profile's, 2).")
+@click.option("--cpus", type=options.FiniteRange(0.01, 1024), help="CPU limit in cores (default: the profile's, 2).")
 @click.option("--pids", type=click.IntRange(8, 1 << 22), help="Process and thread limit (default: the profile's, 512).")
 @click.option("--time", "time_limit", callback=_duration, metavar="DURATION",
               help="Wall-time limit, e.g. 30m, 2h; 0 for none (default: the profile's, 2h).")
@@ -81,7 +73,7 @@ def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
                    "egress proxy, its only way out (repeatable; added to the profile's; recorded). Every "
                    "decision is logged to the record's egress_log.")
 @click.option("--allow-file", "allow_files", multiple=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              type=click.Path(exists=True, dir_okay=False, path_type=Path), callback=options.regular_file(1 << 20),
               help="Read --allow rules from a file, one per line (# comments).")
 @click.option("--resolve", "pins", multiple=True, metavar="NAME=ADDRESS",
               help="Pin an allowed name to an address for the proxy, like curl --resolve (also lets a name reach "
@@ -180,6 +172,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     out = kpcli.Output("kp-run", verbose=verbose, quiet=quiet)
     store = Store()
     if apply_names:
+        options.check_names([n for n in apply_names if n != "-"], "--apply")
         return _apply(out, store, apply_names, force)
     if force:
         raise click.UsageError("--force goes with --apply")
@@ -276,8 +269,31 @@ def _in_vms(out: kpcli.Output, req: Any, say: Any, no_default_masks: bool) -> bo
     from kodepipe import errors, vmrun
     from kodepipe.errors import KpError
 
+    # All of stdin is read and checked before anything runs: a malformed line, or a vm record with a
+    # wrong-typed field, stops the whole run (65), rather than running on the host or in some VMs only.
+    lines = list(out.records())
+    invalid: dict[int, KpError] = {}
+    for line in lines:
+        if line.kind != "vm" or line.failed:
+            continue
+        try:
+            line.identity("vm name")
+            line.text("share")  # the fields of a vm record that a run in it reads
+            line.mapping("ssh")
+            line.path("known_hosts")
+        except KpError as exc:
+            invalid[line.number] = exc
+    if invalid or errors.BAD_INPUT in out.statuses:
+        for line in lines:
+            if line.number in invalid:
+                out.fail(line.record, invalid[line.number])
+            else:
+                out.emit(line.record)
+        out.error("nothing was run: stdin had bad input (see above)")
+        return True
     seen = False
-    for _, record in out.records():
+    for line in lines:
+        record = line.record
         if record.get("kind") != "vm":
             out.emit(record)
             continue
@@ -336,12 +352,9 @@ def _apply(out: kpcli.Output, store: Any, names: tuple[str, ...], force: bool) -
     targets: list[tuple[str, str | None, dict[str, Any]]] = []
     for name in names:
         if name == "-":
-            for _, record in out.records():
-                if record.get("kind") != "container" or "error" in record:
-                    out.emit(record)
-                    continue
-                rid = record.get("id")
-                targets.append((str(record.get("name")), rid if isinstance(rid, str) else None, record))
+            # a name that is not hostname-safe or an id that is not a string: bad input (65), not applied
+            for line, run_name, rid in out.objects(("container",)):
+                targets.append((run_name, rid, line.record))
         else:
             targets.append((name, None, {"kind": "container", "name": name}))
     for name, expect_id, record in targets:

@@ -31,10 +31,11 @@ class _SplitAtDashes(click.Command):
 
 @click.command(cls=_SplitAtDashes, context_settings=options.CONTEXT, epilog=options.EPILOG)
 @click.argument("names", nargs=-1, metavar="[NAME]...", shell_complete=kpcli.name_completion(("vm",)))
-@click.option("-t", "--timeout", default=30.0, show_default=True, type=click.FloatRange(1, 3600),
+@click.option("-t", "--timeout", default=30.0, show_default=True, type=options.FiniteRange(1, 3600),
               help="Seconds to keep retrying a refused or reset connection (sshd may be restarting). "
                    "The command itself may run as long as it needs.")
 @click.option("-i", "--identity", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              callback=options.regular_file(1 << 20),
               help="Private key to log in with, instead of kodepipe's own (which every image authorizes). "
                    "The SSH agent is never used.")
 @click.option("--stream", is_flag=True,
@@ -121,8 +122,9 @@ def _run_commands(out: kpcli.Output, names: tuple[str, ...], key_path: Path, tim
 
     for name, expect_id, record in vmargs.each_vm(out, names):
         try:
-            record = {**record, **_current(name, expect_id)}
-            ep = ssh.endpoint(record)
+            current = _current(name, expect_id)
+            record = {**record, **current}
+            ep = ssh.endpoint(current)  # the endpoint and host key from the state, never from stdin
             outcome = _session(ep, key, timeout, command, echo if stream else None)
         except KpError as exc:
             out.fail(record, exc)
@@ -202,14 +204,22 @@ def _print_config(out: kpcli.Output, names: tuple[str, ...], key_path: Path) -> 
             out.error(f"{name}: {exc.message}")
             out.statuses.add(exc.status)
     if not names and kpcli.stdin_is_piped():
-        for _, record in out.records():
-            if record.get("kind") == "vm" and "error" not in record and isinstance(record.get("name"), str):
-                explicit = True
-                try:
-                    chosen.append(_current(record["name"], record.get("id")))
-                except KpError as exc:
-                    out.error(f"{record['name']}: {exc.message}")
-                    out.statuses.add(exc.status)
+        # records pass through nowhere (stdout is ssh_config text): each is checked, then only read
+        for line in out.records():
+            if line.kind != "vm" or line.failed:
+                continue
+            explicit = True
+            try:
+                name, vm_id = line.identity("vm name")
+            except KpError as exc:
+                out.error(f"stdin {exc.message}")
+                out.statuses.add(exc.status)
+                continue
+            try:
+                chosen.append(_current(name, vm_id))
+            except KpError as exc:
+                out.error(f"{name}: {exc.message}")
+                out.statuses.add(exc.status)
     if not explicit:
         chosen = [r for r in inventory.records(Store(), ("vm",)) if r.get("state") == "running"]
     endpoints = []

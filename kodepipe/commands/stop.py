@@ -16,7 +16,7 @@ from kodepipe.commands import options, vmargs
 @click.option("--save", "mode", flag_value="save", help="Save the running VM's RAM to its folder and end QEMU: "
               "state 'saved', survives a host reboot; kp-boot resumes it where it was.")
 @click.option("--kill", "mode", flag_value="kill", help="End QEMU at once (SIGTERM, then SIGKILL), no shutdown.")
-@click.option("-t", "--timeout", default=60.0, show_default=True, type=click.FloatRange(1, 3600),
+@click.option("-t", "--timeout", default=60.0, show_default=True, type=options.FiniteRange(1, 3600),
               help="Seconds for a graceful shutdown (or a save) before kodepipe kills QEMU.")
 @options.quiet
 def cli(names: tuple[str, ...], mode: str | None, timeout: float, quiet: bool) -> int:

@@ -58,6 +58,8 @@ def cli(command: tuple[str, ...], mode: str, summary: bool, log: Path | None, qu
       strace -f -ttt -T -yy -o log -- sh -c 'git status'; kp-trace < log
       kp-trace --summary -- git commit -am wip | jq 'select(.item=="file_written").path'
     """
+    if log is not None:
+        _check_log(log)
     out = kpcli.Output("kp-trace", quiet=quiet)
     sink = _Sink(out, summary)
     if command:
@@ -68,6 +70,21 @@ def cli(command: tuple[str, ...], mode: str, summary: bool, log: Path | None, qu
         raise click.UsageError("give a COMMAND after --, or strace output or records on stdin")
     sink.close()
     return out.status()
+
+
+def _check_log(log: Path) -> None:
+    """--log is written by strace and read back: a regular file or nothing yet, never a FIFO,
+    a device or a directory."""
+    import stat
+
+    try:
+        mode = os.stat(log).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise click.BadParameter(f"{log}: {exc.strerror}", param_hint="'--log'") from None
+    if not stat.S_ISREG(mode):
+        raise click.BadParameter(f"{log} exists and is not a regular file", param_hint="'--log'")
 
 
 class _Sink:
@@ -108,93 +125,184 @@ class _Sink:
                 self.out.emit(item)
 
 
-def _lines(chunks: Iterable[bytes]) -> Iterator[str]:
-    for chunk in chunks:
-        yield chunk.decode("utf-8", "replace")
+# strace writes strings of at most 256 bytes (-s 256) and as many array elements: a line of its
+# own is far shorter than this.  A longer one is not read into memory whole.
+STRACE_LINE = 4 << 20
+# an egress log line is one proxy decision
+EGRESS_LINE = 1 << 20
+SHOWN_BAD = 5  # bad lines of one input said one by one on stderr; the rest are counted
 
 
-def _parse_stream(lines: Iterable[str], sink: _Sink, extra: Record | None = None) -> None:
+class _BadLines:
+    """The bad lines of one input: the first few said on stderr, the rest counted; each one makes
+    the exit status 65 (bad input)."""
+
+    def __init__(self, out: kpcli.Output, where: str) -> None:
+        self.out, self.where, self.count = out, where, 0
+
+    def __call__(self, exc: Any) -> None:
+        from kodepipe.errors import BAD_INPUT
+
+        self.count += 1
+        self.out.statuses.add(BAD_INPUT)
+        if self.count <= SHOWN_BAD:
+            self.out.error(f"{self.where} {exc.message}")
+
+    def close(self) -> None:
+        if self.count > SHOWN_BAD:
+            self.out.error(f"{self.where}: {self.count - SHOWN_BAD} more bad line(s) not shown")
+
+
+Unreadable = tuple[str, str]  # (the line shown escaped and shortened, why it was not read)
+
+
+def _text(numbered: Iterable[tuple[int, Any]], bad: _BadLines, limit: int = STRACE_LINE) -> Iterator[str | Unreadable]:
+    """strace text lines, each checked: a NUL byte, bytes that are not UTF-8 or a line over ``limit``
+    is reported as bad input and passed on as Unreadable (the parser makes it a parse_error event)."""
+    from kodepipe.errors import BadInput
+    from kodepipe.records import TooLong, decode_text, too_long
+
+    for lineno, raw in numbered:
+        if isinstance(raw, TooLong) or len(raw) > limit:
+            head = raw.head if isinstance(raw, TooLong) else raw[:120]
+            exc = too_long(lineno, TooLong(head, limit))
+            bad(exc)
+            yield head[:120].decode("utf-8", "backslashreplace") + "...", f"longer than {limit >> 20} MiB"
+            continue
+        try:
+            yield decode_text(raw, lineno)
+        except BadInput as exc:
+            bad(exc)
+            yield raw[:240].rstrip(b"\r\n").decode("utf-8", "backslashreplace"), exc.message.split(": ", 1)[-1]
+
+
+def _parse_stream(lines: Iterable[str | Unreadable], sink: _Sink, extra: Record | None = None) -> None:
     from kodepipe.strace import Parser
 
     parser = Parser()
     for line in lines:
-        sink.events(parser.feed(line), extra)
+        sink.events(parser.unreadable(*line) if isinstance(line, tuple) else parser.feed(line), extra)
     sink.events(parser.finish(), extra)
 
 
 def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
-    first = b""
-    for first in iter(stream.readline, b""):
-        if first.strip():
-            break
-    if not first.strip():
-        return
-    if not first.lstrip().startswith(b"{"):
-        _parse_stream(_lines(_chain(first, stream)), sink)
-        return
-    from kodepipe.errors import BadInput, NotFound
-    from kodepipe.records import parse_line
+    from kodepipe.errors import BadInput, KpError
+    from kodepipe.records import MAX_LINE, Line, TooLong, bounded_lines, open_regular, parse_line, too_long
 
-    for lineno, line in enumerate(_chain(first, stream), start=1):
-        if not line.strip():
+    numbered = bounded_lines(stream, MAX_LINE)
+    for first in numbered:
+        if isinstance(first[1], TooLong) or first[1].strip():
+            break
+    else:
+        return  # nothing but blank lines
+    if isinstance(first[1], TooLong) or not first[1].lstrip().startswith(b"{"):
+        bad = _BadLines(out, "stdin")
+        _parse_stream(_text(_chain(first, numbered), bad), sink)
+        bad.close()
+        return
+    for lineno, raw in _chain(first, numbered):
+        if isinstance(raw, TooLong):
+            out.bad_line(too_long(lineno, raw))
+            continue
+        if not raw.strip():
             continue
         try:
-            record = parse_line(line, lineno)
+            line = Line(lineno, parse_line(raw, lineno))
         except BadInput as exc:
             out.bad_line(exc)
             continue
-        log = record.get("audit_log")
-        egress_log = record.get("egress_log")
-        if isinstance(egress_log, str) and "error" not in record and not isinstance(log, str):
-            sink.record(record)
-            _egress(egress_log, record, out, sink)
-            continue
-        if not isinstance(log, str) or "error" in record:
+        record = line.record
+        if line.failed:
             sink.record(record)
             continue
         try:
-            handle = open(log, "rb")  # noqa: SIM115 - closed below, after the pass-through
-        except OSError as exc:
-            out.fail(record, NotFound(f"cannot read the audit log {log}: {exc.strerror}"))
+            log, egress_log = line.path("audit_log"), line.path("egress_log")
+        except BadInput as exc:
+            out.fail(record, exc)
+            continue
+        if log is None:
+            sink.record(record)
+            if egress_log is not None:
+                _egress(egress_log, record, out, sink)
+            continue
+        try:
+            handle = open_regular(log, "the audit log")
+        except KpError as exc:
+            out.fail(record, exc)
             continue
         sink.record(record)
         name = record.get("name") or record.get("id")
-        with handle:
-            _parse_stream(after_runtime(_lines(handle)), sink, {"container": name})
-        if isinstance(egress_log, str):
+        bad = _BadLines(out, f"{name}: the audit log {log}")
+        try:
+            with handle:
+                _parse_stream(after_runtime(_text(_reading(bounded_lines(handle, STRACE_LINE), "the audit log", log),
+                                                  bad)), sink, {"container": name})
+        except KpError as exc:  # the events read so far are out: the record follows them, with why
+            out.fail(record, exc)
+            continue
+        finally:
+            bad.close()
+        if egress_log is not None:
             _egress(egress_log, record, out, sink)
 
 
 def _egress(path: str, record: Record, out: kpcli.Output, sink: _Sink) -> None:
-    """The egress proxy's decisions of a kp-run --allow, as they were logged."""
-    from kodepipe.errors import NotFound
+    """The egress proxy's decisions of a kp-run --allow, as they were logged: each line a JSON object
+    (bad lines are reported and skipped), read a line at a time from a regular file only."""
+    from kodepipe.errors import BadInput, KpError
+    from kodepipe.records import Line, TooLong, bounded_lines, open_regular, parse_line, too_long
 
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        out.fail(record, NotFound(f"cannot read the egress log {path}: {exc.strerror}"))
+        handle = open_regular(path, "the egress log")
+    except KpError as exc:
+        out.fail(record, exc)
         return
-    import orjson
+    bad = _BadLines(out, f"{record.get('name') or record.get('id')}: the egress log {path}")
+    try:
+        with handle:
+            for lineno, raw in _reading(bounded_lines(handle, EGRESS_LINE), "the egress log", path):
+                try:
+                    if isinstance(raw, TooLong):
+                        raise too_long(lineno, raw)
+                    if not raw.strip():
+                        continue
+                    line = Line(lineno, parse_line(raw, lineno))
+                    for key in ("decision", "method", "host"):  # what a summary counts by
+                        line.text(key)
+                except BadInput as exc:
+                    bad(exc)
+                    continue
+                sink.egress(line.record)
+    except KpError as exc:  # the decisions read so far are out: the record follows them, with why
+        out.fail(record, exc)
+    finally:
+        bad.close()
 
-    for line in data.splitlines():
-        if line.strip():
-            sink.egress(orjson.loads(line))
+
+def _reading(numbered: Iterator[tuple[int, Any]], what: str, path: str) -> Iterator[tuple[int, Any]]:
+    """The lines of an opened file; an error while reading it (EIO) is a KpError naming it."""
+    from kodepipe.errors import KpError
+
+    try:
+        yield from numbered
+    except OSError as exc:
+        raise KpError(f"cannot read {what} {path}: {exc.strerror}", code="unreadable") from None
 
 
-def after_runtime(lines: Iterable[str]) -> Iterator[str]:
+def after_runtime(lines: Iterable[str | Unreadable]) -> Iterator[str | Unreadable]:
     """An audit log from its first execve on: the lines before it are the container
     runtime's own start-up (runc's init writing to its exec fifo), not the agent."""
     it = iter(lines)
     for line in it:
-        if "execve(" in line:
+        if isinstance(line, str) and "execve(" in line:
             yield line
             break
     yield from it
 
 
-def _chain(first: bytes, stream: IO[bytes]) -> Iterator[bytes]:
+def _chain(first: tuple[int, Any], rest: Iterator[tuple[int, Any]]) -> Iterator[tuple[int, Any]]:
     yield first
-    yield from iter(stream.readline, b"")
+    yield from rest
 
 
 def _trace_command(command: list[str], mode: str, log: Path | None, out: kpcli.Output, sink: _Sink) -> None:
@@ -217,7 +325,9 @@ def _trace_command(command: list[str], mode: str, log: Path | None, out: kpcli.O
     out.progress(f"tracing {command[0]} ({mode} mode)")
     child = proc.spawn(argv, stdin=None, stdout=sys.stderr.fileno(), stderr=None)
     try:
-        _parse_stream(follow(log, child.poll), sink)
+        bad = _BadLines(out, f"strace's log {log}")
+        _parse_stream(_text(follow(log, child.poll), bad), sink)
+        bad.close()
         status = child.wait()
     finally:
         if child.poll() is None:
@@ -231,13 +341,15 @@ def _trace_command(command: list[str], mode: str, log: Path | None, out: kpcli.O
     sink.record(record)
 
 
-def follow(path: Path, finished: Callable[[], int | None], interval: float = 0.05) -> Iterator[str]:
-    """Yield the lines of a file that another process is still writing, until it has finished.
+def follow(path: Path, finished: Callable[[], int | None], interval: float = 0.05,
+           limit: int = STRACE_LINE) -> Iterator[tuple[int, bytes | Any]]:
+    """Yield (number, line) for the lines of a file that another process is still writing, until it
+    has finished.  A partial last line is held back until its newline arrives (or the writer ends);
+    a line longer than ``limit`` is yielded as a records.TooLong once, and its rest skipped."""
+    from kodepipe.records import TooLong
 
-    A partial last line is held back until its newline arrives (or the writer ends).
-    """
     with open(path, "rb") as handle:
-        rest = b""
+        rest, lineno, skipping = b"", 0, False
         while True:
             done = finished() is not None
             chunk = handle.read(1 << 20)
@@ -245,13 +357,23 @@ def follow(path: Path, finished: Callable[[], int | None], interval: float = 0.0
                 lines = (rest + chunk).split(b"\n")
                 rest = lines.pop()
                 for line in lines:
-                    yield line.decode("utf-8", "replace")
+                    if skipping:
+                        skipping = False  # the end of an over-long line
+                        continue
+                    lineno += 1
+                    yield lineno, line if len(line) <= limit else TooLong(line[:120], limit)
+                if len(rest) > limit and not skipping:
+                    lineno += 1
+                    yield lineno, TooLong(rest[:120], limit)
+                    skipping = True
+                if skipping:
+                    rest = b""
                 continue
             if done:
                 break
             time.sleep(interval)
-        if rest:
-            yield rest.decode("utf-8", "replace")
+        if rest and not skipping:
+            yield lineno + 1, rest
 
 
 def _signal_name(number: int) -> str:

@@ -8,14 +8,15 @@ from collections.abc import Callable, Iterator
 from kodepipe import cli as kpcli
 from kodepipe.commands import options
 from kodepipe.errors import KpError
-from kodepipe.records import Record, check_name
+from kodepipe.records import Record
 
 
 def each_vm(out: kpcli.Output, names: tuple[str, ...]) -> Iterator[tuple[str, str | None, Record]]:
     """Yield (name, expected id, record) for each VM to act on.
 
     Records that are not vm records, or that an earlier stage failed on,
-    are written through unchanged; a vm record with a bad name fails (65).
+    are written through unchanged; a vm record with a bad name or "id"
+    fails (65) and nothing is done for it.
     """
     if names:
         options.check_names(names)
@@ -26,17 +27,8 @@ def each_vm(out: kpcli.Output, names: tuple[str, ...]) -> Iterator[tuple[str, st
         import click
 
         raise click.UsageError("give VM NAMEs, or pipe vm records in (for example: kp-clone base a | kp-boot)")
-    for _, record in out.records():
-        if record.get("kind") != "vm" or "error" in record:
-            out.emit(record)
-            continue
-        try:
-            name = check_name(record.get("name"), "vm name")
-        except KpError as exc:
-            out.fail(record, exc)
-            continue
-        rid = record.get("id")
-        yield name, rid if isinstance(rid, str) else None, record
+    for line, name, rid in out.objects(("vm",)):
+        yield name, rid, line.record
 
 
 def run_each(out: kpcli.Output, names: tuple[str, ...], act: Callable[[str, str | None, Record], Record]) -> int:
