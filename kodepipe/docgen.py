@@ -193,6 +193,11 @@ the image is still building, or broken
 .B in_use
 an image that clones still use (kp\-rm \-\-force overrides)
 .TP
+.B not_running, suspended, frozen
+the VM cannot answer now: it is not running, kodepipe suspended it, or its
+QEMU is alive but runs no guest code (state \fBfrozen\fR); the message says
+why and what to do (often \fBkp\-stop \-\-resume\fR)
+.TP
 .B busy
 another kodepipe command holds the name's lock
 .TP

@@ -48,7 +48,7 @@ def cli(name: str, show_log: bool, follow: bool, idle: float) -> int:
     if follow:
         raise click.UsageError("--follow goes with --log")
     state = record.get("state")
-    if state not in ("running", "suspended"):
+    if state not in ("running", "suspended", "frozen"):  # a frozen VM's console still shows what it last said
         raise KpError(f"{name} is not running (it is {state})", code="not_running", hint=f"kp-boot {name}")
     if _console_busy(record):
         raise KpError(f"another client is attached to {name}'s serial console, and QEMU serves one at a time",
@@ -110,6 +110,9 @@ def _interactive(name: str, state: object, console: Any) -> int:
     kpcli.Output("kp-attach").info(f"Connected to {name}'s serial console; Ctrl-] to detach")
     if state == "suspended":
         kpcli.Output("kp-attach").warn(f"{name} is suspended: nothing answers until kp-stop --resume {name}")
+    elif state == "frozen":
+        kpcli.Output("kp-attach").warn(f"{name} is frozen: nothing answers until it runs again "
+                                       f"(kp-ls {name} says why, and what to do)")
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     with terminal.raw_mode(stdin):
         why = terminal.relay(stdin, stdout, console, escape=terminal.ESCAPE)
@@ -158,7 +161,7 @@ def _print_log(name: str, record: dict[str, Any], follow: bool) -> int:
                 if time.monotonic() - last_check > 1.0:
                     last_check = time.monotonic()
                     try:
-                        stopped = _current(name).get("state") not in ("running", "suspended")
+                        stopped = _current(name).get("state") not in ("running", "suspended", "frozen")
                     except KpError:
                         stopped = True  # removed meanwhile
                     continue

@@ -141,7 +141,7 @@ def table(items: list[dict[str, object]], *, colour: bool) -> str:
     rows = [("KIND", "NAME", "STATE", "AGE", "DISK", "DETAIL")]
     for r in items:
         if r.get("problem"):
-            detail = str(r["problem"])
+            detail = str(r["problem"]) + (f"; {r['hint']}" if r.get("hint") else "")
         elif r.get("kind") == "container":
             detail = f"{r.get('profile') or r.get('image')}"
             if r.get("workspace"):

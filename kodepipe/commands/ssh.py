@@ -110,7 +110,7 @@ def _run_commands(out: kpcli.Output, names: tuple[str, ...], key_path: Path, tim
                   remote: list[str], stream: bool) -> int:
     import shlex
 
-    from kodepipe import errors, ssh
+    from kodepipe import errors, ssh, vms
     from kodepipe.errors import KpError
 
     command = shlex.join(remote)
@@ -123,11 +123,11 @@ def _run_commands(out: kpcli.Output, names: tuple[str, ...], key_path: Path, tim
     for name, expect_id, record in vmargs.each_vm(out, names):
         try:
             current = _current(name, expect_id)
-            record = {**record, **current}
+            record = vms.fresh(record, current)
             ep = ssh.endpoint(current)  # the endpoint and host key from the state, never from stdin
-            outcome = _session(ep, key, timeout, command, echo if stream else None)
+            outcome = _session(ep, key, timeout, command, echo if stream else None, _watch(out, name))
         except KpError as exc:
-            out.fail(record, exc)
+            out.fail(record, _why(name, exc))
             continue
         result = ssh.result_record(ep, remote, outcome)
         if outcome.exit_status != 0:
@@ -140,7 +140,7 @@ def _run_commands(out: kpcli.Output, names: tuple[str, ...], key_path: Path, tim
     return out.status()
 
 
-def _session(ep: Any, key: Any, timeout: float, command: str, echo: Any) -> Any:
+def _session(ep: Any, key: Any, timeout: float, command: str, echo: Any, watch: Any = None) -> Any:
     import paramiko
 
     from kodepipe import ssh
@@ -148,12 +148,54 @@ def _session(ep: Any, key: Any, timeout: float, command: str, echo: Any) -> Any:
 
     client = ssh.connect(ep, key, timeout=timeout)
     try:
-        return ssh.execute(client, command, echo=echo)
+        return ssh.execute(client, command, echo=echo, watch=watch)
     except (OSError, EOFError, paramiko.SSHException) as exc:
         raise KpError(f"the SSH connection to {ep.address} broke while the command ran: {exc}",
                       code="connection_lost") from None
     finally:
         client.close()
+
+
+def _why(name: str, exc: Any) -> Any:
+    """A connection that failed or broke because the VM froze (or was suspended) meanwhile: say that,
+    with what to do, rather than "is it still booting?"."""
+    from kodepipe import vms
+    from kodepipe.errors import KpError, Timeout
+    from kodepipe.state import Store
+
+    if not isinstance(exc, Timeout) and exc.code != "connection_lost":
+        return exc
+    try:
+        record = vms.view(Store(), name)
+    except KpError:
+        return exc
+    return vms.unusable(record) if record.get("state") in ("frozen", "suspended") else exc
+
+
+def _watch(out: kpcli.Output, name: str) -> Any:
+    """Called while a command is silent: says on stderr when the VM froze under it, and when it runs
+    again.  The command is left to wait: kp-stop --resume (after freeing space) lets it finish."""
+    from kodepipe import vms
+    from kodepipe.errors import KpError
+    from kodepipe.state import Store
+
+    said: list[str | None] = [None]
+
+    def watch() -> None:
+        try:
+            record = vms.view(Store(), name)
+        except KpError:
+            return
+        problem = vms.unusable(record) if record.get("state") in ("frozen", "suspended") else None
+        now = problem.message if problem is not None else None
+        if now != said[0]:
+            if now is not None:
+                out.warn(f"{name}: the command is waiting: {now}")
+            else:
+                out.info(f"{name}: running again")
+            said[0] = now
+
+    return watch
 
 
 def _terminal() -> int | None:
@@ -182,7 +224,10 @@ def _interactive(out: kpcli.Output, names: tuple[str, ...], key_path: Path, time
         raise KpError("no VM to open a shell in: no vm record arrived on stdin")
     name, expect_id, _ = chosen[0]
     ep = ssh.endpoint(_current(name, expect_id))
-    client = ssh.connect(ep, ssh.load_key(key_path), timeout=timeout)
+    try:
+        client = ssh.connect(ep, ssh.load_key(key_path), timeout=timeout)
+    except KpError as exc:
+        raise _why(name, exc) from None
     try:
         return ssh.shell(client, tty_in, sys.stdout.fileno())
     finally:

@@ -12,7 +12,8 @@ from kodepipe.commands import options, vmargs
 @click.argument("names", nargs=-1, metavar="[NAME]...", shell_complete=kpcli.name_completion(("vm",)))
 @click.option("--suspend", "mode", flag_value="suspend", help="Freeze the VM in place (QMP stop): its processes "
               "keep their state and it uses no CPU. State 'suspended'.")
-@click.option("--resume", "mode", flag_value="resume", help="Thaw a suspended VM (QMP cont).")
+@click.option("--resume", "mode", flag_value="resume", help="Thaw a suspended VM (QMP cont), or a frozen one where "
+              "QEMU allows it: after a cut-off --save (the save is cancelled), or a full disk once space is free.")
 @click.option("--save", "mode", flag_value="save", help="Save the running VM's RAM to its folder and end QEMU: "
               "state 'saved', survives a host reboot; kp-boot resumes it where it was.")
 @click.option("--kill", "mode", flag_value="kill", help="End QEMU at once (SIGTERM, then SIGKILL), no shutdown.")

@@ -33,9 +33,11 @@ def each_vm(out: kpcli.Output, names: tuple[str, ...]) -> Iterator[tuple[str, st
 
 def run_each(out: kpcli.Output, names: tuple[str, ...], act: Callable[[str, str | None, Record], Record]) -> int:
     """Apply ``act`` to every VM; write its result over the incoming record, or the error."""
+    from kodepipe import vms
+
     for name, expect_id, record in each_vm(out, names):
         try:
-            out.emit({**record, **act(name, expect_id, record)})
+            out.emit(vms.fresh(record, act(name, expect_id, record)))
         except KpError as exc:
             out.fail(record, exc)
     return out.status()
