@@ -428,7 +428,8 @@ class Proxy:
             if self.active > MAX_CONNECTIONS:
                 raise Denied("too many connections at once")
             try:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+                async with asyncio.timeout(HEAD_TIMEOUT):  # a deadline, without a task of its own
+                    head = await reader.readuntil(b"\r\n\r\n")
             except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 raise BadRequest("no complete request") from None
             request = parse_request(head)
@@ -497,7 +498,8 @@ class Proxy:
                     return name
 
         try:
-            sni = await asyncio.wait_for(collect(), HELLO_TIMEOUT)
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                sni = await collect()
         except TimeoutError:
             raise Denied(f"no complete TLS ClientHello within {HELLO_TIMEOUT:g} s: a tunnel carries only TLS "
                          "that names the host") from None
@@ -510,7 +512,8 @@ class Proxy:
         last: OSError | None = None
         for addr in addrs:
             try:
-                r, w = await asyncio.wait_for(asyncio.open_connection(addr, port), CONNECT_TIMEOUT)
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    r, w = await asyncio.open_connection(addr, port)
                 return r, w, addr
             except (TimeoutError, OSError) as exc:
                 last = exc if isinstance(exc, OSError) else OSError(f"timed out connecting to {addr}")
@@ -866,7 +869,11 @@ async def _one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 
     async def send() -> None:
         up_writer.write(request.head)
-        counts[0] += len(request.head) + await _send_body(reader, up_writer, request)
+        try:
+            counts[0] += len(request.head) + await _send_body(reader, up_writer, request)
+        except BadRequest:
+            up_writer.close()  # nothing more goes up, and the answer's copy below ends
+            raise
         while data := await reader.read(READ_SIZE):
             counts[2] += len(data)
         with contextlib.suppress(OSError):
@@ -874,21 +881,16 @@ async def _one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
                 up_writer.write_eof()
 
     sender = asyncio.ensure_future(send())
-    receiver = asyncio.ensure_future(_copy(up_reader, writer, counts, 1, said))
     try:
-        await asyncio.wait((sender, receiver), return_when=asyncio.FIRST_COMPLETED)
-        failed = sender.exception() if sender.done() and not sender.cancelled() else None
-        if isinstance(failed, BadRequest):
-            raise failed  # a malformed body: nothing more goes up
-        if failed is None:  # else the client went away: its answer has nowhere to go
-            with contextlib.suppress(OSError):
-                await receiver
+        with contextlib.suppress(OSError):
+            await _copy(up_reader, writer, counts, 1, said)
     finally:
-        for task in (sender, receiver):
-            task.cancel()
-        await asyncio.gather(sender, receiver, return_exceptions=True)
+        sender.cancel()  # still reading what follows the request, or done
         with contextlib.suppress(Exception):
             up_writer.close()
+    failed = sender.exception() if sender.done() and not sender.cancelled() else None
+    if isinstance(failed, BadRequest):
+        raise failed  # a malformed body: what was valid went up, then nothing more
     return counts[0], counts[1], counts[2]
 
 
