@@ -8,8 +8,10 @@ speaks HTTPS with a self-signed certificate (clients in the tests do not verify 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import http.server
+import shutil
 import ssl
 import tempfile
 import threading
@@ -49,6 +51,7 @@ def certificate() -> tuple[str, str]:
             .add_extension(x509.SubjectAlternativeName([x509.DNSName("*.test")]), critical=False)
             .sign(key, hashes.SHA256()))
     folder = Path(tempfile.mkdtemp(prefix="kp-test-cert-"))
+    atexit.register(shutil.rmtree, folder, True)
     (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
                                                        serialization.PrivateFormat.PKCS8,
