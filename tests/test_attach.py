@@ -107,6 +107,7 @@ def test_relay_lingers_after_local_eof_for_late_output(monkeypatch: pytest.Monke
         return ready
 
     monkeypatch.setattr(terminal, "select", SimpleNamespace(select=select_))
+    os.set_blocking(read_out, False)  # a relay that did not wait for the answer fails here, not hangs
     assert terminal.relay(read_in, write_out, ours, linger=1.0) == "local_eof"
     assert os.read(read_out, 100) == b"Linux\r\n"
     # the late answer came while it lingered; it ended after 1.0 s of quiet, not at EOF
