@@ -438,14 +438,15 @@ def test_a_terminal_for_interactive_agents(shell_image: str, ws: Path) -> None:
     import termios
     import time
 
-    script = ("tty; stty size; trap 'stty size; echo GOT-INT; exit 130' INT; echo READY; "
-              "for i in $(seq 300); do sleep 0.1; done")
+    # the WINCH trap says when the resize has reached the container's terminal
+    script = ("tty; stty size; trap 'stty size; echo GOT-INT; exit 130' INT; "
+              "trap 'echo \"WINCH $(stty size)\"' WINCH; echo READY; for i in $(seq 300); do sleep 0.1; done")
     pid, fd = pty.fork()
     if pid == 0:  # the child: kp-run on the pty as its terminal
         os.execv(str(BIN / "kp-run"), ["kp-run", "-it", "--image", shell_image, "-w", str(ws), "--",  # noqa: S606
                                        "bash", "-c", script])
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 132, 0, 0))
-    buf, sent, deadline = b"", False, time.monotonic() + 90
+    buf, resized, sent, deadline = b"", False, False, time.monotonic() + 90
     while time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], 0.2)
         if ready:
@@ -456,10 +457,11 @@ def test_a_terminal_for_interactive_agents(shell_image: str, ws: Path) -> None:
             if not data:
                 break
             buf += data
-        if b"READY" in buf and not sent:
+        if b"READY" in buf and not resized:
             fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 100, 0, 0))
             os.kill(pid, signal.SIGWINCH)
-            time.sleep(1)
+            resized = True
+        if b"WINCH 50 100" in buf and not sent:  # Ctrl-C only once the new size is in: INT prints it too
             os.write(fd, b"\x03")
             sent = True
     _, status = os.waitpid(pid, 0)
