@@ -17,6 +17,11 @@ Two things hold on top of quarantine.apply's checks:
   are already as the apply leaves them; ``kp-rm NAME`` removes them too
   (``abandon``).  The journal goes with the run's folder when the apply is
   done.
+
+Before it applies, it says on stderr what deserves a look (symlinks that may
+point out of the workspace, setuid/setgid files, fifos, sockets and devices
+it leaves out: ``quarantine.findings``), every name escaped; the record of
+the apply lists what was applied, and what was left out (``not_applied``).
 """
 
 from __future__ import annotations
@@ -75,16 +80,18 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
             journal = read_journal(folder)
             if journal is None:
                 changes = quarantine.changes(upper, workspace)
-                listed = {k: sorted(q.get(k) or []) for k in ("added", "modified", "deleted")}
-                if {k: sorted(v) for k, v in quarantine.summary(changes).items()} != listed and not force:
+                if not force and not _as_listed(q, changes):
                     raise quarantine.Conflict(f"{name}: the quarantine's contents differ from what its record "
                                               "listed after the run (was its container still running?)",
                                               hint="review it again with kp-ls; --force applies what is there now")
-                risky = [c.path for c in changes if c.path == ".git/config" or c.path.startswith(".git/hooks")]
+                risky = [quarantine.show(c.path) for c in changes
+                         if c.path == ".git/config" or c.path.startswith(".git/hooks")]
                 if risky and not force:
                     raise quarantine.Conflict(f"{name}: the agent changed {', '.join(risky[:5])}: git runs hooks "
                                               "and core.fsmonitor commands as you", hint="inspect them in "
                                               f"{upper}; --force applies them anyway")
+                for finding in quarantine.findings(changes):
+                    say(f"{name}: {finding}")
                 prefix, resume = quarantine.temp_prefix(), False
             else:
                 changes, prefix = journal["changes"], journal["prefix"]
@@ -122,11 +129,30 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
         for warning in warnings:
             say(f"{name}: {warning}")
         record = {k: v for k, v in meta.items() if k not in ("pid", "pid_start", "boot_id", "fingerprints")}
+        done = {change.path for change in applied}
+        left_out = [change.as_dict() for change in changes if change.path not in done]  # fifos, sockets, devices
         record.update(state="applied", applied=now_iso(), applied_count=len(applied),
-                      quarantine={**q, **quarantine.summary(applied), "applied": True})
+                      quarantine={**q, **quarantine.summary(applied), "applied": True,
+                                  **({"not_applied": left_out} if left_out else {})})
         store.discard(folder)
     record["removed"] = True
     return record
+
+
+def _as_listed(q: dict[str, Any], changes: list[Any]) -> bool:
+    """Whether ``changes`` are the ones the run's record listed: its "changes" (exact, whatever the
+    names' bytes), or in a record made before it had them, the paths by kind."""
+    from kodepipe import quarantine
+
+    listed = q.get("changes")
+    if isinstance(listed, list):
+        try:
+            return all(isinstance(c, dict) for c in listed) and \
+                sorted((quarantine.Change.from_dict(c) for c in listed), key=lambda c: c.path) == changes
+        except KpError:
+            return False
+    paths = {k: sorted(q.get(k) or []) for k in quarantine.KINDS}
+    return {k: v for k, v in quarantine.summary(changes).items() if k in quarantine.KINDS} == paths
 
 
 def abandon(folder: Path) -> list[str]:

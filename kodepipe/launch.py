@@ -382,8 +382,10 @@ class Run:
             with contextlib.suppress(ValueError):
                 meta["signal"] = signal.Signals(exit_code - 128).name
         if self.workspace is not None and self.upper is None and not self.req.read_only_workspace:
+            from kodepipe import fdtree, terminal
+
             try:
-                after = sandbox.scan(self.workspace, [])[2]
+                after = set(fdtree.setid_files(self.workspace))  # fd-based and iterative: any depth
             except Exception:
                 after = set()
             new = sorted(after - self.setuid_before)
@@ -393,8 +395,9 @@ class Run:
                 self.say("warn", f"the agent created {self.workspace}/.git/hooks: look at it before you run git "
                                  "there (hooks run as you)")
             if new:
-                meta["setuid_files"] = new
-                self.say("warn", f"the agent left setuid/setgid files in the workspace: {', '.join(new[:8])}")
+                meta["setuid_files"] = [fdtree.display(path) for path in new]
+                self.say("warn", "the agent left setuid/setgid files in the workspace: "
+                                 f"{', '.join(terminal.escape(path) for path in new[:8])}")
         keep = self.req.keep or self.req.audit is not None or self.policy is not None
         if self.folder is not None:
             if self.merged is not None:
@@ -404,6 +407,8 @@ class Run:
                     changes = quarantine.changes(self.upper, self.workspace)
                     meta["quarantine"] = {"path": str(self.upper), **quarantine.summary(changes)}
                     meta["fingerprints"] = quarantine.fingerprint(self.workspace, changes)
+                    for finding in quarantine.findings(changes):  # escaped: the agent chose the names
+                        self.say("warn", finding)
                     if changes:
                         keep = True
                         meta["state"] = "quarantined"

@@ -20,11 +20,11 @@ rename, and an object whose creator still holds the name's lock is shown as
 from __future__ import annotations
 
 import calendar
+import contextlib
 import errno
 import fcntl
 import os
 import re
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -148,16 +148,15 @@ def remove_tree(path: Path, *, mount_wait: float = 0.0) -> None:
         raise KpError(f"refusing to delete {path}: {mounted[0]} is mounted inside it", code="mounted",
                       hint=f"unmount it first (umount -R {mounted[0]}), then remove {path} by hand")
 
-    def onerror(func: Any, name: str, exc_info: Any) -> None:
-        if isinstance(exc_info[1], PermissionError):
-            os.chmod(os.path.dirname(name), 0o700)
-            if os.path.isdir(name) and not os.path.islink(name):
-                os.chmod(name, 0o700)
-            func(name)
-        elif not isinstance(exc_info[1], FileNotFoundError):
-            raise exc_info[1]
+    from kodepipe import fdtree
 
-    shutil.rmtree(path, onerror=onerror)
+    # fd-based and iterative: a tree an agent left may be deeper than a path can be long, or than
+    # Python's recursion limit (shutil.rmtree recurses); permissions in the way are made the owner's
+    parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fdtree.remove(parent, path.name)
+    finally:
+        os.close(parent)
 
 
 class Store:
@@ -371,15 +370,19 @@ class Store:
         """Finish deletions that a killed kp-rm left half done, and remove the hidden
         folders of creations that were killed before their folder was renamed into place."""
         trash = self.root / "trash"
+        # one entry that cannot be removed (still mounted, say) must not stop the rest, nor the
+        # kp-rm that called this: it stays in the trash, and the next kp-rm tries it again
         for entry in self.names_in(trash):
-            remove_tree(trash / entry)
+            with contextlib.suppress(KpError, OSError):
+                remove_tree(trash / entry)
         for kind_dir in KIND_DIRS.values():
             for entry in self.names_in(self.root / kind_dir):
                 if entry.startswith(".") and entry.endswith(NEW_SUFFIX):
                     name = entry[1:].split(".", 1)[0]
                     # a creator holds the lock for as long as its hidden folder exists
                     if name and not self.lock_held(name):
-                        remove_tree(self.root / kind_dir / entry)
+                        with contextlib.suppress(KpError, OSError):
+                            remove_tree(self.root / kind_dir / entry)
 
     @staticmethod
     def names_in(folder: Path) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import termios
@@ -17,6 +18,27 @@ from typing import Any, Protocol
 
 ESCAPE = b"\x1d"  # Ctrl-], as in telnet and virsh console
 CHUNK = 65536
+
+# C0 and C1 controls, DEL, the lone surrogates that stand for bytes that are not UTF-8 (as
+# os.fsdecode makes them), and the line separators and bidirectional overrides that reorder text
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte
+        return f"\\x{code - 0xDC00:02x}"
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape(text: str) -> str:
+    """``text`` safe to print on a terminal: every control character (and a byte that is not UTF-8)
+    written as an escape (``\\n``, ``\\x1b``, ``\\u202e``), so a file name or anything else that
+    came from an agent or a guest cannot move the cursor, recolour the screen or hide what follows.
+    Printable text is left as it is; escaping twice changes nothing more."""
+    return _UNSAFE.sub(_escaped, text)
 
 
 class Stream(Protocol):

@@ -344,3 +344,124 @@ def test_an_interrupted_apply_says_how_to_finish_it(tmp_path: Path, kp_env: dict
     status, _records, err = finish(apply_proc("run-t"))
     assert status == 0, err
     assert (ws / "a.txt").read_text() == "A\n" and (ws / "b.txt").read_text() == "B\n"
+
+
+# --- hostile trees ------------------------------------------------------------------------------------
+
+DEPTH = 2500  # paths of ~5,000 bytes: past PATH_MAX (4096) and Python's recursion limit (1000)
+ODD = ["new\nline", "\x1b[31mred\x1b[0m", os.fsdecode(b"caf\xe9-\xff"), "\u202eevil"]
+
+
+@pytest.fixture
+def no_deep_tree_left(tmp_path: Path, kp_env: dict[str, Path]) -> Any:
+    """pytest's own clean-up (shutil.rmtree, recursive) fails on a deep tree: remove what the test made."""
+    from kodepipe.state import remove_tree
+
+    yield
+    for entry in os.listdir(tmp_path):
+        remove_tree(tmp_path / entry)
+
+
+def deep_chain(root: Path, depth: int) -> int:
+    """root/d/d/... ``depth`` deep, made through fds; an fd of the deepest (the caller closes it)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    return fd
+
+
+def hostile(upper: Path) -> None:
+    """What a hostile agent leaves: a tree deeper than a path can be long with a setuid file and a symlink
+    out at the bottom, names with control characters and bytes that are not UTF-8, a fifo."""
+    bottom = deep_chain(upper, DEPTH)
+    fd = os.open("suid", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=bottom)
+    os.write(fd, b"#!/bin/sh\n")
+    os.fchmod(fd, 0o4755)
+    os.close(fd)
+    os.symlink("/root/.ssh", "out", dir_fd=bottom)
+    os.close(bottom)
+    for name in ODD:  # setuid too, so that warnings name them
+        put(upper, f"odd/{name}", name.encode(errors="surrogateescape"), 0o4755)
+    os.mkfifo(upper / "odd" / "fifo")
+
+
+def printable_lines(text: str) -> None:
+    """Every line on stderr is free of control characters (and of bytes that are not UTF-8)."""
+    for line in text.splitlines():
+        assert line.isprintable(), repr(line)
+
+
+def test_kp_run_apply_of_a_hostile_tree(tmp_path: Path, kp_env: dict[str, Path], no_deep_tree_left: None) -> None:
+    ws = tmp_path / "proj"
+    put(ws, "main.py", "print('hello')\n")
+    folder = quarantined("run-h", ws, hostile)
+    status, records, err = finish(apply_proc("run-h"))
+    assert status == 0, err[-3000:]
+    assert "Traceback" not in err
+    printable_lines(err)
+    assert "odd/\\x1b[31mred\\x1b[0m: setuid/setgid bits stripped" in err and "odd/caf\\xe9-\\xff: setuid" in err
+    assert "odd/new\\nline: setuid" in err and "odd/fifo: a fifo, which apply leaves out" in err
+    assert "a symlink that may point out of the workspace" in err and "setuid/setgid bits stripped" in err
+    (record,) = records
+    assert record["state"] == "applied" and record["applied_count"] == DEPTH + 2 + 1 + len(ODD)
+    entries = record["quarantine"]["changes"]
+    assert {e["path"].rsplit("/", 1)[-1]: (e.get("setid"), e.get("escapes")) for e in entries
+            if e["path"].startswith("d/d/") and e["type"] != "dir"} == {"suid": (True, None), "out": (None, True)}
+    assert "odd/fifo" not in [e["path"] for e in entries]
+    assert record["quarantine"]["not_applied"] == [{"path": "odd/fifo", "change": "added", "type": "fifo",
+                                                    "mode": "0644"}]
+    # the workspace has every name's exact bytes, the deep file without its setuid bit, and no fifo
+    assert sorted(os.listdir(os.fsencode(ws / "odd"))) == sorted(n.encode(errors="surrogateescape") for n in ODD)
+    fd = os.open(ws, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(DEPTH):
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    assert stat.S_IMODE(os.stat("suid", dir_fd=fd).st_mode) == 0o755 and os.readlink("out", dir_fd=fd) == "/root/.ssh"
+    os.close(fd)
+    assert not folder.exists()
+
+
+def test_kp_rm_of_a_hostile_run_and_then_of_another(tmp_path: Path, kp_env: dict[str, Path],
+                                                    no_deep_tree_left: None) -> None:
+    ws = tmp_path / "proj"
+    put(ws, "main.py", "print('hello')\n")
+    hostile_run = quarantined("run-h", ws, hostile)
+    others = [quarantined(name, ws, lambda upper: put(upper, "new.txt", "new\n")) for name in ("run-a", "run-b")]
+    removed = subprocess.run([str(BIN / "kp-rm"), "run-h"], capture_output=True)
+    assert removed.returncode == 0, removed.stderr.decode()[-3000:]
+    assert not hostile_run.exists()
+    # a kp-rm killed half-way through the same tree left it in the trash: later ones still work
+    trash = kp_env["state"] / "trash" / "run-x.0123456789ab"
+    trash.mkdir(parents=True)
+    os.close(deep_chain(trash, DEPTH))
+    removed = subprocess.run([str(BIN / "kp-rm"), "run-a"], capture_output=True)
+    assert removed.returncode == 0, removed.stderr.decode()[-3000:]
+    assert not others[0].exists() and not trash.exists()
+    listed = subprocess.run([str(BIN / "kp-ls")], capture_output=True)
+    assert listed.returncode == 0 and [r["name"] for r in lines(listed.stdout)] == ["run-b"]
+    removed = subprocess.run([str(BIN / "kp-rm"), "run-b"], capture_output=True)
+    assert removed.returncode == 0 and not others[1].exists()
+    assert (ws / "main.py").read_text() == "print('hello')\n" and sorted(os.listdir(ws)) == ["main.py"]
+
+
+def test_a_quarantine_past_the_caps_is_refused_clearly_and_kp_rm_discards_it(tmp_path: Path, kp_env: dict[str, Path],
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from kodepipe import containers
+    from kodepipe.errors import KpError
+
+    ws = tmp_path / "proj"
+    put(ws, "main.py", "print('hello')\n")
+    folder = quarantined("run-big", ws, lambda upper: [put(upper, f"f{i}", "") for i in range(50)])
+    monkeypatch.setattr(q, "MAX_CHANGES", 20)
+    said: list[str] = []
+    with pytest.raises(KpError) as info:
+        applying.apply(Store(), "run-big", expect_id=None, force=True, say=said.append)
+    assert info.value.code == "too_many_changes" and "more than 20 changes" in info.value.message
+    assert "kp-rm discards it" in info.value.message
+    assert folder.is_dir() and sorted(os.listdir(ws)) == ["main.py"]  # nothing applied, nothing lost
+    assert containers.remove(Store(), "run-big", expect_id=None, dry_run=False) is not None
+    assert not folder.exists()

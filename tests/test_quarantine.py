@@ -8,6 +8,7 @@ the merged view showed.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import stat
@@ -22,6 +23,7 @@ import pytest
 from kodepipe import quarantine as q
 from kodepipe.errors import BadInput, Exists, KpError
 from kodepipe.quarantine import Change, Conflict, UnsafePath, UnsupportedOverlay
+from kodepipe.state import remove_tree
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts, trusted xattrs and mounts need root")
 
@@ -88,6 +90,14 @@ def kinds(changes: list[Change]) -> dict[str, tuple[str, str]]:
     return {c.path: (c.kind, c.type) for c in changes}
 
 
+@pytest.fixture(autouse=True)
+def no_deep_tree_left(tmp_path: Path) -> Iterator[None]:
+    """Remove what a test made: pytest's own clean-up (shutil.rmtree, recursive) fails on a deep tree."""
+    yield
+    for entry in os.listdir(tmp_path):
+        remove_tree(tmp_path / entry)
+
+
 @pytest.fixture
 def dirs(tmp_path: Path) -> tuple[Path, Path]:
     upper, lower = tmp_path / "upper", tmp_path / "lower"
@@ -124,22 +134,70 @@ def test_prepare_refuses_when_upper_holds_unapplied_changes(tmp_path: Path) -> N
     assert (upper / "left-over").read_text() == "x"
 
 
-def test_summary_groups_paths_by_kind() -> None:
-    changes = [Change("b", "added", "file"), Change("a", "deleted", "dir"), Change("a/x", "deleted", "file"),
-               Change("c", "modified", "symlink")]
-    assert q.summary(changes) == {"added": ["b"], "modified": ["c"], "deleted": ["a", "a/x"]}
-    assert q.summary([]) == {"added": [], "modified": [], "deleted": []}
+def test_summary_lists_each_change_and_the_paths_by_kind() -> None:
+    changes = [Change("b", "added", "file", 0o644), Change("a", "deleted", "dir"),
+               Change("a/x", "deleted", "file"), Change("c", "modified", "symlink", target="d", old_target="e")]
+    assert q.summary(changes) == {
+        "added": ["b"], "modified": ["c"], "deleted": ["a", "a/x"],
+        "changes": [{"path": "a", "change": "deleted", "type": "dir"},
+                    {"path": "a/x", "change": "deleted", "type": "file"},
+                    {"path": "b", "change": "added", "type": "file", "mode": "0644"},
+                    {"path": "c", "change": "modified", "type": "symlink", "target": "d", "old_target": "e"}]}
+    assert q.summary([]) == {"added": [], "modified": [], "deleted": [], "changes": []}
 
 
-def test_change_round_trips_through_a_record() -> None:
-    change = Change("src/a.py", "modified", "file")
-    assert Change.from_dict(orjson.loads(orjson.dumps(change.as_dict()))) == change
-    for bad in ({"path": "a", "kind": "renamed", "type": "file"}, {"path": 3, "kind": "added", "type": "file"},
-                {"path": "a", "kind": "added", "type": "socket"}):
-        with pytest.raises(BadInput):
-            Change.from_dict(bad)
+NOT_UTF8 = os.fsdecode(b"caf\xe9-\xff\xfe")  # bytes that are not UTF-8, as os.fsdecode gives them
+
+
+@pytest.mark.parametrize("change", [
+    Change("src/a.py", "modified", "file", 0o755, 0o644),
+    Change("d", "modified", "dir", 0o700, old_type="file"),
+    Change("new\nline/\x1b[31mred\x1b[0m", "added", "file", 0o4755),
+    Change(f"{NOT_UTF8}/x", "added", "symlink", target=f"../{NOT_UTF8}"),
+    Change("gone", "deleted", "fifo"),
+])
+def test_change_round_trips_through_a_record(change: Change) -> None:
+    data = orjson.loads(orjson.dumps(change.as_dict()))  # JSON-safe whatever the bytes
+    back = Change.from_dict(data)
+    assert back == change
+    assert (back.mode, back.old_mode, back.old_type, back.target, back.old_target) == \
+        (change.mode, change.old_mode, change.old_type, change.target, change.old_target)
+    assert data["change"] == change.kind and data["type"] == change.type
+
+
+def test_a_record_carries_names_that_are_not_utf8_exactly_and_a_display_form() -> None:
+    data = Change(f"d/{NOT_UTF8}", "added", "symlink", target=f"/{NOT_UTF8}").as_dict()
+    assert data["path"] == "d/caf\\xe9-\\xff\\xfe" and data["target"] == "/caf\\xe9-\\xff\\xfe"
+    assert base64.b64decode(data["path_b64"]) == b"d/caf\xe9-\xff\xfe"  # type: ignore[arg-type]
+    assert base64.b64decode(data["target_b64"]) == b"/caf\xe9-\xff\xfe"  # type: ignore[arg-type]
+    assert data["escapes"] is True
+    # readers take the exact bytes over the display form
+    assert Change.from_dict({**data, "path": "something else"}).path == f"d/{NOT_UTF8}"
+    plain = Change("a\nb", "added", "file").as_dict()
+    assert plain["path"] == "a\nb" and "path_b64" not in plain  # UTF-8: the name itself (JSON escapes it)
+
+
+def test_an_older_record_of_a_change_is_still_read() -> None:
+    assert Change.from_dict({"path": "a", "kind": "added", "type": "other"}) == Change("a", "added", "other")
+
+
+@pytest.mark.parametrize("bad", [
+    {"path": "a", "change": "renamed", "type": "file"}, {"path": 3, "change": "added", "type": "file"},
+    {"path": "a", "change": "added", "type": "pipe"}, {"path_b64": "not base64!", "change": "added", "type": "file"},
+    {"path": "a", "change": "added", "type": "file", "mode": "9"},
+    {"path": "a", "change": "added", "type": "file", "mode": 0o10000},
+    {"path": "a", "change": "added", "type": "symlink", "target": 5}])
+def test_a_malformed_change_is_bad_input(bad: dict[str, object]) -> None:
+    with pytest.raises(BadInput):
+        Change.from_dict(bad)
+
+
+def test_a_change_that_could_escape_the_workspace_is_refused() -> None:
+    for path in ("../etc/passwd", "/etc/passwd", "a//b", "a/./b", "a/..", "", "a/"):
+        with pytest.raises(UnsafePath):
+            Change.from_dict({"path": path, "change": "added", "type": "file"})
     with pytest.raises(UnsafePath):
-        Change.from_dict({"path": "../etc/passwd", "kind": "added", "type": "file"})
+        Change.from_dict({"path_b64": base64.b64encode(b"../x").decode(), "change": "added", "type": "file"})
 
 
 # --- changes() ------------------------------------------------------------------------------
@@ -388,7 +446,9 @@ def test_fifo_is_reported_but_not_applied(dirs: tuple[Path, Path]) -> None:
     upper, lower = dirs
     os.mkfifo(upper / "pipe")
     put(upper, "f", "f")
-    assert kinds(q.changes(upper, lower)) == {"f": ("added", "file"), "pipe": ("added", "other")}
+    found = q.changes(upper, lower)
+    assert kinds(found) == {"f": ("added", "file"), "pipe": ("added", "fifo")}
+    assert q.findings(found) == ["pipe: a fifo, which apply leaves out"]
     applied, warnings = apply_all(upper, lower)
     assert [c.path for c in applied] == ["f"]
     assert len(warnings) == 1 and warnings[0].startswith("pipe: not applied")
@@ -774,7 +834,7 @@ def test_real_overlay_changes_and_apply_reproduce_the_merged_view(tmp_path: Path
     assert (upper / "same").exists() and (upper / "touched").exists()  # copied up, yet no change
 
     found = q.changes(upper, lower)
-    assert q.summary(found) == {
+    assert {kind: paths for kind, paths in q.summary(found).items() if kind != "changes"} == {
         "added": ["e/new", "n", "new-name", "newdir", "newdir/a", "newdir/a/b", "p/inner", "s"],
         "modified": ["chmodded", "f", "p", "q", "r", "t"],
         "deleted": ["d", "d/a", "d/sub", "d/sub/b", "e/old", "old-name", "q/z", "x"]}
@@ -805,8 +865,202 @@ def test_real_overlay_with_metacopy_is_refused(tmp_path: Path) -> None:
         q.changes(upper, lower)
 
 
-def test_a_name_that_is_not_utf8_is_refused_not_dropped(dirs: tuple[Path, Path]) -> None:
+# --- hostile trees: any names, any depth, any size, any file type ----------------------------
+
+
+HOSTILE = ["new\nline", "\x1b[31mred\x1b[0m", NOT_UTF8, "tab\there", "\u202eevil"]
+
+
+def assert_printable(text: str) -> None:
+    """No control character, and no byte that is not UTF-8, reaches a terminal."""
+    assert text.isprintable(), repr(text)
+    text.encode()  # raises on a lone surrogate
+
+
+def make_chain(root: Path, depth: int, name: str = "d") -> int:
+    """root/name/name/... ``depth`` levels deep, made through fds (the path is far longer than PATH_MAX);
+    returns an fd of the deepest directory (the caller closes it)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir(name, dir_fd=fd)
+        child = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    return fd
+
+
+def write_at(dir_fd: int, name: str, content: bytes = b"", mode: int = 0o644) -> None:
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+    os.write(fd, content)
+    os.fchmod(fd, mode)
+    os.close(fd)
+
+
+def chain_depth(root: Path, name: str = "d") -> tuple[int, list[str]]:
+    """How deep the chain of ``name`` directories under root goes, and what the deepest one holds."""
+    depth, fd = 0, os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    while True:
+        try:
+            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        except FileNotFoundError:
+            inside = sorted(os.listdir(fd))
+            os.close(fd)
+            return depth, inside
+        os.close(fd)
+        fd, depth = child, depth + 1
+
+
+def test_names_of_any_bytes_are_listed_applied_exactly_and_escaped_in_messages(dirs: tuple[Path, Path]) -> None:
     upper, lower = dirs
-    (upper / os.fsdecode(b"caf\xe9")).write_text("x")
-    with pytest.raises(UnsupportedOverlay, match="not a UTF-8 name"):
-        q.changes(upper, lower)
+    put(lower, NOT_UTF8, "old")
+    put(upper, NOT_UTF8, "new")  # modified: a name that is not UTF-8 in both trees
+    for name in HOSTILE:
+        put(upper, f"dir-{name}/{name}", name.encode(errors="surrogateescape"), 0o4755)
+        link(upper, f"link-{name}", f"/{name}")
+    found = q.changes(upper, lower)
+    assert len(found) == 1 + 3 * len(HOSTILE)
+    record = orjson.loads(orjson.dumps({"quarantine": q.summary(found), "fingerprints": q.fingerprint(lower, found)}))
+    listed = [Change.from_dict(c) for c in record["quarantine"]["changes"]]
+    assert listed == found  # lossless through JSON
+    assert {c.path: c.target for c in listed if c.type == "symlink"} == {f"link-{n}": f"/{n}" for n in HOSTILE}
+    for line in q.findings(found, limit=100):
+        assert_printable(line)
+    assert sum("\\x1b[31m" in line for line in q.findings(found, limit=100)) == 2  # the setuid file, the link
+    applied, warnings = q.apply(upper, lower, listed, fingerprints=record["fingerprints"])
+    assert len(applied) == len(found) and len(warnings) == len(HOSTILE)
+    for line in warnings:
+        assert_printable(line)
+    names = set(os.listdir(os.fsencode(lower)))
+    for name in HOSTILE:
+        raw = name.encode(errors="surrogateescape")
+        assert {b"dir-" + raw, b"link-" + raw} <= names
+        assert (lower / f"dir-{name}" / name).read_bytes() == raw
+        assert stat.S_IMODE((lower / f"dir-{name}" / name).stat().st_mode) == 0o755  # setuid stripped
+        assert os.readlink(lower / f"link-{name}") == f"/{name}"
+    assert (lower / NOT_UTF8).read_text() == "new"
+
+
+DEPTH = 2500  # paths of ~5,000 bytes: past PATH_MAX (4096) and Python's recursion limit (1000)
+
+
+def test_a_tree_deeper_than_a_path_can_be_long_is_listed_applied_and_removed(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    bottom = make_chain(upper, DEPTH)
+    write_at(bottom, "suid", b"#!/bin/sh\n", 0o4755)
+    os.symlink("/etc/shadow", "up", dir_fd=bottom)  # points out: reported however deep
+    os.symlink("../" * 1000 + "inside", "in", dir_fd=bottom)  # stays in (a target is at most 4095 bytes)
+    os.close(bottom)
+    found = q.changes(upper, lower)
+    assert len(found) == DEPTH + 3
+    by_name = {c.path.rsplit("/", 1)[-1]: c for c in found if not c.path.endswith("/d") and c.path != "d"}
+    deep = "d/" * DEPTH
+    assert by_name["suid"].path == deep + "suid" and by_name["suid"].setid
+    assert by_name["up"].escapes and not by_name["in"].escapes
+    assert [c.as_dict().get("escapes") for c in (by_name["up"], by_name["in"])] == [True, None]
+    said = q.findings(found)
+    assert len(said) == 2 and all(len(line) < 400 for line in said)  # long paths shortened in messages
+    assert said[0].endswith("a symlink that may point out of the workspace") or "setuid" in said[0]
+    prints = orjson.loads(orjson.dumps(q.fingerprint(lower, found)))
+    applied, warnings = q.apply(upper, lower, found, fingerprints=prints)
+    assert len(applied) == len(found)
+    assert [w.split(": ", 1)[1].split(" (")[0] for w in warnings] == ["setuid/setgid bits stripped"]
+    assert chain_depth(lower) == (DEPTH, ["in", "suid", "up"])
+    assert [c.path for c in q.changes(upper, lower)] == [deep + "suid"]  # only its setuid bit is left out
+    remove_tree(lower)
+    assert not lower.exists()
+
+
+@needs_root
+def test_a_deleted_tree_deeper_than_a_path_can_be_long_is_listed_and_removed(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    os.close(make_chain(lower, DEPTH))
+    whiteout(upper, "d")
+    found = q.changes(upper, lower)
+    assert len(found) == DEPTH and {c.kind for c in found} == {"deleted"}
+    q.apply(upper, lower, found, fingerprints=q.fingerprint(lower, found))
+    assert os.listdir(lower) == []
+
+
+@needs_root
+def test_hard_links_sockets_and_devices(dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    upper, lower = dirs
+    put(upper, "a", "shared")
+    os.link(upper / "a", upper / "b")
+    os.mknod(upper / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(upper / "disk", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    monkeypatch.chdir(upper)  # a socket's path must be short
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind("sock")
+    sock.close()
+    found = q.changes(upper, lower)
+    assert kinds(found) == {"a": ("added", "file"), "b": ("added", "file"), "disk": ("added", "blockdev"),
+                            "null": ("added", "chardev"), "sock": ("added", "socket")}
+    applied, warnings = apply_all(upper, lower)
+    assert sorted(c.path for c in applied) == ["a", "b"]
+    assert sorted(w.split(":")[0] for w in warnings) == ["disk", "null", "sock"]
+    assert tree(lower) == {"a": ("file", 0o644, b"shared"), "b": ("file", 0o644, b"shared")}
+    assert (lower / "a").stat().st_ino != (lower / "b").stat().st_ino  # each name a file of its own
+
+
+@pytest.mark.parametrize(("path", "target", "out"), [
+    ("l", "/etc/passwd", True), ("l", "/workspace/x", True), ("l", "..", True), ("l", "../x", True),
+    ("d/l", "..", False), ("d/l", "../x", False), ("d/l", "../..", True), ("d/e/l", "../../x", False),
+    ("l", "x", False), ("l", "x/y", False), ("l", "./x/./y/", False), ("l", ".", False), ("l", "", False),
+    ("d/l", "x/../..", True),  # ".." after a name: x may be a symlink, so it is reported
+    ("d/l", "x/..", True), ("d/l", "../x/..", True), ("a/b/c/l", "../../../x", False),
+    ("a/b/c/l", "../../../../x", True)])
+def test_symlinks_that_may_point_out_of_the_workspace(path: str, target: str, out: bool) -> None:
+    assert q.points_out(path, target) is out
+    assert Change(path, "added", "symlink", target=target).escapes is out
+
+
+def test_symlinks_out_are_flagged_in_the_record_and_said(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    link(upper, "abs", "/root/.ssh/id_ed25519")
+    link(upper, "sub/rel", "../../home")
+    link(upper, "sub/ok", "../abs")
+    found = q.changes(upper, lower)
+    entries = {e["path"]: e for e in q.summary(found)["changes"]}  # type: ignore[index]
+    assert entries["abs"] == {"path": "abs", "change": "added", "type": "symlink",
+                              "target": "/root/.ssh/id_ed25519", "escapes": True}
+    assert entries["sub/rel"]["escapes"] is True and "escapes" not in entries["sub/ok"]
+    assert q.findings(found) == [
+        "abs -> /root/.ssh/id_ed25519: a symlink that may point out of the workspace",
+        "sub/rel -> ../../home: a symlink that may point out of the workspace"]
+
+
+def test_many_entries_are_listed_in_bounded_time(dirs: tuple[Path, Path]) -> None:
+    upper, lower = dirs
+    many = mkdir(upper, "many")
+    fd = os.open(many, os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(20_000):
+        os.close(os.open(f"f{i}", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
+    found = q.changes(upper, lower)
+    assert len(found) == 20_001
+    applied, _ = apply_all(upper, lower)
+    assert len(applied) == 20_001 and len(os.listdir(lower / "many")) == 20_000
+
+
+@pytest.mark.parametrize(("cap", "said"), [({"max_entries": 500}, "more than 500 entries"),
+                                           ({"max_changes": 100}, "more than 100 changes"),
+                                           ({"max_chars": 5000}, "more than 5000 characters")])
+def test_past_a_cap_the_quarantine_is_refused_clearly(dirs: tuple[Path, Path], cap: dict[str, int],
+                                                      said: str) -> None:
+    upper, lower = dirs
+    for i in range(1000):
+        put(upper, f"f{i:04}", "")
+    with pytest.raises(q.TooManyChanges, match=said) as info:
+        q.changes(upper, lower, **cap)
+    assert "kp-rm discards it" in info.value.message and info.value.code == "too_many_changes"
+
+
+def test_messages_shorten_and_escape_paths() -> None:
+    long = "d/" * 3000 + "\x1bx"
+    shown = q.show(long)
+    assert len(shown) < 250 and shown.startswith("d/d/") and shown.endswith("d/\\x1bx")
+    assert "more characters" in shown
+    assert q.show("a\nb\x9b") == "a\\nb\\x9b"
+    assert q.show(NOT_UTF8) == "caf\\xe9-\\xff\\xfe"
