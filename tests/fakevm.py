@@ -218,7 +218,7 @@ def serve(authorized: str) -> Iterator[SSHServer]:
         server.close()
 
 
-def wait_for(predicate: Any, timeout: float = 10.0) -> None:
+def wait_for(predicate: Any, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

@@ -156,7 +156,7 @@ def test_interactive_attach_announces_the_escape_and_detaches_on_ctrl_bracket(co
     os.write(leader, b"ls\r")
     _read_until(leader, b"kp@s1:~$ ")
     os.write(leader, b"\x1d")
-    assert proc.wait(timeout=10) == 0
+    assert proc.wait(timeout=60) == 0
     assert bytes(console.received) == b"ls\r"  # the escape key itself never reaches the VM
     assert termios.tcgetattr(follower) == before
     os.close(leader)
@@ -209,11 +209,11 @@ def test_log_follow_prints_new_output_until_the_vm_stops(vm: FakeVM) -> None:
     with log.open("ab") as more:
         more.write(b"last words\n")
     vm.stop()
-    assert proc.wait(timeout=10) == 0
+    assert proc.wait(timeout=60) == 0
     assert proc.stdout.read() == b"last words\n"
 
 
-def _read_until(fd: int, marker: bytes, timeout: float = 10.0) -> bytes:
+def _read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
     data = b""
     deadline = time.monotonic() + timeout
     while marker not in data:

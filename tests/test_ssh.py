@@ -212,7 +212,7 @@ def test_a_server_that_comes_up_late_is_reached(server: SSHServer) -> None:
     timer = threading.Timer(1.0, late.start, kwargs={"port": port})
     timer.start()
     try:
-        result = invoke("kp-ssh", "--timeout", "20", "s1", "--", "echo", "late")
+        result = invoke("kp-ssh", "--timeout", "120", "s1", "--", "echo", "late")
     finally:
         timer.join()
         late.close()
@@ -261,7 +261,7 @@ def test_interactive_shell_on_a_pty_relays_and_exits_with_the_shell_status(vm: F
     _wait(lambda: (120, 40) in server.sizes)
     os.write(leader, b"exit\r")
     seen += _read_until(leader, b"bye")
-    assert proc.wait(timeout=10) == 3
+    assert proc.wait(timeout=60) == 3
     assert server.terms == ["vt220"] and server.sizes[0] == (101, 33)
     assert termios.tcgetattr(follower) == before  # the terminal left as it was found
     os.close(leader)
@@ -275,7 +275,7 @@ def _set_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _read_until(fd: int, marker: bytes, timeout: float = 10.0) -> bytes:
+def _read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
     data = b""
     deadline = time.monotonic() + timeout
     while marker not in data:
@@ -286,7 +286,7 @@ def _read_until(fd: int, marker: bytes, timeout: float = 10.0) -> bytes:
     return data
 
 
-def _wait(predicate: object, timeout: float = 10.0) -> None:
+def _wait(predicate: object, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():  # type: ignore[operator]
         assert time.monotonic() < deadline, "timed out"
