@@ -39,4 +39,4 @@ def limit(pid: int, values: dict[str, int]) -> None:
                  timeout=30)
     except KpError as exc:
         raise KpError(f"could not set the kernel quotas of the container's user namespace: {exc.message}",
-                      code="quota") from None
+                      code="command_failed") from None

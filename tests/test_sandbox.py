@@ -236,3 +236,20 @@ def test_the_user_namespace_limits_script() -> None:
     for bad in ({"../../fs/x": 1}, {"max_x": -1}, {"max_x; reboot": 1}, {"max_x": "1; reboot"}):
         with pytest.raises(ValueError):
             userns.script(bad)  # type: ignore[arg-type]
+
+
+def test_a_refused_user_namespace_limit_refuses_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kodepipe import proc, userns
+    from kodepipe.errors import CommandFailed, KpError
+
+    calls = []
+
+    def fake_run(argv: list[str], **kw: object) -> None:
+        calls.append(argv)
+        raise CommandFailed("nsenter ... exited with status 1:\nsh: 1: cannot create ...: Permission denied")
+
+    monkeypatch.setattr(proc, "run", fake_run)
+    with pytest.raises(KpError, match=r"could not set the kernel quotas (.|\n)* Permission denied") as info:
+        userns.limit(4242, {"max_inotify_instances": 16})
+    assert info.value.code == "command_failed"
+    assert calls[0][:5] == ["nsenter", "--user", "--target", "4242", "--"]
