@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import signal
 import threading
 import time
@@ -31,6 +32,11 @@ class Monitor:
         self.timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient(f"kodepipe:{path.name}")
+        # qemu.qmp logs a broken session with a traceback; its errors become KpErrors here instead
+        quiet = logging.getLogger("qemu.qmp")
+        if not quiet.handlers:
+            quiet.addHandler(logging.NullHandler())
+            quiet.propagate = False
         try:
             self._run(self._client.connect(str(path)), timeout)
         except BaseException:
@@ -161,6 +167,11 @@ class Monitor:
         except Exception:  # noqa: S110 - closing a session that already broke is not worth an error
             pass
         finally:
+            # a session cut off mid-command may not have closed its socket: QEMU serves one client at a
+            # time, so the next session (kp-stop's thaw after an interrupted save) would never be answered
+            writer = getattr(self._client, "_writer", None)
+            if writer is not None and not writer.is_closing():
+                writer.transport.abort()
             self._loop.close()
 
     def __enter__(self) -> Monitor:
