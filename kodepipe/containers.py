@@ -8,13 +8,22 @@ ends; one with a quarantine to review, an audit log or --keep stays until
 kp-rm (or kp-run --apply) ends it.
 
 States: creating, running, exited (kept), quarantined (changes to review),
-applied, orphaned (kp-run was killed while the container ran: the
-container may still be there; kp-rm removes it).
+applied, orphaned (kp-run was killed while the container ran, or its
+container still runs though kp-run has ended: kp-rm removes it).
+
+meta.json names the Podman container before it is made (container_name,
+with the run's id as its io.kodepipe.id label), then its id and its first
+process (container_pid, checked against its start time, so kp-ls sees
+whether it still runs without asking Podman), and at the end whether kp-run
+removed it (container_removed).  kp-rm removes a container that is not
+known to be gone, whatever the run's state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +36,8 @@ from kodepipe.state import Store, check_id, mounts_under
 
 KIND = "container"
 MERGED = "merged"
+# meta.json keys that identify processes of this boot: kept out of records
+PRIVATE = ("pid", "pid_start", "boot_id", "container_pid", "container_pid_start")
 
 
 def owner_alive(meta: dict[str, Any]) -> bool:
@@ -36,17 +47,44 @@ def owner_alive(meta: dict[str, Any]) -> bool:
     return proc.start_time(pid) == started
 
 
+def process_running(pid: int, started: object) -> bool:
+    """True when ``pid`` is still the process that started at ``started`` and has not ended
+    (a zombie has ended: its parent just has not collected it yet)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return fields[0] not in ("Z", "X", "x") and int(fields[19]) == started
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def container_running(meta: dict[str, Any]) -> bool:
+    """Whether the run's container still runs, from its first process (no Podman call: fast)."""
+    pid = meta.get("container_pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or meta.get("boot_id") != proc.boot_id():
+        return False
+    return process_running(pid, meta.get("container_pid_start"))
+
+
 def view(store: Store, name: str) -> Record:
     record, meta = store.record_base(KIND, name)
     if meta is None:  # record_base says why: creating (its kp-run holds the lock), gone or broken
         return record
-    if record.get("state") in ("creating", "running") and not owner_alive(meta):
+    state = record.get("state")
+    if state in ("creating", "running") and not owner_alive(meta):
         record["state"] = "orphaned"
-        record["problem"] = "the kp-run that ran it is gone; the container may still exist"
+        record["problem"] = ("the kp-run that ran it is gone and its container still runs; kp-rm stops and "
+                             "removes it" if container_running(meta) else
+                             "the kp-run that ran it is gone; the container may still exist (kp-rm removes it)")
+    elif state in ("exited", "quarantined") and meta.get("container_removed") is not True \
+            and container_running(meta):
+        # kp-run ended without stopping it (it lost Podman, say): never "exited" while it runs
+        record["state"] = "orphaned"
+        record["problem"] = (f"kp-run has ended but its container still runs (the run was {state}); "
+                             "kp-rm stops and removes it")
     folder = store.folder(KIND, name)
     if mounts_under(folder):
         record["mounted"] = True
-    for key in ("pid", "pid_start", "boot_id"):
+    for key in PRIVATE:
         record.pop(key, None)
     return record
 
@@ -74,9 +112,12 @@ def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool,
             check(record)
         if dry_run:
             return record
-        cid = record.get("container_id")
-        if isinstance(cid, str) and record.get("host", "local") == "local" and record.get("state") != "quarantined":
-            _remove_container(cid)
+        try:
+            meta = store.read_meta(folder) or {}
+        except KpError:
+            meta = {}  # unreadable: it names no container
+        if needs_removal(meta):
+            _remove_container(name, meta)
         unmount(folder)
         from kodepipe import apply  # an apply killed half-way: its temporary files in the workspace
 
@@ -85,13 +126,36 @@ def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool,
     return record
 
 
-def _remove_container(cid: str) -> None:
-    from kodepipe import engine
+def needs_removal(meta: dict[str, Any]) -> bool:
+    """Whether a run's Podman container may still exist: named, on this host, not known gone.
+    Whatever the run's state: a quarantine or an audit whose kp-run lost Podman keeps one too."""
+    named = isinstance(meta.get("container_id"), str) or isinstance(meta.get("container_name"), str)
+    return named and meta.get("host", "local") == "local" and meta.get("container_removed") is not True
 
-    with contextlib.suppress(KpError):
+
+def _remove_container(name: str, meta: dict[str, Any]) -> None:
+    """Stop and remove the run's container: by id, or by the name it was to get (if it carries
+    the run's id label).  Its folder stays if Podman cannot be asked, so a later kp-rm can."""
+    from kodepipe import engine
+    from kodepipe.errors import MissingProgram
+
+    cid, pname = meta.get("container_id"), meta.get("container_name")
+    try:
         eng = engine.Engine.connect()
-        eng.kill(cid)
-        eng.remove(cid)
+        if not isinstance(cid, str):
+            cid = eng.find(pname if isinstance(pname, str) else name, str(meta.get("id")))
+        if cid is not None:
+            eng.kill(cid)
+            eng.remove(cid)
+    except MissingProgram:
+        return  # no Podman on this host: no container either
+    except KpError as exc:
+        pid = meta.get("container_pid")
+        if container_running(meta) and isinstance(pid, int):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)  # stopped at least; Podman removes it later
+        raise KpError(f"could not remove its container {str(cid or pname)[:12]}: {exc.message}",
+                      code=exc.code, hint=f"kp-rm {name} again once Podman answers") from None
 
 
 def names_running(store: Store) -> list[str]:

@@ -214,6 +214,14 @@ a disk is full (ENOSPC): the message names the file or workspace; nothing
 half\-written is left behind; free some space and run the command again (a
 kp\-run \-\-apply stopped half\-way is then finished)
 .TP
+.B audit_incomplete
+kp\-run \-\-audit: strace ended before the container did; the record's
+\fBaudit_problem\fR says why, and kp\-run stopped the container
+.TP
+.B engine_lost
+the Podman service stopped answering during a kp\-run; the message says
+what became of the container (\fBcontainer_removed\fR)
+.TP
 .B missing_program, no_permission, timeout
 as the exit statuses below
 .SH EXIT STATUS

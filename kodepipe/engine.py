@@ -37,6 +37,16 @@ class EngineError(KpError):
     code = "podman"
 
 
+class EngineLost(EngineError):
+    """The Podman service stopped answering: it died, or its socket went away.
+
+    Containers outlive it (conmon runs them), so whoever loses it must still
+    stop and remove what it started: ``Engine.revive`` gives a new connection.
+    """
+
+    code = "engine_lost"
+
+
 def configured_url() -> str | None:
     for var in ("KODEPIPE_PODMAN_URL", "CONTAINER_HOST"):
         value = os.environ.get(var, "").strip()
@@ -71,10 +81,11 @@ def force_chown_copies(base: Path = STORAGE_RUN) -> None:
 class Engine:
     """A connection to one Podman service."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, own: bool = False) -> None:
         from podman import PodmanClient
 
         self.url = url
+        self.own = own  # kodepipe's own service, which it may start again
         self.client = PodmanClient(base_url=url)
         self.api = self.client.api
 
@@ -91,7 +102,7 @@ class Engine:
                                        "and CONTAINER_HOST to let kp-run start its own")
             return engine
         sock = paths.runtime_dir() / "podman.sock"
-        engine = cls(f"unix://{sock}")
+        engine = cls(f"unix://{sock}", own=True)
         if engine.ping():
             return engine
         from kodepipe.state import Store
@@ -115,7 +126,30 @@ class Engine:
         except Exception:
             return False
 
+    def revive(self, progress: Callable[[str], None] = lambda _m: None) -> Engine:
+        """A working connection to the same Podman after this one was lost.
+
+        kodepipe's own service keeps no state of its own (containers live on under
+        conmon, their records in Podman's store), so it is simply started again.  A
+        service the user configured is only asked again: kodepipe does not own it.
+        """
+        if self.own and configured_url() is None:
+            return Engine.connect(progress)
+        engine = Engine(self.url)
+        if not engine.ping():
+            raise EngineLost(f"the Podman service at {self.url} does not answer any more",
+                             hint="start it again, then kp-rm the run to remove its container")
+        return engine
+
     # -- requests -------------------------------------------------------------
+
+    def _call(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
+        """One request; a service that is gone (refused, reset, closed) raises EngineLost."""
+        try:
+            return getattr(self.api, method)(path, **kwargs)
+        except OSError as exc:  # podman-py's APIError and requests' ConnectionError are OSErrors
+            raise EngineLost(f"{what}: the Podman service at {self.url} stopped answering ({_cause(exc)})",
+                             hint=f"see {service_log()}" if self.own else None) from None
 
     def _check(self, response: Any, what: str) -> Any:
         if response.status_code < 400:
@@ -129,35 +163,38 @@ class Engine:
         raise EngineError(f"{what}: Podman says: {message.strip()}")
 
     def create(self, spec: dict[str, Any]) -> str:
-        response = self.api.post("/containers/create", data=orjson.dumps(spec),
-                                 headers={"content-type": "application/json"})
+        response = self._call("post", "/containers/create", "creating the container", data=orjson.dumps(spec),
+                              headers={"content-type": "application/json"})
         if response.status_code == 404:
             raise NotFound(f"image {spec.get('image')} is not in Podman's store",
                            hint="build it with kp-image base, or name a profile with --profile")
         return str(self._check(response, "creating the container").json()["Id"])
 
     def init(self, cid: str) -> None:
-        self._check(self.api.post(f"/containers/{cid}/init"), "preparing the container")
+        self._check(self._call("post", f"/containers/{cid}/init", "preparing the container"),
+                    "preparing the container")
 
     def start(self, cid: str) -> None:
-        self._check(self.api.post(f"/containers/{cid}/start"), "starting the container")
+        self._check(self._call("post", f"/containers/{cid}/start", "starting the container"),
+                    "starting the container")
 
     def inspect(self, cid: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._check(self.api.get(f"/containers/{cid}/json"), "inspecting").json()
+        result: dict[str, Any] = self._check(self._call("get", f"/containers/{cid}/json", "inspecting"),
+                                             "inspecting").json()
         return result
 
     def exists(self, cid: str) -> bool:
-        return bool(self.api.get(f"/containers/{cid}/exists").status_code == 204)
+        return bool(self._call("get", f"/containers/{cid}/exists", "looking for the container").status_code == 204)
 
     def kill(self, cid: str, signal: str = "KILL") -> None:
-        response = self.api.post(f"/containers/{cid}/kill", params={"signal": signal})
+        response = self._call("post", f"/containers/{cid}/kill", "stopping the container", params={"signal": signal})
         if response.status_code in (204, 404, 409) or "state improper" in response.text:
             return  # done, gone, or not running any more
         self._check(response, "stopping the container")
 
     def wait(self, cid: str) -> int:
-        response = self.api.post(f"/containers/{cid}/wait",
-                                 params={"condition": "exited", "interval": "10ms"})
+        response = self._call("post", f"/containers/{cid}/wait", "waiting for the container",
+                              params={"condition": "exited", "interval": "10ms"})
         return int(self._check(response, "waiting for the container").text.strip())
 
     def remove(self, cid: str) -> None:
@@ -167,13 +204,26 @@ class Engine:
         itself waits out its stop timeout first."""
         deadline = None
         while True:
-            response = self.api.delete(f"/containers/{cid}", params={"force": True, "v": True})
+            response = self._call("delete", f"/containers/{cid}", "removing the container",
+                                  params={"force": True, "v": True})
             if response.status_code in (200, 204, 404):
                 return
             deadline = deadline or time.monotonic() + 10
             if time.monotonic() > deadline:
                 self._check(response, "removing the container")
             time.sleep(0.02)
+
+    def find(self, name: str, run_id: str) -> str | None:
+        """The id of the container called ``name`` that kp-run made for run ``run_id``, if there is one.
+
+        By name, for a run whose kp-run died before it learnt the id; only a container
+        with the run's own label, never another one that happens to have the name."""
+        response = self._call("get", f"/containers/{name}/json", "looking for the container")
+        if response.status_code == 404:
+            return None
+        info = self._check(response, "looking for the container").json()
+        labels = (info.get("Config") or {}).get("Labels") or {}
+        return str(info["Id"]) if labels.get("io.kodepipe.id") == run_id else None
 
     def attach(self, cid: str) -> Callable[[int], bytes] | None:
         """Attach to a created container's output before it starts; a reader of its raw stream.
@@ -195,11 +245,12 @@ class Engine:
             while b"\r\n\r\n" not in head:
                 chunk = conn.recv(4096)
                 if not chunk:
-                    raise EngineError("attaching to the container: Podman closed the connection")
+                    raise EngineLost("attaching to the container: Podman closed the connection")
                 head += chunk
         except OSError as exc:
             conn.close()
-            raise EngineError(f"attaching to the container: {exc}") from exc
+            raise EngineLost(f"attaching to the container: the Podman service at {self.url} stopped answering "
+                             f"({_cause(exc)})") from None
         head, _, rest = head.partition(b"\r\n\r\n")
         status = head.split(b" ", 2)[1:2]
         if status not in ([b"101"], [b"200"]):
@@ -227,24 +278,39 @@ class Engine:
         """Copy the container's output to ``sinks`` (1: stdout, 2: stderr) until it exits:
         from an attach made before the start, or else by following its logs."""
         if attached is None:
-            response = self.api.get(f"/containers/{cid}/logs",
-                                    params={"follow": True, "stdout": True, "stderr": True}, stream=True)
+            response = self._call("get", f"/containers/{cid}/logs", "reading the container's output",
+                                  params={"follow": True, "stdout": True, "stderr": True}, stream=True)
             self._check(response, "reading the container's output")
-            attached = response.raw.read
+            raw = response.raw.read
+
+            def attached(n: int) -> bytes:
+                try:
+                    return bytes(raw(n))
+                except Exception:  # the service went away: the output ends here, wait() says why
+                    return b""
+
         for kind, data in frames(attached):
             sinks.get(kind, sinks[2])(data)
 
     def image_id(self, ref: str) -> str | None:
-        response = self.api.get(f"/images/{ref}/json")
+        response = self._call("get", f"/images/{ref}/json", f"image {ref}")
         if response.status_code == 404:
             return None
         return str(self._check(response, f"image {ref}").json()["Id"])
 
     def containers(self, label: str) -> list[dict[str, Any]]:
-        response = self.api.get("/containers/json",
-                                params={"all": True, "filters": orjson.dumps({"label": [label]}).decode()})
+        response = self._call("get", "/containers/json", "listing containers",
+                              params={"all": True, "filters": orjson.dumps({"label": [label]}).decode()})
         result: list[dict[str, Any]] = self._check(response, "listing containers").json() or []
         return result
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost reason of a connection failure (requests wraps it three times)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    text = str(exc).strip()
+    return text.rsplit(": ", 1)[-1].strip("')\"") if text else type(exc).__name__
 
 
 def frames(read: Callable[[int], bytes]) -> Iterator[tuple[int, bytes]]:

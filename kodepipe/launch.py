@@ -10,10 +10,12 @@ describes what is left to review.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import secrets as pysecrets
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -32,6 +34,16 @@ from kodepipe.state import Store, new_id, now_iso
 AUDIT_LOG = "audit.strace"
 EGRESS_LOG = "egress.jsonl"
 STRACE_ATTACH_WAIT = 10.0
+STRACE_END_WAIT = 10.0
+# Tests only: kp-run stops itself (SIGSTOP) at the named point, so that a test can SIGKILL it
+# exactly there.  The one point: "container-created" (Podman made the container, meta.json
+# does not have its id yet).
+STOP_AT = "KODEPIPE_TEST_STOP_AT"
+
+
+def _checkpoint(point: str) -> None:
+    if os.environ.get(STOP_AT) == point:
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 @dataclass
@@ -96,6 +108,15 @@ class Run:
         self.hooks_before = True
         self.timed_out = False
         self.strace: subprocess.Popen[bytes] | None = None
+        self.strace_said: collections.deque[str] = collections.deque(maxlen=4)
+        self.tracer_watch: threading.Thread | None = None
+        self.tracer_reader: threading.Thread | None = None
+        self.audit_problem: str | None = None  # why the audit log is incomplete, when it is
+        self.ending = False  # finish() has begun: what ends now is kp-run's doing
+        self.made = False  # a container may exist: create was asked for
+        self.engine_lost: KpError | None = None
+        self.container_pid: int | None = None  # the container's first process, as the host sees it
+        self.container_pid_start: int | None = None
         self.proxy: Any = None
         self.policy: Any = None
 
@@ -152,6 +173,10 @@ class Run:
             self.meta = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
                          "state": "creating", "host": "local", "image": req.image, "profile": req.profile,
                          "command": req.command, "workspace": str(ws) if ws else None,
+                         # Podman's name for the container, on record before it is asked to make one:
+                         # kp-rm finds it by this name (and the run's id label) if kp-run dies before
+                         # it learns the container's id
+                         "container_name": self.name,
                          "pid": os.getpid(), "pid_start": proc.start_time(os.getpid()),
                          "boot_id": proc.boot_id()}
             with self.store.creating("container", self.name, self.meta) as folder:
@@ -238,8 +263,17 @@ class Run:
     def start(self, box: sandbox.Sandbox) -> None:
         if not (self.folder is not None):
             raise RuntimeError("kp-run: out of order")
+        self.made = True
         self.cid = self.engine.create(box.spec())
-        self.meta.update(container_id=self.cid, state="running", started=now_iso())
+        _checkpoint("container-created")
+        # its processes and namespaces exist, nothing runs yet: the tracer and the proxy attach
+        # now, and its first process is on record, so kp-ls can tell whether it still runs
+        self.engine.init(self.cid)
+        pid = int(self.engine.inspect(self.cid)["State"].get("Pid") or 0)
+        if pid > 0:
+            self.container_pid, self.container_pid_start = pid, proc.start_time(pid)
+        self.meta.update(container_id=self.cid, container_pid=self.container_pid,
+                         container_pid_start=self.container_pid_start, state="running", started=now_iso())
         if self.req.audit:
             from kodepipe import strace
 
@@ -248,8 +282,6 @@ class Run:
         if self.policy is not None:
             self.meta["egress_log"] = str(self.folder / EGRESS_LOG)
         self.store.write_meta(self.folder, self.meta)
-        if self.req.audit or self.policy is not None:
-            self.engine.init(self.cid)  # the container's processes and namespaces exist, nothing runs yet
         if self.policy is not None:
             self._start_proxy()
         if self.req.audit:
@@ -258,24 +290,24 @@ class Run:
     def _start_proxy(self) -> None:
         from kodepipe import egress
 
-        if self.folder is None or self.cid is None:
+        if self.folder is None or self.container_pid is None:
             raise RuntimeError("kp-run: out of order")
-        pid = self.engine.inspect(self.cid)["State"]["Pid"]
-        tcp, udp = egress.sockets_in_netns(pid)
+        tcp, udp = egress.sockets_in_netns(self.container_pid)
         self.proxy = egress.Proxy(self.policy, egress.DecisionLog(self.folder / EGRESS_LOG, self.name))
         self.proxy.start(tcp, udp)
 
     def _attach_strace(self) -> None:
         from kodepipe import strace
 
-        if not (self.folder is not None and self.cid is not None and self.req.audit is not None):
+        if not (self.folder is not None and self.container_pid is not None and self.req.audit is not None):
             raise RuntimeError("kp-run: out of order")
-        pid = self.engine.inspect(self.cid)["State"]["Pid"]
         args = ["strace", *strace.CAPTURE_FLAGS,
                 *[a for a in strace.MODES[self.req.audit] if a != "--seccomp-bpf"],
-                "-o", str(self.folder / AUDIT_LOG), "-p", str(pid)]
+                "-o", str(self.folder / AUDIT_LOG), "-p", str(self.container_pid)]
+        # its own session: a Ctrl-C on the terminal must not detach the tracer before kp-run
+        # has stopped the container
         self.strace = subprocess.Popen([proc.require("strace"), *args[1:]], stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         # strace says "Process N attached" once it holds every thread; start only then
         if not (self.strace.stderr is not None):
             raise RuntimeError("kp-run: out of order")
@@ -286,7 +318,54 @@ class Run:
             if not line or time.monotonic() > deadline:
                 raise KpError(f"strace could not attach to the container: {said.decode(errors='replace')}")
             said += line
-        threading.Thread(target=self.strace.stderr.read, daemon=True).start()
+        self.tracer_reader = threading.Thread(target=self._read_tracer, args=(self.strace.stderr,), daemon=True)
+        self.tracer_reader.start()
+        self.tracer_watch = threading.Thread(target=self._watch_tracer, args=(self.strace,), daemon=True)
+        self.tracer_watch.start()
+
+    def _read_tracer(self, stream: Any) -> None:
+        """Keep strace's last messages: they say why it ended, if it ended early."""
+        for line in stream:
+            text = line.decode(errors="replace").strip()
+            if text and not text.endswith(" attached"):
+                self.strace_said.append(text)
+
+    def _watch_tracer(self, tracer: subprocess.Popen[bytes]) -> None:
+        """A tracer that ends while the container runs leaves the rest of the run unrecorded:
+        stop the container then.  strace ends with status 0 when the last process it traces has
+        ended; killed or failed, it ends otherwise."""
+        status = tracer.wait()
+        if status == 0 or self.ending:
+            return
+        if self.tracer_reader is not None:
+            self.tracer_reader.join(timeout=2.0)  # its last words, up to the end of its stderr
+        how = (f"was killed by {signal.Signals(-status).name}" if status < 0 and -status in signal.valid_signals()
+               else f"ended with status {status}")
+        said = "; ".join(self.strace_said)
+        self.audit_problem = (f"strace (pid {tracer.pid}) {how} while the container ran"
+                              + (f" ({said})" if said else "")
+                              + ": the audit log misses everything after that, so kp-run stopped the container "
+                                "(a run whose audit was asked for does not go on unaudited)")
+        self.say("warn", f"{self.name}: the audit's tracer (strace) {how}: stopping the container")
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        """SIGKILL the container from another thread: through Podman, or straight to its first
+        process (which takes every process of its pid namespace with it) if Podman does not answer."""
+        from kodepipe import engine
+
+        try:
+            engine.Engine(self.engine.url).kill(self.cid or "", "KILL")
+        except Exception:
+            self._kill_process()
+
+    def _kill_process(self) -> None:
+        from kodepipe import containers
+
+        pid = self.container_pid
+        if pid is not None and containers.process_running(pid, self.container_pid_start):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
     def attached_run(self) -> int:
         """Start, copy the output to stderr until the container exits, and return its status."""
@@ -334,12 +413,9 @@ class Run:
                 stdin.close()
 
     def _time_up(self) -> None:
-        from kodepipe import engine
-
         self.timed_out = True
         self.say("warn", f"{self.name}: the time limit ({self.req.limits.seconds:g} s) is up; stopping it")
-        with contextlib.suppress(Exception):
-            engine.Engine(self.engine.url).kill(self.cid or "", "KILL")
+        self._stop_now()
 
     # -- ending -----------------------------------------------------------------
 
@@ -348,33 +424,32 @@ class Run:
         from kodepipe import quarantine
 
         meta = self.meta
+        self.ending = True
         if self.folder is not None:  # first: nothing below may keep a secret's copy on disk
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(self.folder / "secrets")
-        if self.cid is not None and self.engine is not None:
-            with contextlib.suppress(Exception):
-                state = self.engine.inspect(self.cid)["State"]
-                meta["oom_killed"] = bool(state.get("OOMKilled"))
-                if exit_code is None and state.get("Status") == "exited":
-                    exit_code = int(state.get("ExitCode", 0))
-            if outcome != "exited":  # cut short: SIGKILL now, not SIGTERM and a 10 s stop timeout
-                with contextlib.suppress(Exception):
-                    self.engine.kill(self.cid)
-            if not self.req.keep:
-                try:
-                    self.engine.remove(self.cid)  # forced: stops it first if it still runs
-                except Exception as exc:
-                    self.say("warn", f"{self.name}: could not remove container {self.cid[:12]}: {exc}")
-                    self.req.keep = True
+        if self.made and self.engine is not None:
+            exit_code = self._end_container(exit_code, outcome)
         if self.proxy is not None:
             self.proxy.stop()
             meta["egress"] = dict(self.proxy.log.counts)
             self.proxy.log.close()
         if self.strace is not None:
             try:
-                self.strace.wait(timeout=10)
+                self.strace.wait(timeout=STRACE_END_WAIT)
             except subprocess.TimeoutExpired:
                 self.strace.kill()
+                self.audit_problem = self.audit_problem or (
+                    f"strace did not end within {STRACE_END_WAIT:g} s of the container, and was killed: "
+                    "the end of the audit log may be missing")
+            if self.tracer_watch is not None:
+                self.tracer_watch.join(timeout=STRACE_END_WAIT)
+        if self.req.audit is not None and self.strace is not None:
+            meta["audit"] = "incomplete" if self.audit_problem else "complete"
+            if self.audit_problem:
+                meta["audit_problem"] = self.audit_problem
+                if outcome == "exited":
+                    outcome = "audit-lost"
         meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome)
         if exit_code is not None and 128 < exit_code < 160:  # the shell's convention: killed by a signal
             import signal
@@ -423,12 +498,66 @@ class Run:
                 self.store.write_meta(self.folder, meta)
             else:
                 self.store.discard(self.folder)
-        record = {k: v for k, v in meta.items() if k not in ("pid", "pid_start", "boot_id", "fingerprints")}
+        record = {k: v for k, v in meta.items() if k not in (*containers.PRIVATE, "fingerprints")}
         if keep and self.folder is not None:
             record["path"] = str(self.folder)
         else:
             record["removed"] = True
         return record
+
+    def _end_container(self, exit_code: int | None, outcome: str) -> int | None:
+        """Learn how the container ended, stop it if it runs, and remove it (unless --keep);
+        through a Podman service started again if kp-run's own died.  The exit code is returned;
+        the record gets container_removed (and the run's folder is kept when it is false, so
+        that kp-rm can finish the job)."""
+        from kodepipe import engine
+
+        meta = self.meta
+
+        def end(eng: engine.Engine) -> bool:
+            if self.cid is None:  # asked for, but its id never came back: it is known by name
+                self.cid = eng.find(self.name, str(meta.get("id")))
+                if self.cid is None:
+                    return True
+                meta["container_id"] = self.cid
+            nonlocal exit_code
+            try:
+                state = eng.inspect(self.cid)["State"]
+            except engine.EngineLost:
+                raise
+            except KpError:
+                state = {}
+            meta["oom_killed"] = bool(state.get("OOMKilled"))
+            if exit_code is None and state.get("Status") == "exited":
+                exit_code = int(state.get("ExitCode", 0))
+            if outcome != "exited":  # cut short: SIGKILL now, not SIGTERM and a 10 s stop timeout
+                eng.kill(self.cid)
+            if self.req.keep:
+                return False
+            eng.remove(self.cid)  # forced: stops it first if it still runs
+            return True
+
+        removed = False
+        try:
+            try:
+                removed = end(self.engine)
+            except engine.EngineLost as exc:
+                self.engine_lost = exc
+                self._kill_process()  # no Podman to ask: end its processes at once
+                self.say("warn", f"{self.name}: {exc.message}; " + (
+                    "starting it again to remove the container" if getattr(self.engine, "own", False)
+                    else "asking it again"))
+                self.engine = self.engine.revive(lambda m: self.say("progress", m))
+                removed = end(self.engine)
+        except KpError as exc:
+            self._kill_process()
+            if not self.req.keep:
+                self.say("warn", f"{self.name}: could not remove container "
+                                 f"{(self.cid or self.name)[:12]}: {exc.message}")
+                meta["problem"] = f"its container was stopped but not removed ({exc.message}); kp-rm removes it"
+            self.req.keep = True
+        meta["container_removed"] = removed
+        return exit_code
 
 
 def run(store: Store, req: Request, say: Callable[[str, str], None]) -> tuple[Record, int | None]:
@@ -437,13 +566,26 @@ def run(store: Store, req: Request, say: Callable[[str, str], None]) -> tuple[Re
     On an interruption the container is removed and the record is returned
     through the exception's ``record`` attribute before it propagates.
     """
+    from kodepipe import engine
+
     job = Run(store, req, say)
     try:
         box = job.prepare()
         job.start(box)
         status = job.attached_run()
     except BaseException as exc:
-        record = job.finish(None, "interrupted" if not isinstance(exc, Exception) else "failed")
+        lost = isinstance(exc, engine.EngineLost)
+        record = job.finish(None, "engine-lost" if lost else "interrupted" if not isinstance(exc, Exception)
+                            else "failed")
+        if lost:
+            # say what became of the container, which outlived the service
+            done = ("kp-run started the service again, and stopped and removed the container"
+                    if record.get("container_removed") else
+                    f"kp-run stopped the container's processes, but could not remove it: kp-rm {job.name} "
+                    "does, once Podman answers")
+            told = engine.EngineLost(f"{exc.args[0] if exc.args else exc}; {done}")
+            told.record = record  # type: ignore[attr-defined]
+            raise told from None
         exc.record = record  # type: ignore[attr-defined]
         raise
     return job.finish(status, "timed-out" if job.timed_out else "exited"), status

@@ -147,6 +147,19 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     the quarantine's changes or the audit log's path).  kp-run exits 1 if
     the command failed; the record's exit_code is the command's own.
 
+    The record's "outcome" is exited, timed-out, interrupted, failed,
+    audit-lost or engine-lost.  With --audit, "audit" is "complete", or
+    "incomplete" with "audit_problem" saying why
+    (jq 'select(.audit=="incomplete")').  If strace dies while the
+    command runs, kp-run stops the container rather than let it go on
+    unrecorded: outcome audit-lost, error code audit_incomplete, exit 1
+    (kp-trace < its audit_log reads what was recorded).  If the Podman
+    service dies during a run (error code engine_lost, exit 1), kp-run
+    starts its own service again (for one you named, it stops the
+    container's processes itself) and removes the container;
+    "container_removed" says whether it did, and kp-rm removes what is
+    left, whatever the run's state.
+
     When vm records arrive on stdin (kp-clone | kp-boot --share DIR |
     kp-ip), the container runs inside each VM instead, through the guest's
     Podman over SSH, with the same defaults; the workspace is then a path
@@ -259,6 +272,9 @@ def _report(out: kpcli.Output, record: dict[str, Any], status: int | None, no_de
         out.info(f"{record['name']}: quarantined: {len(q.get('added', []))} added, {len(q.get('modified', []))} "
                  f"modified, {len(q.get('deleted', []))} deleted; kp-run --apply {record['name']} applies them, "
                  f"kp-rm {record['name']} discards them")
+    if record.get("audit") == "incomplete":  # the agent's own exit_code stays in the record
+        out.fail(record, errors.KpError(str(record.get("audit_problem")), code="audit_incomplete"))
+        return
     out.emit(record)
 
 
