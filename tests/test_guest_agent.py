@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
+from kodepipe import guest_agent
 from kodepipe.errors import KpError, Timeout
-from kodepipe.guest_agent import AgentError, AgentUnreachable, GuestAgent, wait_for_agent
+from kodepipe.guest_agent import AgentBadReply, AgentError, AgentUnreachable, GuestAgent, wait_for_agent
 
 # A timeout within which a working fake answers: generous, since the wait ends when the answer comes.
 # A test of a timeout that must run out uses a small one and bounds the time only by hang_guard.
@@ -54,7 +55,9 @@ def spy_calls(monkeypatch: pytest.MonkeyPatch, agent: GuestAgent) -> list[tuple[
 
 
 STRAY = b'{"error": {"class": "GenericError", "desc": "JSON parse error, stray \'\\uFFFD\'"}}\n'
-Reply = dict[str, Any] | str | None  # a reply object, "close" to hang up, None to say nothing
+# a reply object, "close" to hang up, None to say nothing, bytes to send as they are (a hostile
+# agent's reply line), or a function given the connection (a reply that trickles or never ends)
+Reply = dict[str, Any] | str | None | bytes | Callable[[socket.socket], None]
 
 
 class FakeAgent:
@@ -149,7 +152,13 @@ class FakeAgent:
             reply = handler(args)
         if reply == "close":
             return "close"
-        if isinstance(reply, dict):
+        if isinstance(reply, bytes) or callable(reply):
+            try:
+                self._send(conn, reply) if isinstance(reply, bytes) else reply(conn)
+            except OSError:
+                return "close"  # the client gave up on it and hung up
+            return None if isinstance(reply, bytes) else "close"
+        elif isinstance(reply, dict):
             self._send(conn, json.dumps(reply).encode() + b"\n")
         return None
 
@@ -255,8 +264,8 @@ def sock_path(tmp_path: Path) -> Iterator[Path]:
 def make_agent(sock_path: Path) -> Iterator[Callable[..., FakeAgent]]:
     made: list[FakeAgent] = []
 
-    def make(**kwargs: Any) -> FakeAgent:
-        made.append(FakeAgent(sock_path, **kwargs))
+    def make(path: Path | None = None, **kwargs: Any) -> FakeAgent:
+        made.append(FakeAgent(path or sock_path, **kwargs))
         return made[-1]
 
     yield make
@@ -537,3 +546,310 @@ def test_close_hangs_up(fake: FakeAgent) -> None:
     with GuestAgent(fake.path) as again:
         again.ping()
     assert fake.connections == 2
+
+
+
+# -- a broken or hostile agent ----------------------------------------------------------------------
+#
+# The guest may be hostile: whatever its agent answers, the client ends with a KpError (never a
+# traceback), holds at most a bounded reply in memory, and gives up by its deadline.
+
+
+def bad(line: bytes) -> Callable[[dict[str, Any]], Reply]:
+    return lambda args: line
+
+
+def answer(value: object) -> Callable[[dict[str, Any]], Reply]:
+    return lambda args: (json.dumps({"return": value}, allow_nan=True) + "\n").encode()
+
+
+BAD_HOSTNAME_REPLIES = [
+    pytest.param(answer({}), "has no 'host-name'", id="missing-key"),
+    pytest.param(answer({"host-name": 5}), "'host-name' is a number, not a string", id="wrong-type"),
+    pytest.param(answer({"host-name": None}), "has no 'host-name'", id="null"),
+    pytest.param(answer(["host-name"]), "is an array, not an object", id="not-an-object"),
+    pytest.param(answer("fake"), "is a string, not an object", id="a-bare-string"),
+    pytest.param(bad(b'{"return": {"host-name": "\\ud800"}}\n'), "not valid Unicode", id="lone-surrogate"),
+    pytest.param(bad(b'{"return": {"host-name": "caf\xe9"}}\n'), "is not UTF-8", id="latin-1"),
+    pytest.param(bad(b'{"return": {"host-name": "\xff\xfe"}}\n'), "is not UTF-8", id="invalid-bytes"),
+    pytest.param(bad(b'\x00{\x00"\x00r\x00"\x00}\x00\n'), "not UTF-8|not JSON", id="utf-16-is-not-guessed"),
+    pytest.param(bad(b'{"return": NaN}\n'), "NaN is not JSON", id="nan"),
+    pytest.param(bad(b'{"return": {"host-name": "a"}\n'), "is not JSON", id="truncated"),
+    pytest.param(bad(b"[1, 2]\n"), 'without "return" or "error"', id="an-array"),
+    pytest.param(bad(b'{"neither": 1}\n'), 'without "return" or "error"', id="neither-key"),
+    pytest.param(bad(b"garbage\n"), "is not JSON", id="garbage"),
+    pytest.param(bad(b"[" * 5000 + b"]" * 5000 + b"\n"), "nested too deeply", id="deep"),
+    pytest.param(bad(b'{"return": [' + b"{}," * 200_000 + b"{}]}\n"), "more than 100000 entries", id="many-objects"),
+    pytest.param(bad(b'{"return": {"host-name": 1' + b"0" * 10_000 + b"}}\n"), "is not JSON", id="a-huge-number"),
+]
+
+
+@pytest.mark.parametrize(("handler", "message"), BAD_HOSTNAME_REPLIES)
+def test_a_malformed_reply_is_a_clean_error_and_the_session_recovers(
+        agent: GuestAgent, fake: FakeAgent, handler: Callable[[dict[str, Any]], Reply], message: str) -> None:
+    fake.handlers["guest-get-host-name"] = handler
+    with pytest.raises(AgentBadReply, match=message) as info:
+        agent.hostname()
+    assert info.value.code == "guest_agent_bad_reply" and info.value.status == 1
+    info.value.message.encode("utf-8")  # the message itself can be written into a record
+    del fake.handlers["guest-get-host-name"]
+    assert agent.hostname() == "fake"  # the next call resynchronises and is in step
+
+
+def test_a_reply_line_that_never_ends_is_cut_at_the_cap(agent: GuestAgent, fake: FakeAgent,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(guest_agent, "MAX_REPLY", 1 << 20)
+    sent = [0]
+
+    def endless(conn: socket.socket) -> None:  # '{"return": "xxxxxxx... without end
+        conn.settimeout(ANSWERS)
+        conn.sendall(b'{"return": "')
+        while sent[0] < 100 << 20:  # a guard: the client must hang up long before
+            conn.sendall(b"x" * 65536)
+            sent[0] += 65536
+
+    fake.handlers["guest-get-host-name"] = lambda args: endless
+    with pytest.raises(AgentBadReply, match="longer than 1 MiB"):
+        agent.hostname()
+    assert sent[0] < 100 << 20  # the client hung up: it did not read on without end
+    del fake.handlers["guest-get-host-name"]
+    assert agent.hostname() == "fake"  # a new connection, in step again
+
+
+def test_a_reply_that_trickles_in_cannot_outlast_the_timeout(agent: GuestAgent, fake: FakeAgent) -> None:
+    def trickle(conn: socket.socket) -> None:  # one byte at a time, a valid reply that never ends
+        conn.settimeout(ANSWERS)
+        conn.sendall(b'{"return": {"host-name": "')
+        until = time.monotonic() + ANSWERS  # a client that waits for each byte anew would wait this long
+        while not fake._stop.is_set() and time.monotonic() < until:
+            conn.sendall(b"x")
+            time.sleep(0.005)
+
+    fake.handlers["guest-get-host-name"] = lambda args: trickle
+    started = time.monotonic()
+    with pytest.raises(Timeout, match=r"guest-get-host-name within 0\.3 s"):
+        agent.call("guest-get-host-name", timeout=0.3)
+    hang_guard(started, 0.3)
+
+
+def test_the_sessions_deadline_bounds_every_call(agent: GuestAgent, fake: FakeAgent) -> None:
+    """kp-ip's --timeout: however long a call may take by itself, the session ends by its deadline."""
+    fake.handlers["guest-get-host-name"] = lambda args: None  # never answers
+    agent.deadline = time.monotonic() + 0.3
+    started = time.monotonic()
+    with pytest.raises(Timeout, match="before the session's deadline"):
+        agent.call("guest-get-host-name", timeout=ANSWERS)
+    hang_guard(started, 0.3)
+    with pytest.raises(Timeout):
+        agent.exec(["hang"], timeout=ANSWERS)  # a program that never exits, bounded the same way
+    with pytest.raises(Timeout):
+        agent.read_file("/any", timeout=ANSWERS)
+    hang_guard(started, 0.3)
+
+
+def test_a_guest_that_reads_nothing_cannot_hold_a_send_past_the_deadline(make_agent: Callable[..., FakeAgent]) -> None:
+    fake = make_agent(mute=True)  # connected, reading nothing: the channel fills up
+    with GuestAgent(fake.path) as agent:
+        agent._synced = True  # as if synced earlier: the call goes straight to sending
+        started = time.monotonic()
+        with pytest.raises(Timeout, match="did not take guest-file-write"):
+            agent.call("guest-file-write", {"handle": 1, "buf-b64": "A" * (8 << 20)}, timeout=0.3)
+        hang_guard(started, 0.3)
+
+
+def test_sync_survives_a_flood_of_garbage(make_agent: Callable[..., FakeAgent]) -> None:
+    # megabytes after a stray marker, with no newline: not a sync reply, dropped (never held whole)
+    fake = make_agent(stale=b"\xff" + b"x" * (4 << 20) + b"\xff\xff" + b"y" * (1 << 20))
+    with GuestAgent(fake.path) as agent:
+        agent.sync(ANSWERS)
+        assert agent.hostname() == "fake"
+
+
+def interfaces_reply(*ifaces: dict[str, Any]) -> Callable[[dict[str, Any]], Reply]:
+    return lambda args: {"return": list(ifaces)}
+
+
+GOOD_IFACE = {"name": "ens3", "hardware-address": "52:54:00:12:34:56",
+              "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "10.0.2.15", "prefix": 24}]}
+
+
+def iface(**changes: Any) -> dict[str, Any]:
+    return {**GOOD_IFACE, **changes}
+
+
+def address(**changes: Any) -> dict[str, Any]:
+    return iface(**{"ip-addresses": [{**GOOD_IFACE["ip-addresses"][0], **changes}]})
+
+
+@pytest.mark.parametrize(("reply", "message"), [
+    (answer({"name": "ens3"}), "guest-network-get-interfaces is an object, not an array"),
+    (interfaces_reply("ens3"), r"\[0\] is a string, not an object"),
+    (interfaces_reply(iface(name=None)), "has no 'name'"),
+    (interfaces_reply(iface(name=["ens3"])), "'name' is an array, not a string"),
+    (interfaces_reply(iface(name="")), "is not one"),
+    (interfaces_reply(iface(**{"hardware-address": "52:54:00:12:34:56\n1.2.3.4"})), "not a hardware address"),
+    (interfaces_reply(iface(**{"ip-addresses": {"ip-address": "10.0.2.15"}})), "is an object, not an array"),
+    (interfaces_reply(address(**{"ip-address": "10.0.2.15\x1b[2J"})), "is not an IP address"),
+    (interfaces_reply(address(**{"ip-address": "localhost"})), "is not an IP address"),
+    (interfaces_reply(address(**{"ip-address": 167772687})), "'ip-address' is a number, not a string"),
+    (interfaces_reply(address(**{"ip-address": "fe80::1"})), "is not an ipv4 address"),
+    (interfaces_reply(address(**{"ip-address-type": "ipx"})), "unknown address type"),
+    (interfaces_reply(address(prefix="24")), "'prefix' is a string, not an integer"),
+    (interfaces_reply(address(prefix=33)), "out of range"),
+    (interfaces_reply(address(prefix=True)), "not an integer"),
+    (interfaces_reply(*[iface(name=f"veth{n}") for n in range(1025)]), "1025 entries, more than the 1024"),
+    (interfaces_reply(iface(**{"ip-addresses": [GOOD_IFACE["ip-addresses"][0]] * 5000})),
+     "5000 entries, more than the 1024"),
+])
+def test_interfaces_are_read_typed_and_bounded(agent: GuestAgent, fake: FakeAgent,
+                                               reply: Callable[[dict[str, Any]], Reply], message: str) -> None:
+    fake.handlers["guest-network-get-interfaces"] = reply
+    with pytest.raises(AgentBadReply, match=message):
+        agent.interfaces()
+
+
+def test_interfaces_are_normalised(agent: GuestAgent, fake: FakeAgent) -> None:
+    fake.handlers["guest-network-get-interfaces"] = interfaces_reply(
+        {"name": "lo", "ip-addresses": [{"ip-address-type": "ipv6", "ip-address": "::1", "prefix": 128}],
+         "statistics": {"rx-bytes": 1}},
+        iface(**{"ip-addresses": [{"ip-address-type": "ipv6", "ip-address": "FE80:0::1", "prefix": 64}]}))
+    assert agent.interfaces() == [
+        {"name": "lo", "hardware-address": None,
+         "ip-addresses": [{"ip-address": "::1", "ip-address-type": "ipv6", "prefix": 128}]},
+        {"name": "ens3", "hardware-address": "52:54:00:12:34:56",
+         "ip-addresses": [{"ip-address": "fe80::1", "ip-address-type": "ipv6", "prefix": 64}]}]
+
+
+def exec_status(**status: Any) -> Callable[[dict[str, Any]], Reply]:
+    return lambda args: {"return": status}
+
+
+@pytest.mark.parametrize(("command", "reply", "message"), [
+    ("guest-exec", answer({"pid": "1000"}), "'pid' is a string, not an integer"),
+    ("guest-exec", answer({}), "has no 'pid'"),
+    ("guest-exec", answer(1000), "is a number, not an object"),
+    ("guest-exec-status", exec_status(exited="yes"), "'exited' is a string, not true or false"),
+    ("guest-exec-status", exec_status(), "has no 'exited'"),
+    ("guest-exec-status", exec_status(exited=True, exitcode="0"), "'exitcode' is a string"),
+    ("guest-exec-status", exec_status(exited=True, signal=[9]), "'signal' is an array"),
+    ("guest-exec-status", exec_status(exited=True, exitcode=1 << 40), "out of range"),
+    ("guest-exec-status", exec_status(exited=True, **{"out-data": "not base64!"}), "not valid base64"),
+    ("guest-exec-status", exec_status(exited=True, **{"err-data": 12}), "'err-data' is a number"),
+])
+def test_exec_replies_are_read_typed(agent: GuestAgent, fake: FakeAgent, command: str,
+                                     reply: Callable[[dict[str, Any]], Reply], message: str) -> None:
+    fake.handlers[command] = reply
+    if command == "guest-exec-status":
+        fake.handlers["guest-exec"] = answer({"pid": 1000})
+    with pytest.raises(AgentBadReply, match=message):
+        agent.exec(["echo"], timeout=ANSWERS)
+
+
+def test_a_file_read_that_never_ends(agent: GuestAgent, fake: FakeAgent) -> None:
+    """A guest file that is endless (/dev/zero as the host key, say): the size limit ends it."""
+    fake.files["/etc/ssh/key.pub"] = bytearray()
+    fake.handlers["guest-file-read"] = lambda args: {"return": {
+        "count": args["count"], "eof": False, "buf-b64": base64.b64encode(b"\0" * args["count"]).decode()}}
+    with pytest.raises(KpError, match="larger than 1048576 bytes") as info:
+        agent.read_file("/etc/ssh/key.pub")
+    assert info.value.code == "too_large"
+
+
+def test_a_file_read_that_claims_data_it_never_sends_ends_by_the_timeout(agent: GuestAgent, fake: FakeAgent) -> None:
+    fake.files["/f"] = bytearray()
+    fake.handlers["guest-file-read"] = lambda args: {"return": {"count": 0, "eof": False, "buf-b64": ""}}
+    assert agent.read_file("/f") == b""  # no bytes and no eof: the end (qemu-ga says count 0 at the end)
+    fake.handlers["guest-file-read"] = lambda args: {"return": {"count": 1, "eof": False, "buf-b64": ""}}
+    with pytest.raises(AgentBadReply, match="said 1 bytes and sent 0"):
+        agent.read_file("/f")
+
+
+@pytest.mark.parametrize(("reply", "message"), [
+    ({"count": 5, "eof": True, "buf-b64": base64.b64encode(b"abc").decode()}, "said 5 bytes and sent 3"),
+    ({"count": 1 << 30, "eof": True, "buf-b64": ""}, "out of range"),  # more than was asked for
+    ({"count": 3, "eof": "true", "buf-b64": base64.b64encode(b"abc").decode()}, "'eof' is a string"),
+    ({"count": 3, "eof": True, "buf-b64": "!!!"}, "not valid base64"),
+    ({"eof": True, "buf-b64": ""}, "has no 'count'"),
+])
+def test_file_reads_are_read_typed(agent: GuestAgent, fake: FakeAgent, reply: dict[str, Any], message: str) -> None:
+    fake.files["/f"] = bytearray(b"abc")
+    fake.handlers["guest-file-read"] = lambda args: {"return": reply}
+    with pytest.raises(AgentBadReply, match=message):
+        agent.read_file("/f")
+    assert fake.handles == {}  # closed all the same
+
+
+def test_a_file_handle_must_be_an_integer(agent: GuestAgent, fake: FakeAgent) -> None:
+    fake.handlers["guest-file-open"] = answer("/etc/shadow")
+    with pytest.raises(AgentBadReply, match="guest-file-open is a string, not a handle"):
+        agent.read_file("/f")
+
+
+def test_a_write_that_claims_more_than_it_was_given(agent: GuestAgent, fake: FakeAgent) -> None:
+    fake.handlers["guest-file-write"] = answer({"count": 10**6, "eof": False})
+    with pytest.raises(AgentBadReply, match="out of range"):
+        agent.write_file("/f", b"abc")
+    assert fake.handles == {}
+
+
+@pytest.mark.parametrize(("error", "shown"), [
+    ({"class": "GenericError", "desc": "boom \x1b[2J\x07"}, "boom \x1b[2J\x07"),  # kept: Output escapes it
+    ({"class": 5, "desc": ["not", "text"]}, "{'class': 5, 'desc': ['not', 'text']}"),
+    ("just a string", "'just a string'"),
+    ({"class": "GenericError", "desc": "\udc80 surrogate"}, "\\udc80 surrogate"),
+    ({"class": "GenericError", "desc": "x" * 5000}, "x" * 1000),
+])
+def test_error_replies_of_any_shape(agent: GuestAgent, fake: FakeAgent, error: object, shown: str) -> None:
+    fake.handlers["guest-get-host-name"] = lambda args: {"error": error}
+    with pytest.raises(AgentError) as info:
+        agent.hostname()
+    assert info.value.message == f"guest agent: guest-get-host-name failed: {shown}"
+    info.value.message.encode("utf-8")
+    assert info.value.error_class in ("GenericError",)
+
+
+# -- kp-ip against a hostile agent -------------------------------------------------------------------
+
+
+@pytest.fixture
+def vm_agent(make_agent: Callable[..., FakeAgent]) -> Iterator[FakeAgent]:
+    from tests.fakevm import make_vm
+
+    vm = make_vm("g1")
+    fake = make_agent(path=Path(vm.boot["sockets"]["qga"]))
+    fake.files["/etc/ssh/ssh_host_ed25519_key.pub"] = bytearray(
+        b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHd1bXVkdW11ZHVtdWR1bXVkdW11ZHVtdWR1bXVkdW11 root@g1\n")
+    yield fake
+    vm.stop()
+
+
+def test_kp_ip_with_a_working_agent(vm_agent: FakeAgent) -> None:
+    from tests.cli import invoke
+
+    result = invoke("kp-ip", "g1", "--timeout", str(ANSWERS))
+    assert result.status == 0, result.stderr
+    assert result.records[0]["address"] == "10.0.2.15"
+
+
+@pytest.mark.parametrize(("command", "reply", "status", "code"), [
+    ("guest-network-get-interfaces", interfaces_reply(address(**{"ip-address": "10.0.2.15\x1b]0;pwned\x07"})),
+     1, "guest_agent_bad_reply"),
+    ("guest-network-get-interfaces", bad(b'{"return": [{"name": "\xff"}]}\n'), 1, "guest_agent_bad_reply"),
+    ("guest-file-open", answer({"handle": 1}), 1, "guest_agent_bad_reply"),
+    ("guest-file-read", bad(b'{"return": {"count": 3, "eof": true, "buf-b64": 3}}\n'), 1, "guest_agent_bad_reply"),
+    ("guest-network-get-interfaces", lambda args: None, 75, "timeout"),  # never answers: --timeout holds
+])
+def test_kp_ip_ends_cleanly_whatever_the_agent_answers(vm_agent: FakeAgent, command: str,
+                                                      reply: Callable[[dict[str, Any]], Reply],
+                                                      status: int, code: str) -> None:
+    from tests.cli import invoke
+
+    vm_agent.handlers[command] = reply
+    started = time.monotonic()
+    result = invoke("kp-ip", "g1", "--timeout", "2")
+    hang_guard(started, 2)
+    assert result.status == status, result.stderr
+    assert result.records[0]["error"]["code"] == code
+    assert "Traceback" not in result.stderr and "\x1b" not in result.stderr and "\x07" not in result.stderr
+    if code == "timeout":  # ended by --timeout, not by the call's own 10 s
+        assert "before the session's deadline (the --timeout)" in result.records[0]["error"]["message"]
