@@ -236,16 +236,18 @@ def choose(requested: str) -> tuple[str, str]:
     return "tcg", reason
 
 
-def watch_console(log: Path, since: int, alive: Callable[[], bool], bound: float = SILENT_BOUND, *,
-                  clock: Callable[[], float] = time.monotonic,
+def watch_console(log: Path, since: int | tuple[int, int], alive: Callable[[], bool], bound: float = SILENT_BOUND,
+                  *, clock: Callable[[], float] = time.monotonic,
                   sleep: Callable[[float], None] = time.sleep) -> str:
-    """How a freshly started guest's serial console behaves: "printed" once ``log`` grew past byte
-    ``since``, "exited" when QEMU died first, "silent" when neither happened within ``bound`` seconds."""
+    """How a freshly started guest's serial console behaves: "printed" once ``log`` grew past
+    ``since`` (a size, or seriallog.mark's (inode, size): a log rotated away since has grown too),
+    "exited" when QEMU died first, "silent" when neither happened within ``bound`` seconds."""
+    from kodepipe import seriallog
+
+    mark = since if isinstance(since, tuple) else (0, since)
+
     def printed() -> bool:
-        try:
-            return log.stat().st_size > since
-        except OSError:
-            return False
+        return seriallog.grew(log, mark)
 
     deadline = clock() + bound
     while not printed():

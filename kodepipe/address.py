@@ -44,10 +44,12 @@ def first_ipv4(found: list[dict[str, Any]]) -> str | None:
 
 
 def serial_tail(boot: dict[str, Any], lines: int = SERIAL_TAIL) -> str:
-    try:
-        data = Path(boot["serial_log"]).read_bytes()[-16384:]
-    except (KeyError, OSError):
+    from kodepipe import seriallog
+
+    log = boot.get("serial_log")
+    if not isinstance(log, str) or not seriallog.files(Path(log)):
         return "(no serial log)"
+    data = seriallog.tail(Path(log), 16384)  # the guest's last words, however much it printed (read bounded)
     text = data.decode("utf-8", "replace").replace("\r", "")
     return "\n".join(text.rstrip().splitlines()[-lines:]) or "(the serial log is empty: the kernel printed nothing)"
 
@@ -102,6 +104,7 @@ def find(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
 
     try:
         agent = wait_for_agent(Path(boot["sockets"]["qga"]), timeout, alive=alive)
+        agent.deadline = deadline  # every later call of the session ends by the --timeout too
     except Timeout:
         raise timed_out("the guest agent did not answer") from None
     try:
@@ -149,8 +152,10 @@ def _ask_agent(agent: Any, name: str, boot: dict[str, Any], deadline: float,
     host_key = None
     while host_key is None:
         try:
-            host_key = parse_public_key(agent.read_file(HOST_KEY).decode(), HOST_KEY)
-        except KpError:
+            host_key = parse_public_key(agent.read_file(HOST_KEY).decode("utf-8", "replace"), HOST_KEY)
+        except KpError as exc:
+            if exc.code == "guest_agent_bad_reply":
+                raise  # a broken or hostile agent: waiting will not make its replies valid
             # made by kp-ssh-hostkey.service early in boot; the agent can be quicker
             if time.monotonic() > deadline:
                 raise timed_out(f"the guest made no SSH host key ({HOST_KEY})") from None

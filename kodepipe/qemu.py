@@ -26,6 +26,7 @@ from kodepipe.errors import BadInput, KpError
 QEMU = "qemu-system-x86_64"
 NET_RE = re.compile(r"user|none|bridge:[A-Za-z0-9_.-]{1,15}")
 MEMORY_RE = re.compile(r"[1-9][0-9]*[MG]")
+SERIAL_FDSET = 9  # the -add-fd set of the serial log's pipe (kodepipe.seriallog)
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,12 @@ def free_port() -> int:
 
 
 def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, sockets: Sockets, *,
-                 accel: str, ssh_port: int | None, serial_log: Path, incoming: str | None = None,
+                 accel: str, ssh_port: int | None, serial_fd: int, incoming: str | None = None,
                  tap: str | None = None) -> list[str]:
-    """The whole QEMU command line for ``vm``.  Pure: starts nothing."""
+    """The whole QEMU command line for ``vm``.  Pure: starts nothing.
+
+    ``serial_fd`` is the inherited fd QEMU logs the serial console to: a pipe to the keeper that
+    bounds serial.log (kodepipe.seriallog), never a file QEMU would grow without limit."""
     name = vm["name"]
     argv = [
         QEMU, "-name", f"{name},process=kp-{name}",
@@ -107,8 +111,9 @@ def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, s
         "-chardev", f"socket,id=qga0,path={_comma(sockets.qga)},server=on,wait=off",
         "-device", "virtio-serial-pci",
         "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        "-add-fd", f"fd={serial_fd},set={SERIAL_FDSET}",
         "-chardev", f"socket,id=ser0,path={_comma(sockets.serial)},server=on,wait=off,"
-                    f"logfile={_comma(serial_log)},logappend=on",
+                    f"logfile=/dev/fdset/{SERIAL_FDSET},logappend=on",
         "-serial", "chardev:ser0",
     ]
     mac = mac_address(vm.get("id") or name)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kodepipe import images, proc, qemu, vms
+from kodepipe import images, proc, qemu, seriallog, vms
 from kodepipe.errors import KpError, NotFound
 from kodepipe.records import Record
 from kodepipe.state import Store, check_id, now_iso
@@ -124,7 +124,7 @@ def _launch_under_kvm(name: str, boot_meta: dict[str, Any], launch: Callable[[st
     """
     from kodepipe import accel
 
-    since = serial_log.stat().st_size if serial_log.exists() else 0
+    since = seriallog.mark(serial_log)
     try:
         pid, port = launch("kvm")
     except KpError as exc:
@@ -197,10 +197,12 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
             # QEMU's sandbox forbids exec: migrations come in on an inherited fd
             state_fd = os.open(_state_file(image, folder, saved), os.O_RDONLY)
             fds, incoming = (state_fd,), f"fd:{state_fd}"
-        argv = qemu.command_line(vm, image, opts, sockets, accel=accel, ssh_port=port, serial_log=serial_log,
-                                 incoming=incoming, tap=tap_device)
         try:
-            pid = qemu.launch(argv, qemu_log, sockets.qmp, pass_fds=fds)
+            # the serial log goes through a keeper that bounds it (kodepipe.seriallog)
+            with seriallog.pipe(serial_log) as serial_fd:
+                argv = qemu.command_line(vm, image, opts, sockets, accel=accel, ssh_port=port, serial_fd=serial_fd,
+                                         incoming=incoming, tap=tap_device)
+                pid = qemu.launch(argv, qemu_log, sockets.qmp, pass_fds=(*fds, serial_fd))
             if saved is not None:
                 _wait_incoming(sockets.qmp)
             return pid, port

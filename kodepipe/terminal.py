@@ -41,6 +41,37 @@ def escape(text: str) -> str:
     return _UNSAFE.sub(_escaped, text)
 
 
+# the same, but for text whose lines are meant as lines: newlines and tabs pass
+_UNSAFE_IN_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_lines(text: str) -> str:
+    """Like ``escape``, but newlines and tabs are kept: for a message that quotes a program's or a
+    serial console's lines.  A carriage return is escaped (it would let a line overwrite itself).
+    A single value quoted into a message (a file name) is escaped with ``escape`` first, so it
+    cannot begin a line of its own."""
+    return _UNSAFE_IN_LINES.sub(_escaped, text)
+
+
+class Escaper:
+    """A guest's output (a serial log) made safe for a terminal, chunk by chunk: decoded as UTF-8
+    (a byte that is not UTF-8 shown as ``\\xNN``), CR LF line ends as newlines, and every other
+    control character escaped (``escape_lines``).  A sequence split between chunks is kept whole."""
+
+    def __init__(self) -> None:
+        import codecs
+
+        self._decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self._cr = False
+
+    def feed(self, data: bytes, final: bool = False) -> bytes:
+        text = ("\r" if self._cr else "") + self._decoder.decode(data, final)
+        self._cr = not final and text.endswith("\r")
+        if self._cr:
+            text = text[:-1]  # the first half of a CR LF, perhaps: wait for the next chunk
+        return escape_lines(text.replace("\r\n", "\n")).encode("utf-8", "surrogateescape")
+
+
 class Stream(Protocol):
     def fileno(self) -> int: ...
 

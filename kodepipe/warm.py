@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kodepipe import address, images, qemu, qemu_img, runtime
+from kodepipe import address, images, qemu, qemu_img, runtime, seriallog
 from kodepipe.errors import InUse, KpError, Timeout
 from kodepipe.records import Record
 from kodepipe.state import Store, new_id, now_iso, remove_tree
@@ -56,10 +56,11 @@ def make_warm(store: Store, name: str, *, memory: str, cpus: int, accel: tuple[s
                 stale.unlink(missing_ok=True)
             opts = qemu.BootOptions(memory=memory, cpus=cpus, net="user")
             port = qemu.free_port()
-            argv = qemu.command_line({"name": name, "id": image["id"], "disk": str(work / WARM_DISK)}, image, opts,
-                                     sockets, accel=accel[0], ssh_port=port, serial_log=work / "serial.log")
             progress(f"booting {name} once ({accel[0]})")
-            boot_meta["pid"] = qemu.launch(argv, work / "qemu.log", sockets.qmp)
+            with seriallog.pipe(work / "serial.log") as serial_fd:
+                argv = qemu.command_line({"name": name, "id": image["id"], "disk": str(work / WARM_DISK)}, image,
+                                         opts, sockets, accel=accel[0], ssh_port=port, serial_fd=serial_fd)
+                boot_meta["pid"] = qemu.launch(argv, work / "qemu.log", sockets.qmp, pass_fds=(serial_fd,))
             _wait_ready(boot_meta, port, started + timeout, progress)
             booted = time.monotonic() - started
             progress(f"ready after {booted:.0f} s; saving its state")

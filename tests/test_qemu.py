@@ -20,7 +20,7 @@ DEFAULT = qemu.BootOptions()
 
 def argv(opts: qemu.BootOptions = DEFAULT, **kw: object) -> list[str]:
     vm = {"name": "a", "id": "0123456789ab", "disk": "/state/vms/a/disk.qcow2"}
-    args: dict[str, object] = {"accel": "tcg", "ssh_port": 2222, "serial_log": Path("/state/vms/a/serial.log")}
+    args: dict[str, object] = {"accel": "tcg", "ssh_port": 2222, "serial_fd": 7}
     args.update(kw)
     return qemu.command_line(vm, IMAGE, opts, SOCKETS, **args)  # type: ignore[arg-type]
 
@@ -39,7 +39,8 @@ def test_headless_sandboxed_direct_boot_with_every_socket() -> None:
     chardevs = " ".join(value(args, "-chardev"))
     for path in (SOCKETS.qmp, SOCKETS.qga, SOCKETS.serial):
         assert f"path={path},server=on,wait=off" in chardevs
-    assert "logfile=/state/vms/a/serial.log" in chardevs
+    # the serial log goes to the keeper's pipe (fd 7, as an fd set), never to a file QEMU would grow
+    assert "logfile=/dev/fdset/9,logappend=on" in chardevs and value(args, "-add-fd") == ["fd=7,set=9"]
     assert "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0" in value(args, "-device")
     assert value(args, "-pidfile") == [str(SOCKETS.pidfile)]
 

@@ -16,7 +16,8 @@ from kodepipe.commands import options
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
 @click.argument("name", shell_complete=kpcli.name_completion(("vm",)))
 @click.option("--log", "show_log", is_flag=True,
-              help="Print the serial console's log (everything the VM printed since it was made) instead.")
+              help="Print the serial console's log instead: what the VM printed since it was made, "
+                   "or its last 1 to 2 MiB (the log is capped, so a guest cannot fill the disk).")
 @click.option("-f", "--follow", is_flag=True, help="With --log: keep printing new output until the VM stops.")
 @click.option("--idle", default=1.0, show_default=True, type=options.FiniteRange(0, 3600),
               help="Without a terminal: after stdin ends, keep copying the console's output until it has "
@@ -135,41 +136,90 @@ def _scripted(console: Any, idle: float) -> int:
 
 
 def _print_log(name: str, record: dict[str, Any], follow: bool) -> int:
+    import os
+
+    from kodepipe import seriallog, terminal
     from kodepipe.errors import KpError, NotFound
     from kodepipe.records import PipeClosed, open_regular
 
     path = record.get("serial_log")
     if not isinstance(path, str) or not path:
         path = str(Path(str(record.get("path"))) / "serial.log")
-    try:  # a regular file only (never a FIFO or /dev/zero), copied in bounded chunks
-        log = open_regular(path, f"{name}'s serial log")
-    except NotFound:
-        raise KpError(f"{name} has no serial log yet: it has never booted", code="no_log",
-                      hint=f"kp-boot {name}") from None
+    what = f"{name}'s serial log"
     out = sys.stdout.buffer
-    stopped, last_check = not follow, time.monotonic()
-    try:
-        with log:
-            while True:
-                chunk = log.read(65536)
-                if chunk:
-                    out.write(chunk)
-                    out.flush()
-                    continue
-                if stopped:
-                    return 0  # a last read after the VM stopped caught its final words
-                if time.monotonic() - last_check > 1.0:
-                    last_check = time.monotonic()
-                    try:
-                        stopped = _current(name).get("state") not in ("running", "suspended", "frozen")
-                    except KpError:
-                        stopped = True  # removed meanwhile
-                    continue
-                time.sleep(0.2)
+    # on a terminal, the guest's control characters are shown escaped (it could retitle the window or
+    # write the clipboard); to a pipe or a file, the log goes as it is
+    escaper = terminal.Escaper() if sys.stdout.isatty() else None
+
+    def copy(log: Any) -> None:
+        while chunk := log.read(65536):
+            out.write(escaper.feed(chunk) if escaper is not None else chunk)
+            out.flush()
+
+    try:  # regular files only (never a FIFO or /dev/zero), copied in bounded chunks
+        try:
+            log = open_regular(path, what)
+        except NotFound:
+            if not seriallog.files(Path(path)):
+                raise KpError(f"{name} has no serial log yet: it has never booted", code="no_log",
+                              hint=f"kp-boot {name}") from None
+            log = None  # only the older part is left (the keeper is about to begin a new serial.log)
+        with log if log is not None else open(os.devnull, "rb") as current:
+            # the log is capped: its older part is serial.log.1 (unless it has just become the file
+            # we opened), printed first
+            try:
+                with open_regular(str(seriallog.rotated(Path(path))), what) as older:
+                    if log is None or os.fstat(older.fileno()).st_ino != os.fstat(current.fileno()).st_ino:
+                        copy(older)
+            except NotFound:
+                pass
+            copy(current)
+            if follow:
+                _follow(name, Path(path), current, copy)
+            if escaper is not None:
+                out.write(escaper.feed(b"", final=True))
+                out.flush()
+            return 0
     except BrokenPipeError:
         raise PipeClosed() from None
     except OSError as exc:  # the log could not be read (EIO), or stdout not written (ENOSPC)
         raise KpError(f"copying {name}'s serial log {path} failed: {exc.strerror}", code="unreadable") from None
+
+
+def _follow(name: str, path: Path, current: Any, copy: Any) -> None:
+    """Print what the VM adds to its log until it stops; a log that rotates is followed into its new file."""
+    import os
+
+    from kodepipe.errors import KpError
+    from kodepipe.records import open_regular
+
+    stopped, last_check = False, time.monotonic()
+    opened: list[Any] = []
+    try:
+        while True:
+            copy(current)
+            if stopped:
+                return  # a last read after the VM stopped caught its final words
+            try:
+                renewed = os.stat(path).st_ino != os.fstat(current.fileno()).st_ino
+            except OSError:
+                renewed = False
+            if renewed:  # the keeper rotated it: what we had is complete (it writes only the new file)
+                copy(current)
+                current = open_regular(str(path), f"{name}'s serial log")
+                opened.append(current)
+                continue
+            if time.monotonic() - last_check > 1.0:
+                last_check = time.monotonic()
+                try:
+                    stopped = _current(name).get("state") not in ("running", "suspended", "frozen")
+                except KpError:
+                    stopped = True  # removed meanwhile
+                continue
+            time.sleep(0.2)
+    finally:
+        for log in opened:
+            log.close()
 
 
 def main() -> None:

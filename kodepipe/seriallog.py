@@ -1,0 +1,235 @@
+"""The serial console's log, bounded: a guest that prints without end must not fill the host's disk.
+
+QEMU's ``-chardev ...,logfile=FILE`` has no size limit, and a guest's root can write to its
+serial port as fast as QEMU emulates it.  So QEMU never writes the log file itself.  Its
+logfile is the write end of a pipe (``-add-fd fd=N,set=S`` and ``logfile=/dev/fdset/S``), and a
+keeper process, started by kp-boot beside QEMU, copies what comes out of the pipe into
+``serial.log``.  When serial.log holds CAP bytes it becomes ``serial.log.1`` (replacing the one
+before) and a new serial.log begins: the log never takes more than 2 x CAP on disk, however
+much the guest prints, and the last CAP bytes at least are always there.
+
+The serial socket stays as it was (kp-attach's interactive console): QEMU gives a chardev one
+backend, the socket, and logs what goes to it, connected or not.  Other designs were measured
+and refused: a ``ringbuf`` chardev is bounded but lives in QEMU's memory (gone with a crashed
+QEMU, whose last words matter most, and kp-attach would lose its socket); trimming the file
+from kp-* commands bounds nothing while the guest floods and no command runs.
+
+The keeper lives exactly as long as QEMU.  The pipe's write end is QEMU's alone (kp-boot closes
+its copy once QEMU holds one), so the keeper reads end-of-file when QEMU exits, however it
+ends, and exits too.  It never stops reading: when the disk is full or the folder is gone, what
+it reads is dropped, so a guest cannot stall QEMU through its log.  (A keeper that is killed
+leaves QEMU writing to a pipe nobody reads: QEMU ignores SIGPIPE, drops the log, and the VM
+runs on.)  QEMU writes the log a byte at a time; the keeper reads in batches, pausing briefly
+after a small read, so a flood costs it a few wake-ups a second, not one per byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+CAP = 1 << 20  # bytes in serial.log before it becomes serial.log.1 (so at most 2 MiB on disk)
+ROTATED = ".1"  # serial.log.1: the CAP bytes before serial.log's
+FDSET = 9  # the -add-fd set QEMU's serial logfile is taken from
+_CHUNK = 1 << 16
+_BATCH = 0.02  # after a small read, let the pipe fill this long: one wake-up per batch, not per byte
+_PIPE_SIZE = 1 << 20  # the most an unprivileged process may ask (fs.pipe-max-size): 1 MiB in flight
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_RETRY_OPEN = 1.0  # seconds between attempts to open the log again after it could not be
+
+
+def rotated(log: Path) -> Path:
+    return log.with_name(log.name + ROTATED)
+
+
+def files(log: Path) -> list[Path]:
+    """The log's files that exist, oldest first (serial.log.1, then serial.log)."""
+    return [path for path in (rotated(log), log) if path.is_file()]
+
+
+def tail(log: Path, size: int) -> bytes:
+    """The last ``size`` bytes the guest printed (across serial.log.1 and serial.log); never more
+    than ``size`` bytes are read, and a file that is not a regular file is not read at all."""
+    from kodepipe.errors import KpError
+    from kodepipe.records import open_regular
+
+    data = b""
+    for path in reversed([rotated(log), log]):
+        if len(data) >= size:
+            break
+        try:
+            with open_regular(str(path), "the serial log") as handle:
+                end = os.fstat(handle.fileno()).st_size
+                want = min(end, size - len(data))
+                handle.seek(end - want)
+                data = handle.read(want) + data
+        except (KpError, OSError):
+            continue
+    return data[-size:] if size else b""
+
+
+def mark(log: Path) -> tuple[int, int]:
+    """Where the log is now, as (inode, size), for ``grew``: (0, 0) when there is none yet."""
+    try:
+        st = os.stat(log)
+    except OSError:
+        return 0, 0
+    return st.st_ino, st.st_size
+
+
+def grew(log: Path, since: tuple[int, int]) -> bool:
+    """Whether the guest printed anything since ``mark`` gave ``since``: serial.log is longer, or
+    it is a new file (the old one rotated away: more was printed than the file held)."""
+    inode, size = since
+    try:
+        st = os.stat(log)
+    except OSError:
+        return False
+    return st.st_size > size or (inode != 0 and st.st_ino != inode)
+
+
+# -- kp-boot's side: the pipe and the keeper ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def pipe(log: Path) -> Iterator[int]:
+    """The write end of a pipe that a keeper copies into ``log`` (bounded), for QEMU to inherit
+    (``pass_fds``) as its serial logfile (``qemu.command_line(serial_fd=...)``).  It is closed
+    when the block ends: by then QEMU holds its own copy, or has failed to start and holds none,
+    and the keeper ends with it."""
+    read_end, write_end = os.pipe()  # both close-on-exec: only QEMU, through pass_fds, inherits one
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, _PIPE_SIZE)
+        root = str(Path(__file__).resolve().parent.parent)
+        # -S: no site-packages, so the keeper is a bare interpreter (~10 MB); it needs only the stdlib
+        subprocess.Popen([sys.executable, "-S", "-m", "kodepipe.seriallog", str(log)], stdin=read_end,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
+                         start_new_session=True, env={"PYTHONPATH": root, "PATH": os.defpath})
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    try:
+        yield write_end
+    finally:
+        os.close(write_end)
+
+
+# -- the keeper ---------------------------------------------------------------------------------
+
+
+class Keeper:
+    """Copies a pipe into a log file of at most ``cap`` bytes, rotating it into ``<log>.1``.
+
+    Files are made and renamed relative to the folder it was started in (a directory fd): once
+    the folder is removed (kp-rm), nothing can make it or its files exist again.
+    """
+
+    def __init__(self, log: Path, cap: int = CAP) -> None:
+        self.name = log.name
+        self.old = log.name + ROTATED
+        self.cap = cap
+        self.folder = os.open(log.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.out: int | None = None
+        self.size = 0
+        self.next_open = 0.0
+        self.dropped = 0
+        self._open()
+
+    def _open(self) -> None:
+        self.next_open = time.monotonic() + _RETRY_OPEN
+        try:
+            self.out = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                               0o644, dir_fd=self.folder)
+            self.size = os.fstat(self.out).st_size
+        except OSError:
+            self.out = None
+
+    def _rotate(self, out: int) -> None:
+        try:
+            os.replace(self.name, self.old, src_dir_fd=self.folder, dst_dir_fd=self.folder)
+        except OSError:
+            # the folder is gone or will not let us rename: keep the bound by starting this file over
+            with contextlib.suppress(OSError):
+                os.ftruncate(out, 0)
+            self.size = 0
+            return
+        os.close(out)
+        self.out = None
+        self._open()
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.out is None and time.monotonic() >= self.next_open:
+                self._open()
+            if self.out is None:
+                self.dropped += len(view)
+                return
+            if self.size >= self.cap:
+                self._rotate(self.out)
+                continue
+            piece = view[:self.cap - self.size]
+            try:
+                written = os.write(self.out, piece)
+            except OSError as exc:
+                # a full disk (ENOSPC, EDQUOT) or a failing one: drop this, try again with the next
+                self.dropped += len(view)
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    os.close(self.out)
+                    self.out = None
+                    self.next_open = time.monotonic() + _RETRY_OPEN
+                else:
+                    with contextlib.suppress(OSError):
+                        self.size = os.fstat(self.out).st_size
+                return
+            self.size += written
+            view = view[written:]
+
+    def run(self, source: int) -> None:
+        while True:
+            try:
+                data = os.read(source, _CHUNK)
+            except InterruptedError:
+                continue
+            if not data:
+                return  # QEMU has exited: every write end is closed
+            self.write(data)
+            if len(data) < _CHUNK // 2:
+                time.sleep(_BATCH)
+
+    def close(self) -> None:
+        if self.out is not None:
+            os.close(self.out)
+        os.close(self.folder)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        sys.stderr.write("usage: python -m kodepipe.seriallog LOG < PIPE\n")
+        return 2
+    try:
+        keeper = Keeper(Path(argv[0]))
+    except OSError:
+        # no folder to log into: still drain the pipe, so QEMU is never held up by its log
+        while os.read(0, _CHUNK):
+            time.sleep(_BATCH)
+        return 1
+    try:
+        keeper.run(0)
+    finally:
+        keeper.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
