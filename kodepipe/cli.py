@@ -20,6 +20,7 @@ import click
 from kodepipe import errors
 from kodepipe.errors import BadInput, KpError
 from kodepipe.records import Line, PipeClosed, Record, Writer, read, with_error
+from kodepipe.terminal import escape_lines
 
 
 def _colour(stream: IO[str]) -> bool:
@@ -28,7 +29,11 @@ def _colour(stream: IO[str]) -> bool:
 
 
 class Output:
-    """Records to stdout, messages to stderr, and the statuses seen so far."""
+    """Records to stdout, messages to stderr, and the statuses seen so far.
+
+    Every message is escaped on its way out (``terminal.escape_lines``): a control character in
+    it, whoever chose it (an agent's file name, a guest's address or console output, an error
+    text quoted from the guest agent), is shown as an escape such as ``\\x1b``, never obeyed."""
 
     def __init__(self, prog: str, *, verbose: bool | None = None, quiet: bool = False) -> None:
         self.prog = prog
@@ -42,6 +47,9 @@ class Output:
     # -- messages ------------------------------------------------------------
 
     def _say(self, label: str, colour: str, message: str) -> None:
+        # messages quote file names, guest addresses, console lines and agents' words: no control
+        # character of theirs reaches the terminal (records on stdout keep the raw data)
+        message = escape_lines(message)
         if self.colour and label:
             label = click.style(label, fg=colour, bold=True)
         click.echo(f"{self.prog}: {label}{message}", err=True)

@@ -135,10 +135,11 @@ def human_size(size: object) -> str:
 
 
 def table(items: list[dict[str, object]], *, colour: bool) -> str:
+    from kodepipe import terminal
     from kodepipe.inventory import age
 
     now = time.time()
-    rows = [("KIND", "NAME", "STATE", "AGE", "DISK", "DETAIL")]
+    rows: list[tuple[str, ...]] = [("KIND", "NAME", "STATE", "AGE", "DISK", "DETAIL")]
     for r in items:
         if r.get("problem"):
             detail = str(r["problem"]) + (f"; {r['hint']}" if r.get("hint") else "")
@@ -158,8 +159,11 @@ def table(items: list[dict[str, object]], *, colour: bool) -> str:
             ssh = r.get("ssh")
             if r.get("state") in ("running", "suspended") and isinstance(ssh, dict):
                 detail += f", ssh {ssh.get('user')}@{ssh.get('host')}:{ssh.get('port')}"
-        rows.append((str(r.get("kind")), str(r.get("name")), str(r.get("state")),
-                     human_age(age(r, now)), human_size(r.get("disk_bytes")), detail))
+        # a cell may quote what an agent or a guest chose (a workspace path, an address): its control
+        # characters are shown escaped, never sent to the terminal
+        rows.append(tuple(terminal.escape(cell) for cell in (
+            str(r.get("kind")), str(r.get("name")), str(r.get("state")),
+            human_age(age(r, now)), human_size(r.get("disk_bytes")), detail)))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = []
     for n, row in enumerate(rows):
