@@ -57,6 +57,22 @@ def test_container_records_with_an_audit_log_are_passed_through_then_their_event
     assert "line 4" in result.stderr
 
 
+def test_the_audit_of_a_run_whose_tracer_died_is_still_read_but_other_failures_pass_through(
+        tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    log.write_bytes((HERE / "minimal.strace").read_bytes())
+    lost = {"kind": "container", "name": "c1", "audit_log": str(log), "audit": "incomplete",
+            "error": {"code": "audit_incomplete", "message": "strace was killed"}}
+    other = {"kind": "container", "name": "c2", "audit_log": str(log),
+             "error": {"code": "failed", "message": "Podman refused the spec"}}
+    result = invoke("kp-trace", input=orjson.dumps(lost) + b"\n" + orjson.dumps(other) + b"\n")
+    assert result.status == 0, result.stderr
+    out = result.records
+    assert out[0] == lost and out[-1] == other
+    evs = out[1:-1]
+    assert evs and all(e["kind"] == "event" and e["container"] == "c1" for e in evs)
+
+
 def test_nothing_to_read_is_a_usage_error() -> None:
     result = invoke("kp-trace", input=None)
     assert result.status in (0, 2)  # the test runner's stdin is an empty stream: nothing to do

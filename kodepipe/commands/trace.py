@@ -185,6 +185,11 @@ def _parse_stream(lines: Iterable[str | Unreadable], sink: _Sink, extra: Record 
     sink.events(parser.finish(), extra)
 
 
+# A run that failed in these ways still ran: what its audit recorded up to the failure is
+# exactly the evidence a reader wants, so its logs are read like those of a run that succeeded.
+EVIDENCE_OF_FAILED_RUNS = ("audit_incomplete", "engine_lost")
+
+
 def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
     from kodepipe.errors import BadInput, KpError
     from kodepipe.records import MAX_LINE, Line, TooLong, bounded_lines, open_regular, parse_line, too_long
@@ -212,7 +217,9 @@ def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
             out.bad_line(exc)
             continue
         record = line.record
-        if line.failed:
+        error = record.get("error")
+        code = error.get("code") if isinstance(error, dict) else None
+        if line.failed and code not in EVIDENCE_OF_FAILED_RUNS:
             sink.record(record)
             continue
         try:
