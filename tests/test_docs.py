@@ -35,3 +35,11 @@ def test_man_pages_render_without_warnings() -> None:
         text = subprocess.run(["groff", "-man", "-Tutf8", str(page)], capture_output=True, text=True).stdout
         text = re.sub(".\x08", "", text)  # drop the overstrike of bold text
         assert "EXIT STATUS" in text and "65" in text
+
+
+def test_the_readme_exit_table_lists_every_exit_status() -> None:
+    from kodepipe import errors
+
+    section = (ROOT / "README.md").read_text().split("| exit | meaning |", 1)[1].split("\n\n", 1)[0]
+    listed = {int(n) for row in section.splitlines()[1:] for n in re.findall(r"\d+", row.split("|")[1])}
+    assert listed == {status for status, _ in errors.EXIT_STATUSES}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -77,9 +76,7 @@ def test_the_image_carries_kodepipes_labels_and_no_apt_lists(shell_image: str) -
 
 
 def test_kp_image_base_passes_an_existing_base_through(shell_image: str, kp_env: dict[str, Path]) -> None:
-    started = time.monotonic()
     proc = subprocess.run([str(BIN / "kp-image"), "base"], capture_output=True, timeout=60)
-    elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr.decode()
     (record,) = lines(proc.stdout)
     assert record["kind"] == "container-image" and record["name"] == f"localhost/kodepipe-base:{record['suite']}"
@@ -88,7 +85,6 @@ def test_kp_image_base_passes_an_existing_base_through(shell_image: str, kp_env:
     assert isinstance(record["size"], int) and 50_000_000 < record["size"] < 200_000_000  # trimmed
     assert isinstance(record["created"], str) and record["created"].endswith("Z")
     assert "build_seconds" not in record and proc.stderr == b""
-    assert elapsed < 5, elapsed
 
 
 def test_the_base_image_has_the_agent_user_and_nothing_of_the_build(shell_image: str) -> None:
@@ -103,13 +99,10 @@ def test_the_base_image_has_the_agent_user_and_nothing_of_the_build(shell_image:
     assert info["Config"]["Cmd"] == ["/bin/bash"] and info["Labels"]["io.kodepipe.kind"] == "base"
 
 
-def test_a_second_ensure_image_is_a_fast_no_op(shell_image: str) -> None:
+def test_a_second_ensure_image_is_a_no_op(shell_image: str) -> None:
     created = inspect(shell_image)["Created"]
-    started = time.monotonic()
     tag = profile.ensure_image(profile.load("shell"), Output("kp-test", verbose=False))
-    elapsed = time.monotonic() - started
     assert tag == shell_image and inspect(shell_image)["Created"] == created
-    assert elapsed < 3, elapsed
 
 
 def test_a_user_profile_builds_and_an_edit_replaces_its_image(shell_image: str, kp_env: dict[str, Path]) -> None:
