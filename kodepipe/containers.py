@@ -44,7 +44,7 @@ def owner_alive(meta: dict[str, Any]) -> bool:
     pid, started = meta.get("pid"), meta.get("pid_start")
     if not isinstance(pid, int) or meta.get("boot_id") != proc.boot_id():
         return False
-    return proc.start_time(pid) == started
+    return isinstance(started, int) and proc.start_time(pid) == started  # None: never "alive" when gone
 
 
 def process_running(pid: int, started: object) -> bool:

@@ -11,7 +11,7 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from kodepipe import containers, images, vms
-from kodepipe.errors import BadInput, NotFound
+from kodepipe.errors import BadInput, KpError, NotFound
 from kodepipe.records import NAME_RE, Record
 from kodepipe.state import Store, parse_iso
 
@@ -194,6 +194,21 @@ def keep_reason(record: Record, held: dict[str, str], allowed: Collection[str]) 
     return f"{kind} {name} holds {what}; name it or pass {flags}"
 
 
+def being_made(store: Store, record: Record) -> str | None:
+    """Why a bulk removal keeps a run whose kp-run is alive (it holds no lock while it sets
+    up and runs the container), or None.  A name on the command line still removes it."""
+    if record.get("kind") != "container" or record.get("state") not in ("creating", "running"):
+        return None
+    try:  # the record leaves out the owner's pid: the metadata has it
+        meta = store.read_meta(store.folder("container", str(record.get("name")))) or {}
+    except KpError:
+        return None
+    if not containers.owner_alive(meta):
+        return None
+    doing = "is still being made by" if record["state"] == "creating" else "is still running under"
+    return f"run {record.get('name')} {doing} kp-run {meta.get('pid')}; name it to remove it"
+
+
 class Removal:
     """One kp-rm: removes, keeps or refuses what it is given, and in a dry run simulates the
     removals, so that what it says it would do is what the real run does (an image whose
@@ -220,7 +235,7 @@ class Removal:
             if listed is not None:
                 _check_listed(listed, current)
             if bulk:
-                why = keep_reason(current, holdings(current), self.allowed)
+                why = being_made(self.store, current) or keep_reason(current, holdings(current), self.allowed)
                 if why is not None:
                     raise Kept(why)
 

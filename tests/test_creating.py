@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
+from kodepipe import proc
 from kodepipe import state as state_module
 from kodepipe.state import Store
 from tests.cli import invoke
@@ -222,3 +223,49 @@ def test_kp_rm_sweeps_hidden_folders_of_killed_creations_but_not_live_ones() -> 
     with holding("live"):
         Store(root()).empty_trash()
         assert not dead.exists() and live.is_dir()
+
+
+# -- a run that kp-run is still making (it holds no lock while it sets up and runs) ---------------
+
+def run_folder(name: str, state: str, pid: int, started: int | None) -> Path:
+    """A kp-run folder as kp-run writes it first, naming ``pid`` as its kp-run (no Podman
+    container named: nothing for kp-rm to ask Podman about)."""
+    folder = root() / "containers" / name
+    folder.mkdir(parents=True)
+    meta = {"kind": "container", "name": name, "id": "cccccccccccc", "created": "2020-01-01T00:00:00Z",
+            "state": state, "host": "local", "pid": pid, "pid_start": started,
+            "boot_id": proc.boot_id()}
+    (folder / "meta.json").write_bytes(orjson.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("state, says", [("creating", "is still being made by"),
+                                         ("running", "is still running under")])
+def test_a_bulk_kp_rm_keeps_a_run_whose_kp_run_is_alive_and_a_named_one_removes_it(state: str, says: str) -> None:
+    folder = run_folder("r", state, os.getpid(), proc.start_time(os.getpid()))  # this test plays the live kp-run
+    (record,) = listed("r")
+    assert record["state"] == state, record
+    for piped in (invoke("kp-ls", "--older-than", "1d").stdout, orjson.dumps(record) + b"\n"):
+        kept = invoke("kp-rm", input=piped)
+        assert kept.status == 0, kept.stderr
+        assert kept.records[0]["removed"] is False and says in kept.records[0]["kept"]
+        assert f"kept: run r {says} kp-run {os.getpid()}" in kept.stderr
+        assert (folder / "meta.json").is_file()
+    # the dry run says the same
+    dry = invoke("kp-rm", "--dry-run", input=orjson.dumps(record) + b"\n")
+    assert "kept" in dry.records[0] and folder.is_dir()
+    named = invoke("kp-rm", "r")
+    assert named.status == 0 and named.records[0]["removed"] is True, named.stderr
+    assert not folder.exists()
+
+
+def test_a_bulk_kp_rm_removes_a_run_whose_kp_run_is_gone() -> None:
+    child = subprocess.Popen(["cat"], stdin=subprocess.PIPE)
+    started = proc.start_time(child.pid)
+    child.communicate(b"", timeout=WAIT)  # that kp-run has ended
+    folder = run_folder("r", "creating", child.pid, started)
+    (record,) = listed("r")
+    assert record["state"] == "orphaned"
+    removed = invoke("kp-rm", input=orjson.dumps(record) + b"\n")
+    assert removed.status == 0 and removed.records[0]["removed"] is True, removed.stderr
+    assert not folder.exists()

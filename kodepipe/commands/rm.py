@@ -42,7 +42,8 @@ def cli(names: tuple[str, ...], force: bool, images: bool, quarantines: bool, ev
     (with its warm state) is kept unless --images; a container holding
     changes that were never applied (quarantined, or still running in
     quarantine) is kept unless --quarantines; one holding an audit or egress
-    log is kept unless --evidence.  Each one kept is said on stderr, one
+    log is kept unless --evidence; a run whose kp-run is still alive
+    (creating or running) is always kept.  Each one kept is said on stderr, one
     line each ("kept: image base is not disposable (a golden image); name it
     or pass --images"; -q silences it), and written on stdout with
     "removed": false and "kept" (why); keeping is not a failure.  A NAME on
