@@ -588,4 +588,9 @@ def run(store: Store, req: Request, say: Callable[[str, str], None]) -> tuple[Re
             raise told from None
         exc.record = record  # type: ignore[attr-defined]
         raise
-    return job.finish(status, "timed-out" if job.timed_out else "exited"), status
+    try:
+        return job.finish(status, "timed-out" if job.timed_out else "exited"), status
+    except KpError as exc:  # its last metadata could not be written (a full disk): say what ran all the same
+        exc.record = {k: v for k, v in job.meta.items()  # type: ignore[attr-defined]
+                      if k not in (*containers.PRIVATE, "fingerprints")}
+        raise

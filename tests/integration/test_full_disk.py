@@ -155,3 +155,108 @@ def test_kp_run_apply_on_a_full_state_dir_changes_nothing(tmp_path: Path, kp_env
         removed = kp("kp-rm", "run-s")
         assert removed.returncode == 0, removed.stderr.decode()
         assert not folder.exists() and leftovers(state) == []
+
+
+# -- kp-run and kp-boot on a full state dir -----------------------------------------------------
+
+OWNER = 4321  # the workspace's owner, as in test_run.py
+
+
+@pytest.fixture
+def run_ws(tmp_path: Path) -> Path:
+    ws = tmp_path / "proj"
+    ws.mkdir()
+    (ws / "main.py").write_text("print('hello')\n")
+    for path in (ws, ws / "main.py"):
+        os.chown(path, OWNER, OWNER)
+    return ws
+
+
+def kprun(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([str(BIN / "kp-run"), *args], capture_output=True, timeout=600)
+
+
+def no_containers(name: str) -> bool:
+    ps = subprocess.run(["podman", "ps", "-a", "--format", "{{.ID}}", "--filter", f"label=io.kodepipe.name={name}"],
+                        capture_output=True, text=True, check=True)
+    return ps.stdout.strip() == ""
+
+
+def still_works(state: Path) -> None:
+    """On the full disk, kp-ls tells the truth and a bulk kp-rm (then a named one) removes every run."""
+    listed = kp("kp-ls")
+    assert listed.returncode == 0 and b"Traceback" not in listed.stderr, listed.stderr.decode()
+    records = lines(listed.stdout)
+    removed = subprocess.run([str(BIN / "kp-rm"), "--quarantines", "--evidence"], input=listed.stdout,
+                             capture_output=True, timeout=120)
+    assert removed.returncode == 0 and b"Traceback" not in removed.stderr, removed.stderr.decode()
+    assert lines(kp("kp-ls").stdout) == [] and leftovers(state) == []
+    assert not any((state / "containers").iterdir()) if (state / "containers").exists() else True
+    for record in records:
+        assert no_containers(str(record["name"]))
+
+
+@pytest.mark.parametrize("room", [0, 64 << 10], ids=["full", "room-for-metadata-only"])
+def test_a_plain_kp_run_on_a_full_state_dir(room: int, shell_image: str, run_ws: Path,
+                                            kp_env: dict[str, Path]) -> None:
+    with small_tmpfs(kp_env["state"]) as state:
+        fill(state, room)
+        proc = kprun("--image", shell_image, "-w", str(run_ws), "--", "bash", "-c", "echo made > /workspace/m")
+        err = proc.stderr.decode()
+        assert "Traceback" not in err and "internal error" not in err, err
+        if proc.returncode != 0:
+            says_no_space(proc)
+        else:  # room enough for its metadata: it ran, and said so
+            assert lines(proc.stdout)[-1]["exit_code"] == 0, err
+        assert leftovers(state) == []
+        still_works(state)
+
+
+def test_a_quarantined_agent_that_fills_the_state_dir(shell_image: str, run_ws: Path,
+                                                      kp_env: dict[str, Path]) -> None:
+    """The quarantine's upper dir lives in the state dir: an agent that writes more than it holds
+    gets ENOSPC itself, and kp-run ends with a clear record or a clear error."""
+    with small_tmpfs(kp_env["state"], "4m") as state:
+        proc = kprun("--image", shell_image, "-w", str(run_ws), "--quarantine", "--", "bash", "-c",
+                     "head -c 16M /dev/zero > /workspace/big; echo agent-done $?")
+        err = proc.stderr.decode()
+        assert "Traceback" not in err and "internal error" not in err, err
+        assert "agent-done" in err, err  # the agent ran, and its write failed (not kp-run)
+        record = says_no_space(proc)  # kp-run's last metadata could not be written ...
+        # ... and its record still names the run and says what it did
+        assert str(record["name"]).startswith("run-") and record["state"] == "quarantined", record
+        assert "big" in str(record["quarantine"]) and record["outcome"] == "exited", record
+        assert not (run_ws / "big").exists()  # the workspace itself is untouched
+        assert leftovers(state) == []
+        listed = kp("kp-ls", str(record["name"]))
+        assert listed.returncode == 0 and b"Traceback" not in listed.stderr, listed.stderr.decode()
+        # a bulk kp-rm keeps the agent's work; named, it goes
+        kept = subprocess.run([str(BIN / "kp-rm")], input=listed.stdout, capture_output=True, timeout=120)
+        assert kept.returncode == 0 and b"kept: " in kept.stderr and "quarantine" in kept.stderr.decode(), kept.stderr
+        assert (state / "containers" / str(record["name"])).is_dir()
+        removed = kp("kp-rm", str(record["name"]))
+        assert removed.returncode == 0, removed.stderr.decode()
+        assert lines(kp("kp-ls").stdout) == [] and leftovers(state) == []
+        assert not (state / "containers" / str(record["name"])).exists() and no_containers(str(record["name"]))
+
+
+@pytest.mark.parametrize("room", [0, 64 << 10], ids=["full", "room-for-metadata-only"])
+def test_kp_boot_on_a_full_state_dir(room: int, kp_env: dict[str, Path]) -> None:
+    with small_tmpfs(kp_env["state"]) as state:
+        make_image("base")
+        assert kp("kp-clone", "base", "a").returncode == 0
+        meta = (state / "vms" / "a" / "meta.json").read_bytes()
+        fill(state, room)
+        proc = kp("kp-boot", "--accel", "tcg", "a")
+        err = proc.stderr.decode()
+        assert proc.returncode != 0 and "Traceback" not in err and "internal error" not in err, err
+        if room == 0:
+            says_no_space(proc)
+            assert (state / "vms" / "a" / "meta.json").read_bytes() == meta  # the metadata is as it was
+        assert leftovers(state) == []
+        listed = kp("kp-ls", "a")
+        assert listed.returncode == 0, listed.stderr.decode()
+        assert lines(listed.stdout)[0]["state"] in ("stopped", "crashed"), lines(listed.stdout)
+        removed = kp("kp-rm", "a", "base")
+        assert removed.returncode == 0, removed.stderr.decode()
+        assert lines(kp("kp-ls").stdout) == [] and leftovers(state) == []
