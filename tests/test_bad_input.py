@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,29 +34,52 @@ def feed(*records: object) -> bytes:
     return b"".join((r if isinstance(r, bytes) else orjson.dumps(r)) + b"\n" for r in records)
 
 
-def kp_capped(prog: str, *args: str, input: bytes | None = None, timeout: float = 60,
-              cap: int = 16 << 20) -> subprocess.CompletedProcess[bytes]:
-    """Like kp(), but a command that reads /dev/zero after all cannot fill the test's memory: its
-    output goes to files it may not grow past ``cap`` bytes (RLIMIT_FSIZE; past it, SIGXFSZ)."""
+# The address space a capped command may use: a command with its imports needs about 25 MiB
+# (kp-ls --help runs in 20 MiB), and a record line may be up to 64 MiB; a reader that held all
+# of /dev/zero dies of MemoryError here instead of filling the machine's memory
+# (test_the_memory_cap_of_kp_capped_is_real).
+MEMORY_CAP = 1 << 30
+
+
+def capped(argv: list[str], *, input: bytes | None = None, timeout: float = 60,
+           cap: int = 16 << 20) -> subprocess.CompletedProcess[bytes]:
+    """Run argv with its output in files it may not grow past ``cap`` bytes (RLIMIT_FSIZE; past it,
+    SIGXFSZ) and its memory bounded by MEMORY_CAP (RLIMIT_AS; past it, MemoryError)."""
     import resource
     import tempfile
 
-    from tests.conftest import BIN
-
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (cap, cap))
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
 
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as inp:
         inp.write(input or b"")
         inp.seek(0)
         try:
-            status = subprocess.run([str(BIN / prog), *args], stdin=inp if input is not None else None,
+            status = subprocess.run(argv, stdin=inp if input is not None else None,
                                     stdout=out, stderr=err, timeout=timeout, preexec_fn=limit).returncode
         except subprocess.TimeoutExpired:
             status = -999
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess([prog, *args], status, out.read(cap), err.read(cap))
+        return subprocess.CompletedProcess(argv, status, out.read(cap), err.read(cap))
+
+
+def kp_capped(prog: str, *args: str, input: bytes | None = None, timeout: float = 60,
+              cap: int = 16 << 20) -> subprocess.CompletedProcess[bytes]:
+    """Like kp(), but a command that reads /dev/zero after all can fill neither the test's disk nor
+    its memory (see capped)."""
+    from tests.conftest import BIN
+
+    return capped([str(BIN / prog), *args], input=input, timeout=timeout, cap=cap)
+
+
+def test_the_memory_cap_of_kp_capped_is_real() -> None:
+    # what a reader without a bound would do: it dies of the cap, where uncapped it would fill memory
+    proc = capped([sys.executable, "-c", "open('/dev/zero', 'rb').read()"], timeout=300)
+    assert proc.returncode == 1 and b"MemoryError" in proc.stderr, proc.stderr.decode()
+    # and the cap leaves room for a command to start
+    assert kp_capped("kp-ls", "--help").returncode == 0
 
 
 def no_traceback(proc: subprocess.CompletedProcess[bytes]) -> None:
@@ -457,3 +481,85 @@ def test_a_state_directory_that_is_a_file_is_a_clear_error(tmp_path: Path, argv:
     assert proc.returncode == 1, proc.stderr.decode()
     assert b"KODEPIPE_STATE_DIR" in proc.stderr
     assert state.read_bytes() == b"not a directory\n"
+
+
+# -- 7. every bad line, on every command that reads records from stdin ------------------------------------
+
+BEFORE, AFTER = {"kind": "note", "x": 1}, {"kind": "note", "x": 2}  # every stage passes these through
+
+# (id, the bad line, what stderr says of line 2): a line that is not a JSON object with a string
+# "kind" is skipped, said on stderr, and makes the status 65; the records around it are handled
+BAD_LINES = [
+    ("not-json", b"not json", b"line 2: not valid JSON"),
+    ("array", b"[1]", b"line 2: expected a JSON object, got an array"),
+    ("string", b'"vm"', b"line 2: expected a JSON object, got a string"),
+    ("utf8-in-string", b'{"kind":"note","x":"\xff"}', b"line 2: not valid JSON (str is not valid UTF-8"),
+    ("utf8-alone", b"\xff", b"line 2: not valid JSON (str is not valid UTF-8"),
+    ("nul-in-string", b'{"kind":"note","x":"a\0b"}', b"line 2: not valid JSON (unexpected control character"),
+    ("nul-outside", b'{"kind":"note",\0"x":1}', b"line 2: not valid JSON"),
+    ("nul-after", b'{"kind":"note"}\0', b"line 2: not valid JSON"),
+    ("kind-number", b'{"kind": 1}', b'line 2: "kind" must be a string, got a number'),
+]
+# kp-trace reads strace text when its first line is not a record: here the first line is one, so it
+# reads records (bad strace text on stdin is test_kp_trace_reports_bad_strace_text_on_stdin)
+STDIN_READERS = [*READERS, ("kp-ssh", "--config")]
+
+
+def state_of(state: Path) -> dict[str, bytes]:
+    """Every file of the state dir but kodepipe's own SSH key, which kp-ssh makes on first use."""
+    return {path: data for path, data in snapshot(state).items() if not path.startswith("ssh/")}
+
+
+def around(bad: bytes, world: dict[str, Any], argv: tuple[str, ...]) -> bytes:
+    """The bad line as line 2, between two records the command handles. kp-ssh --config writes
+    ssh_config text, not records: its records around are the VMs a and b, which it looks up."""
+    first, last = (world["a"], world["b"]) if argv == ("kp-ssh", "--config") else (BEFORE, AFTER)
+    return feed(first) + bad + b"\n" + feed(last)
+
+
+def handled_around(proc: subprocess.CompletedProcess[bytes], argv: tuple[str, ...]) -> list[dict[str, object]]:
+    """What came out between the records around the bad line, after checking that both were handled."""
+    if argv == ("kp-ssh", "--config"):
+        assert b"a: a is not running" in proc.stderr and b"b: b is not running" in proc.stderr, proc.stderr.decode()
+        assert proc.stdout == b""
+        return []
+    out = lines(proc.stdout)
+    assert out[0] == BEFORE and out[-1] == AFTER, out
+    return out[1:-1]
+
+
+@pytest.mark.parametrize("bad, says", [(bad, says) for _, bad, says in BAD_LINES], ids=[i for i, _, _ in BAD_LINES])
+@pytest.mark.parametrize("argv", STDIN_READERS, ids=lambda v: " ".join(v))
+def test_every_stdin_reader_skips_a_bad_line_names_it_and_handles_the_rest(
+        world: dict[str, Any], argv: tuple[str, ...], bad: bytes, says: bytes) -> None:
+    before = state_of(world["state"])
+    proc = kp(*argv, input=around(bad, world, argv))
+    no_traceback(proc)
+    assert proc.returncode == 65, proc.stderr.decode()
+    assert b"stdin " + says in proc.stderr and b"the line was skipped" in proc.stderr, proc.stderr.decode()
+    assert handled_around(proc, argv) == []  # the bad line itself is not written back
+    assert state_of(world["state"]) == before
+
+
+@pytest.mark.parametrize("argv", STDIN_READERS, ids=lambda v: " ".join(v))
+def test_every_stdin_reader_refuses_or_passes_on_a_record_named_dot_dot(world: dict[str, Any],
+                                                                        argv: tuple[str, ...]) -> None:
+    kind = {"kp-clone": "image", "kp-run": "container", "kp-trace": "container"}.get(argv[0], "vm")
+    record = {"kind": kind, "name": "../x"}
+    before = state_of(world["state"])
+    proc = kp(*argv, input=around(orjson.dumps(record), world, argv))
+    no_traceback(proc)
+    between = handled_around(proc, argv)
+    if argv[0] == "kp-ls":  # kp-ls(1): what a record names but does not exist is shown as "gone"
+        assert proc.returncode == 0 and between == [{**record, "state": "gone"}], proc.stderr.decode()
+    elif argv[0] == "kp-trace":  # kp-trace(1): a record without an audit_log or egress_log is passed through
+        assert proc.returncode == 0 and between == [record], proc.stderr.decode()
+    else:
+        assert proc.returncode == 65, proc.stderr.decode()
+        assert f"line 2: invalid {kind} name '../x'".encode() in proc.stderr, proc.stderr.decode()
+        if argv != ("kp-ssh", "--config"):
+            error = between[0]["error"] if between else None
+            assert between == [{**record, "error": error}] and isinstance(error, dict), between
+            assert error["code"] == "bad_name"
+    assert state_of(world["state"]) == before
+    assert not (world["state"] / "x").exists() and not (world["state"].parent / "x").exists()
