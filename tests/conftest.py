@@ -15,6 +15,42 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Remove the temporary folders of earlier test sessions that have ended, except the newest,
+    before pytest's own clean-up meets them: pytest removes old ones with shutil.rmtree, which
+    recurses and dies (RecursionError, exit 1 after every test passed) on a tree deeper than
+    Python's recursion limit, which is what the hostile-tree tests make if one of them was killed.
+    kodepipe's own remover is iterative.  A folder whose session still runs (its .lock names a live
+    process) is left alone."""
+    import getpass
+    import re
+    import tempfile
+
+    from kodepipe.state import remove_tree
+
+    if session.config.option.basetemp:
+        return
+    root = Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}"
+    try:
+        numbered = sorted((int(m.group(1)), p) for p in root.iterdir()
+                          if (m := re.fullmatch(r"pytest-(\d+)", p.name)) and not p.is_symlink() and p.is_dir())
+    except OSError:
+        return
+    # pytest renames a folder to garbage-UUID before it removes it: one it failed to remove stays so
+    garbage = [p for p in root.iterdir() if p.name.startswith("garbage-") and not p.is_symlink() and p.is_dir()]
+    for folder in [folder for _, folder in numbered[:-1]] + garbage:
+        try:
+            pid = int((folder / ".lock").read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and Path(f"/proc/{pid}").exists():
+            continue
+        try:
+            remove_tree(folder)
+        except Exception as exc:  # never stop a test run over an old temporary folder
+            print(f"conftest: could not remove {folder}: {exc}", file=sys.stderr)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     """Which KVM case this run is on (the tests must pass in each): works, broken (and why), or absent."""
     from kodepipe import accel
