@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kodepipe import fdtree
 from kodepipe.errors import BadInput
 
 AGENT_UID = 1000
@@ -78,7 +79,6 @@ CREDENTIAL_GLOBS = (
 # not walked when looking for masks and credentials: big, and never mounted apart
 SKIP_DIRS = {".git", "node_modules", ".venv", "venv", "__pycache__", ".tox", ".mypy_cache"}
 WALK_LIMIT = 2_000_000
-GIT_PROTECTED = (".git/config", ".git/hooks")
 
 NETWORKS = ("none", "open")
 # capabilities a user may add back, one flag each (the rest are never useful to an agent)
@@ -198,8 +198,11 @@ class Sandbox:
     env: dict[str, str] = field(default_factory=dict)  # passed-through names, values
     secrets: list[Secret] = field(default_factory=list)
     masks: list[str] = field(default_factory=list)  # workspace-relative paths of existing files
-    protect: list[str] = field(default_factory=list)  # workspace-relative paths bound read-only onto themselves
-    git_writable: bool = False  # loosened: no read-only .git/config and .git/hooks
+    # workspace-relative paths bound read-only onto themselves (git metadata: gitguard.py), each from
+    # the host path in protect_sources that holds it (a staging mount of an fd: hostpath.Staging)
+    protect: list[str] = field(default_factory=list)
+    protect_sources: dict[str, str] = field(default_factory=dict)
+    git_writable: bool = False  # loosened: the workspace's git repositories are writable (--writable-git)
     mask_file: str | None = None  # an empty read-only file bound over each mask
     tty: bool = False
     interactive: bool = False
@@ -233,7 +236,8 @@ class Sandbox:
             out.append(Mount(self.workspace, WORKSPACE, self.read_only_workspace))
             if self.mask_file is not None:
                 out.extend(Mount(self.mask_file, f"{WORKSPACE}/{rel}", True) for rel in self.masks)
-            out.extend(Mount(f"{self.workspace}/{rel}", f"{WORKSPACE}/{rel}", True) for rel in self.protect)
+            # never a path through the workspace: a symlink there would choose what is mounted
+            out.extend(Mount(self.protect_sources[rel], f"{WORKSPACE}/{rel}", True) for rel in self.protect)
         out.extend(Mount(str(s.source), s.dest, True) for s in self.secrets)
         out.extend(self.extra_mounts)
         return out
@@ -252,7 +256,7 @@ class Sandbox:
         if self.limits.seconds == 0:
             out.append("no-time-limit")
         if self.workspace is not None and self.git_writable:
-            out.append("writable-git-config")
+            out.append("writable-git")
         return out
 
     def rlimits(self) -> list[tuple[str, int]]:
@@ -416,27 +420,22 @@ def check_workspace(path: Path, home: Path | None = None) -> Path:
     return real
 
 
-def walk(root: Path, limit: int = WALK_LIMIT) -> Iterator[tuple[str, os.DirEntry[str]]]:
-    """(workspace-relative path, entry) of every non-directory below root, without following
-    symlinks and without recursion (a hostile tree may be thousands of levels deep).
-    BadInput past ``limit`` entries: masks must not silently stop applying."""
-    stack, seen = [""], 0
-    while stack:
-        rel_dir = stack.pop()
-        try:
-            entries = sorted(os.scandir(root / rel_dir if rel_dir else root), key=lambda e: e.name)
-        except OSError:
-            continue
-        for entry in entries:
-            seen += 1
-            if seen > limit:
-                raise BadInput(f"the workspace has more than {limit} files: too many to check for files to mask",
-                               hint="give a smaller project directory, or --no-default-masks (recorded)")
-            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(rel)
-            else:
-                yield rel, entry
+def walk(root: Path | int, limit: int = WALK_LIMIT) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(workspace-relative path, name, lstat) of every non-directory below root (a path, or an fd of
+    the directory), through directory fds (fdtree): no symlink is ever followed, not even one swapped
+    in while the walk runs, and there is no recursion (a hostile tree may be thousands of levels
+    deep).  BadInput past ``limit`` entries: masks must not silently stop applying."""
+    fd = root if isinstance(root, int) else os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for cursor, name, st in fdtree.walk(fd, limit=limit):
+            if not stat.S_ISDIR(st.st_mode):
+                yield fdtree.join(cursor.path, name), name, st
+    except fdtree.TooMany:
+        raise BadInput(f"the workspace has more than {limit} files: too many to check for files to mask",
+                       hint="give a smaller project directory, or --no-default-masks (recorded)") from None
+    finally:
+        if not isinstance(root, int):
+            os.close(fd)
 
 
 def _compile(patterns: Iterable[str]) -> tuple[re.Pattern[str] | None, re.Pattern[str] | None]:
@@ -454,45 +453,30 @@ def _matches(rel: str, pattern: str) -> bool:
     return bool(anchored and anchored.match(rel)) or bool(names and names.match(rel.rsplit("/", 1)[-1]))
 
 
-def scan(root: Path, masks: Iterable[str]) -> tuple[list[str], list[str], set[str]]:
+def scan(root: Path | int, masks: Iterable[str]) -> tuple[list[str], list[str], set[str]]:
     """One walk of the whole workspace: (existing regular files to mask, credential-looking
     files not masked, setuid/setgid files).  Nothing is pruned for masks: an agent could
     otherwise move a .env into node_modules/ in one run and read it in the next."""
     mask_path, mask_name = _compile(masks)
     cred_path, cred_name = _compile(CREDENTIAL_GLOBS)
     masked, credentials, setuid = [], [], set()
-    for rel, entry in walk(root):
-        name = entry.name
+    for rel, name, st in walk(root):
         is_mask = bool(mask_name and mask_name.match(name)) or bool(mask_path and mask_path.match(rel))
         is_cred = not is_mask and (bool(cred_name and cred_name.match(name))
                                    or bool(cred_path and cred_path.match(rel)))
-        try:
-            mode = entry.stat(follow_symlinks=False).st_mode
-        except OSError:
-            continue
+        mode = st.st_mode
         if stat.S_ISREG(mode) and mode & (stat.S_ISUID | stat.S_ISGID):
             setuid.add(rel)
         if is_mask:
             # only a regular file can be covered; binding over a symlink would follow it
             if stat.S_ISREG(mode):
+                if not fdtree.is_utf8(rel):
+                    raise BadInput(f"cannot hide {fdtree.display(rel)}: its path is not UTF-8, and Podman takes "
+                                   "only UTF-8 paths", hint="rename it (an agent may have moved it there)")
                 masked.append(rel)
         elif is_cred and not set(rel.split("/")[:-1]) & SKIP_DIRS:
             credentials.append(rel)
-    return masked, credentials, setuid
-
-
-def protected(root: Path) -> list[str]:
-    """Existing git files whose change would run code on the host at the user's next git
-    command (hooks, core.fsmonitor, core.hooksPath): bound read-only unless loosened."""
-    out = []
-    for rel in GIT_PROTECTED:
-        try:
-            mode = os.lstat(root / rel).st_mode
-        except OSError:
-            continue
-        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-            out.append(rel)
-    return out
+    return sorted(masked), sorted(credentials), setuid
 
 
 def check_secret(spec: str) -> tuple[Path, str]:
