@@ -84,12 +84,15 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
                     raise quarantine.Conflict(f"{name}: the quarantine's contents differ from what its record "
                                               "listed after the run (was its container still running?)",
                                               hint="review it again with kp-ls; --force applies what is there now")
-                risky = [quarantine.show(c.path) for c in changes
-                         if c.path == ".git/config" or c.path.startswith(".git/hooks")]
+                from kodepipe import gitguard
+
+                # any .git, and anything in or making a bare repository: git would read it as its
+                # configuration (hooks, core.fsmonitor, ...) and run the agent's code as you
+                risky = gitguard.in_changes(changes, workspace)
                 if risky and not force:
-                    raise quarantine.Conflict(f"{name}: the agent changed {', '.join(risky[:5])}: git runs hooks "
-                                              "and core.fsmonitor commands as you", hint="inspect them in "
-                                              f"{upper}; --force applies them anyway")
+                    raise quarantine.Conflict(f"{name}: the agent changed git metadata: {gitguard.shown(risky)}: git "
+                                              "reads it as configuration, hooks or a repository and can run its code "
+                                              "as you", hint=f"inspect them in {upper}; --force applies them anyway")
                 for finding in quarantine.findings(changes):
                     say(f"{name}: {finding}")
                 prefix, resume = quarantine.temp_prefix(), False

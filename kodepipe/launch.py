@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kodepipe import containers, paths, proc, sandbox
+from kodepipe import containers, hostpath, paths, proc, sandbox
 from kodepipe.errors import BadInput, KpError, NoPermission
 from kodepipe.records import Record
 from kodepipe.state import Store, new_id, now_iso
@@ -69,22 +69,8 @@ class Request:
     keep: bool = False
     audit: str | None = None  # a kp-trace mode
     allow: list[str] = field(default_factory=list)  # egress rules: the proxy is the only way out
-    writable_git_config: bool = False  # loosened: .git/config and .git/hooks writable
+    writable_git_config: bool = False  # loosened (--writable-git): the workspace's git repositories writable
     resolve: list[str] = field(default_factory=list)  # NAME=ADDRESS pins for the proxy
-
-
-def _copy_secret(src: Path, dest: Path) -> None:
-    """Copy a --secret file as root without following a symlink: a link planted in a
-    workspace by an earlier agent must not hand it root's files."""
-    try:
-        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        raise BadInput(f"--secret {src}: {exc.strerror}" + (" (a symbolic link: name the file it points to)"
-                                                            if os.path.islink(src) else "")) from None
-    with os.fdopen(fd, "rb") as source, open(dest, "wb") as target:
-        if not stat.S_ISREG(os.fstat(source.fileno()).st_mode):
-            raise BadInput(f"--secret {src}: not a regular file")
-        shutil.copyfileobj(source, target)
 
 
 def new_name() -> str:
@@ -105,7 +91,9 @@ class Run:
         self.merged: Path | None = None
         self.workspace: Path | None = None
         self.setuid_before: set[str] = set()
-        self.hooks_before = True
+        self.git: Any = None  # gitguard.Guard: the workspace's git repositories (and its fd), before the run
+        self.stage: Any = None  # hostpath.Staging: read-only binds of fds, handed to Podman as paths
+        self.expect: list[Any] = []  # hostpath.Expect: the container's mounts, checked before it starts
         self.timed_out = False
         self.strace: subprocess.Popen[bytes] | None = None
         self.strace_said: collections.deque[str] = collections.deque(maxlen=4)
@@ -139,11 +127,20 @@ class Run:
         self.workspace = ws
         uid, gid, source = sandbox.invoker(ws)
         masked: list[str] = []
-        protect: list[str] = []
         if ws is not None:
-            masked, credentials, self.setuid_before = sandbox.scan(ws, req.masks)
-            protect = [] if req.writable_git_config else sandbox.protected(ws)
-            self.hooks_before = (ws / ".git" / "hooks").exists()
+            from kodepipe import gitguard
+
+            # everything in the workspace is found and opened from this fd, never through a symlink
+            ws_fd = hostpath.open_workspace(ws)
+            try:
+                masked, credentials, self.setuid_before = sandbox.scan(ws_fd, req.masks)
+            except BaseException:
+                os.close(ws_fd)
+                raise
+            self.git = gitguard.Guard.survey(ws_fd, writable=req.writable_git_config,
+                                             direct=not req.quarantine and not req.read_only_workspace)
+            for warning in self.git.warnings(ws):
+                self.say("warn", warning)
             if credentials:
                 shown = ", ".join(credentials[:8]) + (" ..." if len(credentials) > 8 else "")
                 self.say("warn", f"the workspace holds files that look like credentials, and the agent can "
@@ -208,7 +205,7 @@ class Run:
             os.chown(private, uid, gid)
             for n, (src, dest) in enumerate(req.secrets):
                 copy = private / f"{n}-{src.name}"
-                _copy_secret(src, copy)
+                hostpath.copy_secret(src, copy)  # never through a symlink anyone but root could have left
                 os.chown(copy, uid, gid)
                 os.chmod(copy, 0o400)
                 secret_list.append(sandbox.Secret(copy, dest, str(src)))
@@ -218,6 +215,22 @@ class Run:
             empty.touch()
             os.chmod(empty, 0o444)
             mask_file = str(empty)
+        protect: list[str] = []
+        protect_sources: dict[str, str] = {}
+        if self.git is not None and bound is not None:
+            # the repositories, bound read-only from fds (gitguard.py), and every mount the container
+            # gets from the workspace, checked in it before it starts (start)
+            root = self.git.root_fd if self.merged is None else \
+                os.open(self.merged, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                self.stage = hostpath.Staging(self.folder / "binds")
+                protect, protect_sources, self.expect = self.git.stage(root, self.stage, sandbox.WORKSPACE,
+                                                                       same=self.merged is None)
+                self.expect += hostpath.expect_tree(root, sandbox.WORKSPACE, req.read_only_workspace, masked,
+                                                    mask_file)
+            finally:
+                if root != self.git.root_fd:
+                    os.close(root)
 
         hosts = self.folder / "hosts"
         hosts.write_text(f"127.0.0.1\tlocalhost {self.name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
@@ -236,7 +249,7 @@ class Run:
             name=self.name, image=req.image, command=req.command, workspace=bound, host_uid=uid, host_gid=gid,
             limits=limits, seccomp=str(seccomp_path), read_only_workspace=req.read_only_workspace,
             network=req.network, cap_add=req.cap_add, writable_root=req.writable_root, env=req.env,
-            secrets=secret_list, masks=masked, mask_file=mask_file, protect=protect,
+            secrets=secret_list, masks=masked, mask_file=mask_file, protect=protect, protect_sources=protect_sources,
             git_writable=req.writable_git_config, tty=req.tty,
             interactive=req.interactive,
             labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
@@ -272,6 +285,18 @@ class Run:
         pid = int(self.engine.inspect(self.cid)["State"].get("Pid") or 0)
         if pid > 0:
             self.container_pid, self.container_pid_start = pid, proc.start_time(pid)
+        if self.expect and self.container_pid is None:
+            raise KpError("Podman did not say which process the container's is: kp-run cannot check its "
+                          "mounts, and does not start it without that")
+        # the workspace, its read-only repositories and its masks are, in the container, the very files
+        # kp-run meant (runc resolved their places in it); then the staging binds have done their job
+        wrong = hostpath.verify_mounts(self.container_pid or 0, self.expect)
+        if self.stage is not None:
+            self.stage.close()
+        if wrong:
+            raise hostpath.UnsafePath("the container's mounts are not what kp-run set up, so it was not started: "
+                                      + "; ".join(wrong[:5]),
+                                      hint="did something change the workspace meanwhile? try again")
         self.meta.update(container_id=self.cid, container_pid=self.container_pid,
                          container_pid_start=self.container_pid_start, state="running", started=now_iso())
         if self.req.audit:
@@ -428,6 +453,8 @@ class Run:
         if self.folder is not None:  # first: nothing below may keep a secret's copy on disk
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(self.folder / "secrets")
+        if self.stage is not None:  # the read-only binds of the workspace's repositories, if still there
+            self.stage.close()
         if self.made and self.engine is not None:
             exit_code = self._end_container(exit_code, outcome)
         if self.proxy is not None:
@@ -464,16 +491,13 @@ class Run:
             except Exception:
                 after = set()
             new = sorted(after - self.setuid_before)
-            if not self.hooks_before and not self.req.writable_git_config and \
-                    (self.workspace / ".git" / "hooks").exists():
-                meta["git_hooks_created"] = True
-                self.say("warn", f"the agent created {self.workspace}/.git/hooks: look at it before you run git "
-                                 "there (hooks run as you)")
+            if self.git is not None and self.folder is not None:  # planted git metadata: moved away (gitguard)
+                self.git.check(self.folder, self.name, meta, lambda m: self.say("warn", m))
             if new:
                 meta["setuid_files"] = [fdtree.display(path) for path in new]
                 self.say("warn", "the agent left setuid/setgid files in the workspace: "
                                  f"{', '.join(terminal.escape(path) for path in new[:8])}")
-        keep = self.req.keep or self.req.audit is not None or self.policy is not None
+        keep = self.req.keep or self.req.audit is not None or self.policy is not None or "git_planted" in meta
         if self.folder is not None:
             if self.merged is not None:
                 containers.unmount(self.folder)
@@ -484,6 +508,9 @@ class Run:
                     meta["fingerprints"] = quarantine.fingerprint(self.workspace, changes)
                     for finding in quarantine.findings(changes):  # escaped: the agent chose the names
                         self.say("warn", finding)
+                    from kodepipe import gitguard  # changes to git metadata: --apply refuses them
+
+                    gitguard.report_changes(changes, self.workspace, meta, lambda m: self.say("warn", m))
                     if changes:
                         keep = True
                         meta["state"] = "quarantined"
@@ -498,6 +525,8 @@ class Run:
                 self.store.write_meta(self.folder, meta)
             else:
                 self.store.discard(self.folder)
+        if self.git is not None:
+            self.git.close()
         record = {k: v for k, v in meta.items() if k not in (*containers.PRIVATE, "fingerprints")}
         if keep and self.folder is not None:
             record["path"] = str(self.folder)

@@ -91,9 +91,10 @@ def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
               help="Also hide workspace files matching GLOB (a name at any depth, or a path with /) behind an "
                    "empty read-only file; the host files are not touched. Always hidden: .env, .env.*")
 @click.option("--no-default-masks", is_flag=True, help="Do not hide .env and .env.* (recorded).")
-@click.option("--writable-git-config", is_flag=True,
-              help="Let the agent change .git/config and .git/hooks, which are read-only by default: both can "
-                   "make your next git command on the host run the agent's code (recorded).")
+@click.option("--writable-git", "--writable-git-config", "writable_git_config", is_flag=True,
+              help="Let the agent write the workspace's git repositories (commit, branch), which are read-only by "
+                   "default; after the run, what it added or changed that git reads as configuration, hooks or "
+                   "a repository is still moved away (recorded; --writable-git-config is the old name).")
 @click.option("-i", "--interactive", is_flag=True, help="Keep standard input open to the command.")
 @click.option("-t", "--tty", is_flag=True, help="Give the command a terminal (window size, Ctrl-C).")
 @click.option("--keep", is_flag=True, help="Keep the stopped container for inspection (kp-rm removes it).")
@@ -137,9 +138,14 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
       - only --workspace mounted; no host environment (--env), home,
         SSH agent or Podman socket; files only with --secret;
       - .env and .env.* in the workspace hidden (--mask adds more);
-      - .git/config and .git/hooks read-only: a changed hook or
-        core.fsmonitor would run the agent's code at your next git
-        command on the host (--writable-git-config).
+      - the workspace's git repositories (.git, nested ones, bare ones)
+        read-only: git log, diff and status work, commits fail; a hook
+        or core.fsmonitor the agent could write would run its code at
+        your next git command on the host (--writable-git).  After the
+        run, a .git or a bare repository it made anywhere in the
+        workspace is moved into the run's folder (record: git_planted);
+        in quarantine, --apply refuses changes to git metadata
+        (record: git_changes) unless --force.
 
     The command's output goes to standard error, so standard output
     carries only the container record (kind "container": name, image,

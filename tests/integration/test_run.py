@@ -474,18 +474,25 @@ def test_a_terminal_for_interactive_agents(shell_image: str, ws: Path) -> None:
     assert record["exit_code"] == 130
 
 
-def test_git_config_and_hooks_are_read_only(shell_image: str, ws: Path) -> None:
+def test_git_metadata_is_read_only(shell_image: str, ws: Path) -> None:
+    # the whole .git is read-only by default (gitguard.py; every variant: tests/integration/test_git_attacks.py)
     subprocess.run(["git", "init", "-q", str(ws)], check=True)
     for path in [ws / ".git", *(ws / ".git").rglob("*")]:
         os.chown(path, OWNER, OWNER, follow_symlinks=False)
     before = (ws / ".git" / "config").read_bytes()
-    script = ("cd /workspace && git config core.fsmonitor /workspace/evil.sh || echo CONFIG-DENIED; "
+    script = ("cd /workspace && git status --short && echo STATUS; "
+              "git config core.fsmonitor /workspace/evil.sh || echo CONFIG-DENIED; "
               "touch .git/hooks/post-checkout || echo HOOK-DENIED; echo x > agent.txt && git add agent.txt && "
               "git -c user.email=a@b -c user.name=a commit -qm agent && echo COMMITTED")
     _, record, err = inside(shell_image, ws, script)
-    assert "CONFIG-DENIED" in err and "HOOK-DENIED" in err and "COMMITTED" in err, err
+    assert "STATUS" in err and "CONFIG-DENIED" in err and "HOOK-DENIED" in err and "COMMITTED" not in err, err
     assert (ws / ".git" / "config").read_bytes() == before
-    assert record["protected"] == [".git/config", ".git/hooks"]
-    _, record, err = inside(shell_image, ws, "cd /workspace && git config core.fsmonitor false && echo SET",
+    assert record["protected"] == [".git"]
+    # loosened (the old name still works): commits work; a config change is moved away after the run
+    _, record, err = inside(shell_image, ws, "cd /workspace && git config core.fsmonitor false && echo SET && "
+                            "git add agent.txt && git -c user.email=a@b -c user.name=a commit -qm agent && "
+                            "echo COMMITTED",
                             "--writable-git-config")
-    assert "SET" in err and "writable-git-config" in record["loosened"]
+    assert "SET" in err and "COMMITTED" in err and "writable-git" in record["loosened"], err
+    assert [p["path"] for p in record["git_planted"]] == [".git/config"]
+    assert (ws / ".git" / "config").read_bytes() == before
