@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kodepipe import containers, hostpath, paths, proc, sandbox
+from kodepipe import auditcap, containers, hostpath, paths, proc, sandbox
 from kodepipe.errors import BadInput, KpError, NoPermission
 from kodepipe.records import Record
 from kodepipe.state import Store, new_id, now_iso
@@ -68,6 +68,7 @@ class Request:
     interactive: bool = False
     keep: bool = False
     audit: str | None = None  # a kp-trace mode
+    audit_cap: int = auditcap.DEFAULT  # bytes of audit log, after which the run is stopped
     allow: list[str] = field(default_factory=list)  # egress rules: the proxy is the only way out
     writable_git_config: bool = False  # loosened (--writable-git): the workspace's git repositories writable
     resolve: list[str] = field(default_factory=list)  # NAME=ADDRESS pins for the proxy
@@ -98,6 +99,7 @@ class Run:
         self.strace: subprocess.Popen[bytes] | None = None
         self.strace_said: collections.deque[str] = collections.deque(maxlen=4)
         self.tracer_watch: threading.Thread | None = None
+        self.audit_cap: auditcap.SizeCap | None = None
         self.tracer_reader: threading.Thread | None = None
         self.audit_problem: str | None = None  # why the audit log is incomplete, when it is
         self.ending = False  # finish() has begun: what ends now is kp-run's doing
@@ -258,14 +260,14 @@ class Run:
             timeout=int(limits.seconds) + 60 if limits.seconds else 0,
             allow=[r.pattern + ("" if r.ports == (80, 443) else ":" + ",".join(map(str, r.ports)))
                    for r in self.policy.rules] if self.policy else [],
-            extra_mounts=extra_mounts, extra_env=extra_env)
+            extra_mounts=extra_mounts, extra_env=extra_env, quotas=sandbox.host_quotas().share())
         self.meta.update(
             workspace_mode="quarantine" if req.quarantine else "ro" if req.read_only_workspace else
             "rw" if ws is not None else None,
             network="proxy" if self.policy else req.network, limits=limits.record(), loosened=box.loosened(),
             user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
             masked=masked, protected=protect, secrets=[s.dest for s in secret_list], env=sorted(req.env),
-            allow=box.allow,
+            allow=box.allow, kernel_quotas=box.quotas.record(),
             engine=self.engine.url)
         if self.upper is not None:
             self.meta["quarantine"] = {"path": str(self.upper)}
@@ -285,24 +287,29 @@ class Run:
         pid = int(self.engine.inspect(self.cid)["State"].get("Pid") or 0)
         if pid > 0:
             self.container_pid, self.container_pid_start = pid, proc.start_time(pid)
-        if self.expect and self.container_pid is None:
-            raise KpError("Podman did not say which process the container's is: kp-run cannot check its "
-                          "mounts, and does not start it without that")
+        if self.container_pid is None:
+            raise KpError("Podman did not say which process the container's is: kp-run cannot set its "
+                          "kernel quotas, and does not start it without them")
         # the workspace, its read-only repositories and its masks are, in the container, the very files
         # kp-run meant (runc resolved their places in it); then the staging binds have done their job
-        wrong = hostpath.verify_mounts(self.container_pid or 0, self.expect)
+        wrong = hostpath.verify_mounts(self.container_pid, self.expect)
         if self.stage is not None:
             self.stage.close()
         if wrong:
             raise hostpath.UnsafePath("the container's mounts are not what kp-run set up, so it was not started: "
                                       + "; ".join(wrong[:5]),
                                       hint="did something change the workspace meanwhile? try again")
+        from kodepipe import userns
+
+        # before the agent's first instruction: its share of the kernel's per-user quotas (sandbox.Quotas)
+        userns.limit(self.container_pid, box.quotas.userns_sysctls())
         self.meta.update(container_id=self.cid, container_pid=self.container_pid,
                          container_pid_start=self.container_pid_start, state="running", started=now_iso())
         if self.req.audit:
             from kodepipe import strace
 
             self.meta.update(audit_log=str(self.folder / AUDIT_LOG), audit_mode=self.req.audit,
+                             audit_cap=self.req.audit_cap,
                              audit_blind=[*strace.BLIND[self.req.audit], strace.ATTACHED_NOTE])
         if self.policy is not None:
             self.meta["egress_log"] = str(self.folder / EGRESS_LOG)
@@ -333,6 +340,11 @@ class Run:
         # has stopped the container
         self.strace = subprocess.Popen([proc.require("strace"), *args[1:]], stdin=subprocess.DEVNULL,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        # the log's size cap: the run is stopped when the log reaches it (auditcap.py); by SIGKILL to
+        # its first process, not through Podman, whose kill waits for an end the halted tracer holds up
+        self.audit_cap = auditcap.SizeCap(self.folder / AUDIT_LOG, self.req.audit_cap, self.strace,
+                                          self._kill_process, lambda m: self.say("warn", f"{self.name}: {m}"))
+        self.audit_cap.start()
         # strace says "Process N attached" once it holds every thread; start only then
         if not (self.strace.stderr is not None):
             raise RuntimeError("kp-run: out of order")
@@ -477,6 +489,14 @@ class Run:
                 meta["audit_problem"] = self.audit_problem
                 if outcome == "exited":
                     outcome = "audit-lost"
+        if self.audit_cap is not None:  # the log reached its cap: the run was stopped there
+            self.audit_cap.close()
+            capped = self.audit_cap.record()
+            if self.audit_problem:
+                capped.pop("audit", None)
+            meta.update(capped)
+            if "audit_capped" in capped and outcome == "exited":
+                outcome = "audit-capped"
         meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome)
         if exit_code is not None and 128 < exit_code < 160:  # the shell's convention: killed by a signal
             import signal

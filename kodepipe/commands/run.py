@@ -103,6 +103,9 @@ def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
                    "cannot reach it; the log's path is the record's audit_log (kp-trace reads it).")
 @click.option("--audit-mode", type=click.Choice(["minimal", "default", "full"]), default="default",
               show_default=True, help="Which system calls --audit records (see kp-trace --mode).")
+@click.option("--audit-cap", callback=_size, metavar="SIZE",
+              help="Stop the run when its audit log reaches SIZE (default 256m, at least 64k): the agent is "
+                   "halted and the container killed, so the log holds everything it did (outcome audit-capped).")
 @click.option("--apply", "apply_names", multiple=True, metavar="NAME",
               help="Apply a quarantined run's changes to its workspace (repeatable; or quarantined records on "
                    "stdin with --apply -), then remove the quarantine. Refused if the checkout changed since. "
@@ -119,7 +122,8 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         cap_add: tuple[str, ...], writable_root: bool, env: dict[str, str], secret_specs: tuple[str, ...],
         masks: tuple[str, ...], no_default_masks: bool, writable_git_config: bool, interactive: bool, tty: bool,
         keep: bool, audit: bool,
-        audit_mode: str, apply_names: tuple[str, ...], force: bool, verbose: bool | None, quiet: bool) -> int:
+        audit_mode: str, audit_cap: int | None, apply_names: tuple[str, ...], force: bool, verbose: bool | None,
+        quiet: bool) -> int:
     """Run COMMAND in a fresh, locked-down Podman container that sees one
     project directory and nothing else of the host, and is gone when it exits.
 
@@ -129,12 +133,20 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
       - no network (--net open; or --allow DOMAIN: a proxy on the host is
         the only way out, by name, and logs every decision);
       - all capabilities dropped (--cap-add), no-new-privileges, a seccomp
-        profile that also forbids new namespaces;
+        profile that also forbids new namespaces, the kernel keyring, and
+        children hidden from a tracer (clone with CLONE_UNTRACED);
       - read-only root filesystem (--writable-root), a tmpfs at /tmp;
       - a user namespace: root inside is not root outside; the agent is
         uid 1000 inside, and what it writes in the workspace is owned by
         you on the host (by SUDO_UID under sudo);
       - memory, CPU, pids and wall-time limits;
+      - an eighth of the host's per-user kernel quotas (record:
+        kernel_quotas): inotify instances and watches (limits of the
+        container's own user namespace), queued signals and POSIX message
+        queues (rlimits); a container's counts are charged to root, who
+        owns its user namespace, and one run can no longer use them up
+        (several hostile runs at once still could); keys are refused, SysV
+        IPC is the container's own;
       - only --workspace mounted; no host environment (--env), home,
         SSH agent or Podman socket; files only with --secret;
       - .env and .env.* in the workspace hidden (--mask adds more);
@@ -154,12 +166,16 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     the command failed; the record's exit_code is the command's own.
 
     The record's "outcome" is exited, timed-out, interrupted, failed,
-    audit-lost or engine-lost.  With --audit, "audit" is "complete", or
+    audit-lost, audit-capped or engine-lost.  With --audit, "audit" is "complete", or
     "incomplete" with "audit_problem" saying why
     (jq 'select(.audit=="incomplete")').  If strace dies while the
     command runs, kp-run stops the container rather than let it go on
     unrecorded: outcome audit-lost, error code audit_incomplete, exit 1
-    (kp-trace < its audit_log reads what was recorded).  If the Podman
+    (kp-trace < its audit_log reads what was recorded).  The audit log has
+    a cap (--audit-cap, 256m): when it is reached, kp-run halts the agent
+    at its next system call and kills the container, so the run is
+    stopped, not left unrecorded: "audit" is "capped", "audit_capped"
+    says where, outcome audit-capped, exit 1.  If the Podman
     service dies during a run (error code engine_lost, exit 1), kp-run
     starts its own service again (for one you named, it stops the
     container's processes itself) and removes the container;
@@ -195,7 +211,10 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         return _apply(out, store, apply_names, force)
     if force:
         raise click.UsageError("--force goes with --apply")
-    from kodepipe import launch, sandbox
+    from kodepipe import auditcap, launch, sandbox
+
+    if audit_cap is not None and audit_cap < auditcap.MINIMUM:
+        raise click.BadParameter(f"it must be at least {auditcap.MINIMUM >> 10}k", param_hint="'--audit-cap'")
     from kodepipe.errors import BadInput, KpError
     from kodepipe.records import check_name
 
@@ -231,7 +250,8 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         profile=chosen["profile"], workspace=workspace, read_only_workspace=read_only_workspace,
         quarantine=quarantine, network=network, cap_add=[c.upper() for c in cap_add], writable_root=writable_root,
         env={**chosen["env"], **env}, secrets=secrets, masks=mask_list, tty=tty, interactive=interactive or tty,
-        keep=keep, audit=audit_mode if audit else None, allow=list(dict.fromkeys(rules)), resolve=list(pins),
+        keep=keep, audit=audit_mode if audit else None, **({"audit_cap": audit_cap} if audit_cap else {}),
+        allow=list(dict.fromkeys(rules)), resolve=list(pins),
         writable_git_config=writable_git_config)
 
     def say(level: str, message: str) -> None:
@@ -271,6 +291,8 @@ def _report(out: kpcli.Output, record: dict[str, Any], status: int | None, no_de
         out.statuses.add(errors.FAILED)
         if record.get("timed_out"):
             out.warn(f"{record['name']}: stopped at the time limit")
+        elif record.get("audit") == "capped":
+            out.warn(f"{record['name']}: stopped when its audit log reached its cap (--audit-cap)")
         elif record.get("oom_killed"):
             out.warn(f"{record['name']}: killed for exceeding the memory limit")
     if record.get("state") == "quarantined":
