@@ -49,7 +49,20 @@ def cli(command: tuple[str, ...], mode: str, summary: bool, log: Path | None, qu
     (kind "egress"; with --summary, counted per host and decision).
 
     A line strace printed that kp-trace cannot read becomes a "parse_error"
-    event with the raw text: nothing is dropped.
+    event with the raw text: nothing is dropped.  The audit of a run whose
+    tracer died or whose Podman service was lost (error audit_incomplete or
+    engine_lost) is still read: it is the evidence of what happened.
+
+    What a trace cannot prove: strace reads a system call's arguments from
+    the traced process's memory when the call starts, and the kernel reads
+    them again when it runs the call.  Another thread of the traced program
+    can rewrite a path in between, so the event names the path the program
+    showed, not always the one the kernel used (a limit of ptrace itself,
+    not of kodepipe).  Paths resolved from file descriptors (strace -yy,
+    the "resolved" key) come from the kernel after the call and do not have
+    this gap.  For what an agent changed, trust the quarantine's change
+    list (kp-run --quarantine), which comes from the filesystem itself, over
+    the trace's file events.
 
     \b
     Examples:
