@@ -222,6 +222,11 @@ kp\-run \-\-audit: strace ended before the container did; the record's
 the Podman service stopped answering during a kp\-run; the message says
 what became of the container (\fBcontainer_removed\fR)
 .TP
+.B guest_agent_bad_reply
+the guest agent answered with something its protocol does not allow (not
+UTF\-8 JSON, a line over 16 MiB, a field missing or of the wrong type, a list
+over 1024 entries): the guest is broken or hostile, and retrying will not help
+.TP
 .B missing_program, no_permission, timeout
 as the exit statuses below
 .SH EXIT STATUS
@@ -231,6 +236,11 @@ as the exit statuses below
 .B $KODEPIPE_STATE_DIR/images/NAME, .../vms/NAME
 one folder each, with \fBmeta.json\fR written atomically; the single source
 of truth, of which records are views
+.TP
+.B $KODEPIPE_STATE_DIR/vms/NAME/serial.log, serial.log.1
+the VM's serial console, capped: at 1 MiB serial.log becomes serial.log.1, so
+a guest that prints without end takes at most 2 MiB of the host's disk
+(written by a small keeper process that lives as long as QEMU)
 .TP
 .B $KODEPIPE_STATE_DIR/locks/NAME.lock
 per\-name locks (flock): concurrent commands on one name are safe

@@ -228,11 +228,11 @@ class GuestAgent:
         return deadline, f"within {timeout:g} s"
 
     def _send(self, data: bytes, deadline: float, what: str) -> None:
-        sock = self._connect()
         remaining = deadline - time.monotonic()
+        if remaining <= 0:  # no time left: not even a connection is made
+            raise Timeout(f"the guest agent on {self.path} did not take {what}")
+        sock = self._connect()
         try:
-            if remaining <= 0:
-                raise TimeoutError
             # a guest that reads nothing fills the channel: sending waits, but not past the deadline
             sock.settimeout(remaining)
             sock.sendall(data)
@@ -282,7 +282,6 @@ class GuestAgent:
     def sync(self, timeout: float = _SYNC_TIMEOUT) -> None:
         """Connect if needed and resynchronise; Timeout means the agent is not (yet) answering."""
         deadline, within = self._until(timeout)
-        self._connect()
         sync_id = random.randrange(1, 1 << 62)  # noqa: S311 - a nonce against stale replies, not a secret
         what = f"guest-sync-delimited {within}"
         self._send(SENTINEL + json.dumps({"execute": "guest-sync-delimited",

@@ -32,8 +32,9 @@ ANSWERS = 30.0
 
 
 def hang_guard(started: float, timeout: float) -> None:
-    """Only a guard against a wait that ignores its timeout, never the property: 10 times the timeout."""
-    assert time.monotonic() - started < 10 * timeout + 1.0
+    """Only a guard against a wait that ignores its timeout, never the property: a minute, far past
+    any timeout these tests use, so a loaded machine never trips it."""
+    assert time.monotonic() - started < max(60.0, 10 * timeout)
 
 
 def spy_calls(monkeypatch: pytest.MonkeyPatch, agent: GuestAgent) -> list[tuple[str, str | None]]:
@@ -104,7 +105,10 @@ class FakeAgent:
                 self._session(conn)
 
     def _session(self, conn: socket.socket) -> None:
-        conn.sendall(self.stale)  # left over from an earlier client
+        try:
+            conn.sendall(self.stale)  # left over from an earlier client
+        except OSError:
+            return  # the client has gone already
         conn.settimeout(0.02)  # for reading only: each recv wakes up to see whether to stop
         buf = b""
         while not self._stop.is_set():
@@ -620,7 +624,8 @@ def test_a_reply_that_trickles_in_cannot_outlast_the_timeout(agent: GuestAgent, 
     def trickle(conn: socket.socket) -> None:  # one byte at a time, a valid reply that never ends
         conn.settimeout(ANSWERS)
         conn.sendall(b'{"return": {"host-name": "')
-        until = time.monotonic() + ANSWERS  # a client that waits for each byte anew would wait this long
+        # a client that waited for each byte anew would wait this long: longer than hang_guard allows
+        until = time.monotonic() + 120.0
         while not fake._stop.is_set() and time.monotonic() < until:
             conn.sendall(b"x")
             time.sleep(0.005)

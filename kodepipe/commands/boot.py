@@ -35,8 +35,9 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, sh
 
     Each VM runs as a detached QEMU under QEMU's seccomp sandbox, with a
     QMP socket, a guest-agent socket and a serial console socket (whose
-    output is also logged to serial.log in the VM's folder); direct kernel
-    boot from its image.  Returns at once: kp-ip waits for the guest (under
+    output is also logged to serial.log in the VM's folder, capped: at
+    1 MiB it becomes serial.log.1); direct kernel boot from its image.
+    Returns at once: kp-ip waits for the guest (under
     KVM, a cold boot waits for the guest's first line on its serial console,
     at most 30 s; with --accel auto a silent guest is booted again under TCG
     and accel_reason says why).  A VM that is already running passes
