@@ -7,13 +7,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import BIN, lines
+from tests.integration.test_run import one_podman_service  # noqa: F401 - the module's shared service
 from tests.test_apply import apply_proc, finish, temps, wait_for_markers
 
 pytestmark = pytest.mark.integration
@@ -98,32 +98,3 @@ def test_a_killed_apply_of_a_real_quarantine_is_finished_by_the_next(point: str,
     assert temps(ws) == []
     assert not (kp_env["state"] / "containers" / record["name"]).exists()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_podman_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One API service for the module (kp-run would otherwise start one per test's runtime dir)."""
-    from kodepipe import engine
-
-    run_dir = tmp_path_factory.mktemp("podman-run")
-    run_dir.chmod(0o700)
-    sock = run_dir / "podman.sock"
-    old = os.environ.get("KODEPIPE_PODMAN_URL")
-    engine._start_service(sock)
-    os.environ["KODEPIPE_PODMAN_URL"] = f"unix://{sock}"
-    eng = engine.Engine(os.environ["KODEPIPE_PODMAN_URL"])
-    for _ in range(1000):
-        if eng.ping():
-            break
-        threading.Event().wait(0.01)
-    yield
-    if old is None:
-        del os.environ["KODEPIPE_PODMAN_URL"]
-    else:
-        os.environ["KODEPIPE_PODMAN_URL"] = old
-    for pid in Path("/proc").iterdir():  # the service this fixture started, by the socket only it serves
-        try:
-            argv = (pid / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"unix://{sock}".encode() in argv:
-            os.kill(int(pid.name), 15)
