@@ -168,6 +168,24 @@ class Cursor:
                 self._fds[old] = -1
         return fd
 
+    def next(self, pending: list[tuple[int, str]]) -> bool:
+        """Go to the next directory of a depth-first walk: ``pending`` holds (depth of its parent,
+        name), last out first.  One removed or replaced since it was listed is skipped.  False when
+        none is left."""
+        while pending:
+            parent_depth, name = pending.pop()
+            while self.depth > parent_depth:
+                self.up()
+            try:
+                self.down(name)
+                return True
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+        return False
+
     def up(self) -> int:
         """Go to the parent directory (reopened through "..", and checked, if its fd was closed)."""
         fd = self._fds.pop()
@@ -255,19 +273,7 @@ def walk(root_fd: int, *, limit: int | None = None) -> Iterator[tuple[Cursor, st
                     if stat.S_ISDIR(st.st_mode):
                         subdirs.append(entry.name)
             pending.extend((depth, name) for name in reversed(subdirs))
-            while pending:
-                parent_depth, name = pending.pop()
-                while cursor.depth > parent_depth:
-                    cursor.up()
-                try:
-                    cursor.down(name)
-                    break
-                except (FileNotFoundError, NotADirectoryError):
-                    continue  # removed or replaced since it was listed
-                except OSError as exc:
-                    if exc.errno != errno.ELOOP:
-                        raise
-            else:
+            if not cursor.next(pending):
                 return
 
 

@@ -159,19 +159,7 @@ def find(root_fd: int, *, limit: int = SCAN_LIMIT) -> dict[str, Repo]:
                 st = os.fstat(fd)
                 found[here] = Repo(here, "bare", st.st_dev, st.st_ino)
             pending.extend((depth, name) for name in reversed(subdirs))
-            while pending:
-                parent_depth, name = pending.pop()
-                while cursor.depth > parent_depth:
-                    cursor.up()
-                try:
-                    cursor.down(name)
-                    break
-                except (FileNotFoundError, NotADirectoryError):
-                    continue
-                except OSError as exc:
-                    if exc.errno != errno.ELOOP:
-                        raise
-            else:
+            if not cursor.next(pending):
                 return found
 
 
