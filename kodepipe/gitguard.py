@@ -426,16 +426,18 @@ class Guard:
                         budget -= len(snap.content)
             self.watched.append(Watched(repo, prints, copies))
 
-    def after(self, folder: Path, name: str, *, limit: int = SCAN_LIMIT) -> list[dict[str, Any]]:
+    def after(self, folder: Path, name: str, *, limit: int = SCAN_LIMIT,
+              in_place: bool = False) -> list[dict[str, Any]]:
         """Find, neutralise and describe what the agent planted or changed (see the docstring);
-        the container must be gone.  ``self.problem`` says what could not be checked."""
+        the container must be gone.  ``self.problem`` says what could not be checked.  ``in_place``:
+        rename each to a name git does not read where it is, rather than move it into ``folder``."""
         try:
             now = find(self.root_fd, limit=limit)
         except (OSError, fdtree.TooMany, fdtree.TreeChanged) as exc:
             self.problem = (f"the workspace could not be checked for planted git repositories ({exc}): "
                             "look before you run git there")
             return []
-        mover = _Mover(self.root_fd, folder / PLANTED, name)
+        mover = _Mover(self.root_fd, None if in_place else folder / PLANTED, name)
         before = {r.ident for r in self.repos.values()}
         for path, repo in sorted(now.items()):
             if repo.ident in before:
@@ -481,9 +483,10 @@ def _at(base: str, rel: str) -> str:
 
 
 class _Mover:
-    """Moves planted entries into the run's folder (or, across filesystems, to a name git ignores)."""
+    """Moves planted entries into the run's folder (or, across filesystems or without a ``dest``,
+    renames them in place to a name git ignores)."""
 
-    def __init__(self, root_fd: int, dest: Path, name: str) -> None:
+    def __init__(self, root_fd: int, dest: Path | None, name: str) -> None:
         self.root_fd, self.dest, self.name = root_fd, dest, name
         self.moved: list[dict[str, Any]] = []
         self.problem: str | None = None
@@ -501,9 +504,11 @@ class _Mover:
             return False
         try:
             entry["type"] = _kind(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode)
-            self.dest.mkdir(mode=0o700, exist_ok=True)
-            target = f"{len(self.moved)}-{name[:200]}"
             try:
+                if self.dest is None:
+                    raise OSError(errno.EXDEV, "renamed in place")
+                self.dest.mkdir(mode=0o700, exist_ok=True)
+                target = f"{len(self.moved)}-{name[:200]}"
                 os.rename(name, self.dest / target, src_dir_fd=pfd)
                 entry["moved_to"] = str(self.dest / target)
             except OSError as exc:
