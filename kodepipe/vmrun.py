@@ -19,12 +19,58 @@ Everything put into a remote command line goes through shlex.  Paths in
 the workspace that Podman's --mount syntax cannot carry (a comma) are
 refused rather than passed on: a file name must never become a mount
 option.
+
+What holds inside the guest, as on the host:
+
+- **Git** (gitguard.py says why git metadata is code).  Before the run, one
+  ``find -P`` in the guest lists every repository of the workspace (each
+  ``.git`` of any type, never entered, and each directory that is a bare
+  repository, at any depth, never through a symlink; NUL-separated, with
+  type, device, inode and change time).  By default each is bound
+  read-only over itself (``protected``), so the agent can neither write
+  nor rename nor replace it; a ``.git`` that is a symlink is never bound
+  nor followed, and said.  ``--writable-git`` binds nothing (loosened,
+  recorded the same way).  After a direct run (the container is gone) the
+  same survey runs again, and each ``.git`` or bare repository the agent
+  made or replaced anywhere is neutralised by a ``rename(2)`` (perl, which
+  every Debian guest has; never a copy): into a folder of the run in the
+  guest (``/var/lib/kodepipe/runs/NAME-ID/git-planted``), or, on another
+  filesystem (the 9p share), to a name git never reads beside it
+  (``.git.planted-by-NAME``); a bare repository loses its ``HEAD``.  The
+  record lists them (``git_planted``).  Names are data: a repository whose
+  path Podman's ``--mount`` cannot carry (a comma, a newline, bytes that
+  are not UTF-8) is refused before anything changes in the guest.
+  The survey runs in the guest, not on the host's side of a
+  ``kp-boot --share`` (gitguard itself), because it must see exactly what
+  the guest's Podman binds: a workspace need not be the share, and over
+  9p with ``security_model=mapped-xattr`` a symlink the guest makes is a
+  regular file on the host, so the host's view of the tree is not the
+  guest's.  What this does not cover, unlike on the host: with
+  ``--writable-git`` what the agent changes inside an existing
+  repository (its config, its hooks) stays (the host moves it away and
+  puts yours back); between the survey and ``podman run`` the bind
+  sources are paths, not fds (no agent runs yet: only the guest's root
+  could swap them, and the guest's root owns the workspace anyway).
+- **seccomp**: the profile is seccomp.render of the guest's own
+  containers profile, the same function as the host's: new namespaces,
+  CLONE_UNTRACED (EPERM) and the kernel keyring (ENOSYS) are refused.
+- **Kernel quotas**: the sigpending and msgqueue rlimits are a share of
+  the guest's own (probed), as on the host.  The inotify limits of the
+  container's user namespace are not lowered: that needs a process between
+  ``podman create`` and its start (nsenter, as launch.py does), which
+  ``podman run`` over SSH has not, and the guest's kernel is the VM's own:
+  what a container can use up there is the disposable guest's, not a host
+  account's (recorded: ``kernel_quotas`` with ``userns_limits: false``).
+- What the guest cannot do yet (--quarantine, --audit, -i/-t, --keep,
+  --allow) is refused before anything is done in it: nothing is dropped
+  silently.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import select
 import shlex
 import subprocess
@@ -37,7 +83,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kodepipe import proc, sandbox
+from kodepipe import fdtree, gitguard, proc, sandbox
 from kodepipe.errors import BadInput, CommandFailed, KpError, NotFound
 from kodepipe.launch import Request, new_name
 from kodepipe.records import Record
@@ -46,6 +92,7 @@ from kodepipe.state import new_id, now_iso
 GUEST_DIR = "/run/kodepipe"  # root's, on the guest's tmpfs: gone at its next boot
 SHARE_MOUNT = "/workspace"  # where kp-ip mounts kp-boot --share
 GUEST_SECCOMP = "/usr/share/containers/seccomp.json"
+GUEST_KEEP = "/var/lib/kodepipe/runs"  # root's, on the guest's disk: what a run leaves for the user to look at
 CONNECT_TIMEOUT = 60.0
 COMMAND_TIMEOUT = 300.0  # one small remote step; Podman under TCG takes seconds per call
 CHUNK = 1 << 20
@@ -69,6 +116,8 @@ if sudo -n true 2>/dev/null; then say sudo yes; else say sudo no; fi
 if [ -n "$podman" ]; then
     say image "$(sudo -n podman image inspect --format '{{.Id}}' -- "$2" 2>/dev/null)"
 fi
+say inotify "$(cat /proc/sys/fs/inotify/max_user_instances) $(cat /proc/sys/fs/inotify/max_user_watches)"
+say limits "$(cat /proc/self/limits)"
 if [ -n "$1" ] && real=$(realpath -e -- "$1"); then
     say ws_real "$real"
     say ws_stat "$(stat -c '%u %g %F' -- "$real")"
@@ -186,6 +235,159 @@ def parse_found(out: bytes) -> tuple[list[str], list[str]]:
     return sorted(masked), sorted(credentials)
 
 
+def guest_quotas(facts: dict[str, str]) -> sandbox.Quotas:
+    """The guest's per-user kernel quotas, from the probe (Linux's defaults where it said nothing
+    usable): its inotify sysctls and the rlimits its processes get."""
+    base = sandbox.LINUX_QUOTAS
+    inotify = facts.get("inotify", "").split()
+    limits: dict[str, int] = {}
+    for line in facts.get("limits", "").splitlines():
+        for key, label in (("sigpending", "Max pending signals"), ("msgqueue", "Max msgqueue size")):
+            if line.startswith(label):
+                words = line[len(label):].split()
+                if words and words[0].isdigit() and int(words[0]) > 0:
+                    limits[key] = int(words[0])
+
+    def number(i: int, fallback: int) -> int:
+        return int(inotify[i]) if len(inotify) > i and inotify[i].isdigit() and int(inotify[i]) > 0 else fallback
+
+    return sandbox.Quotas(inotify_instances=number(0, base.inotify_instances),
+                          inotify_watches=number(1, base.inotify_watches),
+                          sigpending=limits.get("sigpending", base.sigpending),
+                          msgqueue=limits.get("msgqueue", base.msgqueue))
+
+
+# -- git metadata in the guest's workspace (see the docstring) -----------------------------------
+
+_KINDS = {"d": "dir", "f": "file", "l": "symlink"}
+_ENTRY = r"%y %D %i %C@ %P\0"
+
+
+@dataclass(frozen=True)
+class GuestRepo:
+    """A repository git would find in the guest's workspace, as ``find`` saw it."""
+
+    path: str  # workspace-relative ("" is the workspace itself)
+    kind: str  # the .git entry's type (dir, file, symlink, other), or "bare"
+    dev: str
+    ino: str
+    ctime: str  # a .git file or symlink rewritten in place is a replaced one
+
+    @property
+    def ident(self) -> tuple[str, ...]:
+        return (self.kind, self.dev, self.ino) if self.kind in ("dir", "bare") else \
+            (self.kind, self.dev, self.ino, self.ctime)
+
+
+def git_survey_argv() -> list[str]:
+    """``find`` (run in the workspace, as root) printing, NUL-separated, ``TYPE DEV INODE CTIME PATH`` of
+    each entry named .git (never entered), each entry that marks a bare repository, and each directory:
+    never following a symlink (-P), at any depth."""
+    marks: list[str] = []
+    for mark in sorted(gitguard.BARE_MARKS):
+        marks += ["-o", "-name", mark]
+    return ["find", "-P", ".", "-name", gitguard.NAME, "-printf", _ENTRY, "-prune",
+            "-o", "(", *marks[1:], ")", "-printf", _ENTRY, "-o", "-type", "d", "-printf", _ENTRY]
+
+
+def parse_git_survey(out: bytes) -> dict[str, GuestRepo]:
+    """The repositories in a ``git_survey_argv`` listing, by path (as gitguard.find finds them)."""
+    dirs: dict[str, tuple[str, str, str]] = {}
+    marks: dict[str, set[str]] = {}
+    repos: dict[str, GuestRepo] = {}
+    for item in out.split(b"\0"):
+        fields = item.split(b" ", 4)
+        if len(fields) != 5:
+            continue
+        kind, dev, ino, ctime = (f.decode("ascii", "replace") for f in fields[:4])
+        path = os.fsdecode(fields[4])
+        parent, _, name = path.rpartition("/")
+        if name == gitguard.NAME:
+            repos[path] = GuestRepo(path, _KINDS.get(kind, "other"), dev, ino, ctime)
+            continue
+        if kind == "d":
+            dirs[path] = (dev, ino, ctime)
+        if path and name in gitguard.BARE_MARKS:
+            marks.setdefault(parent, set()).add(name)
+    for path, names in marks.items():
+        if gitguard.is_bare(names) and path in dirs:
+            repos[path] = GuestRepo(path, "bare", *dirs[path])
+    return repos
+
+
+def git_protect(repos: dict[str, GuestRepo], *, writable: bool) -> list[str]:
+    """The repositories bound read-only over themselves: real directories and files (never a symlink,
+    never the workspace itself), at most gitguard.MAX_BINDS; none with --writable-git."""
+    if writable:
+        return []
+    return [p for p, r in sorted(repos.items()) if p and r.kind in ("dir", "file", "bare")][:gitguard.MAX_BINDS]
+
+
+def check_git_paths(ws: str, protect: Iterable[str]) -> None:
+    """Refuse repositories that Podman's --mount (or a command line over SSH) cannot carry."""
+    for path in protect:
+        if not fdtree.is_utf8(path):
+            raise BadInput(f"the git repository {fdtree.display(path)!r} in the workspace has a name that is not "
+                           "UTF-8, which Podman in the guest cannot bind read-only",
+                           hint="rename it; a file name must never decide what the agent may write")
+    check_paths(f"{ws}/{p}" for p in protect)
+
+
+def git_planted(before: dict[str, GuestRepo], after: dict[str, GuestRepo]) -> list[tuple[str, str, str]]:
+    """(path to move away, why, type) of each repository made or replaced since ``before``: a bare
+    repository is disarmed by its HEAD, which git needs to see one there."""
+    known = {r.ident for r in before.values()}
+    out = []
+    for path, repo in sorted(after.items()):
+        if repo.ident in known:
+            continue
+        was = before.get(path)
+        why = "new bare repository" if repo.kind == "bare" else \
+            f"new {gitguard.NAME}" if was is None else f"replaced {gitguard.NAME}"
+        out.append((fdtree.join(path, "HEAD") if repo.kind == "bare" else path, why, repo.kind))
+    return out
+
+
+# As root in the guest: $ARGV[0] the workspace, [1] the folder for what is moved away, [2] the run's
+# name; stdin: NUL-terminated workspace-relative paths.  Each is renamed (never copied: rename(2)
+# fails across filesystems, then it is renamed in place to a name git never reads).  Prints, for
+# each path in turn, M<new path>, or E<why>, NUL-terminated.
+NEUTRALISE = r"""
+use strict;
+my ($ws, $dest, $run) = @ARGV;
+chdir $ws or die "cannot enter $ws: $!\n";
+$/ = "\0";
+my ($n, $made) = (0, 0);
+while (my $rel = <STDIN>) {
+    chomp $rel;
+    my ($parent, $base) = $rel =~ m{\A(?:(.*)/)?([^/]+)\z}s;
+    $parent = "." unless defined $parent && length $parent;
+    unless ($made) {
+        my $p = "";
+        for my $c (split m{/}, $dest) { next unless length $c; $p .= "/$c"; mkdir $p, 0700 }
+        $made = 1;
+    }
+    my $to = "$dest/$n-" . substr($base, 0, 200);
+    $n++;
+    if (rename $rel, $to) { print "M$to\0"; next }
+    my $pre = $parent eq "." ? "" : "$parent/";
+    my $aside = "$pre$base.planted-by-$run";
+    for (my $k = 1; lstat $aside; $k++) { $aside = "$pre$base.planted-by-$run.$k" }
+    if (rename $rel, $aside) { print "M$ws/$aside\0" } else { print "E$!\0" }
+}
+"""
+
+
+def parse_moved(out: bytes, count: int) -> list[tuple[str | None, str | None]]:
+    """(where it went, why not) for each of ``count`` paths, from NEUTRALISE's answer."""
+    answers = [os.fsdecode(a) for a in out.split(b"\0") if a]
+    result: list[tuple[str | None, str | None]] = []
+    for n in range(count):
+        text = answers[n] if n < len(answers) else "Eno answer"
+        result.append((text[1:], None) if text[:1] == "M" else (None, text[1:] or "unknown"))
+    return result
+
+
 def check_paths(paths: Iterable[str]) -> None:
     """Refuse paths that ``podman run --mount type=bind,source=...,destination=...`` would misread."""
     for path in paths:
@@ -217,6 +419,48 @@ def podman_failure(status: int, stderr: bytes) -> str | None:
         return None
     lines = [ln for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
     return lines[-1].removeprefix("Error: ") if lines and lines[-1].startswith("Error: ") else None
+
+
+def refuse_host_only(req: Request) -> None:
+    """What the guest cannot honour yet is refused, naming it, before anything is done anywhere."""
+    for flag, used in (("--quarantine", req.quarantine), ("--audit", req.audit is not None),
+                       ("--keep", req.keep), ("-i/-t", req.interactive or req.tty),
+                       ("--allow (or a profile's allowed domains)", bool(req.allow)),
+                       ("--resolve", bool(req.resolve))):
+        if used:
+            hint = "run it on the host (without vm records on stdin)"
+            if flag.startswith("--allow"):
+                hint += "; --no-profile-allow drops a profile's domains (the run then has no network)"
+            raise BadInput(f"{flag} is not supported inside a VM yet (host-only for now)", hint=hint)
+    if req.image.startswith("-"):
+        raise BadInput(f"invalid image name {req.image!r}")
+
+
+def git_warnings(repos: dict[str, GuestRepo], protect: list[str], *, writable: bool) -> list[str]:
+    """What to tell the user about the workspace's repositories before the run."""
+    from kodepipe.terminal import escape
+
+    out = [f"{escape(fdtree.display(p))} is a symbolic link, not a repository: kp-run does not follow it, and the "
+           "agent sees only the link (if you did not make it, an agent may have: look before you run git there)"
+           for p, r in sorted(repos.items()) if r.kind in ("symlink", "other")]
+    bindable = [p for p, r in repos.items() if p and r.kind in ("dir", "file", "bare")]
+    if not writable and len(protect) < len(bindable):
+        out.append(f"the workspace holds more than {gitguard.MAX_BINDS} git repositories: the first "
+                   f"{gitguard.MAX_BINDS} are read-only, the others are only checked for replacement after the run")
+    if "" in repos and not writable:
+        out.append("the workspace is itself a bare git repository: it cannot be made read-only without the "
+                   "workspace; a replaced one is still moved away after the run")
+    return out
+
+
+def read_secrets(secrets: Iterable[tuple[Path, str]]) -> list[bytes]:
+    out = []
+    for src, _ in secrets:
+        try:
+            out.append(src.read_bytes())
+        except OSError as exc:
+            raise BadInput(f"cannot read the secret {src}: {exc.strerror}") from None
+    return out
 
 
 # -- the guest, over SSH -----------------------------------------------------------------------
@@ -348,6 +592,8 @@ class VmRun:
         self.sink = sink or _to_stderr
         self.remote: Remote | None = None
         self.folder: str | None = None  # the run's folder in the guest
+        self.workspace: str | None = None  # the guest workspace's real path
+        self.repos: dict[str, GuestRepo] = {}  # its git repositories before the run
         self.started = False
         self.streaming = False  # podman run is under way: the timer may kill it
         self.done = False
@@ -358,13 +604,7 @@ class VmRun:
 
     def prepare(self) -> sandbox.Sandbox:
         req = self.req
-        for flag, used in (("--quarantine", req.quarantine), ("--audit", req.audit is not None),
-                           ("--keep", req.keep), ("-i/-t", req.interactive or req.tty)):
-            if used:
-                raise BadInput(f"{flag} is not supported inside a VM yet",
-                               hint="run it on the host (without vm records on stdin)")
-        if req.image.startswith("-"):
-            raise BadInput(f"invalid image name {req.image!r}")
+        refuse_host_only(req)
         wanted = guest_workspace(self.vm, req)
         self.remote = remote = self.connect(self.vm)
         probe = remote.run(_script(PROBE, wanted or "", req.image))
@@ -385,6 +625,7 @@ class VmRun:
 
         ws = owner = None
         masked: list[str] = []
+        protect: list[str] = []
         if wanted is not None:
             ws, ouid, ogid = check_workspace(wanted, facts, self.vm_name)
             owner = (ouid, ogid)
@@ -393,9 +634,16 @@ class VmRun:
                 shown = ", ".join(credentials[:8]) + (" ..." if len(credentials) > 8 else "")
                 self.say("warn", f"the workspace holds files that look like credentials, and the agent can "
                                  f"read them: {shown} (hide them with --mask GLOB)")
+            self.workspace = ws
+            self.repos = self.survey_git(ws)
+            protect = git_protect(self.repos, writable=req.writable_git_config)
+            check_git_paths(ws, protect)
+            for warning in git_warnings(self.repos, protect, writable=req.writable_git_config):
+                self.say("warn", warning)
         uid, gid, source = agent_ids(owner, user)
         check_paths([*([ws] if ws else []), *(f"{sandbox.WORKSPACE}/{m}" for m in masked),
                      *(dest for _, dest in req.secrets)])
+        secret_data = read_secrets(req.secrets)  # before anything changes in the guest
 
         # missing, or another image under the same tag (rebuilt on the host since): copy it in
         there = facts.get("image", "")
@@ -403,7 +651,7 @@ class VmRun:
             self.meta["image_transfer"] = self.copy_image(zstd=bool(facts.get("zstd")))
         seccomp = self.prepare_guest()
         self.folder = f"{GUEST_DIR}/{self.name}-{self.meta['id']}"
-        secret_list = self.upload_secrets(uid, gid, masked)
+        secret_list = self.upload_secrets(uid, gid, masked, secret_data)
         mask_file = f"{self.folder}/empty" if masked else None
 
         limits = req.limits
@@ -411,6 +659,8 @@ class VmRun:
             name=self.name, image=req.image, command=req.command, workspace=ws, host_uid=uid, host_gid=gid,
             limits=limits, seccomp=seccomp, read_only_workspace=req.read_only_workspace, network=req.network,
             cap_add=req.cap_add, writable_root=req.writable_root, env=req.env, secrets=secret_list, masks=masked,
+            protect=protect, protect_sources={p: f"{ws}/{p}" for p in protect},
+            git_writable=req.writable_git_config, quotas=guest_quotas(facts).share(),
             mask_file=mask_file, labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
             # crun is what Debian's podman brings; runc only where the guest has it
             runtime="runc" if facts.get("runc") else None,
@@ -421,7 +671,8 @@ class VmRun:
             workspace=ws, workspace_mode="ro" if req.read_only_workspace else "rw" if ws is not None else None,
             network=req.network, limits=limits.record(), loosened=box.loosened(),
             user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
-            masked=masked, secrets=[s.dest for s in secret_list], env=sorted(req.env),
+            masked=masked, protected=protect, secrets=[s.dest for s in secret_list], env=sorted(req.env),
+            kernel_quotas={**box.quotas.record(), "userns_limits": False},
             engine=f"podman in {self.vm_name}")
         return box
 
@@ -441,6 +692,51 @@ class VmRun:
         if found.status != 0 and not found.stdout:
             self._check(found, f"looking for files to mask in {ws}")
         return parse_found(found.stdout)
+
+    def survey_git(self, ws: str) -> dict[str, GuestRepo]:
+        """The repositories in the guest's workspace (git_survey_argv, as root)."""
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        found = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {shlex.join(git_survey_argv())}")
+        if found.status != 0:
+            # a directory it could not read may hide a repository: no run on half a survey
+            self._check(found, f"looking for git repositories in {ws}")
+        return parse_git_survey(found.stdout)
+
+    def check_git(self) -> None:
+        """After a direct run, the container gone: neutralise what the agent planted (git_planted)."""
+        if self.remote is None or self.workspace is None or self.req.read_only_workspace:
+            return
+        try:
+            now = self.survey_git(self.workspace)
+        except KpError as exc:
+            self.meta["git_problem"] = (f"the workspace could not be checked for planted git repositories "
+                                        f"({exc.message}): look before you run git there")
+            self.say("warn", self.meta["git_problem"])
+            return
+        planted = git_planted(self.repos, now)
+        if not planted:
+            return
+        dest = f"{GUEST_KEEP}/{self.name}-{self.meta['id']}/{gitguard.PLANTED}"
+        paths = b"".join(os.fsencode(p) + b"\0" for p, _, _ in planted)
+        moved = self.remote.run(_q("sudo", "-n", "perl", "-e", NEUTRALISE, self.workspace, dest, self.name),
+                                input=paths)
+        entries = []
+        for (path, why, kind), (to, problem) in zip(planted, parse_moved(moved.stdout, len(planted)), strict=True):
+            entries.append({"path": fdtree.display(path), "why": why, "type": kind, "moved_to": to})
+            if problem is not None:
+                self.meta["git_problem"] = f"could not move {fdtree.display(path)} away: {problem}"
+        self.meta["git_planted"] = entries
+        from kodepipe.terminal import escape
+
+        listed = ", ".join(escape(e["path"] or ".") + f" ({e['why']})" for e in entries[:8])
+        self.say("warn", f"the agent left git metadata that your next git command there would read, and could "
+                         f"run its code through: {listed}" + (f" and {len(entries) - 8} more" if len(entries) > 8
+                                                              else "")
+                         + f"; kp-run moved it away in {self.vm_name} (into {dest}, or beside it when that is "
+                           "another filesystem; nothing was deleted)")
+        if "git_problem" in self.meta:
+            self.say("warn", escape(self.meta["git_problem"]))
 
     def copy_image(self, *, zstd: bool) -> dict[str, Any]:
         """``podman save`` here, ``podman load`` there; facts for the record."""
@@ -491,7 +787,7 @@ class VmRun:
                                     input=text), "writing the seccomp profile")
         return path
 
-    def upload_secrets(self, uid: int, gid: int, masked: list[str]) -> list[sandbox.Secret]:
+    def upload_secrets(self, uid: int, gid: int, masked: list[str], data: list[bytes]) -> list[sandbox.Secret]:
         """The run's folder, with the empty mask file and a copy of each secret only the agent can read."""
         if not (self.remote is not None and self.folder is not None):
             raise RuntimeError("kp-run: out of order")
@@ -503,15 +799,11 @@ class VmRun:
             'sudo -n install -m 0444 /dev/null "$2/empty"', GUEST_DIR, self.folder)),
             "making the run's folder")
         out = []
-        for n, (src, dest) in enumerate(self.req.secrets):
-            try:
-                data = src.read_bytes()
-            except OSError as exc:
-                raise BadInput(f"cannot read the secret {src}: {exc.strerror}") from None
+        for n, ((src, dest), content) in enumerate(zip(self.req.secrets, data, strict=True)):
             copy = f"{self.folder}/{n}-{src.name}"
             self._check(self.remote.run(_script(
                 'set -e; sudo -n sh -c \'umask 077; cat > "$1"\' sh "$1"; sudo -n chown "$2" "$1"; '
-                'sudo -n chmod 0400 "$1"', copy, f"{uid}:{gid}"), input=data),
+                'sudo -n chmod 0400 "$1"', copy, f"{uid}:{gid}"), input=content),
                 f"copying the secret {src.name}")
             out.append(sandbox.Secret(Path(copy), dest, str(src)))
         return out
@@ -566,6 +858,16 @@ class VmRun:
             except Exception as exc:  # reported; the VM is disposable and /run is a tmpfs
                 removed = not (self.started and not self.done)
                 self.say("warn", f"{self.name}: could not clean up in {self.vm_name}: {exc}")
+        if self.started and removed:  # the container is gone: nothing of the agent's runs any more
+            try:
+                self.check_git()
+            except Exception as exc:
+                self.meta["git_problem"] = (f"the workspace could not be checked for planted git repositories "
+                                            f"({exc}): look before you run git there")
+                self.say("warn", self.meta["git_problem"])
+        elif self.started:
+            self.meta["git_problem"] = ("the container may still run, so the workspace was not checked for "
+                                        "planted git repositories: look before you run git there")
         if self.remote is not None:
             with contextlib.suppress(Exception):
                 self.remote.close()

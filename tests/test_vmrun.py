@@ -267,8 +267,10 @@ def test_a_run_in_the_guest_reports_like_one_on_the_host() -> None:
     assert f"type=bind,source={folder}/empty,destination=/workspace/.env,ro" in words
     assert "type=bind,source=/workspace,destination=/workspace" in words
     # and its folder is removed afterwards (the container went with --rm)
-    assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
+    assert guest.commands[-2][0] == f"sudo -n rm -rf -- {folder}"
     assert not guest.sent("podman rm")
+    # then, the container gone, the workspace is surveyed again for planted git metadata
+    assert "find -P . -name .git" in guest.commands[-1][0]
 
 
 def test_without_a_share_or_workspace_there_is_nothing_to_mask_and_no_folder() -> None:
@@ -301,7 +303,7 @@ def test_secrets_are_copied_for_the_agent_alone_and_bound_read_only(tmp_path: Pa
     assert f"type=bind,source={folder}/0-token,destination=/run/secrets/token,ro" in \
         shlex.split(guest.sent("podman run")[0][0])
     assert record["secrets"] == ["/run/secrets/token"] and "secret:/run/secrets/token" in record["loosened"]
-    assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
+    assert guest.commands[-2][0] == f"sudo -n rm -rf -- {folder}"
 
 
 def test_a_guest_without_podman_says_how_to_get_it() -> None:
@@ -431,7 +433,7 @@ def test_an_interruption_removes_the_container_and_carries_the_record() -> None:
         vmrun._run(run)
     record = caught.value.record  # type: ignore[attr-defined]
     assert record["outcome"] == "interrupted" and record["exit_code"] is None and record["removed"] is True
-    cleanup = guest.commands[-1][0]
+    cleanup = guest.commands[-2][0]
     assert cleanup.startswith(f"sudo -n podman rm -f -i -t 0 -- {record['name']} >/dev/null 2>&1; sudo -n rm -rf -- ")
 
 
