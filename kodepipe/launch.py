@@ -109,6 +109,7 @@ class Run:
         self.container_pid_start: int | None = None
         self.proxy: Any = None
         self.policy: Any = None
+        self.snapshot_before: Any = None  # crosscheck.Snapshot: an audited direct run's workspace, before it
 
     # -- preparing ------------------------------------------------------------
 
@@ -271,6 +272,11 @@ class Run:
             engine=self.engine.url)
         if self.upper is not None:
             self.meta["quarantine"] = {"path": str(self.upper)}
+        if req.audit not in (None, "minimal") and self.git is not None and self.upper is None \
+                and not req.read_only_workspace:
+            from kodepipe import crosscheck  # the audit's cross-check (finish): the workspace before the run
+
+            self.snapshot_before = crosscheck.snapshot(self.git.root_fd)
         return box
 
     # -- running ----------------------------------------------------------------
@@ -511,6 +517,7 @@ class Run:
             except Exception:
                 after = set()
             new = sorted(after - self.setuid_before)
+            self._crosscheck_workspace()  # before kp-run itself moves anything (git.check)
             if self.git is not None and self.folder is not None:  # planted git metadata: moved away (gitguard)
                 self.git.check(self.folder, self.name, meta, lambda m: self.say("warn", m))
             if new:
@@ -526,6 +533,9 @@ class Run:
                     changes = quarantine.changes(self.upper, self.workspace)
                     meta["quarantine"] = {"path": str(self.upper), **quarantine.summary(changes)}
                     meta["fingerprints"] = quarantine.fingerprint(self.workspace, changes)
+                    from kodepipe import crosscheck
+
+                    self._crosscheck(crosscheck.from_quarantine(changes), "quarantine")
                     for finding in quarantine.findings(changes):  # escaped: the agent chose the names
                         self.say("warn", finding)
                     from kodepipe import gitguard  # changes to git metadata: --apply refuses them
@@ -553,6 +563,60 @@ class Run:
         else:
             record["removed"] = True
         return record
+
+    def _crosscheck_workspace(self) -> None:
+        """An audited direct run: the workspace's snapshot before and after, checked against the trace."""
+        from kodepipe import crosscheck
+
+        before = self.snapshot_before
+        if before is None or self.git is None or self.git.root_fd < 0:
+            return
+        if not before.complete:
+            self._crosscheck(None, "workspace", before.why)
+            return
+        after = crosscheck.snapshot(self.git.root_fd, before.cap)
+        if not after.complete:
+            self._crosscheck(None, "workspace", after.why)
+            return
+        self._crosscheck(crosscheck.diff(before.entries, after.entries), "workspace",
+                         same=crosscheck.unmoved(before.entries, after.entries))
+
+    def _crosscheck(self, real: list[Any] | None, against: str, why: str | None = None,
+                    same: Callable[[str, str], bool] | None = None) -> None:
+        """kp-run --audit: the real changes (the quarantine's, or the workspace's) that no file event of the
+        trace explains (crosscheck.py): a path another thread rewrote between the tracer's read and the
+        kernel's, or a change made outside the traced calls.  In the record as audit_unaccounted."""
+        from kodepipe import crosscheck
+        from kodepipe.quarantine import show
+
+        if self.req.audit is None or self.strace is None or self.folder is None:
+            return
+        meta = self.meta
+        if why is None:
+            if self.req.audit == "minimal":
+                why = "the minimal audit mode records no file events"
+            elif self.audit_problem:
+                why = "the audit log is incomplete (audit_problem): the trace cannot explain what it missed"
+            elif "audit_capped" in meta:
+                why = "the audit cap stopped the trace: what the agent did after it is not in the log"
+        marks = None
+        if why is None:
+            try:
+                marks = crosscheck.read_log(self.folder / AUDIT_LOG)
+            except OSError as exc:
+                why = f"the audit log could not be read: {exc.strerror}"
+        if why is not None or marks is None or real is None:
+            result = crosscheck.incomplete(against, len(real or ()), why or "nothing to check")
+        else:
+            result = crosscheck.check(real, marks, against=against, same=same)
+        meta["audit_unaccounted"] = result.record()
+        if result.unaccounted:
+            shown = ", ".join(show(r.path) for r in result.unaccounted[:8])
+            more = len(result.unaccounted) - 8
+            self.say("warn", f"{self.name}: the audit does not explain {len(result.unaccounted)} change(s) in the "
+                             f"{against}: {shown}{f' and {more} more' if more > 0 else ''} (a path another "
+                             "thread rewrote between the tracer's read and the kernel's, or a change made "
+                             "outside the traced system calls; record: audit_unaccounted)")
 
     def _end_container(self, exit_code: int | None, outcome: str) -> int | None:
         """Learn how the container ended, stop it if it runs, and remove it (unless --keep);
