@@ -262,8 +262,44 @@ def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
             continue
         finally:
             bad.close()
+        _unaccounted(record, out, sink, {"container": name})
         if egress_log is not None:
             _egress(egress_log, record, out, sink)
+
+
+def _unaccounted(record: Record, out: kpcli.Output, sink: _Sink, extra: Record) -> None:
+    """After a run's audit events, the real changes its trace does not explain (the record's
+    audit_unaccounted, from kp-run's cross-check), as events of type "unaccounted": one per path the
+    record lists, one saying how many more, or one saying the cross-check was incomplete."""
+    from kodepipe.errors import BAD_INPUT
+    from kodepipe.strace import SCHEMA
+
+    found = record.get("audit_unaccounted")
+    if found is None:
+        return
+    base: Record = {"kind": "event", "schema": SCHEMA, "type": "unaccounted", "line": None, "ts": None,
+                    "pid": None, "tid": None, "denied": False}
+    listed = found.get("paths", []) if isinstance(found, dict) else None
+    if not isinstance(found, dict) or not isinstance(listed, list) or \
+            not all(isinstance(p, dict) and isinstance(p.get("path"), str) for p in listed):
+        out.statuses.add(BAD_INPUT)
+        out.error(f"{record.get('name')}: audit_unaccounted is not what kp-run writes: not read")
+        return
+    against = found.get("against")
+    if found.get("complete") is not True:
+        sink.events([{**base, "path": None, "complete": False, "against": against,
+                      "why": found.get("why"),
+                      "message": "the cross-check of the trace against the real changes is incomplete"}], extra)
+        return
+    events = [{**base, **{k: p[k] for k in ("path", "path_b64") if isinstance(p.get(k), str)},
+               "change": p.get("change"), "entry": p.get("type"), "complete": True, "against": against,
+               "message": f"a real change in the {against} that no event of the trace explains"}
+              for p in listed]
+    more = found.get("more")
+    if isinstance(more, int) and not isinstance(more, bool) and more > 0:
+        events.append({**base, "path": None, "more": more, "complete": True, "against": against,
+                       "message": f"{more} more unaccounted change(s), not listed in the record"})
+    sink.events(events, extra)
 
 
 def _egress(path: str, record: Record, out: kpcli.Output, sink: _Sink) -> None:
