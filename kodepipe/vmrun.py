@@ -348,6 +348,134 @@ def git_planted(before: dict[str, GuestRepo], after: dict[str, GuestRepo]) -> li
     return out
 
 
+# -- --writable-git: what git reads as configuration in the repositories left writable ----------
+
+_PRINT = r"%y %m %i %s %T@ %C@ %P\0"
+SNAPSHOT_FILE = gitguard.SNAPSHOT_FILE
+SNAPSHOT_TOTAL = gitguard.SNAPSHOT_TOTAL
+
+# As root in the guest, in the workspace: for each repository directory given as an argument, R<path>\0
+# and then, NUL-separated, TYPE MODE INODE SIZE MTIME CTIME PATH of each entry in it (an objects
+# directory is not entered: git reads it as data; never through a symlink).
+WATCH = r"""
+for r in "$@"; do
+    printf 'R%s\0' "$r"
+    find -P "./$r" -name objects -type d -prune -o -printf '""" + _PRINT + r"""'
+done
+"""
+
+
+@dataclass(frozen=True)
+class GuestPrint:
+    """What identifies one guarded entry's state (gitguard.Print, as ``find`` prints it)."""
+
+    kind: str
+    mode: str
+    ino: str
+    size: int = 0
+    mtime: str = ""
+    ctime: str = ""
+
+
+def parse_watch(out: bytes) -> dict[str, dict[str, GuestPrint]]:
+    """{repository path: {path in it: print}} of the guarded entries in a WATCH listing: what
+    gitguard.guarded notes (everything but a repository's data), with the same levels."""
+    listings: dict[str, dict[str, GuestPrint]] = {}
+    current: dict[str, GuestPrint] | None = None
+    for item in out.split(b"\0"):
+        if item[:1] == b"R":
+            current = listings.setdefault(os.fsdecode(item[1:]), {})
+            continue
+        fields = item.split(b" ", 6)
+        if current is None or len(fields) != 7:
+            continue
+        kind, mode, ino, size, mtime, ctime = (f.decode("ascii", "replace") for f in fields[:6])
+        kind = _KINDS.get(kind, "other")
+        current[os.fsdecode(fields[6])] = GuestPrint(kind, mode, ino) if kind == "dir" else \
+            GuestPrint(kind, mode, ino, int(size) if size.isdigit() else -1, mtime, ctime)
+    return {repo: _guarded(listing) for repo, listing in listings.items()}
+
+
+def _guarded(listing: dict[str, GuestPrint]) -> dict[str, GuestPrint]:
+    out = {}
+    for rel, pr in listing.items():
+        level, parent, keep = "repo", "", True
+        for name in rel.split("/") if rel else []:
+            if level == "nested" and fdtree.join(parent, "HEAD") in listing:
+                level = "repo"  # a repository of its own (modules/NAME, worktrees/NAME)
+            below = dict(gitguard._guarded_names(level, [name]))
+            if name not in below:
+                keep = False
+                break
+            level, parent = below[name], fdtree.join(parent, name)
+        if keep:
+            out[rel] = pr
+    return out
+
+
+def snapshot_paths(watched: dict[str, dict[str, GuestPrint]]) -> list[str]:
+    """The workspace paths of the small regular guarded files whose content is kept (to put back
+    what the agent changes), within gitguard's budget."""
+    budget, out = SNAPSHOT_TOTAL, []
+    for repo, prints in sorted(watched.items()):
+        for rel, pr in sorted(prints.items()):
+            if pr.kind == "file" and 0 <= pr.size <= min(SNAPSHOT_FILE, budget):
+                out.append(_at(repo, rel))
+                budget -= pr.size
+    return out
+
+
+def parse_snapshots(tar: bytes) -> dict[str, tuple[bytes, int, int, int]]:
+    """{workspace path: (content, mode, uid, gid)} from ``tar -c`` of those files."""
+    import io
+    import tarfile
+
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:", encoding="utf-8", errors="surrogateescape") as archive:
+        for member in archive:
+            if member.isfile() and member.size <= SNAPSHOT_FILE:
+                f = archive.extractfile(member)
+                if f is not None:
+                    out[member.name.removeprefix("./")] = (f.read(), member.mode & 0o7777, member.uid, member.gid)
+    return out
+
+
+def git_changed(watched: dict[str, dict[str, GuestPrint]], repos_before: dict[str, GuestRepo],
+                repos_after: dict[str, GuestRepo], now: dict[str, dict[str, GuestPrint]]) -> list[tuple[str, str, str]]:
+    """(workspace path, why, type) of each guarded entry added or changed in a watched repository
+    (one still there: a moved or replaced one is git_planted's), top-most first."""
+    by_ident = {r.ident: p for p, r in repos_after.items()}
+    out: list[tuple[str, str, str]] = []
+    for repo, before in sorted(watched.items()):
+        path = by_ident.get(repos_before[repo].ident) if repo in repos_before else None
+        if path is None or path not in now:
+            continue
+        moved: list[str] = []
+        for rel, pr in sorted(now[path].items()):
+            if rel == "" or any(rel == m or rel.startswith(m + "/") for m in moved):
+                continue
+            old = before.get(rel)
+            if old == pr:
+                continue
+            why = ("changed" if old is not None else "new") + (f" in {gitguard.NAME}"
+                                                               if repos_after[path].kind != "bare" else "")
+            out.append((_at(path, rel), why, pr.kind))
+            moved.append(rel)
+    return out
+
+
+def _at(base: str, rel: str) -> str:
+    return fdtree.join(base, rel) if base and rel else base or rel
+
+
+# As root in the guest: $1 the path, $2 owner, $3 mode; stdin: the content.  Never over something
+# that is there (noclobber: O_EXCL), which a moved-away entry no longer is.
+RESTORE = r"""
+set -C
+cat > "$1" && chown -h -- "$2" "$1" && chmod -- "$3" "$1"
+"""
+
+
 # As root in the guest: $ARGV[0] the workspace, [1] the folder for what is moved away, [2] the run's
 # name; stdin: NUL-terminated workspace-relative paths.  Each is renamed (never copied: rename(2)
 # fails across filesystems, then it is renamed in place to a name git never reads).  Prints, for
@@ -594,6 +722,8 @@ class VmRun:
         self.folder: str | None = None  # the run's folder in the guest
         self.workspace: str | None = None  # the guest workspace's real path
         self.repos: dict[str, GuestRepo] = {}  # its git repositories before the run
+        self.watched: dict[str, dict[str, GuestPrint]] = {}  # --writable-git: their guarded entries
+        self.copies: dict[str, tuple[bytes, int, int, int]] = {}  # and the small files' contents
         self.started = False
         self.streaming = False  # podman run is under way: the timer may kill it
         self.done = False
@@ -638,6 +768,9 @@ class VmRun:
             self.repos = self.survey_git(ws)
             protect = git_protect(self.repos, writable=req.writable_git_config)
             check_git_paths(ws, protect)
+            if not req.read_only_workspace:
+                self.watch_git(ws, [p for p, r in sorted(self.repos.items())
+                                    if r.kind in ("dir", "bare") and p not in protect])
             for warning in git_warnings(self.repos, protect, writable=req.writable_git_config):
                 self.say("warn", warning)
         uid, gid, source = agent_ids(owner, user)
@@ -703,6 +836,29 @@ class VmRun:
             self._check(found, f"looking for git repositories in {ws}")
         return parse_git_survey(found.stdout)
 
+    def watch_git(self, ws: str, repos: list[str]) -> None:
+        """Note the guarded entries of the repositories left writable, and keep their small files."""
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        if not repos:
+            return
+        check_git_paths(ws, repos)  # they go on a command line
+        self.watched = self._listing(ws, repos)
+        keep = snapshot_paths(self.watched)
+        if keep:
+            tar = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n tar --null --verbatim-files-from "
+                                  "--no-recursion -T - -cf -", input=b"".join(os.fsencode(p) + b"\0" for p in keep))
+            self._check(tar, "keeping a copy of the git configuration")
+            self.copies = parse_snapshots(tar.stdout)
+
+    def _listing(self, ws: str, repos: list[str]) -> dict[str, dict[str, GuestPrint]]:
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        listed = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {_script(WATCH, *repos)}")
+        if listed.status != 0:
+            self._check(listed, "reading the git configuration of the workspace's repositories")
+        return parse_watch(listed.stdout)
+
     def check_git(self) -> None:
         """After a direct run, the container gone: neutralise what the agent planted (git_planted)."""
         if self.remote is None or self.workspace is None or self.req.read_only_workspace:
@@ -715,6 +871,15 @@ class VmRun:
             self.say("warn", self.meta["git_problem"])
             return
         planted = git_planted(self.repos, now)
+        if self.watched:
+            by_ident = {r.ident: p for p, r in now.items()}
+            still = sorted({by_ident[self.repos[p].ident] for p in self.watched
+                            if p in self.repos and self.repos[p].ident in by_ident})
+            try:
+                planted += git_changed(self.watched, self.repos, now, self._listing(self.workspace, still)
+                                       if still else {})
+            except KpError as exc:
+                self.meta["git_problem"] = f"could not read the git configuration again: {exc.message}"
         if not planted:
             return
         dest = f"{GUEST_KEEP}/{self.name}-{self.meta['id']}/{gitguard.PLANTED}"
@@ -723,9 +888,17 @@ class VmRun:
                                 input=paths)
         entries = []
         for (path, why, kind), (to, problem) in zip(planted, parse_moved(moved.stdout, len(planted)), strict=True):
-            entries.append({"path": fdtree.display(path), "why": why, "type": kind, "moved_to": to})
+            entry: dict[str, Any] = {"path": fdtree.display(path), "why": why, "type": kind, "moved_to": to}
             if problem is not None:
                 self.meta["git_problem"] = f"could not move {fdtree.display(path)} away: {problem}"
+            elif why.startswith("changed") and path in self.copies:  # yours comes back
+                content, mode, uid, gid = self.copies[path]
+                back = self.remote.run(_q("sudo", "-n", "sh", "-c", RESTORE, "kp-run", f"{self.workspace}/{path}",
+                                          f"{uid}:{gid}", f"{mode:o}"), input=content)
+                entry["restored"] = back.status == 0
+                if back.status != 0:
+                    self.meta["git_problem"] = f"could not put {fdtree.display(path)} back: {proc.tail(back.stderr)}"
+            entries.append(entry)
         self.meta["git_planted"] = entries
         from kodepipe.terminal import escape
 

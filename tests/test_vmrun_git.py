@@ -293,3 +293,61 @@ def test_the_seccomp_profile_is_the_hosts_function_on_the_guests_base() -> None:
     ((_, written),) = guest.sent("idmapped-lower-dir-false")
     assert written == seccomp.render(SECCOMP)
     assert launch.Request(command=[], image="x", limits=LIMITS).writable_git_config is False
+
+
+# -- --writable-git: the guarded entries of writable repositories ---------------------------------------
+
+
+def watch(root: Path, repos: list[str]) -> dict[str, dict[str, vmrun.GuestPrint]]:
+    out = subprocess.run(["sh", "-c", vmrun.WATCH, "kp-run", *repos], cwd=root, capture_output=True,
+                         check=True).stdout
+    return vmrun.parse_watch(out)
+
+
+def test_the_guarded_entries_are_gitguards(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    subprocess.run(["git", "init", "-q", str(ws)], check=True)
+    subprocess.run(["git", "-C", str(ws), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    dotgit = ws / ".git"
+    (dotgit / "info" / "attributes").write_text("* filter=x\n")
+    (dotgit / "modules" / "m" / "hooks").mkdir(parents=True)
+    (dotgit / "modules" / "m" / "HEAD").write_text("ref: refs/heads/main\n")
+    (dotgit / "modules" / "m" / "config").write_text("[core]\n")
+    (dotgit / "modules" / "m" / "objects").mkdir()
+    (dotgit / "hooks" / "pre-commit").write_text("#!/bin/sh\n")
+    bare(ws / "b")
+    found = watch(ws, [".git", "b"])
+    fd = hostpath.open_workspace(ws)
+    try:
+        for path in (".git", "b"):
+            repo = gitguard.find(fd)[path]
+            expected = gitguard.guarded(fd, repo)
+            assert set(found[path]) == set(expected), path
+            for rel, pr in expected.items():
+                assert (found[path][rel].kind, int(found[path][rel].ino)) == (pr.kind, pr.ino)
+    finally:
+        os.close(fd)
+    assert "config" in found[".git"] and "hooks/pre-commit" in found[".git"] and "modules/m/config" in found[".git"]
+    assert "HEAD" not in found[".git"] and "index" not in found[".git"] and "modules/m/HEAD" not in found[".git"]
+
+
+def test_changed_and_new_guarded_entries_are_moved_and_changed_ones_put_back(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    subprocess.run(["git", "init", "-q", str(ws)], check=True)
+    repos = survey(ws)
+    before = watch(ws, [".git"])
+    keep = vmrun.snapshot_paths(before)
+    assert ".git/config" in keep and ".git/description" not in keep
+    tar = subprocess.run(["tar", "--null", "--verbatim-files-from", "--no-recursion", "-T", "-", "-cf", "-"],
+                         cwd=ws, input=b"".join(os.fsencode(p) + b"\0" for p in keep), capture_output=True,
+                         check=True).stdout
+    copies = vmrun.parse_snapshots(tar)
+    assert copies[".git/config"][0] == (ws / ".git" / "config").read_bytes()
+    subprocess.run(["git", "-C", str(ws), "config", "core.fsmonitor", "touch /x"], check=True)
+    (ws / ".git" / "hooks" / "pre-commit").write_text("#!/bin/sh\ntouch /x\n")
+    subprocess.run(["git", "-C", str(ws), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                    "--allow-empty", "--no-verify", "-m", "x"], check=True)
+    after = survey(ws)
+    changed = vmrun.git_changed(before, repos, after, watch(ws, [".git"]))
+    assert changed == [(".git/config", "changed in .git", "file"), (".git/hooks/pre-commit", "new in .git", "file")]
