@@ -325,6 +325,89 @@ class Staging:
             self.folder.rmdir()
 
 
+# --- read-only in place, in a mount namespace of one's own (QEMU's share) ---------------------
+
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442  # the unified syscall table
+CLONE_NEWNS, MS_REC, MS_PRIVATE = 0x00020000, 0x4000, 1 << 18
+OPEN_TREE_CLONE, AT_EMPTY_PATH = 1, 0x1000
+MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_T_EMPTY_PATH = 0x4, 0x40
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64), ("propagation", ctypes.c_uint64),
+                ("userns_fd", ctypes.c_uint64)]
+
+
+@dataclass(frozen=True)
+class InPlace:
+    """Entries below the directory ``root`` to make read-only where they are, each named by its
+    path relative to ``root`` and the (device, inode) it had when it was surveyed."""
+
+    root: str
+    root_id: tuple[int, int]
+    entries: tuple[tuple[str, int, int], ...]
+
+    @classmethod
+    def of(cls, root: Path, root_fd: int, rels: Iterable[str]) -> InPlace:
+        entries = []
+        for rel in rels:
+            fd = open_beneath(root_fd, rel)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            entries.append((rel, st.st_dev, st.st_ino))
+        st = os.fstat(root_fd)
+        return cls(str(root), (st.st_dev, st.st_ino), tuple(entries))
+
+
+def _sys(number: int, *args: object) -> int:
+    res = int(_lib().syscall(number, *args))
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return res
+
+
+def private_namespace() -> None:
+    """Move the calling process into a mount namespace of its own, whose mounts propagate nowhere."""
+    if _lib().unshare(CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"unshare(CLONE_NEWNS): {os.strerror(err)}")
+    _mount(None, "/", MS_REC | MS_PRIVATE)
+
+
+def read_only_in_place(spec: InPlace) -> None:
+    """Bind each entry of ``spec`` read-only, nosuid and nodev over itself, in the caller's own mount
+    namespace (``private_namespace`` first).  Each is opened again here, beneath ``spec.root`` and
+    without following a symlink, and must still be the very file that was surveyed: OSError if not,
+    so nothing is left writable that was meant read-only.  A mount point cannot be renamed, replaced
+    or removed (EBUSY), and nothing under it can be written (EROFS)."""
+    root_fd = os.open(spec.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(root_fd)
+        if (st.st_dev, st.st_ino) != spec.root_id:
+            raise OSError(errno.ESTALE, f"{spec.root} changed since it was surveyed")
+        attr = _MountAttr(attr_set=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+        for rel, dev, ino in spec.entries:
+            fd = open_beneath(root_fd, rel)
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (dev, ino):
+                    raise OSError(errno.ESTALE, f"{rel} changed since it was surveyed")
+                tree = _sys(SYS_OPEN_TREE, fd, b"", OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH)
+                try:
+                    _sys(SYS_MOUNT_SETATTR, tree, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.sizeof(attr))
+                    _sys(SYS_MOVE_MOUNT, tree, b"", fd, b"", MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH)
+                finally:
+                    os.close(tree)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(root_fd)
+
+
 # --- checking the container's mounts ----------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import fnmatch
 import os
 import re
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from kodepipe import containers, images, vms
@@ -214,8 +214,10 @@ class Removal:
     removals, so that what it says it would do is what the real run does (an image whose
     clones come later in the same input is refused, then removed once they are gone)."""
 
-    def __init__(self, store: Store, *, force: bool, dry_run: bool, allowed: Collection[str] = ()) -> None:
+    def __init__(self, store: Store, *, force: bool, dry_run: bool, allowed: Collection[str] = (),
+                 say: Callable[[str], None] = lambda _m: None) -> None:
         self.store, self.force, self.dry_run = store, force, dry_run
+        self.say = say  # warnings (a VM's guest left git metadata in its share)
         self.allowed = frozenset(allowed)
         self.removed: set[tuple[str, str]] = set()  # (kind, name) removed, or that the dry run would remove
 
@@ -248,7 +250,7 @@ class Removal:
             record = images.remove(store, name, expect_id=expect_id, force=self.force, dry_run=dry_run,
                                    check=check, ignore_clones=ignore)
         else:
-            record = vms.remove(store, name, expect_id=expect_id, dry_run=dry_run, check=check)
+            record = vms.remove(store, name, expect_id=expect_id, dry_run=dry_run, check=check, say=self.say)
         if record is not None:
             self.removed.add((kind, name))
         return record

@@ -18,10 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kodepipe import paths, proc
 from kodepipe.errors import BadInput, KpError
+
+if TYPE_CHECKING:
+    from kodepipe import hostpath
 
 QEMU = "qemu-system-x86_64"
 NET_RE = re.compile(r"user|none|bridge:[A-Za-z0-9_.-]{1,15}")
@@ -55,6 +58,7 @@ class BootOptions:
     net: str = "user"
     share: Path | None = None
     share_tag: str = "workspace"
+    writable_git: bool = False  # loosened (kp-boot --writable-git): the share's git metadata writable by the guest
 
     def check(self) -> None:
         if not MEMORY_RE.fullmatch(self.memory):
@@ -140,23 +144,37 @@ def _comma(value: object) -> str:
 
 
 def launch(argv: list[str], log: Path, qmp_socket: Path, *, timeout: float = 60.0,
-           pass_fds: tuple[int, ...] = ()) -> int:
+           pass_fds: tuple[int, ...] = (), share_readonly: hostpath.InPlace | None = None) -> int:
     """Start QEMU detached from kodepipe and return its pid once its monitor answers.
 
     QEMU runs in a session of its own with its output in ``log``, so it
     outlives the command that started it.  If it exits during start-up
     (a bad option, a busy port, a missing file), the error carries QEMU's
-    own words.
+    own words.  ``share_readonly``: entries of the share QEMU sees read-only,
+    in a mount namespace of its own (sharegit.py).
     """
+    from kodepipe import hostpath
     from kodepipe.qmp import Monitor
+
+    def confine() -> None:  # in the child, before exec
+        if share_readonly is not None:
+            hostpath.private_namespace()
+            hostpath.read_only_in_place(share_readonly)
 
     argv = [proc.require(argv[0]), *argv[1:]]
     start = log.stat().st_size if log.exists() else 0
     with open(log, "ab") as out:
         out.write(f"$ {shlex.join(argv)}\n".encode())
         out.flush()
-        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True, close_fds=True, pass_fds=pass_fds)
+        try:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True, close_fds=True, pass_fds=pass_fds,
+                                     preexec_fn=confine if share_readonly is not None else None)
+        except subprocess.SubprocessError as exc:  # confine failed: the child never ran QEMU
+            raise KpError("could not give QEMU the share's git repositories read-only in a mount namespace of "
+                          f"its own ({exc}); QEMU was not started", code="qemu_failed",
+                          hint="a repository in the share changed while kp-boot started, or this kernel lacks "
+                               "open_tree/move_mount (Linux 5.12): try again, or boot with --writable-git") from None
     deadline = time.monotonic() + timeout
     while True:
         status = child.poll()

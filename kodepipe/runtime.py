@@ -6,12 +6,15 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kodepipe import images, proc, qemu, seriallog, vms
 from kodepipe.errors import KpError, NotFound
 from kodepipe.records import Record
 from kodepipe.state import Store, check_id, now_iso
+
+if TYPE_CHECKING:
+    from kodepipe import hostpath
 
 RAM_STATE = "ram.state"
 
@@ -31,8 +34,8 @@ def vm_meta(store: Store, name: str, expect_id: str | None) -> tuple[Path, dict[
 
 
 def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str], *,
-         expect_id: str | None = None) -> tuple[Record, bool]:
-    """Start VM ``name``; returns its record and whether it was already running."""
+         expect_id: str | None = None, say: Callable[[str], None] = lambda _m: None) -> tuple[Record, bool]:
+    """Start VM ``name``; returns its record and whether it was already running.  ``say`` warns."""
     with store.lock(name):
         folder, meta = vm_meta(store, name, expect_id)
         current = vms.view(store, name)
@@ -45,6 +48,8 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
                           hint=f"remove it with kp-rm {name}")
         if current["state"] == "crashed":
             qemu.cleanup(meta["boot"])
+        # what a guest that crashed (or was killed) left in its share is dealt with before a new one starts
+        _settle_share(folder, name, meta.get("boot") or meta.get("saved") or {}, {}, say)
         image = images.view(store, meta["base"])
         saved = meta.get("saved") if isinstance(meta.get("saved"), dict) else None
         if saved is not None:
@@ -57,7 +62,8 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
                               hint="clone it with kp-clone --cold to boot it with --share" if saved.get("warm")
                               else "boot it without --share, or kp-stop and boot a fresh clone")
             opts = qemu.BootOptions(memory=saved["memory"], cpus=saved["cpus"], accel=opts.accel,
-                                    net=saved["net"], share=Path(saved["share"]) if saved.get("share") else None)
+                                    net=saved["net"], share=Path(saved["share"]) if saved.get("share") else None,
+                                    writable_git=bool(saved.get("writable_git", opts.writable_git)))
         sockets = qemu.Sockets.for_vm(name)
         for stale in sockets.paths():
             stale.unlink(missing_ok=True)
@@ -74,7 +80,19 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
         # recorded before QEMU starts, so a crash in between still leaves a trail to its pid file
         meta["boot"] = boot_meta
         store.write_meta(folder, meta)
+        share_git = None
         try:
+            if opts.share is not None:
+                # the share's git repositories, read-only in QEMU's own mount namespace (sharegit.py)
+                from kodepipe import sharegit
+
+                share_git = sharegit.prepare(opts.share, folder, writable=opts.writable_git)
+                boot_meta["share_git"] = share_git.record
+                if opts.writable_git:
+                    boot_meta["loosened"] = [*boot_meta.get("loosened", []), "writable-git"]
+                for warning in share_git.warnings:
+                    say(f"{name}: {warning}")
+                store.write_meta(folder, meta)
             if opts.net.startswith("bridge:"):
                 from kodepipe import tap
 
@@ -82,7 +100,7 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
                 store.write_meta(folder, meta)
             def launch(how: str) -> tuple[int, int | None]:
                 return _launch(meta, image, opts, sockets, how, serial_log, qemu_log, folder, saved,
-                               boot_meta.get("tap"))
+                               boot_meta.get("tap"), share_git.read_only if share_git else None)
 
             if accel[0] == "kvm" and saved is None:  # a resumed guest says nothing: the guest agent proves it
                 pid, port = _launch_under_kvm(name, boot_meta, launch, sockets, serial_log, qemu_log,
@@ -100,6 +118,8 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
         except BaseException:
             qemu.kill(boot_meta)
             qemu.cleanup(boot_meta)
+            if share_git is not None:
+                (folder / "share-git.json").unlink(missing_ok=True)  # no guest ran: nothing to settle
             meta.pop("boot", None)
             store.write_meta(folder, meta)
             raise
@@ -186,7 +206,7 @@ def _reseed(boot_meta: dict[str, Any], name: str, vm_id: str) -> float:
 
 def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets: qemu.Sockets, accel: str,
             serial_log: Path, qemu_log: Path, folder: Path, saved: dict[str, Any] | None,
-            tap_device: str | None) -> tuple[int, int | None]:
+            tap_device: str | None, share_readonly: hostpath.InPlace | None) -> tuple[int, int | None]:
     vm = {**meta, "disk": str(folder / meta["disk"])}
     for attempt in range(3):
         port = qemu.free_port() if opts.net == "user" else None
@@ -202,7 +222,8 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
             with seriallog.pipe(serial_log) as serial_fd:
                 argv = qemu.command_line(vm, image, opts, sockets, accel=accel, ssh_port=port, serial_fd=serial_fd,
                                          incoming=incoming, tap=tap_device)
-                pid = qemu.launch(argv, qemu_log, sockets.qmp, pass_fds=(*fds, serial_fd))
+                pid = qemu.launch(argv, qemu_log, sockets.qmp, pass_fds=(*fds, serial_fd),
+                                  share_readonly=share_readonly)
             if saved is not None:
                 _wait_incoming(sockets.qmp)
             return pid, port
@@ -247,8 +268,9 @@ def _wait_incoming(qmp_socket: Path, timeout: float = 120.0) -> None:
 
 
 def stop(store: Store, name: str, *, timeout: float, graceful: bool = True,
-         expect_id: str | None = None) -> tuple[Record, str]:
-    """Shut VM ``name`` down: guest agent, then ACPI, then kill. Returns the record and how it stopped."""
+         expect_id: str | None = None, say: Callable[[str], None] = lambda _m: None) -> tuple[Record, str]:
+    """Shut VM ``name`` down: guest agent, then ACPI, then kill. Returns the record and how it stopped;
+    with a share, what the guest planted there is neutralised (sharegit.settle) and on the record."""
     with store.lock(name, wait=timeout + 10):
         folder, meta = vm_meta(store, name, expect_id)
         boot_meta = meta.get("boot")
@@ -261,7 +283,20 @@ def stop(store: Store, name: str, *, timeout: float, graceful: bool = True,
         qemu.cleanup(boot_meta)
         meta.pop("boot", None)
         store.write_meta(folder, meta)
-    return vms.view(store, name), how
+        found: dict[str, Any] = {}
+        _settle_share(folder, name, boot_meta, found, say)
+    return {**vms.view(store, name), **found}, how
+
+
+def _settle_share(folder: Path, name: str, boot_meta: dict[str, Any], record: dict[str, Any],
+                  say: Callable[[str], None]) -> None:
+    """QEMU is gone: neutralise what the guest planted in its share's git metadata (sharegit.py),
+    onto ``record`` and said."""
+    from kodepipe import sharegit
+
+    planted, problem = sharegit.settle(folder, name)
+    for warning in sharegit.report(planted, problem, str(boot_meta.get("share") or "?"), record):
+        say(f"{name}: {warning}")
 
 
 def _shut_down(boot_meta: dict[str, Any], timeout: float) -> str:
@@ -377,7 +412,8 @@ def _unmount_share(boot_meta: dict[str, Any], name: str) -> None:
                       "/workspace in the guest, or stop the VM instead")
 
 
-def save(store: Store, name: str, *, timeout: float, expect_id: str | None = None) -> Record:
+def save(store: Store, name: str, *, timeout: float, expect_id: str | None = None,
+         say: Callable[[str], None] = lambda _m: None) -> Record:
     """Save the VM's RAM to its folder and end QEMU; kp-boot resumes it, even after a host reboot."""
     with store.lock(name, wait=timeout + 10):
         folder, meta = vm_meta(store, name, expect_id)
@@ -402,7 +438,10 @@ def save(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
         qemu.cleanup(boot_meta)
         meta["saved"] = {"saved": now_iso(), "memory": boot_meta["memory"], "cpus": boot_meta["cpus"],
                          "net": boot_meta["net"], "share": boot_meta.get("share"),
+                         "writable_git": bool((boot_meta.get("share_git") or {}).get("writable")),
                          "bytes": target.stat().st_size}
         meta.pop("boot", None)
         store.write_meta(folder, meta)
-    return vms.view(store, name)
+        found: dict[str, Any] = {}
+        _settle_share(folder, name, boot_meta, found, say)
+    return {**vms.view(store, name), **found}

@@ -36,7 +36,6 @@ the share), which kodepipe does not have yet.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,22 +91,18 @@ def load(data: dict[str, Any], root_fd: int) -> gitguard.Guard:
 
 @dataclass
 class Prepared:
-    """One boot's share: the fds QEMU binds read-only, what the vm record says, what to warn about."""
+    """One boot's share: what QEMU sees read-only, what the vm record says, what to warn about."""
 
-    fds: list[int] = field(default_factory=list)
+    read_only: hostpath.InPlace | None = None
     record: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
-    def close(self) -> None:
-        while self.fds:
-            with contextlib.suppress(OSError):
-                os.close(self.fds.pop())
-
 
 def prepare(share: Path, folder: Path, *, writable: bool) -> Prepared:
-    """Survey ``share`` before QEMU starts, keep the survey in ``folder`` and return the fds to bind
-    read-only (none with ``writable``).  A share with more repositories than can be bound, or that is
-    itself a bare repository, is refused (BadInput) unless ``writable``: it could not be held."""
+    """Survey ``share`` before QEMU starts, keep the survey in ``folder`` and return what to bind
+    read-only over itself in QEMU's mount namespace (nothing with ``writable``).  A share with more
+    repositories than can be bound, or that is itself a bare repository, is refused (BadInput) unless
+    ``writable``: it could not be held."""
     import orjson
 
     from kodepipe.state import write_atomic
@@ -130,8 +125,7 @@ def prepare(share: Path, folder: Path, *, writable: bool) -> Prepared:
                                f"{gitguard.MAX_BINDS} can be handed to the guest read-only",
                                hint="share a smaller directory, or add --writable-git (they are then checked "
                                     "when the VM stops)")
-            for path in bindable:
-                out.fds.append(hostpath.open_beneath(root_fd, path))
+            out.read_only = hostpath.InPlace.of(share, root_fd, bindable)
         else:
             guard.watch()
         out.warnings = guard.warnings(share)
@@ -141,9 +135,6 @@ def prepare(share: Path, folder: Path, *, writable: bool) -> Prepared:
         if guard.symlinks:
             out.record["symlinks"] = [display(p) for p in guard.symlinks]
         write_atomic(folder / STATE, orjson.dumps(dump(guard, share)))
-    except BaseException:
-        out.close()
-        raise
     finally:
         os.close(root_fd)
     return out

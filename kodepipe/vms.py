@@ -143,7 +143,8 @@ def _base_problem(store: Store, meta: dict[str, Any]) -> str | None:
 
 
 def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool,
-           check: Callable[[Record], None] | None = None) -> Record | None:
+           check: Callable[[Record], None] | None = None,
+           say: Callable[[str], None] = lambda _m: None) -> Record | None:
     """Remove VM ``name``; None when there is none (already removed).  ``check`` sees the
     current record under the lock and may raise to leave the VM alone."""
     with store.lock(name):
@@ -161,5 +162,13 @@ def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool,
 
                 qemu.kill(boot)  # a VM being removed need not shut down gracefully
                 qemu.cleanup(boot)
+            # what its guest planted in a share is renamed in place first: the share is the user's
+            from kodepipe import sharegit
+
+            planted, problem = sharegit.settle(folder, name)
+            share = str(boot.get("share") or "?") if isinstance(boot, dict) else "?"
+            record = {**record}
+            for warning in sharegit.report(planted, problem, share, record):
+                say(f"{name}: {warning}")
             store.discard(folder)
         return record

@@ -199,3 +199,79 @@ def test_openat2_is_what_resolves_where_the_kernel_has_it(tree: Path) -> None:
         assert err.value.errno == 18  # EXDEV: RESOLVE_BENEATH
     finally:
         os.close(root)
+
+
+def _in_own_namespace(spec: hostpath.InPlace, probe: list[tuple[str, str]]) -> list[str]:
+    """Fork; in the child make ``spec`` read-only in a mount namespace of its own, then try each
+    (operation, path) of ``probe``; the errno names (or "ok") it met, as the child saw them."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(read)
+        out = []
+        try:
+            hostpath.private_namespace()
+            hostpath.read_only_in_place(spec)
+            for op, path in probe:
+                try:
+                    if op == "write":
+                        with open(path, "a") as f:
+                            f.write("x")
+                    elif op == "create":
+                        Path(path).write_text("x")
+                    else:
+                        os.rename(path, path + ".moved")
+                    out.append("ok")
+                except OSError as exc:
+                    out.append(os.strerror(exc.errno or 0))
+        except Exception as exc:  # the child reports everything and never returns into pytest
+            out.append(f"setup: {exc}")
+        finally:
+            os.write(write, "\n".join(out).encode())
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        said = f.read().split("\n")
+    os.waitpid(pid, 0)
+    return said
+
+
+@ROOT_ONLY
+def test_read_only_in_place_holds_in_the_namespace_and_nowhere_else(tmp_path: Path) -> None:
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    (tmp_path / "repo" / ".git" / "config").write_text("[core]\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".git").write_text("gitdir: ../repo/.git\n")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        spec = hostpath.InPlace.of(tmp_path, fd, ["repo/.git", "sub/.git"])
+    finally:
+        os.close(fd)
+    said = _in_own_namespace(spec, [("write", f"{tmp_path}/repo/.git/config"),
+                                    ("create", f"{tmp_path}/repo/.git/hooks"),
+                                    ("rename", f"{tmp_path}/repo/.git"),
+                                    ("write", f"{tmp_path}/sub/.git"),
+                                    ("rename", f"{tmp_path}/sub/.git"),
+                                    ("create", f"{tmp_path}/repo/other")])
+    assert said == ["Read-only file system", "Read-only file system", "Device or resource busy",
+                    "Read-only file system", "Device or resource busy", "ok"]
+    # the mounts were the child's alone
+    (tmp_path / "repo" / ".git" / "config").write_text("[core]\n\tmine = 1\n")
+
+
+@ROOT_ONLY
+def test_read_only_in_place_refuses_an_entry_swapped_since_the_survey(tmp_path: Path) -> None:
+    (tmp_path / ".git").mkdir()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        spec = hostpath.InPlace.of(tmp_path, fd, [".git"])
+    finally:
+        os.close(fd)
+    os.rename(tmp_path / ".git", tmp_path / "old")
+    (tmp_path / ".git").mkdir()
+    said = _in_own_namespace(spec, [("create", f"{tmp_path}/.git/config")])
+    assert said[0].startswith("setup: ") and "changed since it was surveyed" in said[0]
+    (tmp_path / ".git").rmdir()
+    (tmp_path / ".git").symlink_to("old")
+    said = _in_own_namespace(spec, [("create", f"{tmp_path}/.git/config")])
+    assert said[0].startswith("setup: ") and "symbolic link" in said[0]

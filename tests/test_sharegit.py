@@ -46,22 +46,17 @@ def test_prepare_hands_every_repository_read_only_and_keeps_the_survey(share: Pa
     folder = tmp_path / "vm"
     folder.mkdir()
     prepared = sharegit.prepare(share, folder, writable=False)
-    try:
-        assert prepared.record == {"writable": False, "read_only": [".git", "lib/.git", "vendor/.git"]}
-        assert len(prepared.fds) == 3
-        held = {(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in prepared.fds}
-        want = {(os.lstat(share / p).st_dev, os.lstat(share / p).st_ino) for p in (".git", "lib/.git", "vendor/.git")}
-        assert held == want
-        assert (folder / sharegit.STATE).is_file()
-    finally:
-        prepared.close()
-    assert prepared.fds == []
+    assert prepared.record == {"writable": False, "read_only": [".git", "lib/.git", "vendor/.git"]}
+    assert prepared.read_only is not None and prepared.read_only.root == str(share)
+    want = [(p, os.lstat(share / p).st_dev, os.lstat(share / p).st_ino) for p in (".git", "lib/.git", "vendor/.git")]
+    assert list(prepared.read_only.entries) == want
+    assert (folder / sharegit.STATE).is_file()
 
 
 def test_settle_renames_what_the_guest_planted_in_place(share: Path, tmp_path: Path) -> None:
     folder = tmp_path / "vm"
     folder.mkdir()
-    sharegit.prepare(share, folder, writable=False).close()
+    sharegit.prepare(share, folder, writable=False)
     marker = tmp_path / "marker"
     forge_repo(share / "sub" / ".git", f"\tfsmonitor = touch {marker}\n")  # a nested repository
     forge_repo(share / "b", f"\tbare = false\n\tworktree = ..\n\tfsmonitor = touch {marker}\n")  # a bare one
@@ -91,7 +86,7 @@ def test_settle_would_have_noticed_nothing_without_the_survey(share: Path, tmp_p
 def test_a_swapped_repository_of_the_users_is_neutralised(share: Path, tmp_path: Path) -> None:
     folder = tmp_path / "vm"
     folder.mkdir()
-    sharegit.prepare(share, folder, writable=False).close()
+    sharegit.prepare(share, folder, writable=False)
     os.rename(share / "lib" / ".git", share / "lib" / "old")
     forge_repo(share / "lib" / ".git", "\tfsmonitor = touch /nonexistent\n")
     planted, _ = sharegit.settle(folder, "vm1")
@@ -105,7 +100,7 @@ def test_writable_git_watches_and_restores(share: Path, tmp_path: Path) -> None:
     folder.mkdir()
     config = (share / "vendor" / ".git").read_bytes()
     prepared = sharegit.prepare(share, folder, writable=True)
-    assert prepared.fds == [] and prepared.record == {"writable": True, "read_only": []}
+    assert prepared.read_only is None and prepared.record == {"writable": True, "read_only": []}
     marker = tmp_path / "marker"
     with open(share / ".git" / "config", "a") as f:
         f.write(f"[core]\n\tfsmonitor = touch {marker}\n")
@@ -128,7 +123,6 @@ def test_non_utf8_paths_survive_the_state_file(tmp_path: Path) -> None:
     folder = tmp_path / "vm"
     folder.mkdir()
     prepared = sharegit.prepare(ws, folder, writable=False)
-    prepared.close()
     assert prepared.record["read_only"] == ["caf\\xe9/.git"]
     fd = os.open(ws, os.O_RDONLY | os.O_DIRECTORY)
     guard = sharegit.load(orjson.loads((folder / sharegit.STATE).read_bytes()), fd)
@@ -152,7 +146,7 @@ def test_too_many_repositories_or_a_bare_share_are_refused(tmp_path: Path, monke
     monkeypatch.setattr(gitguard, "MAX_BINDS", 2)
     with pytest.raises(BadInput, match="holds 3 git repositories"):
         sharegit.prepare(share, folder, writable=False)
-    sharegit.prepare(share, folder, writable=True).close()  # watched instead: allowed
+    sharegit.prepare(share, folder, writable=True)  # watched instead: allowed
     bare = tmp_path / "bare"
     forge_repo(bare)
     with pytest.raises(BadInput, match="bare git repository"):

@@ -28,9 +28,16 @@ from kodepipe.commands import options, vmargs
                    "and modes (its user is uid 1000); what it creates is owned on the host by the user running "
                    "kp-boot, with the guest's owner and mode kept in extended attributes, so a guest can never "
                    "plant a setuid file on the host.")
+@click.option("--writable-git", is_flag=True,
+              help="Loosened: let the guest write the git metadata of the --share (to commit in the guest). By "
+                   "default every git repository in the share (each .git, nested ones and bare repositories) is "
+                   "read-only to the guest, even as root, so nothing it writes there can make your next git command "
+                   "on the host run its code. Either way, when the VM stops (kp-stop, kp-rm) a repository the guest "
+                   "made or swapped in the share, and with this flag a changed config or hook, is renamed to a name "
+                   "git does not read and listed in the record (git_planted). Recorded in the vm record (loosened).")
 @options.quiet
 def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, share: Path | None,
-        quiet: bool) -> int:
+        writable_git: bool, quiet: bool) -> int:
     """Start VMs headless, from NAMEs or the vm records on stdin.
 
     Each VM runs as a detached QEMU under QEMU's seccomp sandbox, with a
@@ -54,7 +61,10 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, sh
     from kodepipe.errors import BadInput
     from kodepipe.state import Store
 
-    opts = qemu.BootOptions(memory=memory, cpus=cpus, accel=accel, net=net, share=share.resolve() if share else None)
+    if writable_git and share is None:
+        raise click.UsageError("--writable-git loosens the git protection of a --share: give --share DIR too")
+    opts = qemu.BootOptions(memory=memory, cpus=cpus, accel=accel, net=net, share=share.resolve() if share else None,
+                            writable_git=writable_git)
     try:
         opts.check()
     except BadInput as exc:
@@ -74,7 +84,7 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, sh
             proc.require(qemu.QEMU)
             chosen.append(choose(accel))
             out.progress(f"accelerator: {chosen[0][0]} ({chosen[0][1]})")
-        result, already = runtime.boot(store, name, opts, chosen[0], expect_id=expect_id)
+        result, already = runtime.boot(store, name, opts, chosen[0], expect_id=expect_id, say=out.warn)
         if not already and chosen[0][0] == "kvm" and result.get("accel") == "tcg":
             # the guest stayed silent under KVM and was booted again under TCG: so will the next ones be
             chosen[0] = ("tcg", str(result.get("accel_reason")))

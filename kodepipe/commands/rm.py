@@ -85,7 +85,7 @@ def cli(names: tuple[str, ...], force: bool, images: bool, quarantines: bool, ev
         store.empty_trash()
     allowed = [flag for flag, on in (("images", images), ("quarantines", quarantines), ("evidence", evidence))
                if on]
-    removal = inventory.Removal(store, force=force, dry_run=dry_run, allowed=allowed)
+    removal = inventory.Removal(store, force=force, dry_run=dry_run, allowed=allowed, say=out.warn)
 
     def remove(kind: str, name: str, expect_id: str | None, record: Record, bulk: bool, retry: bool) -> bool:
         """Remove one thing and write its record; False if it should be retried later."""

@@ -45,12 +45,13 @@ def cli(names: tuple[str, ...], mode: str | None, timeout: float, quiet: bool) -
             return runtime.pause(store, name, resume=mode == "resume", expect_id=expect_id)
         if mode == "save":
             out.progress(f"{name}: saving its state")
-            return runtime.save(store, name, timeout=timeout, expect_id=expect_id)
+            return runtime.save(store, name, timeout=timeout, expect_id=expect_id, say=out.warn)
         if mode == "kill":
-            result, how = runtime.stop(store, name, timeout=timeout, graceful=False, expect_id=expect_id)
+            result, how = runtime.stop(store, name, timeout=timeout, graceful=False, expect_id=expect_id,
+                                       say=out.warn)
             return {**result, "stopped_by": how}
         out.progress(f"{name}: shutting down")
-        result, how = runtime.stop(store, name, timeout=timeout, expect_id=expect_id)
+        result, how = runtime.stop(store, name, timeout=timeout, expect_id=expect_id, say=out.warn)
         if how == "killed":
             out.warn(f"{name}: did not shut down within {timeout:g} s; QEMU was killed")
         return {**result, "stopped_by": how}
