@@ -184,9 +184,19 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
 
     When vm records arrive on stdin (kp-clone | kp-boot --share DIR |
     kp-ip), the container runs inside each VM instead, through the guest's
-    Podman over SSH, with the same defaults; the workspace is then a path
-    in the guest (default /workspace, the share).  The image is copied in
-    the first time.  --quarantine, --audit and -it are host-only for now.
+    Podman over SSH; the workspace is then a path in the guest (default
+    /workspace, the share).  The image is copied in the first time.  What
+    holds there as on the host: the user namespace, capabilities, the
+    read-only root, the limits, the masks, no network, the same seccomp
+    profile, and the workspace's git repositories read-only (found in the
+    guest; --writable-git loosens), with what the agent planted moved away
+    after the run (in the guest: into /var/lib/kodepipe/runs/NAME-ID, or
+    renamed beside it on the share; record: git_planted).  The rlimit
+    quotas are a share of the guest's own; the inotify limits of the
+    container's user namespace are not lowered there (the guest's kernel is
+    the VM's own; kernel_quotas.userns_limits is false).  --quarantine,
+    --audit, --keep, -i/-t and --allow (a profile's allowed domains too)
+    are host-only for now: refused before anything is done in the VM.
 
     kp-run needs root (sudo): rootful Podman with an explicit user
     namespace is what enforces the limits on every host.  It starts its
