@@ -23,7 +23,8 @@ Each real change needs one or more *aspects* explained, each by one of a set
 of roles an event can play for a path:
 
 - ``create``: it was written, made or put there (open for writing, creat,
-  truncate, write, mkdir, mknod, symlink, link's new name, rename's target);
+  truncate, write, mkdir, mknod, symlink, link's new name, rename's target,
+  bind of a unix socket);
 - ``remove``: it was taken away (unlink, rmdir, rename's source), here or at
   a directory above it;
 - ``mode``: its permission bits were set (chmod, fchmod, fchmodat);
@@ -42,8 +43,9 @@ by an event on any of its names.
 Paths: the trace's are the container's (``/workspace/...``), relative ones
 taken from the process's working directory as the parser follows it, else
 from the workspace (the container's working directory); only those below
-the workspace count.  strace writes at most 256 bytes of a string (``-s``):
-a path it cut short explains every path it is the beginning of.  Names that
+the workspace count.  strace writes paths whole (its ``-s`` limit is for
+data); a path it did cut short (``"..."...``, longer than the kernel takes)
+explains nothing.  Names that
 are not UTF-8 are compared in the form both sides can write them
 (``fdtree.display``: each undecodable byte as ``\\xHH``).  An open's path is
 also taken from the descriptor it returned (``-yy``), which the kernel
@@ -240,28 +242,19 @@ class Marks:
     """What the trace's file events say about workspace paths (display form, relative)."""
 
     roles: dict[str, set[str]] = field(default_factory=dict)
-    cut: dict[int, dict[str, set[str]]] = field(default_factory=dict)  # length -> prefix -> roles
     renames: dict[str, set[str]] = field(default_factory=dict)  # target -> sources
     events: int = 0
     parse_errors: int = 0
 
-    def add(self, path: str | None, role: str, prefix: bool) -> str | None:
+    def add(self, path: str | None, role: str) -> str | None:
         rel = relative(path)
-        if rel is None:
-            return None
-        if prefix:
-            self.cut.setdefault(len(rel), {}).setdefault(rel, set()).add(role)
-        else:
+        if rel is not None:
             self.roles.setdefault(rel, set()).add(role)
         return rel
 
     def of(self, path: str) -> set[str]:
         """The roles the trace gives the path ``path`` (display form)."""
-        found = set(self.roles.get(path, ()))
-        for length, prefixes in self.cut.items():
-            if length <= len(path):
-                found |= prefixes.get(path[:length], set())
-        return found
+        return self.roles.get(path, set())
 
 
 def relative(path: str | None, mount: str = MOUNT) -> str | None:
@@ -292,36 +285,43 @@ def marks(events: Iterable[Mapping[str, Any]], into: Marks | None = None) -> Mar
         if kind == "parse_error":
             m.parse_errors += 1
             continue
-        if kind != "file" or ev.get("outcome") == "error":
+        if ev.get("outcome") == "error":
             continue
+        if kind == "net" and ev.get("op") == "bind":  # a unix socket bound to a name makes a file
+            address = ev.get("address")
+            if isinstance(address, dict) and isinstance(address.get("path"), str) and \
+                    not address["path"].startswith("@"):
+                m.add(address["path"], CREATE)
+            continue
+        if kind != "file" or any(isinstance(a, str) and a.endswith('"...') for a in ev.get("args") or ()):
+            continue  # a path strace cut short names no file for sure
         op = ev.get("op")
         path = ev.get("path")
-        cut = any(isinstance(a, str) and a.endswith('"...') for a in ev.get("args") or ())
         if op == "open":
             if ev.get("write"):
-                m.add(path, CREATE, cut)
-                m.add(ev.get("resolved"), CREATE, False)  # the kernel's own name for what it opened
+                m.add(path, CREATE)
+                m.add(ev.get("resolved"), CREATE)  # the kernel's own name for what it opened
         elif op in _CREATES:
-            m.add(path, CREATE, cut)
+            m.add(path, CREATE)
         elif op == "link":
-            m.add(ev.get("target"), CREATE, cut)
+            m.add(ev.get("target"), CREATE)
         elif op == "rename":
             target = ev.get("target")
-            source_rel, target_rel = m.add(path, REMOVE, cut), m.add(target, CREATE, cut)
+            source_rel, target_rel = m.add(path, REMOVE), m.add(target, CREATE)
             pairs = [(source_rel, target_rel)]
             if any("RENAME_EXCHANGE" in a for a in ev.get("args") or () if isinstance(a, str)):
-                m.add(path, CREATE, cut)  # the two swap places: each is both removed and put there
-                m.add(target, REMOVE, cut)
+                m.add(path, CREATE)  # the two swap places: each is both removed and put there
+                m.add(target, REMOVE)
                 pairs.append((target_rel, source_rel))
             for source, dest in pairs:
-                if source is not None and dest is not None and not cut:
+                if source is not None and dest is not None:
                     m.renames.setdefault(dest, set()).add(source)
         elif op in ("unlink", "rmdir"):
-            m.add(path, REMOVE, cut)
+            m.add(path, REMOVE)
         elif op == "chmod":
-            m.add(path, MODE, cut)
+            m.add(path, MODE)
         elif op == "utime":
-            m.add(path, TIMES, cut)
+            m.add(path, TIMES)
     return m
 
 

@@ -40,7 +40,7 @@ def _unaccounted(changes: list[Change], *calls: str) -> list[str]:
 
 ADD = "added"
 CWD = "AT_FDCWD</workspace>"
-LONG = "x" * 300  # longer than strace's -s 256
+LONG = "x" * 200 + "/" + "y" * 200  # longer than strace's -s 256, which is for data, not paths
 
 CASES = {
     "a file written through open: explained": (
@@ -136,10 +136,16 @@ CASES = {
         [Change(os.fsdecode(b"\xffx"), ADD, "dir"), Change(os.fsdecode(b"\xfey"), ADD, "dir")],
         ['mkdir("/workspace/\\377x", 0777) = 0 <0.000010>'],
         [os.fsdecode(b"\xfey")]),
-    "a path strace cut at 256 bytes explains the paths it begins": (
-        [Change(LONG, ADD, "dir"), Change("y" * 300, ADD, "dir")],
-        [f'mkdir("/workspace/{LONG[:245]}"..., 0777) = 0 <0.000010>'],
-        ["y" * 300]),
+    "a long path is written whole and explains; one strace cut short explains nothing": (
+        [Change(LONG, ADD, "dir"), Change("z" * 200 + "/" + "z" * 100, ADD, "dir")],
+        [f'mkdir("/workspace/{LONG}", 0777) = 0 <0.000010>',
+         f'mkdir("/workspace/{"z" * 200}/{"z" * 40}"..., 0777) = 0 <0.000010>'],
+        ["z" * 200 + "/" + "z" * 100]),
+    "a unix socket bound to a name in the workspace (not an abstract one)": (
+        [Change("s.sock", ADD, "socket"), Change("t.sock", ADD, "socket")],
+        ['bind(3<UNIX:[1234]>, {sa_family=AF_UNIX, sun_path="/workspace/s.sock"}, 110) = 0 <0.000010>',
+         'bind(4<UNIX:[1235]>, {sa_family=AF_UNIX, sun_path=@"/workspace/t.sock"}, 110) = 0 <0.000010>'],
+        ["t.sock"]),
     "paths outside the workspace explain nothing in it": (
         [Change("tmp/x", ADD, "file")],
         [f'openat({CWD}, "/tmp/x", O_WRONLY|O_CREAT, 0666) = 3</tmp/x> <0.000010>'],
