@@ -54,13 +54,15 @@ What holds inside the guest, as on the host:
 - **seccomp**: the profile is seccomp.render of the guest's own
   containers profile, the same function as the host's: new namespaces,
   CLONE_UNTRACED (EPERM) and the kernel keyring (ENOSYS) are refused.
-- **Kernel quotas**: the sigpending and msgqueue rlimits are a share of
-  the guest's own (probed), as on the host.  The inotify limits of the
-  container's user namespace are not lowered: that needs a process between
-  ``podman create`` and its start (nsenter, as launch.py does), which
-  ``podman run`` over SSH has not, and the guest's kernel is the VM's own:
-  what a container can use up there is the disposable guest's, not a host
-  account's (recorded: ``kernel_quotas`` with ``userns_limits: false``).
+- **Kernel quotas**: the guest's kernel is the VM's own, so what a
+  container could use up there is the disposable guest's, not a host
+  account's; the same limits are set all the same, as a share of the
+  guest's own quotas (probed): the sigpending and msgqueue rlimits, and the
+  inotify and user-namespace limits of the container's user namespace,
+  written by an OCI prestart hook (``podman --hooks-dir``) that enters it
+  with nsenter after the runtime made it and before the agent's first
+  instruction, as launch.py does on the host; the container does not
+  start if the hook fails.
 - What the guest cannot do yet (--quarantine, --audit, -i/-t, --keep,
   --allow) is refused before anything is done in it: nothing is dropped
   silently.
@@ -528,11 +530,49 @@ def check_mounts(box: sandbox.Sandbox) -> None:
     check_paths(p for mount in box.mounts() for p in (mount.source, mount.dest))
 
 
-def run_command(box: sandbox.Sandbox) -> str:
-    """The remote command line that runs the container."""
+def run_command(box: sandbox.Sandbox, hooks_dir: str | None = None) -> str:
+    """The remote command line that runs the container (with the OCI hooks in ``hooks_dir``)."""
     if box.image.startswith("-"):
         raise BadInput(f"invalid image name {box.image!r}")
-    return shlex.join(["sudo", "-n", "podman", "run", *box.podman_args()])
+    hooks = ["--hooks-dir", hooks_dir] if hooks_dir else []
+    return shlex.join(["sudo", "-n", "podman", *hooks, "run", *box.podman_args()])
+
+
+# An OCI prestart hook, run by the runtime as the guest's root once the container's processes and
+# namespaces exist and before anything of it runs (as launch.py does with nsenter on the host): $1 is
+# userns.script's shell commands; stdin the container's state, whose "pid" is its first process.
+QUOTA_HOOK = r"""#!/bin/sh
+pid=$(sed -n 's/.*"pid": *\([0-9][0-9]*\).*/\1/p' | head -n 1)
+if [ -z "$pid" ]; then echo "kodepipe: no pid in the container's state" >&2; exit 1; fi
+exec nsenter --user --target "$pid" -- /bin/sh -c "$1"
+"""
+QUOTA_HOOK_PATH = f"{GUEST_DIR}/userns-limits"
+
+
+def quota_hook(values: dict[str, int]) -> tuple[str, bytes]:
+    """The hooks directory (named by its content) and the hook's JSON that sets ``values`` in the
+    container's user namespace; the container does not start if it fails."""
+    import orjson
+
+    from kodepipe import userns
+
+    hook = {"version": "1.0.0", "hook": {"path": QUOTA_HOOK_PATH, "args": ["userns-limits", userns.script(values)]},
+            "when": {"always": True}, "stages": ["prestart"]}
+    text = orjson.dumps(hook)
+    return f"{GUEST_DIR}/hooks-{hashlib.sha256(text + QUOTA_HOOK.encode()).hexdigest()[:12]}", text
+
+
+# As root in the guest: $1 the hooks directory, $2 the hook's path, $3 the hook; stdin: its JSON.
+HOOK_SETUP = r"""
+set -e
+umask 022
+mkdir -p "$1"
+printf '%s' "$3" > "$2.$$"
+chmod 0755 "$2.$$"
+mv -f "$2.$$" "$2"
+cat > "$1/userns-limits.json.$$"
+mv -f "$1/userns-limits.json.$$" "$1/userns-limits.json"
+"""
 
 
 def seccomp_path(text: bytes) -> str:
@@ -720,6 +760,7 @@ class VmRun:
         self.sink = sink or _to_stderr
         self.remote: Remote | None = None
         self.folder: str | None = None  # the run's folder in the guest
+        self.hooks_dir: str | None = None  # the OCI hook that sets the kernel quotas of its user namespace
         self.workspace: str | None = None  # the guest workspace's real path
         self.repos: dict[str, GuestRepo] = {}  # its git repositories before the run
         self.watched: dict[str, dict[str, GuestPrint]] = {}  # --writable-git: their guarded entries
@@ -783,6 +824,8 @@ class VmRun:
         if not there or host_image_id(req.image) not in (None, there):
             self.meta["image_transfer"] = self.copy_image(zstd=bool(facts.get("zstd")))
         seccomp = self.prepare_guest()
+        quotas = guest_quotas(facts).share()
+        self.hooks_dir = self.prepare_hook(quotas.userns_sysctls())
         self.folder = f"{GUEST_DIR}/{self.name}-{self.meta['id']}"
         secret_list = self.upload_secrets(uid, gid, masked, secret_data)
         mask_file = f"{self.folder}/empty" if masked else None
@@ -793,7 +836,7 @@ class VmRun:
             limits=limits, seccomp=seccomp, read_only_workspace=req.read_only_workspace, network=req.network,
             cap_add=req.cap_add, writable_root=req.writable_root, env=req.env, secrets=secret_list, masks=masked,
             protect=protect, protect_sources={p: f"{ws}/{p}" for p in protect},
-            git_writable=req.writable_git_config, quotas=guest_quotas(facts).share(),
+            git_writable=req.writable_git_config, quotas=quotas,
             mask_file=mask_file, labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
             # crun is what Debian's podman brings; runc only where the guest has it
             runtime="runc" if facts.get("runc") else None,
@@ -805,7 +848,7 @@ class VmRun:
             network=req.network, limits=limits.record(), loosened=box.loosened(),
             user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
             masked=masked, protected=protect, secrets=[s.dest for s in secret_list], env=sorted(req.env),
-            kernel_quotas={**box.quotas.record(), "userns_limits": False},
+            kernel_quotas=box.quotas.record(),
             engine=f"podman in {self.vm_name}")
         return box
 
@@ -960,6 +1003,15 @@ class VmRun:
                                     input=text), "writing the seccomp profile")
         return path
 
+    def prepare_hook(self, values: dict[str, int]) -> str:
+        """Write the hook that sets ``values`` in the container's user namespace; its directory."""
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        hooks_dir, text = quota_hook(values)
+        self._check(self.remote.run(_q("sudo", "-n", "sh", "-c", HOOK_SETUP, "kp-run", hooks_dir, QUOTA_HOOK_PATH,
+                                       QUOTA_HOOK), input=text), "writing the kernel quotas' hook")
+        return hooks_dir
+
     def upload_secrets(self, uid: int, gid: int, masked: list[str], data: list[bytes]) -> list[sandbox.Secret]:
         """The run's folder, with the empty mask file and a copy of each secret only the agent can read."""
         if not (self.remote is not None and self.folder is not None):
@@ -984,7 +1036,7 @@ class VmRun:
     def start(self, box: sandbox.Sandbox) -> int:
         if not (self.remote is not None):
             raise RuntimeError("kp-run: out of order")
-        command = run_command(box)
+        command = run_command(box, self.hooks_dir)
         timer = None
         if self.req.limits.seconds:
             timer = threading.Timer(self.req.limits.seconds, self._time_up)

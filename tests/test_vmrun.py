@@ -156,6 +156,8 @@ def test_the_remote_command_is_podman_run_with_every_word_quoted() -> None:
     command = vmrun.run_command(hostile)
     assert command.startswith("sudo -n podman run ")
     assert shlex.split(command) == ["sudo", "-n", "podman", "run", *hostile.podman_args()]
+    hooked = shlex.split(vmrun.run_command(hostile, "/run/kodepipe/hooks-x"))
+    assert hooked[:6] == ["sudo", "-n", "podman", "--hooks-dir", "/run/kodepipe/hooks-x", "run"]
     assert "--runtime" not in shlex.split(command)  # crun, the guest's default, unless runc is there
     assert "--timeout" not in shlex.split(command)
     words = shlex.split(vmrun.run_command(box(runtime="runc", timeout=120)))
@@ -257,9 +259,13 @@ def test_a_run_in_the_guest_reports_like_one_on_the_host() -> None:
         assert key in record
     assert "image_transfer" not in record and guest.closed
     # the container: locked down, the guest's seccomp profile derived and written first, the mask bound
-    (podman, _), = guest.sent("podman run")
+    (podman, _), = guest.sent(" run --rm ")
     words = shlex.split(podman)
-    assert words[:4] == ["sudo", "-n", "podman", "run"]
+    assert words[:3] == ["sudo", "-n", "podman"] and words[5] == "run"
+    # the kernel quotas of its user namespace, set by an OCI hook before the agent runs
+    ((hook_setup, hook),) = guest.sent("userns-limits.json")
+    assert words[3:5] == ["--hooks-dir", shlex.split(hook_setup)[6]]
+    assert b"max_inotify_instances" in hook and b'"prestart"' in hook
     seccomp_path = next(w.split("=", 1)[1] for w in words if w.startswith("seccomp="))
     (setup, profile), = guest.sent("idmapped-lower-dir-false")
     assert seccomp_path in setup and b'"unshare"' in profile and b'"clone3"' in profile
@@ -280,7 +286,7 @@ def test_without_a_share_or_workspace_there_is_nothing_to_mask_and_no_folder() -
     assert record["workspace"] is None and record["workspace_mode"] is None and record["masked"] == []
     assert record["user"]["from"] == "ssh-user"
     assert not guest.sent(" find . ") and not guest.sent("mkdir -m 0700") and not guest.sent("rm -rf")
-    assert "-w /tmp/home" in guest.sent("podman run")[0][0]
+    assert "-w /tmp/home" in guest.sent(" run --rm ")[0][0]
 
 
 def test_credentials_in_the_workspace_are_warned_about() -> None:
@@ -301,7 +307,7 @@ def test_secrets_are_copied_for_the_agent_alone_and_bound_read_only(tmp_path: Pa
     (copy, data), = guest.sent("chmod 0400")
     assert data == b"s3cret" and f"{folder}/0-token" in copy and "1234:1235" in copy
     assert f"type=bind,source={folder}/0-token,destination=/run/secrets/token,ro" in \
-        shlex.split(guest.sent("podman run")[0][0])
+        shlex.split(guest.sent(" run --rm ")[0][0])
     assert record["secrets"] == ["/run/secrets/token"] and "secret:/run/secrets/token" in record["loosened"]
     assert guest.commands[-2][0] == f"sudo -n rm -rf -- {folder}"
 
@@ -314,7 +320,7 @@ def test_a_guest_without_podman_says_how_to_get_it() -> None:
     assert caught.value.code == "no_podman" and "kp-image build NAME" in caught.value.message
     assert "--packages podman" in caught.value.message
     assert caught.value.record["outcome"] == "failed"  # type: ignore[attr-defined]
-    assert not guest.sent("podman run")
+    assert not guest.sent(" run --rm ")
 
 
 def test_a_guest_without_passwordless_sudo_is_refused_before_anything_else() -> None:
@@ -397,7 +403,7 @@ def test_the_time_limit_kills_it_over_a_second_channel() -> None:
     assert status == 137 and record["timed_out"] is True and record["outcome"] == "timed-out"
     (kill, _), = guest.sent("podman kill")
     assert kill == f"sudo -n podman kill -- {record['name']}"
-    assert "--timeout 60" in guest.sent("podman run")[0][0]  # Podman's own backstop: the limit + 60 s
+    assert "--timeout 60" in guest.sent(" run --rm ")[0][0]  # Podman's own backstop: the limit + 60 s
     assert any(level == "warn" and "time limit" in message for level, message in said)
 
 
