@@ -191,10 +191,9 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     profile, and the workspace's git repositories read-only (found in the
     guest; --writable-git loosens), with what the agent planted moved away
     after the run (in the guest: into /var/lib/kodepipe/runs/NAME-ID, or
-    renamed beside it on the share; record: git_planted).  The rlimit
-    quotas are a share of the guest's own; the inotify limits of the
-    container's user namespace are not lowered there (the guest's kernel is
-    the VM's own; kernel_quotas.userns_limits is false).  --quarantine,
+    renamed beside it on the share; record: git_planted).  The kernel
+    quotas are a share of the guest's own (its user namespace's limits
+    set by an OCI hook before the agent runs).  --quarantine,
     --audit, --keep, -i/-t and --allow (a profile's allowed domains too)
     are host-only for now: refused before anything is done in the VM.
 
