@@ -68,3 +68,7 @@ def shell_image(tmp_path_factory: pytest.TempPathFactory) -> str:
         env.setenv("KODEPIPE_CACHE_DIR", str(cache))
         env.setenv("KODEPIPE_CONFIG_DIR", str(root / "config"))  # the built-in profile, not a developer's own
         return profile.ensure_image(profile.load("shell"), Output("kp-test", verbose=False))
+
+
+# one VM for every test that attacks a property on the VM backend too (tests/integration/vmbackend.py)
+from tests.integration.vmbackend import guest_vm  # noqa: E402, F401

@@ -2,6 +2,10 @@
 the user's next git command on the host run its code, and after each run the user's git (as the
 workspace's owner, in the workspace and in the subdirectory the attack aims at) must not run it.
 
+Each attack runs on both backends: on the host, and inside a real VM (kp-run with the vm record
+on stdin; the guest's workspace is copied back to the host afterwards, byte for byte, and the user's
+git runs on that copy: tests/integration/vmbackend.py).
+
 Each attack leaves a command that creates a marker file on the host (core.fsmonitor, a hook, a
 filter driver, in the repository's own config or in one git is pointed at).  Each is also run once
 against a deliberately weakened kp-run (nothing bound read-only, nothing checked after the run,
@@ -20,6 +24,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import BIN, ROOT, lines
+from tests.integration.vmbackend import WEAKENED_VM, GuestVm
 
 pytestmark = pytest.mark.integration
 
@@ -147,36 +152,67 @@ ATTACKS = {
 }
 
 
+BACKENDS = ["host", "vm"]
+
+
+def attack_run(request: pytest.FixtureRequest, backend: str, shell_image: str, place: Place, attack: Attack, *,
+               weakened: bool = False) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """The agent runs ``attack`` in the workspace, on ``backend``; afterwards place.ws is the workspace
+    as the run left it (for the VM, a copy of the guest's)."""
+    script = "cd /workspace; " + attack.script.replace("{M}", str(place.marker))
+    if backend == "host":
+        return kprun("--image", shell_image, "-w", str(place.ws), *attack.flags, "--", "bash", "-c", script,
+                     weakened=weakened)
+    vm: GuestVm = request.getfixturevalue("guest_vm")
+    ws = vm.put(place.ws)
+    proc = vm.kprun("--image", shell_image, "-w", ws, *attack.flags, "--", "bash", "-c", script,
+                    weakened=WEAKENED_VM if weakened else "")
+    records = lines(proc.stdout)
+    assert records and records[-1].get("kind") == "container", proc.stderr
+    vm.get(ws, place.ws)
+    return proc, records[-1]
+
+
+def kept_for_the_user(backend: str, record: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """A planted entry was moved where the user can look at it, out of git's way."""
+    if backend == "host":
+        return Path(entry["moved_to"]).is_relative_to(Path(record["path"]))
+    return str(entry["moved_to"]).startswith(f"/var/lib/kodepipe/runs/{record['name']}-{record['id']}/git-planted/")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(ATTACKS))
-def test_git_never_runs_the_agents_code(shell_image: str, place: Place, name: str) -> None:
+def test_git_never_runs_the_agents_code(request: pytest.FixtureRequest, shell_image: str, place: Place, name: str,
+                                        backend: str) -> None:
     attack = ATTACKS[name]
     if attack.repo:
         init_repo(place)
-    script = "cd /workspace; " + attack.script.replace("{M}", str(place.marker))
-    proc, record = kprun("--image", shell_image, "-w", str(place.ws), *attack.flags, "--", "bash", "-c", script)
+    proc, record = attack_run(request, backend, shell_image, place, attack)
     for said in attack.said:
         assert said in proc.stderr, proc.stderr
     assert "MOVED" not in proc.stderr and "WROTE" not in proc.stderr, proc.stderr
     planted = {p["path"] for p in record.get("git_planted", [])}
     assert planted == attack.planted, proc.stderr
     for entry in record.get("git_planted", []):
-        assert Path(entry["moved_to"]).is_relative_to(Path(record["path"]))  # kept for the user to look at
+        assert kept_for_the_user(backend, record, entry), entry
     if attack.planted:
-        assert "kp-run moved it into" in proc.stderr
+        assert "kp-run moved it" in proc.stderr
+    assert ("writable-git" in record["loosened"]) == ("--writable-git" in attack.flags)
     for where in attack.where:
         users_git(place, where)
     assert not place.marker.exists(), f"{name}: the user's git ran the agent's code"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(ATTACKS))
-def test_each_attack_works_against_a_weakened_kp_run(shell_image: str, place: Place, name: str) -> None:
-    """The same attacks, with gitguard off: the user's git does run the agent's code, so the test
-    above can tell."""
+def test_each_attack_works_against_a_weakened_kp_run(request: pytest.FixtureRequest, shell_image: str, place: Place,
+                                                     name: str, backend: str) -> None:
+    """The same attacks, with kp-run's git layer off (gitguard on the host, vmrun's in a VM): the
+    user's git does run the agent's code, so the test above can tell."""
     attack = ATTACKS[name]
     if attack.repo:
         init_repo(place)
-    script = "cd /workspace; " + attack.script.replace("{M}", str(place.marker))
-    kprun("--image", shell_image, "-w", str(place.ws), *attack.flags, "--", "bash", "-c", script, weakened=True)
+    attack_run(request, backend, shell_image, place, attack, weakened=True)
     for where in attack.where:
         users_git(place, where)
     assert place.marker.exists(), f"{name}: the attack did not work even against a weakened kp-run"
