@@ -14,6 +14,13 @@ and refused: a ``ringbuf`` chardev is bounded but lives in QEMU's memory (gone w
 QEMU, whose last words matter most, and kp-attach would lose its socket); trimming the file
 from kp-* commands bounds nothing while the guest floods and no command runs.
 
+The keeper runs as QEMU's uid, never as root (kodepipe.qemuuser): it opens serial.log and
+serial.log.1 first, in the VM's folder, then drops.  Having dropped, it cannot rename in that
+folder (root's), so it rotates by copying: serial.log's CAP bytes are copied over serial.log.1 and
+serial.log is truncated (a reader following the log sees it shrink: kp-attach --follow reads the
+rest of what it had from serial.log.1, then goes on from the start).  It never makes a file
+after that, so once kp-rm removed the folder nothing can make it or its files exist again.
+
 The keeper lives exactly as long as QEMU.  The pipe's write end is QEMU's alone (kp-boot closes
 its copy once QEMU holds one), so the keeper reads end-of-file when QEMU exits, however it
 ends, and exits too.  It never stops reading: when the disk is full or the folder is gone, what
@@ -26,7 +33,6 @@ after a small read, so a flood costs it a few wake-ups a second, not one per byt
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 import subprocess
@@ -34,6 +40,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 CAP = 1 << 20  # bytes in serial.log before it becomes serial.log.1 (so at most 2 MiB on disk)
 ROTATED = ".1"  # serial.log.1: the CAP bytes before serial.log's
@@ -42,7 +49,6 @@ _CHUNK = 1 << 16
 _BATCH = 0.02  # after a small read, let the pipe fill this long: one wake-up per batch, not per byte
 _PIPE_SIZE = 1 << 20  # the most an unprivileged process may ask (fs.pipe-max-size): 1 MiB in flight
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_RETRY_OPEN = 1.0  # seconds between attempts to open the log again after it could not be
 
 
 def rotated(log: Path) -> Path:
@@ -85,32 +91,34 @@ def mark(log: Path) -> tuple[int, int]:
 
 
 def grew(log: Path, since: tuple[int, int]) -> bool:
-    """Whether the guest printed anything since ``mark`` gave ``since``: serial.log is longer, or
-    it is a new file (the old one rotated away: more was printed than the file held)."""
+    """Whether the guest printed anything since ``mark`` gave ``since``: serial.log is longer, shorter
+    (the keeper copied it into serial.log.1 and began it again), or a new file (rotated away)."""
     inode, size = since
     try:
         st = os.stat(log)
     except OSError:
         return False
-    return st.st_size > size or (inode != 0 and st.st_ino != inode)
+    return st.st_size != size or (inode != 0 and st.st_ino != inode)
 
 
 # -- kp-boot's side: the pipe and the keeper ----------------------------------------------------
 
 
 @contextlib.contextmanager
-def pipe(log: Path) -> Iterator[int]:
+def pipe(log: Path, user: Any = None) -> Iterator[int]:
     """The write end of a pipe that a keeper copies into ``log`` (bounded), for QEMU to inherit
     (``pass_fds``) as its serial logfile (``qemu.command_line(serial_fd=...)``).  It is closed
     when the block ends: by then QEMU holds its own copy, or has failed to start and holds none,
-    and the keeper ends with it."""
+    and the keeper ends with it.  ``user`` (a qemuuser.QemuUser): the keeper drops to its uid and
+    gid once it has opened the log's files."""
     read_end, write_end = os.pipe()  # both close-on-exec: only QEMU, through pass_fds, inherits one
     try:
         with contextlib.suppress(OSError):
             fcntl.fcntl(write_end, _F_SETPIPE_SZ, _PIPE_SIZE)
         root = str(Path(__file__).resolve().parent.parent)
         # -S: no site-packages, so the keeper is a bare interpreter (~10 MB); it needs only the stdlib
-        subprocess.Popen([sys.executable, "-S", "-m", "kodepipe.seriallog", str(log)], stdin=read_end,
+        drop = [f"--user={user.uid}:{user.gid}"] if user is not None and user.uid != os.geteuid() else []
+        subprocess.Popen([sys.executable, "-S", "-m", "kodepipe.seriallog", str(log), *drop], stdin=read_end,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
                          start_new_session=True, env={"PYTHONPATH": root, "PATH": os.defpath})
     except BaseException:
@@ -130,67 +138,60 @@ def pipe(log: Path) -> Iterator[int]:
 class Keeper:
     """Copies a pipe into a log file of at most ``cap`` bytes, rotating it into ``<log>.1``.
 
-    Files are made and renamed relative to the folder it was started in (a directory fd): once
-    the folder is removed (kp-rm), nothing can make it or its files exist again.
+    Both files are opened (made if missing) when it starts, relative to the folder, never after:
+    it may have dropped to a uid that cannot make files there, and once the folder is removed
+    (kp-rm) nothing can make it or its files exist again.  A rotation copies the log over
+    ``<log>.1`` and truncates the log.
     """
 
     def __init__(self, log: Path, cap: int = CAP) -> None:
-        self.name = log.name
-        self.old = log.name + ROTATED
         self.cap = cap
-        self.folder = os.open(log.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self.out: int | None = None
-        self.size = 0
-        self.next_open = 0.0
         self.dropped = 0
-        self._open()
-
-    def _open(self) -> None:
-        self.next_open = time.monotonic() + _RETRY_OPEN
+        folder = os.open(log.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            self.out = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                               0o644, dir_fd=self.folder)
-            self.size = os.fstat(self.out).st_size
-        except OSError:
-            self.out = None
+            flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+            self.out: int = os.open(log.name, flags | os.O_APPEND, 0o644, dir_fd=folder)
+            try:
+                self.old: int = os.open(log.name + ROTATED, flags, 0o644, dir_fd=folder)
+            except BaseException:
+                os.close(self.out)
+                raise
+        finally:
+            os.close(folder)
+        self.size = os.fstat(self.out).st_size
 
-    def _rotate(self, out: int) -> None:
+    def _rotate(self) -> None:
         try:
-            os.replace(self.name, self.old, src_dir_fd=self.folder, dst_dir_fd=self.folder)
+            os.ftruncate(self.old, 0)
+            done = 0
+            while done < self.size:
+                copied = os.copy_file_range(self.out, self.old, self.size - done, done, done)
+                if not copied:
+                    break
+                done += copied
         except OSError:
-            # the folder is gone or will not let us rename: keep the bound by starting this file over
-            with contextlib.suppress(OSError):
-                os.ftruncate(out, 0)
+            pass  # a full disk: serial.log.1 keeps less, the bound holds all the same
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.out, 0)
             self.size = 0
-            return
-        os.close(out)
-        self.out = None
-        self._open()
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            if self.out is None and time.monotonic() >= self.next_open:
-                self._open()
-            if self.out is None:
-                self.dropped += len(view)
-                return
             if self.size >= self.cap:
-                self._rotate(self.out)
+                self._rotate()
+                if self.size:  # it could not be truncated: drop rather than grow
+                    self.dropped += len(view)
+                    return
                 continue
             piece = view[:self.cap - self.size]
             try:
                 written = os.write(self.out, piece)
-            except OSError as exc:
+            except OSError:
                 # a full disk (ENOSPC, EDQUOT) or a failing one: drop this, try again with the next
                 self.dropped += len(view)
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    os.close(self.out)
-                    self.out = None
-                    self.next_open = time.monotonic() + _RETRY_OPEN
-                else:
-                    with contextlib.suppress(OSError):
-                        self.size = os.fstat(self.out).st_size
+                with contextlib.suppress(OSError):
+                    self.size = os.fstat(self.out).st_size
                 return
             self.size += written
             view = view[written:]
@@ -208,22 +209,35 @@ class Keeper:
                 time.sleep(_BATCH)
 
     def close(self) -> None:
-        if self.out is not None:
-            os.close(self.out)
-        os.close(self.folder)
+        os.close(self.out)
+        os.close(self.old)
+
+
+def drop(spec: str) -> None:
+    """Become ``UID:GID`` for good (no supplementary groups): the keeper needs only its open files."""
+    uid, gid = (int(part) for part in spec.split(":"))
+    if os.geteuid() == 0 and uid != 0:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        sys.stderr.write("usage: python -m kodepipe.seriallog LOG < PIPE\n")
+    user = [arg.split("=", 1)[1] for arg in argv[1:] if arg.startswith("--user=")]
+    if not argv or len(argv) != 1 + len(user) or len(user) > 1:
+        sys.stderr.write("usage: python -m kodepipe.seriallog LOG [--user=UID:GID] < PIPE\n")
         return 2
     try:
         keeper = Keeper(Path(argv[0]))
     except OSError:
+        if user:
+            drop(user[0])
         # no folder to log into: still drain the pipe, so QEMU is never held up by its log
         while os.read(0, _CHUNK):
             time.sleep(_BATCH)
         return 1
+    if user:
+        drop(user[0])
     try:
         keeper.run(0)
     finally:

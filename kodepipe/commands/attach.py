@@ -190,6 +190,7 @@ def _follow(name: str, path: Path, current: Any, copy: Any) -> None:
     """Print what the VM adds to its log until it stops; a log that rotates is followed into its new file."""
     import os
 
+    from kodepipe import seriallog
     from kodepipe.errors import KpError
     from kodepipe.records import open_regular
 
@@ -208,6 +209,18 @@ def _follow(name: str, path: Path, current: Any, copy: Any) -> None:
                 copy(current)
                 current = open_regular(str(path), f"{name}'s serial log")
                 opened.append(current)
+                continue
+            at = current.tell()
+            if os.fstat(current.fileno()).st_size < at:
+                # the keeper (dropped to QEMU's uid) rotated by copying the log into serial.log.1 and
+                # truncating it: the rest of what we were reading is there, from where we were
+                try:
+                    with open_regular(str(seriallog.rotated(path)), f"{name}'s serial log") as older:
+                        older.seek(at)
+                        copy(older)
+                except KpError:
+                    pass
+                current.seek(0)
                 continue
             if time.monotonic() - last_check > 1.0:
                 last_check = time.monotonic()
