@@ -286,7 +286,8 @@ terminal format (\fB[pid N]\fR prefixes, lines cut by its own messages).
 .B type
 \fBexec\fR, \fBfile\fR, \fBnet\fR, \fBprocess\fR, \fBsignal\fR, \fBexit\fR,
 \fBsyscall\fR (any other call), \fBattach\fR, \fBdetach\fR, \fBtracer\fR
-(another strace message) or \fBparse_error\fR.
+(another strace message), \fBparse_error\fR, or \fBunaccounted\fR (after a
+kp\-run \-\-audit record's events: a real change its trace does not explain).
 .TP
 .B line
 the line of the trace where the event starts (an unfinished call's first line).
@@ -366,6 +367,17 @@ whose execve replaced the process (strace's "superseded by execve" line).
 .TP
 .B parse_error
 \fBraw\fR, the whole line, and \fBreason\fR.  No line is ever dropped.
+.TP
+.B unaccounted
+from the record's \fBaudit_unaccounted\fR (kp\-run's cross\-check of the
+trace against the quarantine's changes or the workspace's snapshots):
+\fBpath\fR (relative to the workspace; \fBpath_b64\fR holds the exact
+bytes of a name that is not UTF\-8), \fBchange\fR (added, modified,
+deleted), \fBentry\fR (file, dir, symlink, ...), \fBagainst\fR
+(quarantine or workspace), \fBcomplete\fR true; or one with \fBmore\fR,
+how many more the record counts but does not list; or one with
+\fBcomplete\fR false and \fBwhy\fR, when the check could not be made whole.
+Its \fBline\fR, \fBts\fR, \fBpid\fR and \fBtid\fR are null.
 .PP
 When kp\-trace reads container records, each event also has
 \fBcontainer\fR, the record's name.

@@ -175,7 +175,15 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     a cap (--audit-cap, 256m): when it is reached, kp-run halts the agent
     at its next system call and kills the container, so the run is
     stopped, not left unrecorded: "audit" is "capped", "audit_capped"
-    says where, outcome audit-capped, exit 1.  If the Podman
+    says where, outcome audit-capped, exit 1.  After an audited run,
+    every real change (the quarantine's, or what differs between
+    snapshots of the workspace taken before and after a direct run) must
+    be named by a traced call that made it; those none explains (a path
+    another thread rewrote between strace's read and the kernel's, a file
+    the kernel wrote such as a core dump) are "audit_unaccounted" (count,
+    the first 20 paths) and a warning; "complete" false says why the
+    check could not be made (a cut trace, --audit-mode minimal, more than
+    200,000 entries).  If the Podman
     service dies during a run (error code engine_lost, exit 1), kp-run
     starts its own service again (for one you named, it stops the
     container's processes itself) and removes the container;

@@ -62,7 +62,16 @@ def cli(command: tuple[str, ...], mode: str, summary: bool, log: Path | None, qu
     the "resolved" key) come from the kernel after the call and do not have
     this gap.  For what an agent changed, trust the quarantine's change
     list (kp-run --quarantine), which comes from the filesystem itself, over
-    the trace's file events.
+    the trace's file events.  kp-run --audit checks the two against each
+    other after the run (in a direct run, against snapshots of the
+    workspace taken before and after): each real change no traced call
+    explains (a rewritten path, or a file the kernel wrote, such as a core
+    dump) is in the record's audit_unaccounted, and kp-trace shows it after
+    the run's events as an event of type "unaccounted" (path relative to the
+    workspace, change, entry).  One with "complete" false says the check
+    could not be made whole (the trace was cut short) and why.  That check
+    proves each changed path was named by a call that could make that
+    change; not that the file holds what the traced program wrote.
 
     \b
     Examples:
