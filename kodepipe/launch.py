@@ -535,7 +535,11 @@ class Run:
                     meta["fingerprints"] = quarantine.fingerprint(self.workspace, changes)
                     from kodepipe import crosscheck
 
-                    self._crosscheck(crosscheck.from_quarantine(changes), "quarantine")
+                    try:
+                        self._crosscheck(crosscheck.from_quarantine(changes), "quarantine")
+                    except Exception as exc:  # the quarantine's own record stands whatever happens here
+                        meta["audit_unaccounted"] = {"against": "quarantine", "complete": False,
+                                                     "why": f"the cross-check failed: {exc!r}"}
                     for finding in quarantine.findings(changes):  # escaped: the agent chose the names
                         self.say("warn", finding)
                     from kodepipe import gitguard  # changes to git metadata: --apply refuses them
@@ -565,7 +569,15 @@ class Run:
         return record
 
     def _crosscheck_workspace(self) -> None:
-        """An audited direct run: the workspace's snapshot before and after, checked against the trace."""
+        """An audited direct run: the workspace's snapshot before and after, checked against the trace.
+        Never raises: what follows it in finish (moving planted git metadata away) must happen."""
+        try:
+            self._crosscheck_snapshots()
+        except Exception as exc:
+            self.meta["audit_unaccounted"] = {"against": "workspace", "complete": False,
+                                              "why": f"the cross-check failed: {exc!r}"}
+
+    def _crosscheck_snapshots(self) -> None:
         from kodepipe import crosscheck
 
         before = self.snapshot_before
@@ -602,6 +614,9 @@ class Run:
         marks = None
         if why is None:
             try:
+                size = (self.folder / AUDIT_LOG).stat().st_size
+                if size > 16 << 20:  # it reads about 5 MB a second
+                    self.say("progress", f"{self.name}: checking the audit ({size >> 20} MiB) against the real changes")
                 marks = crosscheck.read_log(self.folder / AUDIT_LOG)
             except OSError as exc:
                 why = f"the audit log could not be read: {exc.strerror}"
