@@ -55,6 +55,8 @@ What this does not prove: that a file holds what the traced program wrote
 (an event that names a path explains every change of it during the run),
 nor anything about a path reached through a symlink the agent made (the
 trace names the link, the change list the file: reported as unaccounted).
+In a direct run, whatever else changed the workspace during the run (an
+editor on the host) is unaccounted too.
 It proves that each path that changed was named by a traced call that did
 the right kind of thing to it.
 
