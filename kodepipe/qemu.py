@@ -7,7 +7,9 @@ carries QEMU's own message and the command line.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -24,12 +26,15 @@ from kodepipe import paths, proc
 from kodepipe.errors import BadInput, KpError
 
 if TYPE_CHECKING:
-    from kodepipe import hostpath
+    from kodepipe import qemuuser
 
 QEMU = "qemu-system-x86_64"
 NET_RE = re.compile(r"user|none|bridge:[A-Za-z0-9_.-]{1,15}")
 MEMORY_RE = re.compile(r"[1-9][0-9]*[MG]")
 SERIAL_FDSET = 9  # the -add-fd set of the serial log's pipe (kodepipe.seriallog)
+DISK_FDSET = 10  # the disk's fd sets: 10 the VM's own overlay, 11 the file beneath it, ...
+MARKER_FDSET = 30  # an fd set whose opaque names the QMP socket, for qemu.alive
+DISK_NODE = "kpdisk"
 
 
 @dataclass(frozen=True)
@@ -89,34 +94,52 @@ def free_port() -> int:
 
 def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, sockets: Sockets, *,
                  accel: str, ssh_port: int | None, serial_fd: int, incoming: str | None = None,
-                 tap: str | None = None) -> list[str]:
+                 tap: str | None = None, fds: qemuuser.Fds | None = None) -> list[str]:
     """The whole QEMU command line for ``vm``.  Pure: starts nothing.
+
+    ``fds``: what kp-boot opened for a QEMU that runs as another user (kodepipe.qemuuser): its
+    sockets, disk chain, kernel, initrd, share and tap as inherited fds, so it resolves no path in
+    kodepipe's directories.  Without it, QEMU opens them itself (a QEMU run as its caller).
 
     ``serial_fd`` is the inherited fd QEMU logs the serial console to: a pipe to the keeper that
     bounds serial.log (kodepipe.seriallog), never a file QEMU would grow without limit."""
     name = vm["name"]
+    if fds is None:
+        kernel, initrd = image["kernel"], image["initrd"]
+        qmp, qga, serial = (f"path={_comma(p)}" for p in (sockets.qmp, sockets.qga, sockets.serial))
+        pidfile = ["-pidfile", str(sockets.pidfile)]
+        disk = ["-drive", f"file={_comma(vm['disk'])},if=virtio,format=qcow2,discard=unmap,detect-zeroes=unmap"]
+        disk_device: list[str] = []
+    else:
+        kernel, initrd = f"/proc/self/fd/{fds.kernel}", f"/proc/self/fd/{fds.initrd}"
+        qmp, qga, serial = (f"fd={fd}" for fd in (fds.qmp, fds.qga, fds.serial))
+        # the helper writes the pid file; the QMP socket's path stays on the command line (qemu.alive's marker)
+        pidfile = ["-add-fd", f"fd={fds.marker},set={MARKER_FDSET},opaque=qmp:{_comma(sockets.qmp)}"]
+        disk = _blockdevs(fds.disk)
+        # last, where -drive if=virtio put it: the PCI slots stay those a saved machine was saved with
+        disk_device = ["-device", f"virtio-blk-pci,drive={DISK_NODE}"]
     argv = [
         QEMU, "-name", f"{name},process=kp-{name}",
         "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
         "-m", opts.memory, "-smp", str(opts.cpus),
         # nothing but what is listed here: no default NIC, no VGA, no monitor on stdio
         "-nodefaults", "-no-user-config", "-display", "none",
-        "-pidfile", str(sockets.pidfile),
+        *pidfile,
         # QEMU's own seccomp filter: no new processes (so no -daemonize: kp-boot
         # detaches it instead, and migrations go through fds), no privilege changes
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-        "-kernel", image["kernel"], "-initrd", image["initrd"],
+        "-kernel", kernel, "-initrd", initrd,
         # the clone's own hostname from its first instruction (systemd reads it from the command line)
         "-append", f"{image.get('cmdline') or 'root=/dev/vda rw console=ttyS0'} systemd.hostname={name}",
-        "-drive", f"file={_comma(vm['disk'])},if=virtio,format=qcow2,discard=unmap,detect-zeroes=unmap",
+        *disk,
         "-device", "virtio-rng-pci",
-        "-chardev", f"socket,id=qmp0,path={_comma(sockets.qmp)},server=on,wait=off",
+        "-chardev", f"socket,id=qmp0,{qmp},server=on,wait=off",
         "-mon", "chardev=qmp0,mode=control",
-        "-chardev", f"socket,id=qga0,path={_comma(sockets.qga)},server=on,wait=off",
+        "-chardev", f"socket,id=qga0,{qga},server=on,wait=off",
         "-device", "virtio-serial-pci",
         "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         "-add-fd", f"fd={serial_fd},set={SERIAL_FDSET}",
-        "-chardev", f"socket,id=ser0,path={_comma(sockets.serial)},server=on,wait=off,"
+        "-chardev", f"socket,id=ser0,{serial},server=on,wait=off,"
                     f"logfile=/dev/fdset/{SERIAL_FDSET},logappend=on",
         "-serial", "chardev:ser0",
     ]
@@ -126,15 +149,41 @@ def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, s
         argv += ["-netdev", f"user,id=n0,hostname={name}{forward}",
                  "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
     elif opts.net.startswith("bridge:"):
-        if not tap:
+        if fds is not None and fds.tap is not None:
+            tap_netdev = f"tap,id=n0,fd={fds.tap}"  # opened by kp-boot: QEMU's uid cannot open /dev/net/tun
+        elif tap:
+            tap_netdev = f"tap,id=n0,ifname={tap},script=no,downscript=no"
+        else:
             raise KpError("bridged networking needs a tap device")
-        argv += ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+        argv += ["-netdev", tap_netdev,
                  "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
     if opts.share is not None:
-        argv += ["-virtfs", f"local,path={_comma(opts.share)},mount_tag={opts.share_tag},"
+        # handed in: the share's own mount tree (idmapped, git metadata read-only), whatever its path's modes
+        share = f"/proc/self/fd/{fds.share}" if fds is not None and fds.share is not None else _comma(opts.share)
+        argv += ["-virtfs", f"local,path={share},mount_tag={opts.share_tag},"
                             "security_model=mapped-xattr,id=share0"]
     if incoming is not None:
         argv += ["-incoming", incoming]
+    return argv + disk_device
+
+
+def _blockdevs(layers: tuple[qemuuser.Layer, ...]) -> list[str]:
+    """The disk as -blockdev nodes on fd sets, each backing layer named explicitly (QEMU resolves no
+    backing path); each fd set's opaque is the file's path, which query-fdsets gives back."""
+    argv: list[str] = []
+    below = None
+    for depth in range(len(layers) - 1, -1, -1):
+        layer, fdset = layers[depth], DISK_FDSET + depth
+        for fd in layer.fds:
+            argv += ["-add-fd", f"fd={fd},set={fdset},opaque={_comma(layer.path)}"]
+        node = DISK_NODE if depth == 0 else f"kplayer{depth}"
+        top = depth == 0
+        mode = "discard=unmap" if top else "read-only=on"
+        argv += ["-blockdev", f"driver=file,node-name={node}-file,filename=/dev/fdset/{fdset},{mode}"]
+        backing = f",backing={below}" if below else ""
+        extra = ",discard=unmap,detect-zeroes=unmap" if top else ",read-only=on"
+        argv += ["-blockdev", f"driver=qcow2,node-name={node},file={node}-file{backing}{extra}"]
+        below = node
     return argv
 
 
@@ -144,37 +193,31 @@ def _comma(value: object) -> str:
 
 
 def launch(argv: list[str], log: Path, qmp_socket: Path, *, timeout: float = 60.0,
-           pass_fds: tuple[int, ...] = (), share_readonly: hostpath.InPlace | None = None) -> int:
+           pass_fds: tuple[int, ...] = (), plan: qemuuser.Plan | None = None) -> int:
     """Start QEMU detached from kodepipe and return its pid once its monitor answers.
 
     QEMU runs in a session of its own with its output in ``log``, so it
     outlives the command that started it.  If it exits during start-up
     (a bad option, a busy port, a missing file), the error carries QEMU's
-    own words.  ``share_readonly``: entries of the share QEMU sees read-only,
-    in a mount namespace of its own (sharegit.py).
+    own words.  With ``plan`` (kp-boot's QEMUs) it is started through
+    kodepipe.qemuuser's helper, which gives it its share (idmapped, git
+    metadata read-only, in a mount namespace of its own), writes its pid
+    file and drops to ``plan.user`` before the exec: never root.
     """
-    from kodepipe import hostpath
+    from kodepipe import qemuuser
     from kodepipe.qmp import Monitor
-
-    def confine() -> None:  # in the child, before exec
-        if share_readonly is not None:
-            hostpath.private_namespace()
-            hostpath.read_only_in_place(share_readonly)
 
     argv = [proc.require(argv[0]), *argv[1:]]
     start = log.stat().st_size if log.exists() else 0
     with open(log, "ab") as out:
-        out.write(f"$ {shlex.join(argv)}\n".encode())
+        who = f" (as {plan.user.name}, uid {plan.user.uid})" if plan is not None else ""
+        out.write(f"$ {shlex.join(argv)}{who}\n".encode())
         out.flush()
-        try:
-            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, close_fds=True, pass_fds=pass_fds,
-                                     preexec_fn=confine if share_readonly is not None else None)
-        except subprocess.SubprocessError as exc:  # confine failed: the child never ran QEMU
-            raise KpError("could not give QEMU the share's git repositories read-only in a mount namespace of "
-                          f"its own ({exc}); QEMU was not started", code="qemu_failed",
-                          hint="a repository in the share changed while kp-boot started, or this kernel lacks "
-                               "open_tree/move_mount (Linux 5.12): try again, or boot with --writable-git") from None
+        child = subprocess.Popen(qemuuser.helper_argv(plan, argv) if plan is not None else argv,
+                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True, close_fds=True, pass_fds=pass_fds,
+                                 cwd="/" if plan is not None else None,
+                                 env=qemuuser.helper_env() if plan is not None else None)
     deadline = time.monotonic() + timeout
     while True:
         status = child.poll()
@@ -384,14 +427,26 @@ def _disk_error(errors: tuple[DiskError, ...], resume: str) -> Live:
                 f"free space on the filesystem holding its disk, then {resume}")
 
 
-def disk_errors(blocks: list[dict[str, Any]]) -> list[DiskError]:
-    """The devices of QMP query-block that failed (io-status not "ok"), with their image files.  Pure."""
+def disk_errors(blocks: list[dict[str, Any]], fdsets: list[dict[str, Any]] | None = None) -> list[DiskError]:
+    """The devices of QMP query-block that failed (io-status not "ok"), with their image files.  Pure.
+
+    A disk handed in as an fd set (/dev/fdset/N) is named by the path its fd set's opaque holds
+    (QMP query-fdsets), the path kp-boot opened."""
+    named = {}
+    for fdset in fdsets or ():
+        opaque = next((fd.get("opaque") for fd in fdset.get("fds") or () if fd.get("opaque")), None)
+        if opaque:
+            named[f"/dev/fdset/{fdset.get('fdset-id')}"] = str(opaque)
     found = []
     for block in blocks:
         status = block.get("io-status")
         if status in ("nospace", "failed"):
             inserted = block.get("inserted") or {}
-            found.append(DiskError(str(status), str(inserted.get("file") or block.get("device") or "?")))
+            file = str(inserted.get("file") or block.get("device") or block.get("qdev") or "?")
+            if file.startswith("json:"):  # a node with explicit backing: the top file's name is inside
+                with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+                    file = str(json.loads(file[5:])["file"]["filename"])
+            found.append(DiskError(str(status), named.get(file, file)))
     return found
 
 

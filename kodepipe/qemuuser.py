@@ -139,14 +139,19 @@ def ensure_account(say: Callable[[str], None] | None = None) -> pwd.struct_passw
     """The ``kodepipe`` system account, made (useradd --system, no home, no login shell) if missing."""
     with contextlib.suppress(KeyError):
         return pwd.getpwnam(ACCOUNT)
+    import grp
+
     from kodepipe import proc
     from kodepipe.errors import KpError
 
     shell = NOLOGIN if os.path.exists(NOLOGIN) else "/bin/false"
+    groups = []
+    with contextlib.suppress(KeyError):
+        groups = ["--groups", grp.getgrnam("kvm").gr_name]  # /dev/kvm, where its group is kvm
     try:
         useradd = "/usr/sbin/useradd" if os.path.exists("/usr/sbin/useradd") else proc.require("useradd")
         proc.run([useradd, "--system", "--user-group", "--no-create-home",
-                  "--home-dir", "/nonexistent", "--shell", shell, "--comment", "kodepipe QEMU", ACCOUNT])
+                  "--home-dir", "/nonexistent", "--shell", shell, "--comment", "kodepipe QEMU", *groups, ACCOUNT])
     except KpError:
         with contextlib.suppress(KeyError):
             return pwd.getpwnam(ACCOUNT)  # another kp-boot made it meanwhile
@@ -248,7 +253,7 @@ def handout(sockets: Any, kernel: str, initrd: str, disk: Path, *, share: Path |
         for i, path in enumerate(backing_chain(disk)):
             ro = keep(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
             fds = (keep(os.open(path, os.O_RDWR | os.O_CLOEXEC)), ro) if i == 0 else (ro,)
-            layers.append(Layer(str(path), fds))
+            layers.append(Layer(os.path.normpath(path), fds))  # the name it is known by (query-fdsets)
         share_fd = keep(os.open(share, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) if share is not None else None
         tap_fd = keep(open_tap(tap)) if tap else None
         yield Fds(qmp=socks[0].fileno(), qga=socks[1].fileno(), serial=socks[2].fileno(),

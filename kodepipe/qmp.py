@@ -114,7 +114,7 @@ class Monitor:
         disks: tuple[qemu.DiskError, ...] = ()
         if status == "io-error":
             disks = tuple(dataclasses.replace(d, free=qemu.free_bytes(d.file))
-                          for d in qemu.disk_errors(self.execute("query-block")))
+                          for d in qemu.disk_errors(self.execute("query-block"), self.execute("query-fdsets")))
         return qemu.Facts(status, migration, error, disks)
 
     def resume(self, name: str, *, timeout: float = 30.0) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kodepipe import images, proc, qemu, seriallog, vms
+from kodepipe import images, proc, qemu, qemuuser, seriallog, vms
 from kodepipe.errors import KpError, NotFound
 from kodepipe.records import Record
 from kodepipe.state import Store, check_id, now_iso
@@ -69,6 +69,7 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
             stale.unlink(missing_ok=True)
         serial_log, qemu_log = folder / "serial.log", folder / "qemu.log"
         user = image.get("user", "kp")
+        qemu_user = qemuuser.resolve()
         boot_meta: dict[str, Any] = {
             "pid": None, "boot_id": proc.boot_id(), "started": now_iso(), "accel": accel[0],
             "accel_reason": accel[1], "memory": opts.memory, "cpus": opts.cpus, "net": opts.net,
@@ -76,6 +77,7 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
             "sockets": {"qmp": str(sockets.qmp), "qga": str(sockets.qga), "serial": str(sockets.serial),
                         "pidfile": str(sockets.pidfile)},
             "serial_log": str(serial_log), "qemu_log": str(qemu_log), "resumed": saved is not None,
+            "qemu_user": qemu_user.record(),  # who a guest that escaped QEMU would be: never root
         }
         # recorded before QEMU starts, so a crash in between still leaves a trail to its pid file
         meta["boot"] = boot_meta
@@ -100,7 +102,8 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
                 store.write_meta(folder, meta)
             def launch(how: str) -> tuple[int, int | None]:
                 return _launch(meta, image, opts, sockets, how, serial_log, qemu_log, folder, saved,
-                               boot_meta.get("tap"), share_git.read_only if share_git else None)
+                               boot_meta.get("tap"), share_git.read_only if share_git else None,
+                               boot_meta=boot_meta, user=qemu_user)
 
             if accel[0] == "kvm" and saved is None:  # a resumed guest says nothing: the guest agent proves it
                 pid, port = _launch_under_kvm(name, boot_meta, launch, sockets, serial_log, qemu_log,
@@ -206,8 +209,10 @@ def _reseed(boot_meta: dict[str, Any], name: str, vm_id: str) -> float:
 
 def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets: qemu.Sockets, accel: str,
             serial_log: Path, qemu_log: Path, folder: Path, saved: dict[str, Any] | None,
-            tap_device: str | None, share_readonly: hostpath.InPlace | None) -> tuple[int, int | None]:
+            tap_device: str | None, share_readonly: hostpath.InPlace | None, *,
+            boot_meta: dict[str, Any] | None = None, user: qemuuser.QemuUser | None = None) -> tuple[int, int | None]:
     vm = {**meta, "disk": str(folder / meta["disk"])}
+    user = user or qemuuser.resolve()  # QEMU never runs as root (kodepipe.qemuuser)
     for attempt in range(3):
         port = qemu.free_port() if opts.net == "user" else None
         fds: tuple[int, ...] = ()
@@ -219,11 +224,14 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
             fds, incoming = (state_fd,), f"fd:{state_fd}"
         try:
             # the serial log goes through a keeper that bounds it (kodepipe.seriallog)
-            with seriallog.pipe(serial_log) as serial_fd:
+            with seriallog.pipe(serial_log, user=user) as serial_fd, \
+                    qemuuser.handed(user, sockets, image, Path(vm["disk"]), share=opts.share, tap=tap_device,
+                                    read_only=share_readonly) as (handed, plan):
+                if boot_meta is not None and plan.idmap is not None:
+                    boot_meta["share_idmap"] = {"owner": list(plan.idmap), "qemu": [user.uid, user.gid]}
                 argv = qemu.command_line(vm, image, opts, sockets, accel=accel, ssh_port=port, serial_fd=serial_fd,
-                                         incoming=incoming, tap=tap_device)
-                pid = qemu.launch(argv, qemu_log, sockets.qmp, pass_fds=(*fds, serial_fd),
-                                  share_readonly=share_readonly)
+                                         incoming=incoming, tap=tap_device, fds=handed)
+                pid = qemu.launch(argv, qemu_log, sockets.qmp, pass_fds=(*fds, serial_fd, *handed.all()), plan=plan)
             if saved is not None:
                 _wait_incoming(sockets.qmp)
             return pid, port

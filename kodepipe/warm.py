@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kodepipe import address, images, qemu, qemu_img, runtime, seriallog
+from kodepipe import address, images, qemu, qemu_img, qemuuser, runtime, seriallog
 from kodepipe.errors import InUse, KpError, Timeout
 from kodepipe.records import Record
 from kodepipe.state import Store, new_id, now_iso, remove_tree
@@ -57,10 +57,14 @@ def make_warm(store: Store, name: str, *, memory: str, cpus: int, accel: tuple[s
             opts = qemu.BootOptions(memory=memory, cpus=cpus, net="user")
             port = qemu.free_port()
             progress(f"booting {name} once ({accel[0]})")
-            with seriallog.pipe(work / "serial.log") as serial_fd:
+            user = qemuuser.resolve()  # never root, as kp-boot's QEMUs
+            with seriallog.pipe(work / "serial.log", user=user) as serial_fd, \
+                    qemuuser.handed(user, sockets, image, work / WARM_DISK) as (handed, plan):
                 argv = qemu.command_line({"name": name, "id": image["id"], "disk": str(work / WARM_DISK)}, image,
-                                         opts, sockets, accel=accel[0], ssh_port=port, serial_fd=serial_fd)
-                boot_meta["pid"] = qemu.launch(argv, work / "qemu.log", sockets.qmp, pass_fds=(serial_fd,))
+                                         opts, sockets, accel=accel[0], ssh_port=port, serial_fd=serial_fd,
+                                         fds=handed)
+                boot_meta["pid"] = qemu.launch(argv, work / "qemu.log", sockets.qmp,
+                                               pass_fds=(serial_fd, *handed.all()), plan=plan)
             _wait_ready(boot_meta, port, started + timeout, progress)
             booted = time.monotonic() - started
             progress(f"ready after {booted:.0f} s; saving its state")
