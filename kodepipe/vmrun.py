@@ -540,13 +540,13 @@ def run_command(box: sandbox.Sandbox, hooks_dir: str | None = None) -> str:
 
 # An OCI prestart hook, run by the runtime as the guest's root once the container's processes and
 # namespaces exist and before anything of it runs (as launch.py does with nsenter on the host): $1 is
-# userns.script's shell commands; stdin the container's state, whose "pid" is its first process.
-QUOTA_HOOK = r"""#!/bin/sh
+# userns.script's shell commands; stdin the container's state, whose "pid" is its first process.  Run
+# as ``sh -c``: no file to execute (Debian mounts /run noexec).
+QUOTA_HOOK = r"""
 pid=$(sed -n 's/.*"pid": *\([0-9][0-9]*\).*/\1/p' | head -n 1)
 if [ -z "$pid" ]; then echo "kodepipe: no pid in the container's state" >&2; exit 1; fi
 exec nsenter --user --target "$pid" -- /bin/sh -c "$1"
 """
-QUOTA_HOOK_PATH = f"{GUEST_DIR}/userns-limits"
 
 
 def quota_hook(values: dict[str, int]) -> tuple[str, bytes]:
@@ -556,20 +556,18 @@ def quota_hook(values: dict[str, int]) -> tuple[str, bytes]:
 
     from kodepipe import userns
 
-    hook = {"version": "1.0.0", "hook": {"path": QUOTA_HOOK_PATH, "args": ["userns-limits", userns.script(values)]},
+    hook = {"version": "1.0.0",
+            "hook": {"path": "/bin/sh", "args": ["sh", "-c", QUOTA_HOOK, "userns-limits", userns.script(values)]},
             "when": {"always": True}, "stages": ["prestart"]}
     text = orjson.dumps(hook)
-    return f"{GUEST_DIR}/hooks-{hashlib.sha256(text + QUOTA_HOOK.encode()).hexdigest()[:12]}", text
+    return f"{GUEST_DIR}/hooks-{hashlib.sha256(text).hexdigest()[:12]}", text
 
 
-# As root in the guest: $1 the hooks directory, $2 the hook's path, $3 the hook; stdin: its JSON.
+# As root in the guest: $1 the hooks directory; stdin: the hook's JSON.
 HOOK_SETUP = r"""
 set -e
 umask 022
 mkdir -p "$1"
-printf '%s' "$3" > "$2.$$"
-chmod 0755 "$2.$$"
-mv -f "$2.$$" "$2"
 cat > "$1/userns-limits.json.$$"
 mv -f "$1/userns-limits.json.$$" "$1/userns-limits.json"
 """
@@ -1008,8 +1006,8 @@ class VmRun:
         if not (self.remote is not None):
             raise RuntimeError("kp-run: out of order")
         hooks_dir, text = quota_hook(values)
-        self._check(self.remote.run(_q("sudo", "-n", "sh", "-c", HOOK_SETUP, "kp-run", hooks_dir, QUOTA_HOOK_PATH,
-                                       QUOTA_HOOK), input=text), "writing the kernel quotas' hook")
+        self._check(self.remote.run(_q("sudo", "-n", "sh", "-c", HOOK_SETUP, "kp-run", hooks_dir), input=text),
+                    "writing the kernel quotas' hook")
         return hooks_dir
 
     def upload_secrets(self, uid: int, gid: int, masked: list[str], data: list[bytes]) -> list[sandbox.Secret]:
