@@ -350,3 +350,35 @@ def test_changed_and_new_guarded_entries_are_moved_and_changed_ones_put_back(tmp
     after = survey(ws)
     changed = vmrun.git_changed(before, repos, after, watch(ws, [".git"]))
     assert changed == [(".git/config", "changed in .git", "file"), (".git/hooks/pre-commit", "new in .git", "file")]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="entering another user namespace as its owner needs root")
+def test_the_quota_hook_sets_the_limits_in_the_processes_user_namespace(tmp_path: Path) -> None:
+    """The hook's very command line, fed a container state as a runtime feeds it, against a process
+    in a user namespace of its own (a stand-in for the container's first process)."""
+    import orjson
+
+    _, text = vmrun.quota_hook({"max_inotify_instances": 7, "max_user_namespaces": 0})
+    hook = orjson.loads(text)
+    assert hook["stages"] == ["prestart"] and hook["hook"]["path"] == "/bin/sh"
+    child = subprocess.Popen(["unshare", "--user", "--map-root-user", "sleep", "60"])
+    try:
+        ns = f"/proc/{child.pid}/ns/user"
+        for _ in range(1000):  # until unshare has made the namespace and exec'd sleep
+            if os.readlink(ns) != os.readlink("/proc/self/ns/user") and \
+                    Path(f"/proc/{child.pid}/cmdline").read_bytes().startswith(b"sleep"):
+                break
+            subprocess.run(["true"], check=True)
+        state = orjson.dumps({"ociVersion": "1.0", "id": "x", "pid": child.pid, "status": "created",
+                              "annotations": {"a": "b"}})
+        subprocess.run(hook["hook"]["args"], executable="/bin/sh", input=state, check=True, timeout=30)
+        read = subprocess.run(["nsenter", "--user", "--target", str(child.pid), "cat",
+                               "/proc/sys/user/max_inotify_instances", "/proc/sys/user/max_user_namespaces"],
+                              capture_output=True, check=True, timeout=30).stdout.split()
+        assert read == [b"7", b"0"]
+        with pytest.raises(subprocess.CalledProcessError):  # no pid: the container must not start
+            subprocess.run(hook["hook"]["args"], executable="/bin/sh", input=b"{}", check=True, timeout=30,
+                           capture_output=True)
+    finally:
+        child.kill()
+        child.wait()
