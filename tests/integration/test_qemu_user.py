@@ -263,3 +263,56 @@ def test_the_helper_refuses_to_run_anything_as_root() -> None:
     done = subprocess.run(qemuuser.helper_argv(plan, ["/bin/true"]), env=qemuuser.helper_env(),
                           capture_output=True, timeout=60)
     assert done.returncode == 1 and b"refusing to run QEMU as root" in done.stderr
+
+
+NORMAL_USER_SCRIPT = r"""
+import os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from kodepipe import qemuuser
+share = Path(sys.argv[2])
+user = qemuuser.resolve()
+fd = os.open(share, os.O_PATH | os.O_DIRECTORY)
+entry = os.open(share / ".git", os.O_PATH)
+plan = qemuuser.Plan(user, sys.argv[3], fd, qemuuser.read_only_of(share, fd, [entry]), qemuuser.share_idmap(fd, user))
+s = f"/proc/self/fd/{fd}"
+script = (f"id -u; grep CapEff /proc/self/status; echo x >> {s}/.git/config; echo rc=$?; mv {s}/.git {s}/g; "
+          f"echo rc=$?; echo made > {s}/made; echo rc=$?")
+done = subprocess.run(qemuuser.helper_argv(plan, ["/bin/sh", "-c", script]), pass_fds=(fd,),
+                      env=qemuuser.helper_env(), capture_output=True)
+sys.stdout.write(f"{user.why} {plan.idmap}\n" + done.stdout.decode() + done.stderr.decode())
+"""
+
+
+def test_a_normal_users_qemu_gets_the_read_only_entries_in_a_user_namespace_of_its_own() -> None:
+    """Run by a user (no root anywhere), the helper binds the read-only entries in a user and mount
+    namespace of its own that maps the user to itself: QEMU keeps the user's uid and no capability
+    (so it cannot unmount them), and the entries hold."""
+    import shutil
+    import tempfile
+
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if python is None:
+        pytest.skip("no system python3 a user can run")
+    work = Path(tempfile.mkdtemp(prefix="kp-h2-user-", dir="/tmp"))
+    try:
+        os.chmod(work, 0o755)  # noqa: S103 - the user must reach the share and the script
+        share = work / "share"
+        (share / ".git").mkdir(parents=True)
+        (share / ".git" / "config").write_text("cfg\n")
+        (work / "t.py").write_text(NORMAL_USER_SCRIPT)
+        for path in [share, *share.rglob("*")]:
+            os.lchown(path, 65534, 65534)
+        done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-S",
+                               str(work / "t.py"), str(Path(qemuuser.__file__).parent.parent), str(share),
+                               str(share / "pid")], capture_output=True, timeout=60, cwd="/")
+        out = done.stdout.decode()
+        assert done.returncode == 0, (out, done.stderr.decode())
+        lines_ = out.splitlines()
+        assert lines_[0] == "self None" and lines_[1] == "65534", out
+        assert lines_[2].split() == ["CapEff:", "0000000000000000"], out
+        assert "Read-only file system" in out and "busy" in out and out.count("rc=0") == 1, out
+        assert (share / ".git" / "config").read_text() == "cfg\n" and (share / ".git").is_dir()
+        assert (share / "made").stat().st_uid == 65534
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
