@@ -43,8 +43,9 @@ FORGE = ("mkdir -p {d}/objects {d}/refs && echo 'ref: refs/heads/main' > {d}/HEA
 ATTACKS: dict[str, tuple[str, set[str], tuple[str, ...]]] = {
     "top-config": ("printf '[core]\\n\\tfsmonitor = touch {m}\\n' >> .git/config", set(), ("",)),
     "config": ("printf '[core]\\n\\tfsmonitor = touch {m}\\n' >> c1/.git/config", set(), ("c1",)),
-    "hook": ("printf '#!/bin/sh\\ntouch {m}\\n' > c2/.git/hooks/pre-commit && chmod +x c2/.git/hooks/pre-commit",
-             set(), ("c2",)),
+    # the user's own executable hook, rewritten (a hook the guest makes is never executable on the host:
+    # under 9p's mapped-xattr a guest's mode bits are kept in an extended attribute)
+    "hook": ("printf '#!/bin/sh\\ntouch {m}\\n' > c2/.git/hooks/pre-commit", set(), ("c2",)),
     "swap": ("mv c3/.git c3/.git.old || rm -rf c3/.git; " + FORGE.format(d="c3/.git", extra="", m="{m}"), set(),
              ("c3",)),
     "commondir": (FORGE.format(d="evil-common", extra="", m="{m}") + " && echo ../../evil-common > c4/.git/commondir",
@@ -58,6 +59,9 @@ ATTACKS: dict[str, tuple[str, set[str], tuple[str, ...]]] = {
     "bare": (FORGE.format(d="b", extra="\\tbare = false\\n\\tworktree = ..\\n", m="{m}"), {"b/HEAD"}, ("b",)),
 }
 USERS_REPOS = ("c1", "c2", "c3", "c4")
+# attacks that cannot work over 9p's mapped-xattr even when nothing protects the share: a symlink the
+# guest makes is a regular file holding its target on the host
+INERT = {"symlink"}
 
 
 def one(proc: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
@@ -101,12 +105,17 @@ def make_place(root: Path) -> Place:
     for repo in USERS_REPOS:  # nested repositories of the user's own
         init_repo(place, repo)
     init_repo(place)
+    hook = ws / "c2" / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\nexit 0\n")
+    hook.chmod(0o755)
+    os.chown(hook, OWNER, OWNER)
     return place
 
 
-def attack(env: dict[str, str], place: Place, *, weakened: bool) -> tuple[dict[str, Any], str]:
-    """Boot with the share, attack from the guest as root, stop; kp-stop's record and the guest's output."""
-    kp(env, "kp-boot", "--accel", "tcg", "--share", str(place.ws), NAME, weakened=weakened)
+def attack(env: dict[str, str], place: Place, *, weakened: bool) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """Boot with the share, attack from the guest as root, stop: kp-boot's and kp-stop's records, and
+    what the guest's attempts said."""
+    booted = kp(env, "kp-boot", "--accel", "tcg", "--share", str(place.ws), NAME, weakened=weakened)
     kp(env, "kp-ip", NAME, "--timeout", "400", weakened=weakened, timeout=900)
     script = "cd /workspace; " + "; ".join(
         f"( {s.replace('{m}', str(place.marker) + '-' + name)} ) 2>&1 | sed 's/^/{name}: /'"
@@ -114,7 +123,7 @@ def attack(env: dict[str, str], place: Place, *, weakened: bool) -> tuple[dict[s
     proc = run(env, "kp-ssh", NAME, "--", "sudo", "sh", "-c", script, timeout=300)
     said = "".join(r.get("stdout", "") + r.get("stderr", "") for r in lines(proc.stdout) if r.get("kind") == "result")
     stopped = kp(env, "kp-stop", NAME, weakened=weakened)
-    return stopped, said
+    return booted, stopped, said
 
 
 def users_git(place: Place) -> None:
@@ -128,8 +137,7 @@ def users_git(place: Place) -> None:
 
 def test_root_in_the_guest_cannot_make_the_users_git_run_its_code(clone: dict[str, str], tmp_path: Path) -> None:
     place = make_place(tmp_path)
-    stopped, said = attack(clone, place, weakened=False)
-    booted = stopped  # kp-stop's record still carries the boot's share_git
+    booted, stopped, said = attack(clone, place, weakened=False)
     assert booted["share_git"]["read_only"] == [".git", *(f"{r}/.git" for r in USERS_REPOS)]
     # the user's repositories could not be written, renamed or replaced, even by root
     for name in ("top-config", "config", "hook"):
@@ -146,8 +154,8 @@ def test_root_in_the_guest_cannot_make_the_users_git_run_its_code(clone: dict[st
 
 def test_each_attack_works_when_sharegit_is_off(clone: dict[str, str], tmp_path: Path) -> None:
     place = make_place(tmp_path)
-    stopped, said = attack(clone, place, weakened=True)
+    _, stopped, said = attack(clone, place, weakened=True)
     assert "git_planted" not in stopped
     users_git(place)
     made = {p.name for p in place.marker.parent.iterdir()}
-    assert made == {f"M-{name}" for name in ATTACKS}, said
+    assert made == {f"M-{name}" for name in ATTACKS if name not in INERT}, said
