@@ -24,11 +24,14 @@ Its pid file is written by the helper before the exec (the pid does not change).
 
 A shared folder whose owner is not QEMU's uid (a root-owned checkout under plain root) is handed
 in as an **idmapped mount** that maps QEMU's uid and gid to the folder's owner: what the guest
-writes there belongs to the folder's owner, and QEMU's uid owns nothing on the host.  Entries
-named in ``share_readonly`` (O_PATH fds of ``.git`` directories or files inside the share) are
-bound read-only over themselves first, inside QEMU's own mount namespace, so they survive the
-share's recursive clone: the guest can read them, but not write (EROFS), rename or replace them
-(EBUSY).  Nothing of this is visible on the host: the namespace is QEMU's alone.
+writes there belongs to the folder's owner, and QEMU's uid owns nothing on the host.  The
+share's read-only entries (``Plan.read_only``: a hostpath.InPlace, as kodepipe.sharegit surveys
+it, or ``read_only_of(share, share_fd, fds)`` from O_PATH fds of entries inside the share) are
+bound read-only over themselves first, inside QEMU's own mount namespace, each checked to be the
+very file surveyed, so they survive the share's recursive clone: the guest can read them, but not
+write (EROFS), rename or replace them (EBUSY).  Nothing of this is visible on the host: the
+namespace is QEMU's alone.  Run by a user, the helper does the same in a user namespace of its
+own that maps the user to itself, so QEMU keeps the user's uid and no capability.
 """
 
 from __future__ import annotations
@@ -52,16 +55,16 @@ if TYPE_CHECKING:
 ACCOUNT = "kodepipe"  # the account QEMU runs as when root starts it without sudo
 NOLOGIN = "/usr/sbin/nologin"
 
-# syscalls and flags of the new mount API (x86_64 numbers, the unified table)
-SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_OPENAT2, SYS_MOUNT_SETATTR = 428, 429, 437, 442
+# syscalls and flags of the new mount API (the unified syscall table); the binds themselves are
+# hostpath.read_only_in_place's
+SYS_OPEN_TREE, SYS_OPENAT2, SYS_MOUNT_SETATTR = 428, 437, 442
 OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 AT_EMPTY_PATH, AT_RECURSIVE = 0x1000, 0x8000
-MOVE_MOUNT_F_EMPTY_PATH, MOVE_MOUNT_T_EMPTY_PATH = 0x04, 0x40
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_IDMAP = 0x1, 0x2, 0x4, 0x100000
+MOUNT_ATTR_IDMAP = 0x100000
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 CLONE_NEWNS, CLONE_NEWUSER = 0x20000, 0x10000000
-RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0x02, 0x04, 0x08
+RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS = 0x02, 0x04
 PR_SET_NO_NEW_PRIVS = 38
 
 
