@@ -468,6 +468,11 @@ def build_share(share_fd: int, read_only: hostpath.InPlace | None, idmap: tuple[
         userns = _userns(idmap, uid, gid)
         try:
             _setattr(tree, MOUNT_ATTR_IDMAP, recursive=True, userns=userns)
+        except OSError as exc:
+            raise OSError(exc.errno, f"the share {root} cannot be idmapped to its owner (uid {idmap[0]}) for QEMU's "
+                                     f"uid {uid} ({exc.strerror}): its filesystem may not support idmapped mounts; "
+                                     "run kp-boot with sudo as the share's owner, or share a folder on ext4, xfs, "
+                                     "btrfs or tmpfs") from None
         finally:
             os.close(userns)
     return tree
