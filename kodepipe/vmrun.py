@@ -45,12 +45,17 @@ What holds inside the guest, as on the host:
   the guest's Podman binds: a workspace need not be the share, and over
   9p with ``security_model=mapped-xattr`` a symlink the guest makes is a
   regular file on the host, so the host's view of the tree is not the
-  guest's.  What this does not cover, unlike on the host: with
-  ``--writable-git`` what the agent changes inside an existing
-  repository (its config, its hooks) stays (the host moves it away and
-  puts yours back); between the survey and ``podman run`` the bind
-  sources are paths, not fds (no agent runs yet: only the guest's root
-  could swap them, and the guest's root owns the workspace anyway).
+  guest's.  With ``--writable-git`` (and for repositories past
+  gitguard.MAX_BINDS) what git reads as configuration, hooks or pointers
+  in each writable repository is noted before the run (gitguard's levels,
+  from one ``find`` per repository; the small files kept through ``tar``),
+  and what the agent added or changed there is moved away the same way and
+  yours put back.  What this does not cover, unlike on the host: between
+  the survey and ``podman run`` the bind sources are paths, not fds, and
+  the moves after the run go by path (no agent runs at either time: only
+  the guest's root could swap them, and the guest's root owns the
+  workspace anyway); an ``objects`` directory anywhere in a repository is
+  taken for data and not watched.
 - **seccomp**: the profile is seccomp.render of the guest's own
   containers profile, the same function as the host's: new namespaces,
   CLONE_UNTRACED (EPERM) and the kernel keyring (ENOSYS) are refused.
