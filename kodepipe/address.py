@@ -56,10 +56,15 @@ def serial_tail(boot: dict[str, Any], lines: int = SERIAL_TAIL) -> str:
 
 def ssh_banner(host: str, port: int, timeout: float = 3.0) -> bool:
     """True when an SSH server answers with its banner (a forwarded port alone is not enough:
-    user-mode networking accepts the connection before the guest's sshd exists)."""
+    user-mode networking accepts the connection before the guest's sshd exists).
+
+    The probe says its own version first, as every SSH client does: passt (0.0~git20230309) does
+    not complete a forwarded connection's handshake with the guest until the host side sends
+    something, so a client that only waits for the server's banner would wait forever."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as conn:
             conn.settimeout(timeout)
+            conn.sendall(b"SSH-2.0-kodepipe_probe\r\n")
             return conn.recv(8).startswith(b"SSH-")
     except OSError:
         return False

@@ -64,6 +64,7 @@ class BootOptions:
     share: Path | None = None
     share_tag: str = "workspace"
     writable_git: bool = False  # loosened (kp-boot --writable-git): the share's git metadata writable by the guest
+    host_loopback: bool = False  # loosened (kp-boot --host-loopback): --net user by QEMU's slirp, not passt
 
     def check(self) -> None:
         if not MEMORY_RE.fullmatch(self.memory):
@@ -94,7 +95,7 @@ def free_port() -> int:
 
 def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, sockets: Sockets, *,
                  accel: str, ssh_port: int | None, serial_fd: int, incoming: str | None = None,
-                 tap: str | None = None, fds: qemuuser.Fds | None = None) -> list[str]:
+                 tap: str | None = None, net_fd: int | None = None, fds: qemuuser.Fds | None = None) -> list[str]:
     """The whole QEMU command line for ``vm``.  Pure: starts nothing.
 
     ``fds``: what kp-boot opened for a QEMU that runs as another user (kodepipe.qemuuser): its
@@ -102,7 +103,11 @@ def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, s
     kodepipe's directories.  Without it, QEMU opens them itself (a QEMU run as its caller).
 
     ``serial_fd`` is the inherited fd QEMU logs the serial console to: a pipe to the keeper that
-    bounds serial.log (kodepipe.seriallog), never a file QEMU would grow without limit."""
+    bounds serial.log (kodepipe.seriallog), never a file QEMU would grow without limit.
+
+    ``--net user`` is passt behind kodepipe's loopback guard (kodepipe.passt): ``net_fd`` is QEMU's
+    inherited end of the socketpair to it.  With ``opts.host_loopback`` it is QEMU's own slirp,
+    which lets the guest reach the host's loopback services (10.0.2.2), with SSH as a hostfwd."""
     name = vm["name"]
     if fds is None:
         kernel, initrd = image["kernel"], image["initrd"]
@@ -144,9 +149,14 @@ def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, s
         "-serial", "chardev:ser0",
     ]
     mac = mac_address(vm.get("id") or name)
-    if opts.net == "user":
+    if opts.net == "user" and opts.host_loopback:
         forward = f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22" if ssh_port else ""
         argv += ["-netdev", f"user,id=n0,hostname={name}{forward}",
+                 "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
+    elif opts.net == "user":
+        if net_fd is None:
+            raise KpError("user networking without host loopback needs passt's socket")
+        argv += ["-netdev", f"stream,id=n0,server=off,addr.type=fd,addr.str={net_fd}",
                  "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
     elif opts.net.startswith("bridge:"):
         if fds is not None and fds.tap is not None:
@@ -277,7 +287,11 @@ def is_alive(boot: dict[str, Any]) -> bool:
 
 
 def cleanup(boot_meta: dict[str, Any]) -> None:
-    """Remove a finished boot's sockets, pid file and tap device."""
+    """Remove a finished boot's sockets, pid file and tap device, and end its passt if it is still there."""
+    if boot_meta.get("passt"):
+        from kodepipe import passt
+
+        passt.stop(boot_meta["passt"])
     for path in (boot_meta.get("sockets") or {}).values():
         Path(path).unlink(missing_ok=True)
     if boot_meta.get("tap"):

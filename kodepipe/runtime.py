@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kodepipe import images, proc, qemu, qemuuser, seriallog, vms
+from kodepipe import images, passt, proc, qemu, qemuuser, seriallog, vms
 from kodepipe.errors import KpError, NotFound
 from kodepipe.records import Record
 from kodepipe.state import Store, check_id, now_iso
@@ -63,7 +64,8 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
                               else "boot it without --share, or kp-stop and boot a fresh clone")
             opts = qemu.BootOptions(memory=saved["memory"], cpus=saved["cpus"], accel=opts.accel,
                                     net=saved["net"], share=Path(saved["share"]) if saved.get("share") else None,
-                                    writable_git=bool(saved.get("writable_git", opts.writable_git)))
+                                    writable_git=bool(saved.get("writable_git", opts.writable_git)),
+                                    host_loopback=_saved_host_loopback(name, saved, image, opts, say))
         sockets = qemu.Sockets.for_vm(name)
         for stale in sockets.paths():
             stale.unlink(missing_ok=True)
@@ -78,7 +80,11 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
                         "pidfile": str(sockets.pidfile)},
             "serial_log": str(serial_log), "qemu_log": str(qemu_log), "resumed": saved is not None,
             "qemu_user": qemu_user.record(),  # who a guest that escaped QEMU would be: never root
+            # --net user reaches the host's loopback services only when asked (slirp); passt's guest does not
+            "host_loopback": opts.net == "user" and opts.host_loopback,
         }
+        if boot_meta["host_loopback"]:
+            boot_meta["loosened"] = ["host-loopback"]
         # recorded before QEMU starts, so a crash in between still leaves a trail to its pid file
         meta["boot"] = boot_meta
         store.write_meta(folder, meta)
@@ -103,7 +109,7 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
             def launch(how: str) -> tuple[int, int | None]:
                 return _launch(meta, image, opts, sockets, how, serial_log, qemu_log, folder, saved,
                                boot_meta.get("tap"), share_git.read_only if share_git else None,
-                               boot_meta=boot_meta, user=qemu_user)
+                               boot_meta=boot_meta, user=qemu_user, say=lambda message: say(f"{name}: {message}"))
 
             if accel[0] == "kvm" and saved is None:  # a resumed guest says nothing: the guest agent proves it
                 pid, port = _launch_under_kvm(name, boot_meta, launch, sockets, serial_log, qemu_log,
@@ -210,9 +216,11 @@ def _reseed(boot_meta: dict[str, Any], name: str, vm_id: str) -> float:
 def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets: qemu.Sockets, accel: str,
             serial_log: Path, qemu_log: Path, folder: Path, saved: dict[str, Any] | None,
             tap_device: str | None, share_readonly: hostpath.InPlace | None, *,
-            boot_meta: dict[str, Any] | None = None, user: qemuuser.QemuUser | None = None) -> tuple[int, int | None]:
+            boot_meta: dict[str, Any] | None = None, user: qemuuser.QemuUser | None = None,
+            say: Callable[[str], None] = lambda _m: None) -> tuple[int, int | None]:
     vm = {**meta, "disk": str(folder / meta["disk"])}
     user = user or qemuuser.resolve()  # QEMU never runs as root (kodepipe.qemuuser)
+    passt_net = opts.net == "user" and not opts.host_loopback
     for attempt in range(3):
         port = qemu.free_port() if opts.net == "user" else None
         fds: tuple[int, ...] = ()
@@ -223,26 +231,76 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
             state_fd = os.open(_state_file(image, folder, saved), os.O_RDONLY)
             fds, incoming = (state_fd,), f"fd:{state_fd}"
         try:
-            # the serial log goes through a keeper that bounds it (kodepipe.seriallog)
+            # the serial log goes through a keeper that bounds it (kodepipe.seriallog); --net user is
+            # passt behind the loopback guard (kodepipe.passt), unless --host-loopback asked for slirp
             with seriallog.pipe(serial_log, user=user) as serial_fd, \
+                    _network(passt_net, port, folder, qemu_log) as net, \
                     qemuuser.handed(user, sockets, image, Path(vm["disk"]), share=opts.share, tap=tap_device,
                                     read_only=share_readonly) as (handed, plan):
                 if boot_meta is not None and plan.idmap is not None:
                     boot_meta["share_idmap"] = {"owner": list(plan.idmap), "qemu": [user.uid, user.gid]}
+                if net is not None and boot_meta is not None:
+                    boot_meta.update(passt=net.record(), dns=list(net.dns.servers))
+                    if net.dns.problem:
+                        say(net.dns.problem)
+                net_fds = (net.qemu_fd,) if net is not None else ()
                 argv = qemu.command_line(vm, image, opts, sockets, accel=accel, ssh_port=port, serial_fd=serial_fd,
-                                         incoming=incoming, tap=tap_device, fds=handed)
-                pid = qemu.launch(argv, qemu_log, sockets.qmp, pass_fds=(*fds, serial_fd, *handed.all()), plan=plan)
+                                         incoming=incoming, tap=tap_device,
+                                         net_fd=net.qemu_fd if net is not None else None, fds=handed)
+                pid = qemu.launch(argv, qemu_log, sockets.qmp, pass_fds=(*fds, serial_fd, *net_fds, *handed.all()),
+                                  plan=plan)
             if saved is not None:
                 _wait_incoming(sockets.qmp)
             return pid, port
         except KpError as exc:
-            # another program took the SSH port between our probe and QEMU's bind: try another
-            if ("hostfwd" not in exc.message and "host forwarding" not in exc.message) or attempt == 2:
+            # another program took the SSH port between our probe and QEMU's (or passt's) bind: try another
+            if not any(s in exc.message for s in ("hostfwd", "host forwarding", "Failed to bind")) or attempt == 2:
                 raise
         finally:
             if state_fd is not None:
                 os.close(state_fd)
     raise AssertionError("unreachable")
+
+
+def _network(passt_net: bool, port: int | None, folder: Path,
+             qemu_log: Path) -> contextlib.AbstractContextManager[passt.Started | None]:
+    """passt and its loopback guard for one QEMU (kodepipe.passt), or nothing (slirp, bridge, none)."""
+    if not passt_net:
+        return contextlib.nullcontext()
+    return passt.serving(folder / "passt.log", port, output=qemu_log)
+
+
+def _saved_host_loopback(name: str, saved: dict[str, Any], image: Record, opts: qemu.BootOptions,
+                         say: Callable[[str], None]) -> bool:
+    """Whether a saved machine's --net user is slirp (host loopback): the network it was saved with.
+
+    QEMU cannot load a state saved with one network back end into another (slirp has its own section
+    of the saved state).  A state saved before kp-boot used passt has no "netdev": it is slirp's.
+    A warm state of slirp's is refused unless --host-loopback asks for it (its clones would reach the
+    host's loopback unasked); a VM of the user's own saved then resumes as it was, said on stderr.
+    """
+    if saved.get("net") != "user":
+        return False
+    warm = image.get("warm") if saved.get("warm") and isinstance(image.get("warm"), dict) else None
+    netdev = (warm or {}).get("netdev") if saved.get("warm") else saved.get("netdev")
+    if netdev == passt.NETDEV:
+        if opts.host_loopback:
+            how = "a warm clone" if warm is not None else "a saved VM"
+            raise KpError(f"{name} is {how} saved without --host-loopback: it resumes with the network it was "
+                          "saved with (passt)", code="net_on_saved",
+                          hint="boot it without --host-loopback, or boot a cold clone (kp-clone --cold) with it")
+        return False
+    if warm is not None and not opts.host_loopback:
+        base = image.get("name")
+        raise KpError(f"{name} is a warm clone of a warm state of {base} made with QEMU's user networking (slirp), "
+                      "whose guests reach the host's loopback services; it cannot resume with passt",
+                      code="warm_outdated",
+                      hint=f"remake the warm state with kp-image warm --force {base} and clone again, clone it with "
+                           f"kp-clone --cold, or boot it with --host-loopback to resume it as it was")
+    if not opts.host_loopback:
+        say(f"{name}: it was saved with QEMU's user networking (slirp) and resumes with it: its guest can reach "
+            "the host's loopback services (host_loopback in its record)")
+    return True
 
 
 def _state_file(image: Record, folder: Path, saved: dict[str, Any]) -> Path:
@@ -447,6 +505,7 @@ def save(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
         meta["saved"] = {"saved": now_iso(), "memory": boot_meta["memory"], "cpus": boot_meta["cpus"],
                          "net": boot_meta["net"], "share": boot_meta.get("share"),
                          "writable_git": bool((boot_meta.get("share_git") or {}).get("writable")),
+                         "netdev": "slirp" if boot_meta.get("host_loopback") else passt.NETDEV,
                          "bytes": target.stat().st_size}
         meta.pop("boot", None)
         store.write_meta(folder, meta)

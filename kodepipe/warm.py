@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kodepipe import address, images, qemu, qemu_img, qemuuser, runtime, seriallog
+from kodepipe import address, images, passt, qemu, qemu_img, qemuuser, runtime, seriallog
 from kodepipe.errors import InUse, KpError, Timeout
 from kodepipe.records import Record
 from kodepipe.state import Store, new_id, now_iso, remove_tree
@@ -57,14 +57,18 @@ def make_warm(store: Store, name: str, *, memory: str, cpus: int, accel: tuple[s
             opts = qemu.BootOptions(memory=memory, cpus=cpus, net="user")
             port = qemu.free_port()
             progress(f"booting {name} once ({accel[0]})")
+            # the network of a default kp-boot (passt behind the loopback guard): QEMU resumes a saved
+            # state only with the network back end it was saved with
             user = qemuuser.resolve()  # never root, as kp-boot's QEMUs
             with seriallog.pipe(work / "serial.log", user=user) as serial_fd, \
+                    passt.serving(work / "passt.log", port, output=work / "qemu.log") as net, \
                     qemuuser.handed(user, sockets, image, work / WARM_DISK) as (handed, plan):
+                boot_meta["passt"] = net.record()
                 argv = qemu.command_line({"name": name, "id": image["id"], "disk": str(work / WARM_DISK)}, image,
                                          opts, sockets, accel=accel[0], ssh_port=port, serial_fd=serial_fd,
-                                         fds=handed)
+                                         net_fd=net.qemu_fd, fds=handed)
                 boot_meta["pid"] = qemu.launch(argv, work / "qemu.log", sockets.qmp,
-                                               pass_fds=(serial_fd, *handed.all()), plan=plan)
+                                               pass_fds=(serial_fd, net.qemu_fd, *handed.all()), plan=plan)
             _wait_ready(boot_meta, port, started + timeout, progress)
             booted = time.monotonic() - started
             progress(f"ready after {booted:.0f} s; saving its state")
@@ -89,6 +93,7 @@ def make_warm(store: Store, name: str, *, memory: str, cpus: int, accel: tuple[s
         meta = store.read_meta(folder) or {}
         meta["warm"] = {"id": new_id(), "created": now_iso(), "disk": WARM_DISK, "state": WARM_STATE,
                         "memory": memory, "cpus": cpus, "accel": accel[0], "boot_seconds": round(booted, 1),
+                        "netdev": passt.NETDEV,
                         "state_bytes": (folder / WARM_STATE).stat().st_size}
         store.write_meta(folder, meta)
     return images.view(store, name)

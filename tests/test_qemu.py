@@ -20,7 +20,7 @@ DEFAULT = qemu.BootOptions()
 
 def argv(opts: qemu.BootOptions = DEFAULT, **kw: object) -> list[str]:
     vm = {"name": "a", "id": "0123456789ab", "disk": "/state/vms/a/disk.qcow2"}
-    args: dict[str, object] = {"accel": "tcg", "ssh_port": 2222, "serial_fd": 7}
+    args: dict[str, object] = {"accel": "tcg", "ssh_port": 2222, "serial_fd": 7, "net_fd": 11}
     args.update(kw)
     return qemu.command_line(vm, IMAGE, opts, SOCKETS, **args)  # type: ignore[arg-type]
 
@@ -50,16 +50,24 @@ def test_kvm_uses_the_host_cpu() -> None:
     assert value(args, "-accel") == ["kvm"] and value(args, "-cpu") == ["host"]
 
 
-@pytest.mark.parametrize("net, netdev, nic", [
-    ("user", "user,id=n0,hostname=a,hostfwd=tcp:127.0.0.1:2222-:22", True),
-    ("none", None, False),
-    ("bridge:br0", "tap,id=n0,ifname=kp0123,script=no,downscript=no", True),
+@pytest.mark.parametrize("net, host_loopback, netdev, nic", [
+    # the default: passt behind the loopback guard, through the inherited socket (fd 11)
+    ("user", False, "stream,id=n0,server=off,addr.type=fd,addr.str=11", True),
+    # the loosening: QEMU's slirp, SSH as a hostfwd on loopback
+    ("user", True, "user,id=n0,hostname=a,hostfwd=tcp:127.0.0.1:2222-:22", True),
+    ("none", False, None, False),
+    ("bridge:br0", False, "tap,id=n0,ifname=kp0123,script=no,downscript=no", True),
 ])
-def test_networks(net: str, netdev: str | None, nic: bool) -> None:
-    args = argv(qemu.BootOptions(net=net), tap="kp0123")
+def test_networks(net: str, host_loopback: bool, netdev: str | None, nic: bool) -> None:
+    args = argv(qemu.BootOptions(net=net, host_loopback=host_loopback), tap="kp0123", net_fd=11)
     assert value(args, "-netdev") == ([netdev] if netdev else [])
     nics = [d for d in value(args, "-device") if d.startswith("virtio-net-pci")]
     assert nics == ([f"virtio-net-pci,netdev=n0,mac={qemu.mac_address('0123456789ab')}"] if nic else [])
+
+
+def test_user_networking_without_passts_socket_is_refused() -> None:
+    with pytest.raises(KpError, match="passt"):
+        argv(qemu.BootOptions(net="user"), net_fd=None)
 
 
 def test_only_the_shared_folder_is_exported_and_commas_are_escaped(tmp_path: Path) -> None:

@@ -20,8 +20,16 @@ from kodepipe.commands import options, vmargs
                    "a guest again under TCG if its serial console stays silent for 30 s under KVM; kvm fails "
                    "instead of falling back; tcg never uses KVM.")
 @click.option("--net", default="user", show_default=True, metavar="user|none|bridge:BR",
-              help="user: private NAT, SSH forwarded to a free port on 127.0.0.1 (no privileges); "
-                   "none: no NIC at all; bridge:BR: a tap on host bridge BR for a routable address (root).")
+              help="user: private NAT by passt (Debian package passt), SSH forwarded to a free port on 127.0.0.1 "
+                   "(no privileges); the guest reaches the network and the host's non-loopback addresses as the "
+                   "host would, but no service listening on the host's loopback (127.0.0.0/8, ::1), whatever "
+                   "address or raw packet it tries; none: no NIC at all; bridge:BR: a tap on host bridge BR for a "
+                   "routable address (root).")
+@click.option("--host-loopback", is_flag=True,
+              help="Loosened: --net user by QEMU's own user networking (slirp) instead of passt, as before "
+                   "kodepipe kept guests away from the host's loopback: the guest then reaches every service "
+                   "listening on the host's 127.0.0.1 (through 10.0.2.2). Recorded in the vm record "
+                   "(host_loopback, loosened). A saved VM resumes with the network it was saved with.")
 @click.option("--share", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="One host directory shared read-write into the guest (9p, tag 'workspace'; mounted at "
                    "/workspace by kp-ip). Nothing else of the host is visible. The guest sees the host's owners "
@@ -37,8 +45,8 @@ from kodepipe.commands import options, vmargs
                    "made or swapped in the share, and with this flag a changed config or hook, is renamed to a name "
                    "git does not read and listed in the record (git_planted). Recorded in the vm record (loosened).")
 @options.quiet
-def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, share: Path | None,
-        writable_git: bool, quiet: bool) -> int:
+def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, host_loopback: bool,
+        share: Path | None, writable_git: bool, quiet: bool) -> int:
     """Start VMs headless, from NAMEs or the vm records on stdin.
 
     Each VM runs as a detached QEMU under QEMU's seccomp sandbox, with a
@@ -71,8 +79,10 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, sh
 
     if writable_git and share is None:
         raise click.UsageError("--writable-git loosens the git protection of a --share: give --share DIR too")
+    if host_loopback and net != "user":
+        raise click.UsageError("--host-loopback loosens --net user: it has no meaning with --net " + net)
     opts = qemu.BootOptions(memory=memory, cpus=cpus, accel=accel, net=net, share=share.resolve() if share else None,
-                            writable_git=writable_git)
+                            writable_git=writable_git, host_loopback=host_loopback)
     try:
         opts.check()
     except BadInput as exc:

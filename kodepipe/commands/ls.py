@@ -159,6 +159,9 @@ def table(items: list[dict[str, object]], *, colour: bool) -> str:
             ssh = r.get("ssh")
             if r.get("state") in ("running", "suspended") and isinstance(ssh, dict):
                 detail += f", ssh {ssh.get('user')}@{ssh.get('host')}:{ssh.get('port')}"
+            loosened = r.get("loosened")
+            if isinstance(loosened, list) and loosened:  # e.g. host-loopback: the guest reaches the host's loopback
+                detail += f", loosened: {' '.join(str(item) for item in loosened)}"
         # a cell may quote what an agent or a guest chose (a workspace path, an address): its control
         # characters are shown escaped, never sent to the terminal
         rows.append(tuple(terminal.escape(cell) for cell in (
