@@ -26,7 +26,7 @@ from pathlib import Path
 
 import orjson
 
-from kodepipe import address, images, qemu, qemu_img, seriallog
+from kodepipe import address, images, passt, qemu, qemu_img, seriallog
 from kodepipe.accel import choose
 from kodepipe.qmp import Monitor
 from kodepipe.state import Store
@@ -63,11 +63,13 @@ def by_hand(image: dict[str, object], accel: str, work: Path, warm: bool) -> flo
     if warm:
         fd = os.open(folder / "warm.state", os.O_RDONLY)
         fds, incoming = (fd,), f"fd:{fd}"
-    with seriallog.pipe(work / "serial.log") as serial_fd:
+    # the default --net user: passt behind the loopback guard, as kp-boot starts it
+    with seriallog.pipe(work / "serial.log") as serial_fd, \
+            passt.serving(work / "passt.log", port, output=work / "passt.out") as net:
         argv = qemu.command_line({"name": "bench", "id": "bench", "disk": str(disk)}, image,
                                  qemu.BootOptions(), sockets, accel=accel, ssh_port=port,
-                                 serial_fd=serial_fd, incoming=incoming)
-        child = subprocess.Popen(argv, pass_fds=(*fds, serial_fd), stdout=subprocess.DEVNULL,
+                                 serial_fd=serial_fd, incoming=incoming, net_fd=net.qemu_fd)
+        child = subprocess.Popen(argv, pass_fds=(*fds, serial_fd, net.qemu_fd), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
     try:
         if warm:
