@@ -248,11 +248,43 @@ per\-name locks (flock): concurrent commands on one name are safe
 .B $KODEPIPE_STATE_DIR/locks/workspace.DEV.INO.lock
 one per workspace directory (by device and inode): kp\-run \-\-apply
 checks and writes under it, so concurrent applies to one workspace take turns
-.SH ENVIRONMENT
+{threats}.SH ENVIRONMENT
 {env}
 .SH SEE ALSO
 {see_also}
 """
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+THREATS_HEADING = "## Threat model: what each layer promises, and what it does not"
+
+
+def _inline(text: str) -> str:
+    """README markdown within a line (``code``, **bold**) as roff."""
+    out = esc(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"\\fB\1\\fR", out)
+    return re.sub(r"`([^`]+)`", r"\\fB\1\\fR", out)
+
+
+def threats_section(readme: str) -> str:
+    """The README's threat model (its paragraphs and its table) as a man page section, so the two
+    cannot drift: the README is where it is written, kodepipe(7) is generated from it."""
+    start = readme.find(THREATS_HEADING + "\n")
+    if start < 0:
+        raise ValueError(f"README.md has no section {THREATS_HEADING!r}")
+    body = readme[start + len(THREATS_HEADING):]
+    body = body[:body.find("\n## ")] if "\n## " in body else body
+    out = [".SH THREAT MODEL"]
+    for block in (b.strip() for b in body.split("\n\n")):
+        if not block:
+            continue
+        if block.startswith("|"):
+            rows = [r.strip().strip("|").split(" | ") for r in block.splitlines()]
+            for layer, promises, not_promised in (r for r in rows[2:] if len(r) == 3):
+                out += [".TP", f".B {esc(layer.strip())}", "Promises: " + _inline(promises.strip()) + ".",
+                        ".IP", "Does not promise: " + _inline(not_promised.strip()) + "."]
+        else:
+            out += [".PP", _inline(" ".join(block.split()))]
+    return "\n".join(out) + "\n"
 
 
 def contract_page() -> str:
@@ -260,8 +292,9 @@ def contract_page() -> str:
     from kodepipe.inventory import STATES
 
     states = "\n".join(f".TP\n.B {esc(state)}\n{esc(meaning)}" for state, meaning in STATES.items())
+    threats = threats_section(README.read_text()) if README.exists() else ""
     return CONTRACT.lstrip("\n").format(date=DATE, version=__version__, exits=_exit_statuses(),
-                                        env=_environment(), see_also=see_also, states=states)
+                                        env=_environment(), see_also=see_also, states=states, threats=threats)
 
 
 EVENTS = r"""
