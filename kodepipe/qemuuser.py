@@ -75,7 +75,7 @@ class QemuUser:
     uid: int
     gid: int
     name: str
-    why: str  # "self", "sudo" or "account"
+    why: str  # "self", "sudo", "share-owner" or "account"
     groups: tuple[int, ...] = ()  # supplementary groups kept (only /dev/kvm's group, when it had it)
 
     def record(self) -> dict[str, Any]:
@@ -83,14 +83,24 @@ class QemuUser:
 
 
 def resolve(environ: Mapping[str, str] | None = None, *, euid: int | None = None,
-            ensure: Callable[[], pwd.struct_passwd] | None = None) -> QemuUser:
-    """Who QEMU is to run as, started by this process (``euid``) with ``environ``."""
+            ensure: Callable[[], pwd.struct_passwd] | None = None,
+            share_owner: tuple[int, int] | None = None) -> QemuUser:
+    """Who QEMU is to run as, started by this process (``euid``) with ``environ``.
+
+    ``share_owner``: the (uid, gid) owning a ``--share`` directory.  When root starts QEMU and
+    someone other than root owns the share, QEMU runs as that owner: the guest then sees the share's
+    owners as they are on the host (9p shows it the owners QEMU sees), and what it writes there is
+    the owner's.  A root-owned share is idmapped instead (``share_idmap``)."""
     environ = os.environ if environ is None else environ
     euid = os.geteuid() if euid is None else euid
     if euid != 0:
         name = _name_of(euid)
         return QemuUser(euid, os.getegid(), name, "self", _kvm_groups(name, os.getegid(), os.getgroups()))
     sudo = _sudo_user(environ)
+    if share_owner is not None and share_owner[0] != 0 and (sudo is None or sudo.pw_uid != share_owner[0]):
+        uid, gid = share_owner
+        name = _name_of(uid)
+        return QemuUser(uid, gid, name, "share-owner", _kvm_groups(name, gid))
     if sudo is not None:
         gid = sudo.pw_gid
         with contextlib.suppress(ValueError):
@@ -120,6 +130,14 @@ def _sudo_user(environ: Mapping[str, str]) -> pwd.struct_passwd | None:
         return pwd.getpwuid(uid)
     except KeyError:
         return None
+
+
+def share_owner(share: Path | None) -> tuple[int, int] | None:
+    """Who owns the directory ``share`` (uid, gid), or None without one."""
+    if share is None:
+        return None
+    st = os.stat(share)
+    return st.st_uid, st.st_gid
 
 
 def _kvm_groups(name: str, gid: int, groups: Sequence[int] | None = None) -> tuple[int, ...]:

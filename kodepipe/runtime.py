@@ -71,7 +71,7 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
             stale.unlink(missing_ok=True)
         serial_log, qemu_log = folder / "serial.log", folder / "qemu.log"
         user = image.get("user", "kp")
-        qemu_user = qemuuser.resolve()
+        qemu_user = qemuuser.resolve(share_owner=qemuuser.share_owner(opts.share))
         boot_meta: dict[str, Any] = {
             "pid": None, "boot_id": proc.boot_id(), "started": now_iso(), "accel": accel[0],
             "accel_reason": accel[1], "memory": opts.memory, "cpus": opts.cpus, "net": opts.net,

@@ -40,6 +40,22 @@ def test_root_never_runs_qemu_as_root(environ: dict[str, str], euid: int, want: 
         assert (user.uid, user.gid) == (995, 994)
 
 
+@pytest.mark.parametrize("environ, owner, want", [
+    ({}, (1000, 1001), (1000, 1001, "share-owner")),  # someone's checkout under plain root: its owner
+    ({"SUDO_UID": "NOBODY"}, (1000, 1001), (1000, 1001, "share-owner")),  # someone else's under sudo: its owner
+    ({"SUDO_UID": "NOBODY", "SUDO_GID": "NOGROUP"}, (0, 0), ("NOBODY", "NOGROUP", "sudo")),  # root's: idmapped
+    ({}, (0, 0), (995, 994, "account")),  # root's under plain root: the account, idmapped
+])
+def test_a_share_not_roots_is_served_by_its_owner(environ: dict[str, str], owner: tuple[int, int],
+                                                   want: tuple[object, object, str]) -> None:
+    nobody = someone()
+    ids = {"NOBODY": nobody.pw_uid, "NOGROUP": nobody.pw_gid}
+    environ = {k: str(ids.get(v, v)) for k, v in environ.items()}
+    user = qemuuser.resolve(environ, euid=0, ensure=lambda: ACCOUNT, share_owner=owner)
+    assert (user.uid, user.gid, user.why) == tuple(ids.get(str(w), w) for w in want)
+    assert qemuuser.resolve({}, euid=1234, share_owner=owner).uid == 1234  # a user's QEMU is the user
+
+
 def test_a_normal_user_runs_qemu_as_itself() -> None:
     user = qemuuser.resolve({"SUDO_UID": "0"}, euid=1234, ensure=lambda: pytest.fail("no account for a user"))
     assert user.uid == 1234 and user.why == "self"

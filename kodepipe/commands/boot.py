@@ -34,9 +34,9 @@ from kodepipe.commands import options, vmargs
               help="One host directory shared read-write into the guest (9p, tag 'workspace'; mounted at "
                    "/workspace by kp-ip). Nothing else of the host is visible. The guest sees the host's owners "
                    "and modes (its user is uid 1000); what it creates is owned on the host by the directory's owner "
-                   "(QEMU's user, or, when root started QEMU as another user, the owner through an idmapped mount "
-                   "in QEMU's own mount namespace), with the guest's owner and mode kept in extended attributes, so "
-                   "a guest can never plant a setuid file on the host.")
+                   "(run by root, QEMU runs as the owner of a directory someone else owns; a root-owned one is "
+                   "an idmapped mount in QEMU's own mount namespace), with the guest's owner and mode kept in "
+                   "extended attributes, so a guest can never plant a setuid file on the host.")
 @click.option("--writable-git", is_flag=True,
               help="Loosened: let the guest write the git metadata of the --share (to commit in the guest). By "
                    "default every git repository in the share (each .git, nested ones and bare repositories) is "
@@ -60,9 +60,10 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
     through as it is; one saved with kp-stop --save resumes where it was.
     A launch failure carries QEMU's own message.
 
-    QEMU never runs as root: run by root under sudo it runs as the user who
-    ran sudo, run by root otherwise as the system account kodepipe (made if
-    missing), else as its caller; the record's qemu_user says which.  It is
+    QEMU never runs as root: run by root it runs as the owner of the --share
+    directory when that is not root, else under sudo as the user who ran
+    sudo, else as the system account kodepipe (made if missing); run by a
+    user, as that user.  The record's qemu_user says which.  It is
     handed its sockets, disk, kernel, share and tap as open files, and its
     serial log's keeper runs as the same user, so a guest that escapes QEMU
     gets that user, not root.

@@ -2,9 +2,13 @@
 keeper, and passt) as an unprivileged uid, hands it only fds, and what the guest writes in a share
 belongs to the share's owner.  Real QEMU, real guests (TCG), as root (issue 10, item 9).
 
-- plain root: QEMU runs as the ``kodepipe`` account, the share is an idmapped mount in QEMU's own
-  mount namespace, so a file the guest's root writes lands owned by the share's owner;
-- sudo-like (SUDO_UID/SUDO_GID of a test user): QEMU runs as that user;
+- plain root, a root-owned share: QEMU runs as the ``kodepipe`` account and the share is an
+  idmapped mount in QEMU's own mount namespace, so what the guest's root writes is root's (the
+  share's owner's), though QEMU is not root;
+- plain root, a share someone else owns: QEMU runs as that owner (the guest sees the owners as
+  they are), so what the guest writes is theirs, not root's;
+- sudo-like (SUDO_UID/SUDO_GID of a test user): QEMU runs as that user (a root-owned share is
+  idmapped to root for it);
 - a read-only entry of the share (``share_readonly``): the guest's root can neither write nor
   rename it; the mechanism is also driven directly with a plain directory, through the exec
   helper, as QEMU's uid.
@@ -108,21 +112,24 @@ def checkout(root: Path, name: str, user: pwd.struct_passwd | None) -> Path:
 @pytest.fixture(scope="module")
 def vms(golden: dict[str, Any], owner: pwd.struct_passwd,
         tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[str, Any]]]:
-    """Two VMs booted at once (each boot is a minute under TCG): one by plain root with a share its
-    owner (not root) owns, one by a sudo-like root (SUDO_UID of that owner) with the owner's share."""
+    """Three VMs booted at once (each boot is a minute or more under TCG): by plain root with a
+    root-owned share, by a sudo-like root (SUDO_UID of the test user) with a root-owned share, and by
+    plain root with a share the test user owns."""
     env = golden["env"]
     root = tmp_path_factory.mktemp("shares")
     os.chmod(root, 0o700)  # root's, like /root: QEMU's uid cannot even look in; it gets the share as an fd
     plain_env = {k: v for k, v in env.items() if not k.startswith("SUDO_")}
     sudo_env = {**plain_env, "SUDO_UID": str(owner.pw_uid), "SUDO_GID": str(owner.pw_gid), "SUDO_USER": TEST_USER}
-    boots = {"h2-root": (plain_env, checkout(root, "plain", owner)),
-             "h2-sudo": (sudo_env, checkout(root, "sudo", owner))}
+    boots = {"h2-root": (plain_env, checkout(root, "plain", None)),
+             "h2-sudo": (sudo_env, checkout(root, "sudo", None)),
+             "h2-owner": (plain_env, checkout(root, "owned", owner))}
     records: dict[str, dict[str, Any]] = {}
     try:
         for name, (boot_env, share) in boots.items():
             one(run(boot_env, "kp-clone", "--cold", "base", name))
             record = one(run(boot_env, "kp-boot", "--accel", "tcg", "--share", str(share), name, timeout=300))
-            records[name] = {**record, "share_dir": str(share)}
+            st = share.stat()
+            records[name] = {**record, "share_dir": str(share), "share_owner": (st.st_uid, st.st_gid)}
         for record in records.values():
             code, out, err = in_guest(record, MOUNT)
             assert code == 0, (out, err)
@@ -161,26 +168,36 @@ def test_under_sudo_qemu_runs_as_the_invoking_user(vms: dict[str, dict[str, Any]
     assert uids(record["pid"]) == {owner.pw_uid}
     (keeper,) = keeper_of(record["serial_log"])
     assert uids(keeper) == {owner.pw_uid}
-    assert "share_idmap" not in record  # the share is the user's own: nothing to map
+    # the share is root's: idmapped so that the user's QEMU writes it as root, its owner
+    assert record["share_idmap"] == {"owner": [0, 0], "qemu": [owner.pw_uid, owner.pw_gid]}
 
 
-@pytest.mark.parametrize("name", ["h2-root", "h2-sudo"])
+def test_a_share_someone_owns_is_served_as_them(vms: dict[str, dict[str, Any]], owner: pwd.struct_passwd) -> None:
+    record = vms["h2-owner"]
+    assert record["qemu_user"] == {"uid": owner.pw_uid, "gid": owner.pw_gid, "name": TEST_USER, "why": "share-owner"}
+    assert uids(record["pid"]) == {owner.pw_uid} and "share_idmap" not in record
+    assert vms["h2-root"]["share_idmap"] == {"owner": [0, 0], "qemu": [vms["h2-root"]["qemu_user"]["uid"],
+                                                                         vms["h2-root"]["qemu_user"]["gid"]]}
+
+
+@pytest.mark.parametrize("name", ["h2-root", "h2-sudo", "h2-owner"])
 def test_what_the_guests_root_writes_in_a_share_belongs_to_its_owner(vms: dict[str, dict[str, Any]],
-                                                                      owner: pwd.struct_passwd, name: str) -> None:
+                                                                      name: str) -> None:
     record = vms[name]
+    want = tuple(record["share_owner"])
     share = Path(record["share_dir"])
     code, out, err = in_guest(record, "set -e; echo from the guest > /workspace/made.txt; mkdir -p /workspace/dir; "
                                       "echo deeper > /workspace/dir/file; echo more >> /workspace/README; id -u")
     assert code == 0 and out.strip() == "0", (out, err)  # the guest's root wrote them
     for path in (share / "made.txt", share / "dir", share / "dir" / "file", share / "README"):
         st = path.stat()
-        assert (st.st_uid, st.st_gid) == (owner.pw_uid, owner.pw_gid), (path, st.st_uid, st.st_gid)
+        assert (st.st_uid, st.st_gid) == want, (path, st.st_uid, st.st_gid)
         assert st.st_mode & 0o400  # readable by the owner
     assert (share / "made.txt").read_text() == "from the guest\n"
     assert (share / "README").read_text() == "the owner's\nmore\n"
 
 
-@pytest.mark.parametrize("name", ["h2-root", "h2-sudo"])
+@pytest.mark.parametrize("name", ["h2-root", "h2-sudo", "h2-owner"])
 def test_a_read_only_entry_cannot_be_written_or_renamed_by_the_guests_root(vms: dict[str, dict[str, Any]],
                                                                           name: str) -> None:
     record = vms[name]
