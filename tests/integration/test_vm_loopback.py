@@ -286,3 +286,47 @@ def test_passt_and_its_guard_end_with_qemu(guest: tuple[dict[str, str], dict[str
     assert len(passt_pids(third)) == 2
     assert run(env, "kp-rm", NAME, timeout=300).returncode == 0
     assert passt_pids(third) == []
+
+
+def test_warm_clones_resume_with_passt_and_an_old_slirp_warm_state_is_refused(
+        golden: dict[str, Any], listeners: dict[str, Listener]) -> None:
+    env, state = golden["env"], Path(golden["state"])
+    image = lines(run(env, "kp-ls", "base").stdout)[0]
+    if not isinstance(image.get("warm"), dict):
+        image = lines(run(env, "kp-image", "warm", "base", timeout=900).stdout)[0]
+    assert image["warm"]["netdev"] == "passt"  # warm states are made with the default network
+    names = ["warm-loopy", "warm-loose", "warm-old"]
+    meta_file = state / "images" / "base" / "meta.json"
+    original = meta_file.read_bytes()
+    try:
+        for name in names:
+            assert run(env, "kp-clone", "base", name).returncode == 0
+        # a warm clone resumes with passt behind the guard, and the gateway is not the host's loopback
+        booted = run(env, "kp-boot", "--accel", "tcg", names[0])
+        assert booted.returncode == 0, booted.stderr.decode()
+        record = lines(booted.stdout)[0]
+        assert record["host_loopback"] is False and len(passt_pids(record)) == 2
+        assert run(env, "kp-ip", names[0], "--timeout", "300", timeout=600).returncode == 0
+        port = listeners["v4"].port
+        probe = as_root(env, names[0], f"timeout 10 bash -c 'exec 3<>/dev/tcp/10.0.2.2/{port}' && echo reached; "
+                                       f"timeout 10 bash -c 'exec 3<>/dev/tcp/{listeners['outside'].host}/"
+                                       f"{listeners['outside'].port}' && echo outside")
+        assert probe["stdout"] == "outside\n", probe
+        assert listeners["v4"].seen() == []
+        # it was saved with passt: --host-loopback cannot change that, and nothing is started
+        loose = run(env, "kp-boot", "--accel", "tcg", "--host-loopback", names[1])
+        assert loose.returncode == 1 and lines(loose.stdout)[0]["error"]["code"] == "net_on_saved", loose.stderr
+        assert lines(run(env, "kp-ls", names[1]).stdout)[0]["state"] == "stopped"
+        # a warm state made before kp-boot used passt (no "netdev": slirp's) is refused with the way out
+        meta = json.loads(original)
+        del meta["warm"]["netdev"]
+        meta_file.write_text(json.dumps(meta))
+        old = run(env, "kp-boot", "--accel", "tcg", names[2])
+        assert old.returncode == 1, old.stderr.decode()
+        error = lines(old.stdout)[0]["error"]
+        assert error["code"] == "warm_outdated" and "slirp" in error["message"]
+        assert b"kp-image warm --force base" in old.stderr
+    finally:
+        meta_file.write_bytes(original)
+        for name in names:
+            run(env, "kp-rm", name, timeout=300)
