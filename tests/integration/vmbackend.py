@@ -32,6 +32,7 @@ WEAKENED_VM = """
 from kodepipe import vmrun
 vmrun.git_protect = lambda repos, writable: []
 vmrun.git_planted = lambda before, after: []
+vmrun.git_changed = lambda *args: []
 """
 
 
