@@ -39,10 +39,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import json
 import os
 import pwd
 import socket
+import stat
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -496,10 +498,50 @@ def build_share(share_fd: int, read_only: hostpath.InPlace | None, idmap: tuple[
     return tree
 
 
+KVM_DEVICE = "/dev/kvm"
+MS_BIND, MS_NOSUID, MNT_DETACH = 4096, 2, 2
+
+
+def _wants_kvm(argv: Sequence[str]) -> bool:
+    return any(a == "-accel" and b.split(",")[0] == "kvm" for a, b in itertools.pairwise(argv))
+
+
+def _may_open(path: str, uid: int, gid: int, groups: Sequence[int]) -> bool:
+    """Whether ``uid`` (with ``gid`` and ``groups``) may open ``path`` read-write, by its mode."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return True  # nothing to give: QEMU says there is no KVM, as it would have
+    if st.st_uid == uid:
+        return st.st_mode & 0o600 == 0o600
+    if st.st_gid == gid or st.st_gid in groups:
+        return st.st_mode & 0o060 == 0o060
+    return st.st_mode & 0o006 == 0o006
+
+
+def kvm_for(uid: int, gid: int, scratch: Path) -> None:
+    """Give QEMU's uid /dev/kvm in its own mount namespace (the caller's, already private): a device
+    node of KVM's, owned by that uid, made in a tmpfs mounted a moment over ``scratch`` and bound over
+    /dev/kvm.  The host's /dev/kvm keeps its owner and mode."""
+    st = os.stat(KVM_DEVICE)
+    lib = _lib()
+    _check(lib.mount(b"tmpfs", os.fsencode(scratch), b"tmpfs", ctypes.c_ulong(MS_NOSUID), b"mode=700"),
+           "mounting a tmpfs for /dev/kvm")
+    try:
+        node = scratch / "kvm"
+        os.mknod(node, stat.S_IFCHR | 0o600, st.st_rdev)
+        os.chown(node, uid, gid)
+        _check(lib.mount(os.fsencode(node), os.fsencode(KVM_DEVICE), None, ctypes.c_ulong(MS_BIND), None),
+               "binding /dev/kvm")
+    finally:
+        _check(lib.umount2(os.fsencode(scratch), MNT_DETACH), "unmounting the tmpfs for /dev/kvm")
+
+
 def run_helper(spec: dict[str, Any], argv: list[str]) -> None:
     """Set up QEMU's share, write its pid file, drop to its uid, and become QEMU (never returns)."""
     uid, gid = int(spec["uid"]), int(spec["gid"])
     share = spec.get("share")
+    namespaced = False
     if share is not None:
         ro = spec.get("read_only")
         read_only = None
@@ -513,11 +555,19 @@ def run_helper(spec: dict[str, Any], argv: list[str]) -> None:
             tree = build_share(int(share), read_only, idmap, uid, gid)
             os.dup2(tree, int(share))  # inheritable: QEMU's -virtfs path is /proc/self/fd/SHARE
             os.close(tree)
+            namespaced = True
+    groups = [int(g) for g in spec.get("groups") or ()]
+    if os.geteuid() == 0 and uid != 0 and _wants_kvm(argv) and not _may_open(KVM_DEVICE, uid, gid, groups):
+        if not namespaced:
+            from kodepipe import hostpath
+
+            hostpath.private_namespace()
+        kvm_for(uid, gid, Path(spec["pidfile"]).parent)
     pidfile = os.open(spec["pidfile"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     os.write(pidfile, f"{os.getpid()}\n".encode())
     os.close(pidfile)
     if os.geteuid() == 0 and uid != 0:
-        os.setgroups([int(g) for g in spec.get("groups") or ()])
+        os.setgroups(groups)
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
     if os.getuid() == 0 or os.geteuid() == 0:

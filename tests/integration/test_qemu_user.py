@@ -333,3 +333,25 @@ def test_a_normal_users_qemu_gets_the_read_only_entries_in_a_user_namespace_of_i
         assert (share / "made").stat().st_uid == 65534
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="no /dev/kvm on this host")
+def test_qemus_uid_gets_dev_kvm_in_its_own_namespace_only(tmp_path: Path) -> None:
+    """KVM is opened by path (/dev/kvm, root's 0600 on some hosts): under -accel kvm the helper gives
+    QEMU's uid a node of its own in QEMU's mount namespace; the host's /dev/kvm is unchanged, and
+    under -accel tcg QEMU gets none."""
+    user = qemuuser.resolve({})
+    before = os.stat("/dev/kvm")
+    plan = qemuuser.Plan(user, str(tmp_path / "k.pid"))
+    script = "id -u; exec 3<>/dev/kvm && echo opened"
+    done = subprocess.run(qemuuser.helper_argv(plan, ["/bin/sh", "-c", script, "-accel", "kvm"]),
+                          env=qemuuser.helper_env(), capture_output=True, timeout=60)
+    assert done.stdout.decode().split() == [str(user.uid), "opened"], done.stderr.decode()
+    after = os.stat("/dev/kvm")
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+    assert "/dev/kvm" not in Path("/proc/self/mountinfo").read_text()
+    assert (tmp_path / "k.pid").read_text().strip().isdigit()  # written where it belongs, after the tmpfs went
+    if before.st_mode & 0o066 == 0:  # root's alone here: without the node, QEMU's uid could not open it
+        done = subprocess.run(qemuuser.helper_argv(plan, ["/bin/sh", "-c", script, "-accel", "tcg"]),
+                              env=qemuuser.helper_env(), capture_output=True, timeout=60)
+        assert "opened" not in done.stdout.decode() and "Permission denied" in done.stderr.decode()
