@@ -48,6 +48,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from kodepipe.errors import BadInput, KpError
 
@@ -239,9 +240,10 @@ def open_host(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
         os.close(top)
 
 
-def copy_secret(src: str | os.PathLike[str], dest: Path, *, max_bytes: int = 64 << 20) -> None:
-    """Copy a --secret file into kodepipe's folder, read through one fd opened by ``open_host``:
-    never through a symlink anyone but root could have left, and only a regular file."""
+def open_secret(src: str | os.PathLike[str], *, max_bytes: int = 64 << 20) -> BinaryIO:
+    """A --secret file opened for reading through one fd opened by ``open_host``: never through a
+    symlink anyone but root could have left, only a regular file, and at most ``max_bytes`` long
+    when it was opened (the caller stops reading there too)."""
     try:
         held = open_host(src, os.O_PATH)
     except UnsafePath as exc:
@@ -260,7 +262,21 @@ def copy_secret(src: str | os.PathLike[str], dest: Path, *, max_bytes: int = 64 
             raise BadInput(f"--secret {src}: {exc.strerror}") from None
     finally:
         os.close(held)
-    with os.fdopen(fd, "rb") as source:
+    return os.fdopen(fd, "rb")
+
+
+def read_secret(src: str | os.PathLike[str], *, max_bytes: int = 64 << 20) -> bytes:
+    """A --secret file's bytes, read as ``open_secret`` opens it (for the VM backend, which sends them)."""
+    with open_secret(src, max_bytes=max_bytes) as source:
+        data = source.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise BadInput(f"--secret {src}: larger than {max_bytes >> 20} MiB")
+    return data
+
+
+def copy_secret(src: str | os.PathLike[str], dest: Path, *, max_bytes: int = 64 << 20) -> None:
+    """Copy a --secret file into kodepipe's folder, read as ``open_secret`` opens it."""
+    with open_secret(src, max_bytes=max_bytes) as source:
         out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o400)
         with os.fdopen(out, "wb") as target:
             copied = 0

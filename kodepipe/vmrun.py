@@ -625,13 +625,11 @@ def git_warnings(repos: dict[str, GuestRepo], protect: list[str], *, writable: b
 
 
 def read_secrets(secrets: Iterable[tuple[Path, str]]) -> list[bytes]:
-    out = []
-    for src, _ in secrets:
-        try:
-            out.append(src.read_bytes())
-        except OSError as exc:
-            raise BadInput(f"cannot read the secret {src}: {exc.strerror}") from None
-    return out
+    """Each --secret file, read on the host as the host backend reads it (hostpath.open_secret: no
+    symlink but root's followed, regular files only, 64 MiB at most)."""
+    from kodepipe import hostpath
+
+    return [hostpath.read_secret(src) for src, _ in secrets]
 
 
 # -- the guest, over SSH -----------------------------------------------------------------------

@@ -275,3 +275,21 @@ def test_read_only_in_place_refuses_an_entry_swapped_since_the_survey(tmp_path: 
     (tmp_path / ".git").symlink_to("old")
     said = _in_own_namespace(spec, [("create", f"{tmp_path}/.git/config")])
     assert said[0].startswith("setup: ") and "symbolic link" in said[0]
+
+
+def test_the_vm_backend_reads_a_secret_as_the_host_does(tree: Path, tmp_path: Path) -> None:
+    """kp-run in a VM sends secrets it read on the host: the same rules (no agent's symlink, regular files, a cap)."""
+    from kodepipe import vmrun
+
+    assert vmrun.read_secrets([(tree / "dir" / "deeper" / "file", "f")]) == [b"inside\n"]
+    for src in (tree / "link-out", tree / "dirlink-out" / "secret"):
+        with pytest.raises(BadInput, match="symbolic link"):
+            vmrun.read_secrets([(src, "f")])
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(BadInput, match="not a regular file"):
+        vmrun.read_secrets([(fifo, "f")])
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * 2048)
+    with pytest.raises(BadInput, match="larger than"):
+        hostpath.read_secret(big, max_bytes=1024)
