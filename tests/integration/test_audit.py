@@ -118,7 +118,11 @@ my $n = 0;
 while (1) {
     open(my $f, "<", "/workspace/busy.pl") or die;
     close $f;
-    if (++$n % 1000 == 0) { open(my $p, ">", "/workspace/progress") or die; print $p "$n\n"; close $p }
+    # written aside and renamed into place: a kill between open and print never leaves it empty
+    if (++$n % 1000 == 0) {
+        open(my $p, ">", "/workspace/progress.new") or die; print $p "$n\n"; close $p;
+        rename("/workspace/progress.new", "/workspace/progress") or die;
+    }
 }
 """
 
