@@ -28,6 +28,7 @@ import pytest
 from kodepipe import qemuuser
 from tests.conftest import lines
 from tests.integration.conftest import run
+from tests.integration.test_guest_input import keepers
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(os.geteuid() != 0, reason="QEMU's uid is chosen when root starts it")]
@@ -46,18 +47,6 @@ def status(pid: int) -> dict[str, str]:
 def uids(pid: int) -> set[int]:
     """Every uid of ``pid``: real, effective, saved and filesystem."""
     return {int(u) for u in status(pid)["Uid"].split()}
-
-
-def keeper_of(log: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"kodepipe.seriallog" in argv and os.fsencode(log) in argv:
-            found.append(int(pid))
-    return found
 
 
 def one(proc: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
@@ -138,7 +127,7 @@ def vms(golden: dict[str, Any], owner: pwd.struct_passwd,
         for name in boots:
             run(env, "kp-rm", name, timeout=300)
     for record in records.values():
-        assert keeper_of(record["serial_log"]) == []
+        assert keepers(Path(record["serial_log"])) == []
 
 
 def test_qemu_its_keeper_and_passt_never_run_as_root(vms: dict[str, dict[str, Any]]) -> None:
@@ -154,7 +143,7 @@ def test_qemu_its_keeper_and_passt_never_run_as_root(vms: dict[str, dict[str, An
     # it holds no path into the state directory: its disk, kernel and sockets are fds kp-boot opened
     argv = Path(f"/proc/{record['pid']}/cmdline").read_bytes().split(b"\0")
     assert not any(a == b"-pidfile" for a in argv) and b"/dev/fdset/10" in b" ".join(argv)
-    (keeper,) = keeper_of(record["serial_log"])
+    (keeper,) = keepers(Path(record["serial_log"]))
     assert uids(keeper) == {account.pw_uid}
     if record.get("passt"):
         assert 0 not in uids(int(record["passt"]["pid"]))
@@ -166,7 +155,7 @@ def test_under_sudo_qemu_runs_as_the_invoking_user(vms: dict[str, dict[str, Any]
     record = vms["h2-sudo"]
     assert record["qemu_user"]["uid"] == owner.pw_uid and record["qemu_user"]["why"] == "sudo"
     assert uids(record["pid"]) == {owner.pw_uid}
-    (keeper,) = keeper_of(record["serial_log"])
+    (keeper,) = keepers(Path(record["serial_log"]))
     assert uids(keeper) == {owner.pw_uid}
     # the share is root's: idmapped so that the user's QEMU writes it as root, its owner
     assert record["share_idmap"] == {"owner": [0, 0], "qemu": [owner.pw_uid, owner.pw_gid]}
