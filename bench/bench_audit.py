@@ -56,7 +56,8 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     image = args.image
     if image is None:
-        from kodepipe import cli, profile
+        from kodepipe.commands import cli
+        from kodepipe.container import profile
 
         image = profile.ensure_image(profile.load("shell"), cli.Output("bench"))
     samples: dict[str, list[float]] = {"untraced": [], "minimal": [], "default": [], "full": []}

@@ -6,7 +6,7 @@
 Needs a built image in kodepipe's state directory (kp-image build base); the
 warm half warms it first if it is not (kp-image warm base).  "By hand" is
 qemu-img create + qemu-system-x86_64 with exactly the argv kodepipe would
-use (kodepipe.qemu.command_line), timed until sshd sends its banner on the
+use (kodepipe.vm.qemu.command_line), timed until sshd sends its banner on the
 forwarded port; for warm, the same resume from the warm state, without the
 identity reseed kodepipe adds.  Runs alternate, so both sides see the same
 machine load; the figure is the ratio of medians.  JSON lines on stdout,
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import orjson
 
-from kodepipe import address, images, passt, qemu, qemu_img, seriallog
-from kodepipe.accel import choose
-from kodepipe.qmp import Monitor
-from kodepipe.state import Store
+from kodepipe.core.state import Store
+from kodepipe.vm import address, images, passt, qemu, qemu_img, seriallog
+from kodepipe.vm.accel import choose
+from kodepipe.vm.qmp import Monitor
 
 ROOT = Path(__file__).resolve().parent.parent
 # the installed commands when the venv has them all, else the checkout's bin/

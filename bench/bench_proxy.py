@@ -35,7 +35,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kodepipe import egress  # noqa: E402
+from kodepipe.egress import proxy as egress  # noqa: E402
 from tests.httpd import certificate  # noqa: E402
 
 CHUNK = b"x" * (1 << 20)

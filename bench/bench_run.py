@@ -28,7 +28,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kodepipe import engine, paths, sandbox, seccomp  # noqa: E402
+from kodepipe.container import engine, sandbox, seccomp  # noqa: E402
+from kodepipe.core import paths  # noqa: E402
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
@@ -49,7 +50,8 @@ def main() -> None:
                "KODEPIPE_CACHE_DIR": os.environ.get("KODEPIPE_CACHE_DIR", str(paths.cache_dir()))}
         image = args.image
         if image is None:
-            from kodepipe import cli, profile
+            from kodepipe.commands import cli
+            from kodepipe.container import profile
 
             image = profile.ensure_image(profile.load("shell"), cli.Output("bench"))
         ws = Path(tmp) / "ws"

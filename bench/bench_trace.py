@@ -27,7 +27,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kodepipe import strace  # noqa: E402
+from kodepipe.audit import strace  # noqa: E402
 
 PY = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 WRITE_FILES = ("import os\nfor i in range(300):\n"

@@ -16,8 +16,9 @@ from pathlib import Path
 import click
 from click.shell_completion import get_completion_class
 
-from kodepipe import __version__, errors
+from kodepipe import __version__
 from kodepipe.commands import COMMANDS
+from kodepipe.core import errors
 
 DATE = "2026-11"  # fixed, so regenerating does not churn the files
 SHELLS = {"bash": "{prog}", "zsh": "_{prog}", "fish": "{prog}.fish"}
@@ -437,7 +438,7 @@ When kp\-trace reads container records, each event also has
 
 
 def events_page() -> str:
-    from kodepipe import strace
+    from kodepipe.audit import strace
 
     blind = "\n".join(f".TP\n.B {mode}\n" + "\n".join(f".br\n{esc(line)}" if i else esc(line)
                                                         for i, line in enumerate(lines))

@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
-import re
 import time
 from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
-from kodepipe import containers, images, vms
-from kodepipe.errors import BadInput, KpError, NotFound
-from kodepipe.records import NAME_RE, Record
-from kodepipe.state import Store, parse_iso
+from kodepipe.container import folders
+from kodepipe.core.errors import KpError, NotFound
+from kodepipe.core.records import NAME_RE, Record
+from kodepipe.core.state import Store, parse_iso
+from kodepipe.vm import images, vms
 
 KINDS = ("image", "vm", "container")
 # every state kp-ls can show, with its meaning (kp-ls --state, and kodepipe(7) is rendered from it)
@@ -38,27 +38,9 @@ STATES = {
     "orphaned": "a container whose kp-run was killed; kp-rm removes what is left",
 }
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in '90s', '15m', '2h', '1d', '1w' or a sum such as '1h30m'."""
-    compact = text.strip().lower()
-    pos, total = 0, 0.0
-    for match in _DURATION.finditer(compact):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNITS[match.group(2)]
-        pos = match.end()
-    if not compact or pos != len(compact):
-        raise BadInput(f"invalid duration {text!r}: use a number and a unit (s, m, h, d, w), e.g. 90s, 2h, 1d, 1h30m")
-    return total
-
-
 def view(store: Store, kind: str, name: str) -> Record:
     if kind == "container":
-        return containers.view(store, name)
+        return folders.view(store, name)
     return images.view(store, name) if kind == "image" else vms.view(store, name)
 
 
@@ -76,7 +58,7 @@ def records(store: Store, kinds: Iterable[str] = KINDS) -> list[Record]:
     if "vm" in kinds:
         out.extend(vms.view(store, n) for n in store.names("vm"))
     if "container" in kinds:
-        out.extend(containers.view(store, n) for n in store.names("container"))
+        out.extend(folders.view(store, n) for n in store.names("container"))
     # removed while this listing ran
     out = [record for record in out if record.get("state") != "gone"]
     for record in out:
@@ -164,7 +146,7 @@ def holdings(record: Record) -> dict[str, str]:
             isinstance(quarantine, dict) and record.get("state") not in ("exited", "applied")) or (
             folder is not None and _not_empty(folder / "upper")):
         held["quarantines"] = "an un-applied quarantine"
-    from kodepipe.launch import AUDIT_LOG, EGRESS_LOG
+    from kodepipe.container.hostrun import AUDIT_LOG, EGRESS_LOG
 
     logs = [what for key, file, what in (("audit_log", AUDIT_LOG, "audit"), ("egress_log", EGRESS_LOG, "egress"))
             if isinstance(record.get(key), str) or (folder is not None and (folder / file).exists())]
@@ -203,7 +185,7 @@ def being_made(store: Store, record: Record) -> str | None:
         meta = store.read_meta(store.folder("container", str(record.get("name")))) or {}
     except KpError:
         return None
-    if not containers.owner_alive(meta):
+    if not folders.owner_alive(meta):
         return None
     doing = "is still being made by" if record["state"] == "creating" else "is still running under"
     return f"run {record.get('name')} {doing} kp-run {meta.get('pid')}; name it to remove it"
@@ -243,7 +225,7 @@ class Removal:
 
         store, dry_run = self.store, self.dry_run
         if kind == "container":
-            record = containers.remove(store, name, expect_id=expect_id, dry_run=dry_run, check=check)
+            record = folders.remove(store, name, expect_id=expect_id, dry_run=dry_run, check=check)
         elif kind == "image":
             # a dry run removed nothing: the clones it would have removed still count unless ignored
             ignore = {n for k, n in self.removed if k == "vm"} if dry_run else set()

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import orjson
 from click.testing import CliRunner
 
-from kodepipe import cli as kpcli
 from kodepipe.commands import COMMANDS
+from kodepipe.commands import cli as kpcli
 
 
 @dataclass

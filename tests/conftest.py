@@ -26,7 +26,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     import re
     import tempfile
 
-    from kodepipe.state import remove_tree
+    from kodepipe.core.state import remove_tree
 
     if session.config.option.basetemp:
         return
@@ -53,7 +53,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 def pytest_report_header(config: pytest.Config) -> str:
     """Which KVM case this run is on (the tests must pass in each): works, broken (and why), or absent."""
-    from kodepipe import accel
+    from kodepipe.vm import accel
 
     try:
         facts = accel.host()

@@ -21,7 +21,8 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kodepipe import paths, qemu
+from kodepipe.core import paths
+from kodepipe.vm import qemu
 from tests.conftest import make_image
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe import accel, proc
-from kodepipe.errors import BadInput, KpError
+from kodepipe.core import proc
+from kodepipe.core.errors import BadInput, KpError
+from kodepipe.vm import accel
 
 P = accel.Probe
 RAN = accel.RAN
@@ -304,7 +305,8 @@ def test_the_console_watch_decides(fake_host: FakeProbe, monkeypatch: pytest.Mon
                                    error: str | None, remembered: str | None) -> None:
     """runtime's second line of defence, with fakes for QEMU: what is launched, what the record's accel
     becomes, what fails, and what is remembered for the host's boot."""
-    from kodepipe import qemu, runtime
+    from kodepipe.vm import lifecycle as runtime
+    from kodepipe.vm import qemu
 
     calls: list[str] = []
     saves: list[str] = []

@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 import pytest
 
-from kodepipe import apply as applying
-from kodepipe import quarantine as q
-from kodepipe.state import Store
+from kodepipe.container import apply as applying
+from kodepipe.container import quarantine as q
+from kodepipe.core.state import Store
 from tests.conftest import BIN, lines
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts need root (mknod)")
@@ -355,7 +355,7 @@ ODD = ["new\nline", "\x1b[31mred\x1b[0m", os.fsdecode(b"caf\xe9-\xff"), "\u202ee
 @pytest.fixture
 def no_deep_tree_left(tmp_path: Path, kp_env: dict[str, Path]) -> Any:
     """pytest's own clean-up (shutil.rmtree, recursive) fails on a deep tree: remove what the test made."""
-    from kodepipe.state import remove_tree
+    from kodepipe.core.state import remove_tree
 
     yield
     for entry in os.listdir(tmp_path):
@@ -450,8 +450,8 @@ def test_kp_rm_of_a_hostile_run_and_then_of_another(tmp_path: Path, kp_env: dict
 
 def test_a_quarantine_past_the_caps_is_refused_clearly_and_kp_rm_discards_it(tmp_path: Path, kp_env: dict[str, Path],
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from kodepipe import containers
-    from kodepipe.errors import KpError
+    from kodepipe.container import folders as containers
+    from kodepipe.core.errors import KpError
 
     ws = tmp_path / "proj"
     put(ws, "main.py", "print('hello')\n")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kodepipe import terminal
+from kodepipe.core import terminal
 from tests.cli import invoke
 from tests.conftest import BIN
 from tests.fakevm import FakeVM, make_vm, wait_raw

@@ -7,7 +7,7 @@ import subprocess
 import threading
 from pathlib import Path
 
-from kodepipe import auditcap
+from kodepipe.audit import cap as auditcap
 
 
 def test_the_cap_stops_the_run_with_the_tracer_halted(tmp_path: Path) -> None:

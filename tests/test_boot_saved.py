@@ -7,9 +7,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kodepipe import qemu, runtime, vms
-from kodepipe.errors import KpError
-from kodepipe.state import Store
+from kodepipe.core.errors import KpError
+from kodepipe.core.state import Store
+from kodepipe.vm import lifecycle as runtime
+from kodepipe.vm import qemu, vms
 from tests.conftest import make_image
 
 

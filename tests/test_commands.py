@@ -259,6 +259,6 @@ def test_rm_cleans_what_a_killed_clone_left() -> None:
 
 
 def test_rm_without_names_on_a_terminal_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("kodepipe.cli.stdin_is_piped", lambda: False)
+    monkeypatch.setattr("kodepipe.commands.cli.stdin_is_piped", lambda: False)
     result = invoke("kp-rm")
     assert result.status == 2 and "give NAMEs" in result.stderr

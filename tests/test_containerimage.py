@@ -11,8 +11,9 @@ import orjson
 import pytest
 from pytest_subprocess import FakeProcess
 
-from kodepipe import containerimage, proc
-from kodepipe.errors import Busy, KpError, MissingProgram, NoPermission, Timeout
+from kodepipe.container import images as containerimage
+from kodepipe.core import proc
+from kodepipe.core.errors import Busy, KpError, MissingProgram, NoPermission, Timeout
 from tests.cli import invoke
 
 TAG = "localhost/kodepipe-base:bookworm"

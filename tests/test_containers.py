@@ -12,9 +12,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kodepipe import containers, engine, inventory, proc
-from kodepipe.errors import KpError, MissingProgram
-from kodepipe.state import Store
+from kodepipe import inventory
+from kodepipe.container import engine
+from kodepipe.container import folders as containers
+from kodepipe.core import proc
+from kodepipe.core.errors import KpError, MissingProgram
+from kodepipe.core.state import Store
 
 
 def make(store: Store, name: str, **meta: object) -> Path:

@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 import pytest
 
-from kodepipe import proc
-from kodepipe import state as state_module
-from kodepipe.state import Store
+from kodepipe.core import proc
+from kodepipe.core import state as state_module
+from kodepipe.core.state import Store
 from tests.cli import invoke
 from tests.conftest import BIN, make_image
 

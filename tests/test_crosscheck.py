@@ -15,10 +15,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kodepipe import crosscheck
-from kodepipe.crosscheck import Entry
-from kodepipe.quarantine import Change
-from kodepipe.strace import Parser
+from kodepipe.audit import crosscheck
+from kodepipe.audit.crosscheck import Entry
+from kodepipe.audit.strace import Parser
+from kodepipe.container.quarantine import Change
 from tests.cli import invoke
 
 

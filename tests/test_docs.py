@@ -38,7 +38,7 @@ def test_man_pages_render_without_warnings() -> None:
 
 
 def test_the_readme_exit_table_lists_every_exit_status() -> None:
-    from kodepipe import errors
+    from kodepipe.core import errors
 
     section = (ROOT / "README.md").read_text().split("| exit | meaning |", 1)[1].split("\n\n", 1)[0]
     listed = {int(n) for row in section.splitlines()[1:] for n in re.findall(r"\d+", row.split("|")[1])}

@@ -19,8 +19,8 @@ from typing import Any
 import orjson
 import pytest
 
-from kodepipe import egress
-from kodepipe.errors import BadInput
+from kodepipe.core.errors import BadInput
+from kodepipe.egress import proxy as egress
 from tests import httpd
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kodepipe import cli as kpcli
-from kodepipe import terminal
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import ls
-from kodepipe.errors import KpError
+from kodepipe.core import terminal
+from kodepipe.core.errors import KpError
 from tests.cli import invoke
 from tests.fakevm import make_vm
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe import fdtree
-from kodepipe.fdtree import Cursor, TooMany, TreeChanged, Unreachable
-from kodepipe.state import Store, remove_tree
+from kodepipe.core import fdtree
+from kodepipe.core.fdtree import Cursor, TooMany, TreeChanged, Unreachable
+from kodepipe.core.state import Store, remove_tree
 
 DEPTH = 2500  # paths of ~5,000 bytes: past PATH_MAX (4096) and Python's recursion limit (1000)
 ODD = ["new\nline", "\x1b[31mred", os.fsdecode(b"caf\xe9\xff"), " lead", "-dash"]
@@ -238,8 +238,8 @@ def test_discard_and_empty_trash_handle_deep_trees(root: Path) -> None:
 
 def test_one_entry_that_cannot_be_removed_does_not_stop_the_rest(root: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    from kodepipe import state
-    from kodepipe.errors import KpError
+    from kodepipe.core import state
+    from kodepipe.core.errors import KpError
 
     store = Store(root / "state")
     for name in ("a", "b", "c"):

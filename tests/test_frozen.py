@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from kodepipe import qemu, ssh, vms
-from kodepipe.errors import KpError
-from kodepipe.qemu import DiskError, Facts
-from kodepipe.qmp import Monitor
+from kodepipe.core.errors import KpError
+from kodepipe.vm import qemu, ssh, vms
+from kodepipe.vm.qemu import DiskError, Facts
+from kodepipe.vm.qmp import Monitor
 
 RESUME = "kp-stop --resume vm1"
 RESTART = "kp-stop --kill vm1, then kp-boot vm1"

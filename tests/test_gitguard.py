@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kodepipe import gitguard
+from kodepipe.host import gitguard
 
 
 def git(*args: str) -> None:

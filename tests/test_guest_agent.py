@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from kodepipe import guest_agent
-from kodepipe.errors import KpError, Timeout
-from kodepipe.guest_agent import AgentBadReply, AgentError, AgentUnreachable, GuestAgent, wait_for_agent
+from kodepipe.core.errors import KpError, Timeout
+from kodepipe.vm import guest_agent
+from kodepipe.vm.guest_agent import AgentBadReply, AgentError, AgentUnreachable, GuestAgent, wait_for_agent
 
 # A timeout within which a working fake answers: generous, since the wait ends when the answer comes.
 # A test of a timeout that must run out uses a small one and bounds the time only by hang_guard.

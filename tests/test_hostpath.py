@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe import hostpath
-from kodepipe.errors import BadInput
-from kodepipe.hostpath import UnsafePath
+from kodepipe.core.errors import BadInput
+from kodepipe.host import hostpath
+from kodepipe.host.hostpath import UnsafePath
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 
@@ -279,7 +279,7 @@ def test_read_only_in_place_refuses_an_entry_swapped_since_the_survey(tmp_path: 
 
 def test_the_vm_backend_reads_a_secret_as_the_host_does(tree: Path, tmp_path: Path) -> None:
     """kp-run in a VM sends secrets it read on the host: the same rules (no agent's symlink, regular files, a cap)."""
-    from kodepipe import vmrun
+    from kodepipe.container import vmrun
 
     assert vmrun.read_secrets([(tree / "dir" / "deeper" / "file", "f")]) == [b"inside\n"]
     for src in (tree / "link-out", tree / "dirlink-out" / "secret"):

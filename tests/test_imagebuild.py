@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
-from kodepipe import imagebuild, proc, state
-from kodepipe.errors import CommandFailed, KpError
-from kodepipe.imagebuild import BuildSpec, build, detect_mirror
+from kodepipe.core import proc, state
+from kodepipe.core.errors import CommandFailed, KpError
+from kodepipe.host.debian import detect_mirror
+from kodepipe.vm import imagebuild
+from kodepipe.vm.imagebuild import BuildSpec, build
 
 HOST_SOURCES = """\
 Types: deb

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kodepipe.errors import BadInput
-from kodepipe.inventory import parse_duration, select
+from kodepipe.core.errors import BadInput
+from kodepipe.core.units import parse_duration
+from kodepipe.inventory import select
 
 
 @pytest.mark.parametrize("text, seconds", [

@@ -11,9 +11,12 @@ from typing import Any
 
 import pytest
 
-from kodepipe import containers, engine, launch, proc, sandbox
-from kodepipe.errors import KpError
-from kodepipe.state import Store, new_id, now_iso
+from kodepipe.container import engine, sandbox
+from kodepipe.container import folders as containers
+from kodepipe.container import hostrun as launch
+from kodepipe.core import proc
+from kodepipe.core.errors import KpError
+from kodepipe.core.state import Store, new_id, now_iso
 
 
 class FakeEngine:

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from kodepipe import netguard, passt, qemu, runtime
-from kodepipe.errors import KpError, MissingProgram
+from kodepipe.core.errors import KpError, MissingProgram
+from kodepipe.vm import lifecycle as runtime
+from kodepipe.vm import netguard, passt, qemu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def test_passt_argv(kw: dict[str, Any], has: list[tuple[str, str]], lacks: list[
 
 
 def test_passt_missing_is_a_missing_program_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kodepipe import proc
+    from kodepipe.core import proc
 
     monkeypatch.setattr(proc, "which", lambda program: None)
     with pytest.raises(MissingProgram) as caught:
@@ -278,10 +279,10 @@ def test_a_saved_machine_resumes_with_the_network_it_was_saved_with(
 
 def test_the_guard_module_needs_only_the_standard_library() -> None:
     # it runs under python -S: nothing but the standard library may be imported
-    proc = subprocess.run([sys.executable, "-S", "-c", "import kodepipe.netguard, sys; "
+    proc = subprocess.run([sys.executable, "-S", "-c", "import kodepipe.vm.netguard, sys; "
                            "print(sorted(m for m in sys.modules if m.startswith('kodepipe')))"],
                           env={"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, check=True)
-    assert proc.stdout.strip() == "['kodepipe', 'kodepipe.netguard']"
+    assert proc.stdout.strip() == "['kodepipe', 'kodepipe.vm', 'kodepipe.vm.netguard']"
 
 
 def test_kp_ls_table_shows_the_loosening() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from pytest_subprocess import FakeProcess
 
-from kodepipe import proc
-from kodepipe.errors import CommandFailed, MissingProgram, Timeout
+from kodepipe.core import proc
+from kodepipe.core.errors import CommandFailed, MissingProgram, Timeout
 
 
 @pytest.fixture(autouse=True)

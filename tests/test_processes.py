@@ -81,7 +81,7 @@ def test_help_is_fast_to_import_no_heavy_modules() -> None:
                 f"from kodepipe.commands import COMMANDS; import importlib\n"
                 f"m = importlib.import_module(COMMANDS['{prog}'])\n"
                 "try: m.main()\nexcept SystemExit: pass\n"
-                "heavy = [n for n in ('paramiko','podman','cryptography','qemu','kodepipe.imagebuild') "
+                "heavy = [n for n in ('paramiko','podman','cryptography','qemu','kodepipe.vm.imagebuild') "
                 "if n in sys.modules]\nprint(heavy, file=sys.stderr)\n")
         proc = subprocess.run([os.environ["KODEPIPE_PYTHON"], "-c", code], capture_output=True, text=True,
                               check=True)

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from kodepipe import containerimage, profile
-from kodepipe.cli import Output
-from kodepipe.errors import BadInput, BadName, KpError
-from kodepipe.state import Store
+from kodepipe.commands.cli import Output
+from kodepipe.container import images as containerimage
+from kodepipe.container import profile
+from kodepipe.core.errors import BadInput, BadName, KpError
+from kodepipe.core.state import Store
 
 BUILTINS = ["aider", "claude", "codex", "gemini", "shell"]
 BASE_ID = "d684cd7d9028fbe4c95ef7f77e68d202401f9a59bfcd1ffed2f9414c01a33333"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe import qemu
-from kodepipe.errors import BadInput, KpError
+from kodepipe.core.errors import BadInput, KpError
+from kodepipe.vm import qemu
 
 IMAGE = {"kernel": "/img/vmlinuz", "initrd": "/img/initrd.img", "cmdline": "root=/dev/vda rw console=ttyS0"}
 SOCKETS = qemu.Sockets(qmp=Path("/run/kp/a.qmp"), qga=Path("/run/kp/a.qga"), serial=Path("/run/kp/a.serial"),

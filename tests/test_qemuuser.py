@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe import qemu, qemuuser
+from kodepipe.vm import qemu, qemuuser
 
 ROOT = pwd.getpwuid(0)
 ACCOUNT = pwd.struct_passwd(("kodepipe", "x", 995, 994, "", "/nonexistent", "/usr/sbin/nologin"))

@@ -20,10 +20,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kodepipe import quarantine as q
-from kodepipe.errors import BadInput, Exists, KpError
-from kodepipe.quarantine import Change, Conflict, UnsafePath, UnsupportedOverlay
-from kodepipe.state import remove_tree
+from kodepipe.container import quarantine as q
+from kodepipe.container.quarantine import Change, Conflict, UnsafePath, UnsupportedOverlay
+from kodepipe.core.errors import BadInput, Exists, KpError
+from kodepipe.core.state import remove_tree
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts, trusted xattrs and mounts need root")
 

@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
-from kodepipe.errors import BadInput, BadName, KpError, NoPermission, NotFound
-from kodepipe.records import (
+from kodepipe.core.errors import BadInput, BadName, KpError, NoPermission, NotFound
+from kodepipe.core.records import (
     MAX_DEPTH,
     Line,
     PipeClosed,

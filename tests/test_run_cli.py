@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe import engine
+from kodepipe.container import engine
 from tests.cli import invoke
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe import sandbox, seccomp
-from kodepipe.errors import BadInput
+from kodepipe.container import sandbox, seccomp
+from kodepipe.core import units
+from kodepipe.core.errors import BadInput
 
 LIMITS = sandbox.Limits(memory=512 << 20, cpus=1.5, pids=64, seconds=60, tmpfs=64 << 20)
 
@@ -108,9 +109,9 @@ def test_secret_and_size_parsing(tmp_path: Path) -> None:
     for bad in (f"{f}:/workspace/tok", f"{f}:/proc/x", f"{f}:rel", str(tmp_path / "missing")):
         with pytest.raises(BadInput):
             sandbox.check_secret(bad)
-    assert sandbox.parse_size("2g") == 2 << 30 and sandbox.parse_size("512M") == 512 << 20
+    assert units.parse_size("2g") == 2 << 30 and units.parse_size("512M") == 512 << 20
     with pytest.raises(BadInput):
-        sandbox.parse_size("lots")
+        units.parse_size("lots")
     with pytest.raises(BadInput):
         sandbox.Limits(memory=64 << 20, cpus=1, pids=64, seconds=0, tmpfs=64 << 20).check()
 
@@ -226,7 +227,7 @@ def test_a_run_gets_a_share_of_the_kernel_quotas(tmp_path: Path) -> None:
 
 
 def test_the_user_namespace_limits_script() -> None:
-    from kodepipe import userns
+    from kodepipe.container import userns
 
     text = userns.script({"max_inotify_instances": 16, "max_user_namespaces": 0})
     assert text == ('echo 16 > /proc/sys/user/max_inotify_instances && '
@@ -239,8 +240,9 @@ def test_the_user_namespace_limits_script() -> None:
 
 
 def test_a_refused_user_namespace_limit_refuses_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kodepipe import proc, userns
-    from kodepipe.errors import CommandFailed, KpError
+    from kodepipe.container import userns
+    from kodepipe.core import proc
+    from kodepipe.core.errors import CommandFailed, KpError
 
     calls = []
 

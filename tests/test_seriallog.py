@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe import accel, address, seriallog
+from kodepipe.vm import accel, address, seriallog
 from tests.cli import invoke
 from tests.conftest import BIN
 from tests.fakevm import FakeVM, make_vm
@@ -43,7 +43,7 @@ def keeper_pids(log: Path) -> list[int]:
                 state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
             except (OSError, IndexError):
                 continue
-            if b"kodepipe.seriallog" in argv and os.fsencode(str(log)) in argv and state != "Z":
+            if b"kodepipe.vm.seriallog" in argv and os.fsencode(str(log)) in argv and state != "Z":
                 found.append(int(pid))
     return found
 
@@ -61,7 +61,7 @@ def logged(log: Path) -> bytes:
 def test_the_keeper_bounds_200_mb_and_keeps_the_last_bytes_in_order(tmp_path: Path) -> None:
     log = tmp_path / "serial.log"
     log.write_bytes(b"the previous boot's lines\n")
-    keeper = subprocess.Popen([sys.executable, "-S", "-m", "kodepipe.seriallog", str(log)], stdin=subprocess.PIPE,
+    keeper = subprocess.Popen([sys.executable, "-S", "-m", "kodepipe.vm.seriallog", str(log)], stdin=subprocess.PIPE,
                               env={"PYTHONPATH": str(Path(seriallog.__file__).parent.parent)})
     assert keeper.stdin is not None
     last: collections.deque[bytes] = collections.deque(maxlen=(2 * CAP) // (1 << 16) + 1)

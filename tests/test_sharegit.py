@@ -12,8 +12,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kodepipe import gitguard, sharegit
-from kodepipe.errors import BadInput
+from kodepipe.core.errors import BadInput
+from kodepipe.host import gitguard
+from kodepipe.vm import sharegit
 
 
 def git(cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:

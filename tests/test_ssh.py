@@ -20,8 +20,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kodepipe import ssh
-from kodepipe.sshkeys import own_key
+from kodepipe.vm import ssh
+from kodepipe.vm.sshkeys import own_key
 from tests.cli import invoke
 from tests.conftest import BIN
 from tests.fakevm import FakeVM, SSHServer, ed25519_key, ed25519_pem, make_vm, public_line, serve, wait_raw
@@ -355,7 +355,7 @@ def test_config_works_with_openssh(vm: FakeVM, server: SSHServer, tmp_path: Path
 
 
 def test_help_is_fast_and_does_not_load_paramiko() -> None:
-    code = ("import sys; from kodepipe import cli; from kodepipe.commands import ssh, attach\n"
+    code = ("import sys; from kodepipe.commands import attach, cli, ssh\n"
             "for c in (ssh.cli, attach.cli):\n"
             "    try: c.main(['--help'], standalone_mode=False)\n"
             "    except SystemExit: pass\n"

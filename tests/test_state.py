@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe.errors import Busy, Exists, KpError
-from kodepipe.state import Store, mounts_under, natural_key, parse_iso, write_atomic
+from kodepipe.core.errors import Busy, Exists, KpError
+from kodepipe.core.state import Store, mounts_under, natural_key, parse_iso, write_atomic
 
 
 def test_write_atomic_replaces_whole_file_and_leaves_no_temp(tmp_path: Path) -> None:

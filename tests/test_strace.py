@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
-from kodepipe import strace
+from kodepipe.audit import strace
 
 HERE = Path(__file__).resolve().parent / "strace"
 CASES = sorted(HERE.glob("*.strace"))

@@ -14,8 +14,10 @@ from typing import Any
 import orjson
 import pytest
 
-from kodepipe import launch, proc, sandbox, vmrun
-from kodepipe.errors import BadInput, KpError
+from kodepipe.container import hostrun as launch
+from kodepipe.container import sandbox, vmrun
+from kodepipe.core import proc
+from kodepipe.core.errors import BadInput, KpError
 from tests.cli import invoke
 
 LIMITS = sandbox.Limits(memory=512 << 20, cpus=1, pids=64, seconds=60, tmpfs=64 << 20)

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
-from kodepipe import gitguard, hostpath, launch, sandbox, vmrun
-from kodepipe.errors import BadInput
+from kodepipe.container import hostrun as launch
+from kodepipe.container import sandbox, vmrun
+from kodepipe.core.errors import BadInput
+from kodepipe.host import gitguard, hostpath
 from tests.test_vmrun import LIMITS, FakeGuest, job, request
 
 
@@ -283,7 +285,7 @@ def test_the_guests_own_quotas_are_shared_out() -> None:
 
 def test_the_seccomp_profile_is_the_hosts_function_on_the_guests_base() -> None:
     """One function for both backends: what the guest gets is seccomp.render of its own profile."""
-    from kodepipe import seccomp
+    from kodepipe.container import seccomp
     from tests.test_vmrun import SECCOMP
 
     guest = FakeGuest()

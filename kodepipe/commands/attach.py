@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options
 
 
@@ -40,7 +40,7 @@ def cli(name: str, show_log: bool, follow: bool, idle: float) -> int:
       kp-attach --log -f proj
       printf 'uname -a\\n' | kp-attach --idle 2 proj
     """
-    from kodepipe.errors import KpError
+    from kodepipe.core.errors import KpError
 
     options.check_names([name])
     record = _current(name)
@@ -62,19 +62,19 @@ def cli(name: str, show_log: bool, follow: bool, idle: float) -> int:
 
 
 def _current(name: str) -> dict[str, Any]:
-    from kodepipe import runtime, vms
-    from kodepipe.state import Store
+    from kodepipe.core.state import Store
+    from kodepipe.vm import lifecycle, vms
 
     store = Store()
-    runtime.vm_meta(store, name, None)  # there is no such VM: a clear error
+    lifecycle.vm_meta(store, name, None)  # there is no such VM: a clear error
     return vms.view(store, name)
 
 
 def _console_busy(record: dict[str, Any]) -> bool:
     """True when QEMU says its serial socket has a client already: a second one would be queued
     unheard, and what it typed would reach the guest later.  Best effort: False when unsure."""
-    from kodepipe.errors import KpError
-    from kodepipe.qmp import Monitor
+    from kodepipe.core.errors import KpError
+    from kodepipe.vm.qmp import Monitor
 
     try:
         with Monitor(Path(record["sockets"]["qmp"]), timeout=1.0) as monitor:
@@ -90,7 +90,7 @@ def _console_busy(record: dict[str, Any]) -> bool:
 def _connect(name: str, record: dict[str, Any]) -> Any:
     import socket
 
-    from kodepipe.errors import KpError
+    from kodepipe.core.errors import KpError
 
     path = (record.get("sockets") or {}).get("serial")
     if not isinstance(path, str):
@@ -106,7 +106,7 @@ def _connect(name: str, record: dict[str, Any]) -> Any:
 
 
 def _interactive(name: str, state: object, console: Any) -> int:
-    from kodepipe import terminal
+    from kodepipe.core import terminal
 
     kpcli.Output("kp-attach").info(f"Connected to {name}'s serial console; Ctrl-] to detach")
     if state == "suspended":
@@ -125,8 +125,8 @@ def _interactive(name: str, state: object, console: Any) -> int:
 
 
 def _scripted(console: Any, idle: float) -> int:
-    from kodepipe import terminal
-    from kodepipe.records import PipeClosed
+    from kodepipe.core import terminal
+    from kodepipe.core.records import PipeClosed
 
     try:
         terminal.relay(sys.stdin.fileno(), sys.stdout.fileno(), console, linger=idle)
@@ -138,9 +138,10 @@ def _scripted(console: Any, idle: float) -> int:
 def _print_log(name: str, record: dict[str, Any], follow: bool) -> int:
     import os
 
-    from kodepipe import seriallog, terminal
-    from kodepipe.errors import KpError, NotFound
-    from kodepipe.records import PipeClosed, open_regular
+    from kodepipe.core import terminal
+    from kodepipe.core.errors import KpError, NotFound
+    from kodepipe.core.records import PipeClosed, open_regular
+    from kodepipe.vm import seriallog
 
     path = record.get("serial_log")
     if not isinstance(path, str) or not path:
@@ -190,9 +191,9 @@ def _follow(name: str, path: Path, current: Any, copy: Any) -> None:
     """Print what the VM adds to its log until it stops; a log that rotates is followed into its new file."""
     import os
 
-    from kodepipe import seriallog
-    from kodepipe.errors import KpError
-    from kodepipe.records import open_regular
+    from kodepipe.core.errors import KpError
+    from kodepipe.core.records import open_regular
+    from kodepipe.vm import seriallog
 
     stopped, last_check = False, time.monotonic()
     opened: list[Any] = []

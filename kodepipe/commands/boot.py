@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options, vmargs
 
 
@@ -73,10 +73,10 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
       kp-clone base proj | kp-boot | kp-ip
       kp-boot --memory 4G --cpus 2 --share ~/code/proj proj
     """
-    from kodepipe import qemu, runtime
-    from kodepipe.accel import choose
-    from kodepipe.errors import BadInput
-    from kodepipe.state import Store
+    from kodepipe.core.errors import BadInput
+    from kodepipe.core.state import Store
+    from kodepipe.vm import lifecycle, qemu
+    from kodepipe.vm.accel import choose
 
     if writable_git and share is None:
         raise click.UsageError("--writable-git loosens the git protection of a --share: give --share DIR too")
@@ -98,12 +98,12 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
 
     def act(name: str, expect_id: str | None, record: dict[str, object]) -> dict[str, object]:
         if not chosen:  # probe the accelerator once, and only when there is something to boot
-            from kodepipe import proc
+            from kodepipe.core import proc
 
             proc.require(qemu.QEMU)
             chosen.append(choose(accel))
             out.progress(f"accelerator: {chosen[0][0]} ({chosen[0][1]})")
-        result, already = runtime.boot(store, name, opts, chosen[0], expect_id=expect_id, say=out.warn)
+        result, already = lifecycle.boot(store, name, opts, chosen[0], expect_id=expect_id, say=out.warn)
         if not already and chosen[0][0] == "kvm" and result.get("accel") == "tcg":
             # the guest stayed silent under KVM and was booted again under TCG: so will the next ones be
             chosen[0] = ("tcg", str(result.get("accel_reason")))
@@ -134,7 +134,7 @@ def _check_memory(memory: str) -> None:
 
 def _check_bridge(bridge: str) -> None:
     """The bridge exists and kp-boot may add a tap to it (CAP_NET_ADMIN), or a clear error now."""
-    from kodepipe.errors import NoPermission
+    from kodepipe.core.errors import NoPermission
 
     if not (Path("/sys/class/net") / bridge / "bridge").is_dir():
         raise click.BadParameter(f"there is no bridge {bridge} on this host: create one (ip link add {bridge} "

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options
-from kodepipe.errors import Exists, KpError
+from kodepipe.core.errors import Exists, KpError
 
 
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
@@ -35,8 +35,9 @@ def cli(base: str, names: tuple[str, ...], cold: bool, quiet: bool) -> int:
       kp-clone base a b c | kp-ls
       kp-ls --kind image base | kp-clone - proj
     """
-    from kodepipe import proc, vms
-    from kodepipe.state import Store
+    from kodepipe.core import proc
+    from kodepipe.core.state import Store
+    from kodepipe.vm import vms
 
     options.check_names(names)
     if base != "-":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options
 
 PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
@@ -83,10 +83,12 @@ def build(name: str, ssh_keys: tuple[Path, ...], user: str, packages: list[str],
     """
     import os
 
-    from kodepipe import images, proc, sshkeys
-    from kodepipe.errors import KpError, NoPermission
-    from kodepipe.imagebuild import BuildSpec, detect_mirror
-    from kodepipe.state import Store
+    from kodepipe.core import proc
+    from kodepipe.core.errors import KpError, NoPermission
+    from kodepipe.core.state import Store
+    from kodepipe.host.debian import detect_mirror
+    from kodepipe.vm import images, sshkeys
+    from kodepipe.vm.imagebuild import BuildSpec
 
     options.check_names([name])
     out = kpcli.Output("kp-image", verbose=verbose, quiet=quiet)
@@ -147,11 +149,12 @@ def warm(name: str, memory: str, cpus: int, accel: str, timeout: float, force: b
     Examples:
       kp-image warm base && kp-clone base proj | kp-boot | kp-ip | kp-ssh -- uptime
     """
-    from kodepipe import proc, qemu
-    from kodepipe.accel import choose
-    from kodepipe.errors import BadInput, KpError
-    from kodepipe.state import Store
-    from kodepipe.warm import make_warm
+    from kodepipe.core import proc
+    from kodepipe.core.errors import BadInput, KpError
+    from kodepipe.core.state import Store
+    from kodepipe.vm import qemu
+    from kodepipe.vm.accel import choose
+    from kodepipe.vm.warm import make_warm
 
     options.check_names([name])
     try:
@@ -201,8 +204,9 @@ def base(suite: str | None, mirror: str | None, rebuild: bool, verbose: bool | N
       sudo kp-image base
       kp-image base --suite trixie --mirror http://deb.debian.org/debian --rebuild
     """
-    from kodepipe import containerimage, proc
-    from kodepipe.errors import KpError
+    from kodepipe.container import images as containerimage
+    from kodepipe.core import proc
+    from kodepipe.core.errors import KpError
 
     proc.require("podman")
     out = kpcli.Output("kp-image", verbose=verbose, quiet=quiet)

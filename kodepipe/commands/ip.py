@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options, vmargs
 
 
@@ -30,8 +30,8 @@ def cli(names: tuple[str, ...], timeout: float, quiet: bool) -> int:
       kp-clone base proj | kp-boot | kp-ip
       kp-ip proj | jq -r .address
     """
-    from kodepipe import address
-    from kodepipe.state import Store
+    from kodepipe.core.state import Store
+    from kodepipe.vm import address
 
     out = kpcli.Output("kp-ip", quiet=quiet)
     store = Store()

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options
 
 
@@ -64,8 +64,8 @@ def cli(names: tuple[str, ...], kinds: tuple[str, ...], states: tuple[str, ...],
       kp-ls --state broken | jq -r .name
     """
     from kodepipe import inventory
-    from kodepipe.errors import KpError
-    from kodepipe.state import Store
+    from kodepipe.core.errors import KpError
+    from kodepipe.core.state import Store
 
     out = kpcli.Output("kp-ls")
     store = Store()
@@ -135,7 +135,7 @@ def human_size(size: object) -> str:
 
 
 def table(items: list[dict[str, object]], *, colour: bool) -> str:
-    from kodepipe import terminal
+    from kodepipe.core import terminal
     from kodepipe.inventory import age
 
     now = time.time()

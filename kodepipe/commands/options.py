@@ -16,8 +16,8 @@ quiet = click.option("-q", "--quiet", is_flag=True, help="Print no messages exce
 
 def check_names(names: Iterable[str], what: str = "NAME") -> None:
     """Refuse hostile or duplicate names on the command line (exit 2) before any side effect."""
-    from kodepipe.errors import BadName
-    from kodepipe.records import check_name
+    from kodepipe.core.errors import BadName
+    from kodepipe.core.records import check_name
 
     seen = set()
     for name in names:
@@ -34,8 +34,8 @@ def duration(ctx: click.Context, param: click.Parameter, value: str | None) -> f
     """A click callback: '90s', '2h', '1d', '1h30m' as seconds."""
     if value is None:
         return None
-    from kodepipe.errors import BadInput
-    from kodepipe.inventory import parse_duration
+    from kodepipe.core.errors import BadInput
+    from kodepipe.core.units import parse_duration
 
     try:
         seconds = parse_duration(value)
@@ -63,8 +63,8 @@ def size(ctx: click.Context, param: click.Parameter, value: str | None) -> int |
     """A click callback: '512m', '2g' as a positive number of bytes (0, nan, inf and negatives refused)."""
     if value is None:
         return None
-    from kodepipe.errors import BadInput
-    from kodepipe.sandbox import parse_size
+    from kodepipe.core.errors import BadInput
+    from kodepipe.core.units import parse_size
 
     try:
         result = parse_size(value)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options
-from kodepipe.errors import InUse, KpError
+from kodepipe.core.errors import InUse, KpError
 
 
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
@@ -73,8 +73,8 @@ def cli(names: tuple[str, ...], force: bool, images: bool, quarantines: bool, ev
       kp-ls 'old-*' | kp-rm --images --force
     """
     from kodepipe import inventory
-    from kodepipe.records import Record
-    from kodepipe.state import Store
+    from kodepipe.core.records import Record
+    from kodepipe.core.state import Store
 
     options.check_names(names)
     if not names and not kpcli.stdin_is_piped():

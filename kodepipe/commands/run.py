@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options
 
 CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "NET_RAW",
@@ -219,7 +219,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
       sudo kp-run --audit -w . -- pytest | kp-trace | jq 'select(.type=="net")'
       kp-clone base vm | kp-boot --share ~/code/proj | kp-ip | sudo kp-run -- make test
     """
-    from kodepipe.state import Store
+    from kodepipe.core.state import Store
 
     out = kpcli.Output("kp-run", verbose=verbose, quiet=quiet)
     store = Store()
@@ -228,12 +228,13 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         return _apply(out, store, apply_names, force)
     if force:
         raise click.UsageError("--force goes with --apply")
-    from kodepipe import auditcap, launch, sandbox
+    from kodepipe.audit import cap as auditcap
+    from kodepipe.container import hostrun, sandbox
 
     if audit_cap is not None and audit_cap < auditcap.MINIMUM:
         raise click.BadParameter(f"it must be at least {auditcap.MINIMUM >> 10}k", param_hint="'--audit-cap'")
-    from kodepipe.errors import BadInput, KpError
-    from kodepipe.records import check_name
+    from kodepipe.core.errors import BadInput, KpError
+    from kodepipe.core.records import check_name
 
     try:
         if name is not None:
@@ -250,7 +251,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         secrets = [sandbox.check_secret(spec) for spec in secret_specs]
         rules = ([] if no_profile_allow or network != "none" else list(chosen["allow"])) + list(allow)
         if rules or allow_files or pins:
-            from kodepipe import egress
+            from kodepipe.egress import proxy as egress
 
             for path in allow_files:
                 rules += egress.read_rules(path)
@@ -262,7 +263,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     if not command and chosen["tty"] and not tty and sys.stdin.isatty() and sys.stdout.isatty():
         tty = True  # an agent profile's own command on a terminal: it is an interactive program
     mask_list = ([] if no_default_masks else list(sandbox.DEFAULT_MASKS)) + list(masks)
-    req = launch.Request(
+    req = hostrun.Request(
         command=list(command) or list(chosen["command"]), image=chosen["image"], limits=limits, name=name,
         profile=chosen["profile"], workspace=workspace, read_only_workspace=read_only_workspace,
         quarantine=quarantine, network=network, cap_add=[c.upper() for c in cap_add], writable_root=writable_root,
@@ -279,7 +280,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     if workspace is not None and not workspace.is_dir():
         raise click.BadParameter(f"Directory '{workspace}' does not exist.", param_hint="'-w' / '--workspace'")
     try:
-        record, status = launch.run(store, req, say)
+        record, status = hostrun.run(store, req, say)
     except KpError as exc:
         record = getattr(exc, "record", {"kind": "container", "name": name})
         out.fail(record, exc)
@@ -300,7 +301,7 @@ def _emit_interrupted(out: kpcli.Output, exc: BaseException) -> None:
 
 def _report(out: kpcli.Output, record: dict[str, Any], status: int | None, no_default_masks: bool) -> None:
     """Say how a run ended and write its record (on the host or in a VM alike)."""
-    from kodepipe import errors
+    from kodepipe.core import errors
 
     if no_default_masks:
         record.setdefault("loosened", []).append("no-default-masks")
@@ -327,8 +328,9 @@ def _in_vms(out: kpcli.Output, req: Any, say: Any, no_default_masks: bool) -> bo
     """Run the container inside each VM whose record arrives on stdin (from kp-ip), writing the vm
     record through and then the container's; other records pass through.  False if no vm record
     came: the run is then the host's."""
-    from kodepipe import errors, vmrun
-    from kodepipe.errors import KpError
+    from kodepipe.container import vmrun
+    from kodepipe.core import errors
+    from kodepipe.core.errors import KpError
 
     # All of stdin is read and checked before anything runs: a malformed line, or a vm record with a
     # wrong-typed field, stops the whole run (65), rather than running on the host or in some VMs only.
@@ -382,13 +384,12 @@ DEFAULT_LIMITS = {"memory": 2 << 30, "cpus": 2.0, "pids": 512, "seconds": 7200.0
 
 def _profile(out: kpcli.Output, name: str | None, image: str | None) -> dict[str, Any]:
     """The image, default command, limits and environment of a profile (--image alone: no profile)."""
-    from kodepipe.inventory import parse_duration
-    from kodepipe.sandbox import parse_size
+    from kodepipe.core.units import parse_duration, parse_size
 
     if image is not None and name is None:
         return {"profile": None, "image": image, "command": [], "limits": dict(DEFAULT_LIMITS), "env": {},
                 "allow": [], "tty": False}
-    from kodepipe import profile as profiles
+    from kodepipe.container import profile as profiles
 
     prof = profiles.load(name or "shell")
     tag = image or profiles.ensure_image(prof, out)
@@ -406,9 +407,9 @@ def _profile(out: kpcli.Output, name: str | None, image: str | None) -> dict[str
 
 
 def _apply(out: kpcli.Output, store: Any, names: tuple[str, ...], force: bool) -> int:
-    from kodepipe import apply as applying
-    from kodepipe.errors import KpError
-    from kodepipe.records import check_name
+    from kodepipe.container import apply as applying
+    from kodepipe.core.errors import KpError
+    from kodepipe.core.records import check_name
 
     targets: list[tuple[str, str | None, dict[str, Any]]] = []
     for name in names:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options, vmargs
 
 REMOTE = "kp.remote"
@@ -80,7 +80,7 @@ def cli(names: tuple[str, ...], timeout: float, identity: Path | None, stream: b
       kp-ssh proj -- sh -c 'cd /workspace && make test' | jq -r .stdout
       kp-ls --kind vm --state running | kp-ssh --stream -- sudo apt-get -y upgrade
     """
-    from kodepipe.sshkeys import own_key
+    from kodepipe.vm.sshkeys import own_key
 
     remote: list[str] | None = click.get_current_context().meta.get(REMOTE)
     out = kpcli.Output("kp-ssh", quiet=quiet)
@@ -98,11 +98,11 @@ def cli(names: tuple[str, ...], timeout: float, identity: Path | None, stream: b
 
 def _current(name: str, expect_id: str | None) -> dict[str, Any]:
     """The VM's record now (a record from stdin may predate a reboot and its new endpoint)."""
-    from kodepipe import runtime, vms
-    from kodepipe.state import Store
+    from kodepipe.core.state import Store
+    from kodepipe.vm import lifecycle, vms
 
     store = Store()
-    runtime.vm_meta(store, name, expect_id)  # not found, or re-created since: a clear error
+    lifecycle.vm_meta(store, name, expect_id)  # not found, or re-created since: a clear error
     return vms.view(store, name)
 
 
@@ -110,8 +110,9 @@ def _run_commands(out: kpcli.Output, names: tuple[str, ...], key_path: Path, tim
                   remote: list[str], stream: bool) -> int:
     import shlex
 
-    from kodepipe import errors, ssh, vms
-    from kodepipe.errors import KpError
+    from kodepipe.core import errors
+    from kodepipe.core.errors import KpError
+    from kodepipe.vm import ssh, vms
 
     command = shlex.join(remote)
     key = ssh.load_key(key_path)
@@ -143,8 +144,8 @@ def _run_commands(out: kpcli.Output, names: tuple[str, ...], key_path: Path, tim
 def _session(ep: Any, key: Any, timeout: float, command: str, echo: Any, watch: Any = None) -> Any:
     import paramiko
 
-    from kodepipe import ssh
-    from kodepipe.errors import KpError
+    from kodepipe.core.errors import KpError
+    from kodepipe.vm import ssh
 
     client = ssh.connect(ep, key, timeout=timeout)
     try:
@@ -159,9 +160,9 @@ def _session(ep: Any, key: Any, timeout: float, command: str, echo: Any, watch: 
 def _why(name: str, exc: Any) -> Any:
     """A connection that failed or broke because the VM froze (or was suspended) meanwhile: say that,
     with what to do, rather than "is it still booting?"."""
-    from kodepipe import vms
-    from kodepipe.errors import KpError, Timeout
-    from kodepipe.state import Store
+    from kodepipe.core.errors import KpError, Timeout
+    from kodepipe.core.state import Store
+    from kodepipe.vm import vms
 
     if not isinstance(exc, Timeout) and exc.code != "connection_lost":
         return exc
@@ -175,9 +176,9 @@ def _why(name: str, exc: Any) -> Any:
 def _watch(out: kpcli.Output, name: str) -> Any:
     """Called while a command is silent: says on stderr when the VM froze under it, and when it runs
     again.  The command is left to wait: kp-stop --resume (after freeing space) lets it finish."""
-    from kodepipe import vms
-    from kodepipe.errors import KpError
-    from kodepipe.state import Store
+    from kodepipe.core.errors import KpError
+    from kodepipe.core.state import Store
+    from kodepipe.vm import vms
 
     said: list[str | None] = [None]
 
@@ -209,8 +210,8 @@ def _terminal() -> int | None:
 
 
 def _interactive(out: kpcli.Output, names: tuple[str, ...], key_path: Path, timeout: float) -> int:
-    from kodepipe import ssh
-    from kodepipe.errors import KpError
+    from kodepipe.core.errors import KpError
+    from kodepipe.vm import ssh
 
     tty_in = _terminal() if sys.stdout.isatty() else None
     if tty_in is None:
@@ -235,9 +236,10 @@ def _interactive(out: kpcli.Output, names: tuple[str, ...], key_path: Path, time
 
 
 def _print_config(out: kpcli.Output, names: tuple[str, ...], key_path: Path) -> int:
-    from kodepipe import inventory, ssh
-    from kodepipe.errors import KpError
-    from kodepipe.state import Store
+    from kodepipe import inventory
+    from kodepipe.core.errors import KpError
+    from kodepipe.core.state import Store
+    from kodepipe.vm import ssh
 
     options.check_names(names)
     chosen: list[dict[str, Any]] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options, vmargs
 
 
@@ -34,24 +34,24 @@ def cli(names: tuple[str, ...], mode: str | None, timeout: float, quiet: bool) -
       kp-stop --suspend proj && kp-stop --resume proj
       kp-ls --kind vm --state running | kp-stop --save
     """
-    from kodepipe import runtime
-    from kodepipe.state import Store
+    from kodepipe.core.state import Store
+    from kodepipe.vm import lifecycle
 
     out = kpcli.Output("kp-stop", quiet=quiet)
     store = Store()
 
     def act(name: str, expect_id: str | None, record: dict[str, object]) -> dict[str, object]:
         if mode in ("suspend", "resume"):
-            return runtime.pause(store, name, resume=mode == "resume", expect_id=expect_id)
+            return lifecycle.pause(store, name, resume=mode == "resume", expect_id=expect_id)
         if mode == "save":
             out.progress(f"{name}: saving its state")
-            return runtime.save(store, name, timeout=timeout, expect_id=expect_id, say=out.warn)
+            return lifecycle.save(store, name, timeout=timeout, expect_id=expect_id, say=out.warn)
         if mode == "kill":
-            result, how = runtime.stop(store, name, timeout=timeout, graceful=False, expect_id=expect_id,
+            result, how = lifecycle.stop(store, name, timeout=timeout, graceful=False, expect_id=expect_id,
                                        say=out.warn)
             return {**result, "stopped_by": how}
         out.progress(f"{name}: shutting down")
-        result, how = runtime.stop(store, name, timeout=timeout, expect_id=expect_id, say=out.warn)
+        result, how = lifecycle.stop(store, name, timeout=timeout, expect_id=expect_id, say=out.warn)
         if how == "killed":
             out.warn(f"{name}: did not shut down within {timeout:g} s; QEMU was killed")
         return {**result, "stopped_by": how}

@@ -11,7 +11,7 @@ from typing import IO, Any
 
 import click
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options
 
 Record = dict[str, Any]
@@ -113,7 +113,7 @@ class _Sink:
     """Where events go: straight out, or into a summary written at the end."""
 
     def __init__(self, out: kpcli.Output, summary: bool) -> None:
-        from kodepipe import strace
+        from kodepipe.audit import strace
 
         self.out = out
         self.summary = strace.Summary() if summary else None
@@ -163,7 +163,7 @@ class _BadLines:
         self.out, self.where, self.count = out, where, 0
 
     def __call__(self, exc: Any) -> None:
-        from kodepipe.errors import BAD_INPUT
+        from kodepipe.core.errors import BAD_INPUT
 
         self.count += 1
         self.out.statuses.add(BAD_INPUT)
@@ -181,8 +181,8 @@ Unreadable = tuple[str, str]  # (the line shown escaped and shortened, why it wa
 def _text(numbered: Iterable[tuple[int, Any]], bad: _BadLines, limit: int = STRACE_LINE) -> Iterator[str | Unreadable]:
     """strace text lines, each checked: a NUL byte, bytes that are not UTF-8 or a line over ``limit``
     is reported as bad input and passed on as Unreadable (the parser makes it a parse_error event)."""
-    from kodepipe.errors import BadInput
-    from kodepipe.records import TooLong, decode_text, too_long
+    from kodepipe.core.errors import BadInput
+    from kodepipe.core.records import TooLong, decode_text, too_long
 
     for lineno, raw in numbered:
         if isinstance(raw, TooLong) or len(raw) > limit:
@@ -199,7 +199,7 @@ def _text(numbered: Iterable[tuple[int, Any]], bad: _BadLines, limit: int = STRA
 
 
 def _parse_stream(lines: Iterable[str | Unreadable], sink: _Sink, extra: Record | None = None) -> None:
-    from kodepipe.strace import Parser
+    from kodepipe.audit.strace import Parser
 
     parser = Parser()
     for line in lines:
@@ -213,8 +213,8 @@ EVIDENCE_OF_FAILED_RUNS = ("audit_incomplete", "engine_lost")
 
 
 def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
-    from kodepipe.errors import BadInput, KpError
-    from kodepipe.records import MAX_LINE, Line, TooLong, bounded_lines, open_regular, parse_line, too_long
+    from kodepipe.core.errors import BadInput, KpError
+    from kodepipe.core.records import MAX_LINE, Line, TooLong, bounded_lines, open_regular, parse_line, too_long
 
     numbered = bounded_lines(stream, MAX_LINE)
     for first in numbered:
@@ -280,8 +280,8 @@ def _unaccounted(record: Record, out: kpcli.Output, sink: _Sink, extra: Record) 
     """After a run's audit events, the real changes its trace does not explain (the record's
     audit_unaccounted, from kp-run's cross-check), as events of type "unaccounted": one per path the
     record lists, one saying how many more, or one saying the cross-check was incomplete."""
-    from kodepipe.errors import BAD_INPUT
-    from kodepipe.strace import SCHEMA
+    from kodepipe.audit.strace import SCHEMA
+    from kodepipe.core.errors import BAD_INPUT
 
     found = record.get("audit_unaccounted")
     if found is None:
@@ -314,8 +314,8 @@ def _unaccounted(record: Record, out: kpcli.Output, sink: _Sink, extra: Record) 
 def _egress(path: str, record: Record, out: kpcli.Output, sink: _Sink) -> None:
     """The egress proxy's decisions of a kp-run --allow, as they were logged: each line a JSON object
     (bad lines are reported and skipped), read a line at a time from a regular file only."""
-    from kodepipe.errors import BadInput, KpError
-    from kodepipe.records import Line, TooLong, bounded_lines, open_regular, parse_line, too_long
+    from kodepipe.core.errors import BadInput, KpError
+    from kodepipe.core.records import Line, TooLong, bounded_lines, open_regular, parse_line, too_long
 
     try:
         handle = open_regular(path, "the egress log")
@@ -346,7 +346,7 @@ def _egress(path: str, record: Record, out: kpcli.Output, sink: _Sink) -> None:
 
 def _reading(numbered: Iterator[tuple[int, Any]], what: str, path: str) -> Iterator[tuple[int, Any]]:
     """The lines of an opened file; an error while reading it (EIO) is a KpError naming it."""
-    from kodepipe.errors import KpError
+    from kodepipe.core.errors import KpError
 
     try:
         yield from numbered
@@ -374,7 +374,8 @@ def _trace_command(command: list[str], mode: str, log: Path | None, out: kpcli.O
     import secrets
     import tempfile
 
-    from kodepipe import proc, strace
+    from kodepipe.audit import strace
+    from kodepipe.core import proc
 
     tmp = None
     if log is None:
@@ -411,7 +412,7 @@ def follow(path: Path, finished: Callable[[], int | None], interval: float = 0.0
     """Yield (number, line) for the lines of a file that another process is still writing, until it
     has finished.  A partial last line is held back until its newline arrives (or the writer ends);
     a line longer than ``limit`` is yielded as a records.TooLong once, and its rest skipped."""
-    from kodepipe.records import TooLong
+    from kodepipe.core.records import TooLong
 
     with open(path, "rb") as handle:
         rest, lineno, skipping = b"", 0, False

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from kodepipe import cli as kpcli
+from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options
-from kodepipe.errors import KpError
-from kodepipe.records import Record
+from kodepipe.core.errors import KpError
+from kodepipe.core.records import Record
 
 
 def each_vm(out: kpcli.Output, names: tuple[str, ...]) -> Iterator[tuple[str, str | None, Record]]:
@@ -33,7 +33,7 @@ def each_vm(out: kpcli.Output, names: tuple[str, ...]) -> Iterator[tuple[str, st
 
 def run_each(out: kpcli.Output, names: tuple[str, ...], act: Callable[[str, str | None, Record], Record]) -> int:
     """Apply ``act`` to every VM; write its result over the incoming record, or the error."""
-    from kodepipe import vms
+    from kodepipe.vm import vms
 
     for name, expect_id, record in each_vm(out, names):
         try:

@@ -57,8 +57,8 @@ def shell_image(tmp_path_factory: pytest.TempPathFactory) -> str:
         pytest.skip("podman is not installed")
     if os.geteuid() != 0:
         pytest.skip("building the container base image needs root")
-    from kodepipe import profile
-    from kodepipe.cli import Output
+    from kodepipe.commands.cli import Output
+    from kodepipe.container import profile
 
     root = tmp_path_factory.mktemp("container")
     # the .deb cache outlives the run when KODEPIPE_TEST_CACHE names a folder (developers' re-runs)

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from kodepipe import accel, qemu
-from kodepipe.errors import KpError
+from kodepipe.core.errors import KpError
+from kodepipe.vm import accel, qemu
 from tests import cli
 from tests.conftest import lines
 from tests.integration.conftest import run

@@ -128,7 +128,7 @@ while (1) {
 
 
 def test_the_audit_log_has_a_cap_and_the_run_stops_there(shell_image: str, tmp_path: Path) -> None:
-    from kodepipe import auditcap
+    from kodepipe.audit import cap as auditcap
 
     ws = tmp_path / "proj"
     ws.mkdir()

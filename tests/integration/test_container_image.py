@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 import pytest
 
-from kodepipe import profile
-from kodepipe.cli import Output
-from kodepipe.errors import KpError
+from kodepipe.commands.cli import Output
+from kodepipe.container import profile
+from kodepipe.core.errors import KpError
 from tests.conftest import BIN, lines
 
 pytestmark = [

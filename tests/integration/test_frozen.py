@@ -24,9 +24,10 @@ from typing import Any
 import orjson
 import pytest
 
-from kodepipe import paths, proc, qemu
-from kodepipe.qmp import Monitor
-from kodepipe.sshkeys import own_key
+from kodepipe.core import paths, proc
+from kodepipe.vm import qemu
+from kodepipe.vm.qmp import Monitor
+from kodepipe.vm.sshkeys import own_key
 from tests.conftest import BIN, kp, lines
 from tests.fakevm import SSHServer, serve
 

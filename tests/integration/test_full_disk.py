@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe.errors import KpError
-from kodepipe.state import write_atomic
+from kodepipe.core.errors import KpError
+from kodepipe.core.state import write_atomic
 from tests.conftest import BIN, lines, make_image
 from tests.test_apply import apply_proc, finish, put, quarantined, temps
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.integration
 OWNER = 4321
 # kp-run with gitguard switched off, for the tests' own sake only: the user's kp-run has no such switch
 WEAKENED = """
-from kodepipe import gitguard
+from kodepipe.host import gitguard
 gitguard.MAX_BINDS = 0
 gitguard.Guard.after = lambda self, *args, **kwargs: []
 gitguard.in_changes = lambda *args, **kwargs: []

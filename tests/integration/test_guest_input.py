@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from kodepipe import seriallog
+from kodepipe.vm import seriallog
 from tests.conftest import BIN, lines
 from tests.integration.conftest import run
 
@@ -96,7 +96,7 @@ def keepers(log: Path) -> list[int]:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"kodepipe.seriallog" in argv and os.fsencode(str(log)) in argv:
+        if b"kodepipe.vm.seriallog" in argv and os.fsencode(str(log)) in argv:
             found.append(int(pid))
     return found
 

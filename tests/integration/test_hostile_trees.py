@@ -73,7 +73,7 @@ def ws(tmp_path: Path) -> Any:
         os.chown(path, OWNER, OWNER)
     yield ws
     # pytest's own clean-up (shutil.rmtree, recursive) fails on a tree this deep
-    from kodepipe.state import remove_tree
+    from kodepipe.core.state import remove_tree
 
     for entry in os.listdir(tmp_path):
         remove_tree(tmp_path / entry)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe.sshkeys import fingerprint
+from kodepipe.vm.sshkeys import fingerprint
 from tests.conftest import BIN, lines
 from tests.integration.conftest import kp_env, run
 

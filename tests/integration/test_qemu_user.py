@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from kodepipe import qemuuser
+from kodepipe.vm import qemuuser
 from tests.conftest import lines
 from tests.integration.conftest import run
 from tests.integration.test_guest_input import keepers
@@ -57,7 +57,7 @@ def one(proc: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
 
 def in_guest(record: dict[str, Any], script: str, timeout: float = 120) -> tuple[int, str, str]:
     """``script`` run by root in the guest, through the guest agent (no network needed)."""
-    from kodepipe.guest_agent import wait_for_agent
+    from kodepipe.vm.guest_agent import wait_for_agent
 
     with wait_for_agent(Path(record["sockets"]["qga"]), 900.0) as agent:
         status_, out, err = agent.exec(["/bin/sh", "-c", script], timeout=timeout)
@@ -275,7 +275,7 @@ NORMAL_USER_SCRIPT = r"""
 import os, subprocess, sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from kodepipe import qemuuser
+from kodepipe.vm import qemuuser
 share = Path(sys.argv[2])
 user = qemuuser.resolve()
 fd = os.open(share, os.O_PATH | os.O_DIRECTORY)

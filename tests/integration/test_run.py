@@ -399,7 +399,7 @@ def test_a_killed_kp_run_is_orphaned_and_kp_rm_cleans_it(shell_image: str, ws: P
 def one_podman_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One API service for the module (kp-run would otherwise start one per test's runtime dir).
     The other modules that run containers import this fixture."""
-    from kodepipe import engine
+    from kodepipe.container import engine
 
     if shutil.which("podman") is None:
         pytest.skip("podman is not installed")

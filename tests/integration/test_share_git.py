@@ -27,7 +27,7 @@ pytestmark = pytest.mark.integration
 NAME = "gitshare"
 WEAKENED = """
 import sys
-from kodepipe import sharegit
+from kodepipe.vm import sharegit
 sharegit.prepare = lambda share, folder, writable: sharegit.Prepared(record={"weakened": True})
 sharegit.settle = lambda folder, name: ([], None)
 from kodepipe.__main__ import main

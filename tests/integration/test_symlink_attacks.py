@@ -26,7 +26,7 @@ HOST_ONLY = "HOST-ONLY-CONTENT"
 # kp-run as it was, for the tests' own sake only (the user's kp-run has no such switch):
 WEAKENED = """
 import os, stat, shutil
-from kodepipe import gitguard, hostpath
+from kodepipe.host import gitguard, hostpath
 def stage(self, root_fd, staging, dest, *, same):  # bind .git/config and .git/hooks by path
     if self.writable:
         return [], {}, []

@@ -39,7 +39,7 @@ print "fork: ", $? >> 8, "\n";
 EXPECTED = ["clone-untraced: errno 1", "clone3: errno 38", "keyctl: errno 38", "add_key: errno 38",
             "request_key: errno 38", "unshare-user: errno 1", "fork: 7"]
 # kp-run whose seccomp profile is the base one, unchanged (Podman's default), for the tests' own sake
-WEAKENED = "from kodepipe import seccomp\nseccomp.derive = lambda base: dict(base)\n"
+WEAKENED = "from kodepipe.container import seccomp\nseccomp.derive = lambda base: dict(base)\n"
 
 
 @pytest.mark.parametrize("backend", ["host", "vm"])
@@ -65,7 +65,7 @@ def test_the_attempts_succeed_under_podmans_own_profile(request: pytest.FixtureR
 # the limits of the container's own user namespace, as the agent reads them
 QUOTAS = "echo inotify=$(cat /proc/sys/user/max_inotify_instances) userns=$(cat /proc/sys/user/max_user_namespaces)"
 # kp-run that does not set them (on the host: no nsenter; in a VM: no hook)
-WEAKENED_QUOTAS = ("from kodepipe import userns, vmrun\nuserns.limit = lambda pid, values: None\n"
+WEAKENED_QUOTAS = ("from kodepipe.container import userns, vmrun\nuserns.limit = lambda pid, values: None\n"
                    "vmrun.VmRun.prepare_hook = lambda self, values: None\n")
 
 

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from kodepipe import passt
+from kodepipe.vm import passt
 from tests.conftest import lines
 from tests.integration.conftest import run
 

@@ -29,7 +29,7 @@ from tests.conftest import BIN, ROOT, lines
 GUEST_ROOT = "/srv/kp-test"  # workspaces on the guest's own disk
 # kp-run with its VM backend's git layer switched off, for the tests' own sake only
 WEAKENED_VM = """
-from kodepipe import vmrun
+from kodepipe.container import vmrun
 vmrun.git_protect = lambda repos, writable: []
 vmrun.git_planted = lambda before, after: []
 vmrun.git_changed = lambda *args: []
@@ -91,7 +91,7 @@ class GuestVm:
 @pytest.fixture(scope="session")
 def guest_vm(golden: dict[str, Any], shell_image: str) -> Iterator[GuestVm]:
     """One VM with Podman and the shell image, for every VM-backend test of the session."""
-    from kodepipe import vmrun
+    from kodepipe.container import vmrun
 
     env: dict[str, str] = golden["env"]  # type: ignore[assignment]
     name = "kp-backend"

@@ -1,0 +1,727 @@
+"""One kp-run on this host: prepare, run, watch, clean up, and say what happened.
+
+The container's policy comes from sandbox.py; Podman is reached through
+engine.py; the quarantine's bookkeeping is quarantine.py.  This module owns
+the order of things and makes sure that however a run ends (exit, time
+limit, Ctrl-C, SIGTERM, an error half way), the container is removed, the
+overlay is unmounted, and the folder is either gone or truthfully
+describes what is left to review.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import secrets as pysecrets
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kodepipe.audit import cap as auditcap
+from kodepipe.container import folders, sandbox
+from kodepipe.core import paths, proc
+from kodepipe.core.errors import BadInput, KpError, NoPermission
+from kodepipe.core.records import Record
+from kodepipe.core.state import Store, new_id, now_iso
+from kodepipe.host import hostpath
+
+AUDIT_LOG = "audit.strace"
+EGRESS_LOG = "egress.jsonl"
+STRACE_ATTACH_WAIT = 10.0
+STRACE_END_WAIT = 10.0
+# Tests only: kp-run stops itself (SIGSTOP) at the named point, so that a test can SIGKILL it
+# exactly there.  The one point: "container-created" (Podman made the container, meta.json
+# does not have its id yet).
+STOP_AT = "KODEPIPE_TEST_STOP_AT"
+
+
+def _checkpoint(point: str) -> None:
+    if os.environ.get(STOP_AT) == point:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+@dataclass
+class Request:
+    """What the user asked kp-run for, options already parsed."""
+
+    command: list[str]
+    image: str
+    limits: sandbox.Limits
+    name: str | None = None
+    profile: str | None = None
+    workspace: Path | None = None
+    read_only_workspace: bool = False
+    quarantine: bool = False
+    network: str = "none"
+    cap_add: list[str] = field(default_factory=list)
+    writable_root: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    secrets: list[tuple[Path, str]] = field(default_factory=list)
+    masks: list[str] = field(default_factory=lambda: list(sandbox.DEFAULT_MASKS))
+    tty: bool = False
+    interactive: bool = False
+    keep: bool = False
+    audit: str | None = None  # a kp-trace mode
+    audit_cap: int = auditcap.DEFAULT  # bytes of audit log, after which the run is stopped
+    allow: list[str] = field(default_factory=list)  # egress rules: the proxy is the only way out
+    writable_git_config: bool = False  # loosened (--writable-git): the workspace's git repositories writable
+    resolve: list[str] = field(default_factory=list)  # NAME=ADDRESS pins for the proxy
+
+
+def new_name() -> str:
+    return f"run-{pysecrets.token_hex(4)}"
+
+
+class Run:
+    """The state of one run in progress, so that clean-up knows what exists."""
+
+    def __init__(self, store: Store, req: Request, say: Callable[[str, str], None]) -> None:
+        self.store, self.req, self.say = store, req, say
+        self.name = req.name or new_name()
+        self.folder: Path | None = None
+        self.meta: dict[str, Any] = {"kind": "container", "name": self.name}
+        self.engine: Any = None
+        self.cid: str | None = None
+        self.upper: Path | None = None
+        self.merged: Path | None = None
+        self.workspace: Path | None = None
+        self.setuid_before: set[str] = set()
+        self.git: Any = None  # gitguard.Guard: the workspace's git repositories (and its fd), before the run
+        self.stage: Any = None  # hostpath.Staging: read-only binds of fds, handed to Podman as paths
+        self.expect: list[Any] = []  # hostpath.Expect: the container's mounts, checked before it starts
+        self.timed_out = False
+        self.strace: subprocess.Popen[bytes] | None = None
+        self.strace_said: collections.deque[str] = collections.deque(maxlen=4)
+        self.tracer_watch: threading.Thread | None = None
+        self.audit_cap: auditcap.SizeCap | None = None
+        self.tracer_reader: threading.Thread | None = None
+        self.audit_problem: str | None = None  # why the audit log is incomplete, when it is
+        self.ending = False  # finish() has begun: what ends now is kp-run's doing
+        self.made = False  # a container may exist: create was asked for
+        self.engine_lost: KpError | None = None
+        self.container_pid: int | None = None  # the container's first process, as the host sees it
+        self.container_pid_start: int | None = None
+        self.proxy: Any = None
+        self.policy: Any = None
+        self.snapshot_before: Any = None  # crosscheck.Snapshot: an audited direct run's workspace, before it
+
+    # -- preparing ------------------------------------------------------------
+
+    def prepare(self) -> sandbox.Sandbox:
+        from kodepipe.container import engine, quarantine, seccomp
+
+        req = self.req
+        if os.geteuid() != 0:
+            raise NoPermission(
+                "kp-run needs root (run it with sudo): it uses rootful Podman with a user namespace, the one "
+                "set-up that both enforces the limits and keeps workspace files owned by you",
+                hint="sudo kp-run ...; files the agent writes are still owned by you (SUDO_UID)")
+        if req.quarantine and req.read_only_workspace:
+            raise BadInput("--quarantine and --read-only-workspace exclude each other")
+        if req.quarantine and req.workspace is None:
+            raise BadInput("--quarantine needs a --workspace")
+        ws = sandbox.check_workspace(req.workspace) if req.workspace is not None else None
+        self.workspace = ws
+        uid, gid, source = sandbox.invoker(ws)
+        masked: list[str] = []
+        if ws is not None:
+            from kodepipe.host import gitguard
+
+            # everything in the workspace is found and opened from this fd, never through a symlink
+            ws_fd = hostpath.open_workspace(ws)
+            try:
+                masked, credentials, self.setuid_before = sandbox.scan(ws_fd, req.masks)
+            except BaseException:
+                os.close(ws_fd)
+                raise
+            self.git = gitguard.Guard.survey(ws_fd, writable=req.writable_git_config,
+                                             direct=not req.quarantine and not req.read_only_workspace)
+            for warning in self.git.warnings(ws):
+                self.say("warn", warning)
+            if credentials:
+                shown = ", ".join(credentials[:8]) + (" ..." if len(credentials) > 8 else "")
+                self.say("warn", f"the workspace holds files that look like credentials, and the agent can "
+                                 f"read them: {shown} (hide them with --mask GLOB)")
+            if source == "nobody" and not req.read_only_workspace:
+                self.say("warn", f"{ws} belongs to root and kp-run was not started through sudo: the agent runs "
+                                 f"as host uid {uid} and cannot write it (chown the workspace to its user, "
+                                 "or run kp-run through sudo)")
+        if req.allow:
+            from kodepipe.egress import proxy as egress
+
+            if req.network != "none":
+                raise BadInput("--allow and --net open exclude each other: --allow is the only way out")
+            self.policy = egress.Policy.build(req.allow, req.resolve)
+            import resource
+
+            # the proxy holds two descriptors per connection: use the whole hard limit
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft < hard:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        elif req.resolve:
+            raise BadInput("--resolve only matters with --allow")
+        seccomp_path = seccomp.ensure(paths.cache_dir() / "seccomp")
+        self.engine = engine.Engine.connect(lambda m: self.say("progress", m))
+
+        with self.store.lock(self.name):
+            self.meta = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
+                         "state": "creating", "host": "local", "image": req.image, "profile": req.profile,
+                         "command": req.command, "workspace": str(ws) if ws else None,
+                         # Podman's name for the container, on record before it is asked to make one:
+                         # kp-rm finds it by this name (and the run's id label) if kp-run dies before
+                         # it learns the container's id
+                         "container_name": self.name,
+                         "pid": os.getpid(), "pid_start": proc.start_time(os.getpid()),
+                         "boot_id": proc.boot_id()}
+            with self.store.creating("container", self.name, self.meta) as folder:
+                self.folder = folder
+        if not (self.folder is not None):
+            raise RuntimeError("kp-run: out of order")
+        os.chmod(self.folder, 0o700)
+
+        bound = str(ws) if ws is not None else None
+        if req.quarantine and ws is not None:
+            self.upper, work = quarantine.prepare(self.folder)
+            info = ws.stat()
+            # the overlay's root takes its owner and mode from the upper dir
+            os.chown(self.upper, info.st_uid, info.st_gid)
+            os.chmod(self.upper, stat.S_IMODE(info.st_mode))
+            self.merged = self.folder / folders.MERGED
+            self.merged.mkdir()
+            # no redirects or metacopy (the upper dir then holds whole files kodepipe can review),
+            # and nothing setuid or a device node comes to life through it
+            proc.run(["mount", "-t", "overlay", "overlay", "-o",
+                      f"lowerdir={ws},upperdir={self.upper},workdir={work},redirect_dir=off,metacopy=off,"
+                      "index=off,nosuid,nodev", self.merged])
+            bound = str(self.merged)
+
+        secret_list = []
+        if req.secrets:
+            private = self.folder / "secrets"
+            private.mkdir(mode=0o700)
+            os.chown(private, uid, gid)
+            for n, (src, dest) in enumerate(req.secrets):
+                copy = private / f"{n}-{src.name}"
+                hostpath.copy_secret(src, copy)  # never through a symlink anyone but root could have left
+                os.chown(copy, uid, gid)
+                os.chmod(copy, 0o400)
+                secret_list.append(sandbox.Secret(copy, dest, str(src)))
+        mask_file = None
+        if masked:
+            empty = self.folder / "empty"
+            empty.touch()
+            os.chmod(empty, 0o444)
+            mask_file = str(empty)
+        protect: list[str] = []
+        protect_sources: dict[str, str] = {}
+        if self.git is not None and bound is not None:
+            # the repositories, bound read-only from fds (gitguard.py), and every mount the container
+            # gets from the workspace, checked in it before it starts (start)
+            root = self.git.root_fd if self.merged is None else \
+                os.open(self.merged, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                self.stage = hostpath.Staging(self.folder / "binds")
+                protect, protect_sources, self.expect = self.git.stage(root, self.stage, sandbox.WORKSPACE,
+                                                                       same=self.merged is None)
+                self.expect += hostpath.expect_tree(root, sandbox.WORKSPACE, req.read_only_workspace, masked,
+                                                    mask_file)
+            finally:
+                if root != self.git.root_fd:
+                    os.close(root)
+
+        hosts = self.folder / "hosts"
+        hosts.write_text(f"127.0.0.1\tlocalhost {self.name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+        os.chmod(hosts, 0o444)
+        extra_mounts, extra_env = [sandbox.Mount(str(hosts), "/etc/hosts", True)], {}
+        if self.policy is not None:
+            from kodepipe.egress import proxy as egress
+
+            resolv = self.folder / "resolv.conf"
+            resolv.write_text(egress.RESOLV_CONF)
+            os.chmod(resolv, 0o444)
+            extra_mounts.append(sandbox.Mount(str(resolv), "/etc/resolv.conf", True))
+            extra_env = egress.container_env()
+        limits = req.limits
+        box = sandbox.Sandbox(
+            name=self.name, image=req.image, command=req.command, workspace=bound, host_uid=uid, host_gid=gid,
+            limits=limits, seccomp=str(seccomp_path), read_only_workspace=req.read_only_workspace,
+            network=req.network, cap_add=req.cap_add, writable_root=req.writable_root, env=req.env,
+            secrets=secret_list, masks=masked, mask_file=mask_file, protect=protect, protect_sources=protect_sources,
+            git_writable=req.writable_git_config, tty=req.tty,
+            interactive=req.interactive,
+            labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
+            runtime=engine.runtime(),
+            # a backstop: conmon kills the container even if kp-run itself is killed
+            timeout=int(limits.seconds) + 60 if limits.seconds else 0,
+            allow=[r.pattern + ("" if r.ports == (80, 443) else ":" + ",".join(map(str, r.ports)))
+                   for r in self.policy.rules] if self.policy else [],
+            extra_mounts=extra_mounts, extra_env=extra_env, quotas=sandbox.host_quotas().share())
+        self.meta.update(
+            workspace_mode="quarantine" if req.quarantine else "ro" if req.read_only_workspace else
+            "rw" if ws is not None else None,
+            network="proxy" if self.policy else req.network, limits=limits.record(), loosened=box.loosened(),
+            user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
+            masked=masked, protected=protect, secrets=[s.dest for s in secret_list], env=sorted(req.env),
+            allow=box.allow, kernel_quotas=box.quotas.record(),
+            engine=self.engine.url)
+        if self.upper is not None:
+            self.meta["quarantine"] = {"path": str(self.upper)}
+        if req.audit not in (None, "minimal") and self.git is not None and self.upper is None \
+                and not req.read_only_workspace:
+            from kodepipe.audit import crosscheck  # the audit's cross-check (finish): the workspace before the run
+
+            self.snapshot_before = crosscheck.snapshot(self.git.root_fd)
+        return box
+
+    # -- running ----------------------------------------------------------------
+
+    def start(self, box: sandbox.Sandbox) -> None:
+        if not (self.folder is not None):
+            raise RuntimeError("kp-run: out of order")
+        self.made = True
+        self.cid = self.engine.create(box.spec())
+        _checkpoint("container-created")
+        # its processes and namespaces exist, nothing runs yet: the tracer and the proxy attach
+        # now, and its first process is on record, so kp-ls can tell whether it still runs
+        self.engine.init(self.cid)
+        pid = int(self.engine.inspect(self.cid)["State"].get("Pid") or 0)
+        if pid > 0:
+            self.container_pid, self.container_pid_start = pid, proc.start_time(pid)
+        if self.container_pid is None:
+            raise KpError("Podman did not say which process the container's is: kp-run cannot set its "
+                          "kernel quotas, and does not start it without them")
+        # the workspace, its read-only repositories and its masks are, in the container, the very files
+        # kp-run meant (runc resolved their places in it); then the staging binds have done their job
+        wrong = hostpath.verify_mounts(self.container_pid, self.expect)
+        if self.stage is not None:
+            self.stage.close()
+        if wrong:
+            raise hostpath.UnsafePath("the container's mounts are not what kp-run set up, so it was not started: "
+                                      + "; ".join(wrong[:5]),
+                                      hint="did something change the workspace meanwhile? try again")
+        from kodepipe.container import userns
+
+        # before the agent's first instruction: its share of the kernel's per-user quotas (sandbox.Quotas)
+        userns.limit(self.container_pid, box.quotas.userns_sysctls())
+        self.meta.update(container_id=self.cid, container_pid=self.container_pid,
+                         container_pid_start=self.container_pid_start, state="running", started=now_iso())
+        if self.req.audit:
+            from kodepipe.audit import strace
+
+            self.meta.update(audit_log=str(self.folder / AUDIT_LOG), audit_mode=self.req.audit,
+                             audit_cap=self.req.audit_cap,
+                             audit_blind=[*strace.BLIND[self.req.audit], strace.ATTACHED_NOTE])
+        if self.policy is not None:
+            self.meta["egress_log"] = str(self.folder / EGRESS_LOG)
+        self.store.write_meta(self.folder, self.meta)
+        if self.policy is not None:
+            self._start_proxy()
+        if self.req.audit:
+            self._attach_strace()
+
+    def _start_proxy(self) -> None:
+        from kodepipe.egress import proxy as egress
+
+        if self.folder is None or self.container_pid is None:
+            raise RuntimeError("kp-run: out of order")
+        tcp, udp = egress.sockets_in_netns(self.container_pid)
+        self.proxy = egress.Proxy(self.policy, egress.DecisionLog(self.folder / EGRESS_LOG, self.name))
+        self.proxy.start(tcp, udp)
+
+    def _attach_strace(self) -> None:
+        from kodepipe.audit import strace
+
+        if not (self.folder is not None and self.container_pid is not None and self.req.audit is not None):
+            raise RuntimeError("kp-run: out of order")
+        args = ["strace", *strace.CAPTURE_FLAGS,
+                *[a for a in strace.MODES[self.req.audit] if a != "--seccomp-bpf"],
+                "-o", str(self.folder / AUDIT_LOG), "-p", str(self.container_pid)]
+        # its own session: a Ctrl-C on the terminal must not detach the tracer before kp-run
+        # has stopped the container
+        self.strace = subprocess.Popen([proc.require("strace"), *args[1:]], stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        # the log's size cap: the run is stopped when the log reaches it (auditcap.py); by SIGKILL to
+        # its first process, not through Podman, whose kill waits for an end the halted tracer holds up
+        self.audit_cap = auditcap.SizeCap(self.folder / AUDIT_LOG, self.req.audit_cap, self.strace,
+                                          self._kill_process, lambda m: self.say("warn", f"{self.name}: {m}"))
+        self.audit_cap.start()
+        # strace says "Process N attached" once it holds every thread; start only then
+        if not (self.strace.stderr is not None):
+            raise RuntimeError("kp-run: out of order")
+        deadline = time.monotonic() + STRACE_ATTACH_WAIT
+        said = b""
+        while b"attached" not in said:
+            line = self.strace.stderr.readline()
+            if not line or time.monotonic() > deadline:
+                raise KpError(f"strace could not attach to the container: {said.decode(errors='replace')}")
+            said += line
+        self.tracer_reader = threading.Thread(target=self._read_tracer, args=(self.strace.stderr,), daemon=True)
+        self.tracer_reader.start()
+        self.tracer_watch = threading.Thread(target=self._watch_tracer, args=(self.strace,), daemon=True)
+        self.tracer_watch.start()
+
+    def _read_tracer(self, stream: Any) -> None:
+        """Keep strace's last messages: they say why it ended, if it ended early."""
+        for line in stream:
+            text = line.decode(errors="replace").strip()
+            if text and not text.endswith(" attached"):
+                self.strace_said.append(text)
+
+    def _watch_tracer(self, tracer: subprocess.Popen[bytes]) -> None:
+        """A tracer that ends while the container runs leaves the rest of the run unrecorded:
+        stop the container then.  strace ends with status 0 when the last process it traces has
+        ended; killed or failed, it ends otherwise."""
+        status = tracer.wait()
+        if status == 0 or self.ending:
+            return
+        if self.tracer_reader is not None:
+            self.tracer_reader.join(timeout=2.0)  # its last words, up to the end of its stderr
+        how = (f"was killed by {signal.Signals(-status).name}" if status < 0 and -status in signal.valid_signals()
+               else f"ended with status {status}")
+        said = "; ".join(self.strace_said)
+        self.audit_problem = (f"strace (pid {tracer.pid}) {how} while the container ran"
+                              + (f" ({said})" if said else "")
+                              + ": the audit log misses everything after that, so kp-run stopped the container "
+                                "(a run whose audit was asked for does not go on unaudited)")
+        self.say("warn", f"{self.name}: the audit's tracer (strace) {how}: stopping the container")
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        """SIGKILL the container from another thread: through Podman, or straight to its first
+        process (which takes every process of its pid namespace with it) if Podman does not answer."""
+        from kodepipe.container import engine
+
+        try:
+            engine.Engine(self.engine.url).kill(self.cid or "", "KILL")
+        except Exception:
+            self._kill_process()
+
+    def _kill_process(self) -> None:
+        from kodepipe.container import folders
+
+        pid = self.container_pid
+        if pid is not None and folders.process_running(pid, self.container_pid_start):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def attached_run(self) -> int:
+        """Start, copy the output to stderr until the container exits, and return its status."""
+        if not (self.cid is not None):
+            raise RuntimeError("kp-run: out of order")
+        timer = None
+        if self.req.limits.seconds:
+            timer = threading.Timer(self.req.limits.seconds, self._time_up)
+            timer.daemon = True
+            timer.start()
+        try:
+            if self.req.tty or self.req.interactive:
+                self._terminal_run()
+            else:
+                attached = self.engine.attach(self.cid)
+                self.engine.start(self.cid)
+                err = sys.stderr.buffer
+
+                def write(data: bytes) -> None:
+                    err.write(data)
+                    err.flush()
+
+                self.engine.stream(self.cid, {1: write, 2: write}, attached)
+            return int(self.engine.wait(self.cid))
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _terminal_run(self) -> None:
+        """A real terminal for the agent: Podman's own client attaches (window size, Ctrl-C)."""
+        if not (self.cid is not None):
+            raise RuntimeError("kp-run: out of order")
+        stdin: Any = None
+        if self.req.tty and not os.isatty(0):
+            try:
+                stdin = open("/dev/tty", "rb")  # noqa: SIM115 - closed below
+            except OSError:
+                raise BadInput("-t needs a terminal, and there is none",
+                               hint="drop -t, or run kp-run from a terminal") from None
+        try:
+            subprocess.run([proc.require("podman"), "--remote", "--url", self.engine.url, "start",
+                            "--attach", "--interactive", self.cid], stdin=stdin, check=False)
+        finally:
+            if stdin is not None:
+                stdin.close()
+
+    def _time_up(self) -> None:
+        self.timed_out = True
+        self.say("warn", f"{self.name}: the time limit ({self.req.limits.seconds:g} s) is up; stopping it")
+        self._stop_now()
+
+    # -- ending -----------------------------------------------------------------
+
+    def finish(self, exit_code: int | None, outcome: str) -> Record:
+        """Remove what should not outlive the run; return the record of what happened."""
+        from kodepipe.container import quarantine
+
+        meta = self.meta
+        self.ending = True
+        if self.folder is not None:  # first: nothing below may keep a secret's copy on disk
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(self.folder / "secrets")
+        if self.stage is not None:  # the read-only binds of the workspace's repositories, if still there
+            self.stage.close()
+        if self.made and self.engine is not None:
+            exit_code = self._end_container(exit_code, outcome)
+        if self.proxy is not None:
+            self.proxy.stop()
+            meta["egress"] = dict(self.proxy.log.counts)
+            self.proxy.log.close()
+        if self.strace is not None:
+            try:
+                self.strace.wait(timeout=STRACE_END_WAIT)
+            except subprocess.TimeoutExpired:
+                self.strace.kill()
+                self.audit_problem = self.audit_problem or (
+                    f"strace did not end within {STRACE_END_WAIT:g} s of the container, and was killed: "
+                    "the end of the audit log may be missing")
+            if self.tracer_watch is not None:
+                self.tracer_watch.join(timeout=STRACE_END_WAIT)
+        if self.req.audit is not None and self.strace is not None:
+            meta["audit"] = "incomplete" if self.audit_problem else "complete"
+            if self.audit_problem:
+                meta["audit_problem"] = self.audit_problem
+                if outcome == "exited":
+                    outcome = "audit-lost"
+        if self.audit_cap is not None:  # the log reached its cap: the run was stopped there
+            self.audit_cap.close()
+            capped = self.audit_cap.record()
+            if self.audit_problem:
+                capped.pop("audit", None)
+            meta.update(capped)
+            if "audit_capped" in capped and outcome == "exited":
+                outcome = "audit-capped"
+        meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome)
+        if exit_code is not None and 128 < exit_code < 160:  # the shell's convention: killed by a signal
+            import signal
+
+            with contextlib.suppress(ValueError):
+                meta["signal"] = signal.Signals(exit_code - 128).name
+        if self.workspace is not None and self.upper is None and not self.req.read_only_workspace:
+            from kodepipe.core import fdtree, terminal
+
+            try:
+                after = set(fdtree.setid_files(self.workspace))  # fd-based and iterative: any depth
+            except Exception:
+                after = set()
+            new = sorted(after - self.setuid_before)
+            self._crosscheck_workspace()  # before kp-run itself moves anything (git.check)
+            if self.git is not None and self.folder is not None:  # planted git metadata: moved away (gitguard)
+                self.git.check(self.folder, self.name, meta, lambda m: self.say("warn", m))
+            if new:
+                meta["setuid_files"] = [fdtree.display(path) for path in new]
+                self.say("warn", "the agent left setuid/setgid files in the workspace: "
+                                 f"{', '.join(terminal.escape(path) for path in new[:8])}")
+        keep = self.req.keep or self.req.audit is not None or self.policy is not None or "git_planted" in meta
+        if self.folder is not None:
+            if self.merged is not None:
+                folders.unmount(self.folder)
+            if self.upper is not None and self.workspace is not None:
+                try:
+                    changes = quarantine.changes(self.upper, self.workspace)
+                    meta["quarantine"] = {"path": str(self.upper), **quarantine.summary(changes)}
+                    meta["fingerprints"] = quarantine.fingerprint(self.workspace, changes)
+                    from kodepipe.audit import crosscheck
+
+                    try:
+                        self._crosscheck(crosscheck.from_quarantine(changes), "quarantine")
+                    except Exception as exc:  # the quarantine's own record stands whatever happens here
+                        meta["audit_unaccounted"] = {"against": "quarantine", "complete": False,
+                                                     "why": f"the cross-check failed: {exc!r}"}
+                    for finding in quarantine.findings(changes):  # escaped: the agent chose the names
+                        self.say("warn", finding)
+                    from kodepipe.host import gitguard  # changes to git metadata: --apply refuses them
+
+                    gitguard.report_changes(changes, self.workspace, meta, lambda m: self.say("warn", m))
+                    if changes:
+                        keep = True
+                        meta["state"] = "quarantined"
+                except Exception as exc:
+                    keep = True
+                    meta["state"] = "quarantined"
+                    meta["problem"] = ("could not list the quarantined changes: "
+                                       f"{exc.message if isinstance(exc, KpError) else repr(exc)}")
+            if meta.get("state") != "quarantined":
+                meta["state"] = "exited"
+            if keep and self.folder.is_dir():
+                self.store.write_meta(self.folder, meta)
+            else:
+                self.store.discard(self.folder)
+        if self.git is not None:
+            self.git.close()
+        record = {k: v for k, v in meta.items() if k not in (*folders.PRIVATE, "fingerprints")}
+        if keep and self.folder is not None:
+            record["path"] = str(self.folder)
+        else:
+            record["removed"] = True
+        return record
+
+    def _crosscheck_workspace(self) -> None:
+        """An audited direct run: the workspace's snapshot before and after, checked against the trace.
+        Never raises: what follows it in finish (moving planted git metadata away) must happen."""
+        try:
+            self._crosscheck_snapshots()
+        except Exception as exc:
+            self.meta["audit_unaccounted"] = {"against": "workspace", "complete": False,
+                                              "why": f"the cross-check failed: {exc!r}"}
+
+    def _crosscheck_snapshots(self) -> None:
+        from kodepipe.audit import crosscheck
+
+        before = self.snapshot_before
+        if before is None or self.git is None or self.git.root_fd < 0:
+            return
+        if not before.complete:
+            self._crosscheck(None, "workspace", before.why)
+            return
+        after = crosscheck.snapshot(self.git.root_fd, before.cap)
+        if not after.complete:
+            self._crosscheck(None, "workspace", after.why)
+            return
+        self._crosscheck(crosscheck.diff(before.entries, after.entries), "workspace",
+                         same=crosscheck.unmoved(before.entries, after.entries))
+
+    def _crosscheck(self, real: list[Any] | None, against: str, why: str | None = None,
+                    same: Callable[[str, str], bool] | None = None) -> None:
+        """kp-run --audit: the real changes (the quarantine's, or the workspace's) that no file event of the
+        trace explains (crosscheck.py): a path another thread rewrote between the tracer's read and the
+        kernel's, or a change made outside the traced calls.  In the record as audit_unaccounted."""
+        from kodepipe.audit import crosscheck
+        from kodepipe.container.quarantine import show
+
+        if self.req.audit is None or self.strace is None or self.folder is None:
+            return
+        meta = self.meta
+        if why is None:
+            if self.req.audit == "minimal":
+                why = "the minimal audit mode records no file events"
+            elif self.audit_problem:
+                why = "the audit log is incomplete (audit_problem): the trace cannot explain what it missed"
+            elif "audit_capped" in meta:
+                why = "the audit cap stopped the trace: what the agent did after it is not in the log"
+        marks = None
+        if why is None:
+            try:
+                size = (self.folder / AUDIT_LOG).stat().st_size
+                if size > 16 << 20:  # it reads about 5 MB a second
+                    self.say("progress", f"{self.name}: checking the audit ({size >> 20} MiB) against the real changes")
+                marks = crosscheck.read_log(self.folder / AUDIT_LOG)
+            except OSError as exc:
+                why = f"the audit log could not be read: {exc.strerror}"
+        if why is not None or marks is None or real is None:
+            result = crosscheck.incomplete(against, len(real or ()), why or "nothing to check")
+        else:
+            result = crosscheck.check(real, marks, against=against, same=same)
+        meta["audit_unaccounted"] = result.record()
+        if result.unaccounted:
+            shown = ", ".join(show(r.path) for r in result.unaccounted[:8])
+            more = len(result.unaccounted) - 8
+            self.say("warn", f"{self.name}: the audit does not explain {len(result.unaccounted)} change(s) in the "
+                             f"{against}: {shown}{f' and {more} more' if more > 0 else ''} (a path another "
+                             "thread rewrote between the tracer's read and the kernel's, or a change made "
+                             "outside the traced system calls; record: audit_unaccounted)")
+
+    def _end_container(self, exit_code: int | None, outcome: str) -> int | None:
+        """Learn how the container ended, stop it if it runs, and remove it (unless --keep);
+        through a Podman service started again if kp-run's own died.  The exit code is returned;
+        the record gets container_removed (and the run's folder is kept when it is false, so
+        that kp-rm can finish the job)."""
+        from kodepipe.container import engine
+
+        meta = self.meta
+
+        def end(eng: engine.Engine) -> bool:
+            if self.cid is None:  # asked for, but its id never came back: it is known by name
+                self.cid = eng.find(self.name, str(meta.get("id")))
+                if self.cid is None:
+                    return True
+                meta["container_id"] = self.cid
+            nonlocal exit_code
+            try:
+                state = eng.inspect(self.cid)["State"]
+            except engine.EngineLost:
+                raise
+            except KpError:
+                state = {}
+            meta["oom_killed"] = bool(state.get("OOMKilled"))
+            if exit_code is None and state.get("Status") == "exited":
+                exit_code = int(state.get("ExitCode", 0))
+            if outcome != "exited":  # cut short: SIGKILL now, not SIGTERM and a 10 s stop timeout
+                eng.kill(self.cid)
+            if self.req.keep:
+                return False
+            eng.remove(self.cid)  # forced: stops it first if it still runs
+            return True
+
+        removed = False
+        try:
+            try:
+                removed = end(self.engine)
+            except engine.EngineLost as exc:
+                self.engine_lost = exc
+                self._kill_process()  # no Podman to ask: end its processes at once
+                self.say("warn", f"{self.name}: {exc.message}; " + (
+                    "starting it again to remove the container" if getattr(self.engine, "own", False)
+                    else "asking it again"))
+                self.engine = self.engine.revive(lambda m: self.say("progress", m))
+                removed = end(self.engine)
+        except KpError as exc:
+            self._kill_process()
+            if not self.req.keep:
+                self.say("warn", f"{self.name}: could not remove container "
+                                 f"{(self.cid or self.name)[:12]}: {exc.message}")
+                meta["problem"] = f"its container was stopped but not removed ({exc.message}); kp-rm removes it"
+            self.req.keep = True
+        meta["container_removed"] = removed
+        return exit_code
+
+
+def run(store: Store, req: Request, say: Callable[[str, str], None]) -> tuple[Record, int | None]:
+    """Run one container; return its record and the command's exit status (None if it never ran).
+
+    On an interruption the container is removed and the record is returned
+    through the exception's ``record`` attribute before it propagates.
+    """
+    from kodepipe.container import engine
+
+    job = Run(store, req, say)
+    try:
+        box = job.prepare()
+        job.start(box)
+        status = job.attached_run()
+    except BaseException as exc:
+        lost = isinstance(exc, engine.EngineLost)
+        record = job.finish(None, "engine-lost" if lost else "interrupted" if not isinstance(exc, Exception)
+                            else "failed")
+        if lost:
+            # say what became of the container, which outlived the service
+            done = ("kp-run started the service again, and stopped and removed the container"
+                    if record.get("container_removed") else
+                    f"kp-run stopped the container's processes, but could not remove it: kp-rm {job.name} "
+                    "does, once Podman answers")
+            told = engine.EngineLost(f"{exc.args[0] if exc.args else exc}; {done}")
+            told.record = record  # type: ignore[attr-defined]
+            raise told from None
+        exc.record = record  # type: ignore[attr-defined]
+        raise
+    try:
+        return job.finish(status, "timed-out" if job.timed_out else "exited"), status
+    except KpError as exc:  # its last metadata could not be written (a full disk): say what ran all the same
+        exc.record = {k: v for k, v in job.meta.items()  # type: ignore[attr-defined]
+                      if k not in (*folders.PRIVATE, "fingerprints")}
+        raise

@@ -1,0 +1,1083 @@
+"""kp-run inside a VM: the same locked-down container, run by the guest's Podman over SSH.
+
+The policy is sandbox.py's, rendered as ``podman run`` arguments; this
+module only finds out what the guest has and ferries things to it:
+
+- the facts (one probe: podman, runc, zstd, sudo, the SSH user, the image,
+  the workspace), then the masks (``find`` in the guest's workspace);
+- the image, when the guest lacks it (or has another image under that
+  tag): ``podman save`` on the host streamed (zstd-compressed when both
+  sides have zstd) into ``sudo podman load``;
+- the seccomp profile, derived from the guest's own containers seccomp.json
+  and kept in /run/kodepipe; secrets and the mask file in a folder of the
+  run's own under /run/kodepipe, removed afterwards;
+- then ``sudo podman run``, its output copied to kp-run's stderr, a timer
+  that kills it at the time limit, and ``podman rm -f`` if kp-run is
+  interrupted.
+
+Everything put into a remote command line goes through shlex.  Paths in
+the workspace that Podman's --mount syntax cannot carry (a comma) are
+refused rather than passed on: a file name must never become a mount
+option.
+
+What holds inside the guest, as on the host:
+
+- **Git** (gitguard.py says why git metadata is code).  Before the run, one
+  ``find -P`` in the guest lists every repository of the workspace (each
+  ``.git`` of any type, never entered, and each directory that is a bare
+  repository, at any depth, never through a symlink; NUL-separated, with
+  type, device, inode and change time).  By default each is bound
+  read-only over itself (``protected``), so the agent can neither write
+  nor rename nor replace it; a ``.git`` that is a symlink is never bound
+  nor followed, and said.  ``--writable-git`` binds nothing (loosened,
+  recorded the same way).  After a direct run (the container is gone) the
+  same survey runs again, and each ``.git`` or bare repository the agent
+  made or replaced anywhere is neutralised by a ``rename(2)`` (perl, which
+  every Debian guest has; never a copy): into a folder of the run in the
+  guest (``/var/lib/kodepipe/runs/NAME-ID/git-planted``), or, on another
+  filesystem (the 9p share), to a name git never reads beside it
+  (``.git.planted-by-NAME``); a bare repository loses its ``HEAD``.  The
+  record lists them (``git_planted``).  Names are data: a repository whose
+  path Podman's ``--mount`` cannot carry (a comma, a newline, bytes that
+  are not UTF-8) is refused before anything changes in the guest.
+  The survey runs in the guest, not on the host's side of a
+  ``kp-boot --share`` (gitguard itself), because it must see exactly what
+  the guest's Podman binds: a workspace need not be the share, and over
+  9p with ``security_model=mapped-xattr`` a symlink the guest makes is a
+  regular file on the host, so the host's view of the tree is not the
+  guest's.  With ``--writable-git`` (and for repositories past
+  gitguard.MAX_BINDS) what git reads as configuration, hooks or pointers
+  in each writable repository is noted before the run (gitguard's levels,
+  from one ``find`` per repository; the small files kept through ``tar``),
+  and what the agent added or changed there is moved away the same way and
+  yours put back.  What this does not cover, unlike on the host: between
+  the survey and ``podman run`` the bind sources are paths, not fds, and
+  the moves after the run go by path (no agent runs at either time: only
+  the guest's root could swap them, and the guest's root owns the
+  workspace anyway); an ``objects`` directory anywhere in a repository is
+  taken for data and not watched.
+- **seccomp**: the profile is seccomp.render of the guest's own
+  containers profile, the same function as the host's: new namespaces,
+  CLONE_UNTRACED (EPERM) and the kernel keyring (ENOSYS) are refused.
+- **Kernel quotas**: the guest's kernel is the VM's own, so what a
+  container could use up there is the disposable guest's, not a host
+  account's; the same limits are set all the same, as a share of the
+  guest's own quotas (probed): the sigpending and msgqueue rlimits, and the
+  inotify and user-namespace limits of the container's user namespace,
+  written by an OCI prestart hook (``podman --hooks-dir``) that enters it
+  with nsenter after the runtime made it and before the agent's first
+  instruction, as hostrun.py does on the host; the container does not
+  start if the hook fails.
+- What the guest cannot do yet (--quarantine, --audit, -i/-t, --keep,
+  --allow) is refused before anything is done in it: nothing is dropped
+  silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from kodepipe.container import sandbox
+from kodepipe.container.hostrun import Request, new_name
+from kodepipe.core import fdtree, proc
+from kodepipe.core.errors import BadInput, CommandFailed, KpError, NotFound
+from kodepipe.core.records import Record
+from kodepipe.core.state import new_id, now_iso
+from kodepipe.host import gitguard
+from kodepipe.vm.hop import Outcome, Remote, connect
+
+GUEST_DIR = "/run/kodepipe"  # root's, on the guest's tmpfs: gone at its next boot
+SHARE_MOUNT = "/workspace"  # where kp-ip mounts kp-boot --share
+GUEST_SECCOMP = "/usr/share/containers/seccomp.json"
+GUEST_KEEP = "/var/lib/kodepipe/runs"  # root's, on the guest's disk: what a run leaves for the user to look at
+CHUNK = 1 << 20
+PROGRESS_EVERY = 5.0
+KILL_RETRY = 2.0
+PODMAN_ERRORS = (125, 126, 127)  # podman run's own failures (docker's convention)
+
+# One round trip for everything the run depends on.  $1: workspace or "", $2: image tag.
+# Answers are NAME=VALUE, NUL-terminated (a path may hold a newline).
+PROBE = r"""
+say() { printf '%s=%s\0' "$1" "$2"; }
+podman=$(command -v podman)
+say podman "$podman"
+say runc "$(command -v runc)"
+say zstd "$(command -v zstd)"
+say uid "$(id -u)"
+say gid "$(id -g)"
+say home "$HOME"
+if sudo -n true 2>/dev/null; then say sudo yes; else say sudo no; fi
+if [ -n "$podman" ]; then
+    say image "$(sudo -n podman image inspect --format '{{.Id}}' -- "$2" 2>/dev/null)"
+fi
+say inotify "$(cat /proc/sys/fs/inotify/max_user_instances) $(cat /proc/sys/fs/inotify/max_user_watches)"
+say limits "$(cat /proc/self/limits)"
+if [ -n "$1" ] && real=$(realpath -e -- "$1"); then
+    say ws_real "$real"
+    say ws_stat "$(stat -c '%u %g %F' -- "$real")"
+fi
+"""
+
+# As root in the guest: $1 profile path, $2 GUEST_DIR, $3 Podman's overlay run dir; stdin: the profile.
+GUEST_SETUP = r"""
+set -e
+umask 022
+mkdir -p "$2" "$3"
+chmod 0755 "$2"
+cat > "$1.$$"
+mv -f "$1.$$" "$1"
+touch "$3/idmapped-lower-dir-false"
+rm -f "$3/idmapped-lower-dir-true"
+"""
+
+
+# -- the pure parts ----------------------------------------------------------------------------
+
+
+def parse_probe(out: bytes) -> dict[str, str]:
+    facts = {}
+    for item in out.split(b"\0"):
+        key, sep, value = item.decode("utf-8", "surrogateescape").partition("=")
+        if sep:
+            facts[key.strip()] = value
+    return facts
+
+
+def guest_workspace(vm: Record, req: Request) -> str | None:
+    """The workspace in the guest: the one asked for, else the share kp-ip mounted, else none."""
+    if req.workspace is not None:
+        path = PurePosixPath(req.workspace)
+        if not path.is_absolute():
+            raise BadInput(f"inside a VM the workspace is a path in the guest and must be absolute, "
+                           f"not {req.workspace}", hint=f"for the folder shared with kp-boot --share: {SHARE_MOUNT}")
+        return str(path)
+    return SHARE_MOUNT if vm.get("share") else None
+
+
+def check_workspace(given: str, facts: dict[str, str], vm_name: str) -> tuple[str, int, int]:
+    """The guest workspace's real path and owner, or BadInput if it would expose too much."""
+    real = facts.get("ws_real")
+    if not real:
+        hint = f"kp-ip {vm_name} mounts the folder shared with kp-boot --share at {SHARE_MOUNT}" \
+            if given == SHARE_MOUNT else None
+        raise BadInput(f"the workspace {given} does not exist in {vm_name}", hint=hint)
+    uid, gid, kind = [*facts.get("ws_stat", "").split(" ", 2), "", "", ""][:3]
+    if kind != "directory":
+        raise BadInput(f"the workspace {given} in {vm_name} is not a directory")
+    path = PurePosixPath(real)
+    if path == PurePosixPath("/"):
+        raise BadInput(f"the workspace cannot be / (the whole of {vm_name})",
+                       hint=f"give the project directory itself, e.g. {SHARE_MOUNT}")
+    homes = {PurePosixPath("/root")}
+    if facts.get("home", "").startswith("/"):
+        homes.add(PurePosixPath(facts["home"]))
+    for home in homes:
+        if path == home or home.is_relative_to(path):
+            raise BadInput(f"the workspace {real} in {vm_name} is or contains the home directory {home}",
+                           hint="give the project directory itself")
+    try:
+        return real, int(uid), int(gid)
+    except ValueError:
+        raise KpError(f"could not read the owner of {real} in {vm_name}: {facts.get('ws_stat')!r}") from None
+
+
+def agent_ids(owner: tuple[int, int] | None, user: tuple[int, int]) -> tuple[int, int, str]:
+    """The guest uid and gid the agent acts as, and where they came from; never root.
+
+    The workspace's owner when that is not root (its files stay the owner's);
+    else the SSH user kp-run logged in as; else a uid that owns nothing.
+    """
+    if owner is not None and owner[0] != 0:
+        return owner[0], owner[1] or owner[0], "workspace-owner"
+    if user[0] != 0:
+        return user[0], user[1] or user[0], "ssh-user"
+    return sandbox.FALLBACK_HOST_UID, sandbox.FALLBACK_HOST_UID, "nobody"
+
+
+def _names(patterns: Iterable[str]) -> list[str]:
+    """find tests for glob patterns: with a slash, a path from the workspace root; else a name
+    at any depth."""
+    tests: list[str] = []
+    for pattern in patterns:
+        if "/" in pattern:
+            tests += ["-o", "-path", f"./{pattern.strip('/')}"]
+        else:
+            tests += ["-o", "-name", pattern]
+    return ["(", *tests[1:], ")"] if tests else []
+
+
+def find_argv(masks: Iterable[str]) -> list[str]:
+    """``find`` (run in the workspace) printing M<path>\\0 for files to mask and C<path>\\0 for
+    credential-looking files left visible.  Like the host scan, nothing is pruned for masks
+    (an agent could move a .env into node_modules/ between runs)."""
+    argv = ["find", "."]
+    masked = _names(masks)
+    if masked:
+        argv += ["-type", "f", *masked, "-printf", r"M%P\0", "-o"]
+    argv += ["-type", "f", *_names(sandbox.CREDENTIAL_GLOBS), "-printf", r"C%P\0"]
+    return argv
+
+
+def parse_found(out: bytes) -> tuple[list[str], list[str]]:
+    masked, credentials = [], []
+    for item in out.split(b"\0"):
+        text = item.decode("utf-8", "surrogateescape")
+        if text[:1] == "M":
+            masked.append(text[1:])
+        elif text[:1] == "C" and not set(text[1:].split("/")[:-1]) & sandbox.SKIP_DIRS:
+            credentials.append(text[1:])
+    return sorted(masked), sorted(credentials)
+
+
+def guest_quotas(facts: dict[str, str]) -> sandbox.Quotas:
+    """The guest's per-user kernel quotas, from the probe (Linux's defaults where it said nothing
+    usable): its inotify sysctls and the rlimits its processes get."""
+    base = sandbox.LINUX_QUOTAS
+    inotify = facts.get("inotify", "").split()
+    limits: dict[str, int] = {}
+    for line in facts.get("limits", "").splitlines():
+        for key, label in (("sigpending", "Max pending signals"), ("msgqueue", "Max msgqueue size")):
+            if line.startswith(label):
+                words = line[len(label):].split()
+                if words and words[0].isdigit() and int(words[0]) > 0:
+                    limits[key] = int(words[0])
+
+    def number(i: int, fallback: int) -> int:
+        return int(inotify[i]) if len(inotify) > i and inotify[i].isdigit() and int(inotify[i]) > 0 else fallback
+
+    return sandbox.Quotas(inotify_instances=number(0, base.inotify_instances),
+                          inotify_watches=number(1, base.inotify_watches),
+                          sigpending=limits.get("sigpending", base.sigpending),
+                          msgqueue=limits.get("msgqueue", base.msgqueue))
+
+
+# -- git metadata in the guest's workspace (see the docstring) -----------------------------------
+
+_KINDS = {"d": "dir", "f": "file", "l": "symlink"}
+_ENTRY = r"%y %D %i %C@ %P\0"
+
+
+@dataclass(frozen=True)
+class GuestRepo:
+    """A repository git would find in the guest's workspace, as ``find`` saw it."""
+
+    path: str  # workspace-relative ("" is the workspace itself)
+    kind: str  # the .git entry's type (dir, file, symlink, other), or "bare"
+    dev: str
+    ino: str
+    ctime: str  # a .git file or symlink rewritten in place is a replaced one
+
+    @property
+    def ident(self) -> tuple[str, ...]:
+        return (self.kind, self.dev, self.ino) if self.kind in ("dir", "bare") else \
+            (self.kind, self.dev, self.ino, self.ctime)
+
+
+def git_survey_argv() -> list[str]:
+    """``find`` (run in the workspace, as root) printing, NUL-separated, ``TYPE DEV INODE CTIME PATH`` of
+    each entry named .git (never entered), each entry that marks a bare repository, and each directory:
+    never following a symlink (-P), at any depth."""
+    marks: list[str] = []
+    for mark in sorted(gitguard.BARE_MARKS):
+        marks += ["-o", "-name", mark]
+    return ["find", "-P", ".", "-name", gitguard.NAME, "-printf", _ENTRY, "-prune",
+            "-o", "(", *marks[1:], ")", "-printf", _ENTRY, "-o", "-type", "d", "-printf", _ENTRY]
+
+
+def parse_git_survey(out: bytes) -> dict[str, GuestRepo]:
+    """The repositories in a ``git_survey_argv`` listing, by path (as gitguard.find finds them)."""
+    dirs: dict[str, tuple[str, str, str]] = {}
+    marks: dict[str, set[str]] = {}
+    repos: dict[str, GuestRepo] = {}
+    for item in out.split(b"\0"):
+        fields = item.split(b" ", 4)
+        if len(fields) != 5:
+            continue
+        kind, dev, ino, ctime = (f.decode("ascii", "replace") for f in fields[:4])
+        path = os.fsdecode(fields[4])
+        parent, _, name = path.rpartition("/")
+        if name == gitguard.NAME:
+            repos[path] = GuestRepo(path, _KINDS.get(kind, "other"), dev, ino, ctime)
+            continue
+        if kind == "d":
+            dirs[path] = (dev, ino, ctime)
+        if path and name in gitguard.BARE_MARKS:
+            marks.setdefault(parent, set()).add(name)
+    for path, names in marks.items():
+        if gitguard.is_bare(names) and path in dirs:
+            repos[path] = GuestRepo(path, "bare", *dirs[path])
+    return repos
+
+
+def git_protect(repos: dict[str, GuestRepo], *, writable: bool) -> list[str]:
+    """The repositories bound read-only over themselves: real directories and files (never a symlink,
+    never the workspace itself), at most gitguard.MAX_BINDS; none with --writable-git."""
+    if writable:
+        return []
+    return [p for p, r in sorted(repos.items()) if p and r.kind in ("dir", "file", "bare")][:gitguard.MAX_BINDS]
+
+
+def check_git_paths(ws: str, protect: Iterable[str]) -> None:
+    """Refuse repositories that Podman's --mount (or a command line over SSH) cannot carry."""
+    for path in protect:
+        if not fdtree.is_utf8(path):
+            raise BadInput(f"the git repository {fdtree.display(path)!r} in the workspace has a name that is not "
+                           "UTF-8, which Podman in the guest cannot bind read-only",
+                           hint="rename it; a file name must never decide what the agent may write")
+    check_paths(f"{ws}/{p}" for p in protect)
+
+
+def git_planted(before: dict[str, GuestRepo], after: dict[str, GuestRepo]) -> list[tuple[str, str, str]]:
+    """(path to move away, why, type) of each repository made or replaced since ``before``: a bare
+    repository is disarmed by its HEAD, which git needs to see one there."""
+    known = {r.ident for r in before.values()}
+    out = []
+    for path, repo in sorted(after.items()):
+        if repo.ident in known:
+            continue
+        was = before.get(path)
+        why = "new bare repository" if repo.kind == "bare" else \
+            f"new {gitguard.NAME}" if was is None else f"replaced {gitguard.NAME}"
+        out.append((fdtree.join(path, "HEAD") if repo.kind == "bare" else path, why, repo.kind))
+    return out
+
+
+# -- --writable-git: what git reads as configuration in the repositories left writable ----------
+
+_PRINT = r"%y %m %i %s %T@ %C@ %P\0"
+SNAPSHOT_FILE = gitguard.SNAPSHOT_FILE
+SNAPSHOT_TOTAL = gitguard.SNAPSHOT_TOTAL
+
+# As root in the guest, in the workspace: for each repository directory given as an argument, R<path>\0
+# and then, NUL-separated, TYPE MODE INODE SIZE MTIME CTIME PATH of each entry in it (an objects
+# directory is not entered: git reads it as data; never through a symlink).
+WATCH = r"""
+for r in "$@"; do
+    printf 'R%s\0' "$r"
+    find -P "./$r" -name objects -type d -prune -o -printf '""" + _PRINT + r"""'
+done
+"""
+
+
+@dataclass(frozen=True)
+class GuestPrint:
+    """What identifies one guarded entry's state (gitguard.Print, as ``find`` prints it)."""
+
+    kind: str
+    mode: str
+    ino: str
+    size: int = 0
+    mtime: str = ""
+    ctime: str = ""
+
+
+def parse_watch(out: bytes) -> dict[str, dict[str, GuestPrint]]:
+    """{repository path: {path in it: print}} of the guarded entries in a WATCH listing: what
+    gitguard.guarded notes (everything but a repository's data), with the same levels."""
+    listings: dict[str, dict[str, GuestPrint]] = {}
+    current: dict[str, GuestPrint] | None = None
+    for item in out.split(b"\0"):
+        if item[:1] == b"R":
+            current = listings.setdefault(os.fsdecode(item[1:]), {})
+            continue
+        fields = item.split(b" ", 6)
+        if current is None or len(fields) != 7:
+            continue
+        kind, mode, ino, size, mtime, ctime = (f.decode("ascii", "replace") for f in fields[:6])
+        kind = _KINDS.get(kind, "other")
+        current[os.fsdecode(fields[6])] = GuestPrint(kind, mode, ino) if kind == "dir" else \
+            GuestPrint(kind, mode, ino, int(size) if size.isdigit() else -1, mtime, ctime)
+    return {repo: _guarded(listing) for repo, listing in listings.items()}
+
+
+def _guarded(listing: dict[str, GuestPrint]) -> dict[str, GuestPrint]:
+    out = {}
+    for rel, pr in listing.items():
+        level, parent, keep = "repo", "", True
+        for name in rel.split("/") if rel else []:
+            if level == "nested" and fdtree.join(parent, "HEAD") in listing:
+                level = "repo"  # a repository of its own (modules/NAME, worktrees/NAME)
+            below = dict(gitguard._guarded_names(level, [name]))
+            if name not in below:
+                keep = False
+                break
+            level, parent = below[name], fdtree.join(parent, name)
+        if keep:
+            out[rel] = pr
+    return out
+
+
+def snapshot_paths(watched: dict[str, dict[str, GuestPrint]]) -> list[str]:
+    """The workspace paths of the small regular guarded files whose content is kept (to put back
+    what the agent changes), within gitguard's budget."""
+    budget, out = SNAPSHOT_TOTAL, []
+    for repo, prints in sorted(watched.items()):
+        for rel, pr in sorted(prints.items()):
+            if pr.kind == "file" and 0 <= pr.size <= min(SNAPSHOT_FILE, budget):
+                out.append(_at(repo, rel))
+                budget -= pr.size
+    return out
+
+
+def parse_snapshots(tar: bytes) -> dict[str, tuple[bytes, int, int, int]]:
+    """{workspace path: (content, mode, uid, gid)} from ``tar -c`` of those files."""
+    import io
+    import tarfile
+
+    out = {}
+    with tarfile.open(fileobj=io.BytesIO(tar), mode="r:", encoding="utf-8", errors="surrogateescape") as archive:
+        for member in archive:
+            if member.isfile() and member.size <= SNAPSHOT_FILE:
+                f = archive.extractfile(member)
+                if f is not None:
+                    out[member.name.removeprefix("./")] = (f.read(), member.mode & 0o7777, member.uid, member.gid)
+    return out
+
+
+def git_changed(watched: dict[str, dict[str, GuestPrint]], repos_before: dict[str, GuestRepo],
+                repos_after: dict[str, GuestRepo], now: dict[str, dict[str, GuestPrint]]) -> list[tuple[str, str, str]]:
+    """(workspace path, why, type) of each guarded entry added or changed in a watched repository
+    (one still there: a moved or replaced one is git_planted's), top-most first."""
+    by_ident = {r.ident: p for p, r in repos_after.items()}
+    out: list[tuple[str, str, str]] = []
+    for repo, before in sorted(watched.items()):
+        path = by_ident.get(repos_before[repo].ident) if repo in repos_before else None
+        if path is None or path not in now:
+            continue
+        moved: list[str] = []
+        for rel, pr in sorted(now[path].items()):
+            if rel == "" or any(rel == m or rel.startswith(m + "/") for m in moved):
+                continue
+            old = before.get(rel)
+            if old == pr:
+                continue
+            why = ("changed" if old is not None else "new") + (f" in {gitguard.NAME}"
+                                                               if repos_after[path].kind != "bare" else "")
+            out.append((_at(path, rel), why, pr.kind))
+            moved.append(rel)
+    return out
+
+
+def _at(base: str, rel: str) -> str:
+    return fdtree.join(base, rel) if base and rel else base or rel
+
+
+# As root in the guest: $1 the path, $2 owner, $3 mode; stdin: the content.  Never over something
+# that is there (noclobber: O_EXCL), which a moved-away entry no longer is.
+RESTORE = r"""
+set -C
+cat > "$1" && chown -h -- "$2" "$1" && chmod -- "$3" "$1"
+"""
+
+
+# As root in the guest: $ARGV[0] the workspace, [1] the folder for what is moved away, [2] the run's
+# name; stdin: NUL-terminated workspace-relative paths.  Each is renamed (never copied: rename(2)
+# fails across filesystems, then it is renamed in place to a name git never reads).  Prints, for
+# each path in turn, M<new path>, or E<why>, NUL-terminated.
+NEUTRALISE = r"""
+use strict;
+my ($ws, $dest, $run) = @ARGV;
+chdir $ws or die "cannot enter $ws: $!\n";
+$/ = "\0";
+my ($n, $made) = (0, 0);
+while (my $rel = <STDIN>) {
+    chomp $rel;
+    my ($parent, $base) = $rel =~ m{\A(?:(.*)/)?([^/]+)\z}s;
+    $parent = "." unless defined $parent && length $parent;
+    unless ($made) {
+        my $p = "";
+        for my $c (split m{/}, $dest) { next unless length $c; $p .= "/$c"; mkdir $p, 0700 }
+        $made = 1;
+    }
+    my $to = "$dest/$n-" . substr($base, 0, 200);
+    $n++;
+    if (rename $rel, $to) { print "M$to\0"; next }
+    my $pre = $parent eq "." ? "" : "$parent/";
+    my $aside = "$pre$base.planted-by-$run";
+    for (my $k = 1; lstat $aside; $k++) { $aside = "$pre$base.planted-by-$run.$k" }
+    if (rename $rel, $aside) { print "M$ws/$aside\0" } else { print "E$!\0" }
+}
+"""
+
+
+def parse_moved(out: bytes, count: int) -> list[tuple[str | None, str | None]]:
+    """(where it went, why not) for each of ``count`` paths, from NEUTRALISE's answer."""
+    answers = [os.fsdecode(a) for a in out.split(b"\0") if a]
+    result: list[tuple[str | None, str | None]] = []
+    for n in range(count):
+        text = answers[n] if n < len(answers) else "Eno answer"
+        result.append((text[1:], None) if text[:1] == "M" else (None, text[1:] or "unknown"))
+    return result
+
+
+def check_paths(paths: Iterable[str]) -> None:
+    """Refuse paths that ``podman run --mount type=bind,source=...,destination=...`` would misread."""
+    for path in paths:
+        if "," in path or "\n" in path:
+            raise BadInput(f"Podman's --mount cannot carry the path {path!r} (it has a comma or a newline)",
+                           hint="rename it; a file name must never become a mount option")
+
+
+def check_mounts(box: sandbox.Sandbox) -> None:
+    check_paths(p for mount in box.mounts() for p in (mount.source, mount.dest))
+
+
+def run_command(box: sandbox.Sandbox, hooks_dir: str | None = None) -> str:
+    """The remote command line that runs the container (with the OCI hooks in ``hooks_dir``)."""
+    if box.image.startswith("-"):
+        raise BadInput(f"invalid image name {box.image!r}")
+    hooks = ["--hooks-dir", hooks_dir] if hooks_dir else []
+    return shlex.join(["sudo", "-n", "podman", *hooks, "run", *box.podman_args()])
+
+
+# An OCI prestart hook, run by the runtime as the guest's root once the container's processes and
+# namespaces exist and before anything of it runs (as hostrun.py does with nsenter on the host): $1 is
+# userns.script's shell commands; stdin the container's state, whose "pid" is its first process.  Run
+# as ``sh -c``: no file to execute (Debian mounts /run noexec).
+QUOTA_HOOK = r"""
+pid=$(sed -n 's/.*"pid": *\([0-9][0-9]*\).*/\1/p' | head -n 1)
+if [ -z "$pid" ]; then echo "kodepipe: no pid in the container's state" >&2; exit 1; fi
+exec nsenter --user --target "$pid" -- /bin/sh -c "$1"
+"""
+
+
+def quota_hook(values: dict[str, int]) -> tuple[str, bytes]:
+    """The hooks directory (named by its content) and the hook's JSON that sets ``values`` in the
+    container's user namespace; the container does not start if it fails."""
+    import orjson
+
+    from kodepipe.container import userns
+
+    hook = {"version": "1.0.0",
+            "hook": {"path": "/bin/sh", "args": ["sh", "-c", QUOTA_HOOK, "userns-limits", userns.script(values)]},
+            "when": {"always": True}, "stages": ["prestart"]}
+    text = orjson.dumps(hook)
+    return f"{GUEST_DIR}/hooks-{hashlib.sha256(text).hexdigest()[:12]}", text
+
+
+# As root in the guest: $1 the hooks directory; stdin: the hook's JSON.
+HOOK_SETUP = r"""
+set -e
+umask 022
+mkdir -p "$1"
+cat > "$1/userns-limits.json.$$"
+mv -f "$1/userns-limits.json.$$" "$1/userns-limits.json"
+"""
+
+
+def seccomp_path(text: bytes) -> str:
+    return f"{GUEST_DIR}/seccomp-{hashlib.sha256(text).hexdigest()[:12]}.json"
+
+
+def podman_failure(status: int, stderr: bytes) -> str | None:
+    """Podman's own error message when ``podman run`` failed before the command ran: status 125
+    (Podman), 126 (the runtime could not start it) or 127 (no such command), with Podman's
+    "Error: " as the last line (a command's own 126 or 127 comes from its shell, in other words)."""
+    if status not in PODMAN_ERRORS:
+        return None
+    lines = [ln for ln in stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+    return lines[-1].removeprefix("Error: ") if lines and lines[-1].startswith("Error: ") else None
+
+
+def refuse_host_only(req: Request) -> None:
+    """What the guest cannot honour yet is refused, naming it, before anything is done anywhere."""
+    for flag, used in (("--quarantine", req.quarantine), ("--audit", req.audit is not None),
+                       ("--keep", req.keep), ("-i/-t", req.interactive or req.tty),
+                       ("--allow (or a profile's allowed domains)", bool(req.allow)),
+                       ("--resolve", bool(req.resolve))):
+        if used:
+            hint = "run it on the host (without vm records on stdin)"
+            if flag.startswith("--allow"):
+                hint += "; --no-profile-allow drops a profile's domains (the run then has no network)"
+            raise BadInput(f"{flag} is not supported inside a VM yet (host-only for now)", hint=hint)
+    if req.image.startswith("-"):
+        raise BadInput(f"invalid image name {req.image!r}")
+
+
+def git_warnings(repos: dict[str, GuestRepo], protect: list[str], *, writable: bool) -> list[str]:
+    """What to tell the user about the workspace's repositories before the run."""
+    from kodepipe.core.terminal import escape
+
+    out = [f"{escape(fdtree.display(p))} is a symbolic link, not a repository: kp-run does not follow it, and the "
+           "agent sees only the link (if you did not make it, an agent may have: look before you run git there)"
+           for p, r in sorted(repos.items()) if r.kind in ("symlink", "other")]
+    bindable = [p for p, r in repos.items() if p and r.kind in ("dir", "file", "bare")]
+    if not writable and len(protect) < len(bindable):
+        out.append(f"the workspace holds more than {gitguard.MAX_BINDS} git repositories: the first "
+                   f"{gitguard.MAX_BINDS} are read-only, the others are only checked for replacement after the run")
+    if "" in repos and not writable:
+        out.append("the workspace is itself a bare git repository: it cannot be made read-only without the "
+                   "workspace; a replaced one is still moved away after the run")
+    return out
+
+
+def read_secrets(secrets: Iterable[tuple[Path, str]]) -> list[bytes]:
+    """Each --secret file, read on the host as the host backend reads it (hostpath.open_secret: no
+    symlink but root's followed, regular files only, 64 MiB at most)."""
+    from kodepipe.host import hostpath
+
+    return [hostpath.read_secret(src) for src, _ in secrets]
+
+
+# -- the guest, over SSH -----------------------------------------------------------------------
+
+
+def _q(*words: str) -> str:
+    return shlex.join(words)
+
+
+def _script(script: str, *args: str) -> str:
+    """``sh -c SCRIPT`` with positional arguments, as one quoted command line."""
+    return _q("sh", "-c", script, "kp-run", *args)
+
+
+# -- one run -----------------------------------------------------------------------------------
+
+
+class VmRun:
+    """The state of one run in a VM, so that clean-up knows what exists."""
+
+    def __init__(self, vm: Record, req: Request, say: Callable[[str, str], None],
+                 remote: Callable[[Record], Remote] = connect,
+                 sink: Callable[[bytes], None] | None = None) -> None:
+        self.vm, self.req, self.say = vm, req, say
+        self.vm_name = str(vm.get("name"))
+        self.name = req.name or new_name()
+        self.connect = remote
+        self.sink = sink or _to_stderr
+        self.remote: Remote | None = None
+        self.folder: str | None = None  # the run's folder in the guest
+        self.hooks_dir: str | None = None  # the OCI hook that sets the kernel quotas of its user namespace
+        self.workspace: str | None = None  # the guest workspace's real path
+        self.repos: dict[str, GuestRepo] = {}  # its git repositories before the run
+        self.watched: dict[str, dict[str, GuestPrint]] = {}  # --writable-git: their guarded entries
+        self.copies: dict[str, tuple[bytes, int, int, int]] = {}  # and the small files' contents
+        self.started = False
+        self.streaming = False  # podman run is under way: the timer may kill it
+        self.done = False
+        self.timed_out = False
+        self.meta: dict[str, Any] = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
+                                     "state": "creating", "host": self.vm_name, "vm_id": vm.get("id"),
+                                     "image": req.image, "profile": req.profile, "command": req.command}
+
+    def prepare(self) -> sandbox.Sandbox:
+        req = self.req
+        refuse_host_only(req)
+        wanted = guest_workspace(self.vm, req)
+        self.remote = remote = self.connect(self.vm)
+        probe = remote.run(_script(PROBE, wanted or "", req.image))
+        facts = parse_probe(probe.stdout)
+        if not facts.get("podman"):
+            raise KpError(f"{self.vm_name} has no Podman: its image was built without it", code="no_podman",
+                          hint="rebuild the image with kp-image build NAME (which now includes Podman), "
+                               "or add --packages podman")
+        if facts.get("sudo") != "yes":
+            raise KpError(f"kp-run needs passwordless sudo in {self.vm_name} (to run rootful Podman there), and "
+                          "the SSH user has none", code="no_sudo",
+                          hint="images from kp-image build give their user passwordless sudo")
+        try:
+            user = int(facts["uid"]), int(facts["gid"])
+        except (KeyError, ValueError):
+            raise KpError(f"could not learn the SSH user's ids in {self.vm_name}: "
+                          f"{probe.stderr.decode(errors='replace')[-500:]}") from None
+
+        ws = owner = None
+        masked: list[str] = []
+        protect: list[str] = []
+        if wanted is not None:
+            ws, ouid, ogid = check_workspace(wanted, facts, self.vm_name)
+            owner = (ouid, ogid)
+            masked, credentials = self.scan(ws)
+            if credentials:
+                shown = ", ".join(credentials[:8]) + (" ..." if len(credentials) > 8 else "")
+                self.say("warn", f"the workspace holds files that look like credentials, and the agent can "
+                                 f"read them: {shown} (hide them with --mask GLOB)")
+            self.workspace = ws
+            self.repos = self.survey_git(ws)
+            protect = git_protect(self.repos, writable=req.writable_git_config)
+            check_git_paths(ws, protect)
+            if not req.read_only_workspace:
+                self.watch_git(ws, [p for p, r in sorted(self.repos.items())
+                                    if r.kind in ("dir", "bare") and p not in protect])
+            for warning in git_warnings(self.repos, protect, writable=req.writable_git_config):
+                self.say("warn", warning)
+        uid, gid, source = agent_ids(owner, user)
+        check_paths([*([ws] if ws else []), *(f"{sandbox.WORKSPACE}/{m}" for m in masked),
+                     *(dest for _, dest in req.secrets)])
+        secret_data = read_secrets(req.secrets)  # before anything changes in the guest
+
+        # missing, or another image under the same tag (rebuilt on the host since): copy it in
+        there = facts.get("image", "")
+        if not there or host_image_id(req.image) not in (None, there):
+            self.meta["image_transfer"] = self.copy_image(zstd=bool(facts.get("zstd")))
+        seccomp = self.prepare_guest()
+        quotas = guest_quotas(facts).share()
+        self.hooks_dir = self.prepare_hook(quotas.userns_sysctls())
+        self.folder = f"{GUEST_DIR}/{self.name}-{self.meta['id']}"
+        secret_list = self.upload_secrets(uid, gid, masked, secret_data)
+        mask_file = f"{self.folder}/empty" if masked else None
+
+        limits = req.limits
+        box = sandbox.Sandbox(
+            name=self.name, image=req.image, command=req.command, workspace=ws, host_uid=uid, host_gid=gid,
+            limits=limits, seccomp=seccomp, read_only_workspace=req.read_only_workspace, network=req.network,
+            cap_add=req.cap_add, writable_root=req.writable_root, env=req.env, secrets=secret_list, masks=masked,
+            protect=protect, protect_sources={p: f"{ws}/{p}" for p in protect},
+            git_writable=req.writable_git_config, quotas=quotas,
+            mask_file=mask_file, labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
+            # crun is what Debian's podman brings; runc only where the guest has it
+            runtime="runc" if facts.get("runc") else None,
+            # a backstop: conmon kills the container even if kp-run or the SSH connection is gone
+            timeout=int(limits.seconds) + 60 if limits.seconds else 0)
+        check_mounts(box)
+        self.meta.update(
+            workspace=ws, workspace_mode="ro" if req.read_only_workspace else "rw" if ws is not None else None,
+            network=req.network, limits=limits.record(), loosened=box.loosened(),
+            user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
+            masked=masked, protected=protect, secrets=[s.dest for s in secret_list], env=sorted(req.env),
+            kernel_quotas=box.quotas.record(),
+            engine=f"podman in {self.vm_name}")
+        return box
+
+    # -- the steps -------------------------------------------------------------------------------
+
+    def _check(self, outcome: Outcome, what: str) -> Outcome:
+        if outcome.status != 0:
+            raise CommandFailed(f"{self.vm_name}: {what} failed (status {outcome.status}): "
+                                f"{proc.tail(outcome.stderr) or proc.tail(outcome.stdout)}")
+        return outcome
+
+    def scan(self, ws: str) -> tuple[list[str], list[str]]:
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        found = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {shlex.join(find_argv(self.req.masks))}")
+        # find says why it could not read a directory and goes on; what it found still counts
+        if found.status != 0 and not found.stdout:
+            self._check(found, f"looking for files to mask in {ws}")
+        return parse_found(found.stdout)
+
+    def survey_git(self, ws: str) -> dict[str, GuestRepo]:
+        """The repositories in the guest's workspace (git_survey_argv, as root)."""
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        found = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {shlex.join(git_survey_argv())}")
+        if found.status != 0:
+            # a directory it could not read may hide a repository: no run on half a survey
+            self._check(found, f"looking for git repositories in {ws}")
+        return parse_git_survey(found.stdout)
+
+    def watch_git(self, ws: str, repos: list[str]) -> None:
+        """Note the guarded entries of the repositories left writable, and keep their small files."""
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        if not repos:
+            return
+        check_git_paths(ws, repos)  # they go on a command line
+        self.watched = self._listing(ws, repos)
+        keep = snapshot_paths(self.watched)
+        if keep:
+            tar = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n tar --null --verbatim-files-from "
+                                  "--no-recursion -T - -cf -", input=b"".join(os.fsencode(p) + b"\0" for p in keep))
+            self._check(tar, "keeping a copy of the git configuration")
+            self.copies = parse_snapshots(tar.stdout)
+
+    def _listing(self, ws: str, repos: list[str]) -> dict[str, dict[str, GuestPrint]]:
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        listed = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {_script(WATCH, *repos)}")
+        if listed.status != 0:
+            self._check(listed, "reading the git configuration of the workspace's repositories")
+        return parse_watch(listed.stdout)
+
+    def check_git(self) -> None:
+        """After a direct run, the container gone: neutralise what the agent planted (git_planted)."""
+        if self.remote is None or self.workspace is None or self.req.read_only_workspace:
+            return
+        try:
+            now = self.survey_git(self.workspace)
+        except KpError as exc:
+            self.meta["git_problem"] = (f"the workspace could not be checked for planted git repositories "
+                                        f"({exc.message}): look before you run git there")
+            self.say("warn", self.meta["git_problem"])
+            return
+        planted = git_planted(self.repos, now)
+        if self.watched:
+            by_ident = {r.ident: p for p, r in now.items()}
+            still = sorted({by_ident[self.repos[p].ident] for p in self.watched
+                            if p in self.repos and self.repos[p].ident in by_ident})
+            try:
+                planted += git_changed(self.watched, self.repos, now, self._listing(self.workspace, still)
+                                       if still else {})
+            except KpError as exc:
+                self.meta["git_problem"] = f"could not read the git configuration again: {exc.message}"
+        if not planted:
+            return
+        dest = f"{GUEST_KEEP}/{self.name}-{self.meta['id']}/{gitguard.PLANTED}"
+        paths = b"".join(os.fsencode(p) + b"\0" for p, _, _ in planted)
+        moved = self.remote.run(_q("sudo", "-n", "perl", "-e", NEUTRALISE, self.workspace, dest, self.name),
+                                input=paths)
+        entries = []
+        for (path, why, kind), (to, problem) in zip(planted, parse_moved(moved.stdout, len(planted)), strict=True):
+            entry: dict[str, Any] = {"path": fdtree.display(path), "why": why, "type": kind, "moved_to": to}
+            if problem is not None:
+                self.meta["git_problem"] = f"could not move {fdtree.display(path)} away: {problem}"
+            elif why.startswith("changed") and path in self.copies:  # yours comes back
+                content, mode, uid, gid = self.copies[path]
+                back = self.remote.run(_q("sudo", "-n", "sh", "-c", RESTORE, "kp-run", f"{self.workspace}/{path}",
+                                          f"{uid}:{gid}", f"{mode:o}"), input=content)
+                entry["restored"] = back.status == 0
+                if back.status != 0:
+                    self.meta["git_problem"] = f"could not put {fdtree.display(path)} back: {proc.tail(back.stderr)}"
+            entries.append(entry)
+        self.meta["git_planted"] = entries
+        from kodepipe.core.terminal import escape
+
+        listed = ", ".join(escape(e["path"] or ".") + f" ({e['why']})" for e in entries[:8])
+        self.say("warn", f"the agent left git metadata that your next git command there would read, and could "
+                         f"run its code through: {listed}" + (f" and {len(entries) - 8} more" if len(entries) > 8
+                                                              else "")
+                         + f"; kp-run moved it away in {self.vm_name} (into {dest}, or beside it when that is "
+                           "another filesystem; nothing was deleted)")
+        if "git_problem" in self.meta:
+            self.say("warn", escape(self.meta["git_problem"]))
+
+    def copy_image(self, *, zstd: bool) -> dict[str, Any]:
+        """``podman save`` here, ``podman load`` there; facts for the record."""
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        tag = self.req.image
+        compress = zstd and proc.which("zstd") is not None
+        self.say("info", f"{self.vm_name} lacks the image {tag}: copying it in (once per VM; minutes under TCG)")
+        started = time.monotonic()
+        sent = 0
+        last = started
+        with _saved_image(tag, compress) as (chunks, finished):
+            def counted() -> Iterator[bytes]:
+                nonlocal sent, last
+                for chunk in chunks:
+                    sent += len(chunk)
+                    now = time.monotonic()
+                    if now - last >= PROGRESS_EVERY:
+                        last = now
+                        self.say("progress", f"{self.vm_name}: {tag}: {sent >> 20} MiB sent in {now - started:.0f} s")
+                    yield chunk
+
+            load = "sudo -n podman load"
+            command = f"zstd -d -q -c | {load}" if compress else load
+            loaded = self.remote.send(command, counted(), timeout=None)
+            finished()
+        self._check(loaded, f"loading the image {tag} (podman load)")
+        seconds = round(time.monotonic() - started, 1)
+        self.say("progress", f"{self.vm_name}: {tag} loaded in {seconds:g} s ({sent >> 20} MiB sent)")
+        return {"seconds": seconds, "bytes_sent": sent, "compressed": compress}
+
+    def prepare_guest(self) -> str:
+        """Write the seccomp profile into the guest (derived from its own containers profile) and
+        steer its Podman clear of idmapped layers; the profile's path."""
+        from kodepipe.container import engine, seccomp
+
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        base = self.remote.run(_q("cat", "--", GUEST_SECCOMP))
+        if base.status != 0:
+            raise KpError(f"{self.vm_name} has no {GUEST_SECCOMP}: kp-run derives its seccomp profile from it",
+                          code="no_seccomp", hint="rebuild the image with kp-image build (its Podman brings it)")
+        text = seccomp.render(base.stdout)
+        path = seccomp_path(text)
+        # the guest's kernel has the same idmapped-overlay trouble as the host's (engine.force_chown_copies)
+        flags = engine.STORAGE_RUN
+        self._check(self.remote.run(_q("sudo", "-n", "sh", "-c", GUEST_SETUP, "kp-run", path, GUEST_DIR, str(flags)),
+                                    input=text), "writing the seccomp profile")
+        return path
+
+    def prepare_hook(self, values: dict[str, int]) -> str:
+        """Write the hook that sets ``values`` in the container's user namespace; its directory."""
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        hooks_dir, text = quota_hook(values)
+        self._check(self.remote.run(_q("sudo", "-n", "sh", "-c", HOOK_SETUP, "kp-run", hooks_dir), input=text),
+                    "writing the kernel quotas' hook")
+        return hooks_dir
+
+    def upload_secrets(self, uid: int, gid: int, masked: list[str], data: list[bytes]) -> list[sandbox.Secret]:
+        """The run's folder, with the empty mask file and a copy of each secret only the agent can read."""
+        if not (self.remote is not None and self.folder is not None):
+            raise RuntimeError("kp-run: out of order")
+        if not masked and not self.req.secrets:
+            self.folder = None  # nothing to keep there: no folder, nothing to clean up
+            return []
+        self._check(self.remote.run(_script(
+            'set -e; sudo -n mkdir -p -m 0755 "$1"; sudo -n mkdir -m 0700 "$2"; '
+            'sudo -n install -m 0444 /dev/null "$2/empty"', GUEST_DIR, self.folder)),
+            "making the run's folder")
+        out = []
+        for n, ((src, dest), content) in enumerate(zip(self.req.secrets, data, strict=True)):
+            copy = f"{self.folder}/{n}-{src.name}"
+            self._check(self.remote.run(_script(
+                'set -e; sudo -n sh -c \'umask 077; cat > "$1"\' sh "$1"; sudo -n chown "$2" "$1"; '
+                'sudo -n chmod 0400 "$1"', copy, f"{uid}:{gid}"), input=content),
+                f"copying the secret {src.name}")
+            out.append(sandbox.Secret(Path(copy), dest, str(src)))
+        return out
+
+    def start(self, box: sandbox.Sandbox) -> int:
+        if not (self.remote is not None):
+            raise RuntimeError("kp-run: out of order")
+        command = run_command(box, self.hooks_dir)
+        timer = None
+        if self.req.limits.seconds:
+            timer = threading.Timer(self.req.limits.seconds, self._time_up)
+            timer.daemon = True
+            timer.start()
+        self.meta.update(state="running", started=now_iso())
+        self.started = self.streaming = True
+        try:
+            status, tail = self.remote.stream(command, self.sink)
+        finally:
+            self.streaming = False
+            if timer is not None:
+                timer.cancel()
+        self.done = True
+        failure = podman_failure(status, tail)
+        if failure is not None:
+            raise KpError(f"Podman in {self.vm_name} could not run the container: {failure}", code="podman")
+        return status
+
+    def _time_up(self) -> None:
+        self.timed_out = True
+        self.say("warn", f"{self.name}: the time limit ({self.req.limits.seconds:g} s) is up; stopping it")
+        # podman run may still be preparing its storage (minutes under TCG, the first time): a
+        # container that is not running yet cannot be killed, so try until it is, or is gone
+        while self.streaming and self.remote is not None:
+            try:
+                if self.remote.run(_q("sudo", "-n", "podman", "kill", "--", self.name), timeout=60).status == 0:
+                    return
+            except KpError:
+                return  # the connection is gone; Podman's --timeout still ends it
+            time.sleep(KILL_RETRY)
+
+    def finish(self, exit_code: int | None, outcome: str) -> Record:
+        """Remove what should not outlive the run; return the record of what happened."""
+        steps = []
+        if self.started and not self.done:  # interrupted or cut off while it ran
+            steps.append(_q("sudo", "-n", "podman", "rm", "-f", "-i", "-t", "0", "--", self.name) + " >/dev/null 2>&1")
+        if self.folder is not None:
+            steps.append(_q("sudo", "-n", "rm", "-rf", "--", self.folder))
+        removed = True
+        if steps and self.remote is not None:
+            try:
+                self._check(self.remote.run("; ".join(steps), timeout=120), "cleaning up")
+            except Exception as exc:  # reported; the VM is disposable and /run is a tmpfs
+                removed = not (self.started and not self.done)
+                self.say("warn", f"{self.name}: could not clean up in {self.vm_name}: {exc}")
+        if self.started and removed:  # the container is gone: nothing of the agent's runs any more
+            try:
+                self.check_git()
+            except Exception as exc:
+                self.meta["git_problem"] = (f"the workspace could not be checked for planted git repositories "
+                                            f"({exc}): look before you run git there")
+                self.say("warn", self.meta["git_problem"])
+        elif self.started:
+            self.meta["git_problem"] = ("the container may still run, so the workspace was not checked for "
+                                        "planted git repositories: look before you run git there")
+        if self.remote is not None:
+            with contextlib.suppress(Exception):
+                self.remote.close()
+        self.meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome,
+                         state="exited", removed=removed)
+        return dict(self.meta)
+
+
+@contextlib.contextmanager
+def _saved_image(tag: str, compress: bool) -> Iterator[tuple[Iterator[bytes], Callable[[], None]]]:
+    """``podman save TAG`` (through ``zstd -1`` when ``compress``) as chunks, and a check to call
+    after the last one; the processes are killed however the caller leaves."""
+    podman = proc.require("podman")
+    with tempfile.TemporaryFile() as errors:
+        argvs = [[podman, "save", "--format", "docker-archive", tag]]
+        if compress:
+            argvs.append([proc.require("zstd"), "-1", "-T0", "-q", "-c"])
+        children: list[subprocess.Popen[bytes]] = []
+        try:
+            for argv in argvs:
+                children.append(proc.spawn(argv, stdin=children[-1].stdout if children else subprocess.DEVNULL,
+                                           stdout=subprocess.PIPE, stderr=errors))
+            for child in children[:-1]:
+                if child.stdout is not None:
+                    child.stdout.close()  # the next one holds it now; this one sees EPIPE if that one dies
+            out = children[-1].stdout
+            if not (out is not None):
+                raise RuntimeError("kp-run: no pipe")
+
+            def chunks() -> Iterator[bytes]:
+                while block := out.read(CHUNK):
+                    yield block
+
+            def finished() -> None:
+                for argv, child in zip(argvs, children, strict=True):
+                    if child.wait() != 0:
+                        errors.seek(0)
+                        text = errors.read().decode("utf-8", "replace")
+                        if "image not known" in text or "no such image" in text.lower():
+                            raise NotFound(f"image {tag} is not in the host's Podman store",
+                                           hint="build it with kp-image base, or name a profile with --profile")
+                        raise CommandFailed(f"{shlex.join(argv)} exited with status {child.returncode}: "
+                                            f"{proc.tail(text)}")
+
+            yield chunks(), finished
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+
+
+def host_image_id(tag: str) -> str | None:
+    """The id of ``tag`` in the host's Podman store, if it is there."""
+    if proc.which("podman") is None:
+        return None
+    try:
+        return proc.run(["podman", "image", "inspect", "--format", "{{.Id}}", "--", tag],
+                        timeout=60).stdout.decode().strip() or None
+    except KpError:
+        return None
+
+
+def _to_stderr(data: bytes) -> None:
+    sys.stderr.buffer.write(data)
+    sys.stderr.buffer.flush()
+
+
+def run_in_vm(vm: Record, req: Request, say: Callable[[str, str], None]) -> tuple[Record, int | None]:
+    """Run one container inside the VM of ``vm`` (a vm record from kp-ip); return its record and
+    the command's exit status (None if it never ran).
+
+    The same contract as hostrun.run: on an interruption the container is
+    removed and the record is returned through the exception's ``record``
+    attribute before it propagates.
+    """
+    job = VmRun(vm, req, say)
+    return _run(job)
+
+
+def _run(job: VmRun) -> tuple[Record, int | None]:
+    try:
+        box = job.prepare()
+        status = job.start(box)
+    except BaseException as exc:
+        record = job.finish(None, "interrupted" if not isinstance(exc, Exception) else "failed")
+        exc.record = record  # type: ignore[attr-defined]
+        raise
+    return job.finish(status, "timed-out" if job.timed_out else "exited"), status

@@ -1,0 +1,150 @@
+"""Running external programs: the one place kodepipe starts processes.
+
+Every failure becomes a KpError that names the program, its command line
+and the tail of what it printed, so an error explains itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import IO, Any
+
+from kodepipe.core.errors import CommandFailed, MissingProgram, Timeout
+
+# program -> Debian package that provides it, for the "install it" hint.
+PACKAGES = {
+    "qemu-img": "qemu-utils",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "debootstrap": "debootstrap",
+    "mmdebstrap": "mmdebstrap",
+    "mkfs.ext4": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "unshare": "util-linux",
+    "chroot": "coreutils",
+    "podman": "podman",
+    "runc": "runc",
+    "tar": "tar",
+    "strace": "strace",
+    "ip": "iproute2",
+}
+
+
+def which(program: str) -> str | None:
+    found = shutil.which(program)
+    if found is None and not os.path.isabs(program):
+        # root's PATH may lack the sbin directories when run from cron or sudo -E
+        found = shutil.which(program, path="/usr/local/sbin:/usr/sbin:/sbin")
+    return found
+
+
+def require(program: str) -> str:
+    """Return the path of ``program`` or raise MissingProgram with an install hint."""
+    path = which(program)
+    if path is None:
+        package = PACKAGES.get(program, program)
+        raise MissingProgram(f"{program} is not installed",
+                             hint=f"install it with: apt-get install {package}")
+    return path
+
+
+def _die_with_parent(parent: int) -> None:
+    """Runs in the child before exec: if kodepipe dies, even by SIGKILL, the child
+    gets SIGKILL too, so no debootstrap or qemu-img outlives the command that
+    started it (unshare --kill-child carries this on to a whole namespace)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def tail(text: str | bytes | None, lines: int = 15) -> str:
+    if not text:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path | None = None,
+        env: dict[str, str] | None = None, log: Path | None = None,
+        input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run a program to completion and return its result.
+
+    Output is captured (or appended to ``log`` when given, so a long build
+    keeps a full record); a non-zero exit raises CommandFailed with the
+    command line and the last lines of output.
+    """
+    args = [str(a) for a in argv]
+    args[0] = require(args[0])
+    if log is not None:
+        with open(log, "ab") as out:
+            out.write(f"$ {shlex.join(args)}\n".encode())
+            out.flush()
+            try:
+                proc = subprocess.run(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                                      if input is None else None, input=input, timeout=timeout, cwd=cwd,
+                                      env=env, check=False, preexec_fn=partial(_die_with_parent, os.getpid()))
+            except subprocess.TimeoutExpired as exc:
+                raise Timeout(f"{Path(args[0]).name} did not finish within {timeout:g} s",
+                              hint=f"see {log}") from exc
+        if proc.returncode != 0:
+            logged = log.read_bytes()[-8192:]
+            raise _failed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{tail(logged)}")
+        return proc
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=timeout, cwd=cwd, env=env, check=False,
+                              stdin=subprocess.DEVNULL if input is None else None, input=input,
+                              preexec_fn=partial(_die_with_parent, os.getpid()))
+    except subprocess.TimeoutExpired as exc:
+        raise Timeout(f"{shlex.join(args)} did not finish within {timeout:g} s") from exc
+    if proc.returncode != 0:
+        output = tail(proc.stderr) or tail(proc.stdout)
+        raise _failed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{output}")
+    return proc
+
+
+def _failed(message: str) -> CommandFailed:
+    """A program that failed on a full disk: the error says so, and what to do."""
+    if "No space left on device" in message or "Disk quota exceeded" in message:
+        return CommandFailed(message, code="no_space", hint="no space left (ENOSPC): free some space, then try again")
+    return CommandFailed(message)
+
+
+def spawn(argv: Sequence[str | Path], *, stdout: int | IO[Any] | None = subprocess.DEVNULL,
+          stderr: int | IO[Any] | None = subprocess.DEVNULL,
+          stdin: int | IO[Any] | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """Start a program and return at once; the caller must wait for it or kill it.
+
+    For a child whose fate is decided by a clock (a probe that may hang):
+    like run(), it dies with kodepipe even if kodepipe is SIGKILLed.
+    """
+    args = [str(a) for a in argv]
+    args[0] = require(args[0])
+    return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr,
+                            preexec_fn=partial(_die_with_parent, os.getpid()))
+
+
+def boot_id() -> str:
+    """This boot of the host: pids and process states recorded in another boot mean nothing."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (tells a reused pid apart)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None

@@ -1,0 +1,78 @@
+"""Giving a VM resumed from a shared warm state an identity of its own.
+
+Every clone of a warm image wakes up as a copy of the same machine: same
+hostname, machine-id, SSH host key, MAC, kernel RNG state and a clock that
+stopped when the state was saved.  This runs at once after the resume,
+through the guest agent, before anything else can use the VM.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+from kodepipe.core.errors import KpError
+
+if TYPE_CHECKING:
+    from kodepipe.vm.guest_agent import GuestAgent
+
+# $1 hostname, $2 MAC (or ""), $3 the host's clock, $4 fresh host randomness (hex),
+# $5 the new public host key; the private key comes on stdin.  Runs as root in the
+# guest, in one guest-exec: under TCG every extra process costs a few tenths of a second.
+RESEED = r"""
+set -eu
+name=$1 mac=$2 now=$3 noise=$4 pub=$5
+date -u -s "@$now" >/dev/null
+# mixed into the kernel pool first, so nothing below draws on the state every clone shares
+printf '%s' "$noise" > /dev/urandom
+cat /proc/sys/kernel/random/uuid | tr -d '-' > /etc/machine-id
+hostname "$name"
+echo "$name" > /etc/hostname
+sed -i "s/^127\.0\.1\.1\s.*/127.0.1.1\t$name/" /etc/hosts
+umask 077
+cat > /etc/ssh/ssh_host_ed25519_key.new
+printf '%s\n' "$pub" > /etc/ssh/ssh_host_ed25519_key.pub.new
+chmod 644 /etc/ssh/ssh_host_ed25519_key.pub.new
+rm -f /etc/ssh/ssh_host_*_key /etc/ssh/ssh_host_*_key.pub
+mv /etc/ssh/ssh_host_ed25519_key.new /etc/ssh/ssh_host_ed25519_key
+mv /etc/ssh/ssh_host_ed25519_key.pub.new /etc/ssh/ssh_host_ed25519_key.pub
+# SIGHUP makes sshd re-exec and load the new key; a restart costs seconds under TCG
+if [ -s /run/sshd.pid ] && kill -HUP "$(cat /run/sshd.pid)" 2>/dev/null; then :; else systemctl restart ssh.service; fi
+# on a shared bridge each clone needs its own MAC (and so its own lease); under
+# user-mode networking the NIC is private and keeps the address hostfwd targets
+if [ -n "$mac" ]; then
+    for dev in /sys/class/net/*; do
+        iface=${dev##*/}
+        [ "$iface" = lo ] && continue
+        ip link set dev "$iface" address "$mac"
+        networkctl reconfigure "$iface" >/dev/null 2>&1 || true
+        break
+    done
+fi
+"""
+
+
+def host_key() -> tuple[bytes, str]:
+    """A new ed25519 host key made on the host (cryptography is fast; ssh-keygen under TCG is not)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public.decode() + " root@kodepipe"
+
+
+def reseed(agent: GuestAgent, name: str, mac: str | None) -> float:
+    """Set the clock and a fresh identity; return the seconds it took."""
+    started = time.monotonic()
+    private, public = host_key()
+    now = f"{time.time():.6f}"
+    argv = ["/bin/sh", "-c", RESEED, "reseed", name, mac or "", now, os.urandom(64).hex(), public]
+    status, _, err = agent.exec(argv, input=private, timeout=60)
+    if status != 0:
+        raise KpError(f"{name}: giving the resumed VM its own identity failed: "
+                      f"{err.decode('utf-8', 'replace').strip()}", code="reseed_failed")
+    return time.monotonic() - started
