@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from kodepipe.commands import COMMANDS
 from kodepipe.commands import cli as kpcli
+from kodepipe.core.records import Record
 
 
 @dataclass
@@ -19,7 +20,7 @@ class Result:
     stderr: str
 
     @property
-    def records(self) -> list[dict[str, object]]:
+    def records(self) -> list[Record]:
         return [orjson.loads(line) for line in self.stdout.splitlines()]
 
 

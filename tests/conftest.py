@@ -7,9 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 import pytest
+
+if TYPE_CHECKING:
+    from kodepipe.core.records import Record
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "bin"
@@ -113,7 +117,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
             if p.is_file() and "locks" not in p.parts}
 
 
-def lines(text: str | bytes) -> list[dict[str, object]]:
+def lines(text: str | bytes) -> list[Record]:
     return [orjson.loads(line) for line in (text.splitlines() if text else [])]
 
 
