@@ -5,6 +5,7 @@ tests/integration/test_accel.py runs the real probe and the real fallback."""
 from __future__ import annotations
 
 import json
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,7 @@ def test_the_kvm_probe_is_killed_at_ratio_times_the_best_tcg_time() -> None:
 ])
 def test_host_facts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, machine: str, cpuinfo: str | None,
                     hardware: bool | None) -> None:
-    monkeypatch.setattr(accel.platform, "machine", lambda: machine)
+    monkeypatch.setattr(platform, "machine", lambda: machine)
     monkeypatch.setattr(accel, "CPUINFO", tmp_path / "cpuinfo")
     monkeypatch.setattr(accel, "PVM_MODULE", tmp_path / "kvm_pvm")
     monkeypatch.setattr(accel, "KVM_DEVICE", tmp_path / "kvm")
@@ -125,7 +126,7 @@ def fake_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeProbe:
     device, cpuinfo = tmp_path / "kvm", tmp_path / "cpuinfo"
     device.touch()
     cpuinfo.write_text("flags\t\t: fpu vmx\n")
-    monkeypatch.setattr(accel.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(accel, "KVM_DEVICE", device)
     monkeypatch.setattr(accel, "CPUINFO", cpuinfo)
     monkeypatch.setattr(accel, "PVM_MODULE", tmp_path / "no-kvm_pvm")

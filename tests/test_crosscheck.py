@@ -11,6 +11,7 @@ import base64
 import os
 import time
 from pathlib import Path
+from typing import Final
 
 import orjson
 import pytest
@@ -38,7 +39,7 @@ def _unaccounted(changes: list[Change], *calls: str) -> list[str]:
     return [r.path for r in result.unaccounted]
 
 
-ADD = "added"
+ADD: Final = "added"
 CWD = "AT_FDCWD</workspace>"
 LONG = "x" * 200 + "/" + "y" * 200  # longer than strace's -s 256, which is for data, not paths
 

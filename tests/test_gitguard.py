@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from kodepipe.core import fdtree
 from kodepipe.host import gitguard
 
 
@@ -75,7 +76,7 @@ def test_find_lists_every_repository_git_would_find(ws: Path) -> None:
     try:
         found = gitguard.find(fd)
     finally:
-        gitguard.fdtree.remove(fd, "chain")  # pytest's own clean-up recurses, and would fail on it
+        fdtree.remove(fd, "chain")  # pytest's own clean-up recurses, and would fail on it
         os.close(fd)
     deepest = "chain/" + "/".join(["d"] * 1500) + "/.git"
     assert {p: r.kind for p, r in found.items()} == {
@@ -87,7 +88,7 @@ def test_find_lists_every_repository_git_would_find(ws: Path) -> None:
 def test_find_does_not_enter_a_dot_git(ws: Path, root_fd: int) -> None:
     git("init", "-q", str(ws / ".git" / "modules" / "m"))  # inside .git: not a place git looks from
     assert sorted(gitguard.find(root_fd)) == [".git"]
-    with pytest.raises(gitguard.fdtree.TooMany):
+    with pytest.raises(fdtree.TooMany):
         gitguard.find(root_fd, limit=2)
 
 
@@ -254,7 +255,7 @@ def test_across_filesystems_a_planted_entry_is_renamed_in_place(ws: Path, tmp_pa
             raise OSError(errno.EXDEV, "cross-device")
         real(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(gitguard.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)  # the os module gitguard calls
     (planted,) = guard.after(tmp_path, "run-x")
     assert planted["moved_to"] == "n/.git.planted-by-run-x"
     assert (ws / "n" / ".git.planted-by-run-x" / "config").exists() and not (ws / "n" / ".git").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kodepipe.core.errors import KpError
 from kodepipe.vm import qemu, qemuuser
 
 ROOT = pwd.getpwuid(0)
@@ -98,7 +99,7 @@ def test_the_backing_chain_is_read_from_the_headers(tmp_path: Path) -> None:
     chain = qemuuser.backing_chain(clone)
     assert [os.path.realpath(p) for p in chain] == [str(clone), str(warm), str(base)]
     (tmp_path / "raw").write_bytes(b"\0" * 512)
-    with pytest.raises(qemu.KpError):
+    with pytest.raises(KpError):
         qemuuser.backing_chain(tmp_path / "raw")
 
 
@@ -165,4 +166,4 @@ def test_the_disk_is_a_chain_of_explicit_nodes_on_fd_sets() -> None:
 ])
 def test_a_disk_error_names_the_file_kp_boot_opened(file: str, fdsets: list[dict[str, object]], want: str) -> None:
     blocks = [{"io-status": "nospace", "device": "", "inserted": {"file": file}}]
-    assert [d.file for d in qemu.disk_errors(blocks, fdsets)] == [want]  # type: ignore[arg-type]
+    assert [d.file for d in qemu.disk_errors(blocks, fdsets)] == [want]

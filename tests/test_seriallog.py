@@ -117,7 +117,7 @@ def test_a_full_disk_drops_output_but_never_stops_the_reading(tmp_path: Path,
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)
 
-    monkeypatch.setattr(seriallog.os, "write", write)
+    monkeypatch.setattr(os, "write", write)
     keeper.write(b"lost\n")
     assert keeper.dropped == 5 and keeper.out is not None
     full = False
