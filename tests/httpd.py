@@ -69,6 +69,7 @@ def origin(address: str, greeting: str, *, seen: list[dict[str, Any]] | None = N
         context.load_cert_chain(*certificate())
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        raw_requestline: bytes  # set by handle_one_request (typeshed does not declare it)
         if lenient:
             protocol_version = "HTTP/1.1"
 

@@ -74,7 +74,7 @@ def test_kp_ls_never_says_a_run_ended_while_its_container_runs() -> None:
     runs: a run that kp-run recorded as ended, but whose container it could not stop, is orphaned."""
     store = Store()
     me, started = os.getpid(), proc.start_time(os.getpid())  # a live process stands in for the container
-    cases = [
+    cases: list[tuple[dict[str, object], str]] = [
         ({"state": "exited", "container_pid": me, "container_pid_start": started}, "orphaned"),
         ({"state": "quarantined", "container_pid": me, "container_pid_start": started}, "orphaned"),
         ({"state": "exited", "container_pid": me, "container_pid_start": started, "container_removed": True},

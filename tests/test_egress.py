@@ -20,37 +20,39 @@ import orjson
 import pytest
 
 from kodepipe.core.errors import BadInput
+from kodepipe.egress import policy as egress_policy
 from kodepipe.egress import proxy as egress
+from kodepipe.egress import wire
 from tests import httpd
 
 
 def test_rules_and_wildcards() -> None:
-    policy = egress.Policy.build(["api.example.com", "*.pkg.test", "git.test:22,443"])
+    policy = egress_policy.Policy.build(["api.example.com", "*.pkg.test", "git.test:22,443"])
     assert policy.check("API.example.com.", 443) == "api.example.com"
     assert policy.check("a.pkg.test", 80) == "a.pkg.test" and policy.check("a.b.pkg.test", 443)
     for host, port, reason in [("pkg.test", 443, "allowlist"), ("evil.com", 443, "allowlist"),
                                ("api.example.com", 8080, "port 8080"), ("git.test", 80, "port 80"),
                                ("1.2.3.4", 443, "raw IP"), ("[::1]", 443, "raw IP"),
                                ("api.example.com.evil.com", 443, "allowlist")]:
-        with pytest.raises(egress.Denied, match=reason):
+        with pytest.raises(egress_policy.Denied, match=reason):
             policy.check(host, port)
     assert policy.check("git.test", 22)
     for bad in ("", "*", "com", "*.com", "exa mple.com", "a..b", "-a.com", "x.com:0", "x.com:http"):
         with pytest.raises(BadInput):
-            egress.parse_rule(bad)
+            egress_policy.parse_rule(bad)
 
 
 def test_addresses_refuse_metadata_link_local_and_unpinned_loopback() -> None:
-    policy = egress.Policy.build(["meta.test", "local.test", "ok.test", "localhost.test"],
+    policy = egress_policy.Policy.build(["meta.test", "local.test", "ok.test", "localhost.test"],
                                  ["meta.test=169.254.169.254", "local.test=127.0.0.1", "ok.test=192.0.2.7",
                                   "ok.test=fe80::1"])
-    with pytest.raises(egress.Denied, match="forbidden"):
-        policy.addresses("meta.test", 443)
-    assert policy.addresses("local.test", 80) == ["127.0.0.1"]  # pinned: the user named it
-    assert policy.addresses("ok.test", 443) == ["192.0.2.7"]  # the link-local one is dropped
+    with pytest.raises(egress_policy.Denied, match="forbidden"):
+        egress.permitted_addresses(policy, "meta.test", 443)
+    assert egress.permitted_addresses(policy, "local.test", 80) == ["127.0.0.1"]  # pinned: the user named it
+    assert egress.permitted_addresses(policy, "ok.test", 443) == ["192.0.2.7"]  # the link-local one is dropped
     for bad in ("x", "a=b", "*.a.test=1.2.3.4", "a.test=999.1.1.1"):
         with pytest.raises(BadInput):
-            egress.parse_pin(bad)
+            egress_policy.parse_pin(bad)
 
 
 def resolving_to(monkeypatch: pytest.MonkeyPatch, name: str, *addrs: str) -> None:
@@ -67,10 +69,10 @@ def resolving_to(monkeypatch: pytest.MonkeyPatch, name: str, *addrs: str) -> Non
 
 
 def test_unpinned_loopback_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    policy = egress.Policy.build(["sneaky.test"])
+    policy = egress_policy.Policy.build(["sneaky.test"])
     resolving_to(monkeypatch, "sneaky.test", "127.0.0.1")
-    with pytest.raises(egress.Denied, match="loopback"):
-        policy.addresses("sneaky.test", 443)
+    with pytest.raises(egress_policy.Denied, match="loopback"):
+        egress.permitted_addresses(policy, "sneaky.test", 443)
 
 
 def host_addresses() -> list[str]:
@@ -89,36 +91,36 @@ def non_loopback_ipv4() -> str:
 def test_a_name_that_resolves_to_one_of_the_hosts_own_addresses_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every address of every interface (read from `ip -j addr`, not from kodepipe's own code), and
     its IPv4-mapped form, leads to the host's services as loopback does: refused unless pinned."""
-    own = [a for a in host_addresses() if not egress.forbidden(a)]  # link-local ones are refused anyway
+    own = [a for a in host_addresses() if not egress_policy.forbidden(a)]  # link-local ones are refused anyway
     assert own, "no interface but lo: nothing to attack"
-    policy = egress.Policy.build(["sneaky.test", "pinned.test"], [f"pinned.test={own[0]}"])
+    policy = egress_policy.Policy.build(["sneaky.test", "pinned.test"], [f"pinned.test={own[0]}"])
     for addr in own + [f"::ffff:{a}" for a in own if "." in a]:
         resolving_to(monkeypatch, "sneaky.test", addr)
-        with pytest.raises(egress.Denied, match="this host's own"):
-            policy.addresses("sneaky.test", 443)
-    assert policy.addresses("pinned.test", 443) == [own[0]]  # the user named it
+        with pytest.raises(egress_policy.Denied, match="this host's own"):
+            egress.permitted_addresses(policy, "sneaky.test", 443)
+    assert egress.permitted_addresses(policy, "pinned.test", 443) == [own[0]]  # the user named it
     # an address elsewhere (TEST-NET-2) passes; among several, only the host's own are dropped
     resolving_to(monkeypatch, "sneaky.test", own[0], "198.51.100.7")
-    assert policy.addresses("sneaky.test", 443) == ["198.51.100.7"]
+    assert egress.permitted_addresses(policy, "sneaky.test", 443) == ["198.51.100.7"]
     assert egress.route_type("127.0.0.1") == 2 and not egress.host_address("198.51.100.7")
 
 
 def test_parse_request() -> None:
-    connect = egress.parse_request(b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n")
+    connect = wire.parse_request(b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\n\r\n")
     assert (connect.method, connect.host, connect.port, connect.head) == ("CONNECT", "a.test", 443, b"")
-    req = egress.parse_request(
+    req = wire.parse_request(
         b"GET http://a.test:8080/x?y=1 HTTP/1.1\r\nHost: a.test\r\nProxy-Authorization: secret\r\n"
         b"Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nTE: trailers\r\n\r\n")
     assert (req.method, req.host, req.port, req.length, req.chunked) == ("GET", "a.test", 8080, 0, False)
     assert req.head.startswith(b"GET /x?y=1 HTTP/1.1\r\n") and b"Proxy-" not in req.head
     assert b"Connection: close" in req.head and b"keep-alive" not in req.head and b"pgrade" not in req.head
     assert b"TE:" not in req.head
-    post = egress.parse_request(b"POST http://a.test/ HTTP/1.1\r\nContent-Length: 12\r\n\r\n")
+    post = wire.parse_request(b"POST http://a.test/ HTTP/1.1\r\nContent-Length: 12\r\n\r\n")
     assert post.length == 12 and b"Content-Length: 12\r\n" in post.head
-    assert egress.parse_request(b"POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").chunked
+    assert wire.parse_request(b"POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").chunked
     for bad in (b"GET /relative HTTP/1.1\r\n\r\n", b"garbage\r\n\r\n", b"CONNECT nohost HTTP/1.1\r\n\r\n"):
-        with pytest.raises(egress.BadRequest):
-            egress.parse_request(bad)
+        with pytest.raises(wire.BadRequest):
+            wire.parse_request(bad)
 
 
 @pytest.mark.parametrize(("headers", "reason"), [
@@ -140,8 +142,8 @@ def test_parse_request() -> None:
     (b": nameless\r\n", "malformed header"),
 ])
 def test_ambiguous_request_framing_is_refused(headers: bytes, reason: str) -> None:
-    with pytest.raises(egress.BadRequest, match=reason):
-        egress.parse_request(b"POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\n" + headers + b"\r\n")
+    with pytest.raises(wire.BadRequest, match=reason):
+        wire.parse_request(b"POST http://a.test/ HTTP/1.1\r\nHost: a.test\r\n" + headers + b"\r\n")
 
 
 def test_read_rules(tmp_path: Path) -> None:
@@ -193,20 +195,20 @@ def test_the_server_name_is_read_from_a_complete_reassembled_client_hello() -> N
     hello = client_hello("api.example.com")
     hs = handshake_of(hello)
     at = hs.find(b"api.example.com")
-    assert egress.server_name(hello) == "api.example.com"
+    assert wire.server_name(hello) == "api.example.com"
     # across records: the handshake header itself split, the name split, one byte per record at the end
     for cuts in ([1], [2, 3], [at + 3], [10, at, at + 5, at + 9], list(range(len(hs) - 20, len(hs)))):
-        assert egress.server_name(records(hs, cuts)) == "api.example.com", cuts
+        assert wire.server_name(records(hs, cuts)) == "api.example.com", cuts
     # and across TCP reads: fed a byte at a time, it waits, then reads the name once the last byte is in
     split = records(hs, [2, at + 4])
-    buffer = egress.HelloBuffer()
+    buffer = wire.HelloBuffer()
     assert [buffer.feed(split[i:i + 1]) for i in range(len(split) - 1)] == [None] * (len(split) - 1)
     assert buffer.feed(split[-1:]) == "api.example.com" and bytes(buffer.data) == split
     # what follows the hello (early data, the next flight) is kept, to be forwarded as it came
-    buffer = egress.HelloBuffer()
+    buffer = wire.HelloBuffer()
     assert buffer.feed(hello + b"\x17\x03\x03\x00\x01X") == "api.example.com"
     assert bytes(buffer.data).endswith(b"X")
-    assert egress.server_name(records(hello_body([(0, sni(b"x.test"))]), [])) == "x.test"
+    assert wire.server_name(records(hello_body([(0, sni(b"x.test"))]), [])) == "x.test"
 
 
 _GOOD = hello_body([(0, sni(b"x.test"))])
@@ -244,22 +246,22 @@ _PADDED = hello_body([(0, sni(b"x.test")), (21, bytes(64))])
     (records(_GOOD + b"\x00", []), "after the ClientHello"),
 ])
 def test_what_is_not_one_checkable_client_hello_is_refused(data: bytes, reason: str) -> None:
-    with pytest.raises(egress.BadHello, match=reason):
-        egress.HelloBuffer().feed(data)
+    with pytest.raises(wire.BadHello, match=reason):
+        wire.HelloBuffer().feed(data)
 
 
 def test_an_incomplete_hello_waits_and_a_big_one_is_refused_within_the_limit() -> None:
     hello = client_hello("x.test")
-    assert egress.HelloBuffer().feed(hello[:-1]) is None
-    with pytest.raises(egress.BadHello, match="incomplete"):
-        egress.server_name(hello[:-1])
+    assert wire.HelloBuffer().feed(hello[:-1]) is None
+    with pytest.raises(wire.BadHello, match="incomplete"):
+        wire.server_name(hello[:-1])
     # a plausible length, in 1-byte records: refused once the records held pass the limit
-    buffer, fed = egress.HelloBuffer(), 0
-    with pytest.raises(egress.BadHello, match=f"first {egress.HELLO_LIMIT} bytes"):
+    buffer, fed = wire.HelloBuffer(), 0
+    with pytest.raises(wire.BadHello, match=f"first {wire.HELLO_LIMIT} bytes"):
         for piece in [records(b"\x01\x00\xea\x60", [1, 2, 3])] + [b"\x16\x03\x01\x00\x01\x00"] * 20000:
             fed += len(piece)
             buffer.feed(piece)
-    assert egress.HELLO_LIMIT - 6 < fed <= egress.HELLO_LIMIT + 6
+    assert wire.HELLO_LIMIT - 6 < fed <= wire.HELLO_LIMIT + 6
 
 
 # -- the proxy on loopback -----------------------------------------------------------------------
@@ -302,7 +304,7 @@ class Running:
 
 
 def start_proxy(tmp_path: Path, allow: list[str], pins: list[str]) -> tuple[egress.Proxy, Running]:
-    policy = egress.Policy.build(allow, pins)
+    policy = egress_policy.Policy.build(allow, pins)
     log = egress.DecisionLog(tmp_path / "egress.jsonl", "c1")
     tcp = socket.socket()
     tcp.bind(("127.0.0.1", 0))
@@ -495,11 +497,11 @@ def test_connect_carries_only_tls_on_every_port(proxy: Running, origin: Origin, 
     s.shutdown(socket.SHUT_WR)
     rest(s)
     assert origin.seen == [] and lenient.seen == [] and tls_origin.seen == []
-    got = decisions(proxy.log)
-    assert len(got) == 2 + len(attacks) + 1 and all(d["decision"] == "deny" for d in got)
-    assert all("only TLS" in d["reason"] for d in got)
-    assert "does not start with a TLS" in got[0]["reason"] and "no server name" in got[2]["reason"]
-    assert "closed before a complete ClientHello" in got[-1]["reason"]
+    logged = decisions(proxy.log)
+    assert len(logged) == 2 + len(attacks) + 1 and all(d["decision"] == "deny" for d in logged)
+    assert all("only TLS" in d["reason"] for d in logged)
+    assert "does not start with a TLS" in logged[0]["reason"] and "no server name" in logged[2]["reason"]
+    assert "closed before a complete ClientHello" in logged[-1]["reason"]
 
 
 def test_waiting_for_a_client_hello_is_bounded_in_time_and_bytes(proxy: Running, tls_origin: Origin,
@@ -512,12 +514,12 @@ def test_waiting_for_a_client_hello_is_bounded_in_time_and_bytes(proxy: Running,
     monkeypatch.setattr(egress, "HELLO_TIMEOUT", 3600.0)
     header = records(b"\x01\x00\xea\x60", [1, 2, 3])  # 60000 bytes announced, in 1-byte records
     s = tunnel(proxy.port, f"allowed.test:{tls_origin.port}",
-               [header + b"\x16\x03\x01\x00\x01\x00" * ((egress.HELLO_LIMIT - len(header)) // 6 + 1)])
+               [header + b"\x16\x03\x01\x00\x01\x00" * ((wire.HELLO_LIMIT - len(header)) // 6 + 1)])
     s.settimeout(30)  # the proxy closes at the limit: this only bounds a broken test
     with contextlib.suppress(ConnectionResetError):
         assert b"tls from" not in rest(s)
     got = decisions(proxy.log)
-    assert "within 0.5 s" in got[0]["reason"] and f"first {egress.HELLO_LIMIT} bytes" in got[1]["reason"]
+    assert "within 0.5 s" in got[0]["reason"] and f"first {wire.HELLO_LIMIT} bytes" in got[1]["reason"]
     assert tls_origin.seen == []
 
 
@@ -594,7 +596,7 @@ def test_a_malformed_chunked_body_stops_the_forwarding(proxy: Running, lenient: 
 
 
 def test_the_host_header_is_the_checked_host(origin: Origin) -> None:
-    request = egress.parse_request(
+    request = wire.parse_request(
         f"GET http://allowed.test:{origin.port}/h HTTP/1.1\r\nHost: attacker.example\r\n\r\n".encode())
     assert f"Host: allowed.test:{origin.port}".encode() in request.head and b"attacker" not in request.head
 
@@ -651,9 +653,9 @@ def test_a_connection_cut_when_the_sandbox_ends_prints_no_traceback(
 def test_ipv4_inside_ipv6_and_other_forbidden_forms() -> None:
     for addr in ("::ffff:169.254.169.254", "::ffff:127.0.0.1", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1",
                  "168.63.129.16", "fe80::1", "0.0.0.0", "127.0.0.2", "::1"):  # noqa: S104
-        assert egress.forbidden(addr), addr
-    assert not egress.forbidden("192.0.2.7") and not egress.forbidden("2001:db8::1")
-    assert not egress.forbidden("127.0.0.1", allow_loopback=True)
+        assert egress_policy.forbidden(addr), addr
+    assert not egress_policy.forbidden("192.0.2.7") and not egress_policy.forbidden("2001:db8::1")
+    assert not egress_policy.forbidden("127.0.0.1", allow_loopback=True)
 
 
 def test_a_connection_whose_client_half_closed_lives_until_its_answer(tmp_path: Path) -> None:

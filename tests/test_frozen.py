@@ -130,7 +130,10 @@ class ScriptedMonitor(Monitor):
         if command == "query-status":
             return {"status": self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]}
         if command == "query-migrate":
-            status = self.migrations.pop(0) if len(self.migrations) > 1 else (self.migrations or [None])[0]
+            if len(self.migrations) > 1:
+                status: str | None = self.migrations.pop(0)
+            else:
+                status = self.migrations[0] if self.migrations else None
             return {"status": status} if status else {}
         if command == "query-block":
             return self.blocks

@@ -172,9 +172,9 @@ def gone(pid: int, bound: float = 30.0) -> bool:
         with contextlib.suppress(OSError):
             if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
                 return True
+            time.sleep(0.05)
             continue
         return True
-        time.sleep(0.05)
     return False
 
 

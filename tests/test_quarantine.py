@@ -1022,7 +1022,10 @@ def test_symlinks_out_are_flagged_in_the_record_and_said(dirs: tuple[Path, Path]
     link(upper, "sub/rel", "../../home")
     link(upper, "sub/ok", "../abs")
     found = q.changes(upper, lower)
-    entries = {e["path"]: e for e in q.summary(found)["changes"]}  # type: ignore[index]
+    entries = {}
+    for entry in q.summary(found)["changes"]:
+        assert isinstance(entry, dict)
+        entries[entry["path"]] = entry
     assert entries["abs"] == {"path": "abs", "change": "added", "type": "symlink",
                               "target": "/root/.ssh/id_ed25519", "escapes": True}
     assert entries["sub/rel"]["escapes"] is True and "escapes" not in entries["sub/ok"]
