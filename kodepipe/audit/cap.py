@@ -25,11 +25,13 @@ import contextlib
 import os
 import resource
 import signal
-import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kodepipe.core import proc
 
 DEFAULT = 256 << 20
 MINIMUM = 64 << 10
@@ -40,7 +42,7 @@ POLL = 0.05
 class SizeCap:
     """Watches one audit log; ``reached`` is the log's size when the cap was hit, else None."""
 
-    def __init__(self, path: Path, cap: int, tracer: subprocess.Popen[bytes], stop: Callable[[], None],
+    def __init__(self, path: Path, cap: int, tracer: proc.Process[bytes], stop: Callable[[], None],
                  say: Callable[[str], None] = lambda _m: None) -> None:
         self.path, self.cap, self.tracer = path, cap, tracer
         self.stop, self.say = stop, say

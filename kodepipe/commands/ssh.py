@@ -142,19 +142,9 @@ def _run_commands(out: kpcli.Output, names: tuple[str, ...], key_path: Path, tim
 
 
 def _session(ep: Any, key: Any, timeout: float, command: str, echo: Any, watch: Any = None) -> Any:
-    import paramiko
-
-    from kodepipe.core.errors import KpError
     from kodepipe.vm import ssh
 
-    client = ssh.connect(ep, key, timeout=timeout)
-    try:
-        return ssh.execute(client, command, echo=echo, watch=watch)
-    except (OSError, EOFError, paramiko.SSHException) as exc:
-        raise KpError(f"the SSH connection to {ep.address} broke while the command ran: {exc}",
-                      code="connection_lost") from None
-    finally:
-        client.close()
+    return ssh.session(ep, key, timeout, command, echo=echo, watch=watch)
 
 
 def _why(name: str, exc: Any) -> Any:

@@ -17,7 +17,6 @@ import contextlib
 import os
 import socket
 import struct
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -355,8 +354,7 @@ def _start_service(sock: Path) -> None:
             # working directory is the socket's private dir: conmon, which it starts, drops an
             # "oom" file into its cwd when a container hits its memory limit, and that must not
             # be the user's project
-            subprocess.Popen([podman, "system", "service", f"--time={IDLE_SECONDS}", f"unix://{sock}"],
-                             stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                             cwd=sock.parent)
-        except OSError as exc:
+            proc.daemon([podman, "system", "service", f"--time={IDLE_SECONDS}", f"unix://{sock}"], stdout=out,
+                        stderr=out, cwd=sock.parent)
+        except CommandFailed as exc:
             raise CommandFailed(f"could not start the Podman service: {exc}") from exc

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,10 +91,10 @@ def view(store: Store, name: str) -> Record:
 def unmount(folder: Path) -> None:
     """Unmount the quarantine overlay (and anything else) under a container's folder."""
     for mount in sorted(mounts_under(folder), key=len, reverse=True):
-        result = subprocess.run([proc.require("umount"), mount], capture_output=True, check=False)
+        result = proc.run(["umount", mount], check=False)
         if result.returncode != 0:
             # busy (a shell still in it): detach it now, the kernel frees it when the last user goes
-            subprocess.run([proc.require("umount"), "-l", mount], capture_output=True, check=False)
+            proc.run(["umount", "-l", mount], check=False)
 
 
 def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool,

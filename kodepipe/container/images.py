@@ -22,7 +22,6 @@ import contextlib
 import datetime
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -192,14 +191,14 @@ def build_lock(name: str, progress: Progress, what: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- running podman with a log
 
 def _run_logged(argv: Sequence[str | Path], log: Path, *, echo: bool, timeout: float,
-                stdin: Any = subprocess.DEVNULL) -> subprocess.CompletedProcess[bytes]:
+                stdin: Any = proc.DEVNULL) -> proc.Completed[bytes]:
     """Run a program with its output appended to ``log`` (and copied to stderr when ``echo``);
     raise CommandFailed (with the log's tail) or Timeout."""
     args = [str(a) for a in argv]
     with open(log, "ab") as logf:
         logf.write(f"$ {' '.join(args)}\n".encode())
         logf.flush()
-        child = proc.spawn(args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        child = proc.spawn(args, stdin=stdin, stdout=proc.PIPE, stderr=proc.STDOUT)
         expired = threading.Event()
 
         def expire() -> None:
@@ -226,7 +225,7 @@ def _run_logged(argv: Sequence[str | Path], log: Path, *, echo: bool, timeout: f
         raise Timeout(f"{Path(args[0]).name} {args[1]} did not finish within {timeout:g} s", hint=f"see {log}")
     if returncode != 0:
         raise CommandFailed(f"{' '.join(args)} exited with status {returncode}:\n{_log_tail(log)}")
-    return subprocess.CompletedProcess(args, returncode)
+    return proc.Completed(args, returncode)
 
 
 def _log_tail(log: Path, lines: int = 15) -> str:
@@ -310,7 +309,7 @@ def _import(rootfs: Path, tag: str, changes: Sequence[str], log: Path, timeout: 
     with open(log, "ab") as logf:
         logf.write(f"$ tar --numeric-owner -C {rootfs} -c . |\n".encode())
         logf.flush()
-        tar = proc.spawn(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE,
+        tar = proc.spawn(["tar", "--numeric-owner", "-C", str(rootfs), "-c", "."], stdout=proc.PIPE,
                          stderr=logf)
     try:
         try:

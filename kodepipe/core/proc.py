@@ -1,7 +1,11 @@
-"""Running external programs: the one place kodepipe starts processes.
+"""Running external programs: the one place kodepipe starts processes (an import-linter contract
+keeps ``subprocess`` out of every other module).
 
-Every failure becomes a KpError that names the program, its command line
-and the tail of what it printed, so an error explains itself.
+Three kinds of child: ``run`` (to completion), ``spawn`` (a child whose fate a clock decides: it dies
+with kodepipe, even by SIGKILL) and ``daemon`` (a process that outlives the command on purpose, in
+its own session: QEMU, passt, the Podman service, the serial-log keeper).  Every failure becomes a
+KpError that names the program, its command line and the tail of what it printed, so an error
+explains itself.
 """
 
 from __future__ import annotations
@@ -17,6 +21,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from kodepipe.core.errors import CommandFailed, MissingProgram, Timeout
+
+# what callers pass and get back, so that they need not import subprocess themselves
+DEVNULL, PIPE, STDOUT = subprocess.DEVNULL, subprocess.PIPE, subprocess.STDOUT
+Process = subprocess.Popen
+Completed = subprocess.CompletedProcess
+Expired = subprocess.TimeoutExpired
+Stream = int | IO[Any] | None
 
 # program -> Debian package that provides it, for the "install it" hint.
 PACKAGES = {
@@ -76,12 +87,13 @@ def tail(text: str | bytes | None, lines: int = 15) -> str:
 
 def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path | None = None,
         env: dict[str, str] | None = None, log: Path | None = None,
-        input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
     """Run a program to completion and return its result.
 
     Output is captured (or appended to ``log`` when given, so a long build
     keeps a full record); a non-zero exit raises CommandFailed with the
-    command line and the last lines of output.
+    command line and the last lines of output, unless ``check`` is false
+    (the caller reads the status itself).
     """
     args = [str(a) for a in argv]
     args[0] = require(args[0])
@@ -96,7 +108,7 @@ def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path |
             except subprocess.TimeoutExpired as exc:
                 raise Timeout(f"{Path(args[0]).name} did not finish within {timeout:g} s",
                               hint=f"see {log}") from exc
-        if proc.returncode != 0:
+        if proc.returncode != 0 and check:
             logged = log.read_bytes()[-8192:]
             raise _failed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{tail(logged)}")
         return proc
@@ -106,7 +118,7 @@ def run(argv: Sequence[str | Path], *, timeout: float | None = None, cwd: Path |
                               preexec_fn=partial(_die_with_parent, os.getpid()))
     except subprocess.TimeoutExpired as exc:
         raise Timeout(f"{shlex.join(args)} did not finish within {timeout:g} s") from exc
-    if proc.returncode != 0:
+    if proc.returncode != 0 and check:
         output = tail(proc.stderr) or tail(proc.stdout)
         raise _failed(f"{shlex.join(args)} exited with status {proc.returncode}:\n{output}")
     return proc
@@ -131,6 +143,22 @@ def spawn(argv: Sequence[str | Path], *, stdout: int | IO[Any] | None = subproce
     args[0] = require(args[0])
     return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr,
                             preexec_fn=partial(_die_with_parent, os.getpid()))
+
+
+def daemon(argv: Sequence[str | Path], *, stdin: Stream = DEVNULL, stdout: Stream = DEVNULL,
+           stderr: Stream = DEVNULL, pass_fds: Sequence[int] = (), cwd: str | Path | None = None,
+           env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a program that outlives this command on purpose, in a session of its own, with no file
+    descriptor but its three and ``pass_fds``.  ``argv[0]`` is looked up on PATH unless it is a
+    path.  A program that cannot start raises CommandFailed (or MissingProgram)."""
+    args = [str(a) for a in argv]
+    if "/" not in args[0]:
+        args[0] = require(args[0])
+    try:
+        return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=tuple(pass_fds),
+                                close_fds=True, start_new_session=True, cwd=cwd, env=env)
+    except OSError as exc:
+        raise CommandFailed(f"could not start {Path(args[0]).name}: {exc.strerror or exc}") from exc
 
 
 def boot_id() -> str:

@@ -29,7 +29,6 @@ import contextlib
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -123,12 +122,12 @@ def probe(accel: str, timeout: float) -> Probe:
                 "-display", "none", "-device", f"isa-debug-exit,iobase={EXIT_PORT:#x},iosize=0x04",
                 "-drive", f"format=raw,file={drive},if=ide", "-boot", "order=c,strict=on"]
         started = time.monotonic()
-        child = proc.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        child = proc.spawn(argv, stdout=proc.PIPE, stderr=proc.STDOUT)
         try:
             try:
                 out, _ = child.communicate(timeout=timeout)
                 status: int | None = child.returncode
-            except subprocess.TimeoutExpired:
+            except proc.Expired:
                 child.kill()
                 out, _ = child.communicate()
                 status = None

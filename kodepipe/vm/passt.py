@@ -26,15 +26,17 @@ import ipaddress
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kodepipe.core.errors import KpError, MissingProgram
+
+if TYPE_CHECKING:
+    from kodepipe.core import proc
 
 PASST = "passt"
 GUEST = "10.0.2.15"
@@ -176,6 +178,8 @@ def serving(log: Path, ssh_port: int | None, *, output: Path, runas: str | None 
 def start(log: Path, ssh_port: int | None, *, output: Path, runas: str | None = None,
           timeout: float = 10.0) -> Started:
     """passt and its guard, joined by socketpairs; returns once passt listens for SSH."""
+    from kodepipe.core import proc
+
     path = require()
     chosen = host_dns()
     qemu_end, guard_guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -187,15 +191,14 @@ def start(log: Path, ssh_port: int | None, *, output: Path, runas: str | None = 
         with open(output, "ab") as out:
             out.write(f"$ {' '.join(command)}\n".encode())
             out.flush()
-            passt = subprocess.Popen([path, *command[1:]], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                     pass_fds=(passt_end.fileno(),), start_new_session=True, close_fds=True, cwd="/")
+            passt = proc.daemon([path, *command[1:]], stdout=out, stderr=out, pass_fds=(passt_end.fileno(),),
+                                cwd="/")
         root = str(Path(__file__).resolve().parents[2])
         # the guard holds nothing but its two sockets: started as root, it drops to nobody itself once
         # its interpreter is up (which nobody could not start from a root-only virtualenv), like passt
-        guard = subprocess.Popen(guard_argv(guard_guest.fileno(), guard_passt.fileno(), str(log.parent)),
-                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 pass_fds=(guard_guest.fileno(), guard_passt.fileno()), start_new_session=True,
-                                 close_fds=True, cwd="/", env={"PYTHONPATH": root, "PATH": os.defpath})
+        guard = proc.daemon(guard_argv(guard_guest.fileno(), guard_passt.fileno(), str(log.parent)),
+                            pass_fds=(guard_guest.fileno(), guard_passt.fileno()), cwd="/",
+                            env={"PYTHONPATH": root, "PATH": os.defpath})
         for end in (guard_guest, guard_passt, passt_end):
             end.close()
         _wait_listening(passt, ssh_port, output, start_at, timeout)
@@ -211,7 +214,7 @@ def start(log: Path, ssh_port: int | None, *, output: Path, runas: str | None = 
     return Started(qemu_end.detach(), passt.pid, guard.pid, str(log), chosen)
 
 
-def _wait_listening(passt: subprocess.Popen[bytes], port: int | None, output: Path, start_at: int,
+def _wait_listening(passt: proc.Process[bytes], port: int | None, output: Path, start_at: int,
                     timeout: float) -> None:
     """Until passt listens on 127.0.0.1:``port`` (it binds its forwards before it serves), or its end."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,6 @@ import re
 import shlex
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,11 +222,9 @@ def launch(argv: list[str], log: Path, qmp_socket: Path, *, timeout: float = 60.
         who = f" (as {plan.user.name}, uid {plan.user.uid})" if plan is not None else ""
         out.write(f"$ {shlex.join(argv)}{who}\n".encode())
         out.flush()
-        child = subprocess.Popen(qemuuser.helper_argv(plan, argv) if plan is not None else argv,
-                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True, close_fds=True, pass_fds=pass_fds,
-                                 cwd="/" if plan is not None else None,
-                                 env=qemuuser.helper_env() if plan is not None else None)
+        child = proc.daemon(qemuuser.helper_argv(plan, argv) if plan is not None else argv, stdout=out,
+                            stderr=proc.STDOUT, pass_fds=pass_fds, cwd="/" if plan is not None else None,
+                            env=qemuuser.helper_env() if plan is not None else None)
     deadline = time.monotonic() + timeout
     while True:
         status = child.poll()

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -111,6 +110,8 @@ def pipe(log: Path, user: Any = None) -> Iterator[int]:
     when the block ends: by then QEMU holds its own copy, or has failed to start and holds none,
     and the keeper ends with it.  ``user`` (a qemuuser.QemuUser): the keeper drops to its uid and
     gid once it has opened the log's files."""
+    from kodepipe.core import proc  # here: the keeper itself runs under python -S on the stdlib alone
+
     read_end, write_end = os.pipe()  # both close-on-exec: only QEMU, through pass_fds, inherits one
     try:
         with contextlib.suppress(OSError):
@@ -118,9 +119,8 @@ def pipe(log: Path, user: Any = None) -> Iterator[int]:
         root = str(Path(__file__).resolve().parents[2])
         # -S: no site-packages, so the keeper is a bare interpreter (~10 MB); it needs only the stdlib
         drop = [f"--user={user.uid}:{user.gid}"] if user is not None and user.uid != os.geteuid() else []
-        subprocess.Popen([sys.executable, "-S", "-m", "kodepipe.vm.seriallog", str(log), *drop], stdin=read_end,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, cwd="/",
-                         start_new_session=True, env={"PYTHONPATH": root, "PATH": os.defpath})
+        proc.daemon([sys.executable, "-S", "-m", "kodepipe.vm.seriallog", str(log), *drop], stdin=read_end,
+                    cwd="/", env={"PYTHONPATH": root, "PATH": os.defpath})
     except BaseException:
         os.close(write_end)
         raise

@@ -214,6 +214,22 @@ def execute(client: Any, command: str, *, echo: Callable[[bytes], None] | None =
     return Outcome(status, bytes(out), bytes(err), round(time.monotonic() - started, 3))
 
 
+def session(ep: Endpoint, key: Any, timeout: float, command: str, *,
+            echo: Callable[[bytes], None] | None = None, watch: Callable[[], None] | None = None) -> Outcome:
+    """One connection, one command (``execute``), closed again; a connection that breaks while the
+    command runs is a KpError (connection_lost), never a paramiko exception."""
+    import paramiko
+
+    client = connect(ep, key, timeout=timeout)
+    try:
+        return execute(client, command, echo=echo, watch=watch)
+    except (OSError, EOFError, paramiko.SSHException) as exc:
+        raise KpError(f"the SSH connection to {ep.address} broke while the command ran: {exc}",
+                      code="connection_lost") from None
+    finally:
+        client.close()
+
+
 def text_fields(key: str, data: bytes) -> Record:
     """``{key: text}``, plus ``key_base64`` with the exact bytes when they are not UTF-8."""
     try:
