@@ -1,5 +1,8 @@
 """The egress proxy: a container's only way out, by domain name.
 
+The sockets and lookups live here; the policy (kodepipe.egress.policy) and the parsing of what a
+sandbox sends (kodepipe.egress.wire) are pure modules of their own.
+
 A container run with ``--allow`` still has no network of its own: its
 network namespace holds only ``lo``.  kp-run creates two sockets *inside*
 that namespace from the host (setns in a short-lived thread; a socket stays
@@ -48,79 +51,49 @@ import contextlib
 import errno
 import ipaddress
 import os
-import re
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
 from kodepipe.core.errors import BadInput, KpError
+from kodepipe.egress.policy import (
+    DNS_PORT,
+    PROXY_PORT,
+    RESOLV_CONF,
+    Denied,
+    Policy,
+    _unwrap,
+    container_env,
+    forbidden,
+)
+from kodepipe.egress.wire import (
+    CHUNK_RE,
+    HEAD_LIMIT,
+    HEADER_RE,
+    BadHello,
+    BadRequest,
+    HelloBuffer,
+    Request,
+    parse_request,
+)
 
-PROXY_PORT = 3128
-DNS_PORT = 53
-DEFAULT_PORTS = (80, 443)
-HEAD_LIMIT = 64 * 1024  # bytes of a request head (and of a chunked body's trailers)
+# kodepipe.container.hostrun and kodepipe.commands.run still reach these through this module
+__all__ = ["DNS_PORT", "PROXY_PORT", "RESOLV_CONF", "DecisionLog", "Policy", "Proxy", "container_env",
+           "permitted_addresses", "read_rules", "sockets_in_netns"]
+
 HEAD_TIMEOUT = 30.0
-HELLO_LIMIT = 64 * 1024  # bytes of TLS records held while a ClientHello is incomplete (real ones: < 4 KiB)
 HELLO_TIMEOUT = 30.0  # seconds from the CONNECT reply to a complete ClientHello
 READ_SIZE = 1 << 18
 CONNECT_TIMEOUT = 10.0
 MAX_CONNECTIONS = 400
 CLONE_NEWNET = 0x40000000
-
-# never a destination, whatever name leads there
-BLOCKED = [ipaddress.ip_network(n) for n in (
-    "0.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4", "100.100.100.200/32", "168.63.129.16/32",
-    "192.0.0.192/32", "::/128", "fe80::/10", "ff00::/8", "fd00:ec2::254/128")]
-NAT64 = ipaddress.ip_network("64:ff9b::/96")
 MAX_DNS_INFLIGHT = 32
 LOG_LIMIT = 64 << 20  # bytes of decisions per run; then one last line says the rest was dropped
-
-_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_NAME_RE = re.compile(rf"(\*\.)?{_LABEL}(\.{_LABEL})*")
-
-
-class Denied(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class Rule:
-    pattern: str  # "example.com" or "*.example.com"
-    ports: tuple[int, ...]
-
-    def matches(self, host: str, port: int | None) -> bool:
-        if port is not None and port not in self.ports:
-            return False
-        if self.pattern.startswith("*."):
-            return host.endswith(self.pattern[1:]) and len(host) > len(self.pattern) - 1
-        return host == self.pattern
-
-
-def parse_rule(text: str) -> Rule:
-    """DOMAIN, *.DOMAIN, or either with :PORT[,PORT...] (default ports 80 and 443)."""
-    spec = text.strip().lower().rstrip(".")
-    host, sep, ports_text = spec.partition(":")
-    host = host.rstrip(".")
-    if not _NAME_RE.fullmatch(host) or "." not in host.lstrip("*."):
-        raise BadInput(f"--allow {text!r}: not a domain name (e.g. api.example.com or *.example.com)")
-    ports: tuple[int, ...] = DEFAULT_PORTS
-    if sep:
-        try:
-            ports = tuple(int(p) for p in ports_text.split(","))
-        except ValueError:
-            raise BadInput(f"--allow {text!r}: ports must be numbers, e.g. example.com:443,8443") from None
-        if not all(0 < p < 65536 for p in ports):
-            raise BadInput(f"--allow {text!r}: a port must be between 1 and 65535")
-    return Rule(host, ports)
 
 
 def read_rules(path: Path) -> list[str]:
@@ -145,107 +118,38 @@ def read_rules(path: Path) -> list[str]:
     return rules
 
 
-def parse_pin(text: str) -> tuple[str, str]:
-    """NAME=ADDRESS for --resolve."""
-    name, sep, addr = text.partition("=")
-    name = name.strip().lower().rstrip(".")
-    try:
-        ipaddress.ip_address(addr.strip())
-    except ValueError:
-        raise BadInput(f"--resolve {text!r}: use NAME=ADDRESS, e.g. git.internal=10.0.0.5") from None
-    if not sep or not _NAME_RE.fullmatch(name) or name.startswith("*."):
-        raise BadInput(f"--resolve {text!r}: use NAME=ADDRESS, e.g. git.internal=10.0.0.5")
-    return name, addr.strip()
 
-
-def is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-        return True
-    except ValueError:
-        return False
-
-
-@dataclass
-class Policy:
-    rules: list[Rule]
-    pins: dict[str, list[str]] = field(default_factory=dict)
-
-    @classmethod
-    def build(cls, allow: Iterable[str], pins: Iterable[str] = ()) -> Policy:
-        pinned: dict[str, list[str]] = {}
-        for name, addr in map(parse_pin, pins):
-            pinned.setdefault(name, []).append(addr)
-        return cls([parse_rule(a) for a in allow], pinned)
-
-    def allowed(self, host: str, port: int | None) -> bool:
-        return any(rule.matches(host, port) for rule in self.rules)
-
-    def check(self, host: str, port: int | None) -> str:
-        """The host, normalised, or Denied with the reason."""
-        host = host.strip().lower().rstrip(".")
-        if is_address(host):
-            raise Denied("a raw IP address: only names on the allowlist are reachable")
-        if not _NAME_RE.fullmatch(host):
-            raise Denied("not a valid host name")
-        if not self.allowed(host, None):
-            raise Denied("not on the allowlist")
-        if port is not None and not self.allowed(host, port):
-            raise Denied(f"port {port} is not allowed for this host")
-        return host
-
-    def addresses(self, host: str, port: int) -> list[str]:
-        """The permitted addresses of an allowed host (Denied if none is)."""
-        pinned = host in self.pins
-        if pinned:
-            candidates = list(self.pins[host])
-        else:
+def permitted_addresses(policy: Policy, host: str, port: int) -> list[str]:
+    """The permitted addresses of an allowed host (Denied if none is)."""
+    pinned = host in policy.pins
+    if pinned:
+        candidates = list(policy.pins[host])
+    else:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise Denied(f"does not resolve: {exc.strerror}") from None
+        candidates = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    good, bad = [], []
+    for addr in candidates:
+        if forbidden(addr, allow_loopback=pinned):
+            loopback = _unwrap(ipaddress.ip_address(addr)).is_loopback
+            bad.append(f"{addr}: {'loopback' if loopback else 'link-local, metadata, multicast or reserved'}")
+            continue
+        if not pinned:
+            # the host's own addresses, on any interface, lead to its services as loopback does
             try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                raise Denied(f"does not resolve: {exc.strerror}") from None
-            candidates = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        good, bad = [], []
-        for addr in candidates:
-            if forbidden(addr, allow_loopback=pinned):
-                loopback = _unwrap(ipaddress.ip_address(addr)).is_loopback
-                bad.append(f"{addr}: {'loopback' if loopback else 'link-local, metadata, multicast or reserved'}")
+                own = host_address(addr)
+            except OSError as exc:
+                raise Denied(f"could not ask the kernel whether {addr} is this host's own address: "
+                             f"{exc.strerror or exc}") from None
+            if own:
+                bad.append(f"{addr}: this host's own")
                 continue
-            if not pinned:
-                # the host's own addresses, on any interface, lead to its services as loopback does
-                try:
-                    own = host_address(addr)
-                except OSError as exc:
-                    raise Denied(f"could not ask the kernel whether {addr} is this host's own address: "
-                                 f"{exc.strerror or exc}") from None
-                if own:
-                    bad.append(f"{addr}: this host's own")
-                    continue
-            good.append(addr)
-        if not good:
-            raise Denied(f"resolves only to forbidden addresses ({'; '.join(bad)})")
-        return good
-
-
-def _unwrap(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The IPv4 address inside an IPv4-mapped, 6to4 or NAT64 IPv6 address; else the address itself."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        inner = ip.ipv4_mapped or ip.sixtofour
-        if inner is None and ip in NAT64:
-            inner = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if inner is not None:
-            return inner
-    return ip
-
-
-def forbidden(addr: str, *, allow_loopback: bool = False) -> bool:
-    """True for addresses no name may lead to: link-local (cloud metadata), multicast,
-    unspecified, reserved, and loopback unless allowed; IPv4 inside IPv6 forms is unwrapped."""
-    ip = _unwrap(ipaddress.ip_address(addr))
-    if ip.is_loopback:
-        return not allow_loopback
-    return (ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved
-            or any(ip in net for net in BLOCKED))
+        good.append(addr)
+    if not good:
+        raise Denied(f"resolves only to forbidden addresses ({'; '.join(bad)})")
+    return good
 
 
 # rtnetlink (linux/rtnetlink.h): ask the kernel how it would route an address, as `ip route get` does
@@ -349,16 +253,6 @@ def sockets_in_netns(pid: int) -> tuple[socket.socket, socket.socket]:
     return result["sockets"]  # type: ignore[no-any-return]
 
 
-def container_env(host: str = "127.0.0.1", port: int = PROXY_PORT) -> dict[str, str]:
-    url = f"http://{host}:{port}"
-    env = {"HTTP_PROXY": url, "HTTPS_PROXY": url, "NO_PROXY": "localhost,127.0.0.1,::1"}
-    env.update({k.lower(): v for k, v in env.items()})
-    return env
-
-
-RESOLV_CONF = "nameserver 127.0.0.1\noptions ndots:0 attempts:1 timeout:2\n"
-
-
 # -- the proxy ----------------------------------------------------------------------------------------
 
 
@@ -436,9 +330,9 @@ class Proxy:
             fields.update(method=request.method, host=request.host, port=request.port)
             host = self.policy.check(request.host, request.port)
             if host in self.policy.pins:  # no lookup: no need to leave the loop
-                addrs = self.policy.addresses(host, request.port)
+                addrs = permitted_addresses(self.policy, host, request.port)
             else:
-                addrs = await self.loop.run_in_executor(None, self.policy.addresses, host, request.port)
+                addrs = await self.loop.run_in_executor(None, permitted_addresses, self.policy, host, request.port)
             if request.method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 said["tunnel"] = True
@@ -554,7 +448,7 @@ class Proxy:
             qtype = dns.rdatatype.to_text(question.rdtype)
             try:
                 host = self.policy.check(name, None)
-                addrs = self.policy.addresses(host, 443)
+                addrs = permitted_addresses(self.policy, host, 443)
             except Denied as exc:
                 reply.set_rcode(dns.rcode.REFUSED)
                 self.log.write(decision="deny", method="DNS", host=name, qtype=qtype, reason=exc.reason)
@@ -595,205 +489,6 @@ class _Dns(asyncio.DatagramProtocol):
         task.add_done_callback(self.proxy.tasks.discard)
 
 
-class BadRequest(Exception):
-    pass
-
-
-class BadHello(Exception):
-    pass
-
-
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_RE = re.compile(rb"([A-Z]{3,10}) ([\x21-\x7e]+) HTTP/1\.[01]")
-_HEADER_RE = re.compile(rb"(" + _TOKEN + rb"):([ \t\x21-\x7e\x80-\xff]*)")
-_URL_RE = re.compile(r"http://(\[[0-9a-fA-F:.]+\]|[^/:\s]+)(?::(\d+))?(/\S*)?$")
-_CHUNK_RE = re.compile(rb"([0-9A-Fa-f]{1,15})\r\n")
-# hop-by-hop: not forwarded (Upgrade would turn the connection into an unchecked stream)
-_HOP = (b"proxy-", b"connection", b"host", b"keep-alive", b"upgrade", b"te")
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    host: str
-    port: int
-    head: bytes = b""  # what goes upstream: the request line and headers (nothing for CONNECT)
-    length: int = 0  # the body's bytes, from Content-Length
-    chunked: bool = False  # the body is chunked (then length is 0)
-
-
-def parse_request(head: bytes) -> Request:
-    """A proxy request from its head (ending in an empty line), or BadRequest.  The framing must be
-    unambiguous: one Content-Length, or Transfer-Encoding: chunked alone, or neither (no body)."""
-    lines = head.split(b"\r\n")
-    if len(lines) < 3 or lines[-2:] != [b"", b""]:
-        raise BadRequest("a request head ends with an empty line")
-    m = _REQUEST_RE.fullmatch(lines[0])
-    if m is None:
-        raise BadRequest("not an HTTP/1 proxy request")
-    method, target = m.group(1).decode(), m.group(2).decode("latin-1")
-    headers: list[tuple[bytes, bytes, bytes]] = []
-    for line in lines[1:-2]:
-        h = _HEADER_RE.fullmatch(line)
-        if h is None:
-            # folded lines, a space before the colon, bare CR or LF, NUL: read differently by different servers
-            raise BadRequest("a malformed header line")
-        headers.append((h.group(1).lower(), h.group(2).strip(b" \t"), line))
-    if method == "CONNECT":
-        host, sep, port_text = target.rpartition(":")
-        if not sep or not port_text.isdigit():
-            raise BadRequest("CONNECT needs host:port")
-        return Request(method, host.strip("[]"), int(port_text))
-    u = _URL_RE.match(target)
-    if u is None:
-        raise BadRequest("a proxy request needs an absolute http:// URL (https goes through CONNECT)")
-    host, port, path = u.group(1).strip("[]"), int(u.group(2) or 80), u.group(3) or "/"
-    lengths = [value for name, value, _ in headers if name == b"content-length"]
-    codings = [value for name, value, _ in headers if name == b"transfer-encoding"]
-    if lengths and codings:
-        raise BadRequest("both Content-Length and Transfer-Encoding: ambiguous framing")
-    if len(lengths) > 1 or len(codings) > 1:
-        raise BadRequest("more than one Content-Length or Transfer-Encoding: ambiguous framing")
-    if lengths and not re.fullmatch(rb"[0-9]{1,18}", lengths[0]):
-        raise BadRequest("a Content-Length that is not one number")
-    if codings and codings[0].lower() != b"chunked":
-        raise BadRequest("a Transfer-Encoding other than chunked")
-    # the Host header is the checked one: a different Host would reach another site behind a shared front end
-    kept = [line for name, _, line in headers if not name.startswith(_HOP[0]) and name not in _HOP[1:]]
-    first = f"{method} {path} HTTP/1.1".encode("latin-1")
-    host_header = f"Host: {host}" + ("" if port == 80 else f":{port}")
-    forward = b"\r\n".join([first, host_header.encode("latin-1"), *kept, b"Connection: close", b"", b""])
-    return Request(method, host, port, forward, int(lengths[0]) if lengths else 0, bool(codings))
-
-
-# -- TLS: the server name of a ClientHello ----------------------------------------------------------
-
-_ECH = (0xFE0D, 0xFFCE)  # encrypted_client_hello, and the older encrypted_server_name
-
-
-class HelloBuffer:
-    """Collects TLS records until they hold one complete ClientHello (RFC 8446 5.1: a handshake
-    message may span records), and reads its server name.  Each byte is examined once."""
-
-    def __init__(self) -> None:
-        self.data = bytearray()  # everything fed, forwarded as it came once the hello is checked
-        self._pos = 0  # where the first incomplete record starts
-        self._handshake = bytearray()
-
-    def feed(self, chunk: bytes) -> str | None:
-        """The server name once the ClientHello is complete, None while more bytes are needed;
-        BadHello when these bytes can never be one."""
-        self.data += chunk
-        while True:
-            header = self.data[self._pos:self._pos + 5]
-            if header[:1] and header[0] != 0x16:
-                first = header[0]
-                if first & 0x80 and self._pos == 0:
-                    raise BadHello("an SSLv2-style ClientHello, which carries no server name")
-                raise BadHello(f"not a TLS handshake record (type {first})" if self._pos else
-                               "does not start with a TLS handshake record")
-            if (len(header) > 1 and header[1] != 3) or (len(header) > 2 and header[2] > 4):
-                raise BadHello("not a TLS record version")
-            if len(header) < 5:
-                return None
-            size = int.from_bytes(header[3:5], "big")
-            if not 0 < size <= 1 << 14:
-                raise BadHello(f"a TLS record of {size} bytes (1 to 16384)")
-            if self._pos + 5 + size > HELLO_LIMIT:
-                raise BadHello(f"no complete ClientHello in the first {HELLO_LIMIT} bytes")
-            if len(self.data) < self._pos + 5 + size:
-                return None
-            self._handshake += self.data[self._pos + 5:self._pos + 5 + size]
-            self._pos += 5 + size
-            if self._handshake[0] != 1:
-                raise BadHello(f"a handshake message of type {self._handshake[0]}, not a ClientHello")
-            if len(self._handshake) < 4:
-                continue
-            length = int.from_bytes(self._handshake[1:4], "big")
-            if 4 + length > HELLO_LIMIT:
-                raise BadHello(f"a ClientHello of {length} bytes (the limit is {HELLO_LIMIT})")
-            if len(self._handshake) > 4 + length:
-                raise BadHello("more handshake data after the ClientHello")
-            if len(self._handshake) == 4 + length:
-                return client_hello_name(bytes(self._handshake[4:]))
-
-
-class _Cursor:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise BadHello("a truncated ClientHello")
-        self.pos += n
-        return self.data[self.pos - n:self.pos]
-
-    def number(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "big")
-
-    def vector(self, n: int) -> bytes:
-        return self.take(self.number(n))
-
-    def left(self) -> int:
-        return len(self.data) - self.pos
-
-
-def client_hello_name(body: bytes) -> str:
-    """The one host name in a ClientHello's server_name extension (``body`` is the handshake
-    message without its 4-byte header); BadHello if it has none, or more than one, or hides it."""
-    hello = _Cursor(body)
-    if hello.take(2)[0] != 3:
-        raise BadHello("not a TLS ClientHello version")
-    hello.take(32)  # random
-    if len(hello.vector(1)) > 32:
-        raise BadHello("a session id longer than 32 bytes")
-    suites = hello.vector(2)
-    if not suites or len(suites) % 2:
-        raise BadHello("a malformed cipher suite list")
-    if not hello.vector(1):
-        raise BadHello("no compression methods")
-    if not hello.left():
-        raise BadHello("no server name (SNI): the host cannot be checked")
-    extensions = _Cursor(hello.vector(2))
-    if hello.left():
-        raise BadHello("bytes after the extensions")
-    seen: set[int] = set()
-    name = None
-    while extensions.left():
-        kind, data = extensions.number(2), extensions.vector(2)
-        if kind in seen:
-            raise BadHello(f"extension {kind} twice")  # which one would the server read?
-        seen.add(kind)
-        if kind in _ECH:
-            raise BadHello("an encrypted ClientHello, which hides the real server name")
-        if kind == 0:
-            outer = _Cursor(data)
-            names = _Cursor(outer.vector(2))
-            if outer.left():
-                raise BadHello("a malformed server_name extension")
-            kind_of_name, value = names.number(1), names.vector(2)
-            if names.left():
-                raise BadHello("more than one server name")
-            if kind_of_name != 0 or not value:
-                raise BadHello("a server name that is not a host name")
-            try:
-                name = value.decode("ascii")
-            except UnicodeDecodeError:
-                raise BadHello("a server name that is not ASCII") from None
-    if name is None:
-        raise BadHello("no server name (SNI): the host cannot be checked")
-    return name
-
-
-def server_name(data: bytes) -> str:
-    """The server name of the complete ClientHello at the start of ``data`` (TLS records, as sent);
-    BadHello when there is none, or it is incomplete."""
-    name = HelloBuffer().feed(data)
-    if name is None:
-        raise BadHello("an incomplete ClientHello")
-    return name
-
-
 # -- forwarding ---------------------------------------------------------------------------------------
 
 
@@ -829,7 +524,7 @@ async def _send_body(reader: asyncio.StreamReader, up: asyncio.StreamWriter, req
     try:
         while True:
             line = await reader.readuntil(b"\r\n")
-            m = _CHUNK_RE.fullmatch(line)
+            m = CHUNK_RE.fullmatch(line)
             if m is None:
                 raise BadRequest("a malformed chunk size (chunk extensions are refused)")
             size = int(m.group(1), 16)
@@ -848,7 +543,7 @@ async def _send_body(reader: asyncio.StreamReader, up: asyncio.StreamWriter, req
             trailers += len(line)
             if trailers > HEAD_LIMIT:
                 raise BadRequest("trailers too large")
-            if line != b"\r\n" and _HEADER_RE.fullmatch(line[:-2]) is None:
+            if line != b"\r\n" and HEADER_RE.fullmatch(line[:-2]) is None:
                 raise BadRequest("a malformed trailer field")
             up.write(line)
             sent += len(line)
