@@ -14,6 +14,7 @@ import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ WAIT = 60.0  # a generous bound on waiting for a real condition; never a measure
 # --- making quarantined runs ------------------------------------------------------------------
 
 
-def put(root: Path, rel: str, content: bytes | str = b"", mode: int = 0o644) -> None:
+def put(root: Path, rel: str, content: bytes | str = b"", mode: int = 0o644) -> Path:
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content.encode() if isinstance(content, str) else content)
     os.chmod(path, mode)
+    return path
 
 
 def whiteout(root: Path, rel: str) -> None:
@@ -45,7 +47,7 @@ def whiteout(root: Path, rel: str) -> None:
     os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
 
 
-def quarantined(name: str, workspace: Path, build: Any) -> Path:
+def quarantined(name: str, workspace: Path, build: Callable[[Path], object]) -> Path:
     """A run folder as kp-run --quarantine leaves it: ``build(upper)`` makes the agent's changes."""
     folder = Store().folder("container", name)
     upper = folder / "upper"
@@ -128,8 +130,10 @@ def two_runs(ws: Path) -> dict[str, bytes]:
     """Two quarantines that both changed shared.txt, each in its own way; returns their versions."""
     versions = {"qa": b"A" * BIG + b"\n", "qb": b"B" * BIG + b"\n"}
     for name, content in versions.items():
-        quarantined(name, ws, lambda upper, c=content, n=name: (put(upper, "shared.txt", c),
-                                                               put(upper, f"{n}.txt", n)))
+        def build(upper: Path, c: bytes = content, n: str = name) -> None:
+            put(upper, "shared.txt", c)
+            put(upper, f"{n}.txt", n)
+        quarantined(name, ws, build)
     return versions
 
 

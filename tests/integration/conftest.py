@@ -8,10 +8,21 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
+from kodepipe.core.records import Record
 from tests.conftest import BIN, lines
+
+
+class Golden(TypedDict):
+    record: Record  # kp-image build's record of "base"
+    env: dict[str, str]  # the environment the kp-* commands of the session use
+    state: Path
+    home: Path
+    root: Path
+    stderr: str
 
 
 def kp_env(state: Path, home: Path, cache: Path) -> dict[str, str]:
@@ -20,7 +31,7 @@ def kp_env(state: Path, home: Path, cache: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def golden(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def golden(tmp_path_factory: pytest.TempPathFactory) -> Golden:
     """Build the image "base" once, with an extra package, dotfiles and the user's key."""
     root = tmp_path_factory.mktemp("golden")
     home = root / "home"

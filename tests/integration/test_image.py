@@ -12,7 +12,7 @@ import pytest
 
 from kodepipe.vm.sshkeys import fingerprint
 from tests.conftest import BIN, lines
-from tests.integration.conftest import kp_env, run
+from tests.integration.conftest import Golden, kp_env, run
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,7 @@ def guest_ls(disk: Path, path: str, scratch: Path) -> list[str]:
     return [line.split()[-1] for line in proc.stdout.splitlines() if line.strip()]
 
 
-def test_the_image_record_describes_a_ready_image(golden: dict[str, object]) -> None:
+def test_the_image_record_describes_a_ready_image(golden: Golden) -> None:
     record = golden["record"]
     assert isinstance(record, dict)
     assert record["kind"] == "image" and record["name"] == "base" and record["state"] == "ready"
@@ -53,7 +53,7 @@ def test_the_image_record_describes_a_ready_image(golden: dict[str, object]) -> 
     assert fingerprint(user_key) in record["ssh_keys"] and len(record["ssh_keys"]) == 2
 
 
-def test_the_image_holds_what_a_clone_needs_and_no_identity(golden: dict[str, object], tmp_path: Path) -> None:
+def test_the_image_holds_what_a_clone_needs_and_no_identity(golden: Golden, tmp_path: Path) -> None:
     record = golden["record"]
     assert isinstance(record, dict)
     disk = Path(record["disk"])
@@ -77,7 +77,7 @@ def test_the_image_holds_what_a_clone_needs_and_no_identity(golden: dict[str, ob
         "NOPASSWD" in (guest_file(disk, "/etc/sudoers.d/kodepipe", tmp_path) or "")
 
 
-def test_clone_ls_rm_round_trip_on_the_real_image(golden: dict[str, object]) -> None:
+def test_clone_ls_rm_round_trip_on_the_real_image(golden: Golden) -> None:
     env = golden["env"]
     assert isinstance(env, dict)
     pipeline = f"{BIN}/kp-clone base it-a it-b | {BIN}/kp-ls"
@@ -139,7 +139,7 @@ def _processes_under(path: Path) -> list[str]:
     return found
 
 
-def test_an_interrupted_build_rolls_back(tmp_path: Path, golden: dict[str, object]) -> None:
+def test_an_interrupted_build_rolls_back(tmp_path: Path, golden: Golden) -> None:
     state = tmp_path / "state"
     env = kp_env(state, tmp_path, Path(golden["env"]["KODEPIPE_CACHE_DIR"]))
     builder = _start_build(env, "intr", state)
@@ -151,7 +151,7 @@ def test_an_interrupted_build_rolls_back(tmp_path: Path, golden: dict[str, objec
     assert lines(run(env, "kp-ls").stdout) == []
 
 
-def test_a_killed_build_is_reported_broken_and_removable(tmp_path: Path, golden: dict[str, object]) -> None:
+def test_a_killed_build_is_reported_broken_and_removable(tmp_path: Path, golden: Golden) -> None:
     state = tmp_path / "state"
     env = kp_env(state, tmp_path, Path(golden["env"]["KODEPIPE_CACHE_DIR"]))
     builder = _start_build(env, "killed", state)
