@@ -25,6 +25,12 @@ from kodepipe.core import paths
 from kodepipe.vm import qemu
 from tests.conftest import make_image
 
+# paramiko has no type hints: the answers of its ServerInterface, typed once here
+AUTH_SUCCESSFUL: int = paramiko.AUTH_SUCCESSFUL
+AUTH_FAILED: int = paramiko.AUTH_FAILED
+OPEN_SUCCEEDED: int = paramiko.OPEN_SUCCEEDED
+OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED: int = paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+
 
 def state() -> Path:
     return Path(os.environ["KODEPIPE_STATE_DIR"])
@@ -159,13 +165,13 @@ class SSHServer(paramiko.ServerInterface):  # type: ignore[misc]
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         self.auth_attempts.append(username)
         if username == self.user and key.get_base64() == self.authorized:
-            return paramiko.AUTH_SUCCESSFUL
-        return paramiko.AUTH_FAILED
+            return AUTH_SUCCESSFUL
+        return AUTH_FAILED
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
         if kind == "session":
-            return paramiko.OPEN_SUCCEEDED
-        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+            return OPEN_SUCCEEDED
+        return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         self.commands.append(command.decode())

@@ -670,11 +670,11 @@ def test_sync_survives_a_flood_of_garbage(make_agent: Callable[..., FakeAgent]) 
         assert agent.hostname() == "fake"
 
 
-def interfaces_reply(*ifaces: dict[str, Any]) -> Callable[[dict[str, Any]], Reply]:
+def interfaces_reply(*ifaces: object) -> Callable[[dict[str, Any]], Reply]:  # any JSON: replies may be malformed
     return lambda args: {"return": list(ifaces)}
 
 
-GOOD_IFACE = {"name": "ens3", "hardware-address": "52:54:00:12:34:56",
+GOOD_IFACE: dict[str, Any] = {"name": "ens3", "hardware-address": "52:54:00:12:34:56",
               "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "10.0.2.15", "prefix": 24}]}
 
 

@@ -178,9 +178,9 @@ def test_a_silent_guest_under_kvm_is_booted_again_under_tcg(vms: dict[str, str],
     assert record["state"] == "running" and record["accel"] == "tcg" and record["accel_reason"] == why
     assert why in result.stderr  # and the user is told
     assert launched == ["kvm", "tcg"] and probes == ["tcg", "kvm"]
-    argv = argv_of(int(record["pid"]))  # type: ignore[call-overload]
+    argv = argv_of(int(record["pid"]))
     assert argv[argv.index("-accel") + 1] == "tcg" and "-S" not in argv
-    assert qemus_naming(record["sockets"]["qmp"]) == [record["pid"]]  # type: ignore[index]  # the frozen one is gone
+    assert qemus_naming(record["sockets"]["qmp"]) == [record["pid"]]  # the frozen one is gone
     # the verdict is kept: the next boot goes straight to TCG, without a probe or a wait
     assert accel.cached_verdict() == (False, why)
     clone(vms, "vm-accel-next")
@@ -231,7 +231,7 @@ def test_a_real_guest_under_kvm_pvm_is_booted_again_under_tcg(vms: dict[str, str
     print(record["accel_reason"])
     assert record["state"] == "running" and record["accel"] == "tcg"
     assert "under KVM" in str(record["accel_reason"]) and str(record["accel_reason"]).endswith("again under TCG")
-    argv = argv_of(int(record["pid"]))  # type: ignore[call-overload]
+    argv = argv_of(int(record["pid"]))
     assert argv[argv.index("-accel") + 1] == "tcg"
     qemu_log = Path(str(record["qemu_log"])).read_text()
     assert "-accel kvm" in qemu_log  # it really was started under KVM first

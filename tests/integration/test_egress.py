@@ -359,7 +359,8 @@ def wait_for_decision(log: Path, proc: subprocess.Popen[bytes], bound: float = 1
     """Until the run's egress log holds a decision: its proxy is serving."""
     deadline = time.monotonic() + bound
     while not (log.exists() and log.read_bytes().strip()):
-        assert proc.poll() is None, f"kp-run ended ({proc.returncode}): {proc.stderr.read() if proc.stderr else ''}"
+        assert proc.poll() is None, (f"kp-run ended ({proc.returncode}): "
+                                     f"{proc.stderr.read().decode(errors='replace') if proc.stderr else ''}")
         assert time.monotonic() < deadline, f"no egress decision within {bound:g} s"
         threading.Event().wait(0.05)
 

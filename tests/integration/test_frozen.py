@@ -392,8 +392,9 @@ def test_kp_ssh_says_when_the_vm_freezes_under_a_command_and_when_it_runs_again(
                             f"while [ ! -e {go} ]; do sleep 0.1; done; echo finished"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     said: list[str] = []
-    assert ssh.stderr is not None
-    reader = threading.Thread(target=lambda: said.extend(line.decode() for line in ssh.stderr), daemon=True)
+    stderr = ssh.stderr
+    assert stderr is not None
+    reader = threading.Thread(target=lambda: said.extend(line.decode() for line in stderr), daemon=True)
     reader.start()
     try:
         wait_for(lambda: server.commands, "the command to start")
