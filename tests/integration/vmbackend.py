@@ -91,9 +91,9 @@ class GuestVm:
 @pytest.fixture(scope="session")
 def guest_vm(golden: dict[str, Any], shell_image: str) -> Iterator[GuestVm]:
     """One VM with Podman and the shell image, for every VM-backend test of the session."""
-    from kodepipe.container import vmrun
+    from kodepipe.vm import hop
 
-    env: dict[str, str] = golden["env"]  # type: ignore[assignment]
+    env: dict[str, str] = golden["env"]
     name = "kp-backend"
     proc = subprocess.run(["bash", "-o", "pipefail", "-c",
                            f"{BIN}/kp-clone --cold base {name} | {BIN}/kp-boot | {BIN}/kp-ip --timeout 400"],
@@ -102,7 +102,7 @@ def guest_vm(golden: dict[str, Any], shell_image: str) -> Iterator[GuestVm]:
         assert proc.returncode == 0, proc.stderr.decode()[-4000:]
         (record,) = lines(proc.stdout)
         with environ(env):
-            remote = vmrun.connect(record)
+            remote = hop.connect(record)
         vm = GuestVm(env, record, remote, itertools.count())
         # the image's first copy into the guest (minutes under TCG), once
         warm = vm.kprun("--image", shell_image, "--", "true")
