@@ -270,7 +270,9 @@ class Proxy:
         # connection's task, its streams and transports: the garbage collector would end it mid-flight
         self.tasks: set[asyncio.Task[Any]] = set()
 
-    def start(self, tcp: socket.socket, udp: socket.socket | None) -> None:
+    def start(self, tcp: socket.socket | None, udp: socket.socket | None) -> None:
+        """Serve ``tcp`` (a listener) and ``udp`` (DNS), either may be None (a relay's streams come
+        through serve() and answer_dns instead)."""
         def main() -> None:
             asyncio.set_event_loop(self.loop)
             self.loop.run_until_complete(self._open(tcp, udp))
@@ -289,10 +291,11 @@ class Proxy:
         self.thread.start()
         self._ready.wait(10)
 
-    async def _open(self, tcp: socket.socket, udp: socket.socket | None) -> None:
-        tcp.setblocking(False)
-        server = await asyncio.start_server(self._handle, sock=tcp, limit=HEAD_LIMIT)
-        self._servers.append(server)
+    async def _open(self, tcp: socket.socket | None, udp: socket.socket | None) -> None:
+        if tcp is not None:
+            tcp.setblocking(False)
+            server = await asyncio.start_server(self._handle, sock=tcp, limit=HEAD_LIMIT)
+            self._servers.append(server)
         if udp is not None:
             udp.setblocking(False)
             transport, _ = await self.loop.create_datagram_endpoint(lambda: _Dns(self), sock=udp)
@@ -304,6 +307,13 @@ class Proxy:
             self.thread.join(10)
 
     # -- HTTP ----------------------------------------------------------------------------------
+
+    async def serve(self, sock: socket.socket) -> None:
+        """Serve one connected socket (a relay's stream) exactly as a connection accepted on the
+        listener: the same checks, the same log."""
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=HEAD_LIMIT)
+        await self._handle(reader, writer)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         started = time.monotonic()
