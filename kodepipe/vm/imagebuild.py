@@ -50,8 +50,10 @@ KERNEL_PACKAGE = "linux-image-amd64"
 # is what kp-run derives its profile from).  Installed with the kernel, by apt:
 # debootstrap's --include cannot choose between the providers of a virtual
 # package (containers-common's network stack).  No uidmap: kp-run gives
-# rootful Podman its id maps explicitly.
-CONTAINER_PACKAGES = ["podman"]
+# rootful Podman its id maps explicitly.  strace: kp-run --audit traces the
+# agent from the guest, outside its container (+3 MB).  The egress relay needs
+# only perl-base (Essential), which every Debian has.
+CONTAINER_PACKAGES = ["podman", "strace"]
 # Split out of systemd in bookworm; older suites have resolved inside systemd.
 RESOLVED_PACKAGE = "systemd-resolved"
 
