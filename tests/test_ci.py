@@ -1,7 +1,9 @@
 """.ci/run runs the README's two commands word for word (issue 9, item 2): the set-up with the test
 extra, the quickstart on its default path, the test command; the quickstart first, as on a fresh
 machine (it sets itself up), then the test command, stopping at the first
-failure, with each step's time on stderr.  Run here against stand-ins for the three steps."""
+failure, with each step's time on stderr.  Between the set-up and the suite it runs the lint the
+README's "Development" asks for: ruff, mypy and lint-imports (issue 11, item 8).  Run here against
+stand-ins for every step."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import pytest
 from tests.conftest import ROOT
 
 STEPS = ["./quickstart", "./setup --test", ".venv/bin/pytest"]
+LINT = [".venv/bin/ruff check kodepipe tests bench", ".venv/bin/mypy", ".venv/bin/lint-imports"]
+CI = [*STEPS[:2], *LINT, STEPS[2]]
 
 
 def readme_commands() -> list[str]:
@@ -26,7 +30,10 @@ def readme_commands() -> list[str]:
 def test_the_readme_and_ci_name_the_same_commands() -> None:
     assert sorted(readme_commands()) == sorted(STEPS)
     ci = (ROOT / ".ci" / "run").read_text()
-    assert re.findall(r"^step (.+)$", ci, re.M) == STEPS
+    assert re.findall(r"^step (.+)$", ci, re.M) == CI
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    for command in LINT:  # the README says CI runs them
+        assert f"`{command}`" in readme
     assert "set -euo pipefail" in ci
 
 
@@ -38,11 +45,11 @@ def test_the_quickstart_takes_the_default_accelerator() -> None:
 
 @pytest.fixture
 def checkout(tmp_path: Path) -> Path:
-    """A checkout whose three steps are stand-ins that log their arguments; ./quickstart fails if told to."""
+    """A checkout whose steps are stand-ins that log their arguments; each fails if told to (fail-NAME)."""
     (tmp_path / ".ci").mkdir()
     shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
-    for step in ("setup", "quickstart", ".venv/bin/pytest"):
+    for step in ("setup", "quickstart", *(f".venv/bin/{name}" for name in ("pytest", "ruff", "mypy", "lint-imports"))):
         script = tmp_path / step
         script.write_text(f'#!/bin/sh\necho "{step} $*" >> "$(dirname "$0")/{"../../" if "/" in step else ""}log"\n'
                           f'[ ! -e "$(dirname "$0")/{"../../" if "/" in step else ""}fail-{Path(step).name}" ]\n')
@@ -50,11 +57,13 @@ def checkout(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_ci_runs_the_three_steps_in_order(checkout: Path) -> None:
+def test_ci_runs_the_steps_in_order(checkout: Path) -> None:
     proc = subprocess.run(["bash", str(checkout / ".ci" / "run")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert (checkout / "log").read_text().splitlines() == ["quickstart ", "setup --test", ".venv/bin/pytest "]
-    for step in STEPS:
+    assert (checkout / "log").read_text().splitlines() == [
+        "quickstart ", "setup --test", ".venv/bin/ruff check kodepipe tests bench", ".venv/bin/mypy ",
+        ".venv/bin/lint-imports ", ".venv/bin/pytest "]
+    for step in CI:
         assert re.search(rf"ci: == {re.escape(step)}: exit 0 after \d+ s", proc.stderr), proc.stderr
     assert re.search(r"ci: passed in \d+ s", proc.stderr)
     assert proc.stdout == ""
@@ -66,4 +75,16 @@ def test_ci_stops_at_a_failing_quickstart(checkout: Path) -> None:
     assert proc.returncode == 1
     assert (checkout / "log").read_text().splitlines() == ["quickstart "]
     assert re.search(r"ci: == \./quickstart: exit 1 after \d+ s", proc.stderr), proc.stderr
+    assert "passed" not in proc.stderr
+
+
+@pytest.mark.parametrize("failing", LINT)
+def test_ci_stops_at_a_failing_lint_step_before_the_suite(checkout: Path, failing: str) -> None:
+    (checkout / f"fail-{Path(failing.split()[0]).name}").touch()
+    proc = subprocess.run(["bash", str(checkout / ".ci" / "run")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    ran = (checkout / "log").read_text().splitlines()
+    assert ran[-1].startswith(failing) and not any(line.startswith(".venv/bin/pytest") for line in ran), ran
+    assert len(ran) == 3 + LINT.index(failing)
+    assert re.search(rf"ci: == {re.escape(failing)}: exit 1 after \d+ s", proc.stderr), proc.stderr
     assert "passed" not in proc.stderr
