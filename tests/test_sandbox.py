@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kodepipe.container import sandbox, seccomp
+from kodepipe.container import policy, sandbox, seccomp
 from kodepipe.core import units
 from kodepipe.core.errors import BadInput
 
@@ -104,11 +104,12 @@ def test_scan_finds_masks_credentials_and_setuid(tmp_path: Path) -> None:
 def test_secret_and_size_parsing(tmp_path: Path) -> None:
     f = tmp_path / "tok"
     f.write_text("t")
-    assert sandbox.check_secret(str(f)) == (f, "/run/secrets/tok")
-    assert sandbox.check_secret(f"{f}:/etc/tok") == (f, "/etc/tok")
-    for bad in (f"{f}:/workspace/tok", f"{f}:/proc/x", f"{f}:rel", str(tmp_path / "missing")):
-        with pytest.raises(BadInput):
-            sandbox.check_secret(bad)
+    regular = policy.SecretFile(str(f), True)
+    assert policy.secret_dest(str(f), regular) == ("/run/secrets/tok", None)
+    assert policy.secret_dest(f"{f}:/etc/tok", regular) == ("/etc/tok", None)
+    for bad in (f"{f}:/workspace/tok", f"{f}:/proc/x", f"{f}:rel", f"{f}:/etc/hosts"):
+        assert policy.secret_dest(bad, regular)[0] is None
+    assert "not a readable regular file" in str(policy.secret_dest(str(f), policy.SecretFile(str(f), False))[1])
     assert units.parse_size("2g") == 2 << 30 and units.parse_size("512M") == 512 << 20
     with pytest.raises(BadInput):
         units.parse_size("lots")

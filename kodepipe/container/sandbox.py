@@ -49,10 +49,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# the policy's defaults (policy.py), which this module renders
+from kodepipe.container.policy import AGENT_UID as AGENT_UID
+from kodepipe.container.policy import DEFAULT_MASKS as DEFAULT_MASKS
+from kodepipe.container.policy import NOFILE, NPROC
+from kodepipe.container.policy import WORKSPACE as WORKSPACE
+from kodepipe.container.policy import Limits as Limits
+from kodepipe.container.policy import Quotas as Quotas
 from kodepipe.core import fdtree
 from kodepipe.core.errors import BadInput
 
-AGENT_UID = 1000
 ID_RANGE = 65536
 # host ids for the container's other uids: far above login users and the
 # ranges useradd hands out for rootless containers (100000 + 65536*n)
@@ -61,14 +67,7 @@ HOST_RANGE_START = 0x70000000
 # (root without sudo, on a root-owned workspace): owns nothing on the host
 FALLBACK_HOST_UID = HOST_RANGE_START + ID_RANGE
 
-WORKSPACE = "/workspace"
 HOME = "/tmp/home"
-SECRETS_DIR = "/run/secrets"
-DEFAULT_MASKS = (".env", ".env.*")
-NOFILE = 4096
-NPROC = 4096
-# a run may hold at most 1/QUOTA_SHARE of a host account's per-user kernel quotas
-QUOTA_SHARE = 8
 
 # file names that usually hold credentials: a warning if found in a workspace
 CREDENTIAL_GLOBS = (
@@ -79,63 +78,6 @@ CREDENTIAL_GLOBS = (
 # not walked when looking for masks and credentials: big, and never mounted apart
 SKIP_DIRS = {".git", "node_modules", ".venv", "venv", "__pycache__", ".tox", ".mypy_cache"}
 WALK_LIMIT = 2_000_000
-
-NETWORKS = ("none", "open")
-# capabilities a user may add back, one flag each (the rest are never useful to an agent)
-CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "NET_RAW",
-                "SETGID", "SETUID", "SETPCAP", "SYS_CHROOT", "AUDIT_WRITE", "MKNOD")
-FORBIDDEN_DESTS = ("/proc", "/sys", "/dev", WORKSPACE)
-
-
-@dataclass(frozen=True)
-class Limits:
-    memory: int  # bytes
-    cpus: float
-    pids: int
-    seconds: float  # wall time; 0 means none
-    tmpfs: int  # bytes of /tmp, counted against memory
-
-    def check(self) -> None:
-        if self.memory < 16 << 20:
-            raise BadInput("--memory must be at least 16m")
-        if not 0 < self.cpus <= 1024:
-            raise BadInput("--cpus must be a positive number")
-        if self.pids < 8:
-            raise BadInput("--pids must be at least 8")
-        if self.seconds < 0:
-            raise BadInput("--time must not be negative")
-        if not 1 << 20 <= self.tmpfs < self.memory:
-            raise BadInput("--tmp-size must be at least 1m and below --memory "
-                           "(tmpfs pages count against the memory limit)")
-
-    def record(self) -> dict[str, Any]:
-        return {"memory": self.memory, "cpus": self.cpus, "pids": self.pids,
-                "seconds": self.seconds or None, "tmpfs": self.tmpfs}
-
-
-@dataclass(frozen=True)
-class Quotas:
-    """Per-user kernel quotas: the host's (host_quotas), or one run's share of them."""
-
-    inotify_instances: int  # fs.inotify.max_user_instances
-    inotify_watches: int  # fs.inotify.max_user_watches
-    sigpending: int  # RLIMIT_SIGPENDING: signals queued with their data
-    msgqueue: int  # RLIMIT_MSGQUEUE: bytes of POSIX message queues
-
-    def share(self, parts: int = QUOTA_SHARE) -> Quotas:
-        """One run's part of these quotas (at least one of each)."""
-        return Quotas(*(max(1, v // parts) for v in (self.inotify_instances, self.inotify_watches,
-                                                      self.sigpending, self.msgqueue)))
-
-    def userns_sysctls(self) -> dict[str, int]:
-        """/proc/sys/user/NAME values for the container's own user namespace.  No user
-        namespaces at all: seccomp already refuses them; this is the second lock."""
-        return {"max_inotify_instances": self.inotify_instances, "max_inotify_watches": self.inotify_watches,
-                "max_user_namespaces": 0}
-
-    def record(self) -> dict[str, int]:
-        return {"inotify_instances": self.inotify_instances, "inotify_watches": self.inotify_watches,
-                "sigpending": self.sigpending, "msgqueue": self.msgqueue}
 
 
 # Linux's own defaults (inotify: 128 instances, 8192 watches on small machines; a message
@@ -481,14 +423,10 @@ def scan(root: Path | int, masks: Iterable[str]) -> tuple[list[str], list[str], 
 
 def check_secret(spec: str) -> tuple[Path, str]:
     """FILE[:DEST] -> (file, absolute destination in the container)."""
-    src, sep, dest = spec.partition(":")
-    path = Path(src).expanduser()
-    if not path.is_file():
-        raise BadInput(f"--secret {src}: not a readable regular file")
-    if not sep:
-        dest = f"{SECRETS_DIR}/{path.name}"
-    dest = os.path.normpath(dest)
-    if not dest.startswith("/") or any(dest == d or dest.startswith(d + "/") for d in FORBIDDEN_DESTS):
-        raise BadInput(f"--secret {spec}: the destination must be an absolute path outside "
-                       f"{', '.join(FORBIDDEN_DESTS)}")
+    from kodepipe.container.policy import SecretFile, secret_dest
+
+    path = Path(spec.partition(":")[0]).expanduser()
+    dest, why = secret_dest(spec, SecretFile(str(path), path.is_file()))
+    if dest is None:
+        raise BadInput(why or f"--secret {spec}: no destination")
     return path, dest
