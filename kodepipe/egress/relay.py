@@ -150,11 +150,20 @@ class Relay:
             except (OSError, EOFError) as exc:
                 data = b""
                 self.reason = self.reason or f"the relay's channel failed: {exc}"
+            handled: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+            def handle(data: bytes = data, handled: concurrent.futures.Future[None] = handled) -> None:
+                try:
+                    self._received(data)
+                finally:
+                    handled.set_result(None)
+
             try:  # one chunk at a time: the guest cannot queue more here than the loop has taken
-                asyncio.run_coroutine_threadsafe(self._received(data), loop).result()
-            except (RuntimeError, asyncio.CancelledError, concurrent.futures.CancelledError):
-                self._end("the proxy stopped")
+                loop.call_soon_threadsafe(handle)
+            except RuntimeError:  # the proxy's loop is closed: so is the session
+                self.done.set()
                 return
+            handled.result()
             if not data:
                 return
 
@@ -183,7 +192,7 @@ class Relay:
 
     # -- the session, on the proxy's loop ---------------------------------------------------------
 
-    async def _received(self, data: bytes) -> None:
+    def _received(self, data: bytes) -> None:
         if self.done.is_set():
             return
         if not data:
