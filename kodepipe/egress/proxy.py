@@ -2,6 +2,8 @@
 
 The sockets and lookups live here; the policy (kodepipe.egress.policy) and the parsing of what a
 sandbox sends (kodepipe.egress.wire) are pure modules of their own.
+A sandbox whose namespace kodepipe cannot enter from here (a container inside a VM) reaches the
+same Proxy through relay.pl in that namespace and kodepipe.egress.relay (Proxy.serve, answer_dns).
 
 A container run with ``--allow`` still has no network of its own: its
 network namespace holds only ``lo``.  kp-run creates two sockets *inside*

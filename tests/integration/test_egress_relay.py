@@ -27,7 +27,7 @@ from kodepipe.egress import mux, relay
 from kodepipe.egress import policy as egress_policy
 from kodepipe.egress import proxy as egress
 from tests import httpd
-from tests.test_egress import Origin, ask, decisions, https_get, tunnel
+from tests.test_egress import Origin, ask, decisions, https_get, non_loopback_ipv4, resolving_to, tunnel
 
 pytestmark = pytest.mark.integration
 
@@ -212,6 +212,40 @@ def test_allowed_names_pass_through_the_relay_and_nothing_else_does(through: Rel
     assert "not on the allowlist" in log[2]["reason"] and "raw IP" in log[3]["reason"]
     assert "forbidden" in log[4]["reason"] and log[5]["sni"] == "evil.test"
     assert all(d["container"] == "c1" for d in log)
+
+
+def test_names_that_lead_to_the_hosts_loopback_or_own_addresses_are_refused_through_the_relay(
+        netns: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's refusals hold for the relay's streams: an allowed name that resolves to loopback
+    (unpinned) or to one of the host's own addresses is refused, over HTTP, CONNECT and DNS."""
+    import dns.message
+    import dns.rcode
+
+    own = non_loopback_ipv4()
+    seen: list[dict[str, Any]] = []
+    with httpd.origin("0.0.0.0", "host service", seen=seen) as port:  # noqa: S104 - every address of the host
+        resolving_to(monkeypatch, "sneaky.test", "127.0.0.1")
+        resolving_to(monkeypatch, "own.test", own)
+        with relayed(netns, tmp_path, [f"sneaky.test:{port}", f"own.test:{port}"], []) as running:
+            def attempts() -> list[bytes]:
+                replies = [ask(3128, f"GET http://{name}:{port}/x HTTP/1.1\r\n\r\n".encode())
+                           for name in ("sneaky.test", "own.test")]
+                replies += [ask(3128, f"CONNECT {name}:{port} HTTP/1.1\r\n\r\n".encode())
+                            for name in ("sneaky.test", "own.test")]
+                for name in ("sneaky.test", "own.test"):
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                        s.settimeout(WAIT)
+                        s.sendto(dns.message.make_query(name, "A").to_wire(), ("127.0.0.1", 53))
+                        replies.append(dns.rcode.to_text(dns.message.from_wire(s.recv(4096)).rcode()).encode())
+                return replies
+
+            replies = in_netns(running.pid, attempts)
+    assert [r[:12] for r in replies] == [b"HTTP/1.1 403"] * 4 + [b"REFUSED"] * 2
+    assert seen == []
+    log = decisions(running.log)
+    assert [d["decision"] for d in log] == ["deny"] * 6
+    assert ["loopback" in d["reason"] for d in log] == [True, False, True, False, True, False]
+    assert ["this host's own" in d["reason"] for d in log] == [False, True, False, True, False, True]
 
 
 def test_dns_through_the_relay_answers_only_allowed_names(through: Relayed) -> None:
