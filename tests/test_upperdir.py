@@ -214,6 +214,19 @@ def test_long_names_in_pax_and_gnu_headers_and_a_ustar_prefix(dest: Path) -> Non
     assert (dest / "u" / ("p" * 60) / ("q" * 90)).read_bytes() == b"ustar"
 
 
+def test_receive_names_the_upper_dir_only_once_the_whole_stream_was_taken(dest: Path) -> None:
+    upper, done = upperdir.receive(dest, tar(d("./", mode=0o755), f("./a", b"x")), owner=OWNER)
+    assert upper == dest / "upper" and (upper / "a").read_bytes() == b"x" and done.counts["file"] == 1
+    assert sorted(os.listdir(dest)) == ["upper"] and stat.S_IMODE(upper.stat().st_mode) == 0o755
+    with pytest.raises(KpError, match="already exists"):
+        upperdir.receive(dest, tar(), owner=OWNER)
+    other = dest / "other"
+    other.mkdir()
+    with pytest.raises(Truncated):
+        upperdir.receive(other, io.BytesIO(tar(f("./a", b"x")).getvalue()[:700]), owner=OWNER)
+    assert os.listdir(other) == ["upper.incoming"]  # never an upper dir to review; kp-rm removes it
+
+
 # --- hostile names ---------------------------------------------------------------------------
 
 

@@ -64,8 +64,9 @@ deep), never through a path string, with no recursion:
   bytes of file data written (``MAX_BYTES``; hard link copies count again),
   bytes of one file (``MAX_FILE_BYTES``), and bytes of extended headers
   (``Caps.meta``).  A size is checked as declared, before any of its data
-  is read, so a huge declared size with a short body is refused at once.
-  Past a cap: ``TooLarge`` (``upper_too_large``).
+  is read: one past a cap is refused at once, and one within them whose
+  body is short is a truncated stream.  Past a cap: ``TooLarge``
+  (``upper_too_large``).
 
 Failures are ``KpError``s with these codes, for the run's record (a failed
 extraction fails the run: kp-run exits 1):
@@ -75,7 +76,9 @@ tar failed or the connection dropped), ``upper_too_large``,
 that fails.  On any of them the destination is left as far as it got: not
 an upper dir to review (the caller must not record it as one), but a tree
 that ``state.remove_tree`` (kp-rm) removes, however deep, as it is made
-only of ordinary entries.
+only of ordinary entries.  ``receive(folder, ...)`` does that part for a
+run's folder: it extracts into ``folder/upper.incoming`` and renames it to
+``folder/upper`` only once the whole stream was taken.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ import os
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kodepipe.container import quarantine
 from kodepipe.container.quarantine import UnsupportedOverlay, show
@@ -92,7 +96,7 @@ from kodepipe.container.tarstream import Member, Reader, Refused, Stream, TooLar
 from kodepipe.core.errors import KpError
 from kodepipe.core.fdtree import DIR_FLAGS, Cursor, Unreachable
 
-__all__ = ["Caps", "Extracted", "Refused", "TooLarge", "Truncated", "UnsupportedOverlay", "extract"]
+__all__ = ["Caps", "Extracted", "Refused", "TooLarge", "Truncated", "UnsupportedOverlay", "extract", "receive"]
 
 TRUSTED_PREFIX = b"trusted.overlay."
 USER_PREFIX = b"user.overlay."
@@ -154,6 +158,27 @@ def extract(stream: Stream, dest_dir_fd: int, caps: Caps | None = None, *, owner
     reader = Reader(stream, max_meta=caps.meta)
     with Cursor(dest_dir_fd) as cursor:
         return _Extractor(reader, cursor, dest_dir_fd, caps, (uid, gid), prefix).run()
+
+
+UPPER, INCOMING = "upper", "upper.incoming"
+
+
+def receive(folder: Path, stream: Stream, caps: Caps | None = None, *, owner: tuple[int, int],
+            prefix: bytes = TRUSTED_PREFIX) -> tuple[Path, Extracted]:
+    """Extract into ``folder/upper.incoming`` (made here, 0700 until the stream's top directory sets
+    its mode), then rename it to ``folder/upper``: a run's folder has an upper dir only if the
+    whole stream was taken.  On a failure the incoming dir stays for kp-rm.  Returns the upper dir."""
+    upper, incoming = folder / UPPER, folder / INCOMING
+    if os.path.lexists(upper):
+        raise KpError(f"{upper} already exists: refusing to receive another upper dir over it", code="exists")
+    os.mkdir(incoming, 0o700)
+    fd = os.open(incoming, DIR_FLAGS)
+    try:
+        done = extract(stream, fd, caps, owner=owner, prefix=prefix)
+    finally:
+        os.close(fd)
+    os.rename(incoming, upper)
+    return upper, done
 
 
 class _Extractor:
