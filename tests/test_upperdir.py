@@ -583,7 +583,7 @@ def put(root: Path, rel: str, content: bytes = b"", mode: int = 0o644) -> None:
 def test_a_real_upper_tarred_by_gnu_tar_and_extracted_reviews_the_same(dest: Path, tmp_path: Path) -> None:
     lower = tmp_path / "lower"
     for rel in ("f", "same", "gone1", "gone2", "gone3", "old-name", "chmodded", "d/a", "d/sub/b", "e/keep",
-                "e/old", "p", "q/z", "r/inside", "deep/1/2/3/x", f"{NOT_UTF8}/in"):
+                "e/old", "p", "q/z", "r/inside", "deep/1/2/3/x", f"{NOT_UTF8}/in", "mvdir/sub/y"):
         put(lower, rel, rel.encode("utf-8", "surrogateescape"))
     os.symlink("f", lower / "t")
     with overlay(tmp_path) as (_, upper, m):
@@ -602,6 +602,7 @@ def test_a_real_upper_tarred_by_gnu_tar_and_extracted_reviews_the_same(dest: Pat
         put(m, "p/inner", b"i")
         put(m, "q", b"now a file")
         os.chmod(m / "r", 0o700)
+        subprocess.run(["mv", m / "mvdir", m / "moved"], check=True)  # redirect_dir=off: EXDEV, mv copies
         put(m, "setuid", b"#!/bin/sh\n", 0o4755)
         os.link(m / "setuid", m / "hardlinked")
         os.mkfifo(m / "fifo")
@@ -623,6 +624,7 @@ def test_a_real_upper_tarred_by_gnu_tar_and_extracted_reviews_the_same(dest: Pat
     assert [c.as_dict() for c in copy] == [c.as_dict() for c in original]
     assert q.findings(copy) == q.findings(original)
     assert {c.path for c in original} >= {"e/old", "gone1", "hardlinked", "setuid", "fifo", "t", "newdir/a/b",
+                                          "mvdir/sub/y", "moved/sub/y",
                                           f"new-{NOT_UTF8}\nname", "deep/1/2/3/x"}
     assert entries(dest) == entries(upper)  # types, modes, contents, targets, mtimes, opaque markers
     assert owners(dest) == {OWNER}
