@@ -92,20 +92,97 @@ def _exit_statuses() -> str:
     return "\n".join(f".TP\n.B {code}\n{esc(text)}" for code, text in errors.EXIT_STATUSES)
 
 
-ENVIRONMENT = [
-    ("KODEPIPE_STATE_DIR", "where images and VMs live (default $XDG_DATA_HOME/kodepipe, "
-                           "else ~/.local/share/kodepipe)"),
-    ("KODEPIPE_RUNTIME_DIR", "control sockets and pid files (default $XDG_RUNTIME_DIR/kodepipe, "
-                             "else /tmp/kodepipe-UID); keep it short, socket paths are limited to 107 bytes"),
-    ("KODEPIPE_CACHE_DIR", "downloaded packages and logs of failed builds (default $XDG_CACHE_HOME/kodepipe, "
-                           "else ~/.cache/kodepipe)"),
-    ("KODEPIPE_CONFIG_DIR", "user configuration (default $XDG_CONFIG_HOME/kodepipe, else ~/.config/kodepipe)"),
-    ("NO_COLOR", "when set, messages and tables are never coloured"),
-]
+# What each environment variable the code reads means.  Which variables are listed comes from the
+# code (environment_names walks it): one read that is not here fails the generation, one here that
+# nothing reads fails it too, so the page says exactly what kodepipe reads.
+ENVIRONMENT = {
+    "KODEPIPE_STATE_DIR": "where images, VMs and runs live (default $XDG_DATA_HOME/kodepipe, "
+                          "else ~/.local/share/kodepipe)",
+    "KODEPIPE_RUNTIME_DIR": "control sockets and pid files (default $XDG_RUNTIME_DIR/kodepipe, "
+                            "else /tmp/kodepipe-UID); keep it short, socket paths are limited to 107 bytes",
+    "KODEPIPE_CACHE_DIR": "downloaded packages, seccomp profiles and logs of failed builds "
+                          "(default $XDG_CACHE_HOME/kodepipe, else ~/.cache/kodepipe)",
+    "KODEPIPE_CONFIG_DIR": "user configuration and profiles (default $XDG_CONFIG_HOME/kodepipe, "
+                           "else ~/.config/kodepipe)",
+    "XDG_DATA_HOME": "see KODEPIPE_STATE_DIR (used only when it is an absolute path)",
+    "XDG_RUNTIME_DIR": "see KODEPIPE_RUNTIME_DIR (used only when it is an absolute path)",
+    "XDG_CACHE_HOME": "see KODEPIPE_CACHE_DIR (used only when it is an absolute path)",
+    "XDG_CONFIG_HOME": "see KODEPIPE_CONFIG_DIR (used only when it is an absolute path)",
+    "KODEPIPE_PODMAN_URL": "kp-run: the Podman service to use (unix:///PATH); else CONTAINER_HOST, else "
+                           "kp-run starts its own",
+    "CONTAINER_HOST": "kp-run: the Podman service to use, when KODEPIPE_PODMAN_URL is not set",
+    "SUDO_UID": "run by root through sudo: the user whose uid the agent's files get (kp-run) and QEMU "
+                "runs as for a share of theirs (kp-boot)",
+    "SUDO_GID": "with SUDO_UID: that user's group",
+    "SUDO_USER": "kp-run by root through sudo: that user's home is refused as a workspace, like root's",
+    "TERM": "the terminal type given to kp-run -t and kp-ssh's interactive shell; \"dumb\" turns colour off",
+    "NO_COLOR": "when set, messages and tables are never coloured",
+    "KODEPIPE_TEST_STOP_AT": "for kodepipe's own tests only: kp-run stops itself at the named step",
+    "KODEPIPE_TEST_APPLY_PAUSE": "for kodepipe's own tests only: kp-run --apply pauses at the named step",
+}
+# names the walk finds that are not environment variables kodepipe reads (none yet)
+NOT_ENVIRONMENT: frozenset[str] = frozenset()
 
 
-def _environment() -> str:
-    return "\n".join(f".TP\n.B {name}\n{esc(text)}" for name, text in ENVIRONMENT)
+def _last_name(node: object) -> str:
+    """``environ`` of ``os.environ``, ``env`` of ``env``: what a mapping is called, or ""."""
+    import ast
+
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def environment_names(root: Path | None = None) -> set[str]:
+    """Every environment variable the code under ``root`` (the package) reads, found in its source:
+    a KODEPIPE_*, XDG_* or SUDO_* string anywhere, and any NAME read as ``environ.get("NAME")``,
+    ``environ["NAME"]``, ``"NAME" in environ``, ``getenv("NAME")``, or from a tuple of names a loop
+    over reads (``for var in ("A", "B"): environ.get(var)``)."""
+    import ast
+
+    root = root or Path(__file__).resolve().parent
+    name = re.compile(r"[A-Z][A-Z0-9_]*")
+    ours = re.compile(r"(KODEPIPE|XDG|SUDO)_[A-Z0-9_]+")
+    found: set[str] = set()
+
+    def constants(node: ast.AST) -> list[str]:
+        items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+        return [i.value for i in items if isinstance(i, ast.Constant) and isinstance(i.value, str)
+                and name.fullmatch(i.value)]
+
+    for path in sorted(root.rglob("*.py")):
+        if path.resolve() == Path(__file__).resolve():
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and ours.fullmatch(node.value):
+                found.add(node.value)
+            elif isinstance(node, ast.Call) and node.args and (
+                    (isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                     and "env" in _last_name(node.func.value).lower())
+                    or (isinstance(node.func, ast.Attribute) and node.func.attr == "getenv")
+                    or (isinstance(node.func, ast.Name) and node.func.id == "getenv")):
+                found.update(constants(node.args[0]))
+            elif isinstance(node, ast.Subscript) and "environ" in ast.unparse(node.value):
+                found.update(constants(node.slice))
+            elif isinstance(node, ast.Compare) and any("environ" in ast.unparse(c) for c in node.comparators):
+                found.update(constants(node.left))
+            elif isinstance(node, ast.For) and "environ" in ast.unparse(node):
+                found.update(constants(node.iter))
+    return found - NOT_ENVIRONMENT
+
+
+def _environment(test_hooks: bool = False) -> str:
+    """The ENVIRONMENT section; the hooks of kodepipe's own tests only in kodepipe(7)."""
+    return "\n".join(f".TP\n.B {name}\n{esc(text)}" for name, text in ENVIRONMENT.items()
+                     if test_hooks or not name.startswith("KODEPIPE_TEST_"))
+
+
+def check_environment(root: Path | None = None) -> None:
+    """Raise if the code reads a variable ENVIRONMENT does not explain, or ENVIRONMENT lists one it does not read."""
+    found = environment_names(root)
+    unexplained, unread = sorted(found - ENVIRONMENT.keys()), sorted(ENVIRONMENT.keys() - found)
+    if unexplained or unread:
+        raise ValueError(f"docgen.ENVIRONMENT: say what these mean: {unexplained}; nothing reads these: {unread}")
 
 
 CONTRACT = r"""
@@ -158,78 +235,11 @@ letter or digit.  Images and VMs share one namespace.  Anything else
 (\fB../x\fR, \fB\-rf\fR, an empty name, unicode) is refused before any side
 effect: on the command line with status 2, in a record with status 65.
 .SH KINDS
-.TP
-.B image
-a golden VM image: \fBstate\fR is \fBbuilding\fR, \fBready\fR or
-\fBbroken\fR; \fBdisk\fR, \fBkernel\fR, \fBinitrd\fR, \fBcmdline\fR,
-\fBsuite\fR, \fBmirror\fR, \fBuser\fR, \fBpackages\fR, \fBssh_keys\fR
-(fingerprints), \fBclones\fR (from kp\-ls).
-.TP
-.B vm
-a clone: \fBstate\fR is \fBcreating\fR, \fBstopped\fR, \fBbroken\fR or
-one of the running states below; \fBbase\fR and
-\fBbase_id\fR (the image it is an overlay on), \fBdisk\fR.
-.PP
-Every kind has \fBpath\fR (its folder in the state directory),
-\fBcreated\fR, and, when broken, \fBproblem\fR (why).  kp\-ls adds
-\fBdisk_bytes\fR (space used); kp\-rm adds \fBremoved\fR, and \fBkept\fR
-(why) for what a pipe does not remove: golden images, un\-applied
-quarantines, audit and egress logs, unless it is named or a flag allows it.
+{kinds}
 .SH STATES
 {states}
 .SH ERROR CODES
-.TP
-.B bad_input, bad_name
-a record field is missing, of the wrong type, or not a valid name
-.TP
-.B exists
-the name is taken
-.TP
-.B not_found, base_missing, stale_record
-the thing named is not there, or is not the one the record named
-.TP
-.B base_not_ready
-the image is still building, or broken
-.TP
-.B in_use
-an image that clones still use (kp\-rm \-\-force overrides)
-.TP
-.B not_running, suspended, frozen
-the VM cannot answer now: it is not running, kodepipe suspended it, or its
-QEMU is alive but runs no guest code (state \fBfrozen\fR); the message says
-why and what to do (often \fBkp\-stop \-\-resume\fR)
-.TP
-.B busy
-another kodepipe command holds the name's lock
-.TP
-.B command_failed
-an external program failed; the message has its command line and output
-.TP
-.B conflict
-kp\-run \-\-apply: the checkout changed where the quarantined changes would
-land (a host edit, or another apply to the same workspace); nothing was
-changed (\-\-force overrides)
-.TP
-.B no_space
-a disk is full (ENOSPC): the message names the file or workspace; nothing
-half\-written is left behind; free some space and run the command again (a
-kp\-run \-\-apply stopped half\-way is then finished)
-.TP
-.B audit_incomplete
-kp\-run \-\-audit: strace ended before the container did; the record's
-\fBaudit_problem\fR says why, and kp\-run stopped the container
-.TP
-.B engine_lost
-the Podman service stopped answering during a kp\-run; the message says
-what became of the container (\fBcontainer_removed\fR)
-.TP
-.B guest_agent_bad_reply
-the guest agent answered with something its protocol does not allow (not
-UTF\-8 JSON, a line over 16 MiB, a field missing or of the wrong type, a list
-over 1024 entries): the guest is broken or hostile, and retrying will not help
-.TP
-.B missing_program, no_permission, timeout
-as the exit statuses below
+{codes}
 .SH EXIT STATUS
 {exits}
 .SH FILES
@@ -288,14 +298,57 @@ def threats_section(readme: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _kinds() -> str:
+    """KINDS: each kind of record, who writes it, its keys and their JSON types (core/schema.py)."""
+    from kodepipe.core import schema
+    from kodepipe.inventory import KINDS as OBJECTS
+
+    common = set.intersection(*(set(schema.keys(kind)) for kind in OBJECTS)) - {"kind", "state"}
+    out = ["Each kind's keys and their JSON types (a key may be absent unless the kind needs it; a "
+           "stage adds keys of its own and passes on every key it does not know):"]
+    for kind, spec in schema.KINDS.items():
+        described = schema.keys(kind)
+        shown = {k: v for k, v in described.items() if k != "kind" and not (kind in OBJECTS and k in common)}
+        if spec.states:
+            shown["state"] = "see STATES"
+        out += [f".TP\n.B {esc(kind)}\n{esc(spec.meaning)}; written by {esc(', '.join(spec.written_by))}.",
+                ".br\n" + ", ".join(f"\\fB{esc(key)}\\fR ({esc(text)})" for key, text in shown.items()) + "."]
+    keys = ", ".join(f"\\fB{esc(key)}\\fR ({esc(schema.keys('vm')[key])})" for key in sorted(common))
+    out.append(f".PP\nRecords of {esc(', '.join(OBJECTS))} (what kp\\-ls lists) also have: {keys}.  "
+               "\\fBpath\\fR is its folder in the state directory; \\fBproblem\\fR says why it is broken, "
+               "orphaned or frozen, and \\fBhint\\fR what to do; kp\\-ls adds \\fBdisk_bytes\\fR (space "
+               "used); kp\\-rm adds \\fBremoved\\fR, and \\fBkept\\fR (why) for what a pipe does not "
+               "remove: golden images, un\\-applied quarantines, audit and egress logs, unless it is named "
+               "or a flag allows it.")
+    return "\n".join(out)
+
+
+def _states() -> str:
+    """STATES: per kind, each state a record can carry and what it means (core/schema.py)."""
+    from kodepipe.core import schema
+
+    out = []
+    for kind, spec in schema.KINDS.items():
+        if spec.states is None:
+            continue
+        out.append(f".SS {esc(kind)}")
+        out += [f".TP\n.B {esc(state)}\n{esc(state.meaning)}" for state in spec.states]
+    return "\n".join(out)
+
+
+def _codes() -> str:
+    """ERROR CODES: every member of the catalogue (errors.Code), its meaning and exit status."""
+    return "\n".join(f".TP\n.B {esc(code)}\n{esc(code.meaning)} (exit {code.status})" for code in errors.Code)
+
+
 def contract_page() -> str:
     see_also = ", ".join(f"\\fB{esc(p)}\\fR(1)" for p in COMMANDS) + ", \\fBjq\\fR(1)"
-    from kodepipe.inventory import STATES
-
-    states = "\n".join(f".TP\n.B {esc(state)}\n{esc(meaning)}" for state, meaning in STATES.items())
+    check_environment()
     threats = threats_section(README.read_text()) if README.exists() else ""
     return CONTRACT.lstrip("\n").format(date=DATE, version=__version__, exits=_exit_statuses(),
-                                        env=_environment(), see_also=see_also, states=states, threats=threats)
+                                        env=_environment(test_hooks=True), see_also=see_also, kinds=_kinds(),
+                                        states=_states(),
+                                        codes=_codes(), threats=threats)
 
 
 EVENTS = r"""

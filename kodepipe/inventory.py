@@ -10,33 +10,15 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 from kodepipe.container import folders
+from kodepipe.core import schema
 from kodepipe.core.errors import KpError, NotFound
 from kodepipe.core.records import NAME_RE, Record
 from kodepipe.core.state import Store, parse_iso
 from kodepipe.vm import images, vms
 
 KINDS = ("image", "vm", "container")
-# every state kp-ls can show, with its meaning (kp-ls --state, and kodepipe(7) is rendered from it)
-STATES = {
-    "creating": "being made, never broken: its creator (kp-clone) holds the name's lock, and kp-rm waits for "
-                "it to finish; or a container that its kp-run, still alive, is setting up",
-    "building": "an image that kp-image build is making",
-    "ready": "an image that can be cloned",
-    "stopped": "a VM that is not running (never booted, shut down, or the host rebooted)",
-    "running": "a VM whose QEMU runs, or a container whose kp-run runs",
-    "suspended": "a VM paused in memory (kp-stop --suspend; kp-stop --resume runs it again)",
-    "frozen": "a VM whose QEMU is alive but runs no guest code, and not by kp-stop --suspend: a kp-stop --save "
-              "cut off (QEMU's status postmigrate), a full disk or an I/O error (io-error), a pause outside "
-              "kodepipe, a guest panic; \"qemu_status\" is QEMU's own word, \"problem\" says why and \"hint\" "
-              "what to do (kp-stop --resume where QEMU allows it)",
-    "saved": "a VM whose RAM is saved to disk (kp-stop --save); kp-boot resumes it",
-    "crashed": "a VM whose QEMU exited without kp-stop",
-    "broken": "something kodepipe cannot use (a killed creation, a missing base or file); \"problem\" says "
-              "why, and kp-rm removes it",
-    "exited": "a container kept after its run (--keep, an audit or egress log)",
-    "quarantined": "a container whose changes wait for review (kp-run --apply, or kp-rm to discard them)",
-    "orphaned": "a container whose kp-run was killed; kp-rm removes what is left",
-}
+# every state kp-ls can show (kp-ls --state), with its meaning per kind: core/schema.py has them
+STATES = schema.listed_states()
 
 def view(store: Store, kind: str, name: str) -> Record:
     if kind == "container":

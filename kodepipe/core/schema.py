@@ -56,9 +56,10 @@ class VmState(_Described):
     stopped = "stopped", "not running (never booted, shut down, or the host rebooted)"
     running = "running", "its QEMU runs the guest"
     suspended = "suspended", "paused in memory (kp-stop --suspend, or the guest slept); kp-stop --resume runs it"
-    frozen = ("frozen", "its QEMU is alive but runs no guest code, and not by kp-stop --suspend (a cut-off save, "
-              "a full disk, an I/O error, a pause outside kodepipe, a guest panic): \"qemu_status\" is QEMU's "
-              "word, \"problem\" says why and \"hint\" what to do")
+    frozen = ("frozen", "its QEMU is alive but runs no guest code, and not by kp-stop --suspend: a kp-stop --save "
+              "cut off (QEMU's status postmigrate), a full disk or an I/O error (io-error), a pause outside "
+              "kodepipe, a guest panic; \"qemu_status\" is QEMU's own word, \"problem\" says why and \"hint\" "
+              "what to do (kp-stop --resume where QEMU allows it)")
     saved = "saved", "its RAM is saved to disk (kp-stop --save); kp-boot resumes it"
     crashed = "crashed", "its QEMU exited without kp-stop (see the serial log)"
     broken = "broken", _BROKEN + "; kp-rm removes it"
@@ -343,8 +344,6 @@ class EgressRecord(TypedDict, total=False):
     bytes_down: int
     dropped: int
     seconds: float
-    credential: str
-    lost: int
 
 
 class ResultRecord(TypedDict, total=False):
@@ -408,6 +407,22 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("summary", SummaryRecord, None, "one item of a trace's summary (kp-trace --summary)", ("kp-trace",)),
     Kind("egress", EgressRecord, None, "one decision of a run's egress proxy", ("kp-run's egress log", "kp-trace")),
 )}
+
+
+# what kp-ls can show: "gone" is only a refreshed record of something removed, and "applied" only
+# kp-run --apply's own record (its folder is removed)
+NOT_LISTED = frozenset({"gone", "applied"})
+
+
+def listed_states() -> dict[str, str]:
+    """Every state kp-ls can show (kp-ls --state), in the order of the kinds, each with its meaning
+    for every kind that has it ("image: ...; vm: ...")."""
+    meanings: dict[str, list[str]] = {}
+    for kind in ("image", "vm", "container"):
+        for state in KINDS[kind].states or ():
+            if state not in NOT_LISTED:
+                meanings.setdefault(str(state), []).append(f"{kind}: {state.meaning}")
+    return {state: "; ".join(said) for state, said in meanings.items()}
 
 
 # -- checking a record against its kind ------------------------------------------------------------
@@ -478,6 +493,10 @@ def _describe(hint: Any, plural: bool = False) -> str:
         return "arrays" if plural else "an array of " + _describe(typing.get_args(hint)[0], plural=True)
     if hint is None or hint is type(None):
         return "null"
+    if hint is ErrorObject:
+        return "error objects" if plural else "an error object"
+    if origin is dict and typing.get_args(hint)[1] is not Any:
+        return "objects" if plural else "an object of " + _describe(typing.get_args(hint)[1], plural=True)
     if origin is dict or typing.is_typeddict(hint) or hint is dict:
         return "objects" if plural else "an object"
     if hint is Any:
