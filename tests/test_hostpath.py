@@ -280,15 +280,19 @@ def test_read_only_in_place_refuses_an_entry_swapped_since_the_survey(tmp_path: 
 def test_the_vm_backend_reads_a_secret_as_the_host_does(tree: Path, tmp_path: Path) -> None:
     """kp-run in a VM sends secrets it read on the host: the same rules (no agent's symlink, regular files, a cap)."""
     from kodepipe.container import vmrun
+    from kodepipe.container.policy import SecretSpec
 
-    assert vmrun.read_secrets([(tree / "dir" / "deeper" / "file", "f")]) == [b"inside\n"]
+    def spec(src: Path) -> SecretSpec:
+        return SecretSpec(str(src), "/f", str(src))
+
+    assert vmrun.read_secrets([spec(tree / "dir" / "deeper" / "file")]) == [b"inside\n"]
     for src in (tree / "link-out", tree / "dirlink-out" / "secret"):
         with pytest.raises(BadInput, match="symbolic link"):
-            vmrun.read_secrets([(src, "f")])
+            vmrun.read_secrets([spec(src)])
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     with pytest.raises(BadInput, match="not a regular file"):
-        vmrun.read_secrets([(fifo, "f")])
+        vmrun.read_secrets([spec(fifo)])
     big = tmp_path / "big"
     big.write_bytes(b"x" * 2048)
     with pytest.raises(BadInput, match="larger than"):

@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 
-from kodepipe.container import engine, sandbox
+from kodepipe.container import engine
 from kodepipe.container import folders as containers
 from kodepipe.container import hostrun as launch
+from kodepipe.container.policy import Policy
 from kodepipe.core import proc
 from kodepipe.core.errors import KpError
 from kodepipe.core.state import Store, new_id, now_iso
+from tests import policies
 
 
 class FakeEngine:
@@ -67,10 +69,9 @@ def container_process() -> Iterator[subprocess.Popen[bytes]]:
 
 
 def job(eng: FakeEngine, said: list[str], *, cid: str | None = "c1d", keep: bool = False,
-        pid: int | None = None) -> launch.Run:
+        pid: int | None = None, audit: str | None = None) -> launch.Run:
     """A Run as start() leaves it: its folder and meta.json exist, a container was asked for."""
-    req = launch.Request(command=["true"], image="x", keep=keep,
-                         limits=sandbox.Limits(memory=1 << 30, cpus=1.0, pids=64, seconds=0, tmpfs=1 << 28))
+    req = policies.policy(keep=keep, audit=audit)
     run = launch.Run(Store(), req, lambda level, message: said.append(f"{level}: {message}"))
     run.folder = Store().folder("container", run.name)
     run.folder.mkdir(parents=True)
@@ -127,8 +128,8 @@ def test_engine_lost_is_reported_with_what_became_of_the_container(monkeypatch: 
         monkeypatch.setattr(launch.Run, "prepare", lambda self: None)
         monkeypatch.setattr(launch.Run, "start", lambda self, box, r=revives: _started(self, r))
         monkeypatch.setattr(launch.Run, "attached_run", attached_run)
-        req = launch.Request(command=["true"], image="x",
-                             limits=sandbox.Limits(memory=1 << 30, cpus=1.0, pids=64, seconds=0, tmpfs=1 << 28))
+        monkeypatch.setattr(launch, "refuse", lambda policy: None)  # as root
+        req = policies.policy()
         with pytest.raises(engine.EngineLost) as caught:
             launch.run(Store(), req, lambda level, message: None)
         assert caught.value.code == "engine_lost" and words in caught.value.message
@@ -156,8 +157,7 @@ def test_a_tracer_that_dies_stops_the_container_and_the_audit_says_so(
 
     monkeypatch.setattr(engine, "Engine", Podman)
     said: list[str] = []
-    run = job(FakeEngine(), said)
-    run.req.audit = "default"
+    run = job(FakeEngine(), said, audit="default")
     script = {"SIGKILL": "exec sleep 600", "exit 1": "echo 'strace: ptrace(PTRACE_SEIZE): no' >&2; exit 1",
               "exit 0": "exit 0"}[how]
     tracer = subprocess.Popen(["sh", "-c", script], stderr=subprocess.PIPE)
@@ -187,8 +187,7 @@ def test_a_tracer_that_dies_stops_the_container_and_the_audit_says_so(
 def test_a_tracer_ended_by_kp_run_itself_is_not_a_lost_audit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launch, "STRACE_END_WAIT", 0.2)
     said: list[str] = []
-    run = job(FakeEngine(), said)
-    run.req.audit = "default"
+    run = job(FakeEngine(), said, audit="default")
     tracer = subprocess.Popen(["sleep", "600"], stderr=subprocess.PIPE)  # a tracer that never ends by itself
     run.strace = tracer
     run.tracer_watch = threading.Thread(target=run._watch_tracer, args=(tracer,), daemon=True)
@@ -201,11 +200,12 @@ def test_a_tracer_ended_by_kp_run_itself_is_not_a_lost_audit(monkeypatch: pytest
 def test_kp_run_reports_an_incomplete_audit_as_a_failed_record(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.cli import invoke
 
-    def fake_run(store: Store, req: launch.Request, say: Any) -> tuple[dict[str, Any], int]:
+    def fake_run(store: Store, req: Policy, say: Any) -> tuple[dict[str, Any], int]:
         return ({"kind": "container", "name": "r", "id": "abc", "exit_code": 0, "audit": "incomplete",
                  "audit_problem": "strace (pid 1) was killed by SIGKILL while the container ran"}, 0)
 
     monkeypatch.setattr(launch, "run", fake_run)
+    monkeypatch.setattr(launch, "refuse", lambda policy: None)  # as root
     result = invoke("kp-run", "--image", "x", "--", "true")
     assert result.status == 1 and "Traceback" not in result.stderr
     (record,) = result.records
@@ -216,12 +216,13 @@ def test_kp_run_reports_an_incomplete_audit_as_a_failed_record(monkeypatch: pyte
 def test_kp_run_reports_a_lost_engine_without_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.cli import invoke
 
-    def fake_run(store: Store, req: launch.Request, say: Any) -> tuple[dict[str, Any], int]:
+    def fake_run(store: Store, req: Policy, say: Any) -> tuple[dict[str, Any], int]:
         lost = engine.EngineLost("the Podman service stopped answering; kp-run stopped and removed the container")
         lost.record = {"kind": "container", "name": "r", "id": "abc", "outcome": "engine-lost"}  # type: ignore
         raise lost
 
     monkeypatch.setattr(launch, "run", fake_run)
+    monkeypatch.setattr(launch, "refuse", lambda policy: None)  # as root
     result = invoke("kp-run", "--image", "x", "--", "true")
     assert result.status == 1 and "Traceback" not in result.stderr
     (record,) = result.records

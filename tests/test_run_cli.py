@@ -51,14 +51,54 @@ def test_dangerous_workspaces_are_refused_before_anything_starts(kp_env: dict[st
     assert not (kp_env["state"] / "containers").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to get past the root check")
-def test_conflicting_options_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_conflicting_options_are_usage_errors_before_the_root_check(
+        tmp_path: Path, euid: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same 2 for root and non-root (not 77 first, not 65 after it), each conflict named, nothing made."""
+    from kodepipe.container import gather
+
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    monkeypatch.setattr(gather, "_terminal", lambda tty: False)  # no terminal, whoever runs the tests
+    empty = tmp_path / "empty.rules"
+    empty.write_text("# nothing here\n")
     for args, words in [(["--quarantine", "--read-only-workspace", "-w", str(tmp_path)], "exclude each other"),
                         (["--quarantine"], "needs a --workspace"),
                         (["--allow", "a.test", "--net", "open"], "exclude each other"),
-                        (["--resolve", "a.test=1.2.3.4"], "only matters with --allow")]:
+                        (["--resolve", "a.test=1.2.3.4"], "only matters with --allow"),
+                        (["--allow-file", str(empty)], "no rule in it"),  # C7 (D5): it was silently no network
+                        (["--audit-mode", "full"], "--audit-mode only matter with --audit"),  # C8 (D3)
+                        (["--audit-cap", "1m"], "--audit-cap only matter with --audit"),
+                        (["--secret", f"{empty}:/etc/hosts"], "kodepipe's own"),
+                        (["--image", "--privileged"], "invalid image name"),  # D15: on every backend
+                        (["-t"], "-t needs a terminal")]:  # C16 (D14): before anything is created
         result = invoke("kp-run", "--image", "x", *args, "--", "true")
-        assert result.status == 65 and words in result.stderr, (args, result.stderr)
+        assert result.status == 2 and words in result.stderr, (args, result.stderr)
+        assert result.stdout == b""
+    result = invoke("kp-run", "--image", "x", "--quarantine", "--audit-mode", "full", "--name", "Bad", "--", "true")
+    assert result.status == 2 and all(words in result.stderr for words in
+                                      ("needs a --workspace", "--audit-mode only", "invalid container name"))
+
+
+def test_apply_takes_no_command_or_run_option() -> None:
+    """--apply NAME with a COMMAND or a run option was run as a plain --apply, the rest ignored (D2)."""
+    for args, words in [(["--apply", "r", "--", "make"], "drop COMMAND"),
+                        (["--apply", "r", "-w", "/tmp", "--quarantine"], "drop -w, --quarantine"),
+                        (["--apply", "r", "--net", "none"], "drop --net")]:
+        result = invoke("kp-run", *args)
+        assert result.status == 2 and "--apply takes no COMMAND and no run option" in result.stderr, result.stderr
+        assert words in result.stderr, (args, result.stderr)
+
+
+def test_a_profile_image_is_built_only_after_the_root_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kodepipe.container import profile
+
+    def build(*args: object, **kwargs: object) -> str:
+        raise AssertionError("an image was built before the root check")
+
+    monkeypatch.setattr(profile, "ensure_image", build)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    result = invoke("kp-run", "--", "true")
+    assert result.status == 77 and "sudo" in result.stderr
 
 
 def test_non_root_gets_77(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,8 +16,10 @@ import pytest
 
 from kodepipe.container import hostrun as launch
 from kodepipe.container import sandbox, vmrun
+from kodepipe.container.policy import Policy
 from kodepipe.core import proc
 from kodepipe.core.errors import BadInput, KpError
+from tests import policies
 from tests.cli import invoke
 
 LIMITS = sandbox.Limits(memory=512 << 20, cpus=1, pids=64, seconds=60, tmpfs=64 << 20)
@@ -34,11 +36,11 @@ def _host_images(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vmrun, "host_image_id", lambda tag: None)  # not the host's real store
 
 
-def request(**kw: Any) -> launch.Request:
+def request(**kw: Any) -> Policy:
     args: dict[str, Any] = {"command": ["bash", "-c", "echo hi"], "image": "localhost/kodepipe-shell:1",
                             "limits": LIMITS}
     args.update(kw)
-    return launch.Request(**args)
+    return policies.policy(**args)
 
 
 def probe(facts: dict[str, str]) -> bytes:
@@ -238,7 +240,7 @@ class FakeGuest:
         return [(c, i) for c, i in self.commands if fragment in c]
 
 
-def job(guest: FakeGuest, req: launch.Request | None = None, vm: dict[str, Any] | None = None
+def job(guest: FakeGuest, req: Policy | None = None, vm: dict[str, Any] | None = None
         ) -> tuple[vmrun.VmRun, list[bytes], list[tuple[str, str]]]:
     output: list[bytes] = []
     said: list[tuple[str, str]] = []
@@ -449,9 +451,9 @@ def test_an_interruption_removes_the_container_and_carries_the_record() -> None:
 
 
 def test_kp_run_runs_in_each_vm_record_and_passes_the_rest_through(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[tuple[str, launch.Request]] = []
+    seen: list[tuple[str, Policy]] = []
 
-    def fake(vm: dict[str, Any], req: launch.Request, say: Any) -> tuple[dict[str, Any], int]:
+    def fake(vm: dict[str, Any], req: Policy, say: Any) -> tuple[dict[str, Any], int]:
         seen.append((vm["name"], req))
         return {"kind": "container", "name": "run-x", "host": vm["name"], "exit_code": 0}, 0
 
@@ -467,14 +469,14 @@ def test_kp_run_runs_in_each_vm_record_and_passes_the_rest_through(monkeypatch: 
     assert [(r["kind"], r.get("host") or r["name"]) for r in result.records] == [
         ("image", "base"), ("vm", "a"), ("container", "a"), ("vm", "b"), ("container", "b")]
     assert [name for name, _ in seen] == ["a", "b"]
-    assert seen[0][1].workspace == Path("/srv/proj") and seen[0][1].command == ["make"]
+    assert seen[0][1].workspace == "/srv/proj" and seen[0][1].command == ("make",)
 
 
 def test_kp_run_never_falls_back_to_the_host_for_a_failed_vm(monkeypatch: pytest.MonkeyPatch) -> None:
     def host(*args: Any) -> None:
         raise AssertionError("ran on the host")
 
-    def failing(vm: dict[str, Any], req: launch.Request, say: Any) -> None:
+    def failing(vm: dict[str, Any], req: Policy, say: Any) -> None:
         exc = KpError("no podman there", code="no_podman")
         exc.record = {"kind": "container", "name": "run-y", "host": vm["name"]}  # type: ignore[attr-defined]
         raise exc

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from kodepipe.container import hostrun as launch
 from kodepipe.container import sandbox, vmrun
 from kodepipe.core.errors import BadInput
 from kodepipe.host import gitguard, hostpath
+from tests import policies
 from tests.test_vmrun import LIMITS, FakeGuest, job, request
 
 
@@ -239,7 +239,7 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     ({"interactive": True}, "-i/-t"),
     ({"tty": True}, "-i/-t"),
     ({"allow": ["pypi.org"]}, "--allow"),
-    ({"resolve": ["a=1.2.3.4"]}, "--resolve"),
+    ({"allow": ["a.test"], "resolve": ["a.test=1.2.3.4"]}, "--resolve"),
 ]
 
 
@@ -293,7 +293,7 @@ def test_the_seccomp_profile_is_the_hosts_function_on_the_guests_base() -> None:
     vmrun._run(run)
     ((_, written),) = guest.sent("idmapped-lower-dir-false")
     assert written == seccomp.render(SECCOMP)
-    assert launch.Request(command=[], image="x", limits=LIMITS).writable_git_config is False
+    assert policies.policy(limits=LIMITS).git_writable is False
 
 
 # -- --writable-git: the guarded entries of writable repositories ---------------------------------------

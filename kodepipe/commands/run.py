@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +9,7 @@ import click
 
 from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options
-
-CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "NET_RAW",
-        "SETGID", "SETUID", "SETPCAP", "SYS_CHROOT", "AUDIT_WRITE", "MKNOD")
+from kodepipe.container.policy import CAPABILITIES as CAPS
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
@@ -23,24 +20,6 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
     if value is not None and value.strip() in ("0", "none"):
         return 0.0
     return options.duration(ctx, param, value)
-
-
-def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
-    import os
-    import re
-
-    env: dict[str, str] = {}
-    for value in values:
-        name, sep, given = value.partition("=")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise click.BadParameter(f"{name!r} is not an environment variable name")
-        if sep:
-            env[name] = given
-        elif name in os.environ:
-            env[name] = os.environ[name]
-        else:
-            raise click.BadParameter(f"{name} is not set in kp-run's environment")
-    return env
 
 
 @click.command(context_settings={**options.CONTEXT, "allow_interspersed_args": False}, epilog=options.EPILOG)
@@ -82,7 +61,7 @@ def _env(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) ->
 @click.option("--cap-add", "cap_add", multiple=True, type=click.Choice(CAPS, case_sensitive=False),
               help="Give back one capability (repeatable; loosens the sandbox; recorded).")
 @click.option("--writable-root", is_flag=True, help="A writable root filesystem (loosens the sandbox; recorded).")
-@click.option("-e", "--env", "env", multiple=True, callback=_env, metavar="NAME",
+@click.option("-e", "--env", "env", multiple=True, metavar="NAME",
               help="Pass one environment variable by name (repeatable; recorded by name, never by value). "
                    "NAME=VALUE sets it.")
 @click.option("--secret", "secret_specs", multiple=True, metavar="FILE[:DEST]",
@@ -119,7 +98,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         profile: str | None, image: str | None, name: str | None, memory: int | None, cpus: float | None,
         pids: int | None, time_limit: float | None, tmp_size: int | None, network: str,
         allow: tuple[str, ...], allow_files: tuple[Path, ...], pins: tuple[str, ...], no_profile_allow: bool,
-        cap_add: tuple[str, ...], writable_root: bool, env: dict[str, str], secret_specs: tuple[str, ...],
+        cap_add: tuple[str, ...], writable_root: bool, env: tuple[str, ...], secret_specs: tuple[str, ...],
         masks: tuple[str, ...], no_default_masks: bool, writable_git_config: bool, interactive: bool, tty: bool,
         keep: bool, audit: bool,
         audit_mode: str, audit_cap: int | None, apply_names: tuple[str, ...], force: bool, verbose: bool | None,
@@ -205,6 +184,13 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     --audit, --keep, -i/-t and --allow (a profile's allowed domains too)
     are host-only for now: refused before anything is done in the VM.
 
+    Options that contradict each other (--quarantine with
+    --read-only-workspace or without -w, --allow with --net open,
+    --resolve or --audit-mode without what they refine, an --allow-file
+    with no rule, -t without a terminal, --apply with a COMMAND or run
+    options, ...) are a usage error (exit 2), all named at once, before
+    the root check and before anything is built or started.
+
     kp-run needs root (sudo): rootful Podman with an explicit user
     namespace is what enforces the limits on every host.  It starts its
     own Podman API service on demand (set KODEPIPE_PODMAN_URL to use
@@ -219,68 +205,48 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
       sudo kp-run --audit -w . -- pytest | kp-trace | jq 'select(.type=="net")'
       kp-clone base vm | kp-boot --share ~/code/proj | kp-ip | sudo kp-run -- make test
     """
+    from kodepipe.container import gather
+    from kodepipe.container import policy as pol
+    from kodepipe.core.errors import BadInput, KpError
     from kodepipe.core.state import Store
 
+    ctx = click.get_current_context()
+    opts = gather.options(ctx.params, gather.given_on_command_line(ctx))
     out = kpcli.Output("kp-run", verbose=verbose, quiet=quiet)
     store = Store()
     if apply_names:
+        conflicts = pol.apply_conflicts(opts)  # C2: nothing of a run goes with --apply
+        if conflicts:
+            raise click.UsageError("; ".join(conflicts))
         options.check_names([n for n in apply_names if n != "-"], "--apply")
         return _apply(out, store, apply_names, force)
-    if force:
-        raise click.UsageError("--force goes with --apply")
-    from kodepipe.audit import cap as auditcap
-    from kodepipe.container import hostrun, sandbox
-
-    if audit_cap is not None and audit_cap < auditcap.MINIMUM:
-        raise click.BadParameter(f"it must be at least {auditcap.MINIMUM >> 10}k", param_hint="'--audit-cap'")
-    from kodepipe.core.errors import BadInput, KpError
-    from kodepipe.core.records import check_name
-
+    # Every conflict first, as a usage error (2), for root and non-root alike, before the root check
+    # and before any image is built (gather reads, resolve decides; neither changes anything)
     try:
-        if name is not None:
-            check_name(name, "container name")
-        chosen = _profile(out, profile, image)
-        limits_in = {"memory": memory, "cpus": cpus, "pids": pids, "seconds": time_limit}
-        defaults = chosen["limits"]
-        mem = limits_in["memory"] or defaults["memory"]
-        limits = sandbox.Limits(memory=int(mem), cpus=float(cpus or defaults["cpus"]),
-                                pids=int(pids or defaults["pids"]),
-                                seconds=float(defaults["seconds"] if time_limit is None else time_limit),
-                                tmpfs=int(tmp_size or mem // 4))
-        limits.check()
-        secrets = [sandbox.check_secret(spec) for spec in secret_specs]
-        rules = ([] if no_profile_allow or network != "none" else list(chosen["allow"])) + list(allow)
-        if rules or allow_files or pins:
-            from kodepipe.egress import proxy as egress
-
-            for path in allow_files:
-                rules += egress.read_rules(path)
-            egress.Policy.build(rules, pins)  # refuse bad rules before anything starts
-    except BadInput as exc:
-        raise click.BadParameter(exc.message) from None
-    if not command and not chosen["command"]:
-        raise click.UsageError("give a COMMAND after --")
-    if not command and chosen["tty"] and not tty and sys.stdin.isatty() and sys.stdout.isatty():
-        tty = True  # an agent profile's own command on a terminal: it is an interactive program
-    mask_list = ([] if no_default_masks else list(sandbox.DEFAULT_MASKS)) + list(masks)
-    req = hostrun.Request(
-        command=list(command) or list(chosen["command"]), image=chosen["image"], limits=limits, name=name,
-        profile=chosen["profile"], workspace=workspace, read_only_workspace=read_only_workspace,
-        quarantine=quarantine, network=network, cap_add=[c.upper() for c in cap_add], writable_root=writable_root,
-        env={**chosen["env"], **env}, secrets=secrets, masks=mask_list, tty=tty, interactive=interactive or tty,
-        keep=keep, audit=audit_mode if audit else None, **({"audit_cap": audit_cap} if audit_cap else {}),
-        allow=list(dict.fromkeys(rules)), resolve=list(pins),
-        writable_git_config=writable_git_config)
+        prof = gather.profile(opts)
+        policy = pol.resolve(opts, prof, gather.config(opts, prof))
+    except pol.PolicyError as exc:
+        raise click.UsageError(exc.message) from None
+    except BadInput as exc:  # an unknown or broken profile
+        raise click.BadParameter(exc.message, param_hint="'-p' / '--profile'") from None
 
     def say(level: str, message: str) -> None:
         getattr(out, {"warn": "warn", "progress": "progress"}.get(level, "info"))(message)
 
-    if kpcli.stdin_is_piped() and not req.interactive and _in_vms(out, req, say, no_default_masks):
+    if kpcli.stdin_is_piped() and not policy.interactive and _in_vms(out, policy, prof, say):
         return out.status()
+    from kodepipe.container import hostrun
+
     if workspace is not None and not workspace.is_dir():
         raise click.BadParameter(f"Directory '{workspace}' does not exist.", param_hint="'-w' / '--workspace'")
     try:
-        record, status = hostrun.run(store, req, say)
+        hostrun.refuse(policy)  # root (77): after the conflicts, before the image is built
+    except KpError as exc:
+        out.fail({"kind": "container", "name": name}, exc)
+        return out.status()
+    policy = _built(out, policy, prof)
+    try:
+        record, status = hostrun.run(store, policy, say)
     except KpError as exc:
         record = getattr(exc, "record", {"kind": "container", "name": name})
         out.fail(record, exc)
@@ -288,8 +254,17 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     except BaseException as exc:
         _emit_interrupted(out, exc)
         raise
-    _report(out, record, status, no_default_masks)
+    _report(out, record, status)
     return out.status()
+
+
+def _built(out: kpcli.Output, policy: Any, prof: Any) -> Any:
+    """The policy with its image: the profile's, built now if missing, once a backend accepted the policy."""
+    if policy.image is not None:
+        return policy
+    from kodepipe.container import profile as profiles
+
+    return policy.with_image(profiles.ensure_image(prof, out))
 
 
 def _emit_interrupted(out: kpcli.Output, exc: BaseException) -> None:
@@ -299,12 +274,10 @@ def _emit_interrupted(out: kpcli.Output, exc: BaseException) -> None:
         out.emit({**partial, "error": {"code": "interrupted", "message": "kp-run was interrupted"}})
 
 
-def _report(out: kpcli.Output, record: dict[str, Any], status: int | None, no_default_masks: bool) -> None:
+def _report(out: kpcli.Output, record: dict[str, Any], status: int | None) -> None:
     """Say how a run ended and write its record (on the host or in a VM alike)."""
     from kodepipe.core import errors
 
-    if no_default_masks:
-        record.setdefault("loosened", []).append("no-default-masks")
     if status:
         out.statuses.add(errors.FAILED)
         if record.get("timed_out"):
@@ -324,7 +297,7 @@ def _report(out: kpcli.Output, record: dict[str, Any], status: int | None, no_de
     out.emit(record)
 
 
-def _in_vms(out: kpcli.Output, req: Any, say: Any, no_default_masks: bool) -> bool:
+def _in_vms(out: kpcli.Output, policy: Any, prof: Any, say: Any) -> bool:
     """Run the container inside each VM whose record arrives on stdin (from kp-ip), writing the vm
     record through and then the container's; other records pass through.  False if no vm record
     came: the run is then the host's."""
@@ -354,6 +327,11 @@ def _in_vms(out: kpcli.Output, req: Any, say: Any, no_default_masks: bool) -> bo
                 out.emit(line.record)
         out.error("nothing was run: stdin had bad input (see above)")
         return True
+    refused: KpError | None = None
+    try:  # what the VMs cannot honour is refused in each, before any image is built or anything done
+        vmrun.refuse_host_only(policy)
+    except KpError as exc:
+        refused = exc
     seen = False
     for line in lines:
         record = line.record
@@ -366,44 +344,21 @@ def _in_vms(out: kpcli.Output, req: Any, say: Any, no_default_masks: bool) -> bo
             out.error(f"{record.get('name')}: not run there: an earlier stage failed on it")
             out.statuses.add(errors.FAILED)
             continue
+        if refused is not None:
+            out.fail({"kind": "container", "name": policy.name, "host": record.get("name")}, refused)
+            continue
         try:
-            result, status = vmrun.run_in_vm(record, req, say)
+            policy = _built(out, policy, prof)
+            result, status = vmrun.run_in_vm(record, policy, say)
         except KpError as exc:
-            out.fail(getattr(exc, "record", {"kind": "container", "name": req.name, "host": record.get("name")}),
+            out.fail(getattr(exc, "record", {"kind": "container", "name": policy.name, "host": record.get("name")}),
                      exc)
             continue
         except BaseException as exc:
             _emit_interrupted(out, exc)
             raise
-        _report(out, result, status, no_default_masks)
+        _report(out, result, status)
     return seen
-
-
-DEFAULT_LIMITS = {"memory": 2 << 30, "cpus": 2.0, "pids": 512, "seconds": 7200.0}
-
-
-def _profile(out: kpcli.Output, name: str | None, image: str | None) -> dict[str, Any]:
-    """The image, default command, limits and environment of a profile (--image alone: no profile)."""
-    from kodepipe.core.units import parse_duration, parse_size
-
-    if image is not None and name is None:
-        return {"profile": None, "image": image, "command": [], "limits": dict(DEFAULT_LIMITS), "env": {},
-                "allow": [], "tty": False}
-    from kodepipe.container import profile as profiles
-
-    prof = profiles.load(name or "shell")
-    tag = image or profiles.ensure_image(prof, out)
-    env = {}
-    import os
-
-    for var in prof.env:
-        if var in os.environ:
-            env[var] = os.environ[var]
-    return {"profile": prof.name, "image": tag, "command": list(prof.command),
-            "limits": {"memory": parse_size(prof.memory), "cpus": prof.cpus, "pids": prof.pids,
-                       "seconds": parse_duration(prof.time) if prof.time not in ("0", "none") else 0.0},
-            "tty": prof.tty,
-            "env": env, "allow": list(prof.allow)}
 
 
 def _apply(out: kpcli.Output, store: Any, names: tuple[str, ...], force: bool) -> int:

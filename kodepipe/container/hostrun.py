@@ -22,12 +22,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kodepipe.audit import cap as auditcap
 from kodepipe.container import folders, sandbox
+from kodepipe.container.policy import Policy
 from kodepipe.core import paths, proc
 from kodepipe.core.errors import BadInput, KpError, NoPermission
 from kodepipe.core.records import Record
@@ -49,32 +49,13 @@ def _checkpoint(point: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-@dataclass
-class Request:
-    """What the user asked kp-run for, options already parsed."""
-
-    command: list[str]
-    image: str
-    limits: sandbox.Limits
-    name: str | None = None
-    profile: str | None = None
-    workspace: Path | None = None
-    read_only_workspace: bool = False
-    quarantine: bool = False
-    network: str = "none"
-    cap_add: list[str] = field(default_factory=list)
-    writable_root: bool = False
-    env: dict[str, str] = field(default_factory=dict)
-    secrets: list[tuple[Path, str]] = field(default_factory=list)
-    masks: list[str] = field(default_factory=lambda: list(sandbox.DEFAULT_MASKS))
-    tty: bool = False
-    interactive: bool = False
-    keep: bool = False
-    audit: str | None = None  # a kp-trace mode
-    audit_cap: int = auditcap.DEFAULT  # bytes of audit log, after which the run is stopped
-    allow: list[str] = field(default_factory=list)  # egress rules: the proxy is the only way out
-    writable_git_config: bool = False  # loosened (--writable-git): the workspace's git repositories writable
-    resolve: list[str] = field(default_factory=list)  # NAME=ADDRESS pins for the proxy
+def refuse(policy: Policy) -> None:
+    """What the host cannot do for this policy, before anything is built or started: run as non-root."""
+    if os.geteuid() != 0:
+        raise NoPermission(
+            "kp-run needs root (run it with sudo): it uses rootful Podman with a user namespace, the one "
+            "set-up that both enforces the limits and keeps workspace files owned by you",
+            hint="sudo kp-run ...; files the agent writes are still owned by you (SUDO_UID)")
 
 
 def new_name() -> str:
@@ -84,9 +65,13 @@ def new_name() -> str:
 class Run:
     """The state of one run in progress, so that clean-up knows what exists."""
 
-    def __init__(self, store: Store, req: Request, say: Callable[[str, str], None]) -> None:
-        self.store, self.req, self.say = store, req, say
-        self.name = req.name or new_name()
+    def __init__(self, store: Store, policy: Policy, say: Callable[[str, str], None]) -> None:
+        if policy.image is None:
+            raise RuntimeError("kp-run: the profile's image was not built")
+        self.store, self.policy, self.say = store, policy, say
+        self.image: str = policy.image
+        self.keep = policy.keep  # also set when the container could not be removed
+        self.name = policy.name or new_name()
         self.folder: Path | None = None
         self.meta: dict[str, Any] = {"kind": "container", "name": self.name}
         self.engine: Any = None
@@ -111,7 +96,7 @@ class Run:
         self.container_pid: int | None = None  # the container's first process, as the host sees it
         self.container_pid_start: int | None = None
         self.proxy: Any = None
-        self.policy: Any = None
+        self.egress: Any = None  # egress.Policy: the proxy's, when the policy has allow rules
         self.snapshot_before: Any = None  # crosscheck.Snapshot: an audited direct run's workspace, before it
 
     # -- preparing ------------------------------------------------------------
@@ -119,17 +104,9 @@ class Run:
     def prepare(self) -> sandbox.Sandbox:
         from kodepipe.container import engine, quarantine, seccomp
 
-        req = self.req
-        if os.geteuid() != 0:
-            raise NoPermission(
-                "kp-run needs root (run it with sudo): it uses rootful Podman with a user namespace, the one "
-                "set-up that both enforces the limits and keeps workspace files owned by you",
-                hint="sudo kp-run ...; files the agent writes are still owned by you (SUDO_UID)")
-        if req.quarantine and req.read_only_workspace:
-            raise BadInput("--quarantine and --read-only-workspace exclude each other")
-        if req.quarantine and req.workspace is None:
-            raise BadInput("--quarantine needs a --workspace")
-        ws = sandbox.check_workspace(req.workspace) if req.workspace is not None else None
+        policy = self.policy
+        refuse(policy)
+        ws = sandbox.check_workspace(Path(policy.workspace)) if policy.workspace is not None else None
         self.workspace = ws
         uid, gid, source = sandbox.invoker(ws)
         masked: list[str] = []
@@ -139,43 +116,39 @@ class Run:
             # everything in the workspace is found and opened from this fd, never through a symlink
             ws_fd = hostpath.open_workspace(ws)
             try:
-                masked, credentials, self.setuid_before = sandbox.scan(ws_fd, req.masks)
+                masked, credentials, self.setuid_before = sandbox.scan(ws_fd, policy.masks)
             except BaseException:
                 os.close(ws_fd)
                 raise
-            self.git = gitguard.Guard.survey(ws_fd, writable=req.writable_git_config,
-                                             direct=not req.quarantine and not req.read_only_workspace)
+            self.git = gitguard.Guard.survey(ws_fd, writable=policy.git_writable,
+                                             direct=not policy.quarantine and not policy.read_only_workspace)
             for warning in self.git.warnings(ws):
                 self.say("warn", warning)
             if credentials:
                 shown = ", ".join(credentials[:8]) + (" ..." if len(credentials) > 8 else "")
                 self.say("warn", f"the workspace holds files that look like credentials, and the agent can "
                                  f"read them: {shown} (hide them with --mask GLOB)")
-            if source == "nobody" and not req.read_only_workspace:
+            if source == "nobody" and not policy.read_only_workspace:
                 self.say("warn", f"{ws} belongs to root and kp-run was not started through sudo: the agent runs "
                                  f"as host uid {uid} and cannot write it (chown the workspace to its user, "
                                  "or run kp-run through sudo)")
-        if req.allow:
+        if policy.egress is not None:
             from kodepipe.egress import proxy as egress
 
-            if req.network != "none":
-                raise BadInput("--allow and --net open exclude each other: --allow is the only way out")
-            self.policy = egress.Policy.build(req.allow, req.resolve)
+            self.egress = egress.Policy.build(policy.egress.rules, policy.egress.pins)
             import resource
 
             # the proxy holds two descriptors per connection: use the whole hard limit
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             if soft < hard:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        elif req.resolve:
-            raise BadInput("--resolve only matters with --allow")
         seccomp_path = seccomp.ensure(paths.cache_dir() / "seccomp")
         self.engine = engine.Engine.connect(lambda m: self.say("progress", m))
 
         with self.store.lock(self.name):
             self.meta = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
-                         "state": "creating", "host": "local", "image": req.image, "profile": req.profile,
-                         "command": req.command, "workspace": str(ws) if ws else None,
+                         "state": "creating", "host": "local", "image": self.image, "profile": policy.profile,
+                         "command": list(policy.command), "workspace": str(ws) if ws else None,
                          # Podman's name for the container, on record before it is asked to make one:
                          # kp-rm finds it by this name (and the run's id label) if kp-run dies before
                          # it learns the container's id
@@ -189,7 +162,7 @@ class Run:
         os.chmod(self.folder, 0o700)
 
         bound = str(ws) if ws is not None else None
-        if req.quarantine and ws is not None:
+        if policy.quarantine and ws is not None:
             self.upper, work = quarantine.prepare(self.folder)
             info = ws.stat()
             # the overlay's root takes its owner and mode from the upper dir
@@ -205,16 +178,17 @@ class Run:
             bound = str(self.merged)
 
         secret_list = []
-        if req.secrets:
+        if policy.secrets:
             private = self.folder / "secrets"
             private.mkdir(mode=0o700)
             os.chown(private, uid, gid)
-            for n, (src, dest) in enumerate(req.secrets):
+            for n, spec in enumerate(policy.secrets):
+                src = Path(spec.source)
                 copy = private / f"{n}-{src.name}"
                 hostpath.copy_secret(src, copy)  # never through a symlink anyone but root could have left
                 os.chown(copy, uid, gid)
                 os.chmod(copy, 0o400)
-                secret_list.append(sandbox.Secret(copy, dest, str(src)))
+                secret_list.append(sandbox.Secret(copy, spec.dest, str(src)))
         mask_file = None
         if masked:
             empty = self.folder / "empty"
@@ -232,7 +206,7 @@ class Run:
                 self.stage = hostpath.Staging(self.folder / "binds")
                 protect, protect_sources, self.expect = self.git.stage(root, self.stage, sandbox.WORKSPACE,
                                                                        same=self.merged is None)
-                self.expect += hostpath.expect_tree(root, sandbox.WORKSPACE, req.read_only_workspace, masked,
+                self.expect += hostpath.expect_tree(root, sandbox.WORKSPACE, policy.read_only_workspace, masked,
                                                     mask_file)
             finally:
                 if root != self.git.root_fd:
@@ -242,7 +216,7 @@ class Run:
         hosts.write_text(f"127.0.0.1\tlocalhost {self.name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
         os.chmod(hosts, 0o444)
         extra_mounts, extra_env = [sandbox.Mount(str(hosts), "/etc/hosts", True)], {}
-        if self.policy is not None:
+        if self.egress is not None:
             from kodepipe.egress import proxy as egress
 
             resolv = self.folder / "resolv.conf"
@@ -250,33 +224,30 @@ class Run:
             os.chmod(resolv, 0o444)
             extra_mounts.append(sandbox.Mount(str(resolv), "/etc/resolv.conf", True))
             extra_env = egress.container_env()
-        limits = req.limits
+        limits = policy.limits
         box = sandbox.Sandbox(
-            name=self.name, image=req.image, command=req.command, workspace=bound, host_uid=uid, host_gid=gid,
-            limits=limits, seccomp=str(seccomp_path), read_only_workspace=req.read_only_workspace,
-            network=req.network, cap_add=req.cap_add, writable_root=req.writable_root, env=req.env,
+            name=self.name, image=self.image, command=list(policy.command), workspace=bound, host_uid=uid,
+            host_gid=gid, limits=limits, seccomp=str(seccomp_path), read_only_workspace=policy.read_only_workspace,
+            network=policy.network, cap_add=list(policy.cap_add), writable_root=policy.writable_root,
+            env=policy.environment(), term=policy.term,
             secrets=secret_list, masks=masked, mask_file=mask_file, protect=protect, protect_sources=protect_sources,
-            git_writable=req.writable_git_config, tty=req.tty,
-            interactive=req.interactive,
+            git_writable=policy.git_writable, tty=policy.tty,
+            interactive=policy.interactive,
             labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
             runtime=engine.runtime(),
             # a backstop: conmon kills the container even if kp-run itself is killed
             timeout=int(limits.seconds) + 60 if limits.seconds else 0,
-            allow=[r.pattern + ("" if r.ports == (80, 443) else ":" + ",".join(map(str, r.ports)))
-                   for r in self.policy.rules] if self.policy else [],
+            allow=list(policy.egress.rules) if policy.egress is not None else [],
             extra_mounts=extra_mounts, extra_env=extra_env, quotas=sandbox.host_quotas().share())
         self.meta.update(
-            workspace_mode="quarantine" if req.quarantine else "ro" if req.read_only_workspace else
-            "rw" if ws is not None else None,
-            network="proxy" if self.policy else req.network, limits=limits.record(), loosened=box.loosened(),
+            policy.record(),  # the policy's keys, the same on every backend
             user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
-            masked=masked, protected=protect, secrets=[s.dest for s in secret_list], env=sorted(req.env),
-            allow=box.allow, kernel_quotas=box.quotas.record(),
+            masked=masked, protected=protect, kernel_quotas=box.quotas.record(),
             engine=self.engine.url)
         if self.upper is not None:
             self.meta["quarantine"] = {"path": str(self.upper)}
-        if req.audit not in (None, "minimal") and self.git is not None and self.upper is None \
-                and not req.read_only_workspace:
+        if policy.audit is not None and policy.audit.mode != "minimal" and self.git is not None and self.upper is None \
+                and not policy.read_only_workspace:
             from kodepipe.audit import crosscheck  # the audit's cross-check (finish): the workspace before the run
 
             self.snapshot_before = crosscheck.snapshot(self.git.root_fd)
@@ -314,18 +285,17 @@ class Run:
         userns.limit(self.container_pid, box.quotas.userns_sysctls())
         self.meta.update(container_id=self.cid, container_pid=self.container_pid,
                          container_pid_start=self.container_pid_start, state="running", started=now_iso())
-        if self.req.audit:
+        if self.policy.audit is not None:
             from kodepipe.audit import strace
 
-            self.meta.update(audit_log=str(self.folder / AUDIT_LOG), audit_mode=self.req.audit,
-                             audit_cap=self.req.audit_cap,
-                             audit_blind=[*strace.BLIND[self.req.audit], strace.ATTACHED_NOTE])
-        if self.policy is not None:
+            self.meta.update(audit_log=str(self.folder / AUDIT_LOG),
+                             audit_blind=[*strace.BLIND[self.policy.audit.mode], strace.ATTACHED_NOTE])
+        if self.egress is not None:
             self.meta["egress_log"] = str(self.folder / EGRESS_LOG)
         self.store.write_meta(self.folder, self.meta)
-        if self.policy is not None:
+        if self.egress is not None:
             self._start_proxy()
-        if self.req.audit:
+        if self.policy.audit is not None:
             self._attach_strace()
 
     def _start_proxy(self) -> None:
@@ -334,16 +304,17 @@ class Run:
         if self.folder is None or self.container_pid is None:
             raise RuntimeError("kp-run: out of order")
         tcp, udp = egress.sockets_in_netns(self.container_pid)
-        self.proxy = egress.Proxy(self.policy, egress.DecisionLog(self.folder / EGRESS_LOG, self.name))
+        self.proxy = egress.Proxy(self.egress, egress.DecisionLog(self.folder / EGRESS_LOG, self.name))
         self.proxy.start(tcp, udp)
 
     def _attach_strace(self) -> None:
         from kodepipe.audit import strace
 
-        if not (self.folder is not None and self.container_pid is not None and self.req.audit is not None):
+        audit = self.policy.audit
+        if not (self.folder is not None and self.container_pid is not None and audit is not None):
             raise RuntimeError("kp-run: out of order")
         args = ["strace", *strace.CAPTURE_FLAGS,
-                *[a for a in strace.MODES[self.req.audit] if a != "--seccomp-bpf"],
+                *[a for a in strace.MODES[audit.mode] if a != "--seccomp-bpf"],
                 "-o", str(self.folder / AUDIT_LOG), "-p", str(self.container_pid)]
         # its own session: a Ctrl-C on the terminal must not detach the tracer before kp-run
         # has stopped the container
@@ -351,7 +322,7 @@ class Run:
                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         # the log's size cap: the run is stopped when the log reaches it (auditcap.py); by SIGKILL to
         # its first process, not through Podman, whose kill waits for an end the halted tracer holds up
-        self.audit_cap = auditcap.SizeCap(self.folder / AUDIT_LOG, self.req.audit_cap, self.strace,
+        self.audit_cap = auditcap.SizeCap(self.folder / AUDIT_LOG, audit.cap, self.strace,
                                           self._kill_process, lambda m: self.say("warn", f"{self.name}: {m}"))
         self.audit_cap.start()
         # strace says "Process N attached" once it holds every thread; start only then
@@ -418,12 +389,12 @@ class Run:
         if not (self.cid is not None):
             raise RuntimeError("kp-run: out of order")
         timer = None
-        if self.req.limits.seconds:
-            timer = threading.Timer(self.req.limits.seconds, self._time_up)
+        if self.policy.limits.seconds:
+            timer = threading.Timer(self.policy.limits.seconds, self._time_up)
             timer.daemon = True
             timer.start()
         try:
-            if self.req.tty or self.req.interactive:
+            if self.policy.tty or self.policy.interactive:
                 self._terminal_run()
             else:
                 attached = self.engine.attach(self.cid)
@@ -445,7 +416,7 @@ class Run:
         if not (self.cid is not None):
             raise RuntimeError("kp-run: out of order")
         stdin: Any = None
-        if self.req.tty and not os.isatty(0):
+        if self.policy.tty and not os.isatty(0):
             try:
                 stdin = open("/dev/tty", "rb")  # noqa: SIM115 - closed below
             except OSError:
@@ -460,7 +431,7 @@ class Run:
 
     def _time_up(self) -> None:
         self.timed_out = True
-        self.say("warn", f"{self.name}: the time limit ({self.req.limits.seconds:g} s) is up; stopping it")
+        self.say("warn", f"{self.name}: the time limit ({self.policy.limits.seconds:g} s) is up; stopping it")
         self._stop_now()
 
     # -- ending -----------------------------------------------------------------
@@ -492,7 +463,7 @@ class Run:
                     "the end of the audit log may be missing")
             if self.tracer_watch is not None:
                 self.tracer_watch.join(timeout=STRACE_END_WAIT)
-        if self.req.audit is not None and self.strace is not None:
+        if self.policy.audit is not None and self.strace is not None:
             meta["audit"] = "incomplete" if self.audit_problem else "complete"
             if self.audit_problem:
                 meta["audit_problem"] = self.audit_problem
@@ -512,7 +483,7 @@ class Run:
 
             with contextlib.suppress(ValueError):
                 meta["signal"] = signal.Signals(exit_code - 128).name
-        if self.workspace is not None and self.upper is None and not self.req.read_only_workspace:
+        if self.workspace is not None and self.upper is None and not self.policy.read_only_workspace:
             from kodepipe.core import fdtree, terminal
 
             try:
@@ -527,7 +498,7 @@ class Run:
                 meta["setuid_files"] = [fdtree.display(path) for path in new]
                 self.say("warn", "the agent left setuid/setgid files in the workspace: "
                                  f"{', '.join(terminal.escape(path) for path in new[:8])}")
-        keep = self.req.keep or self.req.audit is not None or self.policy is not None or "git_planted" in meta
+        keep = self.keep or self.policy.audit is not None or self.egress is not None or "git_planted" in meta
         if self.folder is not None:
             if self.merged is not None:
                 folders.unmount(self.folder)
@@ -604,11 +575,11 @@ class Run:
         from kodepipe.audit import crosscheck
         from kodepipe.container.quarantine import show
 
-        if self.req.audit is None or self.strace is None or self.folder is None:
+        if self.policy.audit is None or self.strace is None or self.folder is None:
             return
         meta = self.meta
         if why is None:
-            if self.req.audit == "minimal":
+            if self.policy.audit.mode == "minimal":
                 why = "the minimal audit mode records no file events"
             elif self.audit_problem:
                 why = "the audit log is incomplete (audit_problem): the trace cannot explain what it missed"
@@ -663,7 +634,7 @@ class Run:
                 exit_code = int(state.get("ExitCode", 0))
             if outcome != "exited":  # cut short: SIGKILL now, not SIGTERM and a 10 s stop timeout
                 eng.kill(self.cid)
-            if self.req.keep:
+            if self.keep:
                 return False
             eng.remove(self.cid)  # forced: stops it first if it still runs
             return True
@@ -682,16 +653,16 @@ class Run:
                 removed = end(self.engine)
         except KpError as exc:
             self._kill_process()
-            if not self.req.keep:
+            if not self.keep:
                 self.say("warn", f"{self.name}: could not remove container "
                                  f"{(self.cid or self.name)[:12]}: {exc.message}")
                 meta["problem"] = f"its container was stopped but not removed ({exc.message}); kp-rm removes it"
-            self.req.keep = True
+            self.keep = True
         meta["container_removed"] = removed
         return exit_code
 
 
-def run(store: Store, req: Request, say: Callable[[str, str], None]) -> tuple[Record, int | None]:
+def run(store: Store, policy: Policy, say: Callable[[str, str], None]) -> tuple[Record, int | None]:
     """Run one container; return its record and the command's exit status (None if it never ran).
 
     On an interruption the container is removed and the record is returned
@@ -699,7 +670,8 @@ def run(store: Store, req: Request, say: Callable[[str, str], None]) -> tuple[Re
     """
     from kodepipe.container import engine
 
-    job = Run(store, req, say)
+    refuse(policy)
+    job = Run(store, policy, say)
     try:
         box = job.prepare()
         job.start(box)

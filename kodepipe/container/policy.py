@@ -246,7 +246,7 @@ class Policy:
     name: str | None = None  # None: the run names itself (run-XXXXXXXX)
     profile: str | None = None
     workspace: str | None = None  # as given: a host path, or a path in the guest
-    workspace_mode: str | None = None  # "rw", "ro", "quarantine"; None without a workspace
+    workspace_mode: str = "rw"  # "rw", "ro" or "quarantine" (the record says None without a workspace)
     quota_share: int = QUOTA_SHARE
     masks: tuple[str, ...] = DEFAULT_MASKS  # globs; the defaults included unless --no-default-masks
     default_masks: bool = True
@@ -282,11 +282,9 @@ class Policy:
         return dataclasses.replace(self, image=tag)
 
     def with_workspace(self, workspace: str | None) -> Policy:
-        """The policy with the workspace a backend defaults to (a VM's share), when none was given."""
-        if self.workspace is not None or workspace is None:
-            return self
-        return dataclasses.replace(self, workspace=workspace,
-                                   workspace_mode=self.workspace_mode or "rw")
+        """The policy with the workspace as a backend names it (in a VM: normalised, or the share
+        when none was given)."""
+        return dataclasses.replace(self, workspace=workspace)
 
     def loosened(self) -> list[str]:
         """Every default these options loosen, for the record: the same on every backend."""
@@ -313,7 +311,7 @@ class Policy:
     def record(self) -> dict[str, Any]:
         """The policy's keys of the container record: the same keys, from the same value, on every backend."""
         out: dict[str, Any] = {
-            "workspace_mode": self.workspace_mode,
+            "workspace_mode": self.workspace_mode if self.workspace is not None else None,
             "network": "proxy" if self.egress is not None else self.network,
             "limits": self.limits.record(),
             "loosened": self.loosened(),
@@ -353,13 +351,13 @@ def secret_dest(spec: str, secret: SecretFile) -> tuple[str | None, str | None]:
 
 def apply_conflicts(options: Options) -> list[str]:
     """C2: --apply is a command of its own; COMMAND and the run options have nothing to do with it."""
-    others = [p for p in RUN_OPTIONS if p in options.given]
+    others = [_flag(p) for p in RUN_OPTIONS if p in options.given]
     if options.command:
         others.insert(0, "COMMAND")
     if not others:
         return []
     return ["--apply takes no COMMAND and no run option (it applies a quarantined run's changes): drop "
-            f"{', '.join(_flag(p) for p in others)}"]
+            f"{', '.join(others)}"]
 
 
 def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Policy:
@@ -491,7 +489,7 @@ def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Po
         problems.append(f"--net {o.network}: one of {', '.join(NETWORKS)}")
     if problems:
         raise PolicyError(problems)
-    mode = None if o.workspace is None else "quarantine" if o.quarantine else "ro" if o.read_only_workspace else "rw"
+    mode = "quarantine" if o.quarantine else "ro" if o.read_only_workspace else "rw"
     return Policy(
         command=command, image=o.image, limits=limits, name=o.name,
         profile=profile.name if profile is not None else None, workspace=o.workspace, workspace_mode=mode,

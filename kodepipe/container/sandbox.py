@@ -52,7 +52,7 @@ from typing import Any
 # the policy's defaults (policy.py), which this module renders
 from kodepipe.container.policy import AGENT_UID as AGENT_UID
 from kodepipe.container.policy import DEFAULT_MASKS as DEFAULT_MASKS
-from kodepipe.container.policy import NOFILE, NPROC
+from kodepipe.container.policy import DEFAULT_TERM, NOFILE, NPROC
 from kodepipe.container.policy import WORKSPACE as WORKSPACE
 from kodepipe.container.policy import Limits as Limits
 from kodepipe.container.policy import Quotas as Quotas
@@ -147,6 +147,7 @@ class Sandbox:
     git_writable: bool = False  # loosened: the workspace's git repositories are writable (--writable-git)
     mask_file: str | None = None  # an empty read-only file bound over each mask
     tty: bool = False
+    term: str | None = None  # TERM for a terminal (the policy's)
     interactive: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     runtime: str | None = "runc"
@@ -167,7 +168,7 @@ class Sandbox:
     def environment(self) -> dict[str, str]:
         env = {"HOME": HOME, "LANG": "C.UTF-8"}
         if self.tty:
-            env["TERM"] = os.environ.get("TERM", "xterm-256color")
+            env["TERM"] = self.term or DEFAULT_TERM  # captured once, by gather.py: never read here
         env.update(self.extra_env)
         env.update(self.env)
         return env

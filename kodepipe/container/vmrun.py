@@ -90,7 +90,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kodepipe.container import sandbox
-from kodepipe.container.hostrun import Request, new_name
+from kodepipe.container.hostrun import new_name
+from kodepipe.container.policy import Policy, SecretSpec
 from kodepipe.core import fdtree, proc
 from kodepipe.core.errors import BadInput, CommandFailed, KpError, NotFound
 from kodepipe.core.records import Record
@@ -155,13 +156,13 @@ def parse_probe(out: bytes) -> dict[str, str]:
     return facts
 
 
-def guest_workspace(vm: Record, req: Request) -> str | None:
+def guest_workspace(vm: Record, policy: Policy) -> str | None:
     """The workspace in the guest: the one asked for, else the share kp-ip mounted, else none."""
-    if req.workspace is not None:
-        path = PurePosixPath(req.workspace)
+    if policy.workspace is not None:
+        path = PurePosixPath(policy.workspace)
         if not path.is_absolute():
             raise BadInput(f"inside a VM the workspace is a path in the guest and must be absolute, "
-                           f"not {req.workspace}", hint=f"for the folder shared with kp-boot --share: {SHARE_MOUNT}")
+                           f"not {policy.workspace}", hint=f"for the folder shared with kp-boot --share: {SHARE_MOUNT}")
         return str(path)
     return SHARE_MOUNT if vm.get("share") else None
 
@@ -591,19 +592,17 @@ def podman_failure(status: int, stderr: bytes) -> str | None:
     return lines[-1].removeprefix("Error: ") if lines and lines[-1].startswith("Error: ") else None
 
 
-def refuse_host_only(req: Request) -> None:
+def refuse_host_only(policy: Policy) -> None:
     """What the guest cannot honour yet is refused, naming it, before anything is done anywhere."""
-    for flag, used in (("--quarantine", req.quarantine), ("--audit", req.audit is not None),
-                       ("--keep", req.keep), ("-i/-t", req.interactive or req.tty),
-                       ("--allow (or a profile's allowed domains)", bool(req.allow)),
-                       ("--resolve", bool(req.resolve))):
+    for flag, used in (("--quarantine", policy.quarantine), ("--audit", policy.audit is not None),
+                       ("--keep", policy.keep), ("-i/-t", policy.interactive or policy.tty),
+                       ("--resolve", bool(policy.egress and policy.egress.pins)),
+                       ("--allow (or a profile's allowed domains)", policy.egress is not None)):
         if used:
             hint = "run it on the host (without vm records on stdin)"
             if flag.startswith("--allow"):
                 hint += "; --no-profile-allow drops a profile's domains (the run then has no network)"
             raise BadInput(f"{flag} is not supported inside a VM yet (host-only for now)", hint=hint)
-    if req.image.startswith("-"):
-        raise BadInput(f"invalid image name {req.image!r}")
 
 
 def git_warnings(repos: dict[str, GuestRepo], protect: list[str], *, writable: bool) -> list[str]:
@@ -623,12 +622,12 @@ def git_warnings(repos: dict[str, GuestRepo], protect: list[str], *, writable: b
     return out
 
 
-def read_secrets(secrets: Iterable[tuple[Path, str]]) -> list[bytes]:
+def read_secrets(secrets: Iterable[SecretSpec]) -> list[bytes]:
     """Each --secret file, read on the host as the host backend reads it (hostpath.open_secret: no
     symlink but root's followed, regular files only, 64 MiB at most)."""
     from kodepipe.host import hostpath
 
-    return [hostpath.read_secret(src) for src, _ in secrets]
+    return [hostpath.read_secret(Path(s.source)) for s in secrets]
 
 
 # -- the guest, over SSH -----------------------------------------------------------------------
@@ -649,12 +648,15 @@ def _script(script: str, *args: str) -> str:
 class VmRun:
     """The state of one run in a VM, so that clean-up knows what exists."""
 
-    def __init__(self, vm: Record, req: Request, say: Callable[[str, str], None],
+    def __init__(self, vm: Record, policy: Policy, say: Callable[[str, str], None],
                  remote: Callable[[Record], Remote] = connect,
                  sink: Callable[[bytes], None] | None = None) -> None:
-        self.vm, self.req, self.say = vm, req, say
+        if policy.image is None:
+            raise RuntimeError("kp-run: the profile's image was not built")
+        self.vm, self.say = vm, say
+        self.image: str = policy.image
         self.vm_name = str(vm.get("name"))
-        self.name = req.name or new_name()
+        self.name = policy.name or new_name()
         self.connect = remote
         self.sink = sink or _to_stderr
         self.remote: Remote | None = None
@@ -670,14 +672,17 @@ class VmRun:
         self.timed_out = False
         self.meta: dict[str, Any] = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
                                      "state": "creating", "host": self.vm_name, "vm_id": vm.get("id"),
-                                     "image": req.image, "profile": req.profile, "command": req.command}
+                                     "image": policy.image, "profile": policy.profile,
+                                     "command": list(policy.command)}
+        self.policy = policy
 
     def prepare(self) -> sandbox.Sandbox:
-        req = self.req
-        refuse_host_only(req)
-        wanted = guest_workspace(self.vm, req)
+        refuse_host_only(self.policy)
+        # the workspace in the guest: the one asked for, else the share (its policy: the same as for -w)
+        self.policy = policy = self.policy.with_workspace(guest_workspace(self.vm, self.policy))
+        wanted = policy.workspace
         self.remote = remote = self.connect(self.vm)
-        probe = remote.run(_script(PROBE, wanted or "", req.image))
+        probe = remote.run(_script(PROBE, wanted or "", self.image))
         facts = parse_probe(probe.stdout)
         if not facts.get("podman"):
             raise KpError(f"{self.vm_name} has no Podman: its image was built without it", code="no_podman",
@@ -706,21 +711,21 @@ class VmRun:
                                  f"read them: {shown} (hide them with --mask GLOB)")
             self.workspace = ws
             self.repos = self.survey_git(ws)
-            protect = git_protect(self.repos, writable=req.writable_git_config)
+            protect = git_protect(self.repos, writable=policy.git_writable)
             check_git_paths(ws, protect)
-            if not req.read_only_workspace:
+            if not policy.read_only_workspace:
                 self.watch_git(ws, [p for p, r in sorted(self.repos.items())
                                     if r.kind in ("dir", "bare") and p not in protect])
-            for warning in git_warnings(self.repos, protect, writable=req.writable_git_config):
+            for warning in git_warnings(self.repos, protect, writable=policy.git_writable):
                 self.say("warn", warning)
         uid, gid, source = agent_ids(owner, user)
         check_paths([*([ws] if ws else []), *(f"{sandbox.WORKSPACE}/{m}" for m in masked),
-                     *(dest for _, dest in req.secrets)])
-        secret_data = read_secrets(req.secrets)  # before anything changes in the guest
+                     *(s.dest for s in policy.secrets)])
+        secret_data = read_secrets(policy.secrets)  # before anything changes in the guest
 
         # missing, or another image under the same tag (rebuilt on the host since): copy it in
         there = facts.get("image", "")
-        if not there or host_image_id(req.image) not in (None, there):
+        if not there or host_image_id(self.image) not in (None, there):
             self.meta["image_transfer"] = self.copy_image(zstd=bool(facts.get("zstd")))
         seccomp = self.prepare_guest()
         quotas = guest_quotas(facts).share()
@@ -729,13 +734,14 @@ class VmRun:
         secret_list = self.upload_secrets(uid, gid, masked, secret_data)
         mask_file = f"{self.folder}/empty" if masked else None
 
-        limits = req.limits
+        limits = policy.limits
         box = sandbox.Sandbox(
-            name=self.name, image=req.image, command=req.command, workspace=ws, host_uid=uid, host_gid=gid,
-            limits=limits, seccomp=seccomp, read_only_workspace=req.read_only_workspace, network=req.network,
-            cap_add=req.cap_add, writable_root=req.writable_root, env=req.env, secrets=secret_list, masks=masked,
+            name=self.name, image=self.image, command=list(policy.command), workspace=ws, host_uid=uid,
+            host_gid=gid, limits=limits, seccomp=seccomp, read_only_workspace=policy.read_only_workspace,
+            network=policy.network, cap_add=list(policy.cap_add), writable_root=policy.writable_root,
+            env=policy.environment(), term=policy.term, secrets=secret_list, masks=masked,
             protect=protect, protect_sources={p: f"{ws}/{p}" for p in protect},
-            git_writable=req.writable_git_config, quotas=quotas,
+            git_writable=policy.git_writable, quotas=quotas,
             mask_file=mask_file, labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
             # crun is what Debian's podman brings; runc only where the guest has it
             runtime="runc" if facts.get("runc") else None,
@@ -743,10 +749,10 @@ class VmRun:
             timeout=int(limits.seconds) + 60 if limits.seconds else 0)
         check_mounts(box)
         self.meta.update(
-            workspace=ws, workspace_mode="ro" if req.read_only_workspace else "rw" if ws is not None else None,
-            network=req.network, limits=limits.record(), loosened=box.loosened(),
+            policy.record(),  # the policy's keys, the same on every backend
+            workspace=ws,
             user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
-            masked=masked, protected=protect, secrets=[s.dest for s in secret_list], env=sorted(req.env),
+            masked=masked, protected=protect,
             kernel_quotas=box.quotas.record(),
             engine=f"podman in {self.vm_name}")
         return box
@@ -762,7 +768,7 @@ class VmRun:
     def scan(self, ws: str) -> tuple[list[str], list[str]]:
         if not (self.remote is not None):
             raise RuntimeError("kp-run: out of order")
-        found = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {shlex.join(find_argv(self.req.masks))}")
+        found = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {shlex.join(find_argv(self.policy.masks))}")
         # find says why it could not read a directory and goes on; what it found still counts
         if found.status != 0 and not found.stdout:
             self._check(found, f"looking for files to mask in {ws}")
@@ -803,7 +809,7 @@ class VmRun:
 
     def check_git(self) -> None:
         """After a direct run, the container gone: neutralise what the agent planted (git_planted)."""
-        if self.remote is None or self.workspace is None or self.req.read_only_workspace:
+        if self.remote is None or self.workspace is None or self.policy.read_only_workspace:
             return
         try:
             now = self.survey_git(self.workspace)
@@ -857,7 +863,7 @@ class VmRun:
         """``podman save`` here, ``podman load`` there; facts for the record."""
         if not (self.remote is not None):
             raise RuntimeError("kp-run: out of order")
-        tag = self.req.image
+        tag = self.image
         compress = zstd and proc.which("zstd") is not None
         self.say("info", f"{self.vm_name} lacks the image {tag}: copying it in (once per VM; minutes under TCG)")
         started = time.monotonic()
@@ -915,7 +921,7 @@ class VmRun:
         """The run's folder, with the empty mask file and a copy of each secret only the agent can read."""
         if not (self.remote is not None and self.folder is not None):
             raise RuntimeError("kp-run: out of order")
-        if not masked and not self.req.secrets:
+        if not masked and not self.policy.secrets:
             self.folder = None  # nothing to keep there: no folder, nothing to clean up
             return []
         self._check(self.remote.run(_script(
@@ -923,7 +929,8 @@ class VmRun:
             'sudo -n install -m 0444 /dev/null "$2/empty"', GUEST_DIR, self.folder)),
             "making the run's folder")
         out = []
-        for n, ((src, dest), content) in enumerate(zip(self.req.secrets, data, strict=True)):
+        for n, (spec, content) in enumerate(zip(self.policy.secrets, data, strict=True)):
+            src, dest = Path(spec.source), spec.dest
             copy = f"{self.folder}/{n}-{src.name}"
             self._check(self.remote.run(_script(
                 'set -e; sudo -n sh -c \'umask 077; cat > "$1"\' sh "$1"; sudo -n chown "$2" "$1"; '
@@ -937,8 +944,8 @@ class VmRun:
             raise RuntimeError("kp-run: out of order")
         command = run_command(box, self.hooks_dir)
         timer = None
-        if self.req.limits.seconds:
-            timer = threading.Timer(self.req.limits.seconds, self._time_up)
+        if self.policy.limits.seconds:
+            timer = threading.Timer(self.policy.limits.seconds, self._time_up)
             timer.daemon = True
             timer.start()
         self.meta.update(state="running", started=now_iso())
@@ -957,7 +964,7 @@ class VmRun:
 
     def _time_up(self) -> None:
         self.timed_out = True
-        self.say("warn", f"{self.name}: the time limit ({self.req.limits.seconds:g} s) is up; stopping it")
+        self.say("warn", f"{self.name}: the time limit ({self.policy.limits.seconds:g} s) is up; stopping it")
         # podman run may still be preparing its storage (minutes under TCG, the first time): a
         # container that is not running yet cannot be killed, so try until it is, or is gone
         while self.streaming and self.remote is not None:
@@ -1060,7 +1067,7 @@ def _to_stderr(data: bytes) -> None:
     sys.stderr.buffer.flush()
 
 
-def run_in_vm(vm: Record, req: Request, say: Callable[[str, str], None]) -> tuple[Record, int | None]:
+def run_in_vm(vm: Record, policy: Policy, say: Callable[[str, str], None]) -> tuple[Record, int | None]:
     """Run one container inside the VM of ``vm`` (a vm record from kp-ip); return its record and
     the command's exit status (None if it never ran).
 
@@ -1068,7 +1075,7 @@ def run_in_vm(vm: Record, req: Request, say: Callable[[str, str], None]) -> tupl
     removed and the record is returned through the exception's ``record``
     attribute before it propagates.
     """
-    job = VmRun(vm, req, say)
+    job = VmRun(vm, policy, say)
     return _run(job)
 
 
