@@ -4,7 +4,7 @@
     sudo .venv/bin/python bench/bench_run.py [--runs 15] [--image TAG]
 
 Both sides run interleaved in the same process: the bare side gets exactly
-the arguments kp-run's policy renders (sandbox.Sandbox.podman_args(): the
+the arguments kp-run's policy renders (render.render(...).podman_args(): the
 uid map, dropped capabilities, seccomp profile, read-only root, tmpfs,
 limits, no network, the workspace), so the ratio is what kodepipe adds:
 Python start-up, the API round trips, the record, the clean-up.  Each side
@@ -28,7 +28,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kodepipe.container import engine, sandbox, seccomp  # noqa: E402
+from kodepipe.container import engine, render, seccomp  # noqa: E402
+from kodepipe.container import policy as pol  # noqa: E402
 from kodepipe.core import paths  # noqa: E402
 
 
@@ -57,11 +58,11 @@ def main() -> None:
         ws = Path(tmp) / "ws"
         ws.mkdir()
         os.chown(ws, 4321, 4321)
-        limits = sandbox.Limits(memory=2 << 30, cpus=2, pids=512, seconds=7200, tmpfs=512 << 20)
-        box = sandbox.Sandbox(name="kp-bench-bare", image=image, command=["true"], workspace=str(ws),
-                              host_uid=4321, host_gid=4321, limits=limits,
-                              seccomp=str(seccomp.ensure(Path(tmp) / "seccomp")), runtime=engine.runtime(),
-                              timeout=7260)
+        # kp-run's own defaults for --image IMAGE -w WS -- true, rendered as kp-run renders them
+        policy = pol.resolve(pol.Options(command=("true",), image=image, workspace=str(ws)), None, pol.Config())
+        facts = render.Facts(agent_uid=4321, agent_gid=4321, uid_from="bench", workspace=str(ws),
+                             seccomp=str(seccomp.ensure(Path(tmp) / "seccomp")), oci_runtime=engine.oci_runtime())
+        box = render.render(policy, facts, render.Staged(name="kp-bench-bare", run_id="bench"))
         engine.force_chown_copies()
         bare = ["podman", "run", *box.podman_args()]
         ours = [kp_run, "--image", image, "-w", str(ws), "--", "true"]

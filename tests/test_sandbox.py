@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kodepipe.container import policy, sandbox, seccomp
 from kodepipe.core import units
 from kodepipe.core.errors import BadInput
+from tests import policies
 
 LIMITS = sandbox.Limits(memory=512 << 20, cpus=1.5, pids=64, seconds=60, tmpfs=64 << 20)
 
 
-def box(**kw: object) -> sandbox.Sandbox:
-    args: dict[str, object] = dict(name="run-1", image="localhost/x:1", command=["true"], workspace="/w",
-                                   host_uid=1234, host_gid=1235, limits=LIMITS, seccomp="/s.json")
-    args.update(kw)
-    return sandbox.Sandbox(**args)  # type: ignore[arg-type]
+def box(**kw: Any) -> sandbox.Sandbox:
+    """The container render() makes of a policy and facts with these settings."""
+    box: sandbox.Sandbox = policies.sandbox(**{"limits": LIMITS, **kw})
+    return box
 
 
 def test_the_default_spec_is_locked_down() -> None:
@@ -37,20 +38,17 @@ def test_the_default_spec_is_locked_down() -> None:
     assert {"container_id": 1000, "host_id": 1234, "size": 1} in uid
     assert all(m["host_id"] != 0 for m in uid) and sum(m["size"] for m in uid) == 65536
     assert {"container_id": 1000, "host_id": 1235, "size": 1} in spec["idmappings"]["GIDMap"]
-    assert box().loosened() == []
 
 
-def test_every_loosening_is_listed() -> None:
+def test_every_loosening_is_rendered() -> None:
     loose = box(network="open", cap_add=["NET_RAW"], writable_root=True, env={"TOKEN": "zz-token-value"},
                 secrets=[sandbox.Secret(Path("/c"), "/run/secrets/c", "/home/u/c")],
                 limits=sandbox.Limits(memory=1 << 30, cpus=1, pids=64, seconds=0, tmpfs=1 << 20))
-    assert loose.loosened() == ["network:open", "cap:NET_RAW", "writable-root", "env:TOKEN",
-                                "secret:/run/secrets/c", "no-time-limit"]
     spec = loose.spec()
     assert spec["netns"] == {"nsmode": "bridge"} and spec["read_only_filesystem"] is False
+    assert spec["cap_add"] == ["NET_RAW"] and spec["env"]["TOKEN"] == "zz-token-value" and "timeout" not in spec
     assert {"type": "bind", "source": "/c", "destination": "/run/secrets/c", "options": ["rbind", "ro"]} \
         in spec["mounts"]
-    assert "zz-token-value" not in json.dumps(loose.loosened())
 
 
 def test_masks_and_the_read_only_workspace_become_read_only_binds() -> None:

@@ -148,15 +148,17 @@ def test_find_in_a_real_tree_agrees_with_the_host_scan(tmp_path: Path) -> None:
 
 
 def box(**kw: Any) -> sandbox.Sandbox:
-    args: dict[str, Any] = {"name": "run-1", "image": "localhost/x:1", "command": ["true"], "workspace": "/workspace",
-                            "host_uid": 1000, "host_gid": 1000, "limits": LIMITS, "seccomp": "/run/kodepipe/s.json",
-                            "runtime": None}
+    """The container render() makes of a policy and a guest's facts with these settings."""
+    args: dict[str, Any] = {"image": "localhost/x:1", "workspace": "/workspace", "host_uid": 1000,
+                            "host_gid": 1000, "limits": LIMITS, "seccomp": "/run/kodepipe/s.json", "oci_runtime": None}
     args.update(kw)
-    return sandbox.Sandbox(**args)
+    made: sandbox.Sandbox = policies.sandbox(**args)
+    return made
 
 
 def test_the_remote_command_is_podman_run_with_every_word_quoted() -> None:
-    hostile = box(command=["sh", "-c", "echo $(id) `x`; rm -rf / &"], env={"TOKEN": "a'b\"c $HOME"})
+    hostile = box(command=["sh", "-c", "echo $(id) `x`; rm -rf / &"], env={"TOKEN": "a'b\"c $HOME"},
+                  limits=sandbox.Limits(memory=512 << 20, cpus=1, pids=64, seconds=0, tmpfs=64 << 20))
     command = vmrun.run_command(hostile)
     assert command.startswith("sudo -n podman run ")
     assert shlex.split(command) == ["sudo", "-n", "podman", "run", *hostile.podman_args()]
@@ -164,7 +166,7 @@ def test_the_remote_command_is_podman_run_with_every_word_quoted() -> None:
     assert hooked[:6] == ["sudo", "-n", "podman", "--hooks-dir", "/run/kodepipe/hooks-x", "run"]
     assert "--runtime" not in shlex.split(command)  # crun, the guest's default, unless runc is there
     assert "--timeout" not in shlex.split(command)
-    words = shlex.split(vmrun.run_command(box(runtime="runc", timeout=120)))
+    words = shlex.split(vmrun.run_command(box(oci_runtime="runc")))  # LIMITS: 60 s, and Podman's backstop
     assert words[words.index("--runtime") + 1] == "runc" and words[words.index("--timeout") + 1] == "120"
     with pytest.raises(BadInput, match="invalid image"):
         vmrun.run_command(box(image="--privileged"))

@@ -54,7 +54,7 @@ def configured_url() -> str | None:
     return None
 
 
-def runtime() -> str | None:
+def oci_runtime() -> str | None:
     """runc when installed: crun rejects this kind of host's hybrid cgroups (environment.md)."""
     return "runc" if proc.which("runc") else None
 

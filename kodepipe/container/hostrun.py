@@ -28,6 +28,7 @@ from typing import Any
 from kodepipe.audit import cap as auditcap
 from kodepipe.container import folders, sandbox
 from kodepipe.container.policy import Policy
+from kodepipe.container.render import Facts, Staged, render
 from kodepipe.core import paths, proc
 from kodepipe.core.errors import BadInput, KpError, NoPermission
 from kodepipe.core.records import Record
@@ -224,21 +225,12 @@ class Run:
             os.chmod(resolv, 0o444)
             extra_mounts.append(sandbox.Mount(str(resolv), "/etc/resolv.conf", True))
             extra_env = egress.container_env()
-        limits = policy.limits
-        box = sandbox.Sandbox(
-            name=self.name, image=self.image, command=list(policy.command), workspace=bound, host_uid=uid,
-            host_gid=gid, limits=limits, seccomp=str(seccomp_path), read_only_workspace=policy.read_only_workspace,
-            network=policy.network, cap_add=list(policy.cap_add), writable_root=policy.writable_root,
-            env=policy.environment(), term=policy.term,
-            secrets=secret_list, masks=masked, mask_file=mask_file, protect=protect, protect_sources=protect_sources,
-            git_writable=policy.git_writable, tty=policy.tty,
-            interactive=policy.interactive,
-            labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
-            runtime=engine.runtime(),
-            # a backstop: conmon kills the container even if kp-run itself is killed
-            timeout=int(limits.seconds) + 60 if limits.seconds else 0,
-            allow=list(policy.egress.rules) if policy.egress is not None else [],
-            extra_mounts=extra_mounts, extra_env=extra_env, quotas=sandbox.host_quotas().share())
+        facts = Facts(agent_uid=uid, agent_gid=gid, uid_from=source, workspace=bound, seccomp=str(seccomp_path),
+                      oci_runtime=engine.oci_runtime(), quotas=sandbox.host_quotas().share(policy.quota_share),
+                      masked=tuple(masked), protect=tuple(protect), protect_sources=protect_sources)
+        box = render(policy, facts, Staged(
+            name=self.name, run_id=self.meta["id"], secrets=tuple(secret_list), mask_file=mask_file,
+            extra_mounts=tuple(extra_mounts), extra_env=extra_env))
         self.meta.update(
             policy.record(),  # the policy's keys, the same on every backend
             user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},

@@ -150,7 +150,7 @@ class Sandbox:
     term: str | None = None  # TERM for a terminal (the policy's)
     interactive: bool = False
     labels: dict[str, str] = field(default_factory=dict)
-    runtime: str | None = "runc"
+    oci_runtime: str | None = "runc"  # the OCI runtime (runc, crun); None: the engine's default
     timeout: int = 0  # seconds after which conmon kills the container even if kp-run died
     allow: list[str] = field(default_factory=list)  # egress rules served by the proxy (egress.py)
     extra_mounts: list[Mount] = field(default_factory=list)  # files kodepipe provides, read-only
@@ -183,23 +183,6 @@ class Sandbox:
             out.extend(Mount(self.protect_sources[rel], f"{WORKSPACE}/{rel}", True) for rel in self.protect)
         out.extend(Mount(str(s.source), s.dest, True) for s in self.secrets)
         out.extend(self.extra_mounts)
-        return out
-
-    def loosened(self) -> list[str]:
-        """Every default these options loosen, for the record."""
-        out = []
-        if self.network != "none":
-            out.append(f"network:{self.network}")
-        out.extend(f"allow:{rule}" for rule in self.allow)
-        out.extend(f"cap:{cap}" for cap in self.cap_add)
-        if self.writable_root:
-            out.append("writable-root")
-        out.extend(f"env:{name}" for name in sorted(self.env))
-        out.extend(f"secret:{s.dest}" for s in self.secrets)
-        if self.limits.seconds == 0:
-            out.append("no-time-limit")
-        if self.workspace is not None and self.git_writable:
-            out.append("writable-git")
         return out
 
     def rlimits(self) -> list[tuple[str, int]]:
@@ -245,8 +228,8 @@ class Sandbox:
         }
         if self.seccomp:
             spec["seccomp_profile_path"] = self.seccomp
-        if self.runtime:
-            spec["oci_runtime"] = self.runtime
+        if self.oci_runtime:
+            spec["oci_runtime"] = self.oci_runtime
         if self.timeout:
             spec["timeout"] = self.timeout
         return spec
@@ -284,8 +267,8 @@ class Sandbox:
         args += ["-w", WORKSPACE if self.workspace is not None else HOME]
         for key, value in self.labels.items():
             args += ["--label", f"{key}={value}"]
-        if self.runtime:
-            args += ["--runtime", self.runtime]
+        if self.oci_runtime:
+            args += ["--runtime", self.oci_runtime]
         if self.timeout:
             args += ["--timeout", str(self.timeout)]
         if self.interactive:

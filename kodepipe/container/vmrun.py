@@ -92,6 +92,7 @@ from typing import Any
 from kodepipe.container import sandbox
 from kodepipe.container.hostrun import new_name
 from kodepipe.container.policy import Policy, SecretSpec
+from kodepipe.container.render import Facts, Staged, render
 from kodepipe.core import fdtree, proc
 from kodepipe.core.errors import BadInput, CommandFailed, KpError, NotFound
 from kodepipe.core.records import Record
@@ -728,25 +729,18 @@ class VmRun:
         if not there or host_image_id(self.image) not in (None, there):
             self.meta["image_transfer"] = self.copy_image(zstd=bool(facts.get("zstd")))
         seccomp = self.prepare_guest()
-        quotas = guest_quotas(facts).share()
+        quotas = guest_quotas(facts).share(policy.quota_share)
         self.hooks_dir = self.prepare_hook(quotas.userns_sysctls())
         self.folder = f"{GUEST_DIR}/{self.name}-{self.meta['id']}"
         secret_list = self.upload_secrets(uid, gid, masked, secret_data)
         mask_file = f"{self.folder}/empty" if masked else None
 
-        limits = policy.limits
-        box = sandbox.Sandbox(
-            name=self.name, image=self.image, command=list(policy.command), workspace=ws, host_uid=uid,
-            host_gid=gid, limits=limits, seccomp=seccomp, read_only_workspace=policy.read_only_workspace,
-            network=policy.network, cap_add=list(policy.cap_add), writable_root=policy.writable_root,
-            env=policy.environment(), term=policy.term, secrets=secret_list, masks=masked,
-            protect=protect, protect_sources={p: f"{ws}/{p}" for p in protect},
-            git_writable=policy.git_writable, quotas=quotas,
-            mask_file=mask_file, labels={"io.kodepipe.name": self.name, "io.kodepipe.id": self.meta["id"]},
-            # crun is what Debian's podman brings; runc only where the guest has it
-            runtime="runc" if facts.get("runc") else None,
-            # a backstop: conmon kills the container even if kp-run or the SSH connection is gone
-            timeout=int(limits.seconds) + 60 if limits.seconds else 0)
+        guest = Facts(agent_uid=uid, agent_gid=gid, uid_from=source, workspace=ws, seccomp=seccomp,
+                      # crun is what Debian's podman brings; runc only where the guest has it
+                      oci_runtime="runc" if facts.get("runc") else None, quotas=quotas, masked=tuple(masked),
+                      protect=tuple(protect), protect_sources={p: f"{ws}/{p}" for p in protect})
+        box = render(policy, guest, Staged(name=self.name, run_id=self.meta["id"], secrets=tuple(secret_list),
+                                           mask_file=mask_file))
         check_mounts(box)
         self.meta.update(
             policy.record(),  # the policy's keys, the same on every backend
