@@ -235,18 +235,19 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
 
     if kpcli.stdin_is_piped() and not policy.interactive and _in_vms(out, policy, prof, say):
         return out.status()
-    from kodepipe.container import hostrun
+    from kodepipe.container.backend import HostBackend
 
     if workspace is not None and not workspace.is_dir():
         raise click.BadParameter(f"Directory '{workspace}' does not exist.", param_hint="'-w' / '--workspace'")
+    host = HostBackend(store)
     try:
-        hostrun.refuse(policy)  # root (77): after the conflicts, before the image is built
+        host.refuse(policy)  # root (77): after the conflicts, before the image is built
     except KpError as exc:
         out.fail({"kind": "container", "name": name}, exc)
         return out.status()
     policy = _built(out, policy, prof)
     try:
-        record, status = hostrun.run(store, policy, say)
+        record, status = host.run(policy, say)
     except KpError as exc:
         record = getattr(exc, "record", {"kind": "container", "name": name})
         out.fail(record, exc)
@@ -301,7 +302,6 @@ def _in_vms(out: kpcli.Output, policy: Any, prof: Any, say: Any) -> bool:
     """Run the container inside each VM whose record arrives on stdin (from kp-ip), writing the vm
     record through and then the container's; other records pass through.  False if no vm record
     came: the run is then the host's."""
-    from kodepipe.container import vmrun
     from kodepipe.core import errors
     from kodepipe.core.errors import KpError
 
@@ -327,11 +327,8 @@ def _in_vms(out: kpcli.Output, policy: Any, prof: Any, say: Any) -> bool:
                 out.emit(line.record)
         out.error("nothing was run: stdin had bad input (see above)")
         return True
-    refused: KpError | None = None
-    try:  # what the VMs cannot honour is refused in each, before any image is built or anything done
-        vmrun.refuse_host_only(policy)
-    except KpError as exc:
-        refused = exc
+    from kodepipe.container.backend import VmBackend
+
     seen = False
     for line in lines:
         record = line.record
@@ -344,12 +341,15 @@ def _in_vms(out: kpcli.Output, policy: Any, prof: Any, say: Any) -> bool:
             out.error(f"{record.get('name')}: not run there: an earlier stage failed on it")
             out.statuses.add(errors.FAILED)
             continue
-        if refused is not None:
-            out.fail({"kind": "container", "name": policy.name, "host": record.get("name")}, refused)
+        backend = VmBackend(record)
+        try:  # what the VM cannot honour is refused before any image is built or anything done in it
+            backend.refuse(policy)
+        except KpError as exc:
+            out.fail({"kind": "container", "name": policy.name, "host": record.get("name")}, exc)
             continue
         try:
             policy = _built(out, policy, prof)
-            result, status = vmrun.run_in_vm(record, policy, say)
+            result, status = backend.run(policy, say)
         except KpError as exc:
             out.fail(getattr(exc, "record", {"kind": "container", "name": policy.name, "host": record.get("name")}),
                      exc)

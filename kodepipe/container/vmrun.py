@@ -69,8 +69,9 @@ What holds inside the guest, as on the host:
   instruction, as hostrun.py does on the host; the container does not
   start if the hook fails.
 - What the guest cannot do yet (--quarantine, --audit, -i/-t, --keep,
-  --allow) is refused before anything is done in it: nothing is dropped
-  silently.
+  --allow, --resolve: backend.VM_UNSUPPORTED, the VM backend's support
+  table) is refused, naming the part, before anything is done in it:
+  nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -593,19 +594,6 @@ def podman_failure(status: int, stderr: bytes) -> str | None:
     return lines[-1].removeprefix("Error: ") if lines and lines[-1].startswith("Error: ") else None
 
 
-def refuse_host_only(policy: Policy) -> None:
-    """What the guest cannot honour yet is refused, naming it, before anything is done anywhere."""
-    for flag, used in (("--quarantine", policy.quarantine), ("--audit", policy.audit is not None),
-                       ("--keep", policy.keep), ("-i/-t", policy.interactive or policy.tty),
-                       ("--resolve", bool(policy.egress and policy.egress.pins)),
-                       ("--allow (or a profile's allowed domains)", policy.egress is not None)):
-        if used:
-            hint = "run it on the host (without vm records on stdin)"
-            if flag.startswith("--allow"):
-                hint += "; --no-profile-allow drops a profile's domains (the run then has no network)"
-            raise BadInput(f"{flag} is not supported inside a VM yet (host-only for now)", hint=hint)
-
-
 def git_warnings(repos: dict[str, GuestRepo], protect: list[str], *, writable: bool) -> list[str]:
     """What to tell the user about the workspace's repositories before the run."""
     from kodepipe.core.terminal import escape
@@ -678,7 +666,9 @@ class VmRun:
         self.policy = policy
 
     def prepare(self) -> sandbox.Sandbox:
-        refuse_host_only(self.policy)
+        from kodepipe.container.backend import VmBackend, check
+
+        check(self.policy, VmBackend(self.vm))  # what the guest cannot honour: refused before connecting
         # the workspace in the guest: the one asked for, else the share (its policy: the same as for -w)
         self.policy = policy = self.policy.with_workspace(guest_workspace(self.vm, self.policy))
         wanted = policy.workspace

@@ -150,6 +150,8 @@ class Code(StrEnum):
     connection_lost = "connection_lost", FAILED, "the SSH connection to the VM broke"
     exit_status = "exit_status", FAILED, "kp-ssh: the command exited non-zero (its result record has exit_status)"
     # -- containers
+    unsupported = ("unsupported", BAD_INPUT,
+        "the backend (a VM) cannot honour a part of the policy, which the message names: refused before anything")
     bad_profile = "bad_profile", BAD_INPUT, "a profile (its profile.json or Containerfile) is missing or invalid"
     unknown_profile = "unknown_profile", BAD_INPUT, "there is no profile of that name"
     import_failed = "import_failed", FAILED, "importing the local container base image failed"
