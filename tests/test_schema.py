@@ -41,14 +41,14 @@ def assert_fits(records: list[Record], *kinds: str) -> None:
 # -- the checker itself --------------------------------------------------------------------------------
 
 GOOD_VM = {"kind": "vm", "name": "a", "id": "0123456789ab", "state": "running", "pid": 7, "ssh": None,
-           "memory": 2048, "sockets": {"qmp": "/run/q"}, "error": {"code": "frozen", "message": "m"}}
+           "memory": "2G", "sockets": {"qmp": "/run/q"}, "error": {"code": "frozen", "message": "m"}}
 
 
 @pytest.mark.parametrize("change, strict, says", [
     ({}, True, []),
     ({"pid": "7"}, False, ["'pid' must be an integer or null, got a string '7'"]),
     ({"pid": True}, False, ["'pid' must be an integer or null, got a boolean True"]),
-    ({"memory": 2.5}, False, ["'memory' must be an integer, got a number 2.5"]),
+    ({"cpus": 2.5}, False, ["'cpus' must be an integer, got a number 2.5"]),
     ({"state": "ready"}, False, ["'state' must be one of creating, stopped, running, suspended, frozen, saved, "
                                  "crashed, broken, gone, got a string 'ready'"]),
     ({"sockets": {"qmp": 5}}, False, ["'sockets' must be an object of strings, got an object"]),
@@ -100,22 +100,34 @@ def literal_records() -> Iterator[tuple[str, int, str, list[str]]]:
     """(file, line, kind, constant keys) of every dict literal in kodepipe with a constant "kind"."""
     source = Path(kodepipe.__file__).resolve().parent
     for path in sorted(source.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        # a kind may be named by a module constant (KIND = "container-image")
+        constants = {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+                     for target in node.targets if isinstance(target, ast.Name)
+                     and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)}
+        for node in ast.walk(tree):
             if not isinstance(node, ast.Dict):
                 continue
             keys = [k.value if isinstance(k, ast.Constant) and isinstance(k.value, str) else None
                     for k in node.keys]
             if "kind" not in keys:
                 continue
-            kind = node.values[keys.index("kind")]
-            if isinstance(kind, ast.Constant) and isinstance(kind.value, str):
-                yield str(path.relative_to(source.parent)), node.lineno, kind.value, [k for k in keys if k]
+            value = node.values[keys.index("kind")]
+            kind: str | None
+            if isinstance(value, ast.Attribute) and value.attr == "KIND":  # images.KIND of another module
+                kind = "?" + ast.unparse(value)
+            elif isinstance(value, ast.Name):
+                kind = constants.get(value.id, "?" + value.id)
+            else:
+                kind = value.value if isinstance(value, ast.Constant) and isinstance(value.value, str) else None
+            if kind is not None and not kind.startswith("?"):
+                yield str(path.relative_to(source.parent)), node.lineno, kind, [k for k in keys if k]
 
 
 def test_every_record_literal_in_the_source_is_of_a_kind_of_the_schema_with_its_keys() -> None:
     found = list(literal_records())
     assert {kind for _, _, kind, _ in found} >= {"image", "vm", "container", "event", "summary", "egress",
-                                                 "result", "trace"}
+                                                 "result", "trace", "container-image"}
 
     def allowed(kind: str) -> set[str]:
         return set(schema.keys(kind)) | schema.META_ONLY.get(kind, frozenset())
@@ -215,6 +227,20 @@ def test_egress_decisions_of_the_proxy_and_kp_traces_summary_of_them(tmp_path: P
     passed = lines(kp("kp-trace", input=orjson.dumps(container) + b"\n").stdout)
     summary = lines(kp("kp-trace", "--summary", input=orjson.dumps(container) + b"\n").stdout)
     assert_fits([*decisions, *passed, *summary], "egress", "summary")
+
+
+# -- kp-image base's record ------------------------------------------------------------------------------
+
+
+def test_the_container_image_record_of_podmans_inspect() -> None:
+    from kodepipe.container import images
+
+    info = {"Id": "d684cd7d9028", "Size": 120587501, "Created": "2026-11-23T23:16:04.123456789Z",
+            "Labels": {f"{images.LABEL}.suite": "bookworm", f"{images.LABEL}.mirror": "http://deb.example/debian"}}
+    record = images.image_record("localhost/kodepipe-base:bookworm", info)
+    assert record["suite"] == "bookworm" and record["created"] == "2026-11-23T23:16:04Z", record
+    failed = {"kind": images.KIND, "name": images.BASE_REPO, "error": {"code": "no_permission", "message": "m"}}
+    assert_fits([record, failed], "container-image")
 
 
 # -- kp-ssh's result record -------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
             _pause("applied")
         for warning in warnings:
             say(f"{name}: {warning}")
-        record = {k: v for k, v in meta.items() if k not in ("pid", "pid_start", "boot_id", "fingerprints")}
+        record = {k: v for k, v in meta.items() if k not in (*folders.PRIVATE, "fingerprints")}
         done = {change.path for change in applied}
         left_out = [change.as_dict() for change in changes if change.path not in done]  # fifos, sockets, devices
         record.update(state="applied", applied=now_iso(), applied_count=len(applied),

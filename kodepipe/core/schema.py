@@ -144,7 +144,7 @@ class VmRecord(_Object, total=False):
     started: str
     accel: Literal["kvm", "tcg"]
     accel_reason: str
-    memory: int  # MiB
+    memory: str  # as given to kp-boot --memory (QEMU's -m), e.g. "1G"
     cpus: int
     net: str  # user, none or bridge:NAME
     share: str | None
@@ -197,6 +197,7 @@ class ContainerRecord(_Object, total=False):
     secrets: list[str]
     env: list[str]  # names only
     allow: list[str]
+    resolve: list[str]  # --resolve pins, NAME=ADDRESS
     kernel_quotas: JsonObject
     engine: str
     image_transfer: JsonObject
@@ -346,6 +347,21 @@ class EgressRecord(TypedDict, total=False):
     seconds: float
 
 
+class ContainerImageRecord(TypedDict, total=False):
+    """kp-image base: the local container base image kp-run's profile images are built on."""
+
+    kind: Required[Literal["container-image"]]
+    name: Required[str]  # its tag: localhost/kodepipe-base:SUITE
+    image_id: str | None
+    size: int | None  # bytes
+    created: str | None
+    suite: str
+    mirror: str
+    profile: str
+    build_seconds: float
+    error: ErrorObject
+
+
 class ResultRecord(TypedDict, total=False):
     """kp-ssh: what a command in a VM did."""
 
@@ -400,6 +416,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
                                                                   "kp-ls", "kp-rm")),
     Kind("container", ContainerRecord, ContainerState, "a kp-run: its container, its folder and how it ended",
          ("kp-run", "kp-ls", "kp-rm")),
+    Kind("container-image", ContainerImageRecord, None, "the local container base image of kp-run's profiles",
+         ("kp-image base",)),
     Kind("result", ResultRecord, None, "a command run in a VM over SSH", ("kp-ssh",)),
     Kind("trace", TraceRecord, TraceState, "a command kp-trace ran under strace", ("kp-trace",)),
     Kind("event", EventRecord, None, "one system call, signal, exit or tracer message (kodepipe-events(7))",
