@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kodepipe.core import proc
 
-DEFAULT = 256 << 20
-MINIMUM = 64 << 10
+# the cap itself, its default (256m) and its minimum (64k), are the policy's: container/policy.py
 SLACK = 64 << 20
 POLL = 0.05
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import orjson
 
+from kodepipe.container.policy import AGENT_UID
 from kodepipe.core import paths, proc
 from kodepipe.core.errors import BadInput, Busy, CommandFailed, KpError, NoPermission, NotFound, Timeout
 from kodepipe.core.records import Record
@@ -41,9 +42,8 @@ BASE_REPO = "localhost/kodepipe-base"
 KIND = "container-image"
 LABEL = "io.kodepipe"  # label prefix: io.kodepipe.kind, io.kodepipe.suite, ...
 
-# The agent's uid/gid in every image (kp-run runs as --user 1000:1000).
+# The agent's uid/gid in every image (kp-run runs as --user AGENT_UID:AGENT_UID, the policy's).
 AGENT_USER = "agent"
-AGENT_UID = 1000
 AGENT_HOME = "/tmp/home"
 # CA certificates the host trusts locally (a TLS-intercepting proxy's, a company's)
 LOCAL_CAS = Path("/usr/local/share/ca-certificates")
