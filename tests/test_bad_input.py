@@ -119,7 +119,7 @@ def test_an_id_of_the_wrong_type_is_bad_input_and_nothing_is_done(world: dict[st
     proc = kp(*argv, input=feed(record, NOTE))
     no_traceback(proc)
     assert proc.returncode == 65, proc.stderr.decode()
-    assert b"line 1" in proc.stderr and b'"id" must be a string' in proc.stderr
+    assert b"stdin line 1" in proc.stderr and b'"id" must be a string' in proc.stderr
     out = lines(proc.stdout)
     assert out[0] == {**record, "error": out[0]["error"]} and out[0]["error"]["code"] == "bad_input"
     assert out[1:] == [NOTE]  # the rest of the stream was still handled
@@ -130,7 +130,7 @@ def test_an_id_of_the_wrong_type_is_bad_input_and_nothing_is_done(world: dict[st
 def test_kp_rm_goes_on_after_a_bad_id_and_removes_what_the_next_record_names(world: dict[str, Any]) -> None:
     proc = kp("kp-rm", input=feed({**world["a"], "id": 7}, world["b"]))
     no_traceback(proc)
-    assert proc.returncode == 65 and b"line 1" in proc.stderr
+    assert proc.returncode == 65 and b"stdin line 1" in proc.stderr
     assert (world["state"] / "vms" / "a").is_dir()
     assert not (world["state"] / "vms" / "b").exists()
 
@@ -140,7 +140,7 @@ def test_kp_rm_checks_the_state_it_reads_from_a_record(world: dict[str, Any], st
     record = {"kind": "vm", "name": "a", "state": state}  # no id: the state says what the record saw
     proc = kp("kp-rm", input=feed(record, NOTE))
     no_traceback(proc)
-    assert proc.returncode == 65 and b'line 1: "state" must be a string' in proc.stderr, proc.stderr.decode()
+    assert proc.returncode == 65 and b'stdin line 1: "state" must be a string' in proc.stderr, proc.stderr.decode()
     assert (world["state"] / "vms" / "a").is_dir()
     assert lines(proc.stdout)[1:] == [NOTE]
 
@@ -167,7 +167,7 @@ def test_kp_rm_honours_a_failed_records_identity_only_when_it_is_valid(world: di
     if not removed:
         assert out[0] == record  # passed through untouched: the earlier stage's error stays
         if status == 65:
-            assert b"line 1" in proc.stderr
+            assert b"stdin line 1" in proc.stderr
 
 
 @pytest.mark.parametrize("argv", [a for a, _, _ in ACTORS if a[0] not in ("kp-rm", "kp-ls")],
@@ -197,7 +197,7 @@ def test_a_bad_name_in_a_record_is_bad_input(world: dict[str, Any], argv: tuple[
     before = objects(world["state"])
     proc = kp(*argv, input=feed({"kind": kind, "name": bad_name}, NOTE))
     no_traceback(proc)
-    assert proc.returncode == 65 and b"line 1" in proc.stderr, proc.stderr.decode()
+    assert proc.returncode == 65 and b"stdin line 1" in proc.stderr, proc.stderr.decode()
     out = lines(proc.stdout)
     assert out[0]["error"]["code"] == "bad_name" and out[1:] == [NOTE]
     assert objects(world["state"]) == before
@@ -209,7 +209,7 @@ def test_a_bad_name_in_a_record_is_bad_input(world: dict[str, Any], argv: tuple[
 def test_kp_ssh_config_checks_the_records_it_reads(world: dict[str, Any], record: dict[str, object]) -> None:
     proc = kp("kp-ssh", "--config", input=feed(record))
     no_traceback(proc)
-    assert proc.returncode == 65 and b"line 1" in proc.stderr, proc.stderr.decode()
+    assert proc.returncode == 65 and b"stdin line 1" in proc.stderr, proc.stderr.decode()
     assert proc.stdout == b""
 
 
@@ -244,6 +244,7 @@ def test_a_bad_line_on_kp_runs_stdin_stops_the_run_before_anything_runs(world: d
     proc = kp(*KP_RUN, input=bad_line + b"\n" + good if first else good + bad_line + b"\n")
     no_traceback(proc)
     assert proc.returncode == 65, proc.stderr.decode()
+    assert f"stdin line {1 if first else 2}: ".encode() in proc.stderr, proc.stderr.decode()
     assert b"nothing was run" in proc.stderr and b"RAN" not in proc.stderr
     assert [r for r in lines(proc.stdout) if r.get("kind") == "container"] == []
     assert not (world["state"] / "containers").exists() or not any((world["state"] / "containers").iterdir())
@@ -263,7 +264,7 @@ def test_records_nested_too_deep_to_write_back_are_bad_input_and_the_rest_goes_o
     proc = kp(*argv, input=deep + b"\n" + feed(NOTE))
     no_traceback(proc)
     assert proc.returncode == 65, proc.stderr.decode()
-    assert b"line 1: nested deeper than 254 levels" in proc.stderr
+    assert b"stdin line 1: nested deeper than 254 levels" in proc.stderr
     assert lines(proc.stdout) == [NOTE]
 
 
@@ -395,7 +396,7 @@ def test_kp_trace_refuses_a_log_field_that_is_not_a_path(key: str, value: object
     record = {"kind": "container", "name": "c1", key: value}
     proc = kp_capped("kp-trace", input=feed(record, NOTE))
     no_traceback(proc)
-    assert proc.returncode == 65 and b"line 1" in proc.stderr and f'"{key}"'.encode() in proc.stderr
+    assert proc.returncode == 65 and b"stdin line 1" in proc.stderr and f'"{key}"'.encode() in proc.stderr
     assert lines(proc.stdout)[1:] == [NOTE]
 
 
@@ -556,7 +557,7 @@ def test_every_stdin_reader_refuses_or_passes_on_a_record_named_dot_dot(world: d
         assert proc.returncode == 0 and between == [record], proc.stderr.decode()
     else:
         assert proc.returncode == 65, proc.stderr.decode()
-        assert f"line 2: invalid {kind} name '../x'".encode() in proc.stderr, proc.stderr.decode()
+        assert f"stdin line 2: invalid {kind} name '../x'".encode() in proc.stderr, proc.stderr.decode()
         if argv != ("kp-ssh", "--config"):
             error = between[0]["error"] if between else None
             assert between == [{**record, "error": error}] and isinstance(error, dict), between

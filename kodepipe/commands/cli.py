@@ -12,14 +12,14 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any, NoReturn
 
 import click
 
 from kodepipe.core import errors
 from kodepipe.core.errors import BadInput, KpError
-from kodepipe.core.records import Line, PipeClosed, Record, Writer, read, with_error
+from kodepipe.core.records import Line, PipeClosed, Record, TooLong, Writer, lines_of, read, with_error
 from kodepipe.core.terminal import escape_lines
 
 
@@ -83,13 +83,18 @@ class Output:
 
     def bad_line(self, exc: BadInput) -> None:
         self.statuses.add(exc.status)
-        self.error(f"stdin {exc.message}; the line was skipped")
+        self.error(f"{exc.message}; the line was skipped")
 
-    def records(self, stream: IO[bytes] | None = None) -> Iterator[Line]:
+    def records(self, stream: IO[bytes] | None = None, *,
+                numbered: Iterable[tuple[int, bytes | TooLong]] | None = None) -> Iterator[Line]:
         """Each record on stdin (or ``stream``) as a ``Line``: its number and typed reads of its fields.
 
-        A line that is not a JSON object is reported by number and skipped (65)."""
-        return read(stream if stream is not None else sys.stdin.buffer, self.bad_line)
+        The one reader of records on stdin: every command's records come through here, and every
+        message about one names its line ("stdin line 3: ...").  A line that is not a JSON object is
+        reported and skipped (65).  ``numbered``: stdin's lines already read by ``bounded_lines``."""
+        if numbered is not None:
+            return lines_of(numbered, self.bad_line, stdin=True)
+        return read(stream if stream is not None else sys.stdin.buffer, self.bad_line, stdin=True)
 
     def objects(self, kinds: tuple[str, ...], *, honour_failed: bool = False, fields: tuple[str, ...] = (),
                 stream: IO[bytes] | None = None) -> Iterator[tuple[Line, str, str | None]]:
@@ -120,7 +125,7 @@ class Output:
             except KpError as exc:
                 if line.failed:
                     self.statuses.add(exc.status)
-                    self.error(f"stdin {exc.message}; nothing was done for it")
+                    self.error(f"{exc.message}; nothing was done for it")
                     self.emit(line.record)
                 else:
                     self.fail(line.record, exc)

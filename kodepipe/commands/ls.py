@@ -96,7 +96,7 @@ def cli(names: tuple[str, ...], kinds: tuple[str, ...], states: tuple[str, ...],
             except KpError as exc:
                 if as_table:
                     out.statuses.add(exc.status)
-                    out.error(f"stdin {exc.message}")
+                    out.error(exc.message)  # it names the line: "stdin line 3: ..."
                 else:
                     out.fail(record, exc)
                 continue

@@ -249,7 +249,7 @@ def _print_config(out: kpcli.Output, names: tuple[str, ...], key_path: Path) -> 
             try:
                 name, vm_id = line.identity("vm name")
             except KpError as exc:
-                out.error(f"stdin {exc.message}")
+                out.error(exc.message)  # it names the line: "stdin line 3: ..."
                 out.statuses.add(exc.status)
                 continue
             try:

@@ -214,7 +214,7 @@ EVIDENCE_OF_FAILED_RUNS = ("audit_incomplete", "engine_lost")
 
 def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
     from kodepipe.core.errors import BadInput, KpError
-    from kodepipe.core.records import MAX_LINE, Line, TooLong, bounded_lines, open_regular, parse_line, too_long
+    from kodepipe.core.records import MAX_LINE, TooLong, bounded_lines, open_regular
 
     numbered = bounded_lines(stream, MAX_LINE)
     for first in numbered:
@@ -227,17 +227,7 @@ def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
         _parse_stream(_text(_chain(first, numbered), bad), sink)
         bad.close()
         return
-    for lineno, raw in _chain(first, numbered):
-        if isinstance(raw, TooLong):
-            out.bad_line(too_long(lineno, raw))
-            continue
-        if not raw.strip():
-            continue
-        try:
-            line = Line(lineno, parse_line(raw, lineno))
-        except BadInput as exc:
-            out.bad_line(exc)
-            continue
+    for line in out.records(numbered=_chain(first, numbered)):
         record = line.record
         error = record.get("error")
         code = error.get("code") if isinstance(error, dict) else None
@@ -315,7 +305,7 @@ def _egress(path: str, record: Record, out: kpcli.Output, sink: _Sink) -> None:
     """The egress proxy's decisions of a kp-run --allow, as they were logged: each line a JSON object
     (bad lines are reported and skipped), read a line at a time from a regular file only."""
     from kodepipe.core.errors import BadInput, KpError
-    from kodepipe.core.records import Line, TooLong, bounded_lines, open_regular, parse_line, too_long
+    from kodepipe.core.records import bounded_lines, lines_of, open_regular
 
     try:
         handle = open_regular(path, "the egress log")
@@ -325,13 +315,8 @@ def _egress(path: str, record: Record, out: kpcli.Output, sink: _Sink) -> None:
     bad = _BadLines(out, f"{record.get('name') or record.get('id')}: the egress log {path}")
     try:
         with handle:
-            for lineno, raw in _reading(bounded_lines(handle, EGRESS_LINE), "the egress log", path):
+            for line in lines_of(_reading(bounded_lines(handle, EGRESS_LINE), "the egress log", path), bad):
                 try:
-                    if isinstance(raw, TooLong):
-                        raise too_long(lineno, raw)
-                    if not raw.strip():
-                        continue
-                    line = Line(lineno, parse_line(raw, lineno))
                     for key in ("decision", "method", "host"):  # what a summary counts by
                         line.text(key)
                 except BadInput as exc:

@@ -20,7 +20,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, BinaryIO, NamedTuple
 
 from kodepipe.core.errors import BadInput, BadName, KpError, NoPermission, NotFound
@@ -125,9 +125,14 @@ def decode_text(line: bytes, lineno: int) -> str:
         raise BadInput(f"line {lineno}: not UTF-8 (byte {exc.start + 1} is {line[exc.start]:#04x})") from None
 
 
-def too_long(lineno: int, what: TooLong) -> BadInput:
-    return BadInput(f"line {lineno}: longer than {_bytes(what.limit)} (it starts "
+def too_long(lineno: int, what: TooLong, where: str = "") -> BadInput:
+    return BadInput(f"{_at(where, lineno)}: longer than {_bytes(what.limit)} (it starts "
                     f"{what.head[:40].decode('utf-8', 'backslashreplace')!r}); it was skipped")
+
+
+def _at(where: str, lineno: int) -> str:
+    """How a message names a line: "line 3", or "stdin line 3" when ``where`` says where it is."""
+    return f"{where} line {lineno}" if where else f"line {lineno}"
 
 
 def _bytes(n: int) -> str:
@@ -179,22 +184,23 @@ def _file_type(mode: int) -> str:
 # -- records ------------------------------------------------------------------------------------
 
 
-def parse_line(line: bytes, lineno: int) -> Record:
-    """Parse one line into a record, or raise BadInput naming the line."""
+def parse_line(line: bytes, lineno: int, where: str = "") -> Record:
+    """Parse one line into a record, or raise BadInput naming the line (and ``where`` it is: "stdin")."""
     import orjson
 
+    at = _at(where, lineno)
     try:
         value = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
-        raise BadInput(f"line {lineno}: not valid JSON ({exc})") from None
+        raise BadInput(f"{at}: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise BadInput(f"line {lineno}: expected a JSON object, got {json_type(value)}")
+        raise BadInput(f"{at}: expected a JSON object, got {json_type(value)}")
     # a line can only nest as deep as it has brackets: the walk is for the rare line with many
     if line.count(b"[") + line.count(b"{") > MAX_DEPTH and too_deep(value):
-        raise BadInput(f"line {lineno}: nested deeper than {MAX_DEPTH} levels, which cannot be written back")
+        raise BadInput(f"{at}: nested deeper than {MAX_DEPTH} levels, which cannot be written back")
     kind = value.get("kind")
     if kind is not None and not isinstance(kind, str):
-        raise BadInput(f"line {lineno}: \"kind\" must be a string, got {json_type(kind)}")
+        raise BadInput(f"{at}: \"kind\" must be a string, got {json_type(kind)}")
     return value
 
 
@@ -225,6 +231,11 @@ class Line(NamedTuple):
     record: Record
 
     @property
+    def at(self) -> str:
+        """How messages name this line: "line 3" (a StdinLine: "stdin line 3")."""
+        return _at("", self.number)
+
+    @property
     def kind(self) -> str | None:
         kind = self.record.get("kind")
         return kind if isinstance(kind, str) else None  # parse_line refused any other type
@@ -235,18 +246,18 @@ class Line(NamedTuple):
         return "error" in self.record
 
     def bad(self, key: str, expected: str) -> BadInput:
-        return BadInput(f"line {self.number}: \"{key}\" must be {expected}, "
+        return BadInput(f"{self.at}: \"{key}\" must be {expected}, "
                         f"got {json_type(self.record.get(key))}")
 
     def name(self, what: str = "name", key: str = "name") -> str:
         """The record's name, required and hostname-safe (BadName, 65)."""
         value = self.record.get(key)
         if key not in self.record:
-            raise BadName(f"line {self.number}: the record has no \"{key}\"")
+            raise BadName(f"{self.at}: the record has no \"{key}\"")
         try:
             return check_name(value, what)
         except BadName as exc:
-            raise BadName(f"line {self.number}: {exc.message}") from None
+            raise BadName(f"{self.at}: {exc.message}") from None
 
     def id(self, key: str = "id") -> str | None:
         """The record's identity, if it has one: a non-empty string (kodepipe writes 12 hex digits)."""
@@ -273,7 +284,7 @@ class Line(NamedTuple):
         """A file path: a non-empty string without NUL bytes, or None when absent or null."""
         value = self.text(key)
         if value is not None and (not value or "\0" in value):
-            raise BadInput(f"line {self.number}: \"{key}\" must be a file path, got {value!r}")
+            raise BadInput(f"{self.at}: \"{key}\" must be a file path, got {value!r}")
         return value
 
     def integer(self, key: str, *, low: int | None = None, high: int | None = None) -> int | None:
@@ -284,7 +295,7 @@ class Line(NamedTuple):
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.bad(key, wanted)
         if (low is not None and value < low) or (high is not None and value > high):
-            raise BadInput(f"line {self.number}: \"{key}\" must be {wanted}, got {value}")
+            raise BadInput(f"{self.at}: \"{key}\" must be {wanted}, got {value}")
         return value
 
     def mapping(self, key: str) -> dict[str, Any] | None:
@@ -304,21 +315,44 @@ class Line(NamedTuple):
         return value
 
 
-def read(stream: IO[bytes], on_bad: Callable[[BadInput], None], *, limit: int = MAX_LINE) -> Iterator[Line]:
+class StdinLine(Line):
+    """A record read from stdin: every message about it names it "stdin line 3"."""
+
+    __slots__ = ()
+
+    @property
+    def at(self) -> str:
+        return _at(STDIN, self.number)
+
+
+STDIN = "stdin"
+
+
+def read(stream: IO[bytes], on_bad: Callable[[BadInput], None], *, limit: int = MAX_LINE,
+         stdin: bool = False) -> Iterator[Line]:
     """Yield a ``Line`` (line number, record) for each JSON object line of ``stream``.
 
     Blank lines are skipped.  A line that is not a JSON object (or is too long,
     or too deep) is reported through ``on_bad`` and skipped; the caller decides
     the exit status.  Lines are read as they arrive, so an upstream stage can stream.
+    With ``stdin``, every message names a line as "stdin line 3" (and the lines are StdinLines).
     """
-    for lineno, line in bounded_lines(stream, limit):
+    return lines_of(bounded_lines(stream, limit), on_bad, stdin=stdin)
+
+
+def lines_of(numbered: Iterable[tuple[int, bytes | TooLong]], on_bad: Callable[[BadInput], None], *,
+             stdin: bool = False) -> Iterator[Line]:
+    """``read`` of lines already numbered by ``bounded_lines`` (kp-trace looks at the first before it
+    knows whether records or strace text follow)."""
+    where, make = (STDIN, StdinLine) if stdin else ("", Line)
+    for lineno, line in numbered:
         if isinstance(line, TooLong):
-            on_bad(too_long(lineno, line))
+            on_bad(too_long(lineno, line, where))
             continue
         if not line.strip():
             continue
         try:
-            yield Line(lineno, parse_line(line, lineno))
+            yield make(lineno, parse_line(line, lineno, where))
         except BadInput as exc:
             on_bad(exc)
 
