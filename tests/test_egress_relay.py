@@ -5,6 +5,7 @@ session, on the record.  relay.pl itself is tested in a real namespace (integrat
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,3 +145,17 @@ def test_the_relay_command_runs_relay_pl_in_the_namespace() -> None:
     modules = {line.split()[1].rstrip(";") for line in argv[5].splitlines() if line.startswith("use ")}
     assert modules <= {"strict", "warnings", "Socket", "Fcntl", "Errno"}
     assert "connect(" not in argv[5] and "gethostby" not in argv[5] and "getaddrinfo" not in argv[5]
+
+
+def test_serving_refuses_a_relay_that_never_listens_and_stops_its_proxy(tmp_path: Path) -> None:
+    log = egress.DecisionLog(tmp_path / "egress.jsonl", "c1")
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(encode(Kind.OPEN, 1))  # a stream before READY: the session ends at once
+        with pytest.raises(relay.RelayError, match="did not start: the relay broke the protocol"), \
+                relay.serving(relay.SocketChannel(theirs), egress_policy.Policy.build(["a.test"]), log):
+            pass
+        ours.settimeout(WAIT)
+        assert ours.recv(1) == b""  # the host shut its end: a real relay exits
+    log.close()
+    assert [t.name for t in threading.enumerate() if t.name == "kp-egress"] == []

@@ -6,10 +6,8 @@ a connection accepted on its own listener, and each query goes to the Proxy's DN
 same policy, the same refusals (raw addresses, loopback, the host's own addresses), the same
 DecisionLog.  The relay decides nothing.
 
-    proxy = Proxy(policy, log); proxy.start(None, None)
-    relay = Relay(proxy, channel); relay.start(); relay.wait_ready(timeout)
-    ... the agent runs ...
-    relay.stop(); proxy.stop()
+    with serving(channel, policy, log):   # Proxy(policy, log), Relay(proxy, channel), ready
+        ... the agent runs ...             # then the relay is stopped, then the proxy
 
 A channel is anything with ``recv(n)``, ``sendall(data)``, ``shutdown_write()`` and ``close()``:
 a paramiko Channel as it is, a socket through SocketChannel, two pipe ends through PipeChannel.
@@ -25,13 +23,15 @@ import os
 import shlex
 import socket
 import threading
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any, Protocol
 
 from kodepipe.core.errors import KpError
 from kodepipe.egress import mux
 from kodepipe.egress.mux import Kind
-from kodepipe.egress.proxy import MAX_DNS_INFLIGHT, Proxy
+from kodepipe.egress.policy import Policy
+from kodepipe.egress.proxy import MAX_DNS_INFLIGHT, DecisionLog, Proxy
 from kodepipe.egress.wire import HEAD_LIMIT
 
 RECV_SIZE = 1 << 16
@@ -173,7 +173,8 @@ class Relay:
             with self._out_lock:
                 chunk = bytes(self._out)
                 self._out.clear()
-                self._wake.clear()
+                if not (self._stopping or self.done.is_set()):  # else: round again, to shut the channel
+                    self._wake.clear()
             if chunk:
                 try:
                     self.channel.sendall(chunk)
@@ -292,6 +293,25 @@ class Relay:
             self.proxy.loop.call_soon_threadsafe(self._end, "stopped")
             self.done.wait(timeout)
         return self.reason
+
+
+@contextlib.contextmanager
+def serving(channel: Channel, policy: Policy, log: DecisionLog, *,
+            timeout: float = READY_TIMEOUT) -> Iterator[Relay]:
+    """One run's egress through a relay: kodepipe's proxy on the host for ``policy`` and ``log``,
+    the relay on ``channel`` (relay_command(pid) already running at its other end), ready when this
+    yields; on exit the relay is stopped (it exits and its sockets close), then the proxy.  RelayError
+    if the relay did not start."""
+    proxy = Proxy(policy, log)
+    proxy.start(None, None)
+    session = Relay(proxy, channel)
+    try:
+        session.start()
+        session.wait_ready(timeout)
+        yield session
+    finally:
+        session.stop()
+        proxy.stop()
 
 
 class _Stream:

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,14 @@ def through(netns: int, tmp_path: Path, origins: tuple[Origin, Origin]) -> Itera
         yield running
 
 
+def logged(log: Path, count: int) -> None:
+    """Until the log holds ``count`` decisions (within WAIT seconds)."""
+    deadline = time.monotonic() + WAIT
+    while len(decisions(log)) < count:
+        assert time.monotonic() < deadline, f"fewer than {count} decisions after {WAIT:g} s"
+        time.sleep(0.01)
+
+
 def test_allowed_names_pass_through_the_relay_and_nothing_else_does(through: Relayed,
                                                                      origins: tuple[Origin, Origin]) -> None:
     """From inside the namespace, as from a container on the host: the proxy decides, and logs."""
@@ -198,6 +207,9 @@ def test_allowed_names_pass_through_the_relay_and_nothing_else_does(through: Rel
     assert reply.startswith(b"HTTP/1.0 200") and b"hello from /a" in reply
     got = in_netns(pid, lambda: https_get(tunnel(3128, f"allowed.test:{tls_origin.port}"), "allowed.test", "/t"))
     assert b"tls from /t" in got
+    # a tunnel's decision is written once the proxy has seen the client's close, which reaches it
+    # through the relay after https_get has returned: the next decisions must not overtake it
+    logged(through.log, 2)
     for request in (f"GET http://denied.test:{origin.port}/d HTTP/1.1\r\n\r\n",
                     f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n",
                     f"CONNECT meta.test:{origin.port} HTTP/1.1\r\n\r\n"):
@@ -401,13 +413,10 @@ import os, socket, sys
 from pathlib import Path
 from kodepipe.egress import policy, proxy, relay
 log = proxy.DecisionLog(Path(sys.argv[2]), "c1")
-p = proxy.Proxy(policy.Policy.build([sys.argv[3]], [sys.argv[4]]), log)
-p.start(None, None)
-r = relay.Relay(p, relay.SocketChannel(socket.socket(fileno=int(sys.argv[1]))))
-r.start()
-r.wait_ready(60)
-print("ready", flush=True)
-sys.stdin.read()
+channel = relay.SocketChannel(socket.socket(fileno=int(sys.argv[1])))
+with relay.serving(channel, policy.Policy.build([sys.argv[3]], [sys.argv[4]]), log):
+    print("ready", flush=True)
+    sys.stdin.read()
 """
 
 
