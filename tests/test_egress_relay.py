@@ -159,3 +159,18 @@ def test_serving_refuses_a_relay_that_never_listens_and_stops_its_proxy(tmp_path
         assert ours.recv(1) == b""  # the host shut its end: a real relay exits
     log.close()
     assert [t.name for t in threading.enumerate() if t.name == "kp-egress"] == []
+
+
+def test_a_relay_that_does_not_read_what_it_is_sent_ends_the_session(session: Session,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """What waits for the channel is bounded: the streams' windows bound the data, but DNS answers
+    and credits are only bounded by OUT_LIMIT (here, lowered: a guest's socket buffer would take the
+    real one's worth of queries to fill)."""
+    import dns.message
+
+    monkeypatch.setattr(relay, "OUT_LIMIT", 10)
+    session.guest.send(READY, encode(Kind.DNS, 1, dns.message.make_query("a.test", "A").to_wire()))
+    assert session.relay.done.wait(WAIT)
+    assert session.relay.reason == "the relay does not read what it is sent"
+    (record,) = decisions(session.log)[-1:]
+    assert record["method"] == "RELAY" and "does not read" in record["reason"]

@@ -36,6 +36,9 @@ from kodepipe.egress.wire import HEAD_LIMIT
 
 RECV_SIZE = 1 << 16
 READY_TIMEOUT = 60.0
+# bytes waiting for the channel: all the streams' windows, plus room for control frames and DNS answers;
+# more means the relay sends (queries, data it is credited for) but does not read what it is sent
+OUT_LIMIT = mux.MAX_STREAMS * mux.WINDOW + (4 << 20)
 
 
 class Channel(Protocol):
@@ -187,9 +190,15 @@ class Relay:
                 return
 
     def send(self, data: bytes) -> None:
+        """Queue a frame for the channel (on the proxy's loop)."""
         with self._out_lock:
             self._out += data
+            size = len(self._out)
         self._wake.set()
+        if size > OUT_LIMIT:
+            self.proxy.log.write(decision="error", method="RELAY",
+                                 reason=f"the relay does not read what it is sent ({size} bytes wait)")
+            self._end("the relay does not read what it is sent")
 
     # -- the session, on the proxy's loop ---------------------------------------------------------
 
