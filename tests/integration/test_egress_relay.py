@@ -226,6 +226,24 @@ def test_allowed_names_pass_through_the_relay_and_nothing_else_does(through: Rel
     assert all(d["container"] == "c1" for d in log)
 
 
+def test_the_relay_serves_the_ipv6_loopback_too(through: Relayed, origins: tuple[Origin, Origin]) -> None:
+    """A namespace with ::1 (a container's, with IPv6 on) gets the proxy there as well."""
+    origin, _ = origins
+    if "::1:3128/tcp" not in through.relay.listeners:
+        pytest.skip("this namespace has no ::1")
+
+    def get() -> bytes:
+        with socket.create_connection(("::1", 3128), timeout=WAIT) as s:
+            s.sendall(f"GET http://allowed.test:{origin.port}/six HTTP/1.1\r\n\r\n".encode())
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+        return got
+
+    assert b"hello from /six" in in_netns(through.pid, get)
+    assert [d["decision"] for d in decisions(through.log)] == ["allow"]
+
+
 def test_names_that_lead_to_the_hosts_loopback_or_own_addresses_are_refused_through_the_relay(
         netns: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The host's refusals hold for the relay's streams: an allowed name that resolves to loopback
