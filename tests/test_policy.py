@@ -172,7 +172,7 @@ def _today(o: pol.Options, prof: Prof | None) -> list[str]:
     return out
 
 
-GRID = list(itertools.product(
+GRID: list[tuple[Any, ...]] = list(itertools.product(
     [None, "/w"],  # workspace
     ["none", "open"],  # network
     [(), ("a.test", "*.b.test:8443")],  # allow

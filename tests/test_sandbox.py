@@ -116,7 +116,7 @@ def test_secret_and_size_parsing(tmp_path: Path) -> None:
 
 
 def test_seccomp_profile_forbids_new_namespaces() -> None:
-    base = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
+    base: dict[str, Any] = {"defaultAction": "SCMP_ACT_ERRNO", "syscalls": [
         {"names": ["read", "clone", "clone3", "unshare", "setns"], "action": "SCMP_ACT_ALLOW", "args": []},
         {"names": ["mount", "setns"], "action": "SCMP_ACT_ALLOW", "includes": {"caps": ["CAP_SYS_ADMIN"]}},
     ]}

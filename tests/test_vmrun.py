@@ -4,7 +4,9 @@ answers, and the order of things, against a scripted stand-in for the guest."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
+import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -19,6 +21,7 @@ from kodepipe.container import sandbox, vmrun
 from kodepipe.container.policy import Policy
 from kodepipe.core import proc
 from kodepipe.core.errors import BadInput, KpError
+from kodepipe.vm.hop import Outcome
 from tests import policies
 from tests.cli import invoke
 
@@ -156,20 +159,66 @@ def box(**kw: Any) -> sandbox.Sandbox:
     return made
 
 
-def test_the_remote_command_is_podman_run_with_every_word_quoted() -> None:
-    hostile = box(command=["sh", "-c", "echo $(id) `x`; rm -rf / &"], env={"TOKEN": "a'b\"c $HOME"},
+FAKE_SUDO = r"""#!/bin/sh
+# a stand-in for the guest's sudo: logs each command line (NUL-separated words, one per line), answers
+# podman create with an id and podman inspect with a pid, and fails where the test says
+printf '%s\0' "$@" >> "$KP_LOG"; echo >> "$KP_LOG"
+for word in "$@"; do
+    case "$word" in create) echo 0123abcd; exit "${KP_CREATE:-0}";; init) exit "${KP_INIT:-0}";;
+                    inspect) echo "${KP_PID-4242}"; exit 0;; esac
+done
+"""
+
+
+def in_shell(command: str, tmp_path: Path, **env: str) -> tuple[Outcome, list[list[str]]]:
+    """``command`` run by a real sh with a fake sudo: its outcome, and each sudo command line's words."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "sudo").write_text(FAKE_SUDO)
+    (bin_dir / "sudo").chmod(0o755)
+    log = tmp_path / "sudo.log"
+    log.write_bytes(b"")
+    done = subprocess.run(["sh", "-c", command], capture_output=True,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", "KP_LOG": str(log), **env})
+    calls = [[w.decode() for w in line.split(b"\0")[:-1]] for line in log.read_bytes().split(b"\n") if line]
+    return Outcome(done.returncode, done.stdout, done.stderr), calls
+
+
+def test_create_init_and_the_pid_are_one_command_with_every_word_quoted(tmp_path: Path) -> None:
+    hostile = box(command=["sh", "-c", "echo $(id) `x`; rm -rf / &) && echo pwned"], env={"TOKEN": "a'b\"c $HOME"},
                   limits=sandbox.Limits(memory=512 << 20, cpus=1, pids=64, seconds=0, tmpfs=64 << 20))
-    command = vmrun.run_command(hostile)
-    assert command.startswith("sudo -n podman run ")
-    assert shlex.split(command) == ["sudo", "-n", "podman", "run", *hostile.podman_args()]
-    hooked = shlex.split(vmrun.run_command(hostile, "/run/kodepipe/hooks-x"))
-    assert hooked[:6] == ["sudo", "-n", "podman", "--hooks-dir", "/run/kodepipe/hooks-x", "run"]
-    assert "--runtime" not in shlex.split(command)  # crun, the guest's default, unless runc is there
-    assert "--timeout" not in shlex.split(command)
-    words = shlex.split(vmrun.run_command(box(oci_runtime="runc")))  # LIMITS: 60 s, and Podman's backstop
+    outcome, calls = in_shell(vmrun.create_command(hostile, "/run/kodepipe/hooks-x"), tmp_path)
+    assert calls == [["-n", "podman", "--hooks-dir", "/run/kodepipe/hooks-x", "create", *hostile.podman_args()],
+                     ["-n", "podman", "--hooks-dir", "/run/kodepipe/hooks-x", "init", "--", hostile.name],
+                     ["-n", "podman", "inspect", "--format", "{{.State.Pid}}", "--", hostile.name]]
+    assert vmrun.parse_created(outcome, "vm-a") == vmrun.Created("0123abcd", 4242)
+    assert "--rm" in calls[0] and "--runtime" not in calls[0]  # crun, the guest's default, unless runc is there
+    assert "--timeout" not in calls[0]
+    _, (words, *_) = in_shell(vmrun.create_command(box(oci_runtime="runc")), tmp_path)
+    assert words[:3] == ["-n", "podman", "create"]  # no hooks asked for
     assert words[words.index("--runtime") + 1] == "runc" and words[words.index("--timeout") + 1] == "120"
+    assert shlex.split(vmrun.start_command("run-x", "/h")) == ["sudo", "-n", "podman", "--hooks-dir", "/h", "start",
+                                                               "--attach", "--", "run-x"]
     with pytest.raises(BadInput, match="invalid image"):
-        vmrun.run_command(box(image="--privileged"))
+        vmrun.create_command(box(image="--privileged"))
+
+
+@pytest.mark.parametrize(("env", "calls", "message"), [
+    ({"KP_CREATE": "125"}, 1, "could not create the container: status 125"),
+    ({"KP_INIT": "126"}, 2, "could not create the container: status 126"),
+    ({"KP_PID": "0"}, 3, "did not say which process the container's is ('0')"),
+    ({"KP_PID": ""}, 3, "did not say which process"),
+])
+def test_the_first_failing_step_stops_the_command_and_says_so(tmp_path: Path, env: dict[str, str], calls: int,
+                                                              message: str) -> None:
+    outcome, made = in_shell(vmrun.create_command(box()), tmp_path, **env)
+    assert len(made) == calls
+    with pytest.raises(KpError, match=re.escape(message)) as caught:
+        vmrun.parse_created(outcome, "vm-a")
+    assert caught.value.code == "podman"
+    said = Outcome(125, b"", b"time=x\nError: creating container storage: no space left\n")
+    with pytest.raises(KpError, match="could not create the container: creating container storage: no space"):
+        vmrun.parse_created(said, "vm-a")
 
 
 def test_a_path_podman_mount_would_misread_is_refused() -> None:
@@ -201,6 +250,33 @@ def test_the_seccomp_path_names_its_content() -> None:
 # -- one run, against a scripted guest --------------------------------------------------------------
 
 
+class FakeChannel:
+    """An SSH channel's host end, on a socketpair."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.closed = False
+
+    def recv(self, n: int) -> bytes:
+        return self.sock.recv(n)
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def shutdown_write(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def recv_stderr_ready(self) -> bool:
+        return False
+
+    def recv_stderr(self, n: int) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
 class FakeGuest:
     """Answers the commands vmrun sends, and remembers them."""
 
@@ -211,22 +287,25 @@ class FakeGuest:
         self.commands: list[tuple[str, bytes]] = []
         self.killed = threading.Event()
         self.closed = False
+        self.channels: list[FakeChannel] = []
         self._stream = stream
 
-    def run(self, command: str, *, input: bytes = b"", timeout: float | None = 60) -> vmrun.Outcome:
+    def run(self, command: str, *, input: bytes = b"", timeout: float | None = 60) -> Outcome:
         return self.send(command, [input] if input else [], timeout=timeout)
 
-    def send(self, command: str, chunks: Iterable[bytes], *, timeout: float | None = 60) -> vmrun.Outcome:
+    def send(self, command: str, chunks: Iterable[bytes], *, timeout: float | None = 60) -> Outcome:
         self.commands.append((command, b"".join(chunks)))
         if "say()" in command:
-            return vmrun.Outcome(0, probe(self.facts), b"")
+            return Outcome(0, probe(self.facts), b"")
         if " find . " in command:
-            return vmrun.Outcome(0, self.found, b"")
+            return Outcome(0, self.found, b"")
         if command.startswith("cat "):
-            return vmrun.Outcome(0, SECCOMP, b"")
+            return Outcome(0, SECCOMP, b"")
+        if " create --rm " in command:
+            return Outcome(0, b"id=0123abcd\0pid=4242\0", b"")
         if "podman kill" in command:
             self.killed.set()
-        return vmrun.Outcome(0, b"", b"")
+        return Outcome(0, b"", b"")
 
     def stream(self, command: str, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
         self.commands.append((command, b""))
@@ -234,6 +313,27 @@ class FakeGuest:
             return self._stream(self, command, sink)
         sink(b"hello from the container\n")
         return 3, b""
+
+    def open(self, command: str) -> FakeChannel:
+        """A channel of its own (the egress relay's): ``relay`` plays the guest's end."""
+        self.commands.append((command, b""))
+        ours, theirs = socket.socketpair()
+        channel = FakeChannel(ours)
+        self.channels.append(channel)
+        threading.Thread(target=self.relay, args=(theirs,), daemon=True).start()
+        return channel
+
+    def relay(self, sock: socket.socket) -> None:
+        """relay.pl, scripted: listening, then one request for a name the policy refuses, then
+        nothing until the host ends the session."""
+        from kodepipe.egress.mux import Kind, encode
+
+        request = b"GET http://denied.test/ HTTP/1.1\r\nHost: denied.test\r\n\r\n"
+        with sock:
+            sock.sendall(encode(Kind.READY, 0, b"127.0.0.1:3128/tcp 127.0.0.1:53/udp") + encode(Kind.OPEN, 1)
+                         + encode(Kind.DATA, 1, request) + encode(Kind.EOF, 1))
+            while sock.recv(65536):
+                pass
 
     def close(self) -> None:
         self.closed = True
@@ -251,38 +351,59 @@ def job(guest: FakeGuest, req: Policy | None = None, vm: dict[str, Any] | None =
     return run, output, said
 
 
-def test_a_run_in_the_guest_reports_like_one_on_the_host() -> None:
+def create_words(guest: FakeGuest) -> list[str]:
+    """The words of the one ``podman create`` the guest was sent (create_command's first step)."""
+    (command, _), = guest.sent(" create --rm ")
+    return shlex.split(command[len("id=$("):command.index(") && ")])
+
+
+def steps(guest: FakeGuest) -> list[str]:
+    """What each command sent to the guest did, in order, by a word that names it."""
+    names = [("say()", "probe"), ("find -P", "git survey"), (" find . ", "masks"), ("cat --", "seccomp"),
+             ("idmapped-lower-dir-false", "setup"), ("userns-limits.json", "hook"), ("mkdir -m 0700", "folder"),
+             ("0444", "file"), ("chmod 0400", "secret"), (" create --rm ", "create+init+pid"), ("nsenter", "relay"),
+             ("start --attach", "start"), ("podman rm", "remove"), ("podman kill", "kill"), ("rm -rf", "clean")]
+    return [next((name for fragment, name in names if fragment in command), command) for command, _ in
+            guest.commands]
+
+
+def test_a_run_in_the_guest_reports_like_one_on_the_host(kp_env: dict[str, Path]) -> None:
     guest = FakeGuest()
     run, output, _ = job(guest)
     record, status = vmrun._run(run)
     assert status == 3 and output == [b"hello from the container\n"]
     assert record["kind"] == "container" and record["host"] == "vm-a" and record["vm_id"] == "0123456789ab"
-    assert record["exit_code"] == 3 and record["outcome"] == "exited" and record["removed"] is True
+    assert record["exit_code"] == 3 and record["outcome"] == "exited" and record["container_removed"] is True
     assert record["workspace"] == "/workspace" and record["workspace_mode"] == "rw" and record["masked"] == [".env"]
     assert record["user"] == {"agent_uid": 1000, "host_uid": 1000, "host_gid": 1000, "from": "workspace-owner"}
     assert record["network"] == "none" and record["loosened"] == [] and record["timed_out"] is False
     for key in ("name", "id", "image", "profile", "command", "limits", "secrets", "env", "started", "finished"):
         assert key in record
+    assert record["container_id"] == "0123abcd" and "pid" not in record and "boot_id" not in record
     assert "image_transfer" not in record and guest.closed
-    # the container: locked down, the guest's seccomp profile derived and written first, the mask bound
-    (podman, _), = guest.sent(" run --rm ")
-    words = shlex.split(podman)
-    assert words[:3] == ["sudo", "-n", "podman"] and words[5] == "run"
+    # nothing to look at afterwards: its folder in the host's store is gone too
+    assert record["removed"] is True and "path" not in record
+    assert not (kp_env["state"] / "containers" / record["name"]).exists()
+    # the container: made, initialised and its pid learned in one command, started and streamed in a second;
+    # it went by itself (--rm), the workspace was surveyed again, then the run's folder in the guest removed
+    assert steps(guest) == ["probe", "masks", "git survey", "seccomp", "setup", "hook", "folder",
+                            "create+init+pid", "start", "git survey", "clean"]
+    folder = f"/run/kodepipe/{record['name']}-{record['id']}"
+    assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
+    start, _ = guest.commands[-3]
+    assert shlex.split(start)[-4:] == ["start", "--attach", "--", record["name"]]
+    words = create_words(guest)
+    assert words[:3] == ["sudo", "-n", "podman"] and words[5] == "create"
+    assert words[words.index("--name") + 1] == record["name"]
     # the kernel quotas of its user namespace, set by an OCI hook before the agent runs
     ((hook_setup, hook),) = guest.sent("userns-limits.json")
-    assert words[3:5] == ["--hooks-dir", shlex.split(hook_setup)[6]]
+    assert words[3:5] == ["--hooks-dir", shlex.split(hook_setup)[6]] == shlex.split(start)[3:5]
     assert b"max_inotify_instances" in hook and b'"prestart"' in hook
     seccomp_path = next(w.split("=", 1)[1] for w in words if w.startswith("seccomp="))
     (setup, profile), = guest.sent("idmapped-lower-dir-false")
     assert seccomp_path in setup and b'"unshare"' in profile and b'"clone3"' in profile
-    folder = f"/run/kodepipe/{record['name']}-{record['id']}"
     assert f"type=bind,source={folder}/empty,destination=/workspace/.env,ro" in words
     assert "type=bind,source=/workspace,destination=/workspace" in words
-    # and its folder is removed afterwards (the container went with --rm)
-    assert guest.commands[-2][0] == f"sudo -n rm -rf -- {folder}"
-    assert not guest.sent("podman rm")
-    # then, the container gone, the workspace is surveyed again for planted git metadata
-    assert "find -P . -name .git" in guest.commands[-1][0]
 
 
 def test_without_a_share_or_workspace_there_is_nothing_to_mask_and_no_folder() -> None:
@@ -292,7 +413,7 @@ def test_without_a_share_or_workspace_there_is_nothing_to_mask_and_no_folder() -
     assert record["workspace"] is None and record["workspace_mode"] is None and record["masked"] == []
     assert record["user"]["from"] == "ssh-user"
     assert not guest.sent(" find . ") and not guest.sent("mkdir -m 0700") and not guest.sent("rm -rf")
-    assert "-w /tmp/home" in guest.sent(" run --rm ")[0][0]
+    assert "-w /tmp/home" in guest.sent(" create --rm ")[0][0]
 
 
 def test_credentials_in_the_workspace_are_warned_about() -> None:
@@ -312,10 +433,9 @@ def test_secrets_are_copied_for_the_agent_alone_and_bound_read_only(tmp_path: Pa
     folder = f"/run/kodepipe/{record['name']}-{record['id']}"
     (copy, data), = guest.sent("chmod 0400")
     assert data == b"s3cret" and f"{folder}/0-token" in copy and "1234:1235" in copy
-    assert f"type=bind,source={folder}/0-token,destination=/run/secrets/token,ro" in \
-        shlex.split(guest.sent(" run --rm ")[0][0])
+    assert f"type=bind,source={folder}/0-token,destination=/run/secrets/token,ro" in create_words(guest)
     assert record["secrets"] == ["/run/secrets/token"] and "secret:/run/secrets/token" in record["loosened"]
-    assert guest.commands[-2][0] == f"sudo -n rm -rf -- {folder}"
+    assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
 
 
 def test_a_guest_without_podman_says_how_to_get_it() -> None:
@@ -325,8 +445,8 @@ def test_a_guest_without_podman_says_how_to_get_it() -> None:
         vmrun._run(run)
     assert caught.value.code == "no_podman" and "kp-image build NAME" in caught.value.message
     assert "--packages podman" in caught.value.message
-    assert caught.value.record["outcome"] == "failed"  # type: ignore[attr-defined]
-    assert not guest.sent(" run --rm ")
+    assert caught.value.record["outcome"] == "failed"
+    assert not guest.sent(" create --rm ")
 
 
 def test_a_guest_without_passwordless_sudo_is_refused_before_anything_else() -> None:
@@ -394,7 +514,7 @@ def test_podman_failing_to_start_it_is_an_error_not_an_exit_code() -> None:
     run, _, _ = job(FakeGuest(stream=failing))
     with pytest.raises(KpError, match="could not run the container: mounting storage") as caught:
         vmrun._run(run)
-    assert caught.value.record["outcome"] == "failed"  # type: ignore[attr-defined]
+    assert caught.value.record["outcome"] == "failed"
 
 
 def test_the_time_limit_kills_it_over_a_second_channel() -> None:
@@ -409,7 +529,7 @@ def test_the_time_limit_kills_it_over_a_second_channel() -> None:
     assert status == 137 and record["timed_out"] is True and record["outcome"] == "timed-out"
     (kill, _), = guest.sent("podman kill")
     assert kill == f"sudo -n podman kill -- {record['name']}"
-    assert "--timeout 60" in guest.sent(" run --rm ")[0][0]  # Podman's own backstop: the limit + 60 s
+    assert "--timeout 60" in guest.sent(" create --rm ")[0][0]  # Podman's own backstop: the limit + 60 s
     assert any(level == "warn" and "time limit" in message for level, message in said)
 
 
@@ -417,11 +537,11 @@ def test_the_time_limit_keeps_trying_while_podman_is_still_preparing(monkeypatch
     tries: list[str] = []
 
     class Preparing(FakeGuest):
-        def send(self, command: str, chunks: Iterable[bytes], *, timeout: float | None = 60) -> vmrun.Outcome:
+        def send(self, command: str, chunks: Iterable[bytes], *, timeout: float | None = 60) -> Outcome:
             if "podman kill" in command:
                 tries.append(command)
                 if len(tries) < 3:  # "can only kill running containers"
-                    return vmrun.Outcome(125, b"", b"Error: can only kill running containers")
+                    return Outcome(125, b"", b"Error: can only kill running containers")
             return super().send(command, chunks, timeout=timeout)
 
     def slow(guest: FakeGuest, command: str, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
@@ -435,7 +555,7 @@ def test_the_time_limit_keeps_trying_while_podman_is_still_preparing(monkeypatch
     assert len(tries) == 3 and record["timed_out"] is True
 
 
-def test_an_interruption_removes_the_container_and_carries_the_record() -> None:
+def test_an_interruption_removes_the_container_and_carries_the_record(kp_env: dict[str, Path]) -> None:
     def interrupted(guest: FakeGuest, command: str, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
         raise KeyboardInterrupt
 
@@ -444,9 +564,82 @@ def test_an_interruption_removes_the_container_and_carries_the_record() -> None:
     with pytest.raises(KeyboardInterrupt) as caught:
         vmrun._run(run)
     record = caught.value.record  # type: ignore[attr-defined]
-    assert record["outcome"] == "interrupted" and record["exit_code"] is None and record["removed"] is True
-    cleanup = guest.commands[-2][0]
-    assert cleanup.startswith(f"sudo -n podman rm -f -i -t 0 -- {record['name']} >/dev/null 2>&1; sudo -n rm -rf -- ")
+    assert record["outcome"] == "interrupted" and record["exit_code"] is None
+    assert record["container_removed"] is True and record["removed"] is True
+    assert steps(guest)[-4:] == ["start", "remove", "git survey", "clean"] and guest.closed
+    assert guest.commands[-3][0] == f"sudo -n podman rm -f -i -t 0 -- {record['name']} >/dev/null"
+    assert not (kp_env["state"] / "containers" / record["name"]).exists()
+
+
+FAILURES: list[tuple[str, str, list[str]]] = [
+    # (the step that fails, how it ends, what is undone after it: nothing that was not made)
+    ("probe", "failed", []),
+    ("setup", "failed", []),
+    ("folder", "failed", ["clean"]),
+    ("create+init+pid", "failed", ["remove", "clean"]),
+    ("start", "failed", ["remove", "git survey", "clean"]),
+    ("start-interrupted", "interrupted", ["remove", "git survey", "clean"]),
+]
+
+
+@pytest.mark.parametrize(("stage", "outcome", "undone"), FAILURES, ids=[f[0] for f in FAILURES])
+def test_a_failure_at_each_stage_undoes_what_was_done_and_carries_the_record(
+        stage: str, outcome: str, undone: list[str], kp_env: dict[str, Path]) -> None:
+    """Whatever fails (or interrupts), the container is removed if it may exist, the run's folder in
+    the guest if it was made, the connection closed, the host's folder of the run gone, and the error
+    carries the record so far."""
+    fragments = {"probe": "say()", "setup": "idmapped-lower-dir-false", "folder": "mkdir -m 0700",
+                 "create+init+pid": " create --rm "}
+
+    class Failing(FakeGuest):
+        def send(self, command: str, chunks: Iterable[bytes], *, timeout: float | None = 60) -> Outcome:
+            if stage in fragments and fragments[stage] in command:
+                self.commands.append((command, b""))
+                return Outcome(1, b"", b"Error: it broke\n")
+            return super().send(command, chunks, timeout=timeout)
+
+        def stream(self, command: str, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
+            self.commands.append((command, b""))
+            if stage == "start":
+                return -1, b""  # the connection dropped: no exit status
+            if stage == "start-interrupted":
+                raise KeyboardInterrupt
+            return 0, b""
+
+    guest = Failing()
+    run, _, _ = job(guest)
+    with pytest.raises(BaseException) as caught:
+        vmrun._run(run)
+    record = caught.value.record  # type: ignore[attr-defined]
+    assert record["outcome"] == outcome and record["exit_code"] is None and record["removed"] is True
+    done = steps(guest)
+    at = max(i for i, name in enumerate(done) if name in (stage, "start"))
+    assert done[at + 1:] == undone, done
+    assert ("container_removed" in record) is ("remove" in undone) and guest.closed
+    assert not (kp_env["state"] / "containers" / record["name"]).exists()
+    if isinstance(caught.value, KpError):
+        assert caught.value.record is record
+
+
+def test_a_container_that_could_not_be_removed_is_said_and_the_workspace_left_unchecked() -> None:
+    class Stuck(FakeGuest):
+        def send(self, command: str, chunks: Iterable[bytes], *, timeout: float | None = 60) -> Outcome:
+            if "podman rm" in command:
+                self.commands.append((command, b""))
+                return Outcome(125, b"", b"Error: cannot remove: device busy\n")
+            return super().send(command, chunks, timeout=timeout)
+
+        def stream(self, command: str, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
+            raise KeyboardInterrupt
+
+    guest = Stuck()
+    run, _, said = job(guest)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        vmrun._run(run)
+    record = caught.value.record  # type: ignore[attr-defined]
+    assert record["container_removed"] is False and "may still run" in record["git_problem"]
+    assert steps(guest)[-2:] == ["remove", "clean"] and guest.closed  # no survey while it may run
+    assert any(level == "warn" and "could not remove its container" in m for level, m in said)
 
 
 # -- kp-run with vm records on stdin ------------------------------------------------------------------
@@ -480,7 +673,7 @@ def test_kp_run_never_falls_back_to_the_host_for_a_failed_vm(monkeypatch: pytest
 
     def failing(vm: dict[str, Any], req: Policy, say: Any) -> None:
         exc = KpError("no podman there", code="no_podman")
-        exc.record = {"kind": "container", "name": "run-y", "host": vm["name"]}  # type: ignore[attr-defined]
+        exc.record = {"kind": "container", "name": "run-y", "host": vm["name"]}
         raise exc
 
     monkeypatch.setattr(launch, "run", host)

@@ -16,8 +16,9 @@ import pytest
 from kodepipe.container import sandbox, vmrun
 from kodepipe.core.errors import BadInput
 from kodepipe.host import gitguard, hostpath
+from kodepipe.vm.hop import Outcome
 from tests import policies
-from tests.test_vmrun import LIMITS, FakeGuest, job, request
+from tests.test_vmrun import LIMITS, FakeGuest, create_words, job, request
 
 
 def survey(root: Path) -> dict[str, vmrun.GuestRepo]:
@@ -25,8 +26,8 @@ def survey(root: Path) -> dict[str, vmrun.GuestRepo]:
     return vmrun.parse_git_survey(out)
 
 
-def bare(path: Path) -> None:
-    subprocess.run(["git", "init", "-q", "--bare", str(path)], check=True)
+def bare(path: Path) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["git", "init", "-q", "--bare", str(path)], check=True)
 
 
 TREES: dict[str, Any] = {
@@ -156,14 +157,14 @@ class GitGuest(FakeGuest):
         super().__init__(**kw)
         self.surveys = [before, after]
 
-    def send(self, command: str, chunks: Any, *, timeout: float | None = 60) -> vmrun.Outcome:
+    def send(self, command: str, chunks: Any, *, timeout: float | None = 60) -> Outcome:
         if "find -P . -name .git" in command:
             self.commands.append((command, b""))
-            return vmrun.Outcome(0, self.surveys.pop(0) if self.surveys else b"", b"")
+            return Outcome(0, self.surveys.pop(0) if self.surveys else b"", b"")
         if " perl -e " in command:
             data = b"".join(chunks)
             self.commands.append((command, data))
-            return vmrun.Outcome(0, b"".join(b"M/var/lib/kodepipe/runs/x/git-planted/" + p + b"\0"
+            return Outcome(0, b"".join(b"M/var/lib/kodepipe/runs/x/git-planted/" + p + b"\0"
                                              for p in data.split(b"\0") if p), b"")
         return super().send(command, chunks, timeout=timeout)
 
@@ -176,7 +177,7 @@ def test_a_run_binds_each_repository_read_only_and_moves_the_planted_ones_away()
     guest = GitGuest(BEFORE, AFTER)
     run, _, said = job(guest)
     record, _ = vmrun._run(run)
-    words = shlex.split(guest.sent(" run --rm ")[0][0])
+    words = create_words(guest)
     assert "type=bind,source=/workspace/.git,destination=/workspace/.git,ro" in words
     assert not any("ln/.git" in w for w in words)  # a symlink is never bound
     assert record["protected"] == [".git"] and record["loosened"] == []
@@ -197,7 +198,7 @@ def test_writable_git_binds_nothing_and_is_loosened_and_still_moves_planted_ones
     guest = GitGuest(BEFORE, AFTER)
     run, _, _ = job(guest, request(writable_git_config=True))
     record, _ = vmrun._run(run)
-    assert "destination=/workspace/.git" not in guest.sent(" run --rm ")[0][0]
+    assert "destination=/workspace/.git" not in guest.sent(" create --rm ")[0][0]
     assert record["protected"] == [] and record["loosened"] == ["writable-git"]
     assert [p["path"] for p in record["git_planted"]] == ["b/HEAD", "sub/.git"]
 
@@ -211,17 +212,17 @@ def test_a_read_only_workspace_is_not_surveyed_after_the_run() -> None:
 
 def test_a_failed_survey_stops_the_run_before_the_guest_is_changed() -> None:
     class Failing(FakeGuest):
-        def send(self, command: str, chunks: Any, *, timeout: float | None = 60) -> vmrun.Outcome:
+        def send(self, command: str, chunks: Any, *, timeout: float | None = 60) -> Outcome:
             if "find -P" in command:
                 self.commands.append((command, b""))
-                return vmrun.Outcome(1, b"d 8 1 0 \0", b"find: './x': Permission denied\n")
+                return Outcome(1, b"d 8 1 0 \0", b"find: './x': Permission denied\n")
             return super().send(command, chunks, timeout=timeout)
 
     guest = Failing()
     run, _, _ = job(guest)
     with pytest.raises(Exception, match="looking for git repositories"):
         vmrun._run(run)
-    assert not guest.sent("idmapped") and not guest.sent(" run --rm ") and not guest.sent("podman load")
+    assert not guest.sent("idmapped") and not guest.sent(" create --rm ") and not guest.sent("podman load")
 
 
 def test_a_repository_with_a_comma_is_refused_before_the_guest_is_changed() -> None:
@@ -229,7 +230,7 @@ def test_a_repository_with_a_comma_is_refused_before_the_guest_is_changed() -> N
     run, _, _ = job(guest)
     with pytest.raises(BadInput, match="cannot carry"):
         vmrun._run(run)
-    assert not guest.sent("idmapped") and not guest.sent(" run --rm ") and not guest.sent("podman load")
+    assert not guest.sent("idmapped") and not guest.sent(" create --rm ") and not guest.sent("podman load")
 
 
 REFUSED: list[tuple[dict[str, Any], str]] = [
@@ -247,8 +248,11 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
 def test_what_a_vm_cannot_honour_is_refused_before_any_side_effect(kw: dict[str, Any], flag: str) -> None:
     guest = FakeGuest()
     connected: list[Any] = []
-    run = vmrun.VmRun(vmrun_vm(), request(**kw), lambda level, message: None,
-                      remote=lambda vm: connected.append(vm) or guest)  # type: ignore[arg-type, return-value]
+    def connect(vm: Any) -> Any:
+        connected.append(vm)
+        return guest
+
+    run = vmrun.VmRun(vmrun_vm(), request(**kw), lambda level, message: None, remote=connect)
     with pytest.raises(BadInput, match=f"{flag}.* is not supported inside a VM yet .host-only for now."):
         vmrun._run(run)
     assert connected == [] and guest.commands == []
@@ -265,7 +269,7 @@ def test_an_unreadable_secret_is_refused_before_the_guest_is_changed(tmp_path: P
     run, _, _ = job(guest, request(secrets=[(tmp_path / "missing", "/run/secrets/x")]))
     with pytest.raises(BadInput, match=r"--secret .*missing: No such file"):
         vmrun._run(run)
-    assert not guest.sent("idmapped") and not guest.sent("mkdir") and not guest.sent(" run --rm ")
+    assert not guest.sent("idmapped") and not guest.sent("mkdir") and not guest.sent(" create --rm ")
 
 
 def test_the_guests_own_quotas_are_shared_out() -> None:
@@ -280,7 +284,7 @@ def test_the_guests_own_quotas_are_shared_out() -> None:
     record, _ = vmrun._run(run)
     assert record["kernel_quotas"] == {"inotify_instances": 16, "inotify_watches": 3625, "sigpending": 1973,
                                        "msgqueue": 102400}
-    assert "--ulimit sigpending=1973:1973" in guest.sent(" run --rm ")[0][0]
+    assert "--ulimit sigpending=1973:1973" in guest.sent(" create --rm ")[0][0]
 
 
 def test_the_seccomp_profile_is_the_hosts_function_on_the_guests_base() -> None:

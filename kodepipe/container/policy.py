@@ -178,15 +178,32 @@ class Options:
 class ProfileLike(Protocol):
     """What resolve reads of an agent profile (profile.Profile)."""
 
-    name: str
-    command: tuple[str, ...]
-    memory: str
-    cpus: float
-    pids: int
-    time: str
-    allow: tuple[str, ...]
-    env: tuple[str, ...]
-    tty: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def command(self) -> tuple[str, ...]: ...
+
+    @property
+    def memory(self) -> str: ...
+
+    @property
+    def cpus(self) -> float: ...
+
+    @property
+    def pids(self) -> int: ...
+
+    @property
+    def time(self) -> str: ...
+
+    @property
+    def allow(self) -> tuple[str, ...]: ...
+
+    @property
+    def env(self) -> tuple[str, ...]: ...
+
+    @property
+    def tty(self) -> bool: ...
 
 
 @dataclass(frozen=True)
