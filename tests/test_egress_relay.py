@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from kodepipe.core import schema
 from kodepipe.egress import mux, relay
 from kodepipe.egress import policy as egress_policy
 from kodepipe.egress import proxy as egress
@@ -128,6 +129,7 @@ def test_a_guest_that_breaks_the_framing_ends_the_session_on_the_record(session:
     assert session.relay.reason is not None and reason in session.relay.reason
     (record,) = [d for d in decisions(session.log) if d.get("method") == "RELAY"]
     assert record["decision"] == "error" and reason in record["reason"]
+    assert schema.problems(record, strict=True) == []  # an egress record like the proxy's own
 
 
 def test_the_guest_ending_before_it_listens_is_a_clear_error(session: Session) -> None:
