@@ -11,6 +11,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,6 +342,16 @@ def decisions(log: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in log.read_bytes().splitlines()]
 
 
+def logged(log: Path, count: int) -> list[dict[str, Any]]:
+    """The log once it holds ``count`` decisions: a tunnel's line is written when the proxy sees it end,
+    which can be after the client has moved on (bounded: a hang fails the test)."""
+    deadline = time.monotonic() + 30
+    while len(got := decisions(log)) < count:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.01)
+    return got
+
+
 def tunnel(port: int, target: str, send: list[bytes] | None = None) -> socket.socket:
     """A connection to the proxy with a CONNECT to ``target`` answered 200; then ``send``, one write each."""
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -410,6 +421,7 @@ def test_allowed_http_and_tls_connect_pass_denied_ones_do_not(proxy: Running, or
     assert reply.startswith(b"HTTP/1.0 200") and b"hello from /a" in reply
     got = https_get(tunnel(proxy.port, f"allowed.test:{tls_origin.port}"), "allowed.test", "/tunnel")
     assert b"tls from /tunnel" in got
+    logged(proxy.log, 2)  # the tunnel's line first, so that the order below is the order of the requests
     for request in (f"GET http://denied.test:{origin.port}/ HTTP/1.1\r\n\r\n",
                     f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n",
                     f"CONNECT meta.test:{origin.port} HTTP/1.1\r\n\r\n"):
