@@ -85,7 +85,7 @@ def render_on(name: str, policy: pol.Policy, tmp_path: Path) -> tuple[Any, dict[
     guest = FakeGuest()
     vm_run, _, _ = job(guest, policy)
     try:
-        box = vm_run.prepare()
+        box = vm_run.prepare().box
     except Unsupported as exc:
         return exc, {}, guest.commands, vm_run
     return box, dict(vm_run.meta), guest.commands, vm_run

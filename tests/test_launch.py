@@ -133,7 +133,7 @@ def test_engine_lost_is_reported_with_what_became_of_the_container(monkeypatch: 
         with pytest.raises(engine.EngineLost) as caught:
             launch.run(Store(), req, lambda level, message: None)
         assert caught.value.code == "engine_lost" and words in caught.value.message
-        record = caught.value.record  # type: ignore[attr-defined]
+        record = caught.value.record
         assert record["outcome"] == "engine-lost" and record["container_removed"] is revives
 
 
@@ -218,7 +218,7 @@ def test_kp_run_reports_a_lost_engine_without_a_traceback(monkeypatch: pytest.Mo
 
     def fake_run(store: Store, req: Policy, say: Any) -> tuple[dict[str, Any], int]:
         lost = engine.EngineLost("the Podman service stopped answering; kp-run stopped and removed the container")
-        lost.record = {"kind": "container", "name": "r", "id": "abc", "outcome": "engine-lost"}  # type: ignore
+        lost.record = {"kind": "container", "name": "r", "id": "abc", "outcome": "engine-lost"}
         raise lost
 
     monkeypatch.setattr(launch, "run", fake_run)

@@ -679,13 +679,13 @@ def run(store: Store, policy: Policy, say: Callable[[str, str], None]) -> tuple[
                     f"kp-run stopped the container's processes, but could not remove it: kp-rm {job.name} "
                     "does, once Podman answers")
             told = engine.EngineLost(f"{exc.args[0] if exc.args else exc}; {done}")
-            told.record = record  # type: ignore[attr-defined]
+            told.record = record
             raise told from None
         exc.record = record  # type: ignore[attr-defined]
         raise
     try:
         return job.finish(status, "timed-out" if job.timed_out else "exited"), status
     except KpError as exc:  # its last metadata could not be written (a full disk): say what ran all the same
-        exc.record = {k: v for k, v in job.meta.items()  # type: ignore[attr-defined]
+        exc.record = {k: v for k, v in job.meta.items()
                       if k not in (*folders.PRIVATE, "fingerprints")}
         raise

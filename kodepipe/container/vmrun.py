@@ -11,9 +11,16 @@ module only finds out what the guest has and ferries things to it:
 - the seccomp profile, derived from the guest's own containers seccomp.json
   and kept in /run/kodepipe; secrets and the mask file in a folder of the
   run's own under /run/kodepipe, removed afterwards;
-- then ``sudo podman run``, its output copied to kp-run's stderr, a timer
-  that kills it at the time limit, and ``podman rm -f`` if kp-run is
-  interrupted.
+- the host's side: the run's folder in the host's store (kind container,
+  host = the VM), so that kp-ls lists the run and kp-rm removes it, and the
+  logs (egress) land there;
+- then the container's lifecycle, as on the host: ``podman create`` (the
+  rendered arguments) + ``init`` + its pid, in one SSH command; what must
+  hold before the agent's first instruction is attached to that pid (the
+  egress relay); ``podman start --attach``, its output copied to kp-run's
+  stderr, a timer that kills it at the time limit; and ``podman rm -f``
+  when it did not end by itself (a failure, an interruption).  VmRun owns
+  all of it: whatever path the run takes, what it made is undone.
 
 Everything put into a remote command line goes through shlex.  Paths in
 the workspace that Podman's --mount syntax cannot carry (a comma) are
@@ -90,14 +97,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kodepipe.container import sandbox
-from kodepipe.container.hostrun import new_name
+from kodepipe.container import folders, sandbox
+from kodepipe.container.hostrun import EGRESS_LOG, new_name
 from kodepipe.container.policy import Policy, SecretSpec
 from kodepipe.container.render import Facts, Staged, render
 from kodepipe.core import fdtree, proc
-from kodepipe.core.errors import BadInput, CommandFailed, KpError, NotFound
+from kodepipe.core.errors import BadInput, CommandFailed, Interrupted, KpError, NotFound
 from kodepipe.core.records import Record
-from kodepipe.core.state import new_id, now_iso
+from kodepipe.core.state import Store, new_id, now_iso
+from kodepipe.egress.policy import RESOLV_CONF, container_env
+from kodepipe.egress.policy import Policy as EgressPolicy
 from kodepipe.host import gitguard
 from kodepipe.vm.hop import Outcome, Remote, connect
 
@@ -108,6 +117,7 @@ GUEST_KEEP = "/var/lib/kodepipe/runs"  # root's, on the guest's disk: what a run
 CHUNK = 1 << 20
 PROGRESS_EVERY = 5.0
 KILL_RETRY = 2.0
+CREATE_TIMEOUT = 900.0  # podman create + init: a guest's first container waits for its storage
 PODMAN_ERRORS = (125, 126, 127)  # podman run's own failures (docker's convention)
 
 # One round trip for everything the run depends on.  $1: workspace or "", $2: image tag.
@@ -537,12 +547,43 @@ def check_mounts(box: sandbox.Sandbox) -> None:
     check_paths(p for mount in box.mounts() for p in (mount.source, mount.dest))
 
 
-def run_command(box: sandbox.Sandbox, hooks_dir: str | None = None) -> str:
-    """The remote command line that runs the container (with the OCI hooks in ``hooks_dir``)."""
+def _podman(hooks_dir: str | None) -> list[str]:
+    return ["sudo", "-n", "podman", *(["--hooks-dir", hooks_dir] if hooks_dir else [])]
+
+
+def create_command(box: sandbox.Sandbox, hooks_dir: str | None = None) -> str:
+    """One remote command line (each podman call costs seconds under TCG): ``podman create`` with the
+    rendered arguments, ``podman init`` (the runtime makes the container's processes and namespaces,
+    and runs the OCI hooks in ``hooks_dir``: nothing of the agent's runs yet), and the container's
+    first process from ``podman inspect``, printed as ``id=ID\\0pid=PID\\0``; it stops at the first
+    step that fails."""
     if box.image.startswith("-"):
         raise BadInput(f"invalid image name {box.image!r}")
-    hooks = ["--hooks-dir", hooks_dir] if hooks_dir else []
-    return shlex.join(["sudo", "-n", "podman", *hooks, "run", *box.podman_args()])
+    podman = _podman(hooks_dir)
+    inspect = ["sudo", "-n", "podman", "inspect", "--format", "{{.State.Pid}}", "--", box.name]
+    return (f"id=$({shlex.join([*podman, 'create', *box.podman_args()])}) && "
+            f"{shlex.join([*podman, 'init', '--', box.name])} >/dev/null && "
+            f"pid=$({shlex.join(inspect)}) && printf 'id=%s\\0pid=%s\\0' \"$id\" \"$pid\"")
+
+
+def parse_created(outcome: Outcome, vm_name: str) -> Created:
+    """The container create_command made, or why Podman could not make it."""
+    if outcome.status != 0:
+        lines = [ln for ln in outcome.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+        said = lines[-1].removeprefix("Error: ") if lines else f"status {outcome.status}"
+        raise KpError(f"Podman in {vm_name} could not create the container: {said}", code="podman")
+    answers = parse_probe(outcome.stdout)
+    pid = answers.get("pid", "")
+    if not pid.isdigit() or int(pid) <= 0:
+        raise KpError(f"Podman in {vm_name} did not say which process the container's is ({pid!r}): kp-run "
+                      "does not start it without what must hold before its first instruction", code="podman")
+    return Created(answers.get("id", ""), int(pid))
+
+
+def start_command(name: str, hooks_dir: str | None = None) -> str:
+    """The remote command line that starts the created container and stays attached to its output
+    until it ends; its exit status is the container's (--rm: then Podman removes it)."""
+    return shlex.join([*_podman(hooks_dir), "start", "--attach", "--", name])
 
 
 # An OCI prestart hook, run by the runtime as the guest's root once the container's processes and
@@ -634,12 +675,60 @@ def _script(script: str, *args: str) -> str:
 # -- one run -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class GitBefore:
+    """The guest workspace's git repositories as the run found them (what check_git compares with)."""
+
+    workspace: str  # its real path in the guest
+    repos: dict[str, GuestRepo]
+    watched: dict[str, dict[str, GuestPrint]]  # --writable-git: the guarded entries of the writable ones
+    copies: dict[str, tuple[bytes, int, int, int]]  # and their small files' contents
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything the container needs, in place: the connection, the rendered container, the guest's
+    and the host's folders of the run."""
+
+    remote: Remote
+    box: sandbox.Sandbox
+    hooks_dir: str  # the OCI hook that sets the kernel quotas of its user namespace
+    host_folder: Path  # the run's folder in the host's store (kind container, host = the VM)
+    git: GitBefore | None = None  # None without a workspace
+    egress: EgressPolicy | None = None  # the proxy's rules and pins, when the policy allows any
+
+
+@dataclass(frozen=True)
+class Created:
+    """A container made and initialised, not started: its processes and namespaces exist, the agent
+    has not run a single instruction."""
+
+    id: str
+    pid: int  # its first process, as the guest sees it
+
+
 class VmRun:
-    """The state of one run in a VM, so that clean-up knows what exists."""
+    """One run in a VM, owned from its first SSH command to its last (as QEMUMachine owns a VM).
+
+    A context manager: whatever the run set up (the SSH connection, the run's folder in the guest and
+    its folder in the host's store) is undone on leaving it, on every path.  Each stage takes what the
+    stages before it returned and returns its own result, frozen:
+
+    - prepare() -> Prepared: refusals, the probe, the workspace, masks and repositories, the image,
+      seccomp, the quota hook, the run's folders, the rendered container;
+    - container(prepared) -> Created, a context manager: ``podman create``, ``init`` and the container's
+      pid in one SSH command; on leaving it the container is gone (removed here unless it ended);
+    - attachments(prepared, created), a context manager: what must hold from before the agent's first
+      instruction to its end (the egress relay);
+    - start(prepared) -> status: ``podman start --attach``, streamed, under the time limit;
+    - finish(prepared, status, outcome) -> the record.
+
+    _run is the order.  A failure carries the record of the run so far (KpError.record).
+    """
 
     def __init__(self, vm: Record, policy: Policy, say: Callable[[str, str], None],
                  remote: Callable[[Record], Remote] = connect,
-                 sink: Callable[[bytes], None] | None = None) -> None:
+                 sink: Callable[[bytes], None] | None = None, store: Store | None = None) -> None:
         if policy.image is None:
             raise RuntimeError("kp-run: the profile's image was not built")
         self.vm, self.say = vm, say
@@ -648,31 +737,30 @@ class VmRun:
         self.name = policy.name or new_name()
         self.connect = remote
         self.sink = sink or _to_stderr
-        self.remote: Remote | None = None
-        self.folder: str | None = None  # the run's folder in the guest
-        self.hooks_dir: str | None = None  # the OCI hook that sets the kernel quotas of its user namespace
-        self.workspace: str | None = None  # the guest workspace's real path
-        self.repos: dict[str, GuestRepo] = {}  # its git repositories before the run
-        self.watched: dict[str, dict[str, GuestPrint]] = {}  # --writable-git: their guarded entries
-        self.copies: dict[str, tuple[bytes, int, int, int]] = {}  # and the small files' contents
-        self.started = False
-        self.streaming = False  # podman run is under way: the timer may kill it
-        self.done = False
+        self.store = store if store is not None else Store()
         self.timed_out = False
         self.meta: dict[str, Any] = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
                                      "state": "creating", "host": self.vm_name, "vm_id": vm.get("id"),
                                      "image": policy.image, "profile": policy.profile,
                                      "command": list(policy.command)}
         self.policy = policy
+        self._undo = contextlib.ExitStack()  # what the run set up, undone in reverse on leaving it
 
-    def prepare(self) -> sandbox.Sandbox:
+    def __enter__(self) -> VmRun:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._undo.close()
+
+    def prepare(self) -> Prepared:
         from kodepipe.container.backend import VmBackend, check
 
         check(self.policy, VmBackend(self.vm))  # what the guest cannot honour: refused before connecting
         # the workspace in the guest: the one asked for, else the share (its policy: the same as for -w)
         self.policy = policy = self.policy.with_workspace(guest_workspace(self.vm, self.policy))
         wanted = policy.workspace
-        self.remote = remote = self.connect(self.vm)
+        remote = self.connect(self.vm)
+        self._undo.callback(_close, remote)
         probe = remote.run(_script(PROBE, wanted or "", self.image))
         facts = parse_probe(probe.stdout)
         if not facts.get("podman"):
@@ -692,45 +780,56 @@ class VmRun:
         ws = owner = None
         masked: list[str] = []
         protect: list[str] = []
+        git = None
         if wanted is not None:
             ws, ouid, ogid = check_workspace(wanted, facts, self.vm_name)
             owner = (ouid, ogid)
-            masked, credentials = self.scan(ws)
+            masked, credentials = self.scan(remote, ws)
             if credentials:
                 shown = ", ".join(credentials[:8]) + (" ..." if len(credentials) > 8 else "")
                 self.say("warn", f"the workspace holds files that look like credentials, and the agent can "
                                  f"read them: {shown} (hide them with --mask GLOB)")
-            self.workspace = ws
-            self.repos = self.survey_git(ws)
-            protect = git_protect(self.repos, writable=policy.git_writable)
+            repos = self.survey_git(remote, ws)
+            protect = git_protect(repos, writable=policy.git_writable)
             check_git_paths(ws, protect)
+            watched: dict[str, dict[str, GuestPrint]] = {}
+            copies: dict[str, tuple[bytes, int, int, int]] = {}
             if not policy.read_only_workspace:
-                self.watch_git(ws, [p for p, r in sorted(self.repos.items())
-                                    if r.kind in ("dir", "bare") and p not in protect])
-            for warning in git_warnings(self.repos, protect, writable=policy.git_writable):
+                watched, copies = self.watch_git(remote, ws, [p for p, r in sorted(repos.items())
+                                                              if r.kind in ("dir", "bare") and p not in protect])
+            git = GitBefore(ws, repos, watched, copies)
+            for warning in git_warnings(repos, protect, writable=policy.git_writable):
                 self.say("warn", warning)
         uid, gid, source = agent_ids(owner, user)
         check_paths([*([ws] if ws else []), *(f"{sandbox.WORKSPACE}/{m}" for m in masked),
                      *(s.dest for s in policy.secrets)])
         secret_data = read_secrets(policy.secrets)  # before anything changes in the guest
+        egress = None
+        if policy.egress is not None:
+            egress = EgressPolicy.build(policy.egress.rules, policy.egress.pins)
+            _raise_nofile()
 
+        host_folder = self.host_folder()  # the side effects start here
         # missing, or another image under the same tag (rebuilt on the host since): copy it in
         there = facts.get("image", "")
         if not there or host_image_id(self.image) not in (None, there):
-            self.meta["image_transfer"] = self.copy_image(zstd=bool(facts.get("zstd")))
-        seccomp = self.prepare_guest()
+            self.meta["image_transfer"] = self.copy_image(remote, zstd=bool(facts.get("zstd")))
+        seccomp = self.prepare_guest(remote)
         quotas = guest_quotas(facts).share(policy.quota_share)
-        self.hooks_dir = self.prepare_hook(quotas.userns_sysctls())
-        self.folder = f"{GUEST_DIR}/{self.name}-{self.meta['id']}"
-        secret_list = self.upload_secrets(uid, gid, masked, secret_data)
-        mask_file = f"{self.folder}/empty" if masked else None
+        hooks_dir = self.prepare_hook(remote, quotas.userns_sysctls())
+        folder = f"{GUEST_DIR}/{self.name}-{self.meta['id']}"
+        files = {"resolv.conf": RESOLV_CONF.encode()} if egress is not None else {}
+        secret_list = self.stage_folder(remote, folder, uid, gid, masked, secret_data, files)
+        mask_file = f"{folder}/empty" if masked else None
+        extra_mounts = [sandbox.Mount(f"{folder}/resolv.conf", "/etc/resolv.conf", True)] if egress else []
 
         guest = Facts(agent_uid=uid, agent_gid=gid, uid_from=source, workspace=ws, seccomp=seccomp,
                       # crun is what Debian's podman brings; runc only where the guest has it
                       oci_runtime="runc" if facts.get("runc") else None, quotas=quotas, masked=tuple(masked),
                       protect=tuple(protect), protect_sources={p: f"{ws}/{p}" for p in protect})
         box = render(policy, guest, Staged(name=self.name, run_id=self.meta["id"], secrets=tuple(secret_list),
-                                           mask_file=mask_file))
+                                           mask_file=mask_file, extra_mounts=tuple(extra_mounts),
+                                           extra_env=container_env() if egress is not None else {}))
         check_mounts(box)
         self.meta.update(
             policy.record(),  # the policy's keys, the same on every backend
@@ -739,7 +838,200 @@ class VmRun:
             masked=masked, protected=protect,
             kernel_quotas=box.quotas.record(),
             engine=f"podman in {self.vm_name}")
-        return box
+        return Prepared(remote, box, hooks_dir, host_folder, git, egress)
+
+    @contextlib.contextmanager
+    def container(self, prepared: Prepared) -> Iterator[Created]:
+        """The container made and initialised, not started, and its first process: ``podman create``
+        (the rendered arguments), ``podman init`` and ``podman inspect`` in one SSH command (each podman
+        call costs seconds under TCG).  On leaving this the container is gone: it went by itself (--rm)
+        if start() saw it end; otherwise (a failure, an interruption, a lost connection) it is removed."""
+        remote = prepared.remote
+        self.meta["container_name"] = self.name
+        try:
+            made = remote.run(create_command(prepared.box, prepared.hooks_dir), timeout=CREATE_TIMEOUT)
+            created = parse_created(made, self.vm_name)
+            self.meta["container_id"] = created.id
+            yield created
+        except BaseException:
+            self.meta["container_removed"] = self._remove_container(remote)
+            raise
+        self.meta["container_removed"] = True
+
+    @contextlib.contextmanager
+    def attachments(self, prepared: Prepared, created: Created) -> Iterator[None]:
+        """What must hold from before the agent's first instruction to its end, given the container's
+        processes and namespaces (``created.pid``): each entered in turn, and undone in reverse once the
+        container has ended, or the run failed.  The place for more (a tracer, a terminal)."""
+        with contextlib.ExitStack() as attached:
+            if prepared.egress is not None:
+                attached.enter_context(self.egress_relay(prepared, created))
+            yield
+
+    @contextlib.contextmanager
+    def egress_relay(self, prepared: Prepared, created: Created) -> Iterator[None]:
+        """kodepipe's proxy on the host, reached from the container's network namespace through relay.pl,
+        nsentered there by the guest's root on an SSH channel of its own (egress/relay.py): the same
+        policy and DecisionLog as on the host, the log in the host's folder of the run.  Fail closed: the
+        relay exits when the channel ends, and the namespace has nothing but lo again."""
+        from kodepipe.egress import relay
+        from kodepipe.egress.proxy import DecisionLog, Proxy
+
+        if prepared.egress is None:
+            raise ValueError("egress_relay: the policy allows nothing")
+        path = prepared.host_folder / EGRESS_LOG
+        log = DecisionLog(path, self.name)
+        self.meta["egress_log"] = str(path)
+        with contextlib.ExitStack() as undo:
+            undo.callback(self._egress_counts, log)
+            channel = prepared.remote.open(relay.relay_command(created.pid))
+            undo.callback(channel.close)
+            proxy = Proxy(prepared.egress, log)
+            proxy.start(None, None)
+            undo.callback(proxy.stop)
+            session = relay.Relay(proxy, channel)
+            session.start()
+            undo.callback(session.stop)
+            try:
+                session.wait_ready()
+            except relay.RelayError as exc:
+                said = _stderr_of(channel)
+                raise relay.RelayError(f"{self.vm_name}: {exc.message}" + (f" ({said})" if said else ""),
+                                       code="failed") from None
+            yield
+
+    def _egress_counts(self, log: Any) -> None:
+        self.meta["egress"] = dict(log.counts)
+        log.close()
+
+    def start(self, prepared: Prepared) -> int:
+        """``podman start --attach``: the agent runs, its output copied to ``sink`` as it comes, a timer
+        killing it at the time limit over a second channel; its exit status."""
+        remote = prepared.remote
+        self.meta.update(state="running", started=now_iso())
+        self.store.write_meta(prepared.host_folder, self.meta)
+        streaming = threading.Event()
+        streaming.set()
+        timer = None
+        if self.policy.limits.seconds:
+            timer = threading.Timer(self.policy.limits.seconds, self._time_up, args=(remote, streaming))
+            timer.daemon = True
+            timer.start()
+        try:
+            status, tail = remote.stream(start_command(self.name, prepared.hooks_dir), self.sink)
+        finally:
+            streaming.clear()
+            if timer is not None:
+                timer.cancel()
+        failure = podman_failure(status, tail)
+        if failure is not None:
+            raise KpError(f"Podman in {self.vm_name} could not run the container: {failure}", code="podman")
+        if status < 0:
+            raise KpError(f"the SSH connection to {self.vm_name} ended before Podman said how the container "
+                          "ended", code="connection_lost")
+        return status
+
+    def _time_up(self, remote: Remote, streaming: threading.Event) -> None:
+        self.timed_out = True
+        self.say("warn", f"{self.name}: the time limit ({self.policy.limits.seconds:g} s) is up; stopping it")
+        # the container may not be running yet (its storage being prepared, minutes under TCG the first
+        # time): one that is not running cannot be killed, so try until it is, or is gone
+        while streaming.is_set():
+            try:
+                if remote.run(_q("sudo", "-n", "podman", "kill", "--", self.name), timeout=60).status == 0:
+                    return
+            except KpError:
+                return  # the connection is gone; Podman's --timeout still ends it
+            time.sleep(KILL_RETRY)
+
+    def finish(self, prepared: Prepared | None, exit_code: int | None, outcome: str) -> Record:
+        """The record of what happened, once the container is gone (or known not to be)."""
+        meta = self.meta
+        if prepared is not None and prepared.git is not None and "started" in meta:
+            if meta.get("container_removed"):  # nothing of the agent's runs any more
+                try:
+                    self.check_git(prepared.remote, prepared.git)
+                except Exception as exc:
+                    meta["git_problem"] = (f"the workspace could not be checked for planted git repositories "
+                                           f"({exc}): look before you run git there")
+                    self.say("warn", meta["git_problem"])
+            else:
+                meta["git_problem"] = ("the container may still run, so the workspace was not checked for "
+                                       "planted git repositories: look before you run git there")
+        meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome,
+                    state="exited")
+        record = {k: v for k, v in meta.items() if k not in folders.PRIVATE}
+        if prepared is not None and self._kept():
+            record["path"] = str(prepared.host_folder)
+        else:
+            record["removed"] = True
+        return record
+
+    # -- the run's folders --------------------------------------------------------------------------
+
+    def host_folder(self) -> Path:
+        """The run's folder in the host's store (kp-ls lists it, kp-rm removes it), kept after the run
+        when it holds something to look at (the egress log; git_planted says where the guest keeps what
+        was moved away), else removed when the run is left."""
+        with self.store.lock(self.name):
+            self.meta.update(pid=os.getpid(), pid_start=proc.start_time(os.getpid()), boot_id=proc.boot_id())
+            with self.store.creating(folders.KIND, self.name, self.meta) as folder:
+                os.chmod(folder, 0o700)
+        self._undo.callback(self._settle, folder)
+        return folder
+
+    def _kept(self) -> bool:
+        return "egress_log" in self.meta or "git_planted" in self.meta
+
+    def _settle(self, folder: Path) -> None:
+        if self._kept():
+            self.store.write_meta(folder, self.meta)
+        else:
+            self.store.discard(folder)
+
+    def stage_folder(self, remote: Remote, folder: str, uid: int, gid: int, masked: list[str], data: list[bytes],
+                     files: dict[str, bytes]) -> list[sandbox.Secret]:
+        """The run's folder in the guest, when it needs one: the empty mask file, kodepipe's own files
+        (``files``, world-readable), and a copy of each secret only the agent can read; removed when the
+        run is left."""
+        if not masked and not self.policy.secrets and not files:
+            return []  # nothing to keep there: no folder, nothing to clean up
+        self._undo.callback(self._remove_folder, remote, folder)
+        self._check(remote.run(_script(
+            'set -e; sudo -n mkdir -p -m 0755 "$1"; sudo -n mkdir -m 0700 "$2"; '
+            'sudo -n install -m 0444 /dev/null "$2/empty"', GUEST_DIR, folder)),
+            "making the run's folder")
+        for name, content in sorted(files.items()):
+            self._check(remote.run(_script(
+                'set -e; sudo -n sh -c \'umask 022; cat > "$1"\' sh "$1"; sudo -n chmod 0444 "$1"',
+                f"{folder}/{name}"), input=content), f"writing {name}")
+        out = []
+        for n, (spec, content) in enumerate(zip(self.policy.secrets, data, strict=True)):
+            src, dest = Path(spec.source), spec.dest
+            copy = f"{folder}/{n}-{src.name}"
+            self._check(remote.run(_script(
+                'set -e; sudo -n sh -c \'umask 077; cat > "$1"\' sh "$1"; sudo -n chown "$2" "$1"; '
+                'sudo -n chmod 0400 "$1"', copy, f"{uid}:{gid}"), input=content),
+                f"copying the secret {src.name}")
+            out.append(sandbox.Secret(Path(copy), dest, str(src)))
+        return out
+
+    def _remove_folder(self, remote: Remote, folder: str) -> None:
+        try:
+            self._check(remote.run(_q("sudo", "-n", "rm", "-rf", "--", folder), timeout=120),
+                        "removing the run's folder")
+        except Exception as exc:  # said; /run is a tmpfs, gone at the guest's next boot
+            self.say("warn", f"{self.name}: could not clean up in {self.vm_name}: {exc}")
+
+    def _remove_container(self, remote: Remote) -> bool:
+        """Remove the container, whatever its state (it may not exist); whether it is gone."""
+        try:
+            self._check(remote.run(_q("sudo", "-n", "podman", "rm", "-f", "-i", "-t", "0", "--", self.name)
+                                   + " >/dev/null", timeout=120), "removing the container")
+            return True
+        except Exception as exc:  # said, and in the record (container_removed: false)
+            self.say("warn", f"{self.name}: could not remove its container in {self.vm_name}: {exc}")
+            return False
 
     # -- the steps -------------------------------------------------------------------------------
 
@@ -749,66 +1041,60 @@ class VmRun:
                                 f"{proc.tail(outcome.stderr) or proc.tail(outcome.stdout)}")
         return outcome
 
-    def scan(self, ws: str) -> tuple[list[str], list[str]]:
-        if not (self.remote is not None):
-            raise RuntimeError("kp-run: out of order")
-        found = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {shlex.join(find_argv(self.policy.masks))}")
+    def scan(self, remote: Remote, ws: str) -> tuple[list[str], list[str]]:
+        found = remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {shlex.join(find_argv(self.policy.masks))}")
         # find says why it could not read a directory and goes on; what it found still counts
         if found.status != 0 and not found.stdout:
             self._check(found, f"looking for files to mask in {ws}")
         return parse_found(found.stdout)
 
-    def survey_git(self, ws: str) -> dict[str, GuestRepo]:
+    def survey_git(self, remote: Remote, ws: str) -> dict[str, GuestRepo]:
         """The repositories in the guest's workspace (git_survey_argv, as root)."""
-        if not (self.remote is not None):
-            raise RuntimeError("kp-run: out of order")
-        found = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {shlex.join(git_survey_argv())}")
+        found = remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {shlex.join(git_survey_argv())}")
         if found.status != 0:
             # a directory it could not read may hide a repository: no run on half a survey
             self._check(found, f"looking for git repositories in {ws}")
         return parse_git_survey(found.stdout)
 
-    def watch_git(self, ws: str, repos: list[str]) -> None:
-        """Note the guarded entries of the repositories left writable, and keep their small files."""
-        if not (self.remote is not None):
-            raise RuntimeError("kp-run: out of order")
+    def watch_git(self, remote: Remote, ws: str, repos: list[str]
+                  ) -> tuple[dict[str, dict[str, GuestPrint]], dict[str, tuple[bytes, int, int, int]]]:
+        """The guarded entries of the repositories left writable, and their small files' contents."""
         if not repos:
-            return
+            return {}, {}
         check_git_paths(ws, repos)  # they go on a command line
-        self.watched = self._listing(ws, repos)
-        keep = snapshot_paths(self.watched)
-        if keep:
-            tar = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n tar --null --verbatim-files-from "
-                                  "--no-recursion -T - -cf -", input=b"".join(os.fsencode(p) + b"\0" for p in keep))
-            self._check(tar, "keeping a copy of the git configuration")
-            self.copies = parse_snapshots(tar.stdout)
+        watched = self._listing(remote, ws, repos)
+        keep = snapshot_paths(watched)
+        if not keep:
+            return watched, {}
+        tar = remote.run(f"cd -- {shlex.quote(ws)} && sudo -n tar --null --verbatim-files-from "
+                         "--no-recursion -T - -cf -", input=b"".join(os.fsencode(p) + b"\0" for p in keep))
+        self._check(tar, "keeping a copy of the git configuration")
+        return watched, parse_snapshots(tar.stdout)
 
-    def _listing(self, ws: str, repos: list[str]) -> dict[str, dict[str, GuestPrint]]:
-        if not (self.remote is not None):
-            raise RuntimeError("kp-run: out of order")
-        listed = self.remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {_script(WATCH, *repos)}")
+    def _listing(self, remote: Remote, ws: str, repos: list[str]) -> dict[str, dict[str, GuestPrint]]:
+        listed = remote.run(f"cd -- {shlex.quote(ws)} && sudo -n {_script(WATCH, *repos)}")
         if listed.status != 0:
             self._check(listed, "reading the git configuration of the workspace's repositories")
         return parse_watch(listed.stdout)
 
-    def check_git(self) -> None:
+    def check_git(self, remote: Remote, git: GitBefore) -> None:
         """After a direct run, the container gone: neutralise what the agent planted (git_planted)."""
-        if self.remote is None or self.workspace is None or self.policy.read_only_workspace:
+        if self.policy.read_only_workspace:
             return
         try:
-            now = self.survey_git(self.workspace)
+            now = self.survey_git(remote, git.workspace)
         except KpError as exc:
             self.meta["git_problem"] = (f"the workspace could not be checked for planted git repositories "
                                         f"({exc.message}): look before you run git there")
             self.say("warn", self.meta["git_problem"])
             return
-        planted = git_planted(self.repos, now)
-        if self.watched:
+        planted = git_planted(git.repos, now)
+        if git.watched:
             by_ident = {r.ident: p for p, r in now.items()}
-            still = sorted({by_ident[self.repos[p].ident] for p in self.watched
-                            if p in self.repos and self.repos[p].ident in by_ident})
+            still = sorted({by_ident[git.repos[p].ident] for p in git.watched
+                            if p in git.repos and git.repos[p].ident in by_ident})
             try:
-                planted += git_changed(self.watched, self.repos, now, self._listing(self.workspace, still)
+                planted += git_changed(git.watched, git.repos, now, self._listing(remote, git.workspace, still)
                                        if still else {})
             except KpError as exc:
                 self.meta["git_problem"] = f"could not read the git configuration again: {exc.message}"
@@ -816,16 +1102,16 @@ class VmRun:
             return
         dest = f"{GUEST_KEEP}/{self.name}-{self.meta['id']}/{gitguard.PLANTED}"
         paths = b"".join(os.fsencode(p) + b"\0" for p, _, _ in planted)
-        moved = self.remote.run(_q("sudo", "-n", "perl", "-e", NEUTRALISE, self.workspace, dest, self.name),
+        moved = remote.run(_q("sudo", "-n", "perl", "-e", NEUTRALISE, git.workspace, dest, self.name),
                                 input=paths)
         entries = []
         for (path, why, kind), (to, problem) in zip(planted, parse_moved(moved.stdout, len(planted)), strict=True):
             entry: dict[str, Any] = {"path": fdtree.display(path), "why": why, "type": kind, "moved_to": to}
             if problem is not None:
                 self.meta["git_problem"] = f"could not move {fdtree.display(path)} away: {problem}"
-            elif why.startswith("changed") and path in self.copies:  # yours comes back
-                content, mode, uid, gid = self.copies[path]
-                back = self.remote.run(_q("sudo", "-n", "sh", "-c", RESTORE, "kp-run", f"{self.workspace}/{path}",
+            elif why.startswith("changed") and path in git.copies:  # yours comes back
+                content, mode, uid, gid = git.copies[path]
+                back = remote.run(_q("sudo", "-n", "sh", "-c", RESTORE, "kp-run", f"{git.workspace}/{path}",
                                           f"{uid}:{gid}", f"{mode:o}"), input=content)
                 entry["restored"] = back.status == 0
                 if back.status != 0:
@@ -843,10 +1129,8 @@ class VmRun:
         if "git_problem" in self.meta:
             self.say("warn", escape(self.meta["git_problem"]))
 
-    def copy_image(self, *, zstd: bool) -> dict[str, Any]:
+    def copy_image(self, remote: Remote, *, zstd: bool) -> dict[str, Any]:
         """``podman save`` here, ``podman load`` there; facts for the record."""
-        if not (self.remote is not None):
-            raise RuntimeError("kp-run: out of order")
         tag = self.image
         compress = zstd and proc.which("zstd") is not None
         self.say("info", f"{self.vm_name} lacks the image {tag}: copying it in (once per VM; minutes under TCG)")
@@ -866,21 +1150,19 @@ class VmRun:
 
             load = "sudo -n podman load"
             command = f"zstd -d -q -c | {load}" if compress else load
-            loaded = self.remote.send(command, counted(), timeout=None)
+            loaded = remote.send(command, counted(), timeout=None)
             finished()
         self._check(loaded, f"loading the image {tag} (podman load)")
         seconds = round(time.monotonic() - started, 1)
         self.say("progress", f"{self.vm_name}: {tag} loaded in {seconds:g} s ({sent >> 20} MiB sent)")
         return {"seconds": seconds, "bytes_sent": sent, "compressed": compress}
 
-    def prepare_guest(self) -> str:
+    def prepare_guest(self, remote: Remote) -> str:
         """Write the seccomp profile into the guest (derived from its own containers profile) and
         steer its Podman clear of idmapped layers; the profile's path."""
         from kodepipe.container import engine, seccomp
 
-        if not (self.remote is not None):
-            raise RuntimeError("kp-run: out of order")
-        base = self.remote.run(_q("cat", "--", GUEST_SECCOMP))
+        base = remote.run(_q("cat", "--", GUEST_SECCOMP))
         if base.status != 0:
             raise KpError(f"{self.vm_name} has no {GUEST_SECCOMP}: kp-run derives its seccomp profile from it",
                           code="no_seccomp", hint="rebuild the image with kp-image build (its Podman brings it)")
@@ -888,107 +1170,16 @@ class VmRun:
         path = seccomp_path(text)
         # the guest's kernel has the same idmapped-overlay trouble as the host's (engine.force_chown_copies)
         flags = engine.STORAGE_RUN
-        self._check(self.remote.run(_q("sudo", "-n", "sh", "-c", GUEST_SETUP, "kp-run", path, GUEST_DIR, str(flags)),
+        self._check(remote.run(_q("sudo", "-n", "sh", "-c", GUEST_SETUP, "kp-run", path, GUEST_DIR, str(flags)),
                                     input=text), "writing the seccomp profile")
         return path
 
-    def prepare_hook(self, values: dict[str, int]) -> str:
+    def prepare_hook(self, remote: Remote, values: dict[str, int]) -> str:
         """Write the hook that sets ``values`` in the container's user namespace; its directory."""
-        if not (self.remote is not None):
-            raise RuntimeError("kp-run: out of order")
         hooks_dir, text = quota_hook(values)
-        self._check(self.remote.run(_q("sudo", "-n", "sh", "-c", HOOK_SETUP, "kp-run", hooks_dir), input=text),
+        self._check(remote.run(_q("sudo", "-n", "sh", "-c", HOOK_SETUP, "kp-run", hooks_dir), input=text),
                     "writing the kernel quotas' hook")
         return hooks_dir
-
-    def upload_secrets(self, uid: int, gid: int, masked: list[str], data: list[bytes]) -> list[sandbox.Secret]:
-        """The run's folder, with the empty mask file and a copy of each secret only the agent can read."""
-        if not (self.remote is not None and self.folder is not None):
-            raise RuntimeError("kp-run: out of order")
-        if not masked and not self.policy.secrets:
-            self.folder = None  # nothing to keep there: no folder, nothing to clean up
-            return []
-        self._check(self.remote.run(_script(
-            'set -e; sudo -n mkdir -p -m 0755 "$1"; sudo -n mkdir -m 0700 "$2"; '
-            'sudo -n install -m 0444 /dev/null "$2/empty"', GUEST_DIR, self.folder)),
-            "making the run's folder")
-        out = []
-        for n, (spec, content) in enumerate(zip(self.policy.secrets, data, strict=True)):
-            src, dest = Path(spec.source), spec.dest
-            copy = f"{self.folder}/{n}-{src.name}"
-            self._check(self.remote.run(_script(
-                'set -e; sudo -n sh -c \'umask 077; cat > "$1"\' sh "$1"; sudo -n chown "$2" "$1"; '
-                'sudo -n chmod 0400 "$1"', copy, f"{uid}:{gid}"), input=content),
-                f"copying the secret {src.name}")
-            out.append(sandbox.Secret(Path(copy), dest, str(src)))
-        return out
-
-    def start(self, box: sandbox.Sandbox) -> int:
-        if not (self.remote is not None):
-            raise RuntimeError("kp-run: out of order")
-        command = run_command(box, self.hooks_dir)
-        timer = None
-        if self.policy.limits.seconds:
-            timer = threading.Timer(self.policy.limits.seconds, self._time_up)
-            timer.daemon = True
-            timer.start()
-        self.meta.update(state="running", started=now_iso())
-        self.started = self.streaming = True
-        try:
-            status, tail = self.remote.stream(command, self.sink)
-        finally:
-            self.streaming = False
-            if timer is not None:
-                timer.cancel()
-        self.done = True
-        failure = podman_failure(status, tail)
-        if failure is not None:
-            raise KpError(f"Podman in {self.vm_name} could not run the container: {failure}", code="podman")
-        return status
-
-    def _time_up(self) -> None:
-        self.timed_out = True
-        self.say("warn", f"{self.name}: the time limit ({self.policy.limits.seconds:g} s) is up; stopping it")
-        # podman run may still be preparing its storage (minutes under TCG, the first time): a
-        # container that is not running yet cannot be killed, so try until it is, or is gone
-        while self.streaming and self.remote is not None:
-            try:
-                if self.remote.run(_q("sudo", "-n", "podman", "kill", "--", self.name), timeout=60).status == 0:
-                    return
-            except KpError:
-                return  # the connection is gone; Podman's --timeout still ends it
-            time.sleep(KILL_RETRY)
-
-    def finish(self, exit_code: int | None, outcome: str) -> Record:
-        """Remove what should not outlive the run; return the record of what happened."""
-        steps = []
-        if self.started and not self.done:  # interrupted or cut off while it ran
-            steps.append(_q("sudo", "-n", "podman", "rm", "-f", "-i", "-t", "0", "--", self.name) + " >/dev/null 2>&1")
-        if self.folder is not None:
-            steps.append(_q("sudo", "-n", "rm", "-rf", "--", self.folder))
-        removed = True
-        if steps and self.remote is not None:
-            try:
-                self._check(self.remote.run("; ".join(steps), timeout=120), "cleaning up")
-            except Exception as exc:  # reported; the VM is disposable and /run is a tmpfs
-                removed = not (self.started and not self.done)
-                self.say("warn", f"{self.name}: could not clean up in {self.vm_name}: {exc}")
-        if self.started and removed:  # the container is gone: nothing of the agent's runs any more
-            try:
-                self.check_git()
-            except Exception as exc:
-                self.meta["git_problem"] = (f"the workspace could not be checked for planted git repositories "
-                                            f"({exc}): look before you run git there")
-                self.say("warn", self.meta["git_problem"])
-        elif self.started:
-            self.meta["git_problem"] = ("the container may still run, so the workspace was not checked for "
-                                        "planted git repositories: look before you run git there")
-        if self.remote is not None:
-            with contextlib.suppress(Exception):
-                self.remote.close()
-        self.meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome,
-                         state="exited", removed=removed)
-        return dict(self.meta)
 
 
 @contextlib.contextmanager
@@ -1046,6 +1237,29 @@ def host_image_id(tag: str) -> str | None:
         return None
 
 
+def _close(remote: Remote) -> None:
+    with contextlib.suppress(Exception):
+        remote.close()
+
+
+def _stderr_of(channel: Any) -> str:
+    """What a channel's command said on stderr so far (why it ended, when it did)."""
+    said = b""
+    with contextlib.suppress(Exception):
+        while channel.recv_stderr_ready() and len(said) < 4096:
+            said += channel.recv_stderr(4096)
+    return proc.tail(said)
+
+
+def _raise_nofile() -> None:
+    """The proxy holds two descriptors per connection: use the whole hard limit (as hostrun does)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _to_stderr(data: bytes) -> None:
     sys.stderr.buffer.write(data)
     sys.stderr.buffer.flush()
@@ -1055,20 +1269,25 @@ def run_in_vm(vm: Record, policy: Policy, say: Callable[[str, str], None]) -> tu
     """Run one container inside the VM of ``vm`` (a vm record from kp-ip); return its record and
     the command's exit status (None if it never ran).
 
-    The same contract as hostrun.run: on an interruption the container is
-    removed and the record is returned through the exception's ``record``
-    attribute before it propagates.
+    The same contract as hostrun.run: however the run ends, the container is
+    gone (or the record says it is not), and a failure or an interruption
+    carries the record of the run so far (``record``) as it propagates.
     """
-    job = VmRun(vm, policy, say)
-    return _run(job)
+    return _run(VmRun(vm, policy, say))
 
 
 def _run(job: VmRun) -> tuple[Record, int | None]:
-    try:
-        box = job.prepare()
-        status = job.start(box)
-    except BaseException as exc:
-        record = job.finish(None, "interrupted" if not isinstance(exc, Exception) else "failed")
-        exc.record = record  # type: ignore[attr-defined]
-        raise
-    return job.finish(status, "timed-out" if job.timed_out else "exited"), status
+    with job:
+        prepared: Prepared | None = None
+        try:
+            prepared = job.prepare()
+            with job.container(prepared) as created, job.attachments(prepared, created):
+                status = job.start(prepared)
+        except BaseException as exc:
+            record = job.finish(prepared, None, "failed" if isinstance(exc, Exception) else "interrupted")
+            if isinstance(exc, KpError | Interrupted):
+                exc.record = record
+            else:  # KeyboardInterrupt, or a bug: kp-run reads it with getattr all the same
+                setattr(exc, "record", record)  # noqa: B010
+            raise
+        return job.finish(prepared, status, "timed-out" if job.timed_out else "exited"), status

@@ -8,6 +8,7 @@ change meaning once released.
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any
 
 # Exit statuses.  The sysexits.h numbers where one fits.
 OK = 0
@@ -188,6 +189,9 @@ class KpError(Exception):
 
     code = "failed"
     status = FAILED
+    # the partial record of a run this failure ended, when it ended one (set then; kp-run writes it with
+    # the error, reading it with getattr: most failures have none)
+    record: dict[str, Any]
 
     def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
                  hint: str | None = None) -> None:
@@ -260,3 +264,4 @@ class Interrupted(BaseException):
     """Raised from the SIGTERM handler so that cleanup code runs."""
 
     status = TERMINATED
+    record: dict[str, Any]  # as KpError's

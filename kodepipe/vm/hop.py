@@ -53,6 +53,22 @@ class Remote:
         status = self._session(command, sink, err, [], None)
         return status, bytes(tail)
 
+    def open(self, command: str) -> Any:
+        """``command`` on an exec channel of its own, left open for the caller to talk to (a paramiko
+        Channel: recv, sendall, shutdown_write, recv_stderr, close); the caller closes it."""
+        import paramiko
+
+        channel = None
+        try:
+            channel = self.client.get_transport().open_session()
+            channel.exec_command(command)
+        except (OSError, EOFError, paramiko.SSHException, AttributeError) as exc:
+            if channel is not None:
+                channel.close()
+            raise KpError(f"the SSH connection to {self.name} is gone: {exc or type(exc).__name__}",
+                          code="connection_lost") from None
+        return channel
+
     def _session(self, command: str, out: Callable[[bytes], None], err: Callable[[bytes], None],
                  chunks: Iterable[bytes], timeout: float | None) -> int:
         """One exec channel: stdin from ``chunks``, then read until the command is done.
