@@ -15,6 +15,7 @@ from kodepipe.container import backend as backends
 from kodepipe.container import engine, hostrun, sandbox, seccomp, vmrun
 from kodepipe.container import policy as pol
 from kodepipe.container.backend import Part, Unsupported
+from kodepipe.container.render import render
 from kodepipe.core import proc
 from kodepipe.core.state import Store
 from tests import policies
@@ -54,7 +55,7 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[
     """The host backend up to its rendering, with a fake engine: nothing is mounted or started."""
     ran: list[list[str]] = []
     monkeypatch.setattr(engine.Engine, "connect", classmethod(lambda cls, progress=None: FakePodman()))
-    monkeypatch.setattr(seccomp, "ensure", lambda folder: tmp_path / "seccomp.json")
+    monkeypatch.setattr(seccomp, "planned", lambda folder: (tmp_path / "seccomp.json", b"{}"))
     monkeypatch.setattr(hostrun, "refuse", lambda policy: None)  # as root, whoever runs the tests
     real = proc.run
 
@@ -72,16 +73,18 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[
 def render_on(name: str, policy: pol.Policy, tmp_path: Path) -> tuple[Any, dict[str, Any], list[Any], Any]:
     """(the Sandbox or the Unsupported refusal, the record so far, the commands run before it, the run)."""
     if name == "host":
-        run = hostrun.Run(Store(), policy, lambda level, message: None)
+        host = backends.HostBackend(Store())
         try:
-            backends.HostBackend(Store()).refuse(policy)
-            box = run.prepare()
+            host.refuse(policy)
+            facts = host.learned(policy)
         except Unsupported as exc:
-            return exc, {}, [], run
-        finally:
-            if run.git is not None:
-                run.git.close()
-        return box, dict(run.meta), [], run
+            return exc, {}, [], None
+        with facts, hostrun.Run(Store(), policy, facts, lambda level, message: None,
+                                connect=lambda progress: FakePodman()) as run:
+            staged = run.stage()
+            box = render(policy, staged.facts, staged.staged)
+            record = dict(run.meta)
+        return box, record, [], run
     guest = FakeGuest()
     vm_run, _, _ = job(guest, policy)
     try:

@@ -18,12 +18,15 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from kodepipe.container.policy import Policy
 from kodepipe.container.render import Facts as Facts  # what a backend learned, for render
 from kodepipe.core.errors import BadInput
 from kodepipe.core.records import Record
+
+if TYPE_CHECKING:
+    from kodepipe.container import hostrun
 
 Say = Callable[[str, str], None]
 
@@ -142,8 +145,12 @@ class HostBackend:
         check(policy, self)
         hostrun.refuse(policy)  # root (77)
 
-    def learn(self, policy: Policy) -> Learned:
-        return Learned(self.name)
+    def learn(self, policy: Policy) -> hostrun.HostFacts:
+        """The workspace (checked, scanned, its repositories surveyed), the invoking user, the seccomp
+        profile's text, the OCI runtime and the quotas: read only; the facts hold the workspace's fd."""
+        from kodepipe.container import hostrun
+
+        return hostrun.learn(policy)
 
     def supports(self, facts: Learned | None) -> Mapping[Part, str | None]:
         return dict.fromkeys(Part)
@@ -151,13 +158,24 @@ class HostBackend:
     def hint(self, part: Part) -> str | None:
         return None
 
+    def learned(self, policy: Policy) -> hostrun.HostFacts:
+        """``learn``, then ``check`` against what was learned: refused before any side effect."""
+        facts = self.learn(policy)
+        try:
+            check(policy, self, facts)
+        except BaseException:
+            facts.close()
+            raise
+        return facts
+
     def run(self, policy: Policy, say: Say) -> tuple[Record, int | None]:
+        """learned -> stage -> render -> start -> run -> finish (hostrun.Run, which owns the clean-up)."""
         from kodepipe.container import hostrun
         from kodepipe.core.state import Store
 
         if not isinstance(self.store, Store):
             raise TypeError("HostBackend needs a state.Store")
-        return hostrun.run(self.store, policy, say)
+        return hostrun.run(self.store, policy, say, learned=self.learned)
 
 
 # What a guest cannot do yet (docs/policy-plan.md §3.3): flipped to None as each capability lands

@@ -1,11 +1,28 @@
-"""One kp-run on this host: prepare, run, watch, clean up, and say what happened.
+"""One kp-run on this host: learn, stage, start, watch, clean up, and say what happened.
 
-The container's policy comes from sandbox.py; Podman is reached through
-engine.py; the quarantine's bookkeeping is quarantine.py.  This module owns
-the order of things and makes sure that however a run ends (exit, time
-limit, Ctrl-C, SIGTERM, an error half way), the container is removed, the
-overlay is unmounted, and the folder is either gone or truthfully
-describes what is left to review.
+The container's policy is a policy.Policy, rendered by render.py; Podman is
+reached through engine.py; the quarantine's bookkeeping is quarantine.py.
+This module owns the order of things (backend.py's, for the host):
+
+  learn(policy) -> HostFacts       reads and probes only: nothing written, no service started
+  check (backend.py)               what the host cannot honour is refused here
+  Run.stage() -> Staged            the side effects: the run's folder, the overlay, the secrets'
+                                   copies, the mask file, the repositories' read-only binds,
+                                   /etc/hosts and resolv.conf, the Podman service
+  render(policy, facts, staged)    the Sandbox (render.py, pure)
+  Run.start(box, staged) -> Started  create, init, the container's pid, its mounts checked, its
+                                   quotas, the proxy and the tracer attached
+  Run.attached_run(started)        start it and copy its output until it exits
+  Run.finish(...) -> the record
+
+Each stage returns an immutable value the next one takes; what a stage made
+that must not outlive the run (the folder, the mounts, the container, the
+proxy, the tracer) is the Run's, a context manager whose exit guarantees,
+however the run ends (exit, time limit, Ctrl-C, SIGTERM, an error half way),
+that the container is removed, the overlay unmounted, the secrets' copies
+deleted, and the folder either gone or a truthful description of what is
+left to review.  A run that fails carries its partial record on the
+exception (KpError.record).
 """
 
 from __future__ import annotations
@@ -22,15 +39,18 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from kodepipe.audit import cap as auditcap
 from kodepipe.container import folders, sandbox
-from kodepipe.container.policy import Policy
-from kodepipe.container.render import Facts, Staged, render
+from kodepipe.container.backend import Learned
+from kodepipe.container.policy import Policy, Quotas
+from kodepipe.container.render import Facts, render
+from kodepipe.container.render import Staged as RenderStaged
 from kodepipe.core import paths, proc
-from kodepipe.core.errors import BadInput, KpError, NoPermission
+from kodepipe.core.errors import BadInput, Interrupted, KpError, NoPermission
 from kodepipe.core.records import Record
 from kodepipe.core.state import Store, new_id, now_iso
 from kodepipe.host import hostpath
@@ -63,88 +83,215 @@ def new_name() -> str:
     return f"run-{pysecrets.token_hex(4)}"
 
 
-class Run:
-    """The state of one run in progress, so that clean-up knows what exists."""
+@dataclass(frozen=True, kw_only=True)
+class HostFacts(Learned):
+    """What the host backend learned for one policy (``learn``): read and probed, nothing written,
+    no service started.  It holds the workspace's fd (through its git Guard): ``close`` it, or use
+    it as a context manager."""
 
-    def __init__(self, store: Store, policy: Policy, say: Callable[[str, str], None]) -> None:
+    workspace: Path | None  # the real, checked directory (never /, a home, or a home's dot-directory)
+    uid: int  # the host ids the agent's files belong to (never root), and where they came from
+    gid: int
+    uid_from: str
+    masked: tuple[str, ...] = ()  # workspace-relative regular files the policy's masks hide
+    credentials: tuple[str, ...] = ()  # files that look like credentials and are not masked
+    setid_before: frozenset[str] = frozenset()  # setuid/setgid files in the workspace before the run
+    git: Any = None  # gitguard.Guard: the workspace's repositories, and the workspace's fd
+    seccomp: Path  # where the derived seccomp profile is (written by stage if it is not there yet)
+    seccomp_text: bytes = field(repr=False)
+    oci_runtime: str | None
+    quotas: Quotas  # the run's share of this host's per-user kernel quotas
+    egress: Any = None  # egress.Policy: the proxy's rules and pins, when the policy allows domains
+    warnings: tuple[str, ...] = ()  # what to tell the user once the run goes ahead
+
+    def close(self) -> None:
+        if self.git is not None:
+            self.git.close()
+
+    def __enter__(self) -> HostFacts:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def learn(policy: Policy) -> HostFacts:
+    """The host's facts for ``policy``: reads and probes only (the workspace, the invoking user, the
+    masks, the repositories, the seccomp profile's text, the OCI runtime, the quotas)."""
+    from kodepipe.container import engine, seccomp
+
+    refuse(policy)
+    ws = sandbox.check_workspace(Path(policy.workspace)) if policy.workspace is not None else None
+    uid, gid, source = sandbox.invoker(ws)
+    egress_policy = None
+    if policy.egress is not None:
+        from kodepipe.egress import proxy as egress
+
+        egress_policy = egress.Policy.build(policy.egress.rules, policy.egress.pins)
+    seccomp_path, seccomp_text = seccomp.planned(paths.cache_dir() / "seccomp")
+    facts = HostFacts(name="host", workspace=ws, uid=uid, gid=gid, uid_from=source, seccomp=seccomp_path,
+                      seccomp_text=seccomp_text, oci_runtime=engine.oci_runtime(),
+                      quotas=sandbox.host_quotas().share(policy.quota_share), egress=egress_policy)
+    if ws is None:
+        return facts
+    from kodepipe.host import gitguard
+
+    # everything in the workspace is found and opened from this fd, never through a symlink
+    ws_fd = hostpath.open_workspace(ws)
+    try:
+        masked, credentials, setid = sandbox.scan(ws_fd, policy.masks)
+        git = gitguard.Guard.survey(ws_fd, writable=policy.git_writable,
+                                    direct=not policy.quarantine and not policy.read_only_workspace)
+    except BaseException:
+        os.close(ws_fd)
+        raise
+    try:
+        warnings = list(git.warnings(ws))
+        if credentials:
+            shown = ", ".join(credentials[:8]) + (" ..." if len(credentials) > 8 else "")
+            warnings.append(f"the workspace holds files that look like credentials, and the agent can "
+                            f"read them: {shown} (hide them with --mask GLOB)")
+        if source == "nobody" and not policy.read_only_workspace:
+            warnings.append(f"{ws} belongs to root and kp-run was not started through sudo: the agent runs "
+                            f"as host uid {uid} and cannot write it (chown the workspace to its user, "
+                            "or run kp-run through sudo)")
+        return replace(facts, masked=tuple(masked), credentials=tuple(credentials),
+                       setid_before=frozenset(setid), git=git, warnings=tuple(warnings))
+    except BaseException:
+        git.close()
+        raise
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What the run's side effects produced (``Run.stage``), for render and start."""
+
+    folder: Path
+    facts: Facts  # what render takes of the machine: the bound workspace (the overlay's, in quarantine)
+    staged: RenderStaged  # what render takes of the side effects: secrets' copies, mask file, hosts
+    upper: Path | None = None  # the quarantine's upper dir
+    binds: Any = None  # hostpath.Staging: the repositories' read-only binds, until the container has its own
+    expect: tuple[Any, ...] = ()  # hostpath.Expect: the container's mounts, checked before it starts
+    snapshot_before: Any = None  # crosscheck.Snapshot: an audited direct run's workspace, before it
+
+
+@dataclass(frozen=True)
+class Started:
+    """The container, created and initialised with its mounts checked and its quotas set: nothing of
+    the agent has run yet."""
+
+    cid: str
+    pid: int  # its first process, as the host sees it
+    pid_start: int | None
+
+
+def _with_record(exc: BaseException, record: Record) -> None:
+    """The partial record of a failed run, on the exception (KpError.record); kp-run writes it."""
+    if isinstance(exc, KpError | Interrupted):
+        exc.record = record
+    else:  # KeyboardInterrupt, or a bug: kp-run reads it with getattr all the same
+        setattr(exc, "record", record)  # noqa: B010
+
+
+class Run:
+    """One run on this host: a context manager that owns what the run makes (its folder, the overlay, the
+    secrets' copies, the staging binds, the container, the proxy, the tracer) and, on leaving, whatever
+    happened, ends and removes what must not outlive it (``finish``, exactly once)."""
+
+    def __init__(self, store: Store, policy: Policy, facts: HostFacts, say: Callable[[str, str], None], *,
+                 name: str | None = None, connect: Callable[[Callable[[str], None]], Any] | None = None) -> None:
         if policy.image is None:
             raise RuntimeError("kp-run: the profile's image was not built")
-        self.store, self.policy, self.say = store, policy, say
+        self.store, self.policy, self.facts, self.say = store, policy, facts, say
         self.image: str = policy.image
         self.keep = policy.keep  # also set when the container could not be removed
-        self.name = policy.name or new_name()
-        self.folder: Path | None = None
+        self.name = name or policy.name or new_name()
+        self._connect = connect
+        # the record in progress (meta.json once the folder exists)
         self.meta: dict[str, Any] = {"kind": "container", "name": self.name}
-        self.engine: Any = None
+        # what the run owns, as each stage makes it: finish ends each one that exists
+        self.folder: Path | None = None
+        self.staged: Staged | None = None
+        self.engine: Any = None  # engine.Engine (another one if kp-run had to start the service again)
+        self.made = False  # a container may exist: create was asked for
         self.cid: str | None = None
-        self.upper: Path | None = None
-        self.merged: Path | None = None
-        self.workspace: Path | None = None
-        self.setuid_before: set[str] = set()
-        self.git: Any = None  # gitguard.Guard: the workspace's git repositories (and its fd), before the run
-        self.stage: Any = None  # hostpath.Staging: read-only binds of fds, handed to Podman as paths
-        self.expect: list[Any] = []  # hostpath.Expect: the container's mounts, checked before it starts
-        self.timed_out = False
+        self.container_pid: int | None = None  # the container's first process, as the host sees it
+        self.container_pid_start: int | None = None
+        self.proxy: Any = None
         self.strace: subprocess.Popen[bytes] | None = None
         self.strace_said: collections.deque[str] = collections.deque(maxlen=4)
         self.tracer_watch: threading.Thread | None = None
         self.audit_cap: auditcap.SizeCap | None = None
         self.tracer_reader: threading.Thread | None = None
         self.audit_problem: str | None = None  # why the audit log is incomplete, when it is
+        self.timed_out = False
         self.ending = False  # finish() has begun: what ends now is kp-run's doing
-        self.made = False  # a container may exist: create was asked for
-        self.engine_lost: KpError | None = None
-        self.container_pid: int | None = None  # the container's first process, as the host sees it
-        self.container_pid_start: int | None = None
-        self.proxy: Any = None
-        self.egress: Any = None  # egress.Policy: the proxy's, when the policy has allow rules
-        self.snapshot_before: Any = None  # crosscheck.Snapshot: an audited direct run's workspace, before it
+        self.finished: Record | None = None
 
-    # -- preparing ------------------------------------------------------------
+    @property
+    def egress(self) -> Any:
+        return self.facts.egress
 
-    def prepare(self) -> sandbox.Sandbox:
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        """However the run ends, finish it (once); a failure carries the record of the run so far."""
+        from kodepipe.container import engine
+
+        if exc is None:
+            if self.finished is None:  # left without finishing (a caller's early return)
+                self.finish(None, "failed")
+            return
+        if self.ending:  # finish itself failed (its last metadata could not be written: a full disk)
+            if not isinstance(exc, KpError):
+                return
+            _with_record(exc, self._view(self.meta))
+            return
+        lost = isinstance(exc, engine.EngineLost)
+        record = self.finish(None, "engine-lost" if lost else "failed" if isinstance(exc, Exception)
+                             else "interrupted")
+        if lost:
+            # say what became of the container, which outlived the service
+            done = ("kp-run started the service again, and stopped and removed the container"
+                    if record.get("container_removed") else
+                    f"kp-run stopped the container's processes, but could not remove it: kp-rm {self.name} "
+                    "does, once Podman answers")
+            told = engine.EngineLost(f"{exc.args[0] if exc.args else exc}; {done}")
+            told.record = record
+            raise told from None
+        _with_record(exc, record)
+
+    def run(self) -> tuple[Record, int | None]:
+        """The stages in their order; the record and the command's exit status."""
+        staged = self.stage()
+        box = render(self.policy, staged.facts, staged.staged)
+        started = self.start(box, staged)
+        status = self.attached_run(started)
+        return self.finish(status, "timed-out" if self.timed_out else "exited"), status
+
+    # -- staging ----------------------------------------------------------------
+
+    def stage(self) -> Staged:
+        """The side effects, in order; a failure half way leaves only what finish ends."""
         from kodepipe.container import engine, quarantine, seccomp
 
-        policy = self.policy
-        refuse(policy)
-        ws = sandbox.check_workspace(Path(policy.workspace)) if policy.workspace is not None else None
-        self.workspace = ws
-        uid, gid, source = sandbox.invoker(ws)
-        masked: list[str] = []
-        if ws is not None:
-            from kodepipe.host import gitguard
-
-            # everything in the workspace is found and opened from this fd, never through a symlink
-            ws_fd = hostpath.open_workspace(ws)
-            try:
-                masked, credentials, self.setuid_before = sandbox.scan(ws_fd, policy.masks)
-            except BaseException:
-                os.close(ws_fd)
-                raise
-            self.git = gitguard.Guard.survey(ws_fd, writable=policy.git_writable,
-                                             direct=not policy.quarantine and not policy.read_only_workspace)
-            for warning in self.git.warnings(ws):
-                self.say("warn", warning)
-            if credentials:
-                shown = ", ".join(credentials[:8]) + (" ..." if len(credentials) > 8 else "")
-                self.say("warn", f"the workspace holds files that look like credentials, and the agent can "
-                                 f"read them: {shown} (hide them with --mask GLOB)")
-            if source == "nobody" and not policy.read_only_workspace:
-                self.say("warn", f"{ws} belongs to root and kp-run was not started through sudo: the agent runs "
-                                 f"as host uid {uid} and cannot write it (chown the workspace to its user, "
-                                 "or run kp-run through sudo)")
-        if policy.egress is not None:
-            from kodepipe.egress import proxy as egress
-
-            self.egress = egress.Policy.build(policy.egress.rules, policy.egress.pins)
+        policy, facts = self.policy, self.facts
+        if self.staged is not None:
+            raise RuntimeError("kp-run: staged twice")
+        for warning in facts.warnings:
+            self.say("warn", warning)
+        ws = facts.workspace
+        if facts.egress is not None:
             import resource
 
             # the proxy holds two descriptors per connection: use the whole hard limit
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             if soft < hard:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        seccomp_path = seccomp.ensure(paths.cache_dir() / "seccomp")
-        self.engine = engine.Engine.connect(lambda m: self.say("progress", m))
+        seccomp_path = seccomp.write(facts.seccomp, facts.seccomp_text)
+        progress: Callable[[str], None] = lambda m: self.say("progress", m)  # noqa: E731
+        self.engine = self._connect(progress) if self._connect is not None else engine.Engine.connect(progress)
 
         with self.store.lock(self.name):
             self.meta = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
@@ -156,117 +303,128 @@ class Run:
                          "container_name": self.name,
                          "pid": os.getpid(), "pid_start": proc.start_time(os.getpid()),
                          "boot_id": proc.boot_id()}
-            with self.store.creating("container", self.name, self.meta) as folder:
-                self.folder = folder
-        if not (self.folder is not None):
-            raise RuntimeError("kp-run: out of order")
-        os.chmod(self.folder, 0o700)
+            with self.store.creating("container", self.name, self.meta) as made:
+                self.folder = folder = made
+        os.chmod(folder, 0o700)
 
         bound = str(ws) if ws is not None else None
+        upper = merged = None
         if policy.quarantine and ws is not None:
-            self.upper, work = quarantine.prepare(self.folder)
+            upper, work = quarantine.prepare(folder)
             info = ws.stat()
             # the overlay's root takes its owner and mode from the upper dir
-            os.chown(self.upper, info.st_uid, info.st_gid)
-            os.chmod(self.upper, stat.S_IMODE(info.st_mode))
-            self.merged = self.folder / folders.MERGED
-            self.merged.mkdir()
+            os.chown(upper, info.st_uid, info.st_gid)
+            os.chmod(upper, stat.S_IMODE(info.st_mode))
+            merged = folder / folders.MERGED
+            merged.mkdir()
             # no redirects or metacopy (the upper dir then holds whole files kodepipe can review),
             # and nothing setuid or a device node comes to life through it
             proc.run(["mount", "-t", "overlay", "overlay", "-o",
-                      f"lowerdir={ws},upperdir={self.upper},workdir={work},redirect_dir=off,metacopy=off,"
-                      "index=off,nosuid,nodev", self.merged])
-            bound = str(self.merged)
+                      f"lowerdir={ws},upperdir={upper},workdir={work},redirect_dir=off,metacopy=off,"
+                      "index=off,nosuid,nodev", merged])
+            bound = str(merged)
 
         secret_list = []
         if policy.secrets:
-            private = self.folder / "secrets"
+            private = folder / "secrets"
             private.mkdir(mode=0o700)
-            os.chown(private, uid, gid)
+            os.chown(private, facts.uid, facts.gid)
             for n, spec in enumerate(policy.secrets):
                 src = Path(spec.source)
                 copy = private / f"{n}-{src.name}"
                 hostpath.copy_secret(src, copy)  # never through a symlink anyone but root could have left
-                os.chown(copy, uid, gid)
+                os.chown(copy, facts.uid, facts.gid)
                 os.chmod(copy, 0o400)
                 secret_list.append(sandbox.Secret(copy, spec.dest, str(src)))
         mask_file = None
-        if masked:
-            empty = self.folder / "empty"
+        if facts.masked:
+            empty = folder / "empty"
             empty.touch()
             os.chmod(empty, 0o444)
             mask_file = str(empty)
         protect: list[str] = []
         protect_sources: dict[str, str] = {}
-        if self.git is not None and bound is not None:
+        binds = None
+        expect: list[Any] = []
+        git = facts.git
+        if git is not None and bound is not None:
             # the repositories, bound read-only from fds (gitguard.py), and every mount the container
             # gets from the workspace, checked in it before it starts (start)
-            root = self.git.root_fd if self.merged is None else \
-                os.open(self.merged, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            root = git.root_fd if merged is None else \
+                os.open(merged, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            binds = hostpath.Staging(folder / "binds")
             try:
-                self.stage = hostpath.Staging(self.folder / "binds")
-                protect, protect_sources, self.expect = self.git.stage(root, self.stage, sandbox.WORKSPACE,
-                                                                       same=self.merged is None)
-                self.expect += hostpath.expect_tree(root, sandbox.WORKSPACE, policy.read_only_workspace, masked,
-                                                    mask_file)
+                protect, protect_sources, expect = git.stage(root, binds, sandbox.WORKSPACE, same=merged is None)
+                expect += hostpath.expect_tree(root, sandbox.WORKSPACE, policy.read_only_workspace, facts.masked,
+                                               mask_file)
+            except BaseException:
+                binds.close()
+                raise
             finally:
-                if root != self.git.root_fd:
+                if root != git.root_fd:
                     os.close(root)
+        try:
+            hosts = folder / "hosts"
+            hosts.write_text(f"127.0.0.1\tlocalhost {self.name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+            os.chmod(hosts, 0o444)
+            extra_mounts, extra_env = [sandbox.Mount(str(hosts), "/etc/hosts", True)], {}
+            if facts.egress is not None:
+                from kodepipe.egress import proxy as egress
 
-        hosts = self.folder / "hosts"
-        hosts.write_text(f"127.0.0.1\tlocalhost {self.name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
-        os.chmod(hosts, 0o444)
-        extra_mounts, extra_env = [sandbox.Mount(str(hosts), "/etc/hosts", True)], {}
-        if self.egress is not None:
-            from kodepipe.egress import proxy as egress
+                resolv = folder / "resolv.conf"
+                resolv.write_text(egress.RESOLV_CONF)
+                os.chmod(resolv, 0o444)
+                extra_mounts.append(sandbox.Mount(str(resolv), "/etc/resolv.conf", True))
+                extra_env = egress.container_env()
+            rendered = Facts(agent_uid=facts.uid, agent_gid=facts.gid, uid_from=facts.uid_from, workspace=bound,
+                             seccomp=str(seccomp_path), oci_runtime=facts.oci_runtime, quotas=facts.quotas,
+                             masked=facts.masked, protect=tuple(protect), protect_sources=protect_sources)
+            self.meta.update(
+                policy.record(),  # the policy's keys, the same on every backend
+                user={"agent_uid": sandbox.AGENT_UID, "host_uid": facts.uid, "host_gid": facts.gid,
+                      "from": facts.uid_from},
+                masked=list(facts.masked), protected=protect, kernel_quotas=facts.quotas.record(),
+                engine=self.engine.url)
+            if upper is not None:
+                self.meta["quarantine"] = {"path": str(upper)}
+            snapshot = None
+            if policy.audit is not None and policy.audit.mode != "minimal" and git is not None and upper is None \
+                    and not policy.read_only_workspace:
+                from kodepipe.audit import crosscheck  # the audit's cross-check (finish): the workspace before
 
-            resolv = self.folder / "resolv.conf"
-            resolv.write_text(egress.RESOLV_CONF)
-            os.chmod(resolv, 0o444)
-            extra_mounts.append(sandbox.Mount(str(resolv), "/etc/resolv.conf", True))
-            extra_env = egress.container_env()
-        facts = Facts(agent_uid=uid, agent_gid=gid, uid_from=source, workspace=bound, seccomp=str(seccomp_path),
-                      oci_runtime=engine.oci_runtime(), quotas=sandbox.host_quotas().share(policy.quota_share),
-                      masked=tuple(masked), protect=tuple(protect), protect_sources=protect_sources)
-        box = render(policy, facts, Staged(
-            name=self.name, run_id=self.meta["id"], secrets=tuple(secret_list), mask_file=mask_file,
-            extra_mounts=tuple(extra_mounts), extra_env=extra_env))
-        self.meta.update(
-            policy.record(),  # the policy's keys, the same on every backend
-            user={"agent_uid": sandbox.AGENT_UID, "host_uid": uid, "host_gid": gid, "from": source},
-            masked=masked, protected=protect, kernel_quotas=box.quotas.record(),
-            engine=self.engine.url)
-        if self.upper is not None:
-            self.meta["quarantine"] = {"path": str(self.upper)}
-        if policy.audit is not None and policy.audit.mode != "minimal" and self.git is not None and self.upper is None \
-                and not policy.read_only_workspace:
-            from kodepipe.audit import crosscheck  # the audit's cross-check (finish): the workspace before the run
-
-            self.snapshot_before = crosscheck.snapshot(self.git.root_fd)
-        return box
+                snapshot = crosscheck.snapshot(git.root_fd)
+        except BaseException:
+            if binds is not None:
+                binds.close()
+            raise
+        self.staged = Staged(
+            folder=folder, facts=rendered, upper=upper, binds=binds, expect=tuple(expect), snapshot_before=snapshot,
+            staged=RenderStaged(name=self.name, run_id=self.meta["id"], secrets=tuple(secret_list),
+                                mask_file=mask_file, extra_mounts=tuple(extra_mounts), extra_env=extra_env))
+        return self.staged
 
     # -- running ----------------------------------------------------------------
 
-    def start(self, box: sandbox.Sandbox) -> None:
-        if not (self.folder is not None):
-            raise RuntimeError("kp-run: out of order")
+    def start(self, box: sandbox.Sandbox, staged: Staged) -> Started:
+        """Create and initialise the container, check its mounts, set its quotas, and attach the proxy and
+        the tracer: everything before the agent's first instruction."""
         self.made = True
-        self.cid = self.engine.create(box.spec())
+        self.cid = cid = self.engine.create(box.spec())
         _checkpoint("container-created")
         # its processes and namespaces exist, nothing runs yet: the tracer and the proxy attach
         # now, and its first process is on record, so kp-ls can tell whether it still runs
-        self.engine.init(self.cid)
-        pid = int(self.engine.inspect(self.cid)["State"].get("Pid") or 0)
-        if pid > 0:
-            self.container_pid, self.container_pid_start = pid, proc.start_time(pid)
-        if self.container_pid is None:
+        self.engine.init(cid)
+        pid = int(self.engine.inspect(cid)["State"].get("Pid") or 0)
+        if pid <= 0:
             raise KpError("Podman did not say which process the container's is: kp-run cannot set its "
                           "kernel quotas, and does not start it without them")
+        self.container_pid, self.container_pid_start = pid, proc.start_time(pid)
+        started = Started(cid, pid, self.container_pid_start)
         # the workspace, its read-only repositories and its masks are, in the container, the very files
         # kp-run meant (runc resolved their places in it); then the staging binds have done their job
-        wrong = hostpath.verify_mounts(self.container_pid, self.expect)
-        if self.stage is not None:
-            self.stage.close()
+        wrong = hostpath.verify_mounts(pid, staged.expect)
+        if staged.binds is not None:
+            staged.binds.close()
         if wrong:
             raise hostpath.UnsafePath("the container's mounts are not what kp-run set up, so it was not started: "
                                       + "; ".join(wrong[:5]),
@@ -274,62 +432,60 @@ class Run:
         from kodepipe.container import userns
 
         # before the agent's first instruction: its share of the kernel's per-user quotas (sandbox.Quotas)
-        userns.limit(self.container_pid, box.quotas.userns_sysctls())
-        self.meta.update(container_id=self.cid, container_pid=self.container_pid,
-                         container_pid_start=self.container_pid_start, state="running", started=now_iso())
+        userns.limit(pid, box.quotas.userns_sysctls())
+        self.meta.update(container_id=cid, container_pid=pid, container_pid_start=started.pid_start,
+                         state="running", started=now_iso())
         if self.policy.audit is not None:
             from kodepipe.audit import strace
 
-            self.meta.update(audit_log=str(self.folder / AUDIT_LOG),
+            self.meta.update(audit_log=str(staged.folder / AUDIT_LOG),
                              audit_blind=[*strace.BLIND[self.policy.audit.mode], strace.ATTACHED_NOTE])
         if self.egress is not None:
-            self.meta["egress_log"] = str(self.folder / EGRESS_LOG)
-        self.store.write_meta(self.folder, self.meta)
+            self.meta["egress_log"] = str(staged.folder / EGRESS_LOG)
+        self.store.write_meta(staged.folder, self.meta)
         if self.egress is not None:
-            self._start_proxy()
+            self._start_proxy(staged.folder, started)
         if self.policy.audit is not None:
-            self._attach_strace()
+            self._attach_strace(staged.folder, started, self.policy.audit)
+        return started
 
-    def _start_proxy(self) -> None:
+    def _start_proxy(self, folder: Path, started: Started) -> None:
         from kodepipe.egress import proxy as egress
 
-        if self.folder is None or self.container_pid is None:
-            raise RuntimeError("kp-run: out of order")
-        tcp, udp = egress.sockets_in_netns(self.container_pid)
-        self.proxy = egress.Proxy(self.egress, egress.DecisionLog(self.folder / EGRESS_LOG, self.name))
+        tcp, udp = egress.sockets_in_netns(started.pid)
+        self.proxy = egress.Proxy(self.egress, egress.DecisionLog(folder / EGRESS_LOG, self.name))
         self.proxy.start(tcp, udp)
 
-    def _attach_strace(self) -> None:
+    def _attach_strace(self, folder: Path, started: Started, audit: Any) -> None:
         from kodepipe.audit import strace
 
-        audit = self.policy.audit
-        if not (self.folder is not None and self.container_pid is not None and audit is not None):
-            raise RuntimeError("kp-run: out of order")
         args = ["strace", *strace.CAPTURE_FLAGS,
                 *[a for a in strace.MODES[audit.mode] if a != "--seccomp-bpf"],
-                "-o", str(self.folder / AUDIT_LOG), "-p", str(self.container_pid)]
+                "-o", str(folder / AUDIT_LOG), "-p", str(started.pid)]
         # its own session: a Ctrl-C on the terminal must not detach the tracer before kp-run
         # has stopped the container
-        self.strace = subprocess.Popen([proc.require("strace"), *args[1:]], stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.strace = tracer = subprocess.Popen([proc.require("strace"), *args[1:]], stdin=subprocess.DEVNULL,
+                                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                                start_new_session=True)
         # the log's size cap: the run is stopped when the log reaches it (auditcap.py); by SIGKILL to
         # its first process, not through Podman, whose kill waits for an end the halted tracer holds up
-        self.audit_cap = auditcap.SizeCap(self.folder / AUDIT_LOG, audit.cap, self.strace,
+        self.audit_cap = auditcap.SizeCap(folder / AUDIT_LOG, audit.cap, tracer,
                                           self._kill_process, lambda m: self.say("warn", f"{self.name}: {m}"))
         self.audit_cap.start()
         # strace says "Process N attached" once it holds every thread; start only then
-        if not (self.strace.stderr is not None):
-            raise RuntimeError("kp-run: out of order")
-        deadline = time.monotonic() + STRACE_ATTACH_WAIT
         said = b""
+        stderr = tracer.stderr
+        if stderr is None:
+            raise KpError("strace could not attach to the container: its stderr is not a pipe")
+        deadline = time.monotonic() + STRACE_ATTACH_WAIT
         while b"attached" not in said:
-            line = self.strace.stderr.readline()
+            line = stderr.readline()
             if not line or time.monotonic() > deadline:
                 raise KpError(f"strace could not attach to the container: {said.decode(errors='replace')}")
             said += line
-        self.tracer_reader = threading.Thread(target=self._read_tracer, args=(self.strace.stderr,), daemon=True)
+        self.tracer_reader = threading.Thread(target=self._read_tracer, args=(stderr,), daemon=True)
         self.tracer_reader.start()
-        self.tracer_watch = threading.Thread(target=self._watch_tracer, args=(self.strace,), daemon=True)
+        self.tracer_watch = threading.Thread(target=self._watch_tracer, args=(tracer,), daemon=True)
         self.tracer_watch.start()
 
     def _read_tracer(self, stream: Any) -> None:
@@ -376,10 +532,8 @@ class Run:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
 
-    def attached_run(self) -> int:
+    def attached_run(self, started: Started) -> int:
         """Start, copy the output to stderr until the container exits, and return its status."""
-        if not (self.cid is not None):
-            raise RuntimeError("kp-run: out of order")
         timer = None
         if self.policy.limits.seconds:
             timer = threading.Timer(self.policy.limits.seconds, self._time_up)
@@ -387,26 +541,24 @@ class Run:
             timer.start()
         try:
             if self.policy.tty or self.policy.interactive:
-                self._terminal_run()
+                self._terminal_run(started)
             else:
-                attached = self.engine.attach(self.cid)
-                self.engine.start(self.cid)
+                attached = self.engine.attach(started.cid)
+                self.engine.start(started.cid)
                 err = sys.stderr.buffer
 
                 def write(data: bytes) -> None:
                     err.write(data)
                     err.flush()
 
-                self.engine.stream(self.cid, {1: write, 2: write}, attached)
-            return int(self.engine.wait(self.cid))
+                self.engine.stream(started.cid, {1: write, 2: write}, attached)
+            return int(self.engine.wait(started.cid))
         finally:
             if timer is not None:
                 timer.cancel()
 
-    def _terminal_run(self) -> None:
+    def _terminal_run(self, started: Started) -> None:
         """A real terminal for the agent: Podman's own client attaches (window size, Ctrl-C)."""
-        if not (self.cid is not None):
-            raise RuntimeError("kp-run: out of order")
         stdin: Any = None
         if self.policy.tty and not os.isatty(0):
             try:
@@ -416,7 +568,7 @@ class Run:
                                hint="drop -t, or run kp-run from a terminal") from None
         try:
             subprocess.run([proc.require("podman"), "--remote", "--url", self.engine.url, "start",
-                            "--attach", "--interactive", self.cid], stdin=stdin, check=False)
+                            "--attach", "--interactive", started.cid], stdin=stdin, check=False)
         finally:
             if stdin is not None:
                 stdin.close()
@@ -432,13 +584,16 @@ class Run:
         """Remove what should not outlive the run; return the record of what happened."""
         from kodepipe.container import quarantine
 
+        if self.finished is not None:
+            return self.finished
         meta = self.meta
         self.ending = True
+        staged, facts = self.staged, self.facts
         if self.folder is not None:  # first: nothing below may keep a secret's copy on disk
             with contextlib.suppress(FileNotFoundError):
                 shutil.rmtree(self.folder / "secrets")
-        if self.stage is not None:  # the read-only binds of the workspace's repositories, if still there
-            self.stage.close()
+        if staged is not None and staged.binds is not None:  # the repositories' staging binds, if still there
+            staged.binds.close()
         if self.made and self.engine is not None:
             exit_code = self._end_container(exit_code, outcome)
         if self.proxy is not None:
@@ -475,30 +630,32 @@ class Run:
 
             with contextlib.suppress(ValueError):
                 meta["signal"] = signal.Signals(exit_code - 128).name
-        if self.workspace is not None and self.upper is None and not self.policy.read_only_workspace:
+        upper = staged.upper if staged is not None else None
+        ws = facts.workspace
+        # a direct run that got as far as its container: what the agent left in the workspace
+        if ws is not None and staged is not None and upper is None and not self.policy.read_only_workspace:
             from kodepipe.core import fdtree, terminal
 
             try:
-                after = set(fdtree.setid_files(self.workspace))  # fd-based and iterative: any depth
+                after = set(fdtree.setid_files(ws))  # fd-based and iterative: any depth
             except Exception:
                 after = set()
-            new = sorted(after - self.setuid_before)
-            self._crosscheck_workspace()  # before kp-run itself moves anything (git.check)
-            if self.git is not None and self.folder is not None:  # planted git metadata: moved away (gitguard)
-                self.git.check(self.folder, self.name, meta, lambda m: self.say("warn", m))
+            new = sorted(after - facts.setid_before)
+            self._crosscheck_workspace(staged)  # before kp-run itself moves anything (git.check)
+            if facts.git is not None:  # planted git metadata: moved away (gitguard)
+                facts.git.check(staged.folder, self.name, meta, lambda m: self.say("warn", m))
             if new:
                 meta["setuid_files"] = [fdtree.display(path) for path in new]
                 self.say("warn", "the agent left setuid/setgid files in the workspace: "
                                  f"{', '.join(terminal.escape(path) for path in new[:8])}")
         keep = self.keep or self.policy.audit is not None or self.egress is not None or "git_planted" in meta
         if self.folder is not None:
-            if self.merged is not None:
-                folders.unmount(self.folder)
-            if self.upper is not None and self.workspace is not None:
+            folders.unmount(self.folder)  # the overlay, and any staging bind a failure left behind
+            if upper is not None and ws is not None:
                 try:
-                    changes = quarantine.changes(self.upper, self.workspace)
-                    meta["quarantine"] = {"path": str(self.upper), **quarantine.summary(changes)}
-                    meta["fingerprints"] = quarantine.fingerprint(self.workspace, changes)
+                    changes = quarantine.changes(upper, ws)
+                    meta["quarantine"] = {"path": str(upper), **quarantine.summary(changes)}
+                    meta["fingerprints"] = quarantine.fingerprint(ws, changes)
                     from kodepipe.audit import crosscheck
 
                     try:
@@ -510,7 +667,7 @@ class Run:
                         self.say("warn", finding)
                     from kodepipe.host import gitguard  # changes to git metadata: --apply refuses them
 
-                    gitguard.report_changes(changes, self.workspace, meta, lambda m: self.say("warn", m))
+                    gitguard.report_changes(changes, ws, meta, lambda m: self.say("warn", m))
                     if changes:
                         keep = True
                         meta["state"] = "quarantined"
@@ -525,34 +682,38 @@ class Run:
                 self.store.write_meta(self.folder, meta)
             else:
                 self.store.discard(self.folder)
-        if self.git is not None:
-            self.git.close()
-        record = {k: v for k, v in meta.items() if k not in (*folders.PRIVATE, "fingerprints")}
+        record = self._view(meta)
         if keep and self.folder is not None:
             record["path"] = str(self.folder)
         else:
             record["removed"] = True
+        self.finished = record
         return record
 
-    def _crosscheck_workspace(self) -> None:
+    @staticmethod
+    def _view(meta: dict[str, Any]) -> Record:
+        """The record of ``meta``: without what identifies this boot's processes."""
+        return {k: v for k, v in meta.items() if k not in (*folders.PRIVATE, "fingerprints")}
+
+    def _crosscheck_workspace(self, staged: Staged) -> None:
         """An audited direct run: the workspace's snapshot before and after, checked against the trace.
         Never raises: what follows it in finish (moving planted git metadata away) must happen."""
         try:
-            self._crosscheck_snapshots()
+            self._crosscheck_snapshots(staged)
         except Exception as exc:
             self.meta["audit_unaccounted"] = {"against": "workspace", "complete": False,
                                               "why": f"the cross-check failed: {exc!r}"}
 
-    def _crosscheck_snapshots(self) -> None:
+    def _crosscheck_snapshots(self, staged: Staged) -> None:
         from kodepipe.audit import crosscheck
 
-        before = self.snapshot_before
-        if before is None or self.git is None or self.git.root_fd < 0:
+        before, git = staged.snapshot_before, self.facts.git
+        if before is None or git is None or git.root_fd < 0:
             return
         if not before.complete:
             self._crosscheck(None, "workspace", before.why)
             return
-        after = crosscheck.snapshot(self.git.root_fd, before.cap)
+        after = crosscheck.snapshot(git.root_fd, before.cap)
         if not after.complete:
             self._crosscheck(None, "workspace", after.why)
             return
@@ -654,38 +815,27 @@ class Run:
         return exit_code
 
 
-def run(store: Store, policy: Policy, say: Callable[[str, str], None]) -> tuple[Record, int | None]:
+def not_run(name: str, outcome: str) -> Record:
+    """The record of a run that ended before it made anything (its facts could not be learned)."""
+    return {"kind": "container", "name": name, "exit_code": None, "finished": now_iso(), "timed_out": False,
+            "outcome": outcome, "removed": True}
+
+
+def run(store: Store, policy: Policy, say: Callable[[str, str], None], *,
+        learned: Callable[[Policy], HostFacts] = learn,
+        connect: Callable[[Callable[[str], None]], Any] | None = None) -> tuple[Record, int | None]:
     """Run one container; return its record and the command's exit status (None if it never ran).
 
-    On an interruption the container is removed and the record is returned
-    through the exception's ``record`` attribute before it propagates.
+    ``learned``: the facts of the host for ``policy`` (HostBackend: learn, then check); ``connect``: the
+    engine (tests: a fake one).  However the run ends, the container is gone (or the record says it is
+    not), and a failure or an interruption carries the record of the run so far (KpError.record).
     """
-    from kodepipe.container import engine
-
     refuse(policy)
-    job = Run(store, policy, say)
+    name = policy.name or new_name()
     try:
-        box = job.prepare()
-        job.start(box)
-        status = job.attached_run()
+        facts = learned(policy)
     except BaseException as exc:
-        lost = isinstance(exc, engine.EngineLost)
-        record = job.finish(None, "engine-lost" if lost else "interrupted" if not isinstance(exc, Exception)
-                            else "failed")
-        if lost:
-            # say what became of the container, which outlived the service
-            done = ("kp-run started the service again, and stopped and removed the container"
-                    if record.get("container_removed") else
-                    f"kp-run stopped the container's processes, but could not remove it: kp-rm {job.name} "
-                    "does, once Podman answers")
-            told = engine.EngineLost(f"{exc.args[0] if exc.args else exc}; {done}")
-            told.record = record
-            raise told from None
-        exc.record = record  # type: ignore[attr-defined]
+        _with_record(exc, not_run(name, "failed" if isinstance(exc, Exception) else "interrupted"))
         raise
-    try:
-        return job.finish(status, "timed-out" if job.timed_out else "exited"), status
-    except KpError as exc:  # its last metadata could not be written (a full disk): say what ran all the same
-        exc.record = {k: v for k, v in job.meta.items()
-                      if k not in (*folders.PRIVATE, "fingerprints")}
-        raise
+    with facts, Run(store, policy, facts, say, name=name, connect=connect) as job:
+        return job.run()

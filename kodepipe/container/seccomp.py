@@ -78,15 +78,26 @@ def render(base_text: bytes) -> bytes:
     return orjson.dumps(derive(orjson.loads(base_text)), option=orjson.OPT_INDENT_2)
 
 
-def ensure(folder: Path, system_profile: Path = SYSTEM_PROFILE) -> Path:
-    """Write the derived profile into ``folder`` (once per base version) and return its path."""
+def planned(folder: Path, system_profile: Path = SYSTEM_PROFILE) -> tuple[Path, bytes]:
+    """The derived profile's path in ``folder`` (one per base version) and its text; reads only."""
     try:
         base = system_profile.read_bytes()
     except FileNotFoundError:
         raise MissingProgram(f"{system_profile} is missing: kp-run derives its seccomp profile from it",
                              hint="apt-get install golang-github-containers-common (it comes with podman)") from None
     text = render(base)
-    path = folder / f"seccomp-{hashlib.sha256(text).hexdigest()[:12]}.json"
+    return folder / f"seccomp-{hashlib.sha256(text).hexdigest()[:12]}.json", text
+
+
+def ensure(folder: Path, system_profile: Path = SYSTEM_PROFILE) -> Path:
+    """Write the derived profile into ``folder`` (once per base version) and return its path."""
+    path, text = planned(folder, system_profile)
+    return write(path, text)
+
+
+def write(path: Path, text: bytes) -> Path:
+    """The profile ``planned`` said, written at its path unless it is there already."""
+    folder = path.parent
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
