@@ -17,6 +17,7 @@ from kodepipe.container import policy as pol
 from kodepipe.container.backend import Part, Unsupported
 from kodepipe.container.render import render
 from kodepipe.core import proc
+from kodepipe.core.errors import BadInput
 from kodepipe.core.state import Store
 from tests import policies
 from tests.test_vmrun import FakeGuest, job
@@ -191,3 +192,37 @@ def test_a_vm_refusal_comes_before_connecting() -> None:
         vmrun._run(run)
     assert caught.value.part is Part.EGRESS and caught.value.code == "unsupported"
     assert "run it on the host" in caught.value.message and connected == [] and guest.commands == []
+
+
+@pytest.mark.parametrize("backend", ["host", "vm"])
+@pytest.mark.parametrize(("where", "refused"), [
+    ("home", "is or contains the home directory"),
+    ("home/.ssh", "where credentials and configuration live"),
+    ("home/.config/proj", "where credentials and configuration live"),
+    ("", "is or contains the home directory"),  # contains it
+    ("home/code/proj", None),
+])
+def test_one_workspace_rule_on_both_backends(backend: str, where: str, refused: str | None, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """D11: a workspace inside a dot-directory of a home (~/.ssh/x) is refused in a VM as on the host."""
+    top = tmp_path / "top"
+    home = top / "home"
+    ws = top / where if where else top
+    ws.mkdir(parents=True, exist_ok=True)
+    home.mkdir(exist_ok=True)
+
+    def check() -> None:
+        if backend == "host":
+            monkeypatch.delenv("SUDO_USER", raising=False)
+            monkeypatch.setenv("HOME", str(home))
+            sandbox.check_workspace(ws)
+        else:  # the guest's probe: the SSH user's home, the workspace's real path and owner
+            facts = {"home": str(home), "ws_real": str(ws), "ws_stat": "1000 1000 directory"}
+            vmrun.check_workspace(str(ws), facts, "vm-a")
+
+    if refused is None:
+        check()
+        return
+    with pytest.raises(BadInput) as caught:
+        check()
+    assert refused in caught.value.message

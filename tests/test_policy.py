@@ -6,6 +6,7 @@ import builtins
 import itertools
 import os
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import Any
 
 import pytest
@@ -213,3 +214,47 @@ def test_the_record_keys_are_the_policys() -> None:
     none = pol.resolve(options(), None, config()).record()
     assert none["network"] == "none" and none["allow"] == [] and none["workspace_mode"] is None
     assert "audit_mode" not in none
+
+
+# -- D11: one workspace rule for every backend -------------------------------------------------------
+
+HOMES = (PurePosixPath("/home/u"), PurePosixPath("/root"))
+
+
+@pytest.mark.parametrize(("workspace", "refused"), [
+    ("/", "cannot be /"),
+    ("/home/u", "is or contains the home directory /home/u"),
+    ("/home", "is or contains the home directory /home/u"),
+    ("/root", "is or contains the home directory /root"),
+    ("/home/u/.ssh", "is inside /home/u/.ssh, where credentials"),
+    ("/home/u/.config/proj", "is inside /home/u/.config, where credentials"),
+    ("/root/.aws/x", "is inside /root/.aws, where credentials"),
+    ("/home/u/code/proj", None),
+    ("/home/u/code/.hidden-proj", None),  # a dot-directory of a project, not of the home
+    ("/srv/proj", None),
+    ("/workspace", None),
+    ("/home/uu/proj", None),  # another directory whose name starts like a home
+])
+def test_the_workspace_rule(workspace: str, refused: str | None) -> None:
+    if refused is None:
+        pol.check_workspace_place(PurePosixPath(workspace), HOMES)
+        return
+    with pytest.raises(errors.BadInput) as caught:
+        pol.check_workspace_place(PurePosixPath(workspace), HOMES, machine="vm-a")
+    assert refused in caught.value.message and caught.value.status == errors.BAD_INPUT
+    if workspace != "/":
+        assert " in vm-a " in caught.value.message
+    else:
+        assert "the whole of vm-a" in caught.value.message
+
+
+def test_the_workspace_rule_reads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"the rule did I/O: {args!r}")
+
+    for name in ("stat", "lstat", "open", "readlink", "getcwd", "listdir", "scandir"):
+        monkeypatch.setattr(os, name, no)
+    monkeypatch.setattr(builtins, "open", no)
+    with pytest.raises(errors.BadInput):
+        pol.check_workspace_place(PurePosixPath("/home/u/.ssh"), HOMES)
+    pol.check_workspace_place(PurePosixPath("/home/u/proj"), HOMES)

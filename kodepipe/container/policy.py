@@ -22,8 +22,9 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, Protocol
 
 from kodepipe.core.errors import USAGE, BadInput, KpError
@@ -541,3 +542,27 @@ def _duration(text: str, problems: list[str], parse: Callable[[str], float]) -> 
     except BadInput as exc:
         problems.append(f"the profile's time: {exc.message}")
         return DEFAULT_SECONDS
+
+
+# -- where a workspace may be, on every backend (D11) ------------------------------------------------
+
+
+def check_workspace_place(real: PurePosixPath, homes: Iterable[PurePosixPath], *, machine: str | None = None,
+                          example: str = "--workspace ~/code/proj") -> None:
+    """BadInput if the workspace ``real`` (its real, absolute path on the machine that runs the
+    container) would expose too much there: ``/``, a home directory or one that contains it, or a
+    path inside a dot-directory of a home (~/.ssh, ~/.aws, ~/.config: credentials and configuration).
+    ``homes``: the real paths of the homes the backend learned (the host: the user's and SUDO_USER's;
+    a VM: the SSH user's and /root).  The same rule for every backend; ``machine`` names a VM."""
+    on = f" in {machine}" if machine else ""
+    itself = f"give the project directory itself, e.g. {example}"
+    if real == PurePosixPath("/"):
+        raise BadInput(f"the workspace cannot be / (the whole {f'of {machine}' if machine else 'host'})",
+                       hint=itself)
+    for home in sorted(set(homes)):
+        if real == home or home.is_relative_to(real):
+            raise BadInput(f"the workspace {real}{on} is or contains the home directory {home}", hint=itself)
+        if real.is_relative_to(home) and real.relative_to(home).parts[0].startswith("."):
+            raise BadInput(f"the workspace {real}{on} is inside {home / real.relative_to(home).parts[0]}, where "
+                           "credentials and configuration live (~/.ssh, ~/.aws, ~/.config, ...)",
+                           hint="give a project directory (a symbolic link may have led here)")

@@ -46,13 +46,13 @@ import re
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 # the policy's defaults (policy.py), which this module renders
 from kodepipe.container.policy import AGENT_UID as AGENT_UID
 from kodepipe.container.policy import DEFAULT_MASKS as DEFAULT_MASKS
-from kodepipe.container.policy import DEFAULT_TERM, NOFILE, NPROC
+from kodepipe.container.policy import DEFAULT_TERM, NOFILE, NPROC, check_workspace_place
 from kodepipe.container.policy import WORKSPACE as WORKSPACE
 from kodepipe.container.policy import Limits as Limits
 from kodepipe.container.policy import Quotas as Quotas
@@ -324,25 +324,17 @@ def check_workspace(path: Path, home: Path | None = None) -> Path:
         raise BadInput(f"workspace {path} does not exist", hint="give an existing project directory") from exc
     if not real.is_dir():
         raise BadInput(f"workspace {path} is not a directory")
-    if real == Path("/"):
-        raise BadInput("the workspace cannot be / (the whole host)",
-                       hint="give the project directory itself, e.g. --workspace ~/code/proj")
     homes = {Path.home()} if home is None else {home}
     sudo_user = os.environ.get("SUDO_USER")
     if home is None and sudo_user:
         homes.add(Path(os.path.expanduser(f"~{sudo_user}")))
+    real_homes = []
     for h in homes:
         try:
-            h = h.resolve()
+            real_homes.append(PurePosixPath(h.resolve()))
         except OSError:
             continue
-        if real == h or h.is_relative_to(real):
-            raise BadInput(f"the workspace {real} is or contains the home directory {h}",
-                           hint="give the project directory itself, e.g. --workspace ~/code/proj")
-        if real.is_relative_to(h) and real.relative_to(h).parts[0].startswith("."):
-            raise BadInput(f"the workspace {real} is inside {h / real.relative_to(h).parts[0]}, where "
-                           "credentials and configuration live (~/.ssh, ~/.aws, ~/.config, ...)",
-                           hint="give a project directory (a symbolic link may have led here)")
+    check_workspace_place(PurePosixPath(real), real_homes)  # the rule every backend applies (policy.py)
     return real
 
 

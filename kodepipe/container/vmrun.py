@@ -99,7 +99,7 @@ from typing import Any
 
 from kodepipe.container import folders, sandbox
 from kodepipe.container.hostrun import EGRESS_LOG, new_name
-from kodepipe.container.policy import Policy, SecretSpec
+from kodepipe.container.policy import Policy, SecretSpec, check_workspace_place
 from kodepipe.container.render import Facts, Staged, render
 from kodepipe.core import fdtree, proc
 from kodepipe.core.errors import BadInput, CommandFailed, Interrupted, KpError, NotFound
@@ -189,17 +189,11 @@ def check_workspace(given: str, facts: dict[str, str], vm_name: str) -> tuple[st
     uid, gid, kind = [*facts.get("ws_stat", "").split(" ", 2), "", "", ""][:3]
     if kind != "directory":
         raise BadInput(f"the workspace {given} in {vm_name} is not a directory")
-    path = PurePosixPath(real)
-    if path == PurePosixPath("/"):
-        raise BadInput(f"the workspace cannot be / (the whole of {vm_name})",
-                       hint=f"give the project directory itself, e.g. {SHARE_MOUNT}")
     homes = {PurePosixPath("/root")}
     if facts.get("home", "").startswith("/"):
         homes.add(PurePosixPath(facts["home"]))
-    for home in homes:
-        if path == home or home.is_relative_to(path):
-            raise BadInput(f"the workspace {real} in {vm_name} is or contains the home directory {home}",
-                           hint="give the project directory itself")
+    # the rule every backend applies (D11): not /, a home, or inside a home's dot-directory
+    check_workspace_place(PurePosixPath(real), homes, machine=vm_name, example=SHARE_MOUNT)
     try:
         return real, int(uid), int(gid)
     except ValueError:
