@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from kodepipe.core import fdtree
+from kodepipe.core.errors import BadInput
 from kodepipe.host import gitguard
 
 
@@ -295,3 +296,57 @@ def test_quarantined_changes_deep_and_many_stay_linear(ws: Path) -> None:
     chain = "/".join(["d"] * 3000)
     changes = [change("/".join(["d"] * n)) for n in range(1, 3001)] + [change(chain + "/.git")]
     assert gitguard.in_changes(changes, ws) == [chain + "/.git"]
+
+
+# -- D12: a repository whose name is not UTF-8 is refused, on every backend ---------------------------
+
+ODD = os.fsdecode(b"caf\xe9")  # latin-1, not UTF-8
+
+
+@pytest.mark.parametrize("writable", [False, True])
+@pytest.mark.parametrize("where", [f"{ODD}/.git", f"sub/{ODD}"])
+def test_a_repository_named_in_no_utf8_is_refused_on_the_host(ws: Path, writable: bool, where: str) -> None:
+    """The host used to watch it silently instead of binding it read-only (D12); a VM refuses it: both
+    refuse now, with the name escaped, whatever the mode."""
+    if where.endswith(".git"):
+        git("init", "-q", str(ws / ODD))
+    else:  # a bare repository
+        git("init", "-q", "--bare", str(ws / where))
+    fd = os.open(ws, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(BadInput) as caught:
+            gitguard.Guard.survey(fd, writable=writable, direct=True)
+        assert "caf\\xe9" in caught.value.message and "not UTF-8" in caught.value.message
+        os.fstat(fd)  # still open: a failed survey does not take it
+    finally:
+        os.close(fd)
+
+
+def test_the_same_refusal_in_a_vm() -> None:
+    from kodepipe.container import vmrun
+
+    messages = []
+    with pytest.raises(BadInput) as caught:
+        gitguard.check_names([f"{ODD}/.git"])  # Guard.survey's, on the host
+    messages.append(caught.value.message)
+    with pytest.raises(BadInput) as caught:
+        vmrun.check_git_paths("/workspace", [f"{ODD}/.git"])
+    messages.append(caught.value.message)
+    assert messages[0] == messages[1] and "caf\\xe9/.git" in messages[0]
+    gitguard.check_names(["café/.git", "a/.git"])  # UTF-8, whatever the script: accepted
+
+
+def test_a_utf8_repository_is_bound_and_kp_boot_share_still_watches_the_rest(ws: Path, root_fd: int) -> None:
+    git("init", "-q", str(ws / "café"))
+    guard = gitguard.Guard.survey(os.dup(root_fd), writable=False, direct=True)
+    try:
+        assert "café/.git" in guard.protect
+    finally:
+        guard.close()
+    git("init", "-q", str(ws / ODD))
+    # kp-boot --share binds in place without Podman: its Guard (not the survey) still takes such a name
+    guard = gitguard.Guard(os.dup(root_fd), gitguard.find(root_fd), writable=False)
+    try:
+        assert f"{ODD}/.git" not in guard.protect and "café/.git" in guard.protect
+    finally:
+        guard.close()

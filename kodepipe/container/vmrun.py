@@ -338,11 +338,8 @@ def git_protect(repos: dict[str, GuestRepo], *, writable: bool) -> list[str]:
 
 def check_git_paths(ws: str, protect: Iterable[str]) -> None:
     """Refuse repositories that Podman's --mount (or a command line over SSH) cannot carry."""
-    for path in protect:
-        if not fdtree.is_utf8(path):
-            raise BadInput(f"the git repository {fdtree.display(path)!r} in the workspace has a name that is not "
-                           "UTF-8, which Podman in the guest cannot bind read-only",
-                           hint="rename it; a file name must never decide what the agent may write")
+    protect = list(protect)
+    gitguard.check_names(protect)  # not UTF-8: refused as on the host (D12)
     check_paths(f"{ws}/{p}" for p in protect)
 
 

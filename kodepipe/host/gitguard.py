@@ -308,6 +308,23 @@ class _Change(Protocol):
 Say = Callable[[str, str], None]
 
 
+def check_names(paths: Iterable[str]) -> None:
+    """BadInput naming the first repository whose name is not UTF-8 (escaped), on every backend (D12).
+
+    Podman takes a mount's source as a UTF-8 string (the API's JSON, or --mount in a guest), so such a
+    repository cannot be bound read-only; watching it instead (checked after the run) would be weaker
+    than what the record's ``protected`` says of the others, and weaker than a user would assume.  So
+    the run is refused, before anything is made, whatever the mode: the user renames it."""
+    from kodepipe.core.terminal import escape
+
+    for path in paths:
+        if not is_utf8(path):
+            raise BadInput(f"the git repository {escape(display(path))} in the workspace has a name that is not "
+                           "UTF-8: Podman cannot take it as a mount source, so kp-run cannot bind it read-only, "
+                           "and does not run the agent beside a repository it cannot protect",
+                           hint="rename it (a file name must never decide what the agent may write)")
+
+
 class Guard:
     """The git side of one kp-run: ``survey`` before, ``protect`` to bind, ``after`` to check."""
 
@@ -315,8 +332,9 @@ class Guard:
         self.root_fd = root_fd
         self.repos = repos
         self.writable = writable
-        # bound read-only: real directories and files, never a symlink; at most MAX_BINDS
-        # (Podman takes UTF-8 paths only: one whose name is not is watched instead)
+        # bound read-only: real directories and files, never a symlink; at most MAX_BINDS (Podman takes
+        # UTF-8 paths only: kp-run's survey refuses a name that is not, check_names; kp-boot --share,
+        # which binds in place without Podman, watches it instead)
         bindable = [p for p, r in sorted(repos.items()) if r.kind in ("dir", "file", "bare") and p and is_utf8(p)]
         self._bindable = bindable
         self.protect: list[str] = [] if writable else bindable[:MAX_BINDS]
@@ -326,13 +344,17 @@ class Guard:
 
     @classmethod
     def survey(cls, root_fd: int, *, writable: bool, direct: bool, limit: int = SCAN_LIMIT) -> Guard:
-        """The repositories in the workspace on ``root_fd`` (which the Guard now owns: ``close``);
-        for a direct run, with the guarded entries of those it will not bind noted (``watch``)."""
+        """The repositories in the workspace on ``root_fd`` (which the Guard now owns: ``close``; not
+        if this raises); for a direct run, with the guarded entries of those it will not bind noted
+        (``watch``).  BadInput for a repository whose name is not UTF-8, whatever the mode (check_names:
+        the same refusal as in a VM)."""
         try:
-            guard = cls(root_fd, find(root_fd, limit=limit), writable=writable)
+            repos = find(root_fd, limit=limit)
         except fdtree.TooMany as exc:
             raise BadInput(f"the workspace has {exc.args[0]}: too many to look for git repositories in",
                            hint="give a smaller project directory") from None
+        check_names(p for p, r in sorted(repos.items()) if r.kind in ("dir", "file", "bare") and p)
+        guard = cls(root_fd, repos, writable=writable)
         if direct:
             guard.watch()
         return guard
