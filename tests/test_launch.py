@@ -463,3 +463,39 @@ def test_a_failure_after_the_run_keeps_its_record(
         lifecycle.run(lifecycle.policy(keep=True), FakeEngine(pid=container_process.pid))
     record = caught.value.record
     assert record["outcome"] == "exited" and record["exit_code"] == 0 and "pid" not in record
+
+
+def test_kp_run_says_which_of_the_profiles_variables_it_does_not_have(monkeypatch: pytest.MonkeyPatch) -> None:
+    """D6: sudo resets the environment; the profile's names it dropped are said and in the record."""
+    from dataclasses import dataclass
+
+    from kodepipe.container import gather
+    from tests.cli import invoke
+
+    @dataclass(frozen=True)
+    class Prof:
+        name: str = "agent"
+        command: tuple[str, ...] = ("true",)
+        memory: str = "2g"
+        cpus: float = 2.0
+        pids: int = 512
+        time: str = "2h"
+        allow: tuple[str, ...] = ()
+        env: tuple[str, ...] = ("KP_TEST_SET", "KP_TEST_UNSET_A", "KP_TEST_UNSET_B")
+        tty: bool = False
+
+    def fake_run(store: Store, policy: Policy, say: Any, **kw: Any) -> tuple[dict[str, Any], int]:
+        return {"kind": "container", "name": "r", "id": "abc", "exit_code": 0, **policy.record()}, 0
+
+    monkeypatch.setattr(gather, "profile", lambda opts: Prof())
+    monkeypatch.setattr(launch, "run", fake_run)
+    monkeypatch.setattr(launch, "refuse", lambda policy: None)  # as root
+    monkeypatch.setenv("KP_TEST_SET", "v")
+    monkeypatch.delenv("KP_TEST_UNSET_A", raising=False)
+    monkeypatch.delenv("KP_TEST_UNSET_B", raising=False)
+    result = invoke("kp-run", "--profile", "agent", "--image", "x", "--", "true")
+    assert result.status == 0, result.stderr
+    (record,) = result.records
+    assert record["env"] == ["KP_TEST_SET"] and record["env_missing"] == ["KP_TEST_UNSET_A", "KP_TEST_UNSET_B"]
+    assert "KP_TEST_UNSET_A, KP_TEST_UNSET_B" in result.stderr and "--preserve-env=KP_TEST_UNSET_A,KP_TEST_UNSET_B" \
+        in result.stderr

@@ -258,3 +258,23 @@ def test_the_workspace_rule_reads_nothing(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(errors.BadInput):
         pol.check_workspace_place(PurePosixPath("/home/u/.ssh"), HOMES)
     pol.check_workspace_place(PurePosixPath("/home/u/proj"), HOMES)
+
+
+# -- D6: a profile's variables that are not set are named, not dropped silently ----------------------
+
+
+@pytest.mark.parametrize(("profile_env", "given", "missing"), [
+    (("SET",), (), ()),
+    (("SET", "UNSET", "ALSO_UNSET"), (), ("ALSO_UNSET", "UNSET")),
+    (("UNSET",), ("UNSET=given",), ()),  # -e NAME=VALUE supplies it
+    ((), (), ()),
+])
+def test_a_profiles_unset_variables_are_named(profile_env: tuple[str, ...], given: tuple[str, ...],
+                                              missing: tuple[str, ...]) -> None:
+    policy = pol.resolve(options(env=given) if given else options(), Prof(env=profile_env), config())
+    assert policy.env_missing == missing
+    assert ("env_missing" in policy.record()) is bool(missing)
+    if missing:
+        assert policy.record()["env_missing"] == list(missing)
+        assert not set(missing) & set(policy.env_names())  # never passed, never loosened
+        assert not any(f"env:{m}" in policy.loosened() for m in missing)

@@ -127,7 +127,10 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         (several hostile runs at once still could); keys are refused, SysV
         IPC is the container's own;
       - only --workspace mounted; no host environment (--env), home,
-        SSH agent or Podman socket; files only with --secret;
+        SSH agent or Podman socket; files only with --secret; a
+        profile's variables that kp-run's environment does not have
+        (sudo resets it) are left out, said on stderr and named in the
+        record's "env_missing";
       - .env and .env.* in the workspace hidden (--mask adds more);
       - the workspace's git repositories (.git, nested ones, bare ones)
         read-only: git log, diff and status work, commits fail; a hook
@@ -233,6 +236,11 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     def say(level: str, message: str) -> None:
         getattr(out, {"warn": "warn", "progress": "progress"}.get(level, "info"))(message)
 
+    if policy.env_missing:  # D6: never dropped without a word (and the record has them: env_missing)
+        names = " ".join(policy.env_missing)
+        out.warn(f"the profile passes {', '.join(policy.env_missing)}, which kp-run's environment does not have "
+                 f"(sudo resets it): the agent runs without them (sudo --preserve-env={names.replace(' ', ',')} "
+                 "kp-run ..., or -e NAME=VALUE)")
     if kpcli.stdin_is_piped() and not policy.interactive and _in_vms(out, policy, prof, say):
         return out.status()
     from kodepipe.container.backend import HostBackend

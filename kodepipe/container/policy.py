@@ -273,6 +273,7 @@ class Policy:
     egress: Egress | None = None
     secrets: tuple[SecretSpec, ...] = ()
     env: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # values are never shown
+    env_missing: tuple[str, ...] = ()  # the profile's names not set in kp-run's environment (D6: said, recorded)
     cap_add: tuple[str, ...] = ()
     writable_root: bool = False
     keep: bool = False
@@ -338,6 +339,8 @@ class Policy:
             "allow": list(self.egress.rules) if self.egress is not None else [],
             "resolve": list(self.egress.pins) if self.egress is not None else [],
         }
+        if self.env_missing:  # only when some are: the agent runs without them (D6)
+            out["env_missing"] = list(self.env_missing)
         if self.audit is not None:
             out.update(audit_mode=self.audit.mode, audit_cap=self.audit.cap)
         return out
@@ -420,9 +423,12 @@ def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Po
     problems.extend(limits.problems())
     # C14: environment variables
     env: dict[str, str] = {}
-    for name in profile_env:  # a profile's names that are not set are left out (sudo resets the environment)
-        if name in config.env:
+    unset: list[str] = []
+    for name in profile_env:  # a profile's names that are not set are left out (sudo resets the environment),
+        if name in config.env:  # and named: kp-run says so and the record has them (env_missing, D6)
             env[name] = config.env[name]
+        else:
+            unset.append(name)
     for value in o.env:
         name, sep, text = value.partition("=")
         if not _ENV_NAME.fullmatch(name):
@@ -513,7 +519,8 @@ def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Po
         profile=profile.name if profile is not None else None, workspace=o.workspace, workspace_mode=mode,
         masks=(() if o.no_default_masks else DEFAULT_MASKS) + tuple(o.masks), default_masks=not o.no_default_masks,
         git_writable=o.writable_git_config, network=o.network, egress=egress, secrets=tuple(secrets),
-        env=tuple(env.items()), cap_add=tuple(c.upper() for c in o.cap_add), writable_root=o.writable_root,
+        env=tuple(env.items()), env_missing=tuple(sorted({n for n in unset if n not in env})),
+        cap_add=tuple(c.upper() for c in o.cap_add), writable_root=o.writable_root,
         keep=o.keep, audit=audit, tty=tty, interactive=o.interactive or tty,
         term=(config.term if config.term is not None else DEFAULT_TERM) if tty else None)
 

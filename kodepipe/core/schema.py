@@ -196,6 +196,7 @@ class ContainerRecord(_Object, total=False):
     protected: list[str]
     secrets: list[str]
     env: list[str]  # names only
+    env_missing: list[str]  # the profile's names kp-run's environment did not have (the agent ran without them)
     allow: list[str]
     resolve: list[str]  # --resolve pins, NAME=ADDRESS
     kernel_quotas: JsonObject
