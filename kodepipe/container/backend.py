@@ -9,6 +9,11 @@ now, and which renders the Policy (render.py).  A part a backend cannot
 honour is refused before any side effect, as ``Unsupported`` (65), naming
 the part, why, and what to do: it is never dropped silently.
 
+The host learns and checks at the start of its run (``HostBackend.learned``,
+then hostrun.Run's stages), after the image is built: its table refuses
+nothing, its facts hold the workspace's fd, and what it learns of the
+workspace (masks, repositories, setuid files) is then as fresh as can be.
+
 The VM backend's support table is the one place that says what a guest
 cannot do yet; other work flips its entries as the capabilities land.
 """
