@@ -39,9 +39,13 @@ POLL = 0.05
 
 
 class SizeCap:
-    """Watches one audit log; ``reached`` is the log's size when the cap was hit, else None."""
+    """Watches one audit log; ``reached`` is the log's size when the cap was hit, else None.
 
-    def __init__(self, path: Path, cap: int, tracer: proc.Process[bytes], stop: Callable[[], None],
+    ``tracer`` None: strace runs elsewhere (in a VM's guest, the log watched here being the host's
+    copy of its log), so its RLIMIT_FSIZE is set where it runs, and ``stop`` halts it, kills the
+    container and lets it go on, all three."""
+
+    def __init__(self, path: Path, cap: int, tracer: proc.Process[bytes] | None, stop: Callable[[], None],
                  say: Callable[[str], None] = lambda _m: None) -> None:
         self.path, self.cap, self.tracer = path, cap, tracer
         self.stop, self.say = stop, say
@@ -51,7 +55,8 @@ class SizeCap:
 
     def start(self) -> None:
         limit = self.cap + SLACK
-        resource.prlimit(self.tracer.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        if self.tracer is not None:
+            resource.prlimit(self.tracer.pid, resource.RLIMIT_FSIZE, (limit, limit))
         self._thread = threading.Thread(target=self._watch, name="kp-audit-cap", daemon=True)
         self._thread.start()
 
@@ -71,11 +76,13 @@ class SizeCap:
             # Popen.send_signal does nothing once the tracer was reaped: never a reused pid
             try:
                 with contextlib.suppress(ProcessLookupError):
-                    self.tracer.send_signal(signal.SIGSTOP)
+                    if self.tracer is not None:
+                        self.tracer.send_signal(signal.SIGSTOP)
                 self.stop()
             finally:
                 with contextlib.suppress(ProcessLookupError):
-                    self.tracer.send_signal(signal.SIGCONT)
+                    if self.tracer is not None:
+                        self.tracer.send_signal(signal.SIGCONT)
             return
 
     def close(self) -> None:

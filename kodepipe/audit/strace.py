@@ -67,6 +67,14 @@ BLIND: dict[str, list[str]] = {
 ATTACHED_NOTE = ("--seccomp-bpf does not apply to processes attached with -p: every mode then stops "
                  "the tracee at each system call, and the filtering is done by -e only")
 
+
+def attach_argv(mode: str, log: str, pid: int) -> list[str]:
+    """strace's arguments (the program's name not included) for kp-run --audit on every backend: the
+    capture flags and ``mode``'s system calls, the log written to ``log`` (strace's own file: it goes
+    on recording if kp-run dies), attached to ``pid`` and all it starts.  --seccomp-bpf is left out: it
+    applies only to processes strace starts (ATTACHED_NOTE)."""
+    return [*CAPTURE_FLAGS, *[a for a in MODES[mode] if a != "--seccomp-bpf"], "-o", log, "-p", str(pid)]
+
 EVENT_TYPES = ("exec", "file", "net", "process", "signal", "exit", "syscall", "attach", "detach", "tracer",
                "parse_error")
 

@@ -459,9 +459,7 @@ class Run:
     def _attach_strace(self, folder: Path, started: Started, audit: Any) -> None:
         from kodepipe.audit import strace
 
-        args = ["strace", *strace.CAPTURE_FLAGS,
-                *[a for a in strace.MODES[audit.mode] if a != "--seccomp-bpf"],
-                "-o", str(folder / AUDIT_LOG), "-p", str(started.pid)]
+        args = ["strace", *strace.attach_argv(audit.mode, str(folder / AUDIT_LOG), started.pid)]  # as in a VM
         # its own session: a Ctrl-C on the terminal must not detach the tracer before kp-run
         # has stopped the container
         self.strace = tracer = subprocess.Popen([proc.require("strace"), *args[1:]], stdin=subprocess.DEVNULL,
