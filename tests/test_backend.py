@@ -87,7 +87,10 @@ def render_on(name: str, policy: pol.Policy, tmp_path: Path) -> tuple[Any, dict[
             record = dict(run.meta)
         return box, record, [], run
     guest = FakeGuest()
-    vm_run, _, _ = job(guest, policy)
+    from tests.test_vmrun import VM
+
+    # the VM's kp-boot --share is the host's workspace: --quarantine of its /workspace is honoured
+    vm_run, _, _ = job(guest, policy, vm={**VM, "share": str(tmp_path / "ws")})
     try:
         box = vm_run.prepare().box
     except Unsupported as exc:

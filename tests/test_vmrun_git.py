@@ -234,7 +234,6 @@ def test_a_repository_with_a_comma_is_refused_before_the_guest_is_changed() -> N
 
 
 REFUSED: list[tuple[dict[str, Any], str]] = [
-    ({"quarantine": True}, "--quarantine"),
     ({"audit": "default"}, "--audit"),
     ({"keep": True}, "--keep"),
     ({"interactive": True}, "-i/-t"),

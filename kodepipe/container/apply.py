@@ -68,12 +68,17 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
         q = meta.get("quarantine")
         if meta.get("state") != "quarantined" or not isinstance(q, dict):
             raise NotQuarantined(f"{name} has no quarantined changes (it is {meta.get('state')})")
-        upper, workspace = Path(q["path"]), Path(str(meta.get("workspace")))
+        # a VM run's quarantine names its lower layer on the host (the folder shared with kp-boot --share:
+        # the record's workspace is the guest's path) and the host ids its files get (vmrun.review)
+        lower = q.get("lower")
+        upper, workspace = Path(q["path"]), Path(str(lower if isinstance(lower, str) else meta.get("workspace")))
         if mounts_under(folder):
             raise KpError(f"{name}: its overlay is still mounted (is its kp-run still running?)",
                           hint="wait for it to finish; kp-rm removes a run whose kp-run was killed")
         user = meta.get("user") or {}
         owner = (int(user["host_uid"]), int(user["host_gid"])) if "host_uid" in user else None
+        if isinstance(lower, str):
+            owner = (int(q["owner"][0]), int(q["owner"][1]))
         _pause("ready")
         with workspace_lock(store, workspace, f"{name}: waiting for another kp-run --apply to {workspace}", say):
             _pause("locked")

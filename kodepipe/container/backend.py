@@ -185,7 +185,6 @@ class HostBackend:
 
 # What a guest cannot do yet (docs/policy-plan.md §3.3): flipped to None as each capability lands
 VM_UNSUPPORTED: dict[Part, str] = {
-    Part.QUARANTINE: "not supported inside a VM yet (host-only for now)",
     Part.AUDIT: "not supported inside a VM yet (host-only for now)",
     Part.KEEP: "not supported inside a VM yet (host-only for now)",
     Part.TERMINAL: "not supported inside a VM yet (host-only for now)",
@@ -203,6 +202,10 @@ class VmBackend:
 
     def refuse(self, policy: Policy) -> None:
         check(policy, self)  # the table needs no fact of the guest's: refused before connecting
+        if policy.quarantine:  # only a workspace the host holds the lower layer of (vmrun.quarantine_share)
+            from kodepipe.container import vmrun
+
+            vmrun.host_lower(self.vm, vmrun.quarantine_share(self.vm, vmrun.guest_workspace(self.vm, policy)))
 
     def learn(self, policy: Policy) -> Learned:
         return Learned(self.name)

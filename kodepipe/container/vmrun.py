@@ -651,6 +651,144 @@ def read_secrets(secrets: Iterable[SecretSpec]) -> list[bytes]:
     return [hostpath.read_secret(Path(s.source)) for s in secrets]
 
 
+# -- --quarantine: the overlay in the guest, its upper dir reviewed and applied on the host --------
+
+QUARANTINE_DIR = "quarantine"  # in the run's folder on the guest's disk (GUEST_KEEP/NAME-ID): upper, work, merged
+UPPER_STALL = 300.0  # s without a byte of the upper dir's stream: the guest stopped sending it
+UPPER_DEADLINE = 6 * 3600.0  # s for the whole stream (caps bound its size: upperdir.Caps)
+UPPER_STATUS_WAIT = 60.0  # s for the guest tar's exit status once its stream has ended
+OVERLAY_OPTIONS = "redirect_dir=off,metacopy=off,index=off,nosuid,nodev"  # the host backend's (hostrun.stage)
+ELSEWHERE = ("the workspace's lower layer is only in the guest; review and apply are decided on the host "
+             f"(only the folder shared with kp-boot --share, {SHARE_MOUNT} or beneath it, can be quarantined)")
+
+# As root in the guest: $1 the run's quarantine folder (its parent is made here), $2 the workspace (the
+# lower dir, on the 9p share), $3 OVERLAY_OPTIONS (the host backend's).  The upper dir takes the
+# workspace's owner and mode (the overlay's root takes them from it).
+OVERLAY = r"""
+set -e
+umask 077
+if [ "$(stat -f -c %T -- "$2")" != v9fs ]; then
+    echo "$2 is not on the folder shared with kp-boot --share (not a 9p mount)" >&2
+    exit 3
+fi
+mkdir -p -- "${1%/*}"
+mkdir -- "$1" "$1/upper" "$1/work" "$1/merged"
+chown --reference="$2" -- "$1/upper"
+chmod --reference="$2" -- "$1/upper"
+mount -t overlay overlay -o "lowerdir=$2,upperdir=$1/upper,workdir=$1/work,$3" -- "$1/merged"
+"""
+
+# As root in the guest, on one exec channel: $1 the merged dir, $2 the upper dir.  The overlay is
+# unmounted (the container is gone), then the upper dir is written as tar on stdout (upperdir.py reads
+# it: GNU tar's pax with the overlay's xattrs).  Its exit status must be 0.
+UPPER_TAR = r"""
+umount -- "$1" || exit 1
+exec env LC_ALL=C tar --xattrs --xattrs-include='trusted.overlay.*' -C "$2" -cf - .
+"""
+
+# As root in the guest: $1 the run's quarantine folder, $2 "keep" to leave its upper dir (a review that
+# failed: kp-rm removes it with the run), else it goes, with the run's folder if nothing else is in it.
+OVERLAY_END = r"""
+if mountpoint -q -- "$1/merged"; then umount -- "$1/merged" || umount -l -- "$1/merged" || exit 1; fi
+if [ "$2" != keep ]; then rm -rf -- "$1" && { rmdir -- "${1%/*}" 2>/dev/null; true; }; fi
+"""
+
+
+def quarantine_share(vm: Record, workspace: str | None) -> str:
+    """The workspace's path under the share (``SHARE_MOUNT``: "." for the share itself) of a VM booted
+    with kp-boot --share: the one workspace a VM can quarantine, since the host holds its lower layer
+    (the review and the apply are the host's).  Any other: Unsupported, before anything is done."""
+    from kodepipe.container.backend import Part, Unsupported
+
+    path = PurePosixPath(os.path.normpath(workspace)) if workspace else None
+    if not vm.get("share") or path is None or not path.is_relative_to(SHARE_MOUNT):
+        where = f"for {path}" if path is not None else "without a workspace"
+        raise Unsupported(Part.QUARANTINE, f"refused {where} in {vm.get('name')}: {ELSEWHERE}",
+                          hint=f"boot the VM with kp-boot --share DIR and give -w {SHARE_MOUNT}[/SUBDIR], "
+                               "or run it on the host (without vm records on stdin)")
+    if any(c in str(path) for c in ":\\,\n"):  # the overlay's lowerdir= cannot carry them
+        raise Unsupported(Part.QUARANTINE, f"refused for {path!r}: an overlay's lowerdir option cannot carry a "
+                          "path with ':', '\\', ',' or a newline", hint="rename it")
+    return str(path.relative_to(SHARE_MOUNT))
+
+
+def host_lower(vm: Record, rel: str) -> Path:
+    """The host directory that the guest sees at ``SHARE_MOUNT/rel``: the quarantine's lower layer on the
+    host, where the review and the apply happen.  Reached through no symbolic link, and a workspace by
+    the host's own rule (the apply writes there); else Unsupported."""
+    from kodepipe.container.backend import Part, Unsupported
+
+    share = Path(os.path.realpath(str(vm.get("share"))))
+    path = share / rel if rel != "." else share
+    if Path(os.path.realpath(path)) != path or not path.is_dir():
+        raise Unsupported(Part.QUARANTINE, f"refused for {PurePosixPath(SHARE_MOUNT, rel)}: on the host, {path} is "
+                          "not a directory reached without a symbolic link, so the review could not read the lower "
+                          "layer the guest's overlay had", hint="give the real directory")
+    sandbox.check_workspace(path)  # the host's rule: the apply writes there
+    return path
+
+
+@dataclass(frozen=True)
+class GuestQuarantine:
+    """A quarantined run in a VM: the overlay in the guest, and the host's side of its review."""
+
+    folder: str  # GUEST_KEEP/NAME-ID/quarantine: upper, work, merged (the guest's disk, not its tmpfs)
+    lower: Path  # the host directory the guest's lower dir is (under kp-boot --share)
+    owner: tuple[int, int]  # the host ids the extracted upper dir belongs to (as the host backend's would)
+
+    @property
+    def upper(self) -> str:
+        return f"{self.folder}/upper"
+
+    @property
+    def merged(self) -> str:
+        return f"{self.folder}/merged"
+
+
+class ChannelStream:
+    """The read end of an exec channel, as upperdir.receive reads it: each read waits at most ``stall``
+    seconds, all of them together ``deadline`` seconds; past either, the stream is cut (Truncated).  What
+    the command says on stderr is kept (its end), so that the channel's window never fills with it."""
+
+    def __init__(self, channel: Any, *, stall: float | None = None, deadline: float | None = None) -> None:
+        self.channel = channel
+        self.stall = UPPER_STALL if stall is None else stall
+        self.deadline = UPPER_DEADLINE if deadline is None else deadline
+        self.ends = time.monotonic() + self.deadline
+        self.said = b""
+        channel.settimeout(self.stall)
+
+    def read(self, size: int, /) -> bytes:
+        from kodepipe.container.tarstream import Truncated
+
+        if time.monotonic() > self.ends:
+            raise Truncated(f"the guest took more than {self.deadline:g} s to send the quarantine's upper dir: cut "
+                            "off", hint="the upper dir stays in the guest; kp-rm discards the run")
+        try:
+            data: bytes = self.channel.recv(size)
+        except TimeoutError:  # socket.timeout is TimeoutError
+            raise Truncated(f"the guest sent nothing of the quarantine's upper dir for {self.stall:g} s: cut off",
+                            hint="the upper dir stays in the guest; kp-rm discards the run") from None
+        self._stderr()
+        return data
+
+    def _stderr(self) -> None:
+        with contextlib.suppress(Exception):
+            while self.channel.recv_stderr_ready():
+                self.said = (self.said + self.channel.recv_stderr(65536))[-4096:]
+
+    def status(self, wait: float | None = None) -> int | None:
+        """The command's exit status once it ended (None if it did not say within ``wait``)."""
+        deadline = time.monotonic() + (UPPER_STATUS_WAIT if wait is None else wait)
+        while not self.channel.exit_status_ready():
+            if time.monotonic() > deadline:
+                return None
+            self._stderr()
+            time.sleep(0.05)
+        self._stderr()
+        return int(self.channel.recv_exit_status())
+
+
 # -- the guest, over SSH -----------------------------------------------------------------------
 
 
@@ -687,6 +825,7 @@ class Prepared:
     host_folder: Path  # the run's folder in the host's store (kind container, host = the VM)
     git: GitBefore | None = None  # None without a workspace
     egress: EgressPolicy | None = None  # the proxy's rules and pins, when the policy allows any
+    quarantine: GuestQuarantine | None = None  # --quarantine: the overlay in the guest, reviewed on the host
 
 
 @dataclass(frozen=True)
@@ -730,6 +869,7 @@ class VmRun:
         self.sink = sink or _to_stderr
         self.store = store if store is not None else Store()
         self.timed_out = False
+        self.upper_left = False  # --quarantine: a review that failed left the upper dir (kp-rm removes it)
         self.meta: dict[str, Any] = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
                                      "state": "creating", "host": self.vm_name, "vm_id": vm.get("id"),
                                      "image": policy.image, "profile": policy.profile,
@@ -744,9 +884,9 @@ class VmRun:
         self._undo.close()
 
     def prepare(self) -> Prepared:
-        from kodepipe.container.backend import VmBackend, check
+        from kodepipe.container.backend import VmBackend
 
-        check(self.policy, VmBackend(self.vm))  # what the guest cannot honour: refused before connecting
+        VmBackend(self.vm).refuse(self.policy)  # what the guest cannot honour: refused before connecting
         # the workspace in the guest: the one asked for, else the share (its policy: the same as for -w)
         self.policy = policy = self.policy.with_workspace(guest_workspace(self.vm, self.policy))
         wanted = policy.workspace
@@ -785,12 +925,13 @@ class VmRun:
             check_git_paths(ws, protect)
             watched: dict[str, dict[str, GuestPrint]] = {}
             copies: dict[str, tuple[bytes, int, int, int]] = {}
-            if not policy.read_only_workspace:
+            if not policy.read_only_workspace and not policy.quarantine:  # quarantine: the share is not written
                 watched, copies = self.watch_git(remote, ws, [p for p, r in sorted(repos.items())
                                                               if r.kind in ("dir", "bare") and p not in protect])
             git = GitBefore(ws, repos, watched, copies)
             for warning in git_warnings(repos, protect, writable=policy.git_writable):
                 self.say("warn", warning)
+        quarantine = self.plan_quarantine(ws) if policy.quarantine else None  # or Unsupported, before anything
         uid, gid, source = agent_ids(owner, user)
         check_paths([*([ws] if ws else []), *(f"{sandbox.WORKSPACE}/{m}" for m in masked),
                      *(s.dest for s in policy.secrets)])
@@ -814,10 +955,13 @@ class VmRun:
         mask_file = f"{folder}/empty" if masked else None
         extra_mounts = [sandbox.Mount(f"{folder}/resolv.conf", "/etc/resolv.conf", True)] if egress else []
 
-        guest = Facts(agent_uid=uid, agent_gid=gid, uid_from=source, workspace=ws, seccomp=seccomp,
+        bound = ws  # what the container gets as its workspace: the overlay's merged dir in quarantine
+        if quarantine is not None and ws is not None:
+            bound = self.mount_overlay(remote, quarantine, ws)
+        guest = Facts(agent_uid=uid, agent_gid=gid, uid_from=source, workspace=bound, seccomp=seccomp,
                       # crun is what Debian's podman brings; runc only where the guest has it
                       oci_runtime="runc" if facts.get("runc") else None, quotas=quotas, masked=tuple(masked),
-                      protect=tuple(protect), protect_sources={p: f"{ws}/{p}" for p in protect})
+                      protect=tuple(protect), protect_sources={p: f"{bound}/{p}" for p in protect})
         box = render(policy, guest, Staged(name=self.name, run_id=self.meta["id"], secrets=tuple(secret_list),
                                            mask_file=mask_file, extra_mounts=tuple(extra_mounts),
                                            extra_env=container_env() if egress is not None else {}))
@@ -829,7 +973,10 @@ class VmRun:
             masked=masked, protected=protect,
             kernel_quotas=box.quotas.record(),
             engine=f"podman in {self.vm_name}")
-        return Prepared(remote, box, hooks_dir, host_folder, git, egress)
+        if quarantine is not None:
+            self.meta["quarantine"] = {"lower": str(quarantine.lower), "owner": list(quarantine.owner),
+                                       "guest": quarantine.upper}
+        return Prepared(remote, box, hooks_dir, host_folder, git, egress, quarantine=quarantine)
 
     @contextlib.contextmanager
     def container(self, prepared: Prepared) -> Iterator[Created]:
@@ -938,7 +1085,7 @@ class VmRun:
     def finish(self, prepared: Prepared | None, exit_code: int | None, outcome: str) -> Record:
         """The record of what happened, once the container is gone (or known not to be)."""
         meta = self.meta
-        if prepared is not None and prepared.git is not None and "started" in meta:
+        if prepared is not None and prepared.git is not None and prepared.quarantine is None and "started" in meta:
             if meta.get("container_removed"):  # nothing of the agent's runs any more
                 try:
                     self.check_git(prepared.remote, prepared.git)
@@ -951,11 +1098,16 @@ class VmRun:
                                        "planted git repositories: look before you run git there")
         meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome,
                     state="exited")
-        record = {k: v for k, v in meta.items() if k not in folders.PRIVATE}
+        failure = self.review(prepared, outcome) if prepared is not None and prepared.quarantine is not None \
+            else None
+        record = {k: v for k, v in meta.items() if k not in (*folders.PRIVATE, "fingerprints")}
         if prepared is not None and self._kept():
             record["path"] = str(prepared.host_folder)
         else:
             record["removed"] = True
+        if failure is not None:  # the review failed: never quarantined; the run's record goes with the error
+            failure.record = record
+            raise failure
         return record
 
     # -- the run's folders --------------------------------------------------------------------------
@@ -972,7 +1124,8 @@ class VmRun:
         return folder
 
     def _kept(self) -> bool:
-        return "egress_log" in self.meta or "git_planted" in self.meta
+        return "egress_log" in self.meta or "git_planted" in self.meta \
+            or self.meta.get("state") == "quarantined" or self.upper_left
 
     def _settle(self, folder: Path) -> None:
         if self._kept():
@@ -1023,6 +1176,95 @@ class VmRun:
         except Exception as exc:  # said, and in the record (container_removed: false)
             self.say("warn", f"{self.name}: could not remove its container in {self.vm_name}: {exc}")
             return False
+
+    # -- --quarantine --------------------------------------------------------------------------------
+
+    def plan_quarantine(self, ws: str | None) -> GuestQuarantine:
+        """Where the quarantine goes (no side effect): the workspace's real path in the guest must be the
+        share or beneath it, and its host directory one the host can review and apply to; else
+        Unsupported.  The upper dir's host owner is the one the host backend would give the agent."""
+        lower = host_lower(self.vm, quarantine_share(self.vm, ws))
+        uid, gid, _source = sandbox.invoker(lower)
+        return GuestQuarantine(f"{GUEST_KEEP}/{self.name}-{self.meta['id']}/{QUARANTINE_DIR}", lower, (uid, gid))
+
+    def mount_overlay(self, remote: Remote, q: GuestQuarantine, ws: str) -> str:
+        """The overlay in the guest (OVERLAY): the workspace its lower dir, upper and work dirs on the
+        guest's disk; undone when the run is left (its upper dir kept if its review failed).  The
+        merged dir, which the container gets as its workspace."""
+        self._undo.callback(self._end_overlay, remote, q)
+        self._check(remote.run(_q("sudo", "-n", "sh", "-c", OVERLAY, "kp-run", q.folder, ws, OVERLAY_OPTIONS)),
+                    f"mounting the quarantine's overlay over {ws}")
+        return q.merged
+
+    def _end_overlay(self, remote: Remote, q: GuestQuarantine) -> None:
+        try:
+            self._check(remote.run(_q("sudo", "-n", "sh", "-c", OVERLAY_END, "kp-run", q.folder,
+                                      "keep" if self.upper_left else "remove"), timeout=600),
+                        "removing the quarantine's overlay")
+        except Exception as exc:  # said; kp-rm removes it with the run (vmrun.forget)
+            self.upper_left = True
+            self.say("warn", f"{self.name}: could not remove the quarantine's overlay in {self.vm_name}: {exc}")
+
+    def review(self, prepared: Prepared, outcome: str) -> KpError | None:
+        """After the run, its container gone: the upper dir streamed into the host's folder of the run,
+        then reviewed there as the host backend reviews its own (quarantine.changes against the host's
+        directory, fingerprints, findings, git metadata): state quarantined when there are changes, and
+        ``kp-run --apply`` needs no VM.  A failure at any point is returned (the run is then never
+        quarantined, and what it left, here and in the guest, is kp-rm's)."""
+        from kodepipe.container import quarantine
+        from kodepipe.host import gitguard
+
+        q, meta = prepared.quarantine, self.meta
+        if q is None or outcome not in ("exited", "timed-out") or meta.get("container_removed") is not True:
+            return None  # cut short, or the container may still run: nothing to review
+        try:
+            upper, extracted = self.receive_upper(prepared.remote, q, prepared.host_folder)
+            changes = quarantine.changes(upper, q.lower)
+            fingerprints = quarantine.fingerprint(q.lower, changes)
+        except Exception as exc:
+            failure = exc if isinstance(exc, KpError) else KpError(f"{exc!r}")
+            self.upper_left = True
+            meta["quarantine"] = {**meta.get("quarantine", {}), "error": failure.code}
+            meta["problem"] = (f"the quarantine could not be reviewed on the host ({failure.message}): nothing "
+                               f"was applied; kp-rm {self.name} discards it")
+            failure.hint = failure.hint or f"kp-rm {self.name} discards it (here and in {self.vm_name})"
+            return failure
+        meta["quarantine"] = {**meta.get("quarantine", {}), "path": str(upper), "received": extracted.as_dict(),
+                              **quarantine.summary(changes)}
+        meta["fingerprints"] = fingerprints
+        for finding in quarantine.findings(changes):  # escaped: the agent chose the names
+            self.say("warn", finding)
+        gitguard.report_changes(changes, q.lower, meta, lambda m: self.say("warn", m))
+        if changes:
+            meta["state"] = "quarantined"
+        return None
+
+    def receive_upper(self, remote: Remote, q: GuestQuarantine, folder: Path) -> tuple[Path, Any]:
+        """The guest's upper dir, on one exec channel (UPPER_TAR, under ChannelStream's time bounds), into
+        ``folder/upper`` (upperdir.receive: hostile input, unpacked by fd); the guest's tar must end
+        with 0 too."""
+        from kodepipe.container import upperdir
+
+        channel = remote.open(_q("sudo", "-n", "sh", "-c", UPPER_TAR, "kp-run", q.merged, q.upper))
+        try:
+            stream = ChannelStream(channel)
+            try:
+                received = upperdir.receive(folder, stream, owner=q.owner)
+            except KpError as exc:
+                status = stream.status(wait=5.0)
+                said = proc.tail(stream.said)
+                if status not in (0, None) and said:  # the guest's own failure says more
+                    exc.args = (f"{exc.args[0] if exc.args else exc.code} (in {self.vm_name}: {said})",)
+                raise
+            status = stream.status()
+            if status != 0:
+                raise upperdir.Truncated(f"the guest's tar of the quarantine's upper dir ended with status "
+                                         f"{status if status is not None else 'unknown'} in {self.vm_name}: "
+                                         f"{proc.tail(stream.said) or 'it said nothing'}",
+                                         hint="the upper dir stays in the guest; kp-rm discards the run")
+            return received
+        finally:
+            channel.close()
 
     # -- the steps -------------------------------------------------------------------------------
 
