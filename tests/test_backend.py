@@ -115,6 +115,8 @@ def honoured(part: Part, policy: pol.Policy, box: sandbox.Sandbox, record: dict[
         and spec["resource_limits"]["memory"]["limit"] == policy.limits.memory
         and bool(spec.get("timeout")) == bool(policy.limits.seconds),
         Part.NETWORK: spec["netns"]["nsmode"] == ("none" if policy.network == "none" else "bridge"),
+        Part.HOSTS: spec["use_image_hosts"] is True and binds["/etc/hosts"]["options"][-1:] == ["ro"]
+        and (host or "--no-hosts" in box.podman_args()),
         Part.EGRESS: egress is not None and box.allow == list(egress.rules) and "/etc/resolv.conf" in binds
         and any(k.lower() == "https_proxy" for k in spec["env"]),
         Part.PINS: host and egress is not None and run.egress is not None

@@ -359,9 +359,10 @@ def create_words(guest: FakeGuest) -> list[str]:
 
 def steps(guest: FakeGuest) -> list[str]:
     """What each command sent to the guest did, in order, by a word that names it."""
-    names = [("say()", "probe"), ("find -P", "git survey"), (" find . ", "masks"), ("cat --", "seccomp"),
-             ("idmapped-lower-dir-false", "setup"), ("userns-limits.json", "hook"), ("mkdir -m 0700", "folder"),
-             ("0444", "file"), ("chmod 0400", "secret"), (" create --rm ", "create+init+pid"), ("nsenter", "relay"),
+    names = [("say()", "probe"), ("find -P", "git survey"), (" find . ", "masks"),
+             ("cat --", "seccomp"), ("idmapped-lower-dir-false", "setup"), ("userns-limits.json", "hook"),
+             ("mkdir -m 0700", "folder"), ("0444", "file"), ("sudo -n chown", "secret"), ("chmod 0400", "env"),
+             (" create --rm ", "create+init+pid"), ("nsenter", "relay"),
              ("start --attach", "start"), ("podman rm", "remove"), ("podman kill", "kill"), ("rm -rf", "clean")]
     return [next((name for fragment, name in names if fragment in command), command) for command, _ in
             guest.commands]
@@ -386,7 +387,7 @@ def test_a_run_in_the_guest_reports_like_one_on_the_host(kp_env: dict[str, Path]
     assert not (kp_env["state"] / "containers" / record["name"]).exists()
     # the container: made, initialised and its pid learned in one command, started and streamed in a second;
     # it went by itself (--rm), the workspace was surveyed again, then the run's folder in the guest removed
-    assert steps(guest) == ["probe", "masks", "git survey", "seccomp", "setup", "hook", "folder",
+    assert steps(guest) == ["probe", "masks", "git survey", "seccomp", "setup", "hook", "folder", "file",
                             "create+init+pid", "start", "git survey", "clean"]
     folder = f"/run/kodepipe/{record['name']}-{record['id']}"
     assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
@@ -406,13 +407,15 @@ def test_a_run_in_the_guest_reports_like_one_on_the_host(kp_env: dict[str, Path]
     assert "type=bind,source=/workspace,destination=/workspace" in words
 
 
-def test_without_a_share_or_workspace_there_is_nothing_to_mask_and_no_folder() -> None:
+def test_without_a_share_or_workspace_there_is_nothing_to_mask_and_the_folder_holds_kodepipes_files() -> None:
     guest = FakeGuest(facts={"ws_real": "", "ws_stat": ""})
     run, _, _ = job(guest, vm={**VM, "share": None})
     record, _ = vmrun._run(run)
     assert record["workspace"] is None and record["workspace_mode"] is None and record["masked"] == []
     assert record["user"]["from"] == "ssh-user"
-    assert not guest.sent(" find . ") and not guest.sent("mkdir -m 0700") and not guest.sent("rm -rf")
+    assert not guest.sent(" find . ")
+    assert steps(guest) == ["probe", "seccomp", "setup", "hook", "folder", "file", "create+init+pid", "start",
+                            "clean"]  # /etc/hosts, in a folder removed afterwards
     assert "-w /tmp/home" in guest.sent(" create --rm ")[0][0]
 
 
@@ -693,3 +696,26 @@ def test_kp_run_never_falls_back_to_the_host_for_a_failed_vm(monkeypatch: pytest
 def test_kp_run_without_vm_records_still_checks_the_host_workspace(tmp_path: Path) -> None:
     result = invoke("kp-run", "--image", "localhost/x:1", "-w", str(tmp_path / "missing"), "--", "true", input=b"")
     assert result.status == 2 and "does not exist" in result.stderr
+
+
+# -- the same container as on the host: /etc/hosts (D7), the environment (D8), setuid files (D10) ------------
+
+
+def test_the_container_gets_kodepipes_hosts_file_as_on_the_host() -> None:
+    """Not the guest's names, nor Podman's host.containers.internal (the guest's address): the host's file,
+    in the run's folder, bound read-only, and Podman told to make none (--no-hosts, the API's
+    use_image_hosts)."""
+    guest = FakeGuest()
+    run, _, _ = job(guest, request(network="open"))
+    record, _ = vmrun._run(run)
+    folder = f"/run/kodepipe/{record['name']}-{record['id']}"
+    (write, content), = [(c, i) for c, i in guest.sent("umask 022; cat") if c.endswith("/hosts")]
+    assert content == sandbox.hosts_text(record["name"]).encode() and "chmod 0444" in write
+    assert content == f"127.0.0.1\tlocalhost {record['name']}\n::1\tlocalhost ip6-localhost ip6-loopback\n".encode()
+    words = create_words(guest)
+    assert f"type=bind,source={folder}/hosts,destination=/etc/hosts,ro" in words and "--no-hosts" in words
+    assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
+    # the renderer: --no-hosts exactly when kodepipe binds its own, as the host's spec says
+    own = box(extra_mounts=[sandbox.Mount("/f/hosts", "/etc/hosts", True)])
+    assert "--no-hosts" in own.podman_args() and own.spec()["use_image_hosts"] is True
+    assert "--no-hosts" not in box().podman_args() and box().spec()["use_image_hosts"] is False

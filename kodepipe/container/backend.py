@@ -46,6 +46,7 @@ class Part(enum.Enum):
     GIT = "read-only git repositories (--writable-git)"
     LIMITS = "limits (--memory, --cpus, --pids, --time, --tmp-size)"
     NETWORK = "--net"
+    HOSTS = "kodepipe's /etc/hosts (localhost and the run's name only)"
     PINS = "--resolve"
     EGRESS = "--allow (or a profile's allowed domains)"
     CAPS = "--cap-add"
@@ -59,7 +60,7 @@ class Part(enum.Enum):
 
 def parts(policy: Policy) -> frozenset[Part]:
     """Every part of ``policy`` that a backend must honour."""
-    out = {Part.LIMITS, Part.NETWORK}
+    out = {Part.LIMITS, Part.NETWORK, Part.HOSTS}  # HOSTS: not the machine's names, nor its address
     if policy.workspace is not None:
         out |= {Part.WORKSPACE, Part.GIT}
         if policy.masks:

@@ -365,7 +365,7 @@ class Run:
                     os.close(root)
         try:
             hosts = folder / "hosts"
-            hosts.write_text(f"127.0.0.1\tlocalhost {self.name}\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+            hosts.write_text(sandbox.hosts_text(self.name))  # the same file on every backend
             os.chmod(hosts, 0o444)
             extra_mounts, extra_env = [sandbox.Mount(str(hosts), "/etc/hosts", True)], {}
             if facts.egress is not None:

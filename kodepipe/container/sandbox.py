@@ -69,6 +69,12 @@ FALLBACK_HOST_UID = HOST_RANGE_START + ID_RANGE
 
 HOME = "/tmp/home"
 
+
+def hosts_text(name: str) -> str:
+    """kodepipe's own /etc/hosts for the container ``name``, on every backend: loopback and its own
+    name only; not the machine's names, nor Podman's host.containers.internal (that machine's address)."""
+    return f"127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
 # file names that usually hold credentials: a warning if found in a workspace
 CREDENTIAL_GLOBS = (
     "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "*.pem", "*.key", "*.p12", "*.pfx", ".netrc",
@@ -185,6 +191,10 @@ class Sandbox:
         out.extend(self.extra_mounts)
         return out
 
+    def own_hosts(self) -> bool:
+        """Whether the container gets kodepipe's /etc/hosts (hosts_text), not one the engine makes."""
+        return any(m.dest == "/etc/hosts" for m in self.extra_mounts)
+
     def rlimits(self) -> list[tuple[str, int]]:
         """(Podman's name, soft and hard value) of each resource limit the agent gets."""
         return [("nofile", NOFILE), ("nproc", NPROC), ("sigpending", self.quotas.sigpending),
@@ -224,7 +234,7 @@ class Sandbox:
             "labels": dict(self.labels),
             # Podman would copy the host's /etc/hosts and add host.containers.internal (the host's
             # address); kodepipe binds its own minimal one instead (hostrun.py)
-            "use_image_hosts": any(m.dest == "/etc/hosts" for m in self.extra_mounts),
+            "use_image_hosts": self.own_hosts(),
         }
         if self.seccomp:
             spec["seccomp_profile_path"] = self.seccomp
@@ -257,6 +267,8 @@ class Sandbox:
                                "or a newline", hint="rename it, or run on the host (the API takes any name)")
             args += ["--mount", f"type=bind,source={mount.source},destination={mount.dest}"
                      + (",ro" if mount.read_only else "")]
+        if self.own_hosts():  # as use_image_hosts in spec(): Podman makes no /etc/hosts of its own
+            args.append("--no-hosts")
         args += ["--network", "none" if self.network == "none" else "bridge"]
         args += ["--memory", str(self.limits.memory), "--memory-swap", str(self.limits.memory),
                  "--pids-limit", str(self.limits.pids), "--cpus", f"{self.limits.cpus:g}"]

@@ -66,6 +66,10 @@ What holds inside the guest, as on the host:
 - **seccomp**: the profile is seccomp.render of the guest's own
   containers profile, the same function as the host's: new namespaces,
   CLONE_UNTRACED (EPERM) and the kernel keyring (ENOSYS) are refused.
+- **/etc/hosts** (D7): kodepipe's own file (sandbox.hosts_text: loopback
+  and the run's name), written in the run's folder and bound read-only,
+  Podman told to make none (``--no-hosts``, the API's use_image_hosts):
+  not the guest's names, nor host.containers.internal (its address).
 - **Kernel quotas**: the guest's kernel is the VM's own, so what a
   container could use up there is the disposable guest's, not a host
   account's; the same limits are set all the same, as a share of the
@@ -951,9 +955,11 @@ class VmRun:
         hooks_dir = self.prepare_hook(remote, quotas.userns_sysctls())
         folder = f"{GUEST_DIR}/{self.name}-{self.meta['id']}"
         files = {"resolv.conf": RESOLV_CONF.encode()} if egress is not None else {}
+        files["hosts"] = sandbox.hosts_text(self.name).encode()  # kodepipe's /etc/hosts, as on the host (D7)
         secret_list = self.stage_folder(remote, folder, uid, gid, masked, secret_data, files)
         mask_file = f"{folder}/empty" if masked else None
         extra_mounts = [sandbox.Mount(f"{folder}/resolv.conf", "/etc/resolv.conf", True)] if egress else []
+        extra_mounts.append(sandbox.Mount(f"{folder}/hosts", "/etc/hosts", True))  # and podman --no-hosts
 
         bound = ws  # what the container gets as its workspace: the overlay's merged dir in quarantine
         if quarantine is not None and ws is not None:
