@@ -35,7 +35,7 @@ def sandbox(*, name: str = "run-1", image: str = "localhost/x:1", command: list[
             env: dict[str, str] | None = None, secrets: list[Any] | None = None, masks: list[str] | None = None,
             mask_file: str | None = None, read_only_workspace: bool = False, quotas: pol.Quotas | None = None,
             tty: bool = False, term: str | None = None, interactive: bool = False,
-            extra_mounts: list[Any] | None = None) -> Any:
+            extra_mounts: list[Any] | None = None, env_file: str | None = None) -> Any:
     """render() of the Policy, Facts and Staged that give a container with these settings."""
     from kodepipe.container import render
 
@@ -48,4 +48,5 @@ def sandbox(*, name: str = "run-1", image: str = "localhost/x:1", command: list[
                          seccomp=seccomp, oci_runtime=oci_runtime, masked=tuple(masks or ()),
                          quotas=quotas or DEFAULT_QUOTAS)
     return render.render(p, facts, render.Staged(name=name, run_id="0123456789ab", secrets=tuple(secrets or ()),
-                                                 mask_file=mask_file, extra_mounts=tuple(extra_mounts or ())))
+                                                 mask_file=mask_file, extra_mounts=tuple(extra_mounts or ()),
+                                                 env_file=env_file))

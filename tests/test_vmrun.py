@@ -388,7 +388,7 @@ def test_a_run_in_the_guest_reports_like_one_on_the_host(kp_env: dict[str, Path]
     # the container: made, initialised and its pid learned in one command, started and streamed in a second;
     # it went by itself (--rm), the workspace was surveyed again, then the run's folder in the guest removed
     assert steps(guest) == ["probe", "masks", "git survey", "seccomp", "setup", "hook", "folder", "file",
-                            "create+init+pid", "start", "git survey", "clean"]
+                            "env", "create+init+pid", "start", "git survey", "clean"]
     folder = f"/run/kodepipe/{record['name']}-{record['id']}"
     assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
     start, _ = guest.commands[-3]
@@ -414,8 +414,8 @@ def test_without_a_share_or_workspace_there_is_nothing_to_mask_and_the_folder_ho
     assert record["workspace"] is None and record["workspace_mode"] is None and record["masked"] == []
     assert record["user"]["from"] == "ssh-user"
     assert not guest.sent(" find . ")
-    assert steps(guest) == ["probe", "seccomp", "setup", "hook", "folder", "file", "create+init+pid", "start",
-                            "clean"]  # /etc/hosts, in a folder removed afterwards
+    assert steps(guest) == ["probe", "seccomp", "setup", "hook", "folder", "file", "env", "create+init+pid", "start",
+                            "clean"]  # /etc/hosts and the environment, in a folder removed afterwards
     assert "-w /tmp/home" in guest.sent(" create --rm ")[0][0]
 
 
@@ -434,7 +434,7 @@ def test_secrets_are_copied_for_the_agent_alone_and_bound_read_only(tmp_path: Pa
     run, _, _ = job(guest, request(secrets=[(secret, "/run/secrets/token")]))
     record, _ = vmrun._run(run)
     folder = f"/run/kodepipe/{record['name']}-{record['id']}"
-    (copy, data), = guest.sent("chmod 0400")
+    (copy, data), = guest.sent("sudo -n chown")
     assert data == b"s3cret" and f"{folder}/0-token" in copy and "1234:1235" in copy
     assert f"type=bind,source={folder}/0-token,destination=/run/secrets/token,ro" in create_words(guest)
     assert record["secrets"] == ["/run/secrets/token"] and "secret:/run/secrets/token" in record["loosened"]
@@ -719,3 +719,45 @@ def test_the_container_gets_kodepipes_hosts_file_as_on_the_host() -> None:
     own = box(extra_mounts=[sandbox.Mount("/f/hosts", "/etc/hosts", True)])
     assert "--no-hosts" in own.podman_args() and own.spec()["use_image_hosts"] is True
     assert "--no-hosts" not in box().podman_args() and box().spec()["use_image_hosts"] is False
+
+
+def test_env_values_never_reach_a_guest_command_line(tmp_path: Path) -> None:
+    """-e NAME=VALUE inside a VM: the values go in an --env-file (root's, 0400, in the run's 0700 folder,
+    removed with it) sent on the channel's stdin; no command line the guest sees (ps, sudo's log) has them."""
+    value = "s3cr3t-v4lue 'quoted' $HOME"
+    guest = FakeGuest()
+    run, _, _ = job(guest, request(env={"TOKEN": value}, tty=False))
+    record, _ = vmrun._run(run)
+    assert record["env"] == ["TOKEN"] and "env:TOKEN" in record["loosened"]
+    assert not [c for c, _ in guest.commands if "s3cr3t" in c]
+    folder = f"/run/kodepipe/{record['name']}-{record['id']}"
+    (write, content), = guest.sent("umask 077; cat")
+    assert shlex.split(write)[-1] == f"{folder}/env" and "chmod 0400" in write and "chown" not in write
+    assert f"TOKEN={value}\n".encode() in content and b"HOME=/tmp/home\n" in content
+    words = create_words(guest)
+    assert words[words.index("--env-file") + 1] == f"{folder}/env" and "-e" not in words
+    assert steps(guest).index("folder") < steps(guest).index("env") < steps(guest).index("create+init+pid")
+    assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
+    # the same words through a real shell and a fake sudo: the value is in no word it was given
+    made = box(env={"TOKEN": value}, env_file=f"{folder}/env")
+    _, calls = in_shell(vmrun.create_command(made), tmp_path)
+    assert calls and not [w for words in calls for w in words if "s3cr3t" in w]
+    # what Podman's --env-file reads, one NAME=VALUE a line
+    assert made.env_file_text().decode().splitlines() == [f"{k}={v}" for k, v in made.environment().items()]
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ("a\nb", "has a newline"),
+    ("a\r", "ends with a carriage return"),
+    ("x" * 70000, "longer than Podman's --env-file takes"),
+])
+def test_a_value_an_env_file_cannot_carry_is_refused_before_connecting(value: str, why: str) -> None:
+    from kodepipe.container.backend import Part, Unsupported
+
+    guest = FakeGuest()
+    run, _, _ = job(guest, request(env={"TOKEN": value}))
+    with pytest.raises(Unsupported) as caught:
+        vmrun._run(run)
+    assert caught.value.part is Part.ENV and "TOKEN" in caught.value.message and why in caught.value.message
+    assert value not in caught.value.message and guest.commands == [] and caught.value.status == 65
+    assert sandbox.env_file_refusal("TOKEN", "a\rb" + "x" * 60000) is None  # a CR inside is carried

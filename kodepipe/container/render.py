@@ -49,6 +49,7 @@ class Staged:
     mask_file: str | None = None  # an empty read-only file bound over each mask
     extra_mounts: tuple[Mount, ...] = ()  # kodepipe's own files (/etc/hosts, /etc/resolv.conf)
     extra_env: Mapping[str, str] = field(default_factory=dict)  # kodepipe's own settings (the proxy's address)
+    env_file: str | None = None  # where the environment is written for podman_args' --env-file (a VM)
 
 
 def render(policy: Policy, facts: Facts, staged: Staged) -> Sandbox:
@@ -71,4 +72,5 @@ def render(policy: Policy, facts: Facts, staged: Staged) -> Sandbox:
         # a backstop: conmon kills the container even if kp-run itself is killed
         timeout=int(limits.seconds) + BACKSTOP if limits.seconds else 0,
         allow=list(policy.egress.rules) if policy.egress is not None else [],
-        extra_mounts=list(staged.extra_mounts), extra_env=dict(staged.extra_env), quotas=facts.quotas)
+        extra_mounts=list(staged.extra_mounts), extra_env=dict(staged.extra_env), quotas=facts.quotas,
+        env_file=staged.env_file)

@@ -69,11 +69,27 @@ FALLBACK_HOST_UID = HOST_RANGE_START + ID_RANGE
 
 HOME = "/tmp/home"
 
+# Podman's --env-file (pkg/env ParseFile): one NAME=VALUE per line, read by a bufio.Scanner, so a value
+# cannot hold a newline, loses a carriage return at its end, and a line past 64 KiB is an error
+ENV_FILE_LINE_MAX = 64 * 1024 - 1  # bytes, its newline included
+
 
 def hosts_text(name: str) -> str:
     """kodepipe's own /etc/hosts for the container ``name``, on every backend: loopback and its own
     name only; not the machine's names, nor Podman's host.containers.internal (that machine's address)."""
     return f"127.0.0.1\tlocalhost {name}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def env_file_refusal(name: str, value: str) -> str | None:
+    """Why Podman's --env-file cannot carry ``value`` exactly (None: it can).  Names only: a value is
+    never said."""
+    if "\n" in value:
+        return f"the value of {name} has a newline"
+    if value.endswith("\r"):
+        return f"the value of {name} ends with a carriage return"
+    if len(f"{name}={value}\n".encode("utf-8", "surrogateescape")) > ENV_FILE_LINE_MAX:
+        return f"the value of {name} is longer than Podman's --env-file takes ({ENV_FILE_LINE_MAX} bytes a line)"
+    return None
 
 # file names that usually hold credentials: a warning if found in a workspace
 CREDENTIAL_GLOBS = (
@@ -162,6 +178,9 @@ class Sandbox:
     extra_mounts: list[Mount] = field(default_factory=list)  # files kodepipe provides, read-only
     extra_env: dict[str, str] = field(default_factory=dict)  # kodepipe's own settings (the proxy's address)
     quotas: Quotas = DEFAULT_QUOTAS  # the run's share of the per-user kernel quotas
+    # podman_args passes the environment in this file (env_file_text) instead of -e NAME=VALUE words,
+    # which would put the values on a command line (a VM's ps, sudo's log)
+    env_file: str | None = None
 
     # -- the policy --------------------------------------------------------
 
@@ -194,6 +213,17 @@ class Sandbox:
     def own_hosts(self) -> bool:
         """Whether the container gets kodepipe's /etc/hosts (hosts_text), not one the engine makes."""
         return any(m.dest == "/etc/hosts" for m in self.extra_mounts)
+
+    def env_file_text(self) -> bytes:
+        """The environment as Podman's --env-file reads it; ValueError (naming the variable, never its
+        value) for a value it cannot carry: check env_file_refusal first."""
+        lines = []
+        for key, value in self.environment().items():
+            why = env_file_refusal(key, value)
+            if why is not None:
+                raise ValueError(why)
+            lines.append(f"{key}={value}\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
 
     def rlimits(self) -> list[tuple[str, int]]:
         """(Podman's name, soft and hard value) of each resource limit the agent gets."""
@@ -274,8 +304,11 @@ class Sandbox:
                  "--pids-limit", str(self.limits.pids), "--cpus", f"{self.limits.cpus:g}"]
         for limit, amount in self.rlimits():
             args += ["--ulimit", f"{limit}={amount}:{amount}"]
-        for key, value in self.environment().items():
-            args += ["-e", f"{key}={value}"]
+        if self.env_file is not None:  # the values stay off the command line
+            args += ["--env-file", self.env_file]
+        else:
+            for key, value in self.environment().items():
+                args += ["-e", f"{key}={value}"]
         args += ["-w", WORKSPACE if self.workspace is not None else HOME]
         for key, value in self.labels.items():
             args += ["--label", f"{key}={value}"]

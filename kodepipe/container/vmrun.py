@@ -70,6 +70,12 @@ What holds inside the guest, as on the host:
   and the run's name), written in the run's folder and bound read-only,
   Podman told to make none (``--no-hosts``, the API's use_image_hosts):
   not the guest's names, nor host.containers.internal (its address).
+- **The environment** (D8): ``-e`` and a profile's values, with kodepipe's
+  own, go in an ``--env-file`` in the run's 0700 folder (root's, 0400,
+  removed with it), sent on the channel's stdin: never on a command line,
+  which the guest's ps shows and its sudo logs.  A value that file cannot
+  carry (a newline, a trailing CR, a line past 64 KiB) is refused,
+  naming the variable, before kp-run connects.
 - **Kernel quotas**: the guest's kernel is the VM's own, so what a
   container could use up there is the disposable guest's, not a host
   account's; the same limits are set all the same, as a share of the
@@ -647,6 +653,19 @@ def git_warnings(repos: dict[str, GuestRepo], protect: list[str], *, writable: b
     return out
 
 
+def check_env_file(policy: Policy) -> None:
+    """Unsupported (naming the variable, never its value) for a -e or profile value that Podman's
+    --env-file cannot carry exactly: kp-run passes them in one inside a VM (D8), never on a command line."""
+    from kodepipe.container.backend import Part, Unsupported
+
+    for name, value in policy.env:
+        why = sandbox.env_file_refusal(name, value)
+        if why is not None:
+            raise Unsupported(Part.ENV, f"not possible inside a VM for this value: {why}, which Podman's "
+                              "--env-file cannot carry", hint="run it on the host, or hand the value over in a "
+                              "file with --secret")
+
+
 def read_secrets(secrets: Iterable[SecretSpec]) -> list[bytes]:
     """Each --secret file, read on the host as the host backend reads it (hostpath.open_secret: no
     symlink but root's followed, regular files only, 64 MiB at most)."""
@@ -891,6 +910,7 @@ class VmRun:
         from kodepipe.container.backend import VmBackend
 
         VmBackend(self.vm).refuse(self.policy)  # what the guest cannot honour: refused before connecting
+        check_env_file(self.policy)  # the values go in an --env-file (D8): refused if it cannot carry one
         # the workspace in the guest: the one asked for, else the share (its policy: the same as for -w)
         self.policy = policy = self.policy.with_workspace(guest_workspace(self.vm, self.policy))
         wanted = policy.workspace
@@ -970,8 +990,10 @@ class VmRun:
                       protect=tuple(protect), protect_sources={p: f"{bound}/{p}" for p in protect})
         box = render(policy, guest, Staged(name=self.name, run_id=self.meta["id"], secrets=tuple(secret_list),
                                            mask_file=mask_file, extra_mounts=tuple(extra_mounts),
-                                           extra_env=container_env() if egress is not None else {}))
+                                           extra_env=container_env() if egress is not None else {},
+                                           env_file=f"{folder}/env"))
         check_mounts(box)
+        self.write_env_file(remote, box)
         self.meta.update(
             policy.record(),  # the policy's keys, the same on every backend
             workspace=ws,
@@ -1165,6 +1187,16 @@ class VmRun:
                 f"copying the secret {src.name}")
             out.append(sandbox.Secret(Path(copy), dest, str(src)))
         return out
+
+    def write_env_file(self, remote: Remote, box: sandbox.Sandbox) -> None:
+        """The container's environment in ``box.env_file``, in the run's 0700 folder: root's, 0400,
+        removed with the folder.  Its content goes on the SSH channel's stdin, never on a command line
+        (which the guest's ps shows and its sudo logs: D8)."""
+        if box.env_file is None:
+            return
+        self._check(remote.run(_script(
+            'set -e; sudo -n sh -c \'umask 077; cat > "$1"\' sh "$1"; sudo -n chmod 0400 "$1"', box.env_file),
+            input=box.env_file_text()), "writing the container's environment")
 
     def _remove_folder(self, remote: Remote, folder: str) -> None:
         try:
