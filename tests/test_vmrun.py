@@ -280,10 +280,11 @@ class FakeChannel:
 class FakeGuest:
     """Answers the commands vmrun sends, and remembers them."""
 
-    def __init__(self, facts: dict[str, str] | None = None, found: bytes = b"M.env\0",
+    def __init__(self, facts: dict[str, str] | None = None, found: bytes = b"M.env\0", setid: bytes = b"",
                  stream: Callable[[FakeGuest, str, Callable[[bytes], None]], tuple[int, bytes]] | None = None) -> None:
         self.facts = {**FACTS, **(facts or {})}
         self.found = found
+        self.setid = [setid]  # find -perm /6000's answers in turn (before the run, after it); the last one stays
         self.commands: list[tuple[str, bytes]] = []
         self.killed = threading.Event()
         self.closed = False
@@ -297,6 +298,8 @@ class FakeGuest:
         self.commands.append((command, b"".join(chunks)))
         if "say()" in command:
             return Outcome(0, probe(self.facts), b"")
+        if "-perm /6000" in command:
+            return Outcome(0, self.setid.pop(0) if len(self.setid) > 1 else self.setid[0], b"")
         if " find . " in command:
             return Outcome(0, self.found, b"")
         if command.startswith("cat "):
@@ -359,7 +362,7 @@ def create_words(guest: FakeGuest) -> list[str]:
 
 def steps(guest: FakeGuest) -> list[str]:
     """What each command sent to the guest did, in order, by a word that names it."""
-    names = [("say()", "probe"), ("find -P", "git survey"), (" find . ", "masks"),
+    names = [("say()", "probe"), ("-perm /6000", "setid"), ("find -P", "git survey"), (" find . ", "masks"),
              ("cat --", "seccomp"), ("idmapped-lower-dir-false", "setup"), ("userns-limits.json", "hook"),
              ("mkdir -m 0700", "folder"), ("0444", "file"), ("sudo -n chown", "secret"), ("chmod 0400", "env"),
              (" create --rm ", "create+init+pid"), ("nsenter", "relay"),
@@ -387,11 +390,11 @@ def test_a_run_in_the_guest_reports_like_one_on_the_host(kp_env: dict[str, Path]
     assert not (kp_env["state"] / "containers" / record["name"]).exists()
     # the container: made, initialised and its pid learned in one command, started and streamed in a second;
     # it went by itself (--rm), the workspace was surveyed again, then the run's folder in the guest removed
-    assert steps(guest) == ["probe", "masks", "git survey", "seccomp", "setup", "hook", "folder", "file",
-                            "env", "create+init+pid", "start", "git survey", "clean"]
+    assert steps(guest) == ["probe", "masks", "git survey", "setid", "seccomp", "setup", "hook", "folder", "file",
+                            "env", "create+init+pid", "start", "setid", "git survey", "clean"]
     folder = f"/run/kodepipe/{record['name']}-{record['id']}"
     assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
-    start, _ = guest.commands[-3]
+    start, _ = guest.commands[-4]
     assert shlex.split(start)[-4:] == ["start", "--attach", "--", record["name"]]
     words = create_words(guest)
     assert words[:3] == ["sudo", "-n", "podman"] and words[5] == "create"
@@ -412,8 +415,8 @@ def test_without_a_share_or_workspace_there_is_nothing_to_mask_and_the_folder_ho
     run, _, _ = job(guest, vm={**VM, "share": None})
     record, _ = vmrun._run(run)
     assert record["workspace"] is None and record["workspace_mode"] is None and record["masked"] == []
-    assert record["user"]["from"] == "ssh-user"
-    assert not guest.sent(" find . ")
+    assert record["user"]["from"] == "ssh-user" and "setuid_files" not in record
+    assert not guest.sent(" find . ") and not guest.sent("-perm /6000")
     assert steps(guest) == ["probe", "seccomp", "setup", "hook", "folder", "file", "env", "create+init+pid", "start",
                             "clean"]  # /etc/hosts and the environment, in a folder removed afterwards
     assert "-w /tmp/home" in guest.sent(" create --rm ")[0][0]
@@ -569,8 +572,8 @@ def test_an_interruption_removes_the_container_and_carries_the_record(kp_env: di
     record = caught.value.record  # type: ignore[attr-defined]
     assert record["outcome"] == "interrupted" and record["exit_code"] is None
     assert record["container_removed"] is True and record["removed"] is True
-    assert steps(guest)[-4:] == ["start", "remove", "git survey", "clean"] and guest.closed
-    assert guest.commands[-3][0] == f"sudo -n podman rm -f -i -t 0 -- {record['name']} >/dev/null"
+    assert steps(guest)[-5:] == ["start", "remove", "setid", "git survey", "clean"] and guest.closed
+    assert guest.commands[-4][0] == f"sudo -n podman rm -f -i -t 0 -- {record['name']} >/dev/null"
     assert not (kp_env["state"] / "containers" / record["name"]).exists()
 
 
@@ -580,8 +583,8 @@ FAILURES: list[tuple[str, str, list[str]]] = [
     ("setup", "failed", []),
     ("folder", "failed", ["clean"]),
     ("create+init+pid", "failed", ["remove", "clean"]),
-    ("start", "failed", ["remove", "git survey", "clean"]),
-    ("start-interrupted", "interrupted", ["remove", "git survey", "clean"]),
+    ("start", "failed", ["remove", "setid", "git survey", "clean"]),
+    ("start-interrupted", "interrupted", ["remove", "setid", "git survey", "clean"]),
 ]
 
 
@@ -761,3 +764,42 @@ def test_a_value_an_env_file_cannot_carry_is_refused_before_connecting(value: st
     assert caught.value.part is Part.ENV and "TOKEN" in caught.value.message and why in caught.value.message
     assert value not in caught.value.message and guest.commands == [] and caught.value.status == 65
     assert sandbox.env_file_refusal("TOKEN", "a\rb" + "x" * 60000) is None  # a CR inside is carried
+
+
+def test_setuid_files_the_agent_left_are_reported_as_on_the_host() -> None:
+    """The host's rule (hostrun.report_setid): the files with a setuid or setgid bit after the run that were
+    not there before are recorded (setuid_files, names escaped) and said; names are NUL-separated data."""
+    guest = FakeGuest(setid=b"old-suid\0")
+    guest.setid.append(b"old-suid\0bin/x\0new\xff\nsuid\0")  # the second find: after the run
+    run, _, said = job(guest)
+    record, _ = vmrun._run(run)
+    assert record["setuid_files"] == ["bin/x", "new\\xff\nsuid"]
+    assert ("warn", "the agent left setuid/setgid files in the workspace: bin/x, new\\xff\\nsuid") in said
+    (before, _), (after, _) = guest.sent("-perm /6000")
+    assert shlex.split(before) == ["sudo", "-n", *vmrun.setid_argv("/workspace")] and before == after
+    assert steps(guest).index("start") < steps(guest).index("setid", 4) < len(steps(guest)) - 2
+    # nothing new: nothing recorded; a read-only workspace is not looked at, as on the host
+    guest = FakeGuest(setid=b"old-suid\0")
+    run, _, _ = job(guest)
+    assert "setuid_files" not in vmrun._run(run)[0]
+    guest = FakeGuest(setid=b"")
+    run, _, _ = job(guest, request(read_only_workspace=True))
+    vmrun._run(run)
+    assert not guest.sent("-perm /6000")
+
+
+def test_the_guests_setuid_find_agrees_with_the_hosts_walk(tmp_path: Path) -> None:
+    from kodepipe.core import fdtree
+
+    ws = tmp_path / "ws"
+    for rel, mode in (("plain", 0o755), ("suid", 0o4755), ("sgid", 0o2755), ("deep/er/both", 0o6755),
+                      ("odd\nname suid", 0o4700), ("dir/x", 0o644)):
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).write_text("x")
+        (ws / rel).chmod(mode)
+    (ws / "sgid-dir").mkdir()
+    (ws / "sgid-dir").chmod(0o2755)  # a directory: not a file the agent could run
+    (ws / "link").symlink_to(ws / "suid")  # never followed
+    out = subprocess.run(vmrun.setid_argv(str(ws)), capture_output=True, check=True).stdout
+    found = vmrun.parse_setid(out)
+    assert found == set(fdtree.setid_files(ws)) == {"suid", "sgid", "deep/er/both", "odd\nname suid"}

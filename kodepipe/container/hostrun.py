@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -632,20 +632,16 @@ class Run:
         ws = facts.workspace
         # a direct run that got as far as its container: what the agent left in the workspace
         if ws is not None and staged is not None and upper is None and not self.policy.read_only_workspace:
-            from kodepipe.core import fdtree, terminal
+            from kodepipe.core import fdtree
 
             try:
                 after = set(fdtree.setid_files(ws))  # fd-based and iterative: any depth
             except Exception:
                 after = set()
-            new = sorted(after - facts.setid_before)
             self._crosscheck_workspace(staged)  # before kp-run itself moves anything (git.check)
             if facts.git is not None:  # planted git metadata: moved away (gitguard)
                 facts.git.check(staged.folder, self.name, meta, lambda m: self.say("warn", m))
-            if new:
-                meta["setuid_files"] = [fdtree.display(path) for path in new]
-                self.say("warn", "the agent left setuid/setgid files in the workspace: "
-                                 f"{', '.join(terminal.escape(path) for path in new[:8])}")
+            report_setid(meta, facts.setid_before, after, self.say)
         keep = self.keep or self.policy.audit is not None or self.egress is not None or "git_planted" in meta
         if self.folder is not None:
             folders.unmount(self.folder)  # the overlay, and any staging bind a failure left behind
@@ -811,6 +807,20 @@ class Run:
             self.keep = True
         meta["container_removed"] = removed
         return exit_code
+
+
+def report_setid(meta: dict[str, Any], before: Iterable[str], after: Iterable[str],
+                 say: Callable[[str, str], None]) -> None:
+    """The setuid/setgid files the agent left in the workspace (in ``after``, not in ``before``: paths
+    relative to it): recorded as setuid_files, each shown escaped, and said.  The rule of every backend
+    (the host's walk, a VM's find: vmrun.check_setid)."""
+    from kodepipe.core import fdtree, terminal
+
+    new = sorted(set(after) - set(before))
+    if new:
+        meta["setuid_files"] = [fdtree.display(path) for path in new]
+        say("warn", "the agent left setuid/setgid files in the workspace: "
+                    f"{', '.join(terminal.escape(path) for path in new[:8])}")
 
 
 def not_run(name: str, outcome: str) -> Record:

@@ -76,6 +76,10 @@ What holds inside the guest, as on the host:
   which the guest's ps shows and its sudo logs.  A value that file cannot
   carry (a newline, a trailing CR, a line past 64 KiB) is refused,
   naming the variable, before kp-run connects.
+- **setuid/setgid files** (D10): a direct, writable run lists them in the
+  workspace before and after (``find -P WS -xdev -perm /6000``, names
+  NUL-separated data), and what the agent left is recorded
+  (``setuid_files``) and said, by the host's rule (hostrun.report_setid).
 - **Kernel quotas**: the guest's kernel is the VM's own, so what a
   container could use up there is the disposable guest's, not a host
   account's; the same limits are set all the same, as a share of the
@@ -245,6 +249,19 @@ def find_argv(masks: Iterable[str]) -> list[str]:
         argv += ["-type", "f", *masked, "-printf", r"M%P\0", "-o"]
     argv += ["-type", "f", *_names(sandbox.CREDENTIAL_GLOBS), "-printf", r"C%P\0"]
     return argv
+
+
+def setid_argv(ws: str) -> list[str]:
+    """``find`` printing each regular file with a setuid or setgid bit below the guest workspace ``ws``
+    (its real path: absolute), relative to it, NUL-terminated (a name may hold any byte but NUL and
+    /); never through a symlink, never onto another filesystem.  The same set as fdtree.setid_files on
+    the host (D10)."""
+    return ["find", "-P", ws, "-xdev", "-type", "f", "-perm", "/6000", "-printf", r"%P\0"]
+
+
+def parse_setid(out: bytes) -> frozenset[str]:
+    """setid_argv's answer; names are data (decoded as the host's walk decodes them: surrogateescape)."""
+    return frozenset(item.decode("utf-8", "surrogateescape") for item in out.split(b"\0") if item)
 
 
 def parse_found(out: bytes) -> tuple[list[str], list[str]]:
@@ -849,6 +866,7 @@ class Prepared:
     git: GitBefore | None = None  # None without a workspace
     egress: EgressPolicy | None = None  # the proxy's rules and pins, when the policy allows any
     quarantine: GuestQuarantine | None = None  # --quarantine: the overlay in the guest, reviewed on the host
+    setid_before: frozenset[str] | None = None  # a direct, writable run: setuid/setgid files before it (D10)
 
 
 @dataclass(frozen=True)
@@ -933,6 +951,7 @@ class VmRun:
                           f"{probe.stderr.decode(errors='replace')[-500:]}") from None
 
         ws = owner = None
+        setid_before = None
         masked: list[str] = []
         protect: list[str] = []
         git = None
@@ -953,6 +972,8 @@ class VmRun:
                 watched, copies = self.watch_git(remote, ws, [p for p, r in sorted(repos.items())
                                                               if r.kind in ("dir", "bare") and p not in protect])
             git = GitBefore(ws, repos, watched, copies)
+            if not policy.read_only_workspace and not policy.quarantine:  # the host's rule (hostrun.finish)
+                setid_before = self.setid_files(remote, ws)
             for warning in git_warnings(repos, protect, writable=policy.git_writable):
                 self.say("warn", warning)
         quarantine = self.plan_quarantine(ws) if policy.quarantine else None  # or Unsupported, before anything
@@ -1004,7 +1025,8 @@ class VmRun:
         if quarantine is not None:
             self.meta["quarantine"] = {"lower": str(quarantine.lower), "owner": list(quarantine.owner),
                                        "guest": quarantine.upper}
-        return Prepared(remote, box, hooks_dir, host_folder, git, egress, quarantine=quarantine)
+        return Prepared(remote, box, hooks_dir, host_folder, git, egress, quarantine=quarantine,
+                        setid_before=setid_before)
 
     @contextlib.contextmanager
     def container(self, prepared: Prepared) -> Iterator[Created]:
@@ -1115,6 +1137,7 @@ class VmRun:
         meta = self.meta
         if prepared is not None and prepared.git is not None and prepared.quarantine is None and "started" in meta:
             if meta.get("container_removed"):  # nothing of the agent's runs any more
+                self.check_setid(prepared)  # before check_git moves anything, as on the host
                 try:
                     self.check_git(prepared.remote, prepared.git)
                 except Exception as exc:
@@ -1197,6 +1220,28 @@ class VmRun:
         self._check(remote.run(_script(
             'set -e; sudo -n sh -c \'umask 077; cat > "$1"\' sh "$1"; sudo -n chmod 0400 "$1"', box.env_file),
             input=box.env_file_text()), "writing the container's environment")
+
+    def setid_files(self, remote: Remote, ws: str) -> frozenset[str]:
+        """The setuid/setgid files below the guest workspace ``ws`` (setid_argv, as root)."""
+        found = remote.run(f"sudo -n {shlex.join(setid_argv(ws))}", timeout=600)
+        # find says why it could not read a directory and goes on; what it found still counts
+        if found.status != 0 and not found.stdout:
+            self._check(found, f"looking for setuid/setgid files in {ws}")
+        return parse_setid(found.stdout)
+
+    def check_setid(self, prepared: Prepared) -> None:
+        """What the agent left setuid or setgid in the workspace: reported and recorded (setuid_files) by
+        the host backend's rule (hostrun.report_setid); if the guest cannot be asked, as on the host,
+        nothing is reported."""
+        from kodepipe.container.hostrun import report_setid
+
+        if prepared.git is None or prepared.setid_before is None:
+            return
+        try:
+            after = self.setid_files(prepared.remote, prepared.git.workspace)
+        except Exception:
+            after = prepared.setid_before
+        report_setid(self.meta, prepared.setid_before, after, self.say)
 
     def _remove_folder(self, remote: Remote, folder: str) -> None:
         try:
