@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from kodepipe.container import engine
@@ -110,3 +112,103 @@ def test_non_root_gets_77(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_apply_of_nothing(kp_env: dict[str, Path]) -> None:
     result = invoke("kp-run", "--apply", "nosuchrun")
     assert result.status == 1 and "no kp-run named nosuchrun" in result.stderr
+
+
+# -- D1: where a run with -i or -t happens, and --vm ----------------------------------------------------
+
+VM_RECORD = {"kind": "vm", "name": "vm-a", "id": "0123456789ab", "state": "running"}
+
+
+@pytest.fixture
+def backends(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any, str]]:
+    """Both backends faked: each run says where it ran, its policy, and what was left of stdin then."""
+    import sys
+
+    from kodepipe.container import gather, hostrun, vmrun
+
+    ran: list[tuple[str, Any, str]] = []
+
+    def in_vm(vm: dict[str, Any], policy: Any, say: Any) -> tuple[dict[str, Any], int]:
+        ran.append((f"vm:{vm['name']}", policy, sys.stdin.read()))
+        return {"kind": "container", "name": "run-x", "host": vm["name"], "exit_code": 0}, 0
+
+    def on_host(store: Any, policy: Any, say: Any, **kw: Any) -> tuple[dict[str, Any], int]:
+        ran.append(("host", policy, sys.stdin.read()))
+        return {"kind": "container", "name": "run-x", "exit_code": 0}, 0
+
+    monkeypatch.setattr(vmrun, "run_in_vm", in_vm)
+    monkeypatch.setattr(hostrun, "run", on_host)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(gather, "_terminal", lambda tty: tty)  # -t: /dev/tty opens, whoever runs the tests
+    return ran
+
+
+def piped(*records: dict[str, Any]) -> bytes:
+    return b"".join(orjson.dumps(r) + b"\n" for r in records)
+
+
+@pytest.mark.parametrize(("flags", "where", "left"), [
+    # no -i: vm records on stdin are read, and the run is in each VM
+    ([], "vm:vm-a", ""),
+    # -t: the agent's input is the terminal, so the vm records are still read (D1: they were never read,
+    # and the run happened on the host)
+    (["-t"], "vm:vm-a", ""),
+    (["-it"], "vm:vm-a", ""),
+    # -i alone: stdin is the agent's, never read for records: a host run, stdin left whole for the agent
+    (["-i"], "host", "VM"),
+])
+def test_vm_records_are_read_unless_stdin_is_the_agents(backends: list[tuple[str, Any, str]], flags: list[str],
+                                                         where: str, left: str) -> None:
+    stdin = piped(VM_RECORD)
+    result = invoke("kp-run", "--image", "localhost/x:1", *flags, "--", "cat", input=stdin)
+    assert result.status == 0, result.stderr
+    ((ran, policy, rest),) = backends
+    assert ran == where and policy.tty == ("-t" in flags or "-it" in flags)
+    assert rest == (stdin.decode() if left else "")
+    kinds = [r["kind"] for r in result.records]
+    assert kinds == (["vm", "container"] if where != "host" else ["container"])
+
+
+def test_vm_names_the_vm_and_leaves_stdin_to_the_agent(backends: list[tuple[str, Any, str]],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kodepipe import inventory
+
+    asked: list[tuple[str, str]] = []
+
+    def view(store: Any, kind: str, name: str) -> dict[str, Any]:
+        asked.append((kind, name))
+        return {**VM_RECORD, "name": name}
+
+    monkeypatch.setattr(inventory, "view", view)
+    result = invoke("kp-run", "--image", "localhost/x:1", "-i", "--vm", "vm-b", "--", "sort", input=b"b\na\n")
+    assert result.status == 0, result.stderr
+    assert asked == [("vm", "vm-b")]
+    ((ran, policy, rest),) = backends
+    assert ran == "vm:vm-b" and policy.interactive and not policy.tty and rest == "b\na\n"
+    assert [(r["kind"], r.get("host")) for r in result.records] == [("container", "vm-b")]
+
+
+@pytest.mark.parametrize(("view", "code", "words"), [
+    ({"kind": "vm", "name": "vm-b", "state": "gone"}, "not_found", "no VM named vm-b"),
+    ({"kind": "vm", "name": "vm-b", "state": "stopped"}, "not_running", "vm-b is not running"),
+])
+def test_vm_that_cannot_run_it_is_an_error_and_nothing_runs(backends: list[tuple[str, Any, str]],
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             view: dict[str, Any], code: str, words: str) -> None:
+    from kodepipe import inventory
+
+    monkeypatch.setattr(inventory, "view", lambda store, kind, name: view)
+    result = invoke("kp-run", "--image", "localhost/x:1", "--vm", "vm-b", "--", "true")
+    assert result.status != 0 and words in result.stderr, result.stderr
+    (record,) = result.records
+    assert record["error"]["code"] == code and record["host"] == "vm-b"
+    assert backends == []
+
+
+def test_vm_usage_errors(backends: list[tuple[str, Any, str]]) -> None:
+    for args, words in [(["--vm", "Bad_Name", "--", "true"], "vm name"),
+                        (["--apply", "r", "--vm", "vm-b"], "drop --vm")]:
+        result = invoke("kp-run", "--image", "localhost/x:1", *args) if args[0] != "--apply" else \
+            invoke("kp-run", *args)
+        assert result.status == 2 and words in result.stderr, (args, result.stderr)
+    assert backends == []

@@ -76,6 +76,9 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
                    "a repository is still moved away (recorded; --writable-git-config is the old name).")
 @click.option("-i", "--interactive", is_flag=True, help="Keep standard input open to the command.")
 @click.option("-t", "--tty", is_flag=True, help="Give the command a terminal (window size, Ctrl-C).")
+@click.option("--vm", "vm_name", metavar="NAME",
+              help="Run inside the VM NAME (running, from kp-boot) instead of reading vm records from stdin: "
+                   "for -i, whose stdin is the agent's.")
 @click.option("--keep", is_flag=True, help="Keep the stopped container for inspection (kp-rm removes it).")
 @click.option("--audit", is_flag=True,
               help="Record every system call of the container from the host with strace, where the agent "
@@ -100,7 +103,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         allow: tuple[str, ...], allow_files: tuple[Path, ...], pins: tuple[str, ...], no_profile_allow: bool,
         cap_add: tuple[str, ...], writable_root: bool, env: tuple[str, ...], secret_specs: tuple[str, ...],
         masks: tuple[str, ...], no_default_masks: bool, writable_git_config: bool, interactive: bool, tty: bool,
-        keep: bool, audit: bool,
+        vm_name: str | None, keep: bool, audit: bool,
         audit_mode: str, audit_cap: int | None, apply_names: tuple[str, ...], force: bool, verbose: bool | None,
         quiet: bool) -> int:
     """Run COMMAND in a fresh, locked-down Podman container that sees one
@@ -184,8 +187,15 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     renamed beside it on the share; record: git_planted).  The kernel
     quotas are a share of the guest's own (its user namespace's limits
     set by an OCI hook before the agent runs).  --quarantine,
-    --audit, --keep, -i/-t and --allow (a profile's allowed domains too)
-    are host-only for now: refused before anything is done in the VM.
+    --audit, --keep and --allow (a profile's allowed domains too) are
+    host-only for now: refused before anything is done in the VM.
+
+    -t in a VM gives the agent a terminal there (a pty over SSH relayed
+    to yours, its window size followed), and vm records on stdin are
+    still read: the agent's input is your terminal (/dev/tty).  With -i
+    (and no -t) stdin is the agent's and is never read for vm records:
+    --vm NAME names the VM (kp-run -i --vm NAME -- sort < data.txt), and
+    -i with stdin piped and no --vm is a run on the host.
 
     Options that contradict each other (--quarantine with
     --read-only-workspace or without -w, --allow with --net open,
@@ -218,7 +228,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     out = kpcli.Output("kp-run", verbose=verbose, quiet=quiet)
     store = Store()
     if apply_names:
-        conflicts = pol.apply_conflicts(opts)  # C2: nothing of a run goes with --apply
+        conflicts = pol.apply_conflicts(opts) + (["--apply makes no run: drop --vm"] if vm_name else [])  # C2
         if conflicts:
             raise click.UsageError("; ".join(conflicts))
         options.check_names([n for n in apply_names if n != "-"], "--apply")
@@ -241,7 +251,12 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         out.warn(f"the profile passes {', '.join(policy.env_missing)}, which kp-run's environment does not have "
                  f"(sudo resets it): the agent runs without them (sudo --preserve-env={names.replace(' ', ',')} "
                  "kp-run ..., or -e NAME=VALUE)")
-    if kpcli.stdin_is_piped() and not policy.interactive and _in_vms(out, policy, prof, say):
+    if vm_name is not None:  # stdin is not read for records: with -i it is the agent's
+        _in_named_vm(out, policy, prof, say, vm_name)
+        return out.status()
+    # D1: vm records on stdin are read unless stdin is the agent's (-i without -t: then --vm names the
+    # VM); with -t the agent's input is the terminal (/dev/tty), never the pipe
+    if kpcli.stdin_is_piped() and (policy.tty or not policy.interactive) and _in_vms(out, policy, prof, say):
         return out.status()
     from kodepipe.container.backend import HostBackend
 
@@ -335,8 +350,6 @@ def _in_vms(out: kpcli.Output, policy: Any, prof: Any, say: Any) -> bool:
                 out.emit(line.record)
         out.error("nothing was run: stdin had bad input (see above)")
         return True
-    from kodepipe.container.backend import VmBackend
-
     seen = False
     for line in lines:
         record = line.record
@@ -349,24 +362,57 @@ def _in_vms(out: kpcli.Output, policy: Any, prof: Any, say: Any) -> bool:
             out.error(f"{record.get('name')}: not run there: an earlier stage failed on it")
             out.statuses.add(errors.FAILED)
             continue
-        backend = VmBackend(record)
-        try:  # what the VM cannot honour is refused before any image is built or anything done in it
-            backend.refuse(policy)
-        except KpError as exc:
-            out.fail({"kind": "container", "name": policy.name, "host": record.get("name")}, exc)
-            continue
-        try:
-            policy = _built(out, policy, prof)
-            result, status = backend.run(policy, say)
-        except KpError as exc:
-            out.fail(getattr(exc, "record", {"kind": "container", "name": policy.name, "host": record.get("name")}),
-                     exc)
-            continue
-        except BaseException as exc:
-            _emit_interrupted(out, exc)
-            raise
-        _report(out, result, status)
+        policy = _in_vm(out, policy, prof, say, record)
     return seen
+
+
+def _in_vm(out: kpcli.Output, policy: Any, prof: Any, say: Any, record: dict[str, Any]) -> Any:
+    """One run in the VM of ``record``; the policy with its image (built once for every VM)."""
+    from kodepipe.container.backend import VmBackend
+    from kodepipe.core.errors import KpError
+
+    backend = VmBackend(record)
+    try:  # what the VM cannot honour is refused before any image is built or anything done in it
+        backend.refuse(policy)
+    except KpError as exc:
+        out.fail({"kind": "container", "name": policy.name, "host": record.get("name")}, exc)
+        return policy
+    try:
+        policy = _built(out, policy, prof)
+        result, status = backend.run(policy, say)
+    except KpError as exc:
+        out.fail(getattr(exc, "record", {"kind": "container", "name": policy.name, "host": record.get("name")}),
+                 exc)
+        return policy
+    except BaseException as exc:
+        _emit_interrupted(out, exc)
+        raise
+    _report(out, result, status)
+    return policy
+
+
+def _in_named_vm(out: kpcli.Output, policy: Any, prof: Any, say: Any, name: str) -> None:
+    """--vm NAME: the run in that VM, its record read from kodepipe's state (it must be running)."""
+    from kodepipe import inventory
+    from kodepipe.core.errors import KpError, NotFound
+    from kodepipe.core.records import check_name
+    from kodepipe.core.state import Store
+    from kodepipe.vm import vms
+
+    try:
+        check_name(name, "vm name")
+    except KpError as exc:
+        raise click.BadParameter(exc.message, param_hint="'--vm'") from None
+    failed = {"kind": "container", "name": policy.name, "host": name}
+    record = inventory.view(Store(), "vm", name)
+    if record.get("state") == "gone":
+        out.fail(failed, NotFound(f"no VM named {name}", hint="kp-ls lists them; kp-clone makes one"))
+        return
+    problem = vms.unusable(record)
+    if problem is not None:
+        out.fail(failed, problem)
+        return
+    _in_vm(out, policy, prof, say, record)
 
 
 def _apply(out: kpcli.Output, store: Any, names: tuple[str, ...], force: bool) -> int:

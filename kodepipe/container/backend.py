@@ -188,7 +188,6 @@ class HostBackend:
 VM_UNSUPPORTED: dict[Part, str] = {
     Part.AUDIT: "not supported inside a VM yet (host-only for now)",
     Part.KEEP: "not supported inside a VM yet (host-only for now)",
-    Part.TERMINAL: "not supported inside a VM yet (host-only for now)",
     Part.PINS: "not supported inside a VM yet (host-only for now)",
     Part.EGRESS: "not supported inside a VM yet (host-only for now)",
 }

@@ -89,7 +89,13 @@ What holds inside the guest, as on the host:
   with nsenter after the runtime made it and before the agent's first
   instruction, as hostrun.py does on the host; the container does not
   start if the hook fails.
-- What the guest cannot do yet (--quarantine, --audit, -i/-t, --keep,
+- **A terminal** (-t): ``podman start --attach --interactive`` on an
+  exec channel with a pty of its own in the guest (``Remote.terminal``),
+  relayed to the user's terminal in raw mode (standard input and output
+  where they are one, else /dev/tty), its size followed (SIGWINCH ->
+  resize_pty), restored on every way out; -i alone: kp-run's stdin copied
+  to the agent's, its end forwarded.  The exit status is the agent's.
+- What the guest cannot do yet (--quarantine, --audit, --keep,
   --allow, --resolve: backend.VM_UNSUPPORTED, the VM backend's support
   table) is refused, naming the part, before anything is done in it:
   nothing is dropped silently.
@@ -113,7 +119,7 @@ from typing import Any
 
 from kodepipe.container import folders, sandbox
 from kodepipe.container.hostrun import EGRESS_LOG, new_name
-from kodepipe.container.policy import Policy, SecretSpec, check_workspace_place
+from kodepipe.container.policy import DEFAULT_TERM, Policy, SecretSpec, check_workspace_place
 from kodepipe.container.render import Facts, Staged, render
 from kodepipe.core import fdtree, proc
 from kodepipe.core.errors import BadInput, CommandFailed, Interrupted, KpError, NotFound
@@ -133,6 +139,7 @@ PROGRESS_EVERY = 5.0
 KILL_RETRY = 2.0
 CREATE_TIMEOUT = 900.0  # podman create + init: a guest's first container waits for its storage
 PODMAN_ERRORS = (125, 126, 127)  # podman run's own failures (docker's convention)
+TAIL_BYTES = 16384  # of an attached run's output, kept to tell Podman's own failure from the agent's
 
 # One round trip for everything the run depends on.  $1: workspace or "", $2: image tag.
 # Answers are NAME=VALUE, NUL-terminated (a path may hold a newline).
@@ -598,10 +605,12 @@ def parse_created(outcome: Outcome, vm_name: str) -> Created:
     return Created(answers.get("id", ""), int(pid))
 
 
-def start_command(name: str, hooks_dir: str | None = None) -> str:
+def start_command(name: str, hooks_dir: str | None = None, *, interactive: bool = False) -> str:
     """The remote command line that starts the created container and stays attached to its output
-    until it ends; its exit status is the container's (--rm: then Podman removes it)."""
-    return shlex.join([*_podman(hooks_dir), "start", "--attach", "--", name])
+    until it ends (``interactive``: and copies its own stdin to the container's, -i and -t); its exit
+    status is the container's (--rm: then Podman removes it)."""
+    return shlex.join([*_podman(hooks_dir), "start", "--attach", *(["--interactive"] if interactive else []),
+                       "--", name])
 
 
 # An OCI prestart hook, run by the runtime as the guest's root once the container's processes and
@@ -1106,7 +1115,23 @@ class VmRun:
             timer.daemon = True
             timer.start()
         try:
-            status, tail = remote.stream(start_command(self.name, prepared.hooks_dir), self.sink)
+            if self.policy.tty:  # -t: the agent's terminal is the user's, through a pty in the guest
+                with local_terminal() as (tty_in, tty_out):
+                    cols, rows = terminal_size(tty_in)
+                    channel = remote.terminal(start_command(self.name, prepared.hooks_dir, interactive=True),
+                                              self.policy.term or DEFAULT_TERM, cols, rows)
+                    try:
+                        status, tail = relay_terminal(channel, tty_in, tty_out)
+                    finally:
+                        channel.close()
+            elif self.policy.interactive:  # -i: kp-run's stdin is the agent's
+                channel = remote.open(start_command(self.name, prepared.hooks_dir, interactive=True))
+                try:
+                    status, tail = relay_stdin(channel, sys.stdin.fileno(), self.sink)
+                finally:
+                    channel.close()
+            else:
+                status, tail = remote.stream(start_command(self.name, prepared.hooks_dir), self.sink)
         finally:
             streaming.clear()
             if timer is not None:
@@ -1574,6 +1599,108 @@ def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@contextlib.contextmanager
+def local_terminal() -> Iterator[tuple[int, int]]:
+    """The user's terminal for -t: (the fd to read, the fd to write).  Standard input and output where
+    they are the terminal; else /dev/tty (vm records may have come in on stdin, and stdout carries
+    records)."""
+    if os.isatty(0) and os.isatty(1):
+        yield 0, 1
+        return
+    try:
+        tty = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        raise BadInput("-t needs a terminal, and there is none",
+                       hint="drop -t, or run kp-run from a terminal") from None
+    try:
+        yield (0 if os.isatty(0) else tty), (1 if os.isatty(1) else tty)
+    finally:
+        os.close(tty)
+
+
+def terminal_size(fd: int) -> tuple[int, int]:
+    from kodepipe.core import terminal
+
+    return terminal.size(fd)
+
+
+class _Tail:
+    """A channel whose received bytes are also kept (the last TAIL_BYTES): what Podman said, if it
+    failed, is on the terminal with the agent's output."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel, self.tail = channel, bytearray()
+
+    def fileno(self) -> int:
+        return int(self.channel.fileno())
+
+    def recv(self, size: int) -> bytes:
+        data: bytes = self.channel.recv(size)
+        self.tail.extend(data)
+        del self.tail[:-TAIL_BYTES]
+        return data
+
+    def sendall(self, data: bytes) -> None:
+        self.channel.sendall(data)
+
+
+def relay_terminal(channel: Any, tty_in: int, tty_out: int) -> tuple[int, bytes]:
+    """-t: the local terminal in raw mode, relayed to and from ``channel`` (a pty in the guest), its window
+    size followed (SIGWINCH -> resize_pty); the terminal restored however this ends.  The remote
+    command's exit status (-1 if none came) and the tail of its output."""
+    from kodepipe.core import terminal
+
+    tap = _Tail(channel)
+    with terminal.raw_mode(tty_in), \
+            terminal.on_resize(tty_in, lambda cols, rows: channel.resize_pty(width=cols, height=rows)):
+        why = terminal.relay(tty_in, tty_out, tap)
+        if why == "local_eof":  # the terminal went away: tell the guest's end, and show what is left
+            with contextlib.suppress(OSError, EOFError):
+                channel.shutdown_write()
+            while data := tap.recv(terminal.CHUNK):
+                with contextlib.suppress(OSError):
+                    terminal.write_all(tty_out, data)
+    return int(channel.recv_exit_status()), bytes(tap.tail)
+
+
+def relay_stdin(channel: Any, stdin: int, sink: Callable[[bytes], None]) -> tuple[int, bytes]:
+    """-i without -t: ``stdin`` copied to ``channel`` as it comes, its end forwarded (shutdown_write), and
+    the remote command's output (stdout and stderr) handed to ``sink``, until the command ends.  Its exit
+    status (-1 if none came) and the tail of its stderr.  Never blocks on a full window: what is not yet
+    sent waits, and no more of stdin is read meanwhile."""
+    import select
+
+    tail = bytearray()
+    pending = b""
+    local_open = True
+    while True:
+        watched: list[Any] = [channel, stdin] if local_open and not pending else [channel]
+        select.select(watched, [], [], 0.05 if pending else 1.0)
+        while channel.recv_ready():
+            sink(channel.recv(CHUNK))
+        while channel.recv_stderr_ready():
+            data = channel.recv_stderr(CHUNK)
+            sink(data)
+            tail.extend(data)
+            del tail[:-TAIL_BYTES]
+        if local_open and not pending and select.select([stdin], [], [], 0)[0]:
+            pending = os.read(stdin, CHUNK)
+            if not pending:
+                local_open = False
+                with contextlib.suppress(OSError, EOFError):
+                    channel.shutdown_write()
+        if pending:
+            try:
+                if channel.send_ready():
+                    pending = pending[channel.send(pending):]
+            except (OSError, EOFError):  # it stopped reading: its status says why
+                pending, local_open = b"", False
+        if (channel.eof_received or channel.closed) and not channel.recv_ready() \
+                and not channel.recv_stderr_ready():
+            break
+    return int(channel.recv_exit_status()), bytes(tail)
 
 
 def _to_stderr(data: bytes) -> None:

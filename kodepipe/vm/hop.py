@@ -69,6 +69,24 @@ class Remote:
                           code="connection_lost") from None
         return channel
 
+    def terminal(self, command: str, term: str, columns: int, rows: int) -> Any:
+        """``command`` on an exec channel with a pseudo-terminal of its own (``term``, ``columns`` x
+        ``rows``; ``resize_pty`` changes it), left open for the caller, who closes it.  The remote
+        pty merges stdout and stderr, as a terminal does."""
+        import paramiko
+
+        channel = None
+        try:
+            channel = self.client.get_transport().open_session()
+            channel.get_pty(term=term, width=columns, height=rows)
+            channel.exec_command(command)
+        except (OSError, EOFError, paramiko.SSHException, AttributeError) as exc:
+            if channel is not None:
+                channel.close()
+            raise KpError(f"the SSH connection to {self.name} is gone: {exc or type(exc).__name__}",
+                          code="connection_lost") from None
+        return channel
+
     def _session(self, command: str, out: Callable[[bytes], None], err: Callable[[bytes], None],
                  chunks: Iterable[bytes], timeout: float | None) -> int:
         """One exec channel: stdin from ``chunks``, then read until the command is done.
