@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import lines
 from tests.integration.conftest import run
-from tests.integration.vmbackend import GuestVm
+from tests.integration.vmbackend import SESSION, GuestVm
 
 pytestmark = pytest.mark.integration
 
@@ -49,20 +49,20 @@ def test_the_pipeline_made_a_vm_and_ran_the_first_container_in_it(guest_vm: Gues
 
 
 def test_kp_run_in_a_vm_is_locked_down_and_writes_the_share(guest_vm: GuestVm, shell_image: str) -> None:
-    ws = guest_vm.share / "lockdown"
+    ws = guest_vm.share / f"lockdown-{SESSION}"
     ws.mkdir()
     (ws / "main.py").write_text("print('hello')\n")
     (ws / ".env").write_text("API_KEY=hunter2\n")
     for path in (ws, ws / "main.py", ws / ".env"):
         os.chown(path, 1000, 1000)  # a developer's checkout, as the guest's user "kp" (uid 1000)
-    proc = guest_vm.kprun("--image", shell_image, "--name", "in-vm", "-w", "/workspace/lockdown", "--",
+    proc = guest_vm.kprun("--image", shell_image, "--name", "in-vm", "-w", f"/workspace/{ws.name}", "--",
                           "bash", "-c", INSIDE)  # the workspace is /workspace inside the container
     err = proc.stderr
     assert proc.returncode == 0, err[-4000:]
     (container,) = [r for r in lines(proc.stdout.encode()) if r["kind"] == "container"]
     assert container["name"] == "in-vm" and container["host"] == "kp-backend"
     assert container["exit_code"] == 0 and container["outcome"] == "exited" and container["removed"] is True
-    assert container["workspace"] == "/workspace/lockdown" and container["masked"] == [".env"]
+    assert container["workspace"] == f"/workspace/{ws.name}" and container["masked"] == [".env"]
     assert container["network"] == "none" and container["loosened"] == []
     assert container["user"] == {"agent_uid": 1000, "host_uid": 1000, "host_gid": 1000, "from": "workspace-owner"}
     assert "image_transfer" not in container  # the pipeline's first run brought it
