@@ -716,7 +716,7 @@ ELSEWHERE = ("the workspace's lower layer is only in the guest; review and apply
 OVERLAY = r"""
 set -e
 umask 077
-if [ "$(stat -f -c %T -- "$2")" != v9fs ]; then
+if [ "$(findmnt -n -o FSTYPE -T "$2")" != 9p ]; then  # (statfs over 9p says the host's filesystem)
     echo "$2 is not on the folder shared with kp-boot --share (not a 9p mount)" >&2
     exit 3
 fi
