@@ -107,7 +107,7 @@ ACTORS = [
     (("kp-run", "--apply", "-"), "container", "r"),
     (("kp-ls", "--json"), "vm", "a"),
 ]
-WRONG_IDS = [5, None, [], {"id": "0123456789ab"}, True, ""]
+WRONG_IDS: list[object] = [5, None, [], {"id": "0123456789ab"}, True, ""]  # every JSON type but a valid id
 
 
 @pytest.mark.parametrize("wrong_id", WRONG_IDS, ids=lambda v: orjson.dumps(v).decode())
