@@ -441,8 +441,10 @@ def test_kp_run_starts_its_own_service_when_none_is_configured(shell_image: str,
         subprocess.run(["pkill", "-f", f"unix://{kp_env['runtime']}/podman.sock"], check=False)
 
 
-def test_a_terminal_for_interactive_agents(shell_image: str, ws: Path) -> None:
-    """-it: a real TTY with the caller's window size, resizes followed, Ctrl-C delivered inside."""
+def test_a_terminal_for_interactive_agents(request: pytest.FixtureRequest, backend: str, shell_image: str,
+                                          ws: Path) -> None:
+    """-it: a real TTY with the caller's window size, resizes followed, Ctrl-C delivered inside.  In a VM the
+    vm record comes in on stdin, as in a pipeline, and the agent's terminal is still the caller's (/dev/tty)."""
     import fcntl
     import pty
     import select
@@ -450,15 +452,25 @@ def test_a_terminal_for_interactive_agents(shell_image: str, ws: Path) -> None:
     import termios
     import time
 
+    env, workspace, piped = dict(os.environ), str(ws), b""
+    if backend == "vm":
+        vm = request.getfixturevalue("guest_vm")
+        env, workspace, piped = vm.env, vm.put(ws), orjson.dumps(vm.record) + b"\n"
     # the WINCH trap says when the resize has reached the container's terminal
     script = ("tty; stty size; trap 'stty size; echo GOT-INT; exit 130' INT; "
-              "trap 'echo \"WINCH $(stty size)\"' WINCH; echo READY; for i in $(seq 300); do sleep 0.1; done")
+              "trap 'echo \"WINCH $(stty size)\"' WINCH; echo READY; for i in $(seq 3000); do sleep 0.1; done")
     pid, fd = pty.fork()
-    if pid == 0:  # the child: kp-run on the pty as its terminal
-        os.execv(str(BIN / "kp-run"), ["kp-run", "-it", "--image", shell_image, "-w", str(ws), "--",  # noqa: S606
-                                       "bash", "-c", script])
+    if pid == 0:  # the child: kp-run on the pty as its terminal (and with vm records on stdin, for a VM)
+        if piped:
+            r, w = os.pipe()
+            os.write(w, piped)
+            os.close(w)
+            os.dup2(r, 0)
+        os.execve(str(BIN / "kp-run"), ["kp-run", "-it", "--image", shell_image, "-w", workspace, "--",  # noqa: S606
+                                        "bash", "-c", script], env)
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 132, 0, 0))
-    buf, resized, sent, deadline = b"", False, False, time.monotonic() + 90
+    bound = 600 if backend == "vm" else 90  # under TCG each podman call takes seconds
+    buf, resized, sent, deadline = b"", False, False, time.monotonic() + bound
     while time.monotonic() < deadline:
         ready, _, _ = select.select([fd], [], [], 0.2)
         if ready:
@@ -476,12 +488,16 @@ def test_a_terminal_for_interactive_agents(shell_image: str, ws: Path) -> None:
         if b"WINCH 50 100" in buf and not sent:  # Ctrl-C only once the new size is in: INT prints it too
             os.write(fd, b"\x03")
             sent = True
+    else:
+        os.kill(pid, signal.SIGTERM)  # past the bound: say what came, rather than wait for the time limit
     _, status = os.waitpid(pid, 0)
     text = buf.decode(errors="replace")
     assert "/dev/pts/" in text and "40 132" in text and "50 100" in text and "GOT-INT" in text, text
     assert os.waitstatus_to_exitcode(status) == 1  # the command failed (130): kp-run says so
     record = orjson.loads(text[text.index('{"kind":"container"'):].splitlines()[0])
     assert record["exit_code"] == 130
+    if backend == "vm":
+        assert record["host"] == vm.record["name"]
 
 
 def test_git_metadata_is_read_only(shell_image: str, ws: Path) -> None:
