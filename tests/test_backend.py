@@ -92,15 +92,15 @@ def render_on(name: str, policy: pol.Policy, tmp_path: Path) -> tuple[Any, dict[
     # the VM's kp-boot --share is the host's workspace: --quarantine of its /workspace is honoured
     vm_run, _, _ = job(guest, policy, vm={**VM, "share": str(tmp_path / "ws")})
     try:
-        box = vm_run.prepare().box
+        prepared = vm_run.prepare()
     except Unsupported as exc:
         return exc, {}, guest.commands, vm_run
-    return box, dict(vm_run.meta), guest.commands, vm_run
+    return prepared.box, dict(vm_run.meta), guest.commands, prepared
 
 
 def honoured(part: Part, policy: pol.Policy, box: sandbox.Sandbox, record: dict[str, Any], run: Any) -> bool:
     """Whether ``part`` is in the rendered container (or, for what a container spec cannot say, in what the
-    backend's run set up to do it: only the host's Run has a tracer, a proxy with pins, and --keep)."""
+    backend's run set up to do it: a proxy with pins, the host's Run a tracer and --keep)."""
     host = isinstance(run, hostrun.Run)
     spec = box.spec()
     binds = {m["destination"]: m for m in spec["mounts"] if m["type"] == "bind"}
@@ -119,7 +119,7 @@ def honoured(part: Part, policy: pol.Policy, box: sandbox.Sandbox, record: dict[
         and (host or "--no-hosts" in box.podman_args()),
         Part.EGRESS: egress is not None and box.allow == list(egress.rules) and "/etc/resolv.conf" in binds
         and any(k.lower() == "https_proxy" for k in spec["env"]),
-        Part.PINS: host and egress is not None and run.egress is not None
+        Part.PINS: (host or isinstance(run, vmrun.Prepared)) and egress is not None and run.egress is not None
         and {f"{n}={a}" for n, addrs in run.egress.pins.items() for a in addrs} == set(egress.pins),
         Part.CAPS: spec["cap_add"] == list(policy.cap_add),
         Part.WRITABLE_ROOT: spec["read_only_filesystem"] is False,
@@ -195,7 +195,7 @@ def test_a_vm_refusal_comes_before_connecting() -> None:
                       remote=connect)
     with pytest.raises(Unsupported) as caught:
         vmrun._run(run)
-    assert caught.value.part is Part.EGRESS and caught.value.code == "unsupported"
+    assert caught.value.part is Part.AUDIT and caught.value.code == "unsupported"  # --allow is honoured
     assert "run it on the host" in caught.value.message and connected == [] and guest.commands == []
 
 

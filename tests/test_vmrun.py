@@ -21,6 +21,7 @@ from kodepipe.container import sandbox, vmrun
 from kodepipe.container.policy import Policy
 from kodepipe.core import proc
 from kodepipe.core.errors import BadInput, KpError
+from kodepipe.egress.policy import RESOLV_CONF
 from kodepipe.vm.hop import Outcome
 from tests import policies
 from tests.cli import invoke
@@ -646,6 +647,58 @@ def test_a_container_that_could_not_be_removed_is_said_and_the_workspace_left_un
     assert record["container_removed"] is False and "may still run" in record["git_problem"]
     assert steps(guest)[-2:] == ["remove", "clean"] and guest.closed  # no survey while it may run
     assert any(level == "warn" and "could not remove its container" in m for level, m in said)
+
+
+def test_egress_goes_through_the_relay_to_the_hosts_proxy_and_the_log_stays_on_the_host(
+        kp_env: dict[str, Path]) -> None:
+    """--allow in a VM: after init, the relay is nsentered into the container's network namespace on a channel
+    of its own, before the agent starts; the container gets kodepipe's resolv.conf and the proxy's address;
+    every decision is logged in the run's folder on the host, which stays for kp-ls and kp-rm."""
+    from kodepipe.container import folders
+    from kodepipe.core.state import Store
+    from kodepipe.egress import relay
+
+    guest = FakeGuest()
+    run, _, _ = job(guest, request(allow=["allowed.test:8080"], resolve=["allowed.test=127.0.0.1"]))
+    record, status = vmrun._run(run)
+    assert status == 3 and record["network"] == "proxy" and record["resolve"] == ["allowed.test=127.0.0.1"]
+    assert steps(guest) == ["probe", "masks", "git survey", "setid", "seccomp", "setup", "hook", "folder", "file",
+                            "file", "env", "create+init+pid", "relay", "start", "setid", "git survey", "clean"]
+    (relayed, _), = guest.sent("nsenter")
+    assert relayed == relay.relay_command(4242)  # the pid create_command learned
+    folder = f"/run/kodepipe/{record['name']}-{record['id']}"
+    (_, content), = [(c, i) for c, i in guest.sent("umask 022; cat") if c.endswith("/resolv.conf")]
+    assert content == RESOLV_CONF.encode()
+    words = create_words(guest)
+    assert f"type=bind,source={folder}/resolv.conf,destination=/etc/resolv.conf,ro" in words
+    (_, env), = guest.sent("umask 077; cat")
+    assert b"HTTPS_PROXY=http://127.0.0.1:3128\n" in env and words[words.index("--network") + 1] == "none"
+    # the decision (the scripted relay asked for a name the policy refuses), in the host's folder of the run
+    host = kp_env["state"] / "containers" / record["name"]
+    assert record["egress_log"] == str(host / "egress.jsonl") and record["path"] == str(host)
+    (decision,) = [orjson.loads(line) for line in (host / "egress.jsonl").read_bytes().splitlines()]
+    assert decision["decision"] == "deny" and decision["host"] == "denied.test"
+    assert record["egress"] == {"allow": 0, "deny": 1, "error": 0}
+    # the channel is closed: the relay in the guest reads EOF and exits (fail closed)
+    (channel,) = guest.channels
+    assert channel.closed
+    listed = folders.view(Store(), record["name"])
+    assert listed["state"] == "exited" and listed["host"] == "vm-a" and listed["egress_log"] == record["egress_log"]
+    assert folders.remove(Store(), record["name"], expect_id=None, dry_run=False) is not None and not host.exists()
+
+
+def test_a_relay_that_does_not_start_stops_the_run_before_the_agent(kp_env: dict[str, Path]) -> None:
+    class Mute(FakeGuest):
+        def relay(self, sock: socket.socket) -> None:
+            sock.close()  # nsenter or perl failed: the channel ends at once
+
+    guest = Mute()
+    run, _, _ = job(guest, request(allow=["allowed.test"]))
+    with pytest.raises(KpError, match="the egress relay did not start") as caught:
+        vmrun._run(run)
+    assert steps(guest)[-4:] == ["create+init+pid", "relay", "remove", "clean"]  # never started
+    assert caught.value.record["container_removed"] is True and "started" not in caught.value.record
+    assert guest.channels[0].closed
 
 
 # -- kp-run with vm records on stdin ------------------------------------------------------------------

@@ -186,9 +186,12 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     after the run (in the guest: into /var/lib/kodepipe/runs/NAME-ID, or
     renamed beside it on the share; record: git_planted).  The kernel
     quotas are a share of the guest's own (its user namespace's limits
-    set by an OCI hook before the agent runs).  --quarantine,
-    --audit, --keep and --allow (a profile's allowed domains too) are
-    host-only for now: refused before anything is done in the VM.
+    set by an OCI hook before the agent runs).  --allow, --allow-file
+    and --resolve hold as on the host: the proxy runs here, reached from
+    the container's network namespace through a relay on an SSH channel
+    (the relay exits when the channel ends); its log is in the run's
+    folder here, which kp-ls lists and kp-rm removes.  --audit and --keep
+    are host-only for now: refused before anything is done in the VM.
 
     -t in a VM gives the agent a terminal there (a pty over SSH relayed
     to yours, its window size followed), and vm records on stdin are

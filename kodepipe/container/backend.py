@@ -188,8 +188,6 @@ class HostBackend:
 VM_UNSUPPORTED: dict[Part, str] = {
     Part.AUDIT: "not supported inside a VM yet (host-only for now)",
     Part.KEEP: "not supported inside a VM yet (host-only for now)",
-    Part.PINS: "not supported inside a VM yet (host-only for now)",
-    Part.EGRESS: "not supported inside a VM yet (host-only for now)",
 }
 
 
@@ -214,10 +212,7 @@ class VmBackend:
         return {part: VM_UNSUPPORTED.get(part) for part in Part}
 
     def hint(self, part: Part) -> str | None:
-        hint = "run it on the host (without vm records on stdin)"
-        if part is Part.EGRESS:
-            hint += "; --no-profile-allow drops a profile's domains (the run then has no network)"
-        return hint
+        return "run it on the host (without vm records on stdin)"
 
     def run(self, policy: Policy, say: Say) -> tuple[Record, int | None]:
         from kodepipe.container import vmrun

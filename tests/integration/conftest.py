@@ -81,5 +81,13 @@ def shell_image(tmp_path_factory: pytest.TempPathFactory) -> str:
         return profile.ensure_image(profile.load("shell"), Output("kp-test", verbose=False))
 
 
+@pytest.fixture(params=["host", "vm"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The backend a property is attacked on: this host's Podman, or the session's VM (guest_vm, through
+    vmbackend.kprun_on): one definition, and a property that holds on one and not the other fails."""
+    param: str = request.param
+    return param
+
+
 # one VM for every test that attacks a property on the VM backend too (tests/integration/vmbackend.py)
 from tests.integration.vmbackend import guest_vm  # noqa: E402, F401

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -413,3 +414,109 @@ def test_it_fails_closed_when_the_proxy_dies(shell_image: str, origin: Origin,
         holder.kill()
         subprocess.run([str(BIN / "kp-rm"), "failclosed"], capture_output=True)
     assert not folder.exists()
+
+
+# -- the same properties on every backend (the VM's: relay.pl in the container's netns, the proxy on the host) --
+
+EVERYWHERE = r"""
+echo "LINKS: $(ls /sys/class/net | tr '\n' ' ')"
+echo "HTTP: $(curl -sS --max-time 60 http://allowed.test:{port}/plain)"
+echo "CONNECT: $(curl -sS -k --max-time 60 https://allowed.test:{tls}/tunnel)"
+echo "DENIED: $(curl -sS --max-time 60 -o /dev/null -w '%{{http_code}}' http://denied.test:{port}/)"
+echo "RAWIP: $(curl -sS --max-time 60 -o /dev/null -w '%{{http_code}}' http://{host_ip}:{port}/)"
+echo "LOOPBACK: $(curl -sS --max-time 60 --noproxy '' -x http://127.0.0.1:3128 -o /dev/null -w '%{{http_code}}' \
+    http://127.0.0.1:{port}/)"
+echo "DNS-ALLOWED: $(getent hosts allowed.test)"
+echo "DNS-DENIED: $(getent hosts denied.test || echo refused)"
+for addr in {host_ip} 10.0.2.2 10.0.2.15 {guest_ip}; do
+    echo "DIRECT-$addr: $(curl -sS --noproxy '*' --max-time 5 http://$addr:{port}/ 2>&1)"
+done
+"""
+
+
+def backend_env(request: pytest.FixtureRequest, backend: str) -> dict[str, str]:
+    """The environment kp-* commands of ``backend``'s runs use (its state dir: kp-ls, kp-rm)."""
+    return request.getfixturevalue("guest_vm").env if backend == "vm" else dict(os.environ)
+
+
+def test_only_the_proxy_is_reachable_and_it_logs_on_the_host(request: pytest.FixtureRequest, backend: str,
+                                                               shell_image: str, origin: Origin,
+                                                               tls_origin: Origin) -> None:
+    """On both backends: an allowed name is reached (HTTP, CONNECT, DNS); a refused name, a raw IP (the
+    host's, and loopback through the proxy) and a refused DNS query are refused and logged; no address but
+    the proxy's is reachable (the host's; in a VM also the guest's own and its gateway, which passt maps to
+    the host's loopback); the log is in the run's folder on the host, which kp-ls lists and kp-rm removes."""
+    from tests.integration.vmbackend import kprun_on
+
+    # in a VM: its own address (passt gives it the host's) and its gateway, besides the host's
+    guest_ip = (request.getfixturevalue("guest_vm").record.get("address") if backend == "vm" else None) or "10.0.2.15"
+    script = EVERYWHERE.format(port=origin.port, tls=tls_origin.port, host_ip=origin.host_ip, guest_ip=guest_ip)
+    proc, record = kprun_on(request, backend, "--image", shell_image,
+                            "--allow", f"allowed.test:{origin.port},{tls_origin.port}",
+                            "--resolve", "allowed.test=127.0.0.1",
+                            "--", "bash", "-c", script)
+    err = proc.stderr
+    assert record["exit_code"] == 0, err[-4000:]
+    said = {m[1]: m[2] for m in map(re.compile(r"([A-Z][A-Za-z0-9.-]*): (.*)").fullmatch, err.splitlines()) if m}
+    assert said["LINKS"].split() == ["lo"], err
+    assert said["HTTP"] == "origin says /plain" and said["CONNECT"] == "tls says /tunnel", err
+    assert said["DENIED"] == said["RAWIP"] == said["LOOPBACK"] == "403", err
+    assert said["DNS-ALLOWED"].split() == ["127.0.0.1", "allowed.test"] and said["DNS-DENIED"] == "refused", err
+    direct = {k: v for k, v in said.items() if k.startswith("DIRECT-")}
+    assert len(direct) >= 3 and not any("says" in v for v in direct.values()), direct
+    assert origin.paths() == ["/plain"] and tls_origin.paths() == ["/tunnel"]
+    by = {(d["decision"], d.get("method"), d.get("host")) for d in egress_log(record)}
+    assert {("allow", "GET", "allowed.test"), ("allow", "CONNECT", "allowed.test"), ("deny", "GET", "denied.test"),
+            ("deny", "GET", origin.host_ip), ("deny", "GET", "127.0.0.1"), ("deny", "DNS", "denied.test")} <= by, by
+    assert record["network"] == "proxy" and record["resolve"] == ["allowed.test=127.0.0.1"]
+    assert record["host"] == ("kp-backend" if backend == "vm" else "local")
+    # the log is the host's, in the run's folder in the host's store: kp-ls lists the run, kp-rm removes it
+    folder = Path(record["path"])
+    assert Path(record["egress_log"]) == folder / "egress.jsonl" and folder.parent.name == "containers"
+    env = backend_env(request, backend)
+    listed = [r for r in lines(subprocess.run([str(BIN / "kp-ls")], env=env, capture_output=True).stdout)
+              if r.get("name") == record["name"]]
+    assert [(r["kind"], r["state"], r["host"]) for r in listed] == [("container", "exited", record["host"])]
+    subprocess.run([str(BIN / "kp-rm"), record["name"]], env=env, check=True, capture_output=True)
+    assert not folder.exists()
+
+
+def test_in_a_vm_it_fails_closed_when_kp_run_dies(request: pytest.FixtureRequest, shell_image: str,
+                                                   origin: Origin) -> None:
+    """SIGKILL the kp-run whose proxy serves a container in a VM: its SSH channel ends, the relay in the
+    container's network namespace reads EOF and exits, and the container, still running, has no way out."""
+    import shlex
+
+    vm = request.getfixturevalue("guest_vm")
+    name, port = "vm-failclosed", origin.port
+    log = Path(vm.env["KODEPIPE_STATE_DIR"]) / "containers" / name / "egress.jsonl"
+    holder = subprocess.Popen([str(BIN / "kp-run"), "--image", shell_image, "--name", name,
+                               "--allow", f"allowed.test:{port}", "--resolve", "allowed.test=127.0.0.1",
+                               "--", "bash", "-c", f"curl -sS http://allowed.test:{port}/up; sleep 900"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=vm.env)
+    assert holder.stdin is not None
+    holder.stdin.write(orjson.dumps(vm.record) + b"\n")
+    holder.stdin.close()
+
+    def in_container(*argv: str) -> Any:
+        return vm.remote.run(shlex.join(["sudo", "-n", "podman", "exec", name, *argv]), timeout=300)
+
+    try:
+        wait_for_decision(log, holder, bound=900)  # under TCG the container takes a while to start
+        before = in_container("curl", "-sS", "--max-time", "60", f"http://allowed.test:{port}/x")
+        assert b"origin says /x" in before.stdout, before.stderr
+        holder.kill()
+        holder.wait()
+        deadline = time.monotonic() + 180
+        while vm.remote.run("pgrep -x perl", timeout=60).status == 0:  # the relay: perl, nsentered
+            assert time.monotonic() < deadline, "the relay outlived its channel"
+            threading.Event().wait(0.5)
+        after = in_container("curl", "-sS", "--max-time", "10", f"http://allowed.test:{port}/y")
+        assert b"origin says" not in after.stdout and after.status != 0
+        links = in_container("ls", "/sys/class/net")
+        assert links.stdout.split() == [b"lo"]
+        assert origin.paths() == ["/up", "/x"]
+    finally:
+        holder.kill()
+        vm.remote.run(shlex.join(["sudo", "-n", "podman", "rm", "-f", "-t", "0", "--", name]), timeout=300)
+        subprocess.run([str(BIN / "kp-rm"), name], env=vm.env, capture_output=True)
