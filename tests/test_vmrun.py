@@ -701,6 +701,47 @@ def test_a_relay_that_does_not_start_stops_the_run_before_the_agent(kp_env: dict
     assert guest.channels[0].closed
 
 
+@pytest.mark.parametrize("removed", [True, False])
+def test_kp_rm_of_a_vm_run_removes_what_it_left_in_the_guest(monkeypatch: pytest.MonkeyPatch, removed: bool) -> None:
+    from kodepipe.container import folders
+    from kodepipe.core.state import Store
+
+    guest = FakeGuest()
+    run, _, _ = job(guest, request(allow=["allowed.test"]))
+    record, _ = vmrun._run(run)
+    if not removed:  # as if its container could not be removed
+        meta = Store().read_meta(Path(record["path"])) or {}
+        Store().write_meta(Path(record["path"]), {**meta, "container_removed": False})
+    connected: list[Any] = []
+    after = FakeGuest()
+
+    def connect(vm: Any) -> Any:
+        connected.append(vm)
+        return after
+
+    monkeypatch.setattr(vmrun, "connect", connect)
+    assert folders.remove(Store(), record["name"], expect_id=None, dry_run=False) is not None
+    assert not Path(record["path"]).exists() and connected == [{"kind": "vm", "name": "vm-a", "id": "0123456789ab"}]
+    (done, _), = after.commands
+    assert done.startswith(f"sudo -n rm -rf -- /var/lib/kodepipe/runs/{record['name']}-{record['id']}")
+    assert ("podman rm -f" in done) is not removed and after.closed
+
+
+def test_kp_rm_of_a_vm_run_whose_vm_does_not_answer_still_removes_its_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kodepipe.container import folders
+    from kodepipe.core.state import Store
+
+    run, _, _ = job(FakeGuest(), request(allow=["allowed.test"]))
+    record, _ = vmrun._run(run)
+
+    def gone(vm: Any) -> Any:
+        raise KpError("vm-a is stopped", code="not_running")
+
+    monkeypatch.setattr(vmrun, "connect", gone)
+    assert folders.remove(Store(), record["name"], expect_id=None, dry_run=False) is not None
+    assert not Path(record["path"]).exists()
+
+
 # -- kp-run with vm records on stdin ------------------------------------------------------------------
 
 

@@ -17,6 +17,10 @@ process (container_pid, checked against its start time, so kp-ls sees
 whether it still runs without asking Podman), and at the end whether kp-run
 removed it (container_removed).  kp-rm removes a container that is not
 known to be gone, whatever the run's state.
+
+A run inside a VM has its folder here too (host: the VM's name): its
+egress log, and the record of what it did; kp-rm removes it, and what the
+run left in the guest (vmrun.forget) if the VM answers.
 """
 
 from __future__ import annotations
@@ -117,6 +121,8 @@ def remove(store: Store, name: str, *, expect_id: str | None, dry_run: bool,
             meta = {}  # unreadable: it names no container
         if needs_removal(meta):
             _remove_container(name, meta)
+        elif meta.get("host", "local") != "local":
+            _forget_in_guest(meta)
         unmount(folder)
         from kodepipe.container import apply  # an apply killed half-way: its temporary files in the workspace
 
@@ -130,6 +136,15 @@ def needs_removal(meta: dict[str, Any]) -> bool:
     Whatever the run's state: a quarantine or an audit whose kp-run lost Podman keeps one too."""
     named = isinstance(meta.get("container_id"), str) or isinstance(meta.get("container_name"), str)
     return named and meta.get("host", "local") == "local" and meta.get("container_removed") is not True
+
+
+def _forget_in_guest(meta: dict[str, Any]) -> None:
+    """A run in a VM: what it left in its guest goes too, if the VM answers (vmrun.forget); a VM that is
+    stopped or gone took it along, or will (its /run is a tmpfs, and the VM is disposable)."""
+    from kodepipe.container import vmrun
+
+    with contextlib.suppress(KpError):
+        vmrun.forget(meta)
 
 
 def _remove_container(name: str, meta: dict[str, Any]) -> None:

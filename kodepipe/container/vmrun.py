@@ -1567,6 +1567,24 @@ def _saved_image(tag: str, compress: bool) -> Iterator[tuple[Iterator[bytes], Ca
                     child.wait()
 
 
+def forget(meta: Record, remote: Callable[[Record], Remote] | None = None) -> None:
+    """kp-rm of a run in a VM: what it left in its guest, if the VM answers: the folder of what was moved
+    away (git_planted), and its container if it is not known to be gone.  KpError if the VM does not
+    answer (kp-rm removes the run's folder here all the same)."""
+    name = str(meta.get("name"))
+    guest = (remote or connect)({"kind": "vm", "name": meta.get("host"), "id": meta.get("vm_id")})
+    try:
+        steps = [_q("sudo", "-n", "rm", "-rf", "--", f"{GUEST_KEEP}/{name}-{meta.get('id')}")]
+        if meta.get("container_removed") is not True and isinstance(meta.get("container_name"), str):
+            steps.append(_q("sudo", "-n", "podman", "rm", "-f", "-i", "-t", "0", "--", meta["container_name"])
+                         + " >/dev/null")
+        done = guest.run(" && ".join(steps), timeout=120)
+        if done.status != 0:
+            raise KpError(f"could not remove what {name} left in {meta.get('host')}: {proc.tail(done.stderr)}")
+    finally:
+        _close(guest)
+
+
 def host_image_id(tag: str) -> str | None:
     """The id of ``tag`` in the host's Podman store, if it is there."""
     if proc.which("podman") is None:
