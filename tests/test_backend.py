@@ -127,7 +127,7 @@ def honoured(part: Part, policy: pol.Policy, box: sandbox.Sandbox, record: dict[
         Part.SECRETS: all(s.dest in binds for s in policy.secrets),
         Part.TERMINAL: spec["stdin"] is True and spec["terminal"] == policy.tty,
         Part.KEEP: host and run.keep is True,
-        Part.AUDIT: host and policy.audit is not None and record.get("audit_mode") == policy.audit.mode,
+        Part.AUDIT: policy.audit is not None and record.get("audit_mode") == policy.audit.mode,
     }
     return verdicts[part]
 
@@ -191,11 +191,11 @@ def test_a_vm_refusal_comes_before_connecting() -> None:
         connected.append(vm)
         return guest
 
-    run = vmrun.VmRun(dict(VM), policies.policy(audit="default", allow=["a.test"]), lambda level, message: None,
+    run = vmrun.VmRun(dict(VM), policies.policy(keep=True, allow=["a.test"]), lambda level, message: None,
                       remote=connect)
     with pytest.raises(Unsupported) as caught:
         vmrun._run(run)
-    assert caught.value.part is Part.AUDIT and caught.value.code == "unsupported"  # --allow is honoured
+    assert caught.value.part is Part.KEEP and caught.value.code == "unsupported"  # --allow is honoured
     assert "run it on the host" in caught.value.message and connected == [] and guest.commands == []
 
 

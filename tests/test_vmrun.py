@@ -30,7 +30,7 @@ LIMITS = sandbox.Limits(memory=512 << 20, cpus=1, pids=64, seconds=60, tmpfs=64 
 VM = {"kind": "vm", "name": "vm-a", "id": "0123456789ab", "state": "running", "share": "/home/u/proj"}
 FACTS = {"podman": "/usr/bin/podman", "runc": "", "zstd": "/usr/bin/zstd", "uid": "1000", "gid": "1000",
          "home": "/home/kp", "sudo": "yes", "image": "a1b2c3", "ws_real": "/workspace",
-         "ws_stat": "1000 1000 directory"}
+         "ws_stat": "1000 1000 directory", "strace": "/usr/bin/strace"}
 SECCOMP = orjson.dumps({"defaultAction": "SCMP_ACT_ERRNO",
                         "syscalls": [{"names": ["read", "unshare"], "action": "SCMP_ACT_ALLOW"}]})
 
@@ -462,15 +462,6 @@ def test_a_guest_without_passwordless_sudo_is_refused_before_anything_else() -> 
     with pytest.raises(KpError) as caught:
         vmrun._run(run)
     assert caught.value.code == "no_sudo" and len(guest.commands) == 1
-
-
-@pytest.mark.parametrize(("kw", "flag"), [({"audit": "default"}, "--audit")])  # --quarantine: test_vmrun_quarantine
-def test_quarantine_and_audit_are_refused_inside_a_vm(kw: dict[str, Any], flag: str) -> None:
-    guest = FakeGuest()
-    run, _, _ = job(guest, request(**kw))
-    with pytest.raises(BadInput, match=f"{flag} is not supported inside a VM yet"):
-        vmrun._run(run)
-    assert guest.commands == []
 
 
 def test_a_missing_image_is_streamed_in_from_the_host(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -234,7 +234,6 @@ def test_a_repository_with_a_comma_is_refused_before_the_guest_is_changed() -> N
 
 
 REFUSED: list[tuple[dict[str, Any], str]] = [
-    ({"audit": "default"}, "--audit"),
     ({"keep": True}, "--keep"),
 ]
 

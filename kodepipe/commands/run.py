@@ -168,7 +168,15 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     the kernel wrote such as a core dump) are "audit_unaccounted" (count,
     the first 20 paths) and a warning; "complete" false says why the
     check could not be made (a cut trace, --audit-mode minimal, more than
-    200,000 entries).  If the Podman
+    200,000 entries).  Inside a VM, the guest's root runs strace (outside
+    the container, with the same flags) and a watcher there stops the
+    container if strace ends abnormally, even with kp-run gone; the log
+    is copied as it grows into the run's folder here (audit_log; the cap
+    watches this copy), and its size and sha256 are checked against the
+    guest's at the end (audit_copy).  Such an audit is only as
+    trustworthy as the guest's kernel and root, and is not cross-checked
+    (audit_unaccounted says so).  An image without strace refuses
+    --audit: rebuild it (kp-image build) and clone again.  If the Podman
     service dies during a run (error code engine_lost, exit 1), kp-run
     starts its own service again (for one you named, it stops the
     container's processes itself) and removes the container;

@@ -186,7 +186,6 @@ class HostBackend:
 
 # What a guest cannot do yet (docs/policy-plan.md §3.3): flipped to None as each capability lands
 VM_UNSUPPORTED: dict[Part, str] = {
-    Part.AUDIT: "not supported inside a VM yet (host-only for now)",
     Part.KEEP: "not supported inside a VM yet (host-only for now)",
 }
 

@@ -66,6 +66,19 @@ What holds inside the guest, as on the host:
 - **seccomp**: the profile is seccomp.render of the guest's own
   containers profile, the same function as the host's: new namespaces,
   CLONE_UNTRACED (EPERM) and the kernel keyring (ENOSYS) are refused.
+- **Audit** (--audit): the guest's root runs strace with the host's
+  flags (audit/strace.attach_argv) on the container's first process
+  after ``podman init``, before ``podman start``, its log on the guest's
+  disk under ``prlimit --fsize`` (the cap plus cap.SLACK); a watcher in a
+  session of its own kills the container if strace ends abnormally, so
+  that holds with kp-run or SSH gone (AUDIT_START).  The log is copied as
+  it grows (``tail -c +0 -f --pid``, a channel of its own) into the
+  host's folder of the run, bounded, where cap.SizeCap watches it and has
+  the guest halt strace, kill the container and let strace go on
+  (AUDIT_STOP); at the end its size and sha256 are checked against the
+  guest's (audit_copy).  No cross-check is made there
+  (audit_unaccounted).  Only as trustworthy as the guest's kernel and
+  root, which see and can rewrite the log before it reaches the host.
 - **/etc/hosts** (D7): kodepipe's own file (sandbox.hosts_text: loopback
   and the run's name), written in the run's folder and bound read-only,
   Podman told to make none (``--no-hosts``, the API's use_image_hosts):
@@ -118,7 +131,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from kodepipe.container import folders, sandbox
-from kodepipe.container.hostrun import EGRESS_LOG, new_name
+from kodepipe.container.hostrun import AUDIT_LOG, EGRESS_LOG, new_name
 from kodepipe.container.policy import DEFAULT_TERM, Policy, SecretSpec, check_workspace_place
 from kodepipe.container.render import Facts, Staged, render
 from kodepipe.core import fdtree, proc
@@ -153,6 +166,7 @@ say uid "$(id -u)"
 say gid "$(id -g)"
 say home "$HOME"
 if sudo -n true 2>/dev/null; then say sudo yes; else say sudo no; fi
+say strace "$(command -v strace)"
 if [ -n "$podman" ]; then
     say image "$(sudo -n podman image inspect --format '{{.Id}}' -- "$2" 2>/dev/null)"
 fi
@@ -652,6 +666,144 @@ def seccomp_path(text: bytes) -> str:
     return f"{GUEST_DIR}/seccomp-{hashlib.sha256(text).hexdigest()[:12]}.json"
 
 
+# -- --audit: strace in the guest, outside the container, its log copied to the host -------------
+
+AUDIT_DIR = "audit"  # in the run's folder on the guest's disk (GUEST_KEEP/NAME-ID): the log, strace's words
+AUDIT_ATTACH_WAIT = 120  # s: strace attaching in a guest under TCG, at a load of 5-10
+AUDIT_END_WAIT = 120  # s: strace writing the processes' ends once the container is gone
+
+# As root in the guest: $1 the run's audit folder, $2 the log's size limit (RLIMIT_FSIZE: the cap plus
+# audit/cap.SLACK, the backstop when kp-run is gone), $3 the container's first process, $4 seconds to
+# wait for the attach; then strace and its arguments.  A watcher in a session of its own, whose
+# stdio is no SSH channel's (it holds when SSH is gone), runs strace, and when strace ends other than
+# with 0 (killed, or the log's limit reached: SIGXFSZ) while the container's first process is still
+# the one it was, kills that process, which takes the container's every process with it; then writes
+# strace's status.  Prints strace=PID\0start=START\0 once strace is attached.
+AUDIT_START = r"""
+umask 077
+dir=$1 limit=$2 pid=$3 wait=$4
+shift 4
+mkdir -p -- "$dir" || exit 1
+started() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f20; }
+start=$(started "$pid")
+if [ -z "$start" ]; then echo "the container's process $pid is gone" >&2; exit 1; fi
+setsid sh -c '
+dir=$1 limit=$2 pid=$3 start=$4
+shift 4
+prlimit --fsize="$limit" -- "$@" 2>"$dir/strace.err" &
+echo $! > "$dir/strace.pid"
+wait $!
+status=$?
+if [ "$status" != 0 ] && [ "$(sed "s/.*) //" "/proc/$pid/stat" 2>/dev/null | cut -d" " -f20)" = "$start" ]; then
+    kill -KILL "$pid" && echo "$status" > "$dir/container.killed"
+fi
+echo "$status" > "$dir/strace.status"
+' kp-audit "$dir" "$limit" "$pid" "$start" "$@" </dev/null >/dev/null 2>&1 &
+n=0
+until [ -s "$dir/strace.pid" ] && grep -q ' attached' "$dir/strace.err" 2>/dev/null; do
+    if [ -e "$dir/strace.status" ]; then
+        echo "strace ended (status $(cat "$dir/strace.status")): $(tail -c 2000 "$dir/strace.err")" >&2
+        exit 1
+    fi
+    n=$((n + 1))
+    if [ "$n" -gt $((wait * 10)) ]; then
+        echo "strace did not attach within $wait s: $(tail -c 2000 "$dir/strace.err")" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+printf 'strace=%s\0start=%s\0' "$(cat "$dir/strace.pid")" "$start"
+"""
+
+# As root in the guest: $1 strace's pid, $2 the container's first process, $3 its start time.  The cap
+# (audit/cap.py): strace halted (every traced process stops at its next system call), the container
+# killed, strace let go on to write the ends.
+AUDIT_STOP = r"""
+kill -STOP "$1" 2>/dev/null
+if [ "$(sed 's/.*) //' "/proc/$2/stat" 2>/dev/null | cut -d' ' -f20)" = "$3" ]; then kill -KILL "$2"; fi
+kill -CONT "$1" 2>/dev/null
+exit 0
+"""
+
+# As root in the guest: $1 the run's audit folder, $2 seconds to wait for strace's end.  How strace
+# ended, whether the watcher killed the container, strace's last words, and the log's size and sha256,
+# as NAME=VALUE\0.
+AUDIT_END = r"""
+dir=$1 n=0
+while [ ! -e "$dir/strace.status" ] && [ "$n" -lt $(($2 * 10)) ]; do n=$((n + 1)); sleep 0.1; done
+printf 'status=%s\0' "$(cat "$dir/strace.status" 2>/dev/null)"
+printf 'killed=%s\0' "$(cat "$dir/container.killed" 2>/dev/null)"
+printf 'said=%s\0' "$(grep -v ' attached' "$dir/strace.err" 2>/dev/null | tail -n 4 | tail -c 1000)"
+printf 'size=%s\0' "$(stat -c %s -- "$dir/audit.strace" 2>/dev/null)"
+printf 'sha256=%s\0' "$(sha256sum < "$dir/audit.strace" 2>/dev/null | cut -d' ' -f1)"
+"""
+
+
+def audit_start_command(folder: str, limit: int, pid: int, wait: int, argv: list[str]) -> str:
+    """The remote command that attaches strace (``argv``, its arguments) to ``pid`` (AUDIT_START)."""
+    return _q("sudo", "-n", "sh", "-c", AUDIT_START, "kp-run", folder, str(limit), str(pid), str(wait),
+              "strace", *argv)
+
+
+def audit_copy_command(log: str, strace_pid: int) -> str:
+    """The remote command that writes the log as it grows, from its first byte, until strace has ended
+    (and the rest is read)."""
+    return _q("sudo", "-n", "tail", "-c", "+0", "-s", "0.2", "-f", f"--pid={strace_pid}", "--", log)
+
+
+def strace_ending(status: str) -> str:
+    """How strace ended, from the status its watcher wrote (the shell's: 128+N for a signal)."""
+    import signal
+
+    if status.isdigit() and 128 < int(status) < 160:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(int(status) - 128).name}"
+    return f"ended with status {status}" if status else "did not say how it ended"
+
+
+class LogCopy:
+    """Bytes from a channel into a host file (the guest's audit log, copied as strace writes it): at
+    most ``limit`` of them (the guest is not trusted with the host's disk), counted and hashed."""
+
+    def __init__(self, channel: Any, path: Path, limit: int) -> None:
+        self.channel, self.path, self.limit = channel, path, limit
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+        self.over = False  # the guest sent more than the limit: the rest was not written
+        self.failed: str | None = None
+        self.thread = threading.Thread(target=self._copy, name="kp-audit-copy", daemon=True)
+
+    def start(self) -> LogCopy:
+        self.thread.start()
+        return self
+
+    def _copy(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self.failed = f"could not write {self.path}: {exc.strerror}"
+            return
+        try:
+            while data := self.channel.recv(CHUNK):
+                room = self.limit - self.size
+                if len(data) > room:
+                    data, self.over = data[:room], True
+                os.write(fd, data)  # a regular file: written whole
+                self.size += len(data)
+                self.sha256.update(data)
+                if self.over:
+                    break
+        except Exception as exc:  # the connection went: what was copied stays, and the end says so
+            self.failed = f"the copy broke off: {exc!r}"
+        finally:
+            os.close(fd)
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the copy has ended (the channel's end reached, or given up) within ``timeout``."""
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
 def podman_failure(status: int, stderr: bytes) -> str | None:
     """Podman's own error message when ``podman run`` failed before the command ran: status 125
     (Podman), 126 (the runtime could not start it) or 127 (no such command), with Podman's
@@ -953,6 +1105,11 @@ class VmRun:
             raise KpError(f"kp-run needs passwordless sudo in {self.vm_name} (to run rootful Podman there), and "
                           "the SSH user has none", code="no_sudo",
                           hint="images from kp-image build give their user passwordless sudo")
+        if policy.audit is not None and not facts.get("strace"):  # images built before it joined them
+            from kodepipe.container.backend import Part, Unsupported
+
+            raise Unsupported(Part.AUDIT, f"impossible in VM {self.vm_name}: it has no strace",
+                              hint="rebuild its image (kp-image build) and clone again")
         try:
             user = int(facts["uid"]), int(facts["gid"])
         except (KeyError, ValueError):
@@ -1063,6 +1220,8 @@ class VmRun:
         with contextlib.ExitStack() as attached:
             if prepared.egress is not None:
                 attached.enter_context(self.egress_relay(prepared, created))
+            if self.policy.audit is not None:
+                attached.enter_context(self.audit_tracer(prepared, created))
             yield
 
     @contextlib.contextmanager
@@ -1100,6 +1259,135 @@ class VmRun:
     def _egress_counts(self, log: Any) -> None:
         self.meta["egress"] = dict(log.counts)
         log.close()
+
+    @contextlib.contextmanager
+    def audit_tracer(self, prepared: Prepared, created: Created) -> Iterator[None]:
+        """--audit: strace attached by the guest's root to the container's first process before its first
+        instruction, with the host's flags (audit/strace.attach_argv), its log on the guest's disk under
+        RLIMIT_FSIZE, and a watcher in the guest that kills the container if strace ends abnormally, SSH or
+        not (AUDIT_START).  The log is copied as it grows, over a channel of its own, into the host's folder
+        of the run (audit.strace: kp-trace reads it as a host one), where audit/cap.SizeCap watches it and
+        has the guest stop the run at the cap.  At the end, the copy's size and sha256 are compared with
+        the log's in the guest (audit_copy)."""
+        from kodepipe.audit import cap as auditcap
+        from kodepipe.audit import strace
+
+        audit = self.policy.audit
+        if audit is None:
+            raise ValueError("audit_tracer: the policy has no --audit")
+        remote = prepared.remote
+        folder = f"{GUEST_KEEP}/{self.name}-{self.meta['id']}/{AUDIT_DIR}"
+        guest_log = f"{folder}/{AUDIT_LOG}"
+        limit = audit.cap + auditcap.SLACK
+        argv = strace.attach_argv(audit.mode, guest_log, created.pid)
+        try:
+            attached = self._check(remote.run(audit_start_command(folder, limit, created.pid, AUDIT_ATTACH_WAIT, argv),
+                                              timeout=AUDIT_ATTACH_WAIT + 60), "attaching strace to the container")
+            answers = parse_probe(attached.stdout)
+            if not answers.get("strace", "").isdigit():
+                raise KpError(f"{self.vm_name}: strace's pid is unknown ({answers.get('strace')!r}): kp-run does "
+                              "not start the container without its tracer")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                remote.run(_q("sudo", "-n", "rm", "-rf", "--", folder), timeout=60)
+            raise
+        stop = _q("sudo", "-n", "sh", "-c", AUDIT_STOP, "kp-run", answers["strace"], str(created.pid),
+                  answers.get("start", ""))
+        host_log = prepared.host_folder / AUDIT_LOG
+        self.meta.update(audit_log=str(host_log), audit_blind=[*strace.BLIND[audit.mode], strace.ATTACHED_NOTE])
+        copy = LogCopy(remote.open(audit_copy_command(guest_log, int(answers["strace"]))), host_log, limit).start()
+        cap = auditcap.SizeCap(host_log, audit.cap, None, lambda: self._audit_stop(remote, stop),
+                               lambda m: self.say("warn", f"{self.name}: {m}"))
+        cap.start()
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            if failed:  # the container may still run: it goes now (it would next), so that strace ends
+                with contextlib.suppress(Exception):
+                    remote.run(stop, timeout=60)
+            self._audit_end(remote, folder, copy, cap, limit)
+
+    def _audit_stop(self, remote: Remote, command: str) -> None:
+        """The cap reached: strace halted, the container killed, strace let go on (AUDIT_STOP)."""
+        try:
+            self._check(remote.run(command, timeout=60), "stopping the run at the audit log's cap")
+        except Exception as exc:  # strace's RLIMIT_FSIZE still ends it, and the watcher the container
+            self.say("warn", f"{self.name}: {exc}")
+
+    def _audit_end(self, remote: Remote, folder: str, copy: LogCopy, cap: Any, limit: int) -> None:
+        """Once the container is gone: how strace ended, the copy's end, and the copy checked against the
+        guest's log; in the record as on the host (audit, audit_problem, audit_cap, audit_capped), with
+        audit_copy and audit_unaccounted.  Never raises."""
+        problems: list[str] = []
+        guest_log = f"{folder}/{AUDIT_LOG}"
+        end: dict[str, str] = {}
+        try:
+            end = parse_probe(self._check(remote.run(
+                _q("sudo", "-n", "sh", "-c", AUDIT_END, "kp-run", folder, str(AUDIT_END_WAIT)),
+                timeout=AUDIT_END_WAIT + 60), "reading how strace ended").stdout)
+        except Exception as exc:
+            problems.append(f"how strace ended in {self.vm_name} is unknown ({exc})")
+        if not copy.wait(AUDIT_END_WAIT if end else 5):
+            problems.append("the copy of the audit log did not end with strace")
+        with contextlib.suppress(Exception):
+            copy.channel.close()
+        copy.wait(10)
+        cap.close()
+        status = end.get("status")
+        if status == "":
+            problems.append(f"strace in {self.vm_name} did not end within {AUDIT_END_WAIT} s of the container: "
+                            "the end of the audit log may be missing")
+        elif status not in (None, "0"):
+            how, said = strace_ending(status), end.get("said", "").strip()
+            killed = bool(end.get("killed"))
+            problems.append(f"strace in {self.vm_name} {how} while the container ran" + (f" ({said})" if said else "")
+                            + (": the audit log misses everything after that, so the guest stopped the container "
+                               "(a run whose audit was asked for does not go on unaudited)" if killed else ""))
+            if killed:
+                self.say("warn", f"{self.name}: the audit's tracer (strace) {how} in {self.vm_name}: the guest "
+                                 "stopped the container")
+        copied: dict[str, Any] = {"from": f"{self.vm_name}:{guest_log}", "bytes": copy.size,
+                                  "sha256": copy.sha256.hexdigest()}
+        size, digest = end.get("size", ""), end.get("sha256", "")
+        same = size == str(copy.size) and digest == copied["sha256"]
+        if end and not same and size.isdigit() and int(size) <= limit:  # the live copy missed some: once more
+            try:
+                again = LogCopy(remote.open(_q("sudo", "-n", "cat", "--", guest_log)), copy.path, limit).start()
+                again.wait(AUDIT_END_WAIT)
+                with contextlib.suppress(Exception):
+                    again.channel.close()
+                again.wait(10)
+                copied.update(bytes=again.size, sha256=again.sha256.hexdigest(), pulled_again=True)
+                same = size == str(again.size) and digest == copied["sha256"]
+            except Exception as exc:
+                problems.append(f"the audit log could not be copied again: {exc}")
+        copied["verified"] = same
+        if copy.over:
+            problems.append(f"{self.vm_name} sent more than the audit log's limit ({limit} bytes): the host's copy "
+                            "stops there")
+        if copy.failed:
+            problems.append(copy.failed)
+        if end and not same:
+            problems.append(f"the host's copy of the audit log ({copied['bytes']} bytes) is not the guest's "
+                            f"({size or '?'} bytes): the guest's is kept at {guest_log} in {self.vm_name}")
+        elif same and not problems:  # the host holds the log now: the guest's copy goes
+            with contextlib.suppress(Exception):
+                remote.run(_q("sudo", "-n", "rm", "-rf", "--", folder), timeout=60)
+        self.meta["audit_copy"] = copied
+        self.meta["audit"] = "incomplete" if problems else "complete"
+        if problems:
+            self.meta["audit_problem"] = "; ".join(problems)
+        if self.policy.workspace is not None and not self.policy.read_only_workspace:
+            self.meta["audit_unaccounted"] = {"against": "workspace", "complete": False,
+                                              "why": "not checked inside a VM"}
+        capped = cap.record()
+        if problems:
+            capped.pop("audit", None)
+        self.meta.update(capped)
 
     def start(self, prepared: Prepared) -> int:
         """``podman start --attach``: the agent runs, its output copied to ``sink`` as it comes, a timer
@@ -1172,8 +1460,15 @@ class VmRun:
             else:
                 meta["git_problem"] = ("the container may still run, so the workspace was not checked for "
                                        "planted git repositories: look before you run git there")
+        if outcome == "exited" and meta.get("audit") in ("incomplete", "capped"):  # as on the host
+            outcome = "audit-lost" if meta["audit"] == "incomplete" else "audit-capped"
         meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome,
                     state="exited")
+        if exit_code is not None and 128 < exit_code < 160:  # the shell's convention: killed by a signal
+            import signal
+
+            with contextlib.suppress(ValueError):
+                meta["signal"] = signal.Signals(exit_code - 128).name
         failure = self.review(prepared, outcome) if prepared is not None and prepared.quarantine is not None \
             else None
         record = {k: v for k, v in meta.items() if k not in (*folders.PRIVATE, "fingerprints")}
@@ -1200,7 +1495,7 @@ class VmRun:
         return folder
 
     def _kept(self) -> bool:
-        return "egress_log" in self.meta or "git_planted" in self.meta \
+        return "egress_log" in self.meta or "git_planted" in self.meta or "audit_log" in self.meta \
             or self.meta.get("state") == "quarantined" or self.upper_left
 
     def _settle(self, folder: Path) -> None:

@@ -228,6 +228,7 @@ class ContainerRecord(_Object, total=False):
     audit_problem: str
     audit_capped: JsonObject
     audit_unaccounted: JsonObject
+    audit_copy: JsonObject  # in a VM: the host's copy of the guest's log (from, bytes, sha256, verified)
 
 
 EventType = Literal["exec", "file", "net", "process", "signal", "exit", "syscall", "attach", "detach", "tracer",
