@@ -108,7 +108,7 @@ What holds inside the guest, as on the host:
   where they are one, else /dev/tty), its size followed (SIGWINCH ->
   resize_pty), restored on every way out; -i alone: kp-run's stdin copied
   to the agent's, its end forwarded.  The exit status is the agent's.
-- What the guest cannot do yet (--quarantine, --audit, --keep,
+- What the guest cannot do yet (--quarantine, --keep,
   --allow, --resolve: backend.VM_UNSUPPORTED, the VM backend's support
   table) is refused, naming the part, before anything is done in it:
   nothing is dropped silently.
