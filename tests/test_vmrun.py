@@ -714,8 +714,13 @@ def test_kp_rm_of_a_vm_run_removes_what_it_left_in_the_guest(monkeypatch: pytest
     assert folders.remove(Store(), record["name"], expect_id=None, dry_run=False) is not None
     assert not Path(record["path"]).exists() and connected == [{"kind": "vm", "name": "vm-a", "id": "0123456789ab"}]
     (done, _), = after.commands
-    assert done.startswith(f"sudo -n rm -rf -- /var/lib/kodepipe/runs/{record['name']}-{record['id']}")
+    folder = f"/var/lib/kodepipe/runs/{record['name']}-{record['id']}"
+    assert done.endswith(f"sudo -n rm -rf -- {folder}")
     assert ("podman rm -f" in done) is not removed and after.closed
+    # the container first, then a quarantine's overlay unmounted (never removed through), then the folder
+    unmount = done.index(f"kp-rm {folder}/quarantine remove")
+    assert "umount" in done[:unmount] and unmount < done.index(f"rm -rf -- {folder}")
+    assert removed or done.index("podman rm -f") < unmount
 
 
 def test_kp_rm_of_a_vm_run_whose_vm_does_not_answer_still_removes_its_folder(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1869,10 +1869,14 @@ def forget(meta: Record, remote: Callable[[Record], Remote] | None = None) -> No
     name = str(meta.get("name"))
     guest = (remote or connect)({"kind": "vm", "name": meta.get("host"), "id": meta.get("vm_id")})
     try:
-        steps = [_q("sudo", "-n", "rm", "-rf", "--", f"{GUEST_KEEP}/{name}-{meta.get('id')}")]
+        folder = f"{GUEST_KEEP}/{name}-{meta.get('id')}"
+        steps = []
         if meta.get("container_removed") is not True and isinstance(meta.get("container_name"), str):
             steps.append(_q("sudo", "-n", "podman", "rm", "-f", "-i", "-t", "0", "--", meta["container_name"])
                          + " >/dev/null")
+        # then a quarantine's overlay, if its kp-run died with it mounted: never removed through it
+        steps.append(_q("sudo", "-n", "sh", "-c", OVERLAY_END, "kp-rm", f"{folder}/{QUARANTINE_DIR}", "remove"))
+        steps.append(_q("sudo", "-n", "rm", "-rf", "--", folder))
         done = guest.run(" && ".join(steps), timeout=120)
         if done.status != 0:
             raise KpError(f"could not remove what {name} left in {meta.get('host')}: {proc.tail(done.stderr)}")
