@@ -198,8 +198,13 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     and --resolve hold as on the host: the proxy runs here, reached from
     the container's network namespace through a relay on an SSH channel
     (the relay exits when the channel ends); its log is in the run's
-    folder here, which kp-ls lists and kp-rm removes.  --keep is
-    host-only for now: refused before anything is done in the VM.
+    folder here, which kp-ls lists and kp-rm removes.  --quarantine
+    holds for the folder shared with kp-boot --share (/workspace or
+    beneath it): the overlay is in the guest, and its upper dir comes to
+    the run's folder here, where the review and kp-run --apply happen
+    with no VM; any other workspace is refused (its lower layer is only
+    in the guest).  --keep is host-only for now: refused before anything
+    is done in the VM.
 
     -t in a VM gives the agent a terminal there (a pty over SSH relayed
     to yours, its window size followed), and vm records on stdin are

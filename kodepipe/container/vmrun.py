@@ -108,10 +108,17 @@ What holds inside the guest, as on the host:
   where they are one, else /dev/tty), its size followed (SIGWINCH ->
   resize_pty), restored on every way out; -i alone: kp-run's stdin copied
   to the agent's, its end forwarded.  The exit status is the agent's.
-- What the guest cannot do yet (--quarantine, --keep,
-  --allow, --resolve: backend.VM_UNSUPPORTED, the VM backend's support
-  table) is refused, naming the part, before anything is done in it:
-  nothing is dropped silently.
+- **--quarantine**, for the folder shared with kp-boot --share only (the
+  host holds its lower layer; any other workspace is refused, saying so):
+  an overlay in the guest over the share (upper and work dirs on the
+  guest's disk, the host backend's options), the container on its merged
+  dir; after the run the upper dir comes over one exec channel as tar into
+  the run's folder here (upperdir.receive: the guest is hostile), and is
+  reviewed and applied here exactly as a host run's, with no VM.
+- What the guest cannot do yet (--keep:
+  backend.VM_UNSUPPORTED, the VM backend's support table) is refused,
+  naming the part, before anything is done in it: nothing is dropped
+  silently.
 """
 
 from __future__ import annotations
