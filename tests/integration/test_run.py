@@ -3,12 +3,14 @@ and every loosening flag must do what it says (and show in the record)."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import orjson
 import pytest
 
 from tests.conftest import BIN, lines
+from tests.integration.vmbackend import GUEST_ROOT, SESSION, kprun_on
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +56,51 @@ def inside(image: str, ws: Path | None, script: str, *flags: str,
     return proc, record, proc.stderr.decode()
 
 
+# -- both backends (issue 11 item 4): one definition, this host's Podman and the session's VM -------------
+
+
+@dataclass
+class Place:
+    """Where a test's agent runs: ``w`` is kp-run's -w (the host's path, or a copy of it in the guest),
+    ``host`` the host's copy to look at afterwards."""
+
+    backend: str
+    w: str
+    host: Path
+    vm: Any = None
+
+    def back(self) -> Path:
+        """The host's copy as the run left the workspace (a guest's copied back, owners and modes kept)."""
+        if self.vm is not None:
+            self.vm.get(self.w, self.host)
+        return self.host
+
+    def outside(self, name: str, content: str) -> str:
+        """A file of ``content`` outside the workspace, on the machine that runs the container: its path."""
+        if self.vm is None:
+            (self.host.parent / name).write_text(content)
+            return str(self.host.parent / name)
+        there = f"{GUEST_ROOT}/{name}-{SESSION}"
+        self.vm.sh('printf %s "$2" > "$1"', there, content)
+        return there
+
+
+@pytest.fixture
+def place(request: pytest.FixtureRequest, backend: str, ws: Path) -> Place:
+    if backend == "vm":
+        vm = request.getfixturevalue("guest_vm")
+        return Place(backend, vm.put(ws), ws, vm)
+    return Place(backend, str(ws), ws)
+
+
+def on(request: pytest.FixtureRequest, place: Place, image: str, script: str, *flags: str,
+       env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], dict[str, Any], str]:
+    """``script`` run by bash as the agent, in ``place``'s workspace, on its backend (vmbackend.kprun_on)."""
+    proc, record = kprun_on(request, place.backend, "--image", image, "-w", place.w, *flags, "--", "bash", "-c",
+                            script, env=env)
+    return proc, record, proc.stderr
+
+
 # -- the basics ----------------------------------------------------------------------------------
 
 
@@ -72,42 +120,63 @@ def test_a_run_reports_and_leaves_nothing(shell_image: str, ws: Path, kp_env: di
     assert ps.stdout.strip() == ""
 
 
-def test_files_written_belong_to_the_invoker_and_root_inside_is_not_root(shell_image: str, ws: Path) -> None:
+def test_files_written_belong_to_the_invoker_and_root_inside_is_not_root(
+        request: pytest.FixtureRequest, shell_image: str, place: Place) -> None:
     script = "echo made > /workspace/made.txt; cat /proc/self/uid_map"
-    _, record, err = inside(shell_image, ws, script)
+    _, record, err = on(request, place, shell_image, script)
     assert record["exit_code"] == 0, err
-    assert (ws / "made.txt").stat().st_uid == OWNER
+    assert (place.back() / "made.txt").stat().st_uid == OWNER
+    assert record["user"] == {"agent_uid": 1000, "host_uid": OWNER, "host_gid": OWNER, "from": "workspace-owner"}
     maps = [line.split() for line in err.splitlines() if line.strip() and line.split()[0].isdigit()]
-    # container root maps to kodepipe's unprivileged range, never to host 0
+    # container root maps to kodepipe's unprivileged range, never to the machine's 0
     assert ["0", str(0x70000000), "1000"] in maps
     assert all(m[1] != "0" for m in maps)
+    if place.backend == "vm":  # SUDO_UID is the host's; in a guest the workspace's owner is the invoker
+        return
     # under sudo the invoker is SUDO_UID, whoever owns the workspace (here: one anybody may write)
+    ws = place.host
     ws.chmod(0o777)
     _, record, err = inside(shell_image, ws, "echo s > /workspace/sudo.txt",
-                               env={"SUDO_UID": "4322", "SUDO_GID": "4322"})
+                            env={"SUDO_UID": "4322", "SUDO_GID": "4322"})
     assert record["user"]["from"] == "sudo" and (ws / "sudo.txt").stat().st_uid == 4322
 
 
 # -- the defaults, attacked ----------------------------------------------------------------------
 
 
-def test_files_outside_the_workspace_are_out_of_reach(shell_image: str, ws: Path, tmp_path: Path) -> None:
-    secret = tmp_path / "host-secret.txt"
-    secret.write_text("top secret\n")
-    script = (f"cat {secret}; cat /workspace/../{secret.name}; ls /proc/1/root{tmp_path} ; "
+def test_files_outside_the_workspace_are_out_of_reach(request: pytest.FixtureRequest, shell_image: str,
+                                                      place: Place, tmp_path: Path) -> None:
+    secret = place.outside("machine-secret.txt", "top secret\n")
+    script = (f"cat {secret}; cat /workspace/../{Path(secret).name}; ls /proc/1/root{Path(secret).parent} ; "
               "ls -A /home /root; test -e /run/podman/podman.sock && echo PODMAN-SOCKET; "
-              "test -S \"$SSH_AUTH_SOCK\" && echo SSH-AGENT; cat /etc/hosts; true")
-    _, record, err = inside(shell_image, ws, script, env={"SSH_AUTH_SOCK": "/tmp/agent.sock"})
+              "test -S \"$SSH_AUTH_SOCK\" && echo SSH-AGENT; true")
+    _, record, err = on(request, place, shell_image, script, env={"SSH_AUTH_SOCK": "/tmp/agent.sock"})
+    assert record["exit_code"] == 0, err
     assert "top secret" not in err and "PODMAN-SOCKET" not in err and "SSH-AGENT" not in err
-    # kodepipe's own /etc/hosts: not the host's names, nor host.containers.internal (the host's address)
-    assert "host.containers.internal" not in err and f"localhost {record['name']}" in err
     assert "No such file" in err
-    # loosened: one file, read-only, at the place asked for
-    _, record, err = inside(shell_image, ws, "cat /run/secrets/tok; echo x >> /run/secrets/tok && echo WROTE",
-                               "--secret", f"{secret}:/run/secrets/tok")
+    # loosened: one file (read on the host, whatever the backend), read-only, at the place asked for
+    host_secret = tmp_path / "host-secret.txt"
+    host_secret.write_text("top secret\n")
+    _, record, err = on(request, place, shell_image, "cat /run/secrets/tok; echo x >> /run/secrets/tok && echo WROTE",
+                        "--secret", f"{host_secret}:/run/secrets/tok")
     assert "top secret" in err and "WROTE" not in err
     assert "secret:/run/secrets/tok" in record["loosened"] and record["secrets"] == ["/run/secrets/tok"]
-    assert secret.read_text() == "top secret\n"
+    assert host_secret.read_text() == "top secret\n"
+
+
+@pytest.mark.parametrize("net", ["none", "open"])
+def test_etc_hosts_is_kodepipes_own(request: pytest.FixtureRequest, shell_image: str, place: Place,
+                                    net: str) -> None:
+    """Not the machine's names, nor Podman's host.containers.internal (the machine's address, added whenever
+    there is a network): kodepipe's file, the same on every backend (D7), and the agent cannot change it."""
+    from kodepipe.container import sandbox
+
+    script = 'echo "HOSTS:$(base64 -w0 /etc/hosts)"; echo 10.0.0.1 evil >> /etc/hosts && echo WROTE; true'
+    _, record, err = on(request, place, shell_image, script, "--net", net)
+    assert record["exit_code"] == 0, err
+    shown = next(line for line in err.splitlines() if line.startswith("HOSTS:"))
+    assert base64.b64decode(shown.removeprefix("HOSTS:")).decode() == sandbox.hosts_text(record["name"])
+    assert "WROTE" not in err
 
 
 @pytest.fixture
@@ -164,24 +233,27 @@ print("IFACES", len(subprocess.run(["ip", "-o", "link"], capture_output=True, te
 """
 
 
-def test_there_is_no_network_unless_asked_for(shell_image: str, ws: Path, host_server: Any) -> None:
+def test_there_is_no_network_unless_asked_for(request: pytest.FixtureRequest, shell_image: str, place: Place,
+                                              host_server: Any) -> None:
     ip, port = host_server
     code = NET_PROBE.format(ip=ip, port=port)
-    _, record, err = inside(shell_image, ws, f"python3 -c '{code}'")
+    _, record, err = on(request, place, shell_image, f"python3 -c '{code}'")
     assert "REFUSED ENETUNREACH" in err and "CONNECTED" not in err, err
     assert "DNS ENETUNREACH" in err and "DNS-SENT" not in err
     assert "IFACES 1" in err  # lo only
-    # loosened: Podman's bridge reaches the host's address
-    _, record, err = inside(shell_image, ws, f"python3 -c '{code}'", "--net", "open")
-    assert "CONNECTED pong" in err, err
+    # loosened: Podman's bridge (in a VM, the guest's: what lies beyond it is the VM's network)
+    _, record, err = on(request, place, shell_image, f"python3 -c '{code}'", "--net", "open")
     assert record["network"] == "open" and "network:open" in record["loosened"]
+    assert "IFACES 1" not in err, err
+    if place.backend == "host":
+        assert "CONNECTED pong" in err, err
 
 
-def test_the_root_filesystem_is_read_only(shell_image: str, ws: Path) -> None:
-    _, record, err = inside(shell_image, ws, "touch /var/tmp/evil /etc/evil; touch /tmp/ok && echo TMP-OK")
+def test_the_root_filesystem_is_read_only(request: pytest.FixtureRequest, shell_image: str, place: Place) -> None:
+    _, record, err = on(request, place, shell_image, "touch /var/tmp/evil /etc/evil; touch /tmp/ok && echo TMP-OK")
     assert err.count("Read-only file system") == 2 and "TMP-OK" in err
     # loosened: the image's world-writable /var/tmp can be written (/etc still belongs to root)
-    _, record, err = inside(shell_image, ws, "touch /var/tmp/evil && echo ROOT-OK", "--writable-root")
+    _, record, err = on(request, place, shell_image, "touch /var/tmp/evil && echo ROOT-OK", "--writable-root")
     assert "ROOT-OK" in err and "writable-root" in record["loosened"]
 
 
@@ -197,87 +269,169 @@ for what, f in [("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, s
 """
 
 
-def test_capabilities_cannot_be_gained(shell_image: str, ws: Path) -> None:
+def test_capabilities_cannot_be_gained(request: pytest.FixtureRequest, shell_image: str, place: Place) -> None:
     script = (f"python3 -c '{CAP_PROBE}'; mount -t tmpfs none /mnt || echo MOUNT-DENIED; "
               "unshare -Urm true || echo USERNS-DENIED; grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' "
               "/proc/self/status")
-    _, record, err = inside(shell_image, ws, script)
+    _, record, err = on(request, place, shell_image, script)
     assert "raw DENIED" in err and "chown DENIED" in err and "chmod-other DENIED" in err, err
     assert "MOUNT-DENIED" in err and "USERNS-DENIED" in err
     assert "CapEff:\t0000000000000000" in err and "CapBnd:\t0000000000000000" in err
     assert "NoNewPrivs:\t1" in err and "Seccomp:\t2" in err
-    assert (ws / "old.txt").stat().st_uid == OWNER
     # loosened: one capability back, and only that one
-    _, record, err = inside(shell_image, ws, f"python3 -c '{CAP_PROBE}'", "--cap-add", "NET_RAW")
+    _, record, err = on(request, place, shell_image, f"python3 -c '{CAP_PROBE}'", "--cap-add", "NET_RAW")
     assert "raw ALLOWED" in err and "chown DENIED" in err
     assert record["loosened"] == ["cap:NET_RAW"]
+    assert (place.back() / "old.txt").stat().st_uid == OWNER
 
 
-def test_the_pids_limit_holds(shell_image: str, ws: Path) -> None:
+def test_the_pids_limit_holds(request: pytest.FixtureRequest, shell_image: str, place: Place) -> None:
     # each child lives until the parent exits (its pipe's end closes), however slow the forking is
     script = ("python3 -c 'import os\nr, w = os.pipe()\nn = 0\nfor i in range(100):\n  try:\n    pid = os.fork()\n"
               "  except OSError: break\n  if pid == 0: os.close(w); os.read(r, 1); os._exit(0)\n  n += 1\n"
               "print(\"FORKED\", n)'")
-    _, record, err = inside(shell_image, ws, script, "--pids", "32")
+    _, record, err = on(request, place, shell_image, script, "--pids", "32")
     forked = int(err.split("FORKED")[1].split()[0])
     assert forked < 32, err
-    _, record, err = inside(shell_image, ws, script, "--pids", "256")
+    _, record, err = on(request, place, shell_image, script, "--pids", "256")
     assert "FORKED 100" in err and record["limits"]["pids"] == 256
 
 
-def test_the_memory_limit_holds(shell_image: str, ws: Path) -> None:
+def test_the_memory_limit_holds(request: pytest.FixtureRequest, shell_image: str, place: Place) -> None:
     script = "python3 -c 'x = bytearray(200 * 1024 * 1024); x[::4096] = b\"a\" * len(x[::4096]); print(\"ALLOC-OK\")'"
-    _, record, err = inside(shell_image, ws, script, "--memory", "64m", "--tmp-size", "8m")
+    _, record, err = on(request, place, shell_image, script, "--memory", "64m", "--tmp-size", "8m")
     assert "ALLOC-OK" not in err
     # killed by the kernel's OOM killer (Podman reports OOMKilled only sometimes on cgroup v1)
     assert record["exit_code"] == 137 and record["signal"] == "SIGKILL" and not record["timed_out"]
     assert record["limits"]["memory"] == 64 << 20
-    _, record, err = inside(shell_image, ws, script, "--memory", "512m")
+    _, record, err = on(request, place, shell_image, script, "--memory", "512m")
     assert "ALLOC-OK" in err and record["exit_code"] == 0
 
 
-def test_the_wall_time_limit_holds(shell_image: str, ws: Path) -> None:
-    _, record, _err = inside(shell_image, ws, "sleep 60", "--time", "2s")
+def test_the_wall_time_limit_holds(request: pytest.FixtureRequest, shell_image: str, place: Place) -> None:
+    _, record, _err = on(request, place, shell_image, "sleep 600", "--time", "2s")
     assert record["timed_out"] is True and record["exit_code"] != 0
     assert record["outcome"] == "timed-out"
 
 
-def test_env_files_are_masked_and_the_host_file_kept(shell_image: str, ws: Path) -> None:
+def test_env_files_are_masked_and_the_host_file_kept(request: pytest.FixtureRequest, shell_image: str,
+                                                     ws: Path, backend: str) -> None:
     (ws / "cert.pem").write_text("PRIVATE KEY\n")
+    os.chown(ws / "cert.pem", OWNER, OWNER)
+    place = request.getfixturevalue("place")
     script = ("cat /workspace/.env; echo leak >> /workspace/.env || echo WRITE-DENIED; "
               "rm /workspace/.env || echo RM-DENIED; cat /workspace/cert.pem")
-    _, record, err = inside(shell_image, ws, script, "--mask", "*.pem")
+    _, record, err = on(request, place, shell_image, script, "--mask", "*.pem")
     assert "hunter2" not in err and "PRIVATE KEY" not in err
     assert "WRITE-DENIED" in err and "RM-DENIED" in err
     assert sorted(record["masked"]) == [".env", "cert.pem"]
-    assert (ws / ".env").read_text() == "API_KEY=hunter2\n"
-    # loosened: without the default masks .env is the host's file
-    _, record, err = inside(shell_image, ws, "cat /workspace/.env", "--no-default-masks")
+    assert (place.back() / ".env").read_text() == "API_KEY=hunter2\n"
+    # loosened: without the default masks .env is the workspace's own file
+    _, record, err = on(request, place, shell_image, "cat /workspace/.env", "--no-default-masks")
     assert "hunter2" in err and "no-default-masks" in record["loosened"]
 
 
-def test_host_environment_stays_out(shell_image: str, ws: Path) -> None:
+def test_host_environment_stays_out(request: pytest.FixtureRequest, shell_image: str, place: Place) -> None:
     env = {"FOO_SECRET": "s3cr3t-value", "AWS_SECRET_ACCESS_KEY": "aws-value"}
-    _, record, err = inside(shell_image, ws, "env", env=env)
+    _, record, err = on(request, place, shell_image, "env", env=env)
     assert "s3cr3t-value" not in err and "aws-value" not in err and "HOME=/tmp/home" in err
-    proc, record, err = inside(shell_image, ws, "echo got=$FOO_SECRET; env", "--env", "FOO_SECRET", env=env)
+    proc, record, err = on(request, place, shell_image, "echo got=$FOO_SECRET; env", "--env", "FOO_SECRET", env=env)
     assert "got=s3cr3t-value" in err and "aws-value" not in err
     assert record["env"] == ["FOO_SECRET"] and "env:FOO_SECRET" in record["loosened"]
-    assert "s3cr3t-value" not in proc.stdout.decode()  # the record names it, never its value
+    assert "s3cr3t-value" not in proc.stdout  # the record names it, never its value
 
 
-def test_a_read_only_workspace(shell_image: str, ws: Path) -> None:
-    _, record, err = inside(shell_image, ws, "cat /workspace/main.py; touch /workspace/n || echo DENIED",
-                               "--read-only-workspace")
-    assert "print('hello')" in err and "DENIED" in err and not (ws / "n").exists()
+def test_env_values_are_on_no_command_line(request: pytest.FixtureRequest, shell_image: str, place: Place,
+                                           kp_env: dict[str, Path]) -> None:
+    """-e values reach the agent and no command line on the machine that runs it, while it runs (ps) or in
+    its logs (a guest's sudo logs every command it runs: D8, where they went on podman's argv)."""
+    value = f"v4lue-{os.urandom(6).hex()}"
+    name = f"envtest-{os.urandom(3).hex()}"
+    go = "/workspace/go"  # the test's signal to end: the agent waits for it
+    script = f"echo got=$TOKEN; for i in $(seq 6000); do test -e {go} && exit 0; sleep 0.1; done; exit 9"
+    args = ["--image", shell_image, "-w", place.w, "--name", name, "--env", "TOKEN", "--", "bash", "-c", script]
+    if place.vm is not None:
+        vm = place.vm
+        env = {**vm.env, "TOKEN": value}
+        proc = subprocess.Popen([str(BIN / "kp-run"), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
+        assert proc.stdin is not None
+        proc.stdin.write(orjson.dumps(vm.record) + b"\n")
+        proc.stdin.close()
+        state = Path(vm.env["KODEPIPE_STATE_DIR"])
+    else:
+        proc = subprocess.Popen([str(BIN / "kp-run"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env={**os.environ, "TOKEN": value})
+        state = kp_env["state"]
+    try:
+        wait_until_running(state / "containers" / name, proc, bound=900)
+        if place.vm is not None:  # every process's command line in the guest, while it runs, and sudo's log
+            seen = place.vm.sh("ps -eo args; journalctl -q --no-pager _COMM=sudo 2>/dev/null; "
+                               "cat /var/log/auth.log 2>/dev/null; true")
+            assert b"podman" in seen  # ps did list the run's processes
+            place.vm.sh('touch "$1"', f"{place.w}/go")
+        else:
+            seen = b"".join(p.read_bytes() for p in Path("/proc").glob("[0-9]*/cmdline") if _readable(p))
+            (place.host / "go").touch()
+        out, err = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert value.encode() not in seen
+    assert f"got={value}".encode() in err, err.decode(errors="replace")[-2000:]
+    record = [r for r in lines(out) if r.get("kind") == "container"][-1]
+    assert record["exit_code"] == 0 and record["env"] == ["TOKEN"]
+
+
+def _readable(path: Path) -> bool:
+    try:
+        path.read_bytes()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_read_only_workspace(request: pytest.FixtureRequest, shell_image: str, place: Place) -> None:
+    _, record, err = on(request, place, shell_image, "cat /workspace/main.py; touch /workspace/n || echo DENIED",
+                        "--read-only-workspace")
+    assert "print('hello')" in err and "DENIED" in err and not (place.back() / "n").exists()
     assert record["workspace_mode"] == "ro"
 
 
-def test_dangerous_workspaces_are_refused(shell_image: str, kp_env: dict[str, Path]) -> None:
-    for bad in ("/", str(kp_env["home"]), str(kp_env["home"].parent)):
-        proc, record = kprun("--image", shell_image, "-w", bad, "--", "true")
-        assert proc.returncode != 0 and "error" in record, bad
-        assert "home directory" in proc.stderr.decode() or "cannot be /" in proc.stderr.decode()
+def test_setuid_files_the_agent_leaves_are_reported(request: pytest.FixtureRequest, shell_image: str,
+                                                    place: Place) -> None:
+    """A setuid or setgid file the agent makes in the workspace (its own, chmod needs no capability) is
+    reported and recorded, on every backend (D10); one that was there before is not."""
+    script = ("cp /bin/true /workspace/sub/suid-x && chmod 4755 /workspace/sub/suid-x && "
+              "cp /bin/true '/workspace/odd name' && chmod 2755 '/workspace/odd name' && "
+              "stat -c '%A %n' /workspace/sub/suid-x '/workspace/odd name'")
+    _, record, err = on(request, place, shell_image, script)
+    assert record["exit_code"] == 0, err
+    assert record["setuid_files"] == ["odd name", "sub/suid-x"], err
+    assert "left setuid/setgid files in the workspace" in err
+    ws = place.back()
+    assert (ws / "sub" / "suid-x").stat().st_mode & 0o4000
+    # already there before the run: not the agent's doing
+    _, record, err = on(request, place, shell_image, "true")
+    assert "setuid_files" not in record and "setuid/setgid" not in err
+
+
+def test_dangerous_workspaces_are_refused(request: pytest.FixtureRequest, backend: str, shell_image: str,
+                                          kp_env: dict[str, Path]) -> None:
+    if backend == "vm":
+        vm = request.getfixturevalue("guest_vm")
+        home = vm.sh("getent passwd kp | cut -d: -f6").decode().strip() or "/home/kp"
+        bad = ["/", "/root", home, str(Path(home).parent), f"{home}/.ssh"]
+    else:
+        home = str(kp_env["home"])
+        (kp_env["home"] / ".ssh").mkdir(exist_ok=True)
+        bad = ["/", home, str(Path(home).parent), f"{home}/.ssh"]
+    for path in bad:
+        proc, record = kprun_on(request, backend, "--image", shell_image, "-w", path, "--", "true")
+        assert proc.returncode == 65 and record["error"]["code"] == "bad_input", (path, proc.stderr)
+        assert "home directory" in proc.stderr or "cannot be /" in proc.stderr \
+            or "where credentials and configuration live" in proc.stderr, proc.stderr
 
 
 def test_credential_files_are_warned_about(shell_image: str, ws: Path) -> None:
@@ -502,25 +656,26 @@ def test_a_terminal_for_interactive_agents(request: pytest.FixtureRequest, backe
         assert record["host"] == vm.record["name"]
 
 
-def test_git_metadata_is_read_only(shell_image: str, ws: Path) -> None:
+def test_git_metadata_is_read_only(request: pytest.FixtureRequest, backend: str, shell_image: str, ws: Path) -> None:
     # the whole .git is read-only by default (gitguard.py; every variant: tests/integration/test_git_attacks.py)
     subprocess.run(["git", "init", "-q", str(ws)], check=True)
     for path in [ws / ".git", *(ws / ".git").rglob("*")]:
         os.chown(path, OWNER, OWNER, follow_symlinks=False)
     before = (ws / ".git" / "config").read_bytes()
+    place = request.getfixturevalue("place")
     script = ("cd /workspace && git status --short && echo STATUS; "
               "git config core.fsmonitor /workspace/evil.sh || echo CONFIG-DENIED; "
               "touch .git/hooks/post-checkout || echo HOOK-DENIED; echo x > agent.txt && git add agent.txt && "
               "git -c user.email=a@b -c user.name=a commit -qm agent && echo COMMITTED")
-    _, record, err = inside(shell_image, ws, script)
+    _, record, err = on(request, place, shell_image, script)
     assert "STATUS" in err and "CONFIG-DENIED" in err and "HOOK-DENIED" in err and "COMMITTED" not in err, err
-    assert (ws / ".git" / "config").read_bytes() == before
+    assert (place.back() / ".git" / "config").read_bytes() == before
+    assert not (place.host / ".git" / "hooks" / "post-checkout").exists()
     assert record["protected"] == [".git"]
     # loosened (the old name still works): commits work; a config change is moved away after the run
-    _, record, err = inside(shell_image, ws, "cd /workspace && git config core.fsmonitor false && echo SET && "
-                            "git add agent.txt && git -c user.email=a@b -c user.name=a commit -qm agent && "
-                            "echo COMMITTED",
-                            "--writable-git-config")
+    _, record, err = on(request, place, shell_image, "cd /workspace && git config core.fsmonitor false && echo SET && "
+                        "git add agent.txt && git -c user.email=a@b -c user.name=a commit -qm agent && "
+                        "echo COMMITTED", "--writable-git-config")
     assert "SET" in err and "COMMITTED" in err and "writable-git" in record["loosened"], err
     assert [p["path"] for p in record["git_planted"]] == [".git/config"]
-    assert (ws / ".git" / "config").read_bytes() == before
+    assert (place.back() / ".git" / "config").read_bytes() == before
