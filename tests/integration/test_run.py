@@ -352,12 +352,11 @@ def test_env_values_are_on_no_command_line(request: pytest.FixtureRequest, shell
     args = ["--image", shell_image, "-w", place.w, "--name", name, "--env", "TOKEN", "--", "bash", "-c", script]
     if place.vm is not None:
         vm = place.vm
-        env = {**vm.env, "TOKEN": value}
-        proc = subprocess.Popen([str(BIN / "kp-run"), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env)
-        assert proc.stdin is not None
-        proc.stdin.write(orjson.dumps(vm.record) + b"\n")
-        proc.stdin.close()
+        records = place.host.parent / "vm-record.jsonl"  # kp-run's stdin: the vm record, as in a pipeline
+        records.write_bytes(orjson.dumps(vm.record) + b"\n")
+        with records.open("rb") as stdin:
+            proc = subprocess.Popen([str(BIN / "kp-run"), *args], stdin=stdin, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env={**vm.env, "TOKEN": value})
         state = Path(vm.env["KODEPIPE_STATE_DIR"])
     else:
         proc = subprocess.Popen([str(BIN / "kp-run"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
