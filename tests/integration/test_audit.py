@@ -266,6 +266,7 @@ def start_run(request: pytest.FixtureRequest, backend: str, *args: str) -> subpr
         assert proc.stdin is not None
         proc.stdin.write(orjson.dumps(guest.record) + b"\n")
         proc.stdin.close()
+        proc.stdin = None  # written and closed: communicate() must not flush it
         return proc
     return subprocess.Popen([str(BIN / "kp-run"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
