@@ -9,7 +9,7 @@ import click
 
 from kodepipe.commands import cli as kpcli
 from kodepipe.commands import options
-from kodepipe.container.policy import CAPABILITIES as CAPS
+from kodepipe.container.capabilities import CAPABILITIES as CAPS
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:

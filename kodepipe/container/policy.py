@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Protocol
 
+from kodepipe.container.capabilities import CAPABILITIES as CAPABILITIES
 from kodepipe.core.errors import USAGE, BadInput, KpError
 from kodepipe.egress.policy import DEFAULT_PORTS, Rule
 
@@ -51,8 +52,6 @@ AUDIT_CAP_MINIMUM = 64 << 10
 DEFAULT_TERM = "xterm-256color"
 NETWORKS = ("none", "open")
 # capabilities a user may add back, one flag each (the rest are never useful to an agent)
-CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "NET_BIND_SERVICE", "NET_RAW",
-                "SETGID", "SETUID", "SETPCAP", "SYS_CHROOT", "AUDIT_WRITE", "MKNOD")
 FORBIDDEN_DESTS = ("/proc", "/sys", "/dev", WORKSPACE)
 # files kodepipe itself binds into every container: a secret may not take their place
 OWN_MOUNTS = ("/etc/hosts", "/etc/resolv.conf")
