@@ -20,7 +20,7 @@ import pytest
 
 from kodepipe.vm import accel, address, seriallog
 from tests.cli import invoke
-from tests.conftest import BIN
+from tests.conftest import BIN, ROOT
 from tests.fakevm import FakeVM, make_vm
 
 CAP = seriallog.CAP
@@ -62,7 +62,7 @@ def test_the_keeper_bounds_200_mb_and_keeps_the_last_bytes_in_order(tmp_path: Pa
     log = tmp_path / "serial.log"
     log.write_bytes(b"the previous boot's lines\n")
     keeper = subprocess.Popen([sys.executable, "-S", "-m", "kodepipe.vm.seriallog", str(log)], stdin=subprocess.PIPE,
-                              env={"PYTHONPATH": str(Path(seriallog.__file__).parent.parent)})
+                              env={"PYTHONPATH": str(ROOT)}, cwd="/")
     assert keeper.stdin is not None
     last: collections.deque[bytes] = collections.deque(maxlen=(2 * CAP) // (1 << 16) + 1)
     total = 200 * 1000 * 1000

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from kodepipe.vm import qemuuser
-from tests.conftest import lines
+from tests.conftest import ROOT, lines
 from tests.integration.conftest import run
 from tests.integration.test_guest_input import keepers
 
@@ -310,7 +310,7 @@ def test_a_normal_users_qemu_gets_the_read_only_entries_in_a_user_namespace_of_i
         for path in [share, *share.rglob("*")]:
             os.lchown(path, 65534, 65534)
         done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-S",
-                               str(work / "t.py"), str(Path(qemuuser.__file__).parent.parent), str(share),
+                               str(work / "t.py"), str(ROOT), str(share),
                                str(share / "pid")], capture_output=True, timeout=60, cwd="/")
         out = done.stdout.decode()
         assert done.returncode == 0, (out, done.stderr.decode())
