@@ -29,7 +29,7 @@ from tests.cli import invoke
 LIMITS = sandbox.Limits(memory=512 << 20, cpus=1, pids=64, seconds=60, tmpfs=64 << 20)
 VM = {"kind": "vm", "name": "vm-a", "id": "0123456789ab", "state": "running", "share": "/home/u/proj"}
 FACTS = {"podman": "/usr/bin/podman", "runc": "", "zstd": "/usr/bin/zstd", "uid": "1000", "gid": "1000",
-         "home": "/home/kp", "sudo": "yes", "image": "a1b2c3", "ws_real": "/workspace",
+         "home": "/home/kp", "sudo": "yes", "image_status": "0", "image": "a1b2c3", "ws_real": "/workspace",
          "ws_stat": "1000 1000 directory", "strace": "/usr/bin/strace"}
 SECCOMP = orjson.dumps({"defaultAction": "SCMP_ACT_ERRNO",
                         "syscalls": [{"names": ["read", "unshare"], "action": "SCMP_ACT_ALLOW"}]})
@@ -291,6 +291,7 @@ class FakeGuest:
         self.closed = False
         self.channels: list[FakeChannel] = []
         self._stream = stream
+        self.inspects: list[bytes] = []  # the answers to a second "podman image inspect", in turn
 
     def run(self, command: str, *, input: bytes = b"", timeout: float | None = 60) -> Outcome:
         return self.send(command, [input] if input else [], timeout=timeout)
@@ -299,6 +300,8 @@ class FakeGuest:
         self.commands.append((command, b"".join(chunks)))
         if "say()" in command:
             return Outcome(0, probe(self.facts), b"")
+        if "image inspect" in command:
+            return Outcome(0, self.inspects.pop(0), b"")
         if "-perm /6000" in command:
             return Outcome(0, self.setid.pop(0) if len(self.setid) > 1 else self.setid[0], b"")
         if " find . " in command:
@@ -477,7 +480,7 @@ def test_a_missing_image_is_streamed_in_from_the_host(monkeypatch: pytest.Monkey
     monkeypatch.setattr(vmrun, "_saved_image", saved)
     monkeypatch.setattr(proc, "which", lambda program: f"/usr/bin/{program}")
     monkeypatch.setattr(vmrun, "host_image_id", lambda tag: "a1b2c3")
-    guest = FakeGuest(facts={"image": ""})
+    guest = FakeGuest(facts={"image_status": "125", "image": "Error: inspecting object: x: image not known\n"})
     run, _, said = job(guest)
     record, _ = vmrun._run(run)
     assert calls == [("localhost/kodepipe-shell:1", True)]
@@ -502,6 +505,34 @@ def test_an_image_rebuilt_on_the_host_under_the_same_tag_is_copied_again(
     run, _, _ = job(guest)
     record, _ = vmrun._run(run)
     assert bool(guest.sent("podman load")) is copied and ("image_transfer" in record) is copied
+
+
+def test_a_podman_that_fails_to_say_whether_it_has_the_image_is_asked_again_not_copied_to() -> None:
+    """Seen under load: the probe's inspect failed (not "image not known") and the run copied the whole
+    image in for nothing, minutes under TCG.  It is asked again; an answer is taken, a third failure is an
+    error."""
+    busy = {"image_status": "125", "image": "Error: locking the store: resource temporarily unavailable\n"}
+    guest = FakeGuest(facts=busy)
+    guest.inspects = [b"Error: still locked\nimage_status=125\n", b"WARN[0000] slow\na1b2c3\nimage_status=0\n"]
+    run, _, _ = job(guest)
+    record, _ = vmrun._run(run)
+    assert not guest.sent("podman load") and "image_transfer" not in record and record["exit_code"] == 3
+    assert len(guest.sent("image inspect")) == 3  # the probe's, and two more
+
+    guest = FakeGuest(facts=busy)
+    guest.inspects = [b"Error: still locked\nimage_status=125\n"] * 2
+    run, _, _ = job(guest)
+    with pytest.raises(KpError, match="could not say whether it has the image") as caught:
+        vmrun._run(run)
+    assert caught.value.code == "podman" and not guest.sent("podman load") and not guest.sent(" create ")
+
+
+@pytest.mark.parametrize(("status", "said", "answer"), [
+    ("0", "a1b2c3\n", "a1b2c3"), ("0", "WARN[0000] x\nd4e5f6\n", "d4e5f6"), ("0", "", None),
+    ("125", "Error: inspecting object: localhost/x:1: image not known\n", ""),
+    ("125", "Error: database is locked\n", None), ("1", "", None), ("", "", None)])
+def test_the_probes_image_answer(status: str, said: str, answer: str | None) -> None:
+    assert vmrun.image_answer(status, said) == answer
 
 
 def test_podman_failing_to_start_it_is_an_error_not_an_exit_code() -> None:

@@ -175,7 +175,9 @@ say home "$HOME"
 if sudo -n true 2>/dev/null; then say sudo yes; else say sudo no; fi
 say strace "$(command -v strace)"
 if [ -n "$podman" ]; then
-    say image "$(sudo -n podman image inspect --format '{{.Id}}' -- "$2" 2>/dev/null)"
+    image=$(sudo -n podman image inspect --format '{{.Id}}' -- "$2" 2>&1)
+    say image_status "$?"
+    say image "$image"
 fi
 say inotify "$(cat /proc/sys/fs/inotify/max_user_instances) $(cat /proc/sys/fs/inotify/max_user_watches)"
 say limits "$(cat /proc/self/limits)"
@@ -208,6 +210,17 @@ def parse_probe(out: bytes) -> dict[str, str]:
         if sep:
             facts[key.strip()] = value
     return facts
+
+
+def image_answer(status: str, said: str) -> str | None:
+    """What the probe's ``podman image inspect`` said: the image's id, "" for an image the guest does not
+    have, None for a Podman that failed to answer."""
+    if status == "0":
+        lines_ = said.strip().splitlines()
+        return lines_[-1].strip() if lines_ else None  # warnings on stderr come first
+    if status == "125" and "image not known" in said:
+        return ""
+    return None
 
 
 def guest_workspace(vm: Record, policy: Policy) -> str | None:
@@ -1092,6 +1105,25 @@ class VmRun:
     def __exit__(self, *exc: object) -> None:
         self._undo.close()
 
+    def image_there(self, remote: Remote, facts: dict[str, str]) -> str:
+        """The guest's id of the image, or "" when the guest does not have it.  A Podman that could not
+        answer (its store locked by another podman, say) is asked again, twice; never taken for "missing",
+        which would copy the whole image in for nothing."""
+        for attempt in range(3):
+            if attempt:
+                time.sleep(attempt)
+                retry = remote.run(_q("sudo", "-n", "podman", "image", "inspect", "--format", "{{.Id}}", "--",
+                                      self.image) + " 2>&1; echo \"image_status=$?\"")
+                said, _, status = bytes(retry.stdout).decode(errors="replace").rstrip("\n").rpartition("image_status=")
+                facts = {"image_status": status, "image": said}
+            answer = image_answer(facts.get("image_status", ""), facts.get("image", ""))
+            if answer is not None:
+                return answer
+        from kodepipe.core.terminal import escape
+
+        raise KpError(f"Podman in {self.vm_name} could not say whether it has the image {self.image}: "
+                      f"{escape(facts.get('image', '').strip()[-300:])}", code="podman")
+
     def prepare(self) -> Prepared:
         from kodepipe.container.backend import VmBackend
 
@@ -1161,7 +1193,7 @@ class VmRun:
 
         host_folder = self.host_folder()  # the side effects start here
         # missing, or another image under the same tag (rebuilt on the host since): copy it in
-        there = facts.get("image", "")
+        there = self.image_there(remote, facts)
         if not there or host_image_id(self.image) not in (None, there):
             self.meta["image_transfer"] = self.copy_image(remote, zstd=bool(facts.get("zstd")))
         seccomp = self.prepare_guest(remote)
