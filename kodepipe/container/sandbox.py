@@ -288,7 +288,9 @@ class Sandbox:
         if self.seccomp:
             args += ["--security-opt", f"seccomp={self.seccomp}"]
         if not self.writable_root:
-            args.append("--read-only")
+            # and no tmpfs of Podman's own on /run, /tmp and /var/tmp (--read-only-tmpfs is on by default):
+            # /var/tmp stays read-only as under the API (spec()), and /tmp is the capped one below
+            args += ["--read-only", "--read-only-tmpfs=false"]
         args += ["--tmpfs", f"/tmp:rw,size={self.limits.tmpfs},mode=1777,nosuid,nodev"]
         for mount in self.mounts():
             if any(c in mount.source + mount.dest for c in ",\n"):

@@ -203,8 +203,14 @@ def test_git_never_runs_the_agents_code(request: pytest.FixtureRequest, shell_im
     assert not place.marker.exists(), f"{name}: the user's git ran the agent's code"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", list(ATTACKS))
+# Against a weakened kp-run every attack runs on the host; in the VM two do (one through a protected
+# entry, one through a planted one): that the copy back and the user's git there would notice an attack
+# that worked in a guest is shown by them, and a TCG guest spends ~30 s on each run (CI's time).
+WEAKENED_RUNS = [(name, backend) for name in ATTACKS for backend in BACKENDS
+                 if backend == "host" or name in ("config-fsmonitor", "new-dotgit")]
+
+
+@pytest.mark.parametrize(("name", "backend"), WEAKENED_RUNS, ids=[f"{n}-{b}" for n, b in WEAKENED_RUNS])
 def test_each_attack_works_against_a_weakened_kp_run(request: pytest.FixtureRequest, shell_image: str, place: Place,
                                                      name: str, backend: str) -> None:
     """The same attacks, with kp-run's git layer off (gitguard on the host, vmrun's in a VM): the
