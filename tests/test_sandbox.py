@@ -62,7 +62,8 @@ def test_podman_arguments_say_the_same_as_the_spec() -> None:
     args = box(cap_add=["NET_RAW"]).podman_args()
     joined = " ".join(args)
     for expected in ("--cap-drop all", "--cap-add NET_RAW", "--security-opt no-new-privileges",
-                     "--security-opt seccomp=/s.json", "--read-only --read-only-tmpfs=false", "--network none", "--pids-limit 64",
+                     "--security-opt seccomp=/s.json", "--read-only --read-only-tmpfs=false", "--network none",
+                     "--pids-limit 64",
                      "--cpus 1.5", "--uidmap 1000:1234:1", "--gidmap 1000:1235:1", "--user 1000:1000",
                      "type=bind,source=/w,destination=/workspace"):
         assert expected in joined
