@@ -364,11 +364,29 @@ def create_words(guest: FakeGuest) -> list[str]:
     return shlex.split(command[len("id=$("):command.index(") && ")])
 
 
+def staged(guest: FakeGuest) -> tuple[list[str], dict[str, tuple[bytes, int, int, int]]]:
+    """The one stage command's arguments after ``sh -c STAGE kp-run`` (GUEST_DIR, the overlay run dir, the
+    profile's path, the hooks dir, the run's folder), and its tar's files: name -> (data, mode, uid, gid)."""
+    import io
+    import tarfile
+
+    (command, data), = guest.sent("idmapped-lower-dir-false")
+    words = shlex.split(command)
+    assert words[:5] == ["sudo", "-n", "sh", "-c", vmrun.STAGE] and words[5] == "kp-run"
+    files = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        for member in tar.getmembers():
+            assert member.isfile() and "/" not in member.name, member.name
+            got = tar.extractfile(member)
+            assert got is not None
+            files[member.name] = (got.read(), member.mode, member.uid, member.gid)
+    return words[6:], files
+
+
 def steps(guest: FakeGuest) -> list[str]:
     """What each command sent to the guest did, in order, by a word that names it."""
     names = [("say()", "probe"), ("-perm /6000", "setid"), ("find -P", "git survey"), (" find . ", "masks"),
-             ("cat --", "seccomp"), ("idmapped-lower-dir-false", "setup"), ("userns-limits.json", "hook"),
-             ("mkdir -m 0700", "folder"), ("0444", "file"), ("sudo -n chown", "secret"), ("chmod 0400", "env"),
+             ("cat --", "seccomp"), ("idmapped-lower-dir-false", "stage"),
              (" create --rm ", "create+init+pid"), ("nsenter", "relay"),
              ("start --attach", "start"), ("podman rm", "remove"), ("podman kill", "kill"), ("rm -rf", "clean")]
     return [next((name for fragment, name in names if fragment in command), command) for command, _ in
@@ -394,8 +412,8 @@ def test_a_run_in_the_guest_reports_like_one_on_the_host(kp_env: dict[str, Path]
     assert not (kp_env["state"] / "containers" / record["name"]).exists()
     # the container: made, initialised and its pid learned in one command, started and streamed in a second;
     # it went by itself (--rm), the workspace was surveyed again, then the run's folder in the guest removed
-    assert steps(guest) == ["probe", "masks", "git survey", "setid", "seccomp", "setup", "hook", "folder", "file",
-                            "env", "create+init+pid", "start", "setid", "git survey", "clean"]
+    assert steps(guest) == ["probe", "masks", "git survey", "setid", "seccomp", "stage", "create+init+pid", "start",
+                            "setid", "git survey", "clean"]
     folder = f"/run/kodepipe/{record['name']}-{record['id']}"
     assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
     start, _ = guest.commands[-4]
@@ -404,12 +422,15 @@ def test_a_run_in_the_guest_reports_like_one_on_the_host(kp_env: dict[str, Path]
     assert words[:3] == ["sudo", "-n", "podman"] and words[5] == "create"
     assert words[words.index("--name") + 1] == record["name"]
     # the kernel quotas of its user namespace, set by an OCI hook before the agent runs
-    ((hook_setup, hook),) = guest.sent("userns-limits.json")
-    assert words[3:5] == ["--hooks-dir", shlex.split(hook_setup)[6]] == shlex.split(start)[3:5]
+    args, files = staged(guest)
+    assert args[4] == folder and args[0] == "/run/kodepipe"
+    hook, mode, _, _ = files[vmrun.STAGED_HOOK]
+    assert words[3:5] == ["--hooks-dir", args[3]] == shlex.split(start)[3:5] and mode == 0o644
     assert b"max_inotify_instances" in hook and b'"prestart"' in hook
     seccomp_path = next(w.split("=", 1)[1] for w in words if w.startswith("seccomp="))
-    (setup, profile), = guest.sent("idmapped-lower-dir-false")
-    assert seccomp_path in setup and b'"unshare"' in profile and b'"clone3"' in profile
+    profile = files[vmrun.STAGED_SECCOMP][0]
+    assert seccomp_path == args[2] and b'"unshare"' in profile and b'"clone3"' in profile
+    assert files["empty"] == (b"", 0o444, 0, 0)
     assert f"type=bind,source={folder}/empty,destination=/workspace/.env,ro" in words
     assert "type=bind,source=/workspace,destination=/workspace" in words
 
@@ -421,8 +442,9 @@ def test_without_a_share_or_workspace_there_is_nothing_to_mask_and_the_folder_ho
     assert record["workspace"] is None and record["workspace_mode"] is None and record["masked"] == []
     assert record["user"]["from"] == "ssh-user" and "setuid_files" not in record
     assert not guest.sent(" find . ") and not guest.sent("-perm /6000")
-    assert steps(guest) == ["probe", "seccomp", "setup", "hook", "folder", "file", "env", "create+init+pid", "start",
+    assert steps(guest) == ["probe", "seccomp", "stage", "create+init+pid", "start",
                             "clean"]  # /etc/hosts and the environment, in a folder removed afterwards
+    assert {"hosts", "env"} <= set(staged(guest)[1])
     assert "-w /tmp/home" in guest.sent(" create --rm ")[0][0]
 
 
@@ -441,8 +463,8 @@ def test_secrets_are_copied_for_the_agent_alone_and_bound_read_only(tmp_path: Pa
     run, _, _ = job(guest, request(secrets=[(secret, "/run/secrets/token")]))
     record, _ = vmrun._run(run)
     folder = f"/run/kodepipe/{record['name']}-{record['id']}"
-    (copy, data), = guest.sent("sudo -n chown")
-    assert data == b"s3cret" and f"{folder}/0-token" in copy and "1234:1235" in copy
+    args, files = staged(guest)
+    assert args[4] == folder and files["0-token"] == (b"s3cret", 0o400, 1234, 1235)
     assert f"type=bind,source={folder}/0-token,destination=/run/secrets/token,ro" in create_words(guest)
     assert record["secrets"] == ["/run/secrets/token"] and "secret:/run/secrets/token" in record["loosened"]
     assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
@@ -603,8 +625,7 @@ def test_an_interruption_removes_the_container_and_carries_the_record(kp_env: di
 FAILURES: list[tuple[str, str, list[str]]] = [
     # (the step that fails, how it ends, what is undone after it: nothing that was not made)
     ("probe", "failed", []),
-    ("setup", "failed", []),
-    ("folder", "failed", ["clean"]),
+    ("stage", "failed", ["clean"]),
     ("create+init+pid", "failed", ["remove", "clean"]),
     ("start", "failed", ["remove", "setid", "git survey", "clean"]),
     ("start-interrupted", "interrupted", ["remove", "setid", "git survey", "clean"]),
@@ -617,7 +638,7 @@ def test_a_failure_at_each_stage_undoes_what_was_done_and_carries_the_record(
     """Whatever fails (or interrupts), the container is removed if it may exist, the run's folder in
     the guest if it was made, the connection closed, the host's folder of the run gone, and the error
     carries the record so far."""
-    fragments = {"probe": "say()", "setup": "idmapped-lower-dir-false", "folder": "mkdir -m 0700",
+    fragments = {"probe": "say()", "stage": "idmapped-lower-dir-false",
                  "create+init+pid": " create --rm "}
 
     class Failing(FakeGuest):
@@ -684,16 +705,16 @@ def test_egress_goes_through_the_relay_to_the_hosts_proxy_and_the_log_stays_on_t
     run, _, _ = job(guest, request(allow=["allowed.test:8080"], resolve=["allowed.test=127.0.0.1"]))
     record, status = vmrun._run(run)
     assert status == 3 and record["network"] == "proxy" and record["resolve"] == ["allowed.test=127.0.0.1"]
-    assert steps(guest) == ["probe", "masks", "git survey", "setid", "seccomp", "setup", "hook", "folder", "file",
-                            "file", "env", "create+init+pid", "relay", "start", "setid", "git survey", "clean"]
+    assert steps(guest) == ["probe", "masks", "git survey", "setid", "seccomp", "stage", "create+init+pid", "relay",
+                            "start", "setid", "git survey", "clean"]
     (relayed, _), = guest.sent("nsenter")
     assert relayed == relay.relay_command(4242)  # the pid create_command learned
     folder = f"/run/kodepipe/{record['name']}-{record['id']}"
-    (_, content), = [(c, i) for c, i in guest.sent("umask 022; cat") if c.endswith("/resolv.conf")]
-    assert content == RESOLV_CONF.encode()
+    files = staged(guest)[1]
+    assert files["resolv.conf"] == (RESOLV_CONF.encode(), 0o444, 0, 0)
     words = create_words(guest)
     assert f"type=bind,source={folder}/resolv.conf,destination=/etc/resolv.conf,ro" in words
-    (_, env), = guest.sent("umask 077; cat")
+    env = files["env"][0]
     assert b"HTTPS_PROXY=http://127.0.0.1:3128\n" in env and words[words.index("--network") + 1] == "none"
     # the decision (the scripted relay asked for a name the policy refuses), in the host's folder of the run
     host = kp_env["state"] / "containers" / record["name"]
@@ -833,8 +854,8 @@ def test_the_container_gets_kodepipes_hosts_file_as_on_the_host() -> None:
     run, _, _ = job(guest, request(network="open"))
     record, _ = vmrun._run(run)
     folder = f"/run/kodepipe/{record['name']}-{record['id']}"
-    (write, content), = [(c, i) for c, i in guest.sent("umask 022; cat") if c.endswith("/hosts")]
-    assert content == sandbox.hosts_text(record["name"]).encode() and "chmod 0444" in write
+    content, mode, uid, _ = staged(guest)[1]["hosts"]
+    assert content == sandbox.hosts_text(record["name"]).encode() and (mode, uid) == (0o444, 0)
     assert content == f"127.0.0.1\tlocalhost {record['name']}\n::1\tlocalhost ip6-localhost ip6-loopback\n".encode()
     words = create_words(guest)
     assert f"type=bind,source={folder}/hosts,destination=/etc/hosts,ro" in words and "--no-hosts" in words
@@ -855,12 +876,13 @@ def test_env_values_never_reach_a_guest_command_line(tmp_path: Path) -> None:
     assert record["env"] == ["TOKEN"] and "env:TOKEN" in record["loosened"]
     assert not [c for c, _ in guest.commands if "s3cr3t" in c]
     folder = f"/run/kodepipe/{record['name']}-{record['id']}"
-    (write, content), = guest.sent("umask 077; cat")
-    assert shlex.split(write)[-1] == f"{folder}/env" and "chmod 0400" in write and "chown" not in write
+    args, files = staged(guest)
+    content, mode, uid, gid = files["env"]
+    assert args[4] == folder and (mode, uid, gid) == (0o400, 0, 0)
     assert f"TOKEN={value}\n".encode() in content and b"HOME=/tmp/home\n" in content
     words = create_words(guest)
     assert words[words.index("--env-file") + 1] == f"{folder}/env" and "-e" not in words
-    assert steps(guest).index("folder") < steps(guest).index("env") < steps(guest).index("create+init+pid")
+    assert steps(guest).index("stage") < steps(guest).index("create+init+pid")
     assert guest.commands[-1][0] == f"sudo -n rm -rf -- {folder}"
     # the same words through a real shell and a fake sudo: the value is in no word it was given
     made = box(env={"TOKEN": value}, env_file=f"{folder}/env")
@@ -924,3 +946,32 @@ def test_the_guests_setuid_find_agrees_with_the_hosts_walk(tmp_path: Path) -> No
     out = subprocess.run(vmrun.setid_argv(str(ws)), capture_output=True, check=True).stdout
     found = vmrun.parse_setid(out)
     assert found == set(fdtree.setid_files(ws)) == {"suid", "sgid", "deep/er/both", "odd\nname suid"}
+
+
+def test_the_stage_script_writes_the_runs_files_in_a_real_shell(tmp_path: Path) -> None:
+    """STAGE, as root here with this host's tar: the folder made 0700 (refused if it exists), each file with
+    its mode and owner, the profile and the hook renamed into place, nothing left under their staged names."""
+    if os.geteuid() != 0:
+        pytest.skip("the stage script runs as root")
+    top, run_dir, folder = tmp_path / "kodepipe", tmp_path / "overlay", tmp_path / "kodepipe" / "run-x"
+    profile, hooks = top / "seccomp-1.json", top / "hooks-1"
+    files = [vmrun.StagedFile("hosts", b"127.0.0.1 localhost\n", 0o444),
+             vmrun.StagedFile("0-to\nken", b"s3cret", 0o400, 1234, 1235),
+             vmrun.StagedFile("env", b"A=1\n", 0o400),
+             vmrun.StagedFile(vmrun.STAGED_SECCOMP, b"{}", 0o644), vmrun.StagedFile(vmrun.STAGED_HOOK, b"[]", 0o644)]
+
+    def stage(hooks_dir: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(["sh", "-c", vmrun.STAGE, "kp-run", str(top), str(run_dir), str(profile), hooks_dir,
+                               str(folder)], input=vmrun.staged_tar(files), capture_output=True, timeout=60)
+
+    done = stage(str(hooks))
+    assert done.returncode == 0, done.stderr
+    assert (folder.stat().st_mode & 0o777, top.stat().st_mode & 0o777) == (0o700, 0o755)
+    secret = (folder / "0-to\nken").stat()
+    assert (secret.st_mode & 0o777, secret.st_uid, secret.st_gid) == (0o400, 1234, 1235)
+    assert (folder / "0-to\nken").read_bytes() == b"s3cret" and (folder / "hosts").stat().st_mode & 0o777 == 0o444
+    assert (folder / "env").stat().st_uid == 0 and (folder / "env").stat().st_mode & 0o777 == 0o400
+    assert profile.read_bytes() == b"{}" and (hooks / "userns-limits.json").read_bytes() == b"[]"
+    assert sorted(p.name for p in folder.iterdir()) == ["0-to\nken", "env", "hosts"]
+    assert (run_dir / "idmapped-lower-dir-false").exists()
+    assert stage(str(hooks)).returncode != 0  # a folder that exists already is never written into

@@ -284,13 +284,12 @@ def test_the_guests_own_quotas_are_shared_out() -> None:
 def test_the_seccomp_profile_is_the_hosts_function_on_the_guests_base() -> None:
     """One function for both backends: what the guest gets is seccomp.render of its own profile."""
     from kodepipe.container import seccomp
-    from tests.test_vmrun import SECCOMP
+    from tests.test_vmrun import SECCOMP, staged
 
     guest = FakeGuest()
     run, _, _ = job(guest)
     vmrun._run(run)
-    ((_, written),) = guest.sent("idmapped-lower-dir-false")
-    assert written == seccomp.render(SECCOMP)
+    assert staged(guest)[1][vmrun.STAGED_SECCOMP] == (seccomp.render(SECCOMP), 0o644, 0, 0)
     assert policies.policy(limits=LIMITS).git_writable is False
 
 

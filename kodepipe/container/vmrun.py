@@ -187,17 +187,27 @@ if [ -n "$1" ] && real=$(realpath -e -- "$1"); then
 fi
 """
 
-# As root in the guest: $1 profile path, $2 GUEST_DIR, $3 Podman's overlay run dir; stdin: the profile.
-GUEST_SETUP = r"""
+# As root in the guest, one round trip for everything the run writes there before its container is made
+# (each sudo over SSH costs ~1 s under TCG).  $1 GUEST_DIR, $2 Podman's overlay run dir, $3 the seccomp
+# profile's path, $4 the hooks directory ("" for none), $5 the run's folder, made here (it must not exist);
+# stdin: a tar of the folder's files (owners and modes kept), and the profile and the hook as STAGED_SECCOMP
+# and STAGED_HOOK, renamed into place (a concurrent run reads a whole file, old or new).
+STAGE = r"""
 set -e
 umask 022
-mkdir -p "$2" "$3"
-chmod 0755 "$2"
-cat > "$1.$$"
-mv -f "$1.$$" "$1"
-touch "$3/idmapped-lower-dir-false"
-rm -f "$3/idmapped-lower-dir-true"
+mkdir -p "$1" "$2"
+chmod 0755 "$1"
+touch "$2/idmapped-lower-dir-false"
+rm -f "$2/idmapped-lower-dir-true"
+mkdir -m 0700 "$5"
+tar -C "$5" -x -p --numeric-owner -f -
+mv -f "$5/.seccomp.json" "$3"
+if [ -n "$4" ]; then
+    mkdir -p "$4"
+    mv -f "$5/.userns-limits.json" "$4/userns-limits.json"
+fi
 """
+STAGED_SECCOMP, STAGED_HOOK = ".seccomp.json", ".userns-limits.json"
 
 
 # -- the pure parts ----------------------------------------------------------------------------
@@ -672,14 +682,6 @@ def quota_hook(values: dict[str, int]) -> tuple[str, bytes]:
     return f"{GUEST_DIR}/hooks-{hashlib.sha256(text).hexdigest()[:12]}", text
 
 
-# As root in the guest: $1 the hooks directory; stdin: the hook's JSON.
-HOOK_SETUP = r"""
-set -e
-umask 022
-mkdir -p "$1"
-cat > "$1/userns-limits.json.$$"
-mv -f "$1/userns-limits.json.$$" "$1/userns-limits.json"
-"""
 
 
 def seccomp_path(text: bytes) -> str:
@@ -1042,7 +1044,7 @@ class Prepared:
 
     remote: Remote
     box: sandbox.Sandbox
-    hooks_dir: str  # the OCI hook that sets the kernel quotas of its user namespace
+    hooks_dir: str | None  # the OCI hook that sets the kernel quotas of its user namespace
     host_folder: Path  # the run's folder in the host's store (kind container, host = the VM)
     git: GitBefore | None = None  # None without a workspace
     egress: EgressPolicy | None = None  # the proxy's rules and pins, when the policy allows any
@@ -1196,13 +1198,13 @@ class VmRun:
         there = self.image_there(remote, facts)
         if not there or host_image_id(self.image) not in (None, there):
             self.meta["image_transfer"] = self.copy_image(remote, zstd=bool(facts.get("zstd")))
-        seccomp = self.prepare_guest(remote)
+        seccomp = self.guest_seccomp(remote)
         quotas = guest_quotas(facts).share(policy.quota_share)
-        hooks_dir = self.prepare_hook(remote, quotas.userns_sysctls())
+        hook = self.prepare_hook(quotas.userns_sysctls())
         folder = f"{GUEST_DIR}/{self.name}-{self.meta['id']}"
         files = {"resolv.conf": RESOLV_CONF.encode()} if egress is not None else {}
         files["hosts"] = sandbox.hosts_text(self.name).encode()  # kodepipe's /etc/hosts, as on the host (D7)
-        secret_list = self.stage_folder(remote, folder, uid, gid, masked, secret_data, files)
+        staged, secret_list = self.folder_files(folder, uid, gid, secret_data, files)
         mask_file = f"{folder}/empty" if masked else None
         extra_mounts = [sandbox.Mount(f"{folder}/resolv.conf", "/etc/resolv.conf", True)] if egress else []
         extra_mounts.append(sandbox.Mount(f"{folder}/hosts", "/etc/hosts", True))  # and podman --no-hosts
@@ -1210,7 +1212,7 @@ class VmRun:
         bound = ws  # what the container gets as its workspace: the overlay's merged dir in quarantine
         if quarantine is not None and ws is not None:
             bound = self.mount_overlay(remote, quarantine, ws)
-        guest = Facts(agent_uid=uid, agent_gid=gid, uid_from=source, workspace=bound, seccomp=seccomp,
+        guest = Facts(agent_uid=uid, agent_gid=gid, uid_from=source, workspace=bound, seccomp=seccomp[0],
                       # crun is what Debian's podman brings; runc only where the guest has it
                       oci_runtime="runc" if facts.get("runc") else None, quotas=quotas, masked=tuple(masked),
                       protect=tuple(protect), protect_sources={p: f"{bound}/{p}" for p in protect})
@@ -1219,7 +1221,9 @@ class VmRun:
                                            extra_env=container_env() if egress is not None else {},
                                            env_file=f"{folder}/env"))
         check_mounts(box)
-        self.write_env_file(remote, box)
+        if box.env_file is not None:  # the container's environment: root's, 0400, removed with the folder
+            staged.append(StagedFile(PurePosixPath(box.env_file).name, box.env_file_text(), 0o400))
+        self.stage(remote, folder, seccomp, hook, staged)
         self.meta.update(
             policy.record(),  # the policy's keys, the same on every backend
             workspace=ws,
@@ -1230,7 +1234,7 @@ class VmRun:
         if quarantine is not None:
             self.meta["quarantine"] = {"lower": str(quarantine.lower), "owner": list(quarantine.owner),
                                        "guest": quarantine.upper}
-        return Prepared(remote, box, hooks_dir, host_folder, git, egress, quarantine=quarantine,
+        return Prepared(remote, box, hook[0], host_folder, git, egress, quarantine=quarantine,
                         setid_before=setid_before)
 
     @contextlib.contextmanager
@@ -1543,42 +1547,18 @@ class VmRun:
         else:
             self.store.discard(folder)
 
-    def stage_folder(self, remote: Remote, folder: str, uid: int, gid: int, masked: list[str], data: list[bytes],
-                     files: dict[str, bytes]) -> list[sandbox.Secret]:
-        """The run's folder in the guest, when it needs one: the empty mask file, kodepipe's own files
-        (``files``, world-readable), and a copy of each secret only the agent can read; removed when the
-        run is left."""
-        if not masked and not self.policy.secrets and not files:
-            return []  # nothing to keep there: no folder, nothing to clean up
-        self._undo.callback(self._remove_folder, remote, folder)
-        self._check(remote.run(_script(
-            'set -e; sudo -n mkdir -p -m 0755 "$1"; sudo -n mkdir -m 0700 "$2"; '
-            'sudo -n install -m 0444 /dev/null "$2/empty"', GUEST_DIR, folder)),
-            "making the run's folder")
-        for name, content in sorted(files.items()):
-            self._check(remote.run(_script(
-                'set -e; sudo -n sh -c \'umask 022; cat > "$1"\' sh "$1"; sudo -n chmod 0444 "$1"',
-                f"{folder}/{name}"), input=content), f"writing {name}")
-        out = []
+    def folder_files(self, folder: str, uid: int, gid: int, data: list[bytes], files: dict[str, bytes]
+                     ) -> tuple[list[StagedFile], list[sandbox.Secret]]:
+        """What the run's folder in the guest holds: the empty mask file, kodepipe's own ``files``
+        (world-readable), and a copy of each secret only the agent can read (``folder``/N-NAME)."""
+        staged = [StagedFile("empty", b"", 0o444)]
+        staged += [StagedFile(name, content, 0o444) for name, content in sorted(files.items())]
+        secrets = []
         for n, (spec, content) in enumerate(zip(self.policy.secrets, data, strict=True)):
-            src, dest = Path(spec.source), spec.dest
-            copy = f"{folder}/{n}-{src.name}"
-            self._check(remote.run(_script(
-                'set -e; sudo -n sh -c \'umask 077; cat > "$1"\' sh "$1"; sudo -n chown "$2" "$1"; '
-                'sudo -n chmod 0400 "$1"', copy, f"{uid}:{gid}"), input=content),
-                f"copying the secret {src.name}")
-            out.append(sandbox.Secret(Path(copy), dest, str(src)))
-        return out
-
-    def write_env_file(self, remote: Remote, box: sandbox.Sandbox) -> None:
-        """The container's environment in ``box.env_file``, in the run's 0700 folder: root's, 0400,
-        removed with the folder.  Its content goes on the SSH channel's stdin, never on a command line
-        (which the guest's ps shows and its sudo logs: D8)."""
-        if box.env_file is None:
-            return
-        self._check(remote.run(_script(
-            'set -e; sudo -n sh -c \'umask 077; cat > "$1"\' sh "$1"; sudo -n chmod 0400 "$1"', box.env_file),
-            input=box.env_file_text()), "writing the container's environment")
+            src = Path(spec.source)
+            staged.append(StagedFile(f"{n}-{src.name}", content, 0o400, uid, gid))
+            secrets.append(sandbox.Secret(Path(f"{folder}/{n}-{src.name}"), spec.dest, str(src)))
+        return staged, secrets
 
     def setid_files(self, remote: Remote, ws: str) -> frozenset[str]:
         """The setuid/setgid files below the guest workspace ``ws`` (setid_argv, as root)."""
@@ -1832,29 +1812,62 @@ class VmRun:
         self.say("progress", f"{self.vm_name}: {tag} loaded in {seconds:g} s ({sent >> 20} MiB sent)")
         return {"seconds": seconds, "bytes_sent": sent, "compressed": compress}
 
-    def prepare_guest(self, remote: Remote) -> str:
-        """Write the seccomp profile into the guest (derived from its own containers profile) and
-        steer its Podman clear of idmapped layers; the profile's path."""
-        from kodepipe.container import engine, seccomp
+    def guest_seccomp(self, remote: Remote) -> tuple[str, bytes]:
+        """kp-run's seccomp profile, derived from the guest's own containers profile: its path in the
+        guest, and its text (written by stage)."""
+        from kodepipe.container import seccomp
 
         base = remote.run(_q("cat", "--", GUEST_SECCOMP))
         if base.status != 0:
             raise KpError(f"{self.vm_name} has no {GUEST_SECCOMP}: kp-run derives its seccomp profile from it",
                           code="no_seccomp", hint="rebuild the image with kp-image build (its Podman brings it)")
         text = seccomp.render(base.stdout)
-        path = seccomp_path(text)
-        # the guest's kernel has the same idmapped-overlay trouble as the host's (engine.force_chown_copies)
-        flags = engine.STORAGE_RUN
-        self._check(remote.run(_q("sudo", "-n", "sh", "-c", GUEST_SETUP, "kp-run", path, GUEST_DIR, str(flags)),
-                                    input=text), "writing the seccomp profile")
-        return path
+        return seccomp_path(text), text
 
-    def prepare_hook(self, remote: Remote, values: dict[str, int]) -> str:
-        """Write the hook that sets ``values`` in the container's user namespace; its directory."""
-        hooks_dir, text = quota_hook(values)
-        self._check(remote.run(_q("sudo", "-n", "sh", "-c", HOOK_SETUP, "kp-run", hooks_dir), input=text),
-                    "writing the kernel quotas' hook")
-        return hooks_dir
+    def prepare_hook(self, values: dict[str, int]) -> tuple[str | None, bytes]:
+        """The hook that sets ``values`` in the container's user namespace: its directory and its JSON."""
+        return quota_hook(values)
+
+    def stage(self, remote: Remote, folder: str, seccomp: tuple[str, bytes], hook: tuple[str | None, bytes],
+              files: list[StagedFile]) -> None:
+        """One round trip (STAGE): the seccomp profile, the hook, the guest's overlay settings and the run's
+        folder with ``files``; the folder is removed when the run is left.  What a file holds goes on the
+        channel's stdin, never on a command line (D8)."""
+        from kodepipe.container import engine
+
+        self._undo.callback(self._remove_folder, remote, folder)
+        extra = [StagedFile(STAGED_SECCOMP, seccomp[1], 0o644)]
+        if hook[0] is not None:
+            extra.append(StagedFile(STAGED_HOOK, hook[1], 0o644))
+        # the guest's kernel has the same idmapped-overlay trouble as the host's (engine.force_chown_copies)
+        self._check(remote.run(_q("sudo", "-n", "sh", "-c", STAGE, "kp-run", GUEST_DIR, str(engine.STORAGE_RUN),
+                                  seccomp[0], hook[0] or "", folder), input=staged_tar([*files, *extra])),
+                    "writing the run's files (its folder, seccomp profile and hook)")
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A file of the run's folder in the guest: its name there, what it holds, its mode and owner."""
+
+    name: str
+    data: bytes
+    mode: int
+    uid: int = 0
+    gid: int = 0
+
+
+def staged_tar(files: Iterable[StagedFile]) -> bytes:
+    """``files`` as a tar archive that root's tar -x -p --numeric-owner extracts with those modes and owners."""
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for f in files:
+            info = tarfile.TarInfo(f.name)
+            info.size, info.mode, info.uid, info.gid = len(f.data), f.mode, f.uid, f.gid
+            tar.addfile(info, io.BytesIO(f.data))
+    return out.getvalue()
 
 
 @contextlib.contextmanager

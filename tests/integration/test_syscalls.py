@@ -66,7 +66,7 @@ def test_the_attempts_succeed_under_podmans_own_profile(request: pytest.FixtureR
 QUOTAS = "echo inotify=$(cat /proc/sys/user/max_inotify_instances) userns=$(cat /proc/sys/user/max_user_namespaces)"
 # kp-run that does not set them (on the host: no nsenter; in a VM: no hook)
 WEAKENED_QUOTAS = ("from kodepipe.container import userns, vmrun\nuserns.limit = lambda pid, values: None\n"
-                   "vmrun.VmRun.prepare_hook = lambda self, remote, values: None\n")
+                   "vmrun.VmRun.prepare_hook = lambda self, values: (None, b\"\")\n")
 
 
 @pytest.mark.parametrize("weakened", [False, True], ids=["kp-run", "weakened"])
