@@ -556,20 +556,29 @@ class Run:
                 timer.cancel()
 
     def _terminal_run(self, started: Started) -> None:
-        """A real terminal for the agent: Podman's own client attaches (window size, Ctrl-C)."""
+        """A real terminal for the agent (-t), or kp-run's stdin as the agent's (-i): Podman's own client
+        attaches (window size, Ctrl-C).  Standard output carries records, so the agent's output goes where
+        the VM backend sends it: to the terminal (-t: /dev/tty when stdout is not one), else to stderr."""
         stdin: Any = None
-        if self.policy.tty and not os.isatty(0):
+        stdout: Any = sys.stderr
+        if self.policy.tty and not (os.isatty(0) and os.isatty(1)):
             try:
-                stdin = open("/dev/tty", "rb")  # noqa: SIM115 - closed below
+                tty = open("/dev/tty", "r+b", buffering=0)  # noqa: SIM115 - closed below
             except OSError:
                 raise BadInput("-t needs a terminal, and there is none",
                                hint="drop -t, or run kp-run from a terminal") from None
+            stdin = None if os.isatty(0) else tty
+            stdout = None if os.isatty(1) else tty
+        elif self.policy.tty:
+            stdout, tty = None, None
+        else:
+            tty = None
         try:
             subprocess.run([proc.require("podman"), "--remote", "--url", self.engine.url, "start",
-                            "--attach", "--interactive", started.cid], stdin=stdin, check=False)
+                            "--attach", "--interactive", started.cid], stdin=stdin, stdout=stdout, check=False)
         finally:
-            if stdin is not None:
-                stdin.close()
+            if tty is not None:
+                tty.close()
 
     def _time_up(self) -> None:
         self.timed_out = True

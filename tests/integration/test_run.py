@@ -751,6 +751,22 @@ def test_a_terminal_for_interactive_agents(request: pytest.FixtureRequest, backe
         assert record["host"] == vm.record["name"]
 
 
+def test_i_gives_the_agent_stdin_and_keeps_stdout_for_records(request: pytest.FixtureRequest, backend: str,
+                                                               shell_image: str) -> None:
+    """-i without a terminal, in a pipe: the agent reads kp-run's stdin, and what it prints goes to stderr on
+    both backends, so stdout stays JSON lines (on the host it once went to stdout, between the records)."""
+    args = ["-i", "--image", shell_image, "--", "sh", "-c", "read line; echo \"agent read: $line\""]
+    env = dict(os.environ)
+    if backend == "vm":
+        vm = request.getfixturevalue("guest_vm")
+        args, env = ["--vm", vm.record["name"], *args], vm.env  # stdin is the agent's, not the vm record's
+    proc = subprocess.run([str(BIN / "kp-run"), *args], input=b"from-the-pipe\n", capture_output=True, env=env,
+                          timeout=900 if backend == "vm" else 120)
+    records = lines(proc.stdout)  # every line of stdout is a record
+    assert [r["kind"] for r in records] == ["container"] and records[0]["exit_code"] == 0, proc.stderr.decode()
+    assert b"agent read: from-the-pipe" in proc.stderr and b"from-the-pipe" not in proc.stdout
+
+
 def test_git_metadata_is_read_only(request: pytest.FixtureRequest, backend: str, shell_image: str, ws: Path) -> None:
     # the whole .git is read-only by default (gitguard.py; every variant: tests/integration/test_git_attacks.py)
     subprocess.run(["git", "init", "-q", str(ws)], check=True)
