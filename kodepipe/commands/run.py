@@ -74,8 +74,11 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Let the agent write the workspace's git repositories (commit, branch), which are read-only by "
                    "default; after the run, what it added or changed that git reads as configuration, hooks or "
                    "a repository is still moved away (recorded; --writable-git-config is the old name).")
-@click.option("-i", "--interactive", is_flag=True, help="Keep standard input open to the command.")
-@click.option("-t", "--tty", is_flag=True, help="Give the command a terminal (window size, Ctrl-C).")
+@click.option("-i", "--interactive", is_flag=True,
+              help="Keep standard input open to the command (its output goes to stderr: stdout carries records).")
+@click.option("-t", "--tty", is_flag=True,
+              help="Give the command a terminal (window size, Ctrl-C): the caller's, /dev/tty when stdin or stdout "
+                   "is a pipe.")
 @click.option("--vm", "vm_name", metavar="NAME",
               help="Run inside the VM NAME (running, from kp-boot) instead of reading vm records from stdin: "
                    "for -i, whose stdin is the agent's.")
