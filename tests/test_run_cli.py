@@ -103,6 +103,21 @@ def test_a_profile_image_is_built_only_after_the_root_check(monkeypatch: pytest.
     assert result.status == 77 and "sudo" in result.stderr
 
 
+def test_a_workspace_the_host_refuses_is_refused_before_a_profile_image_is_built(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The host learns (and checks) before it builds: a workspace it would refuse costs no image build."""
+    from kodepipe.container import profile
+
+    def build(*args: object, **kwargs: object) -> str:
+        raise AssertionError("an image was built for a run that is refused")
+
+    monkeypatch.setattr(profile, "ensure_image", build)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = invoke("kp-run", "-w", str(tmp_path), "--", "true")  # the home folder: it would expose too much
+    assert result.status == 65 and "home" in result.stderr, result.stderr
+
+
 def test_non_root_gets_77(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     result = invoke("kp-run", "--image", "x", "--", "true")

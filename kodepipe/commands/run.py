@@ -284,12 +284,17 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     host = HostBackend(store)
     try:
         host.refuse(policy)  # root (77): after the conflicts, before the image is built
+        facts = host.learned(policy)  # reads only, and checked: a workspace refused before an image is built
     except KpError as exc:
         out.fail({"kind": "container", "name": name}, exc)
         return out.status()
-    policy = _built(out, policy, prof)
     try:
-        record, status = host.run(policy, say)
+        policy = _built(out, policy, prof)
+    except BaseException:
+        facts.close()
+        raise
+    try:
+        record, status = host.run(policy, say, facts)
     except KpError as exc:
         record = getattr(exc, "record", {"kind": "container", "name": name})
         out.fail(record, exc)

@@ -174,14 +174,15 @@ class HostBackend:
             raise
         return facts
 
-    def run(self, policy: Policy, say: Say) -> tuple[Record, int | None]:
-        """learned -> stage -> render -> start -> run -> finish (hostrun.Run, which owns the clean-up)."""
+    def run(self, policy: Policy, say: Say, facts: hostrun.HostFacts | None = None) -> tuple[Record, int | None]:
+        """learned -> stage -> render -> start -> run -> finish (hostrun.Run, which owns the clean-up);
+        ``facts``: learned already (kp-run learns before it builds a profile's image), closed by the run."""
         from kodepipe.container import hostrun
         from kodepipe.core.state import Store
 
         if not isinstance(self.store, Store):
             raise TypeError("HostBackend needs a state.Store")
-        return hostrun.run(self.store, policy, say, learned=self.learned)
+        return hostrun.run(self.store, policy, say, learned=self.learned if facts is None else lambda _p: facts)
 
 
 # What a guest cannot do yet (docs/policy-plan.md §3.3): flipped to None as each capability lands
