@@ -160,6 +160,9 @@ def _terminated(signum: int, frame: Any) -> None:
 def run(command: click.Command, prog: str, args: list[str] | None = None) -> NoReturn:
     """Run a click command and exit with a documented status."""
     signal.signal(signal.SIGTERM, _terminated)
+    # the terminal closed under it: cleaned up as for SIGTERM (never under nohup, which ignores SIGHUP)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, _terminated)
     status = errors.SOFTWARE
     try:
         result = command.main(args=args, prog_name=prog, standalone_mode=False)

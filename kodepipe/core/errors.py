@@ -20,7 +20,7 @@ SOFTWARE = 70  # EX_SOFTWARE: a bug in kodepipe (a traceback follows)
 TIMEOUT = 75  # EX_TEMPFAIL: timed out waiting; trying again may work
 NO_PERMISSION = 77  # EX_NOPERM: the operation needs privileges the user lacks
 INTERRUPTED = 130  # SIGINT
-TERMINATED = 143  # SIGTERM
+TERMINATED = 143  # SIGTERM (and SIGHUP)
 PIPE_CLOSED = 141  # the reader of stdout went away (as if killed by SIGPIPE)
 
 EXIT_STATUSES: list[tuple[int, str]] = [
@@ -35,7 +35,7 @@ EXIT_STATUSES: list[tuple[int, str]] = [
     (NO_PERMISSION, "the operation needs privileges the user lacks (building an image needs root)"),
     (INTERRUPTED, "interrupted (SIGINT); work in progress was rolled back"),
     (PIPE_CLOSED, "the reader of stdout went away (for example | head -1); no message is printed"),
-    (TERMINATED, "terminated (SIGTERM); work in progress was rolled back"),
+    (TERMINATED, "terminated (SIGTERM, or SIGHUP when its terminal closed); work in progress was rolled back"),
 ]
 
 # When several records fail in different ways, the command exits with the

@@ -269,3 +269,37 @@ def test_a_kp_run_killed_right_after_creating_its_container_leaves_nothing_kp_rm
     again = start("--image", shell_image, "-w", str(ws), "--name", name, "--", "true")
     status, record, err = ended(again)
     assert status == 0 and record["exit_code"] == 0, err
+
+
+# SIGHUP is what a closed terminal sends; in a VM once (each TCG run costs ~30-40 s of CI's time)
+SIGNALS = [("host", signal.SIGTERM), ("host", signal.SIGHUP), ("vm", signal.SIGHUP)]
+
+
+@pytest.mark.parametrize(("backend", "signum"), SIGNALS, ids=[f"{b}-{s.name}" for b, s in SIGNALS])
+def test_a_kp_run_terminated_or_hung_up_removes_its_container(request: pytest.FixtureRequest, backend: str,
+                                                                signum: signal.Signals, shell_image: str,
+                                                                ws: Path) -> None:
+    """kp-run ends by SIGTERM, or by SIGHUP (its terminal closed): the container goes with it, on every
+    backend, the record says it was interrupted, and it exits 143 (SIGHUP once left the container running)."""
+    from tests.integration.test_audit import env_of, place, start_run, started
+    from tests.integration.test_audit import wait_for as wait_long
+
+    where = place(request, backend, ws)
+    name = f"sig-{signum.name.lower()}-{os.getpid()}"
+    proc = start_run(request, backend, "--image", shell_image, "-w", where, "--name", name, "--", "sh", "-c", AGENT)
+    wait_long(lambda: started(request, backend, where), "the agent runs", proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 143, err.decode()
+    (record,) = [r for r in lines(out) if r.get("kind") == "container"]
+    assert record["outcome"] == "interrupted" and record["container_removed"] is True, record
+    assert b"Traceback" not in err
+    if backend == "vm":
+        left = request.getfixturevalue("guest_vm").sh(f"podman ps -aq --filter name=^{name}$")
+    else:
+        left = subprocess.run(["podman", "ps", "-aq", "--filter", f"name=^{name}$"], capture_output=True,
+                              check=True).stdout
+    assert left.strip() == b"", left
+    listed = subprocess.run([str(BIN / "kp-ls"), "container"], env=env_of(request, backend), capture_output=True,
+                            timeout=BOUND)
+    assert name not in listed.stdout.decode()
