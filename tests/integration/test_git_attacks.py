@@ -62,19 +62,7 @@ class Place:
 
 @pytest.fixture
 def place(tmp_path: Path) -> Place:
-    ws = tmp_path / "proj"
-    (ws / "sub").mkdir(parents=True)
-    (ws / "main.py").write_text("print('hello')\n")
-    (ws / "sub" / "x.txt").write_text("x\n")
-    markers = tmp_path / "markers"
-    markers.mkdir(mode=0o777)
-    markers.chmod(0o777)
-    home = tmp_path / "owner-home"
-    home.mkdir()
-    (home / ".gitconfig").write_text("[safe]\n\tdirectory = *\n")
-    for path in [ws, *ws.rglob("*"), home]:
-        os.chown(path, OWNER, OWNER)
-    return Place(ws, markers / "M", home)
+    return new_place(tmp_path)
 
 
 def as_owner(place: Place, *git_args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess[bytes]:
@@ -180,14 +168,59 @@ def kept_for_the_user(backend: str, record: dict[str, Any], entry: dict[str, Any
     return str(entry["moved_to"]).startswith(f"/var/lib/kodepipe/runs/{record['name']}-{record['id']}/git-planted/")
 
 
+def new_place(root: Path) -> Place:
+    """A workspace, the host marker's folder and the owner's home, under ``root``."""
+    ws = root / "proj"
+    (ws / "sub").mkdir(parents=True)
+    (ws / "main.py").write_text("print('hello')\n")
+    (ws / "sub" / "x.txt").write_text("x\n")
+    markers = root / "markers"
+    markers.mkdir(mode=0o777)
+    markers.chmod(0o777)
+    home = root / "owner-home"
+    home.mkdir()
+    (home / ".gitconfig").write_text("[safe]\n\tdirectory = *\n")
+    for path in [ws, *ws.rglob("*"), home]:
+        os.chown(path, OWNER, OWNER)
+    return Place(ws, markers / "M", home)
+
+
+Attempt = tuple[Place, subprocess.CompletedProcess[str], dict[str, Any]]
+GUEST_RUNS_AT_ONCE = 3  # each run's SSH round trips leave the guest's CPUs idle part of the time
+
+
+@pytest.fixture(scope="module")
+def vm_attempts(request: pytest.FixtureRequest, shell_image: str,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Attempt]:
+    """Every attack run once in the session's guest, a few at a time (each in its own workspace, as a
+    separate kp-run; under TCG one after the other took ~8 min of CI): name -> (place, kp-run, record)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    request.getfixturevalue("guest_vm")  # made here, before the threads use it
+
+    def attempt(name: str) -> Attempt:
+        place = new_place(tmp_path_factory.mktemp(f"attack-{name}"))
+        if ATTACKS[name].repo:
+            init_repo(place)
+        proc, record = attack_run(request, "vm", shell_image, place, ATTACKS[name])
+        return place, proc, record
+
+    with ThreadPoolExecutor(GUEST_RUNS_AT_ONCE) as pool:
+        return dict(zip(ATTACKS, pool.map(attempt, ATTACKS), strict=True))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", list(ATTACKS))
-def test_git_never_runs_the_agents_code(request: pytest.FixtureRequest, shell_image: str, place: Place, name: str,
+def test_git_never_runs_the_agents_code(request: pytest.FixtureRequest, shell_image: str, tmp_path: Path, name: str,
                                         backend: str) -> None:
     attack = ATTACKS[name]
-    if attack.repo:
-        init_repo(place)
-    proc, record = attack_run(request, backend, shell_image, place, attack)
+    if backend == "vm":
+        place, proc, record = request.getfixturevalue("vm_attempts")[name]
+    else:
+        place = new_place(tmp_path)
+        if attack.repo:
+            init_repo(place)
+        proc, record = attack_run(request, backend, shell_image, place, attack)
     for said in attack.said:
         assert said in proc.stderr, proc.stderr
     assert "MOVED" not in proc.stderr and "WROTE" not in proc.stderr, proc.stderr
