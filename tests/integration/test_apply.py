@@ -39,13 +39,13 @@ def place(request: pytest.FixtureRequest, backend: str, tmp_path: Path, monkeypa
     runs on the host, with no VM)."""
     if backend == "host":
         return Place(tmp_path / "proj", str(tmp_path / "proj"), OWNER)
-    from tests.integration.vmbackend import SESSION
+    from tests.integration.vmbackend import SESSION, in_share
 
     vm = request.getfixturevalue("guest_vm")
     for key, value in vm.env.items():
         monkeypatch.setenv(key, value)
     name = f"apply-{SESSION}-{next(vm.counter)}"
-    return Place(vm.share / name, f"/workspace/{name}", vm.share.stat().st_uid)
+    return Place(in_share(request, vm, name), f"/workspace/{name}", vm.share.stat().st_uid)
 
 
 def reset(place: Place) -> None:

@@ -468,11 +468,11 @@ def quarantine_place(request: pytest.FixtureRequest, backend: str, ws: Path) -> 
     (the guest's /workspace/NAME), owned like the share: the one workspace a VM can quarantine."""
     if backend == "host":
         return Quarantined(str(ws), ws, dict(os.environ), OWNER)
-    from tests.integration.vmbackend import SESSION
+    from tests.integration.vmbackend import SESSION, in_share
 
     vm = request.getfixturevalue("guest_vm")
     name = f"q-{SESSION}-{next(vm.counter)}"
-    host = vm.share / name
+    host = in_share(request, vm, name)
     shutil.copytree(ws, host, symlinks=True)
     owner = vm.share.stat().st_uid
     for path in [host, *host.rglob("*")]:

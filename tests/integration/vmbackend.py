@@ -99,6 +99,15 @@ class GuestVm:
                               timeout=timeout, env=env)
 
 
+def in_share(request: pytest.FixtureRequest, vm: GuestVm, name: str) -> Path:
+    """The host side of a sub-folder of the guest's share (its /workspace/NAME), removed after the test: a
+    run on the whole share (kp-run with no -w) surveys everything in it, and a hostile test's deep tree
+    there costs every later run minutes over 9p."""
+    host = vm.share / name
+    request.addfinalizer(lambda: subprocess.run(["rm", "-rf", "--", str(host)], check=True))
+    return host
+
+
 def make_guest(env: dict[str, str], share: Path, shell_image: str, name: str = "kp-backend"
                ) -> tuple[dict[str, Any], dict[str, Any], float]:
     """A VM made the way a user makes one, in one pipeline whose last stage is the first kp-run (which
