@@ -560,7 +560,8 @@ class Run:
         attaches (window size, Ctrl-C).  Standard output carries records, so the agent's output goes where
         the VM backend sends it: to the terminal (-t: /dev/tty when stdout is not one), else to stderr."""
         stdin: Any = None
-        stdout: Any = sys.stderr
+        stdout: Any = None if self.policy.tty else sys.stderr
+        tty = None
         if self.policy.tty and not (os.isatty(0) and os.isatty(1)):
             try:
                 tty = open("/dev/tty", "r+b", buffering=0)  # noqa: SIM115 - closed below
@@ -569,10 +570,6 @@ class Run:
                                hint="drop -t, or run kp-run from a terminal") from None
             stdin = None if os.isatty(0) else tty
             stdout = None if os.isatty(1) else tty
-        elif self.policy.tty:
-            stdout, tty = None, None
-        else:
-            tty = None
         try:
             subprocess.run([proc.require("podman"), "--remote", "--url", self.engine.url, "start",
                             "--attach", "--interactive", started.cid], stdin=stdin, stdout=stdout, check=False)
