@@ -48,7 +48,9 @@ def certificate() -> tuple[str, str]:
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("*.test")]), critical=False)
+            # api.test by name too: a verifying client (the proxy, for a credential) takes no wildcard of one label
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("*.test"), x509.DNSName("api.test")]),
+                           critical=False)
             .sign(key, hashes.SHA256()))
     folder = Path(tempfile.mkdtemp(prefix="kp-test-cert-"))
     atexit.register(shutil.rmtree, folder, True)
@@ -97,7 +99,7 @@ def origin(address: str, greeting: str, *, seen: list[dict[str, Any]] | None = N
         def answer(self, body: bytes) -> None:
             if seen is not None:
                 seen.append({"method": self.command, "path": self.path, "host": self.headers.get("Host"),
-                             "body": body})
+                             "body": body, "headers": [(k.lower(), v) for k, v in self.headers.items()]})
             data = f"{greeting} {self.path}\n".encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))

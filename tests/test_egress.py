@@ -119,7 +119,11 @@ def test_parse_request() -> None:
     post = wire.parse_request(b"POST http://a.test/ HTTP/1.1\r\nContent-Length: 12\r\n\r\n")
     assert post.length == 12 and b"Content-Length: 12\r\n" in post.head
     assert wire.parse_request(b"POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: Chunked\r\n\r\n").chunked
-    for bad in (b"GET /relative HTTP/1.1\r\n\r\n", b"garbage\r\n\r\n", b"CONNECT nohost HTTP/1.1\r\n\r\n"):
+    # an origin-form request is for the proxy itself (a credential's endpoint): its target and headers
+    own = wire.parse_request(b"GET /kodepipe/x/v1?a=1 HTTP/1.1\r\nX-Api-Key: t\r\n\r\n")
+    assert own.target == "/kodepipe/x/v1?a=1" and own.host == "" and own.head == b""
+    assert own.headers == ((b"x-api-key", b"t", b"X-Api-Key: t"),)
+    for bad in (b"GET relative HTTP/1.1\r\n\r\n", b"garbage\r\n\r\n", b"CONNECT nohost HTTP/1.1\r\n\r\n"):
         with pytest.raises(wire.BadRequest):
             wire.parse_request(bad)
 

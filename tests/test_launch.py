@@ -483,6 +483,7 @@ def test_kp_run_says_which_of_the_profiles_variables_it_does_not_have(monkeypatc
         allow: tuple[str, ...] = ()
         env: tuple[str, ...] = ("KP_TEST_SET", "KP_TEST_UNSET_A", "KP_TEST_UNSET_B")
         tty: bool = False
+        credentials: tuple[str, ...] = ()
 
     def fake_run(store: Store, policy: Policy, say: Any, **kw: Any) -> tuple[dict[str, Any], int]:
         return {"kind": "container", "name": "r", "id": "abc", "exit_code": 0, **policy.record()}, 0

@@ -27,6 +27,7 @@ class Prof:
     allow: tuple[str, ...] = ()
     env: tuple[str, ...] = ()
     tty: bool = False
+    credentials: tuple[str, ...] = ()
 
 
 SECRET = pol.SecretFile("/home/u/token", True)

@@ -58,11 +58,17 @@ def test_every_built_in_profile_loads_and_builds_from_the_local_base(name: str) 
 def test_agent_profiles_name_what_they_need() -> None:
     claude = profile.load("claude")
     assert claude.command == ("claude",) and claude.tty
-    assert "ANTHROPIC_API_KEY" in claude.env and "api.anthropic.com" in claude.allow
-    assert "OPENAI_API_KEY" in profile.load("codex").env and "api.openai.com" in profile.load("codex").allow
-    assert "api.openai.com" in profile.load("aider").allow
+    # the keys stay on the host: the profiles declare credentials, and pass no key variable in
+    assert claude.credentials == ("anthropic", "claude-oauth") and "api.anthropic.com" in claude.allow
+    codex = profile.load("codex")
+    assert codex.credentials == ("openai",) and "api.openai.com" in codex.allow
+    aider = profile.load("aider")
+    assert aider.credentials == ("anthropic", "openai") and "api.openai.com" in aider.allow
     gemini = profile.load("gemini")
-    assert "GEMINI_API_KEY" in gemini.env and "generativelanguage.googleapis.com" in gemini.allow
+    assert gemini.credentials == ("gemini",) and "generativelanguage.googleapis.com" in gemini.allow
+    keys = {"ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"}
+    for agent in (claude, codex, aider, gemini):
+        assert not keys & set(agent.env), agent.name
     shell = profile.load("shell")
     assert shell.command == ("bash",) and shell.allow == () and shell.env == ()
     assert shell.defaults()["memory"] == "2g"

@@ -58,6 +58,17 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Pin an allowed name to an address for the proxy, like curl --resolve (also lets a name reach "
                    "a loopback address, which is otherwise refused).")
 @click.option("--no-profile-allow", is_flag=True, help="Ignore the domains the profile allows.")
+@click.option("--credential", "credentials", multiple=True, metavar="NAME",
+              help="Let the agent use the credential NAME without holding it (repeatable): its real value is read "
+                   "on the host and added by the egress proxy to requests for its upstream only; the agent gets a "
+                   "per-run token and the proxy's endpoint in its variables (e.g. ANTHROPIC_API_KEY, "
+                   "ANTHROPIC_BASE_URL). Built in: anthropic, claude-oauth, openai, gemini; your own in "
+                   "~/.config/kodepipe/credentials/NAME.json. The run does not start if the value cannot be read.")
+@click.option("--no-profile-credentials", is_flag=True, help="Do not use the credentials the profile declares.")
+@click.option("--budget", "budgets", multiple=True, metavar="NAME=REQUESTS[,BYTES]",
+              help="At most REQUESTS requests and BYTES bytes (up and down) in this run for a credential NAME or an "
+                   "allowed host (repeatable; '-' for no limit of one kind); over it the proxy answers 429 and "
+                   "logs it. Credentials bring a default (the record's budgets).")
 @click.option("--cap-add", "cap_add", multiple=True, type=click.Choice(CAPS, case_sensitive=False),
               help="Give back one capability (repeatable; loosens the sandbox; recorded).")
 @click.option("--writable-root", is_flag=True, help="A writable root filesystem (loosens the sandbox; recorded).")
@@ -104,6 +115,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         profile: str | None, image: str | None, name: str | None, memory: int | None, cpus: float | None,
         pids: int | None, time_limit: float | None, tmp_size: int | None, network: str,
         allow: tuple[str, ...], allow_files: tuple[Path, ...], pins: tuple[str, ...], no_profile_allow: bool,
+        credentials: tuple[str, ...], no_profile_credentials: bool, budgets: tuple[str, ...],
         cap_add: tuple[str, ...], writable_root: bool, env: tuple[str, ...], secret_specs: tuple[str, ...],
         masks: tuple[str, ...], no_default_masks: bool, writable_git_config: bool, interactive: bool, tty: bool,
         vm_name: str | None, keep: bool, audit: bool,
@@ -146,6 +158,26 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         workspace is moved into the run's folder (record: git_planted);
         in quarantine, --apply refuses changes to git metadata
         (record: git_changes) unless --force.
+
+    Credentials stay on the host.  With --credential NAME (or a
+    profile's credential whose source is set up here), the real key is
+    read on the host before the run starts, from an environment
+    variable, a file or a command (under sudo: run as you), and held by
+    the egress proxy alone.  The agent gets a random per-run token where
+    the key would be and a plain-HTTP endpoint of the proxy in its own
+    namespace (ANTHROPIC_BASE_URL=http://127.0.0.1:3128/kodepipe/anthropic);
+    the proxy checks the token, replaces it with the key, and sends the
+    request over verified TLS to the credential's host and nowhere else.
+    A request without the token, or to another credential, is refused
+    (403) and logged; the log says which credential was used, for which
+    host, method and path, never the value.  If the value cannot be
+    read, the run does not start (error code credential_unavailable,
+    naming the source), and nothing passes the key in instead; a
+    profile's credential that is simply not set up (its variable unset,
+    no file) is left out and named in "credentials_missing".  Each
+    credential brings a budget of requests and bytes (--budget changes
+    it, or sets one for an allowed host): over it, the proxy answers
+    429, logs it, and the record's "budget_used" says so.
 
     The command's output goes to standard error, so standard output
     carries only the container record (kind "container": name, image,
@@ -270,6 +302,11 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         out.warn(f"the profile passes {', '.join(policy.env_missing)}, which kp-run's environment does not have "
                  f"(sudo resets it): the agent runs without them (sudo --preserve-env={names.replace(' ', ',')} "
                  "kp-run ..., or -e NAME=VALUE)")
+    if policy.credentials_missing:  # never dropped without a word either (the record: credentials_missing)
+        out.warn(f"the profile's credential{'s' if len(policy.credentials_missing) > 1 else ''} "
+                 f"{', '.join(policy.credentials_missing)} {'are' if len(policy.credentials_missing) > 1 else 'is'} "
+                 "not set up on this host (its source is not there): the agent runs without "
+                 f"({', '.join('--credential ' + n for n in policy.credentials_missing)} says why)")
     if vm_name is not None:  # stdin is not read for records: with -i it is the agent's
         _in_named_vm(out, policy, prof, say, vm_name)
         return out.status()

@@ -49,6 +49,8 @@ class Part(enum.Enum):
     HOSTS = "kodepipe's /etc/hosts (localhost and the run's name only)"
     PINS = "--resolve"
     EGRESS = "--allow (or a profile's allowed domains)"
+    CREDENTIALS = "--credential (or a profile's credentials)"
+    BUDGETS = "--budget (or a credential's budget)"
     CAPS = "--cap-add"
     WRITABLE_ROOT = "--writable-root"
     ENV = "-e/--env"
@@ -73,6 +75,10 @@ def parts(policy: Policy) -> frozenset[Part]:
         out.add(Part.EGRESS)
         if policy.egress.pins:
             out.add(Part.PINS)
+    if policy.credentials:
+        out.add(Part.CREDENTIALS)
+    if policy.budgets:
+        out.add(Part.BUDGETS)
     if policy.cap_add:
         out.add(Part.CAPS)
     if policy.writable_root:

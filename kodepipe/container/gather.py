@@ -100,7 +100,42 @@ def config(opts: pol.Options, prof: Any, environ: Mapping[str, str] | None = Non
         secrets[src] = pol.SecretFile(str(secret), regular)
     stdin_tty, stdout_tty = _is_tty(sys.stdin), _is_tty(sys.stdout)
     return pol.Config(env=env, term=env_source.get("TERM"), allow_files=rules, unreadable=unreadable,
-                      secrets=secrets, has_terminal=_terminal(opts.tty), stdin_tty=stdin_tty, stdout_tty=stdout_tty)
+                      secrets=secrets, has_terminal=_terminal(opts.tty), stdin_tty=stdin_tty, stdout_tty=stdout_tty,
+                      credentials=credentials(opts, prof, env_source))
+
+
+def credentials(opts: pol.Options, prof: Any, environ: Mapping[str, str]) -> dict[str, pol.CredentialFact]:
+    """Each credential the run may use (--credential's, and the profile's unless left out): its definition,
+    its real value read from its source on this host, and a fresh token for the agent; or why not."""
+    import secrets as random
+
+    from kodepipe.core import paths
+    from kodepipe.core.errors import KpError
+    from kodepipe.egress import credentials as creds
+    from kodepipe.egress import sources
+
+    wanted = list(dict.fromkeys(opts.credentials)) + list(pol.profile_credentials(opts, prof))
+    if not wanted:
+        return {}
+    user_dir = paths.config_dir() / "credentials"
+    facts: dict[str, pol.CredentialFact] = {}
+    for name in wanted:
+        try:
+            definition = creds.load(name, user_dir)
+        except BadInput as exc:
+            facts[name] = pol.CredentialFact(problem=exc.message)
+            continue
+        try:
+            value = sources.read(definition.source, environ)
+        except sources.Unavailable as exc:
+            facts[name] = pol.CredentialFact(definition, unavailable=exc.message, absent=exc.absent)
+            continue
+        except KpError as exc:
+            facts[name] = pol.CredentialFact(definition, unavailable=exc.message)
+            continue
+        token = definition.token_prefix + random.token_hex(24)
+        facts[name] = pol.CredentialFact(definition, creds.Grant(definition, token, value))
+    return facts
 
 
 def policy(opts: pol.Options) -> pol.Policy:

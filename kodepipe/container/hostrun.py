@@ -127,7 +127,8 @@ def learn(policy: Policy) -> HostFacts:
     if policy.egress is not None:
         from kodepipe.egress import proxy as egress
 
-        egress_policy = egress.Policy.build(policy.egress.rules, policy.egress.pins)
+        egress_policy = egress.Policy.build(policy.egress.rules, policy.egress.pins, policy.credentials,
+                                            policy.budgets)
     seccomp_path, seccomp_text = seccomp.planned(paths.cache_dir() / "seccomp")
     facts = HostFacts(name="host", workspace=ws, uid=uid, gid=gid, uid_from=source, seccomp=seccomp_path,
                       seccomp_text=seccomp_text, oci_runtime=engine.oci_runtime(),
@@ -603,6 +604,8 @@ class Run:
         if self.proxy is not None:
             self.proxy.stop()
             meta["egress"] = dict(self.proxy.log.counts)
+            if self.proxy.ledger.budgets:
+                meta["budget_used"] = self.proxy.ledger.record()
             self.proxy.log.close()
         if self.strace is not None:
             try:

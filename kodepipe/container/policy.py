@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from kodepipe.container.capabilities import CAPABILITIES as CAPABILITIES
 from kodepipe.core.errors import USAGE, BadInput, KpError
+from kodepipe.egress.credentials import Budget, Definition, Grant
 from kodepipe.egress.policy import DEFAULT_PORTS, Rule
 
 # -- the defaults ------------------------------------------------------------------------------
@@ -60,7 +61,8 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 RUN_OPTIONS = ("workspace", "read_only_workspace", "quarantine", "profile", "image", "name", "memory", "cpus",
                "pids", "time_limit", "tmp_size", "network", "allow", "allow_files", "pins", "no_profile_allow",
                "cap_add", "writable_root", "env", "secret_specs", "masks", "no_default_masks",
-               "writable_git_config", "interactive", "tty", "keep", "audit", "audit_mode", "audit_cap")
+               "writable_git_config", "interactive", "tty", "keep", "audit", "audit_mode", "audit_cap",
+               "credentials", "budgets", "no_profile_credentials")
 
 
 class PolicyError(KpError):
@@ -170,6 +172,9 @@ class Options:
     audit: bool = False
     audit_mode: str = "default"
     audit_cap: int | None = None
+    credentials: tuple[str, ...] = ()  # --credential NAME
+    budgets: tuple[str, ...] = ()  # --budget KEY=REQUESTS[,BYTES]
+    no_profile_credentials: bool = False
     apply_names: tuple[str, ...] = ()
     force: bool = False
     given: frozenset[str] = frozenset()
@@ -205,6 +210,22 @@ class ProfileLike(Protocol):
     @property
     def tty(self) -> bool: ...
 
+    @property
+    def credentials(self) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True)
+class CredentialFact:
+    """What gather.py learned of one credential: its definition and the run's grant (token and value),
+    or why not: a broken definition (``problem``), or a source that cannot be read (``unavailable``;
+    ``absent`` when it is simply not set up on this host)."""
+
+    definition: Definition | None = None
+    grant: Grant | None = field(default=None, repr=False)
+    problem: str | None = None
+    unavailable: str | None = None
+    absent: bool = False
+
 
 @dataclass(frozen=True)
 class SecretFile:
@@ -226,6 +247,17 @@ class Config:
     has_terminal: bool = False  # stdin is a terminal, or /dev/tty opens
     stdin_tty: bool = False
     stdout_tty: bool = False
+    credentials: Mapping[str, CredentialFact] = field(default_factory=dict, repr=False)  # name -> what it is
+
+
+class CredentialUnavailable(KpError):
+    """A credential asked for whose real value cannot be read on the host: the run does not start."""
+
+    code = "credential_unavailable"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems), code="credential_unavailable",
+                         hint="the run did not start; nothing passes the key into the sandbox instead")
 
 
 # -- the policy -----------------------------------------------------------------------------
@@ -280,6 +312,9 @@ class Policy:
     tty: bool = False
     interactive: bool = False
     term: str | None = None  # TERM for a -t run, captured once
+    credentials: tuple[Grant, ...] = field(default=(), repr=False)  # held by the proxy; tokens in the env
+    credentials_missing: tuple[str, ...] = ()  # the profile's credentials not set up on this host (said, recorded)
+    budgets: tuple[tuple[str, Budget], ...] = ()  # credential name or host -> the run's budget
 
     @property
     def read_only_workspace(self) -> bool:
@@ -293,7 +328,11 @@ class Policy:
         return tuple(sorted(name for name, _ in self.env))
 
     def environment(self) -> dict[str, str]:
-        return dict(self.env)
+        """The container's environment: the variables passed, and each credential's token and endpoint."""
+        out = dict(self.env)
+        for grant in self.credentials:
+            out.update(grant.definition.environment(grant.token))
+        return out
 
     def with_image(self, tag: str) -> Policy:
         """The policy with the profile's image, once built (profile.ensure_image)."""
@@ -318,6 +357,8 @@ class Policy:
             out.append("writable-root")
         out.extend(f"env:{name}" for name in self.env_names())
         out.extend(f"secret:{s.dest}" for s in self.secrets)
+        # the agent can spend the key (not read it): through its endpoint, within the budget
+        out.extend(f"credential:{g.name}" for g in self.credentials)
         if self.limits.seconds == 0:
             out.append("no-time-limit")
         if self.workspace is not None and self.git_writable:
@@ -340,6 +381,12 @@ class Policy:
         }
         if self.env_missing:  # only when some are: the agent runs without them (D6)
             out["env_missing"] = list(self.env_missing)
+        if self.credentials:
+            out["credentials"] = [g.definition.record() for g in self.credentials]
+        if self.credentials_missing:
+            out["credentials_missing"] = list(self.credentials_missing)
+        if self.budgets:
+            out["budgets"] = {key: budget.record() for key, budget in self.budgets}
         if self.audit is not None:
             out.update(audit_mode=self.audit.mode, audit_cap=self.audit.cap)
         return out
@@ -467,10 +514,11 @@ def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Po
     elif o.allow_files and not raw and not any(p in config.unreadable for p in o.allow_files):
         problems.append(f"--allow-file {', '.join(o.allow_files)}: no rule in it, and no other --allow: the run "
                         "would have no network at all (leave it out for that)")
-    if o.pins and not raw and not (o.allow or o.allow_files):
-        problems.append("--resolve only matters with --allow")
+    grants, missing = _credentials(o, profile, config, problems)
+    if o.pins and not raw and not (o.allow or o.allow_files) and not grants:
+        problems.append("--resolve only matters with --allow or --credential")
     egress = None
-    if raw or o.pins:
+    if raw or o.pins or grants:
         rules: list[str] = []
         pins: list[str] = []
         for text in dict.fromkeys(raw):
@@ -484,8 +532,15 @@ def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Po
                 pins.append(f"{pin_name}={addr}")
             except BadInput as exc:
                 problems.append(exc.message)
-        if raw:
+        if raw or grants:
             egress = Egress(tuple(rules), tuple(pins))
+    budgets = _budgets(o, grants, egress, problems)
+    for grant in grants:  # a credential's variables are its own: never the host's value by -e or the profile
+        for var, _ in grant.definition.env:
+            if any(v.partition("=")[0] == var for v in o.env):
+                problems.append(f"-e {var}: the credential {grant.name} gives the agent {var} (its token or "
+                                "endpoint); passing it as well would override that")
+            env.pop(var, None)
     # C8, C9: the audit
     if not o.audit and ({"audit_mode", "audit_cap"} & given):
         problems.append(f"{' and '.join(_flag(p) for p in ('audit_mode', 'audit_cap') if p in given)} "
@@ -512,6 +567,10 @@ def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Po
         problems.append(f"--net {o.network}: one of {', '.join(NETWORKS)}")
     if problems:
         raise PolicyError(problems)
+    unavailable = [f"--credential {name}: {fact.unavailable}" for name, fact in _asked(o, config)
+                   if fact.unavailable is not None]
+    if unavailable:
+        raise CredentialUnavailable(unavailable)
     mode = "quarantine" if o.quarantine else "ro" if o.read_only_workspace else "rw"
     return Policy(
         command=command, image=o.image, limits=limits, name=o.name,
@@ -521,13 +580,88 @@ def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Po
         env=tuple(env.items()), env_missing=tuple(sorted({n for n in unset if n not in env})),
         cap_add=tuple(c.upper() for c in o.cap_add), writable_root=o.writable_root,
         keep=o.keep, audit=audit, tty=tty, interactive=o.interactive or tty,
-        term=(config.term if config.term is not None else DEFAULT_TERM) if tty else None)
+        term=(config.term if config.term is not None else DEFAULT_TERM) if tty else None,
+        credentials=tuple(grants), credentials_missing=tuple(missing), budgets=tuple(budgets))
+
+
+def profile_credentials(options: Options, profile: ProfileLike | None) -> tuple[str, ...]:
+    """The profile's credentials this run would use when set up: none with --no-profile-credentials or
+    --net open (no proxy), and none the command line names itself."""
+    if profile is None or options.no_profile_credentials or options.network != "none":
+        return ()
+    return tuple(n for n in profile.credentials if n not in options.credentials)
+
+
+def _asked(o: Options, config: Config) -> list[tuple[str, CredentialFact]]:
+    return [(name, config.credentials.get(name, CredentialFact(problem=f"--credential {name}: not looked up")))
+            for name in dict.fromkeys(o.credentials)]
+
+
+def _credentials(o: Options, profile: ProfileLike | None, config: Config,
+                 problems: list[str]) -> tuple[list[Grant], list[str]]:
+    """The run's grants (the explicit ones, then the profile's that are set up) and the profile's that are
+    not.  A profile's credential whose variables another one already sets is left out."""
+    if o.credentials and o.network != "none":
+        problems.append("--credential and --net open exclude each other: a credential is added on the way out by "
+                        "kodepipe's proxy, and --net open has none")
+    grants: list[Grant] = []
+    missing: list[str] = []
+    taken: dict[str, str] = {}
+    for name, fact in _asked(o, config):
+        if fact.problem is not None:
+            problems.append(fact.problem)
+        elif fact.grant is not None:
+            for var, _ in fact.grant.definition.env:
+                if var in taken:
+                    problems.append(f"--credential {name} and {taken[var]} both set {var}: choose one")
+                taken.setdefault(var, name)
+            grants.append(fact.grant)
+    for name in profile_credentials(o, profile):
+        fact = config.credentials.get(name, CredentialFact(problem=f"the profile's credential {name}: not looked up"))
+        if fact.problem is not None:
+            problems.append(f"the profile's credential {name}: {fact.problem}")
+        elif fact.unavailable is not None and not fact.absent:
+            problems.append(f"the profile's credential {name}: {fact.unavailable}")
+        elif fact.grant is None:
+            missing.append(name)
+        elif any(var in taken for var, _ in fact.grant.definition.env):
+            continue  # another credential (the user's choice, or the profile's first) serves these variables
+        else:
+            taken.update({var: name for var, _ in fact.grant.definition.env})
+            grants.append(fact.grant)
+    return grants, missing
+
+
+def _budgets(o: Options, grants: list[Grant], egress: Egress | None,
+             problems: list[str]) -> list[tuple[str, Budget]]:
+    """Each credential's default budget, and --budget's (which win), by credential name or host."""
+    from kodepipe.egress.credentials import parse_budget
+    from kodepipe.egress.policy import parse_rule
+
+    out = {g.name: g.definition.budget for g in grants if g.definition.budget is not None}
+    if o.budgets and egress is None:
+        problems.append("--budget only matters with --allow or --credential (the proxy counts requests)")
+        return []
+    names = {g.name for g in grants}
+    rules = [parse_rule(r) for r in egress.rules] if egress is not None else []
+    upstreams = {g.definition.upstream for g in grants}
+    for text in o.budgets:
+        try:
+            key, budget = parse_budget(text)
+        except BadInput as exc:
+            problems.append(exc.message)
+            continue
+        if key not in names and key not in upstreams and not any(r.matches(key, None) for r in rules):
+            problems.append(f"--budget {text}: {key} is neither a credential of this run nor an allowed host")
+            continue
+        out[key] = budget
+    return sorted(out.items())
 
 
 _FLAGS = {"workspace": "-w", "network": "--net", "pins": "--resolve", "time_limit": "--time",
           "secret_specs": "--secret", "masks": "--mask", "writable_git_config": "--writable-git",
           "interactive": "-i", "tty": "-t", "allow_files": "--allow-file", "env": "-e", "cap_add": "--cap-add",
-          "apply_names": "--apply"}
+          "apply_names": "--apply", "credentials": "--credential", "budgets": "--budget"}
 
 
 def _flag(param: str) -> str:

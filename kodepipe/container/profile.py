@@ -17,6 +17,9 @@ A profile is a folder NAME/ (NAME hostname-safe, as for VMs) holding:
     ``time``         str          wall-clock limit: 90s, 30m, 2h, 1d, 1h30m
     ``allow``        [str, ...]   domain names the agent needs to reach (for an egress proxy)
     ``env``          [str, ...]   names of host environment variables passed in when set
+    ``credentials``  [str, ...]   credentials the agent can use without holding them (kp-run --credential):
+                                  each is used when its source is set up on the host, and the
+                                  agent gets a per-run token and the proxy's endpoint instead
     ``tty``          bool         the command is interactive: give it a terminal when there is one
     ``notes``        str          anything a person should know
   Unknown keys are refused, so a typo does not silently lose a limit.
@@ -73,12 +76,14 @@ DEFAULTS: dict[str, Any] = {
     "time": "2h",
     "allow": [],
     "env": [],
+    "credentials": [],
     "tty": False,
     "notes": "",
 }
 
 MEMORY_RE = re.compile(r"[1-9][0-9]*[bkmg]?", re.IGNORECASE)
 ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+CREDENTIAL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 DOMAIN_RE = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
 # files of a profile folder that do not go into its hash (editor and Python droppings)
 IGNORED = re.compile(r"(__pycache__|.*~|\..*\.sw[a-p]|\.DS_Store)")
@@ -101,6 +106,7 @@ class Profile:
     env: tuple[str, ...]
     tty: bool
     notes: str
+    credentials: tuple[str, ...] = ()
 
     @property
     def repo(self) -> str:
@@ -121,7 +127,7 @@ class Profile:
         """The profile.json keys with their values (defaults filled in), e.g. for a record."""
         return {"description": self.description, "command": list(self.command), "memory": self.memory,
                 "cpus": self.cpus, "pids": self.pids, "time": self.time, "allow": list(self.allow),
-                "env": list(self.env), "tty": self.tty, "notes": self.notes}
+                "env": list(self.env), "credentials": list(self.credentials), "tty": self.tty, "notes": self.notes}
 
 
 # --------------------------------------------------------------------------- finding profiles
@@ -172,7 +178,7 @@ def load(name: str) -> Profile:
         name=name, folder=folder, containerfile=containerfile, builtin=builtin, digest=digest(folder),
         description=values["description"], command=tuple(values["command"]), memory=values["memory"],
         cpus=values["cpus"], pids=values["pids"], time=values["time"], allow=tuple(values["allow"]),
-        env=tuple(values["env"]), tty=values["tty"], notes=values["notes"])
+        env=tuple(values["env"]), tty=values["tty"], notes=values["notes"], credentials=tuple(values["credentials"]))
 
 
 def _read_defaults(path: Path) -> dict[str, Any]:
@@ -233,6 +239,8 @@ def check_defaults(data: dict[str, Any], source: str) -> dict[str, Any]:
             raise bad(key, 'a list of lower-case domain names, e.g. ["api.example.com"]')
         if key == "env" and not (_strings(value) and all(ENV_RE.fullmatch(v) for v in value)):
             raise bad(key, 'a list of environment variable names, e.g. ["API_KEY"]')
+        if key == "credentials" and not (_strings(value) and all(CREDENTIAL_RE.fullmatch(v) for v in value)):
+            raise bad(key, 'a list of credential names, e.g. ["anthropic"]')
         if key == "tty" and not isinstance(value, bool):
             raise bad(key, "true or false")
     return data

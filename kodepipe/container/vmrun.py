@@ -1190,7 +1190,8 @@ class VmRun:
         secret_data = read_secrets(policy.secrets)  # before anything changes in the guest
         egress = None
         if policy.egress is not None:
-            egress = EgressPolicy.build(policy.egress.rules, policy.egress.pins)
+            egress = EgressPolicy.build(policy.egress.rules, policy.egress.pins, policy.credentials,
+                                        policy.budgets)
             _raise_nofile()
 
         host_folder = self.host_folder()  # the side effects start here
@@ -1282,10 +1283,10 @@ class VmRun:
         log = DecisionLog(path, self.name)
         self.meta["egress_log"] = str(path)
         with contextlib.ExitStack() as undo:
-            undo.callback(self._egress_counts, log)
+            proxy = Proxy(prepared.egress, log)
+            undo.callback(self._egress_counts, log, proxy)
             channel = prepared.remote.open(relay.relay_command(created.pid))
             undo.callback(channel.close)
-            proxy = Proxy(prepared.egress, log)
             proxy.start(None, None)
             undo.callback(proxy.stop)
             session = relay.Relay(proxy, channel)
@@ -1299,8 +1300,10 @@ class VmRun:
                                        code="failed") from None
             yield
 
-    def _egress_counts(self, log: Any) -> None:
+    def _egress_counts(self, log: Any, proxy: Any) -> None:
         self.meta["egress"] = dict(log.counts)
+        if proxy.ledger.budgets:
+            self.meta["budget_used"] = proxy.ledger.record()
         log.close()
 
     @contextlib.contextmanager

@@ -177,6 +177,12 @@ class Code(StrEnum):
         "a VM run's quarantine, streamed from the guest, holds an entry kodepipe does not accept")
     upper_truncated = "upper_truncated", FAILED, "a VM run's quarantine stream from the guest ended early"
     upper_too_large = "upper_too_large", FAILED, "a VM run's quarantine stream from the guest is over a cap"
+    # -- credentials
+    unknown_credential = ("unknown_credential", BAD_INPUT,
+        "kp-run --credential: there is no built-in or user-defined credential of that name")
+    bad_credential = "bad_credential", BAD_INPUT, "a credential definition (its JSON file) is invalid"
+    credential_unavailable = ("credential_unavailable", FAILED,
+        "a credential's value cannot be read on the host (the message names its source); the run did not start")
 
 
 class KpError(Exception):

@@ -197,6 +197,10 @@ class ContainerRecord(_Object, total=False):
     secrets: list[str]
     env: list[str]  # names only
     env_missing: list[str]  # the profile's names kp-run's environment did not have (the agent ran without them)
+    credentials: list[JsonObject]  # name, mode, upstream, source (described, never the value), env, endpoint, ...
+    credentials_missing: list[str]  # the profile's credentials not set up on the host (the agent ran without them)
+    budgets: dict[str, JsonObject]  # credential name or host -> requests, bytes (the run's limits)
+    budget_used: dict[str, JsonObject]  # after the run: requests, bytes, limit, exceeded
     allow: list[str]
     resolve: list[str]  # --resolve pins, NAME=ADDRESS
     kernel_quotas: JsonObject
@@ -347,6 +351,10 @@ class EgressRecord(TypedDict, total=False):
     bytes_down: int
     dropped: int
     seconds: float
+    credential: str  # at a credential's endpoint: its name (never its value or token)
+    path: str  # at a credential's endpoint: the path upstream, without its query
+    injected: bool  # the credential's real value went upstream with this request
+    budget: str  # the budget (credential name or host) this request was over
 
 
 class ContainerImageRecord(TypedDict, total=False):

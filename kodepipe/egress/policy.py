@@ -8,6 +8,7 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from kodepipe.core.errors import BadInput
 
@@ -86,24 +87,30 @@ def is_address(host: str) -> bool:
 class Policy:
     rules: list[Rule]
     pins: dict[str, list[str]] = field(default_factory=dict)
+    grants: dict[str, Any] = field(default_factory=dict)  # credential name -> credentials.Grant
+    budgets: dict[str, Any] = field(default_factory=dict)  # credential name or host -> credentials.Budget
 
     @classmethod
-    def build(cls, allow: Iterable[str], pins: Iterable[str] = ()) -> Policy:
+    def build(cls, allow: Iterable[str], pins: Iterable[str] = (), grants: Iterable[Any] = (),
+              budgets: Iterable[tuple[str, Any]] = ()) -> Policy:
         pinned: dict[str, list[str]] = {}
         for name, addr in map(parse_pin, pins):
             pinned.setdefault(name, []).append(addr)
-        return cls([parse_rule(a) for a in allow], pinned)
+        return cls([parse_rule(a) for a in allow], pinned, {g.name: g for g in grants}, dict(budgets))
 
     def allowed(self, host: str, port: int | None) -> bool:
         return any(rule.matches(host, port) for rule in self.rules)
 
-    def check(self, host: str, port: int | None) -> str:
-        """The host, normalised, or Denied with the reason."""
+    def check(self, host: str, port: int | None, *, listed: bool = True) -> str:
+        """The host, normalised, or Denied with the reason.  ``listed``: it must be on the allowlist (a
+        credential's upstream need not be: the agent reaches it only through the credential's endpoint)."""
         host = host.strip().lower().rstrip(".")
         if is_address(host):
             raise Denied("a raw IP address: only names on the allowlist are reachable")
         if not _NAME_RE.fullmatch(host):
             raise Denied("not a valid host name")
+        if not listed:
+            return host
         if not self.allowed(host, None):
             raise Denied("not on the allowlist")
         if port is not None and not self.allowed(host, port):

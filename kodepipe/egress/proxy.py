@@ -50,10 +50,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -63,6 +65,7 @@ from typing import IO, Any
 import orjson
 
 from kodepipe.core.errors import BadInput, KpError
+from kodepipe.egress.credentials import Definition, Grant
 from kodepipe.egress.policy import (
     DNS_PORT,
     PROXY_PORT,
@@ -201,6 +204,10 @@ class DecisionLog:
     def write(self, **fields: Any) -> None:
         decision = fields.get("decision", "error")
         self.counts[decision] = self.counts.get(decision, 0) + 1
+        if fields.get("injected"):
+            self.counts["injected"] = self.counts.get("injected", 0) + 1
+        if fields.get("budget"):
+            self.counts["over_budget"] = self.counts.get("over_budget", 0) + 1
         if self.written >= LOG_LIMIT:
             return  # counted, not written: a flood must not fill the host's disk
         record = {"kind": "egress", "ts": round(time.time(), 6), "container": self.container, **fields}
@@ -214,6 +221,50 @@ class DecisionLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+class OverBudget(Denied):
+    """A request over the run's budget for a credential or a host: answered 429."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+
+
+class CredentialFailed(Exception):
+    """A credential's source could not be read again once its lifetime was over: answered 503."""
+
+
+class Ledger:
+    """What the run has used of each budget (requests, bytes up and down), by credential or host."""
+
+    def __init__(self, budgets: dict[str, Any]) -> None:
+        self.budgets = budgets
+        self.used = {key: [0, 0] for key in budgets}
+        self.exceeded: set[str] = set()
+
+    def charge(self, keys: list[str]) -> list[str]:
+        """Count one request against each of ``keys`` that has a budget; OverBudget when one is spent."""
+        charged = [k for k in dict.fromkeys(keys) if k in self.budgets]
+        for key in charged:
+            budget, (requests, nbytes) = self.budgets[key], self.used[key]
+            if budget.requests is not None and requests >= budget.requests:
+                self.exceeded.add(key)
+                raise OverBudget(key, f"over budget: {key} has had its {budget.requests} requests in this run")
+            if budget.bytes is not None and nbytes >= budget.bytes:
+                self.exceeded.add(key)
+                raise OverBudget(key, f"over budget: {key} has had its {budget.bytes} bytes in this run")
+        for key in charged:
+            self.used[key][0] += 1
+        return charged
+
+    def add(self, keys: list[str], nbytes: int) -> None:
+        for key in keys:
+            self.used[key][1] += nbytes
+
+    def record(self) -> dict[str, Any]:
+        return {key: {"requests": used[0], "bytes": used[1], "limit": self.budgets[key].record(),
+                      "exceeded": key in self.exceeded} for key, used in self.used.items()}
 
 
 # -- the sockets inside the sandbox ---------------------------------------------------------------
@@ -271,6 +322,10 @@ class Proxy:
         # the loop holds tasks only weakly, and once a client has half-closed, nothing else may hold a
         # connection's task, its streams and transports: the garbage collector would end it mid-flight
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.ledger = Ledger(policy.budgets)
+        # each credential's value and when it was read (a lifetime makes the proxy read it again)
+        self._values = {name: (grant.value, time.monotonic()) for name, grant in policy.grants.items()}
+        self._contexts: dict[str, ssl.SSLContext] = {}
 
     def start(self, tcp: socket.socket | None, udp: socket.socket | None) -> None:
         """Serve ``tcp`` (a listener) and ``udp`` (DNS), either may be None (a relay's streams come
@@ -339,12 +394,17 @@ class Proxy:
             except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
                 raise BadRequest("no complete request") from None
             request = parse_request(head)
+            if request.target:  # for the proxy itself: a credential's endpoint
+                up, down = await self._endpoint(request, reader, writer, said, fields)
+                self.log.write(decision="allow", bytes_up=up, bytes_down=down, seconds=seconds(), **fields)
+                return
             fields.update(method=request.method, host=request.host, port=request.port)
             host = self.policy.check(request.host, request.port)
             if host in self.policy.pins:  # no lookup: no need to leave the loop
                 addrs = permitted_addresses(self.policy, host, request.port)
             else:
                 addrs = await self.loop.run_in_executor(None, permitted_addresses, self.policy, host, request.port)
+            charged = self.ledger.charge([host])
             if request.method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 said["tunnel"] = True
@@ -362,7 +422,16 @@ class Proxy:
                 up, down, dropped = await _one_request(reader, writer, upstream_r, upstream_w, request, said)
                 if dropped:
                     fields["dropped"] = dropped
+            self.ledger.add(charged, up + down)
             self.log.write(decision="allow", bytes_up=up, bytes_down=down, seconds=seconds(), **fields)
+        except OverBudget as exc:
+            self.log.write(decision="deny", reason=exc.reason, budget=exc.key, seconds=seconds(), **fields)
+            with contextlib.suppress(OSError):
+                await self._refuse(writer, said, 429, "Too Many Requests", f"kodepipe: {exc.reason}\n")
+        except CredentialFailed as exc:
+            self.log.write(decision="error", reason=str(exc), seconds=seconds(), **fields)
+            with contextlib.suppress(OSError):
+                await self._refuse(writer, said, 503, "Service Unavailable", f"kodepipe: {exc}\n")
         except Denied as exc:
             self.log.write(decision="deny", reason=exc.reason, seconds=seconds(), **fields)
             with contextlib.suppress(OSError):
@@ -386,6 +455,68 @@ class Proxy:
             self.tasks.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def _endpoint(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        said: dict[str, bool], fields: dict[str, Any]) -> tuple[int, int]:
+        """One request at a credential's endpoint: the run's token checked and replaced by the real value,
+        sent over verified TLS to the credential's upstream and nowhere else.  (bytes up, bytes down)"""
+        from kodepipe.egress import credentials
+
+        fields["method"] = request.method
+        name, path = credentials.route(request.target)
+        grant = self.policy.grants.get(name)
+        if grant is None:
+            fields["path"] = credentials.loggable_path(request.target)
+            raise Denied(f"this run has no credential {name!r}" if credentials.NAME_RE.fullmatch(name) else
+                         "no credential of that name in this run")
+        d = grant.definition
+        fields.update(credential=name, host=d.upstream, port=d.upstream_port, path=credentials.loggable_path(path))
+        host = self.policy.check(d.upstream, d.upstream_port, listed=False)
+        value = await self._value(grant)
+        head = credentials.endpoint_head(request, grant, path, value)  # the token checked first
+        charged = self.ledger.charge([name, host])
+        if host in self.policy.pins:
+            addrs = permitted_addresses(self.policy, host, d.upstream_port)
+        else:
+            addrs = await self.loop.run_in_executor(None, permitted_addresses, self.policy, host, d.upstream_port)
+        context = await self.loop.run_in_executor(None, self._context, d)
+        upstream_r, upstream_w, fields["address"] = await self._connect(addrs, d.upstream_port, context, host)
+        fields["injected"] = True
+        up, down, dropped = await _one_request(reader, writer, upstream_r, upstream_w,
+                                               dataclasses.replace(request, head=head), said)
+        if dropped:
+            fields["dropped"] = dropped
+        self.ledger.add(charged, up + down)
+        return up, down
+
+    async def _value(self, grant: Grant) -> str:
+        """The credential's value, read again from its source once its lifetime is over."""
+        value: str
+        value, since = self._values[grant.name]
+        lifetime = grant.definition.lifetime
+        if lifetime is None or time.monotonic() - since < lifetime:
+            return value
+        from kodepipe.egress import sources
+
+        try:
+            value = await self.loop.run_in_executor(None, sources.read, grant.definition.source)
+        except KpError as exc:
+            raise CredentialFailed(f"credential {grant.name}: its lifetime is over and {exc.message}") from None
+        self._values[grant.name] = (value, time.monotonic())
+        return value
+
+    def _context(self, definition: Definition) -> ssl.SSLContext:
+        """A verifying TLS client context: the system's CAs, or the definition's own CA file."""
+        context = self._contexts.get(definition.name)
+        if context is None:
+            cafile = os.path.expanduser(definition.ca) if definition.ca else None
+            try:
+                context = ssl.create_default_context(cafile=cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise CredentialFailed(f"credential {definition.name}: cannot load its CA file {cafile}: "
+                                       f"{getattr(exc, 'strerror', None) or exc}") from None
+            self._contexts[definition.name] = context
+        return context
 
     async def _client_hello(self, reader: asyncio.StreamReader, said: dict[str, bool],
                             fields: dict[str, Any]) -> tuple[bytes, str]:
@@ -414,12 +545,16 @@ class Proxy:
         fields["sni"] = sni
         return bytes(hello.data), sni
 
-    async def _connect(self, addrs: list[str], port: int) -> tuple[Any, Any, str]:
+    async def _connect(self, addrs: list[str], port: int, context: ssl.SSLContext | None = None,
+                       server_hostname: str | None = None) -> tuple[Any, Any, str]:
         last: OSError | None = None
         for addr in addrs:
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    r, w = await asyncio.open_connection(addr, port)
+                    if context is None:
+                        r, w = await asyncio.open_connection(addr, port)
+                    else:  # verified: the certificate must name the host
+                        r, w = await asyncio.open_connection(addr, port, ssl=context, server_hostname=server_hostname)
                 return r, w, addr
             except (TimeoutError, OSError) as exc:
                 last = exc if isinstance(exc, OSError) else OSError(f"timed out connecting to {addr}")

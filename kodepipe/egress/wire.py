@@ -23,8 +23,10 @@ _REQUEST_RE = re.compile(rb"([A-Z]{3,10}) ([\x21-\x7e]+) HTTP/1\.[01]")
 HEADER_RE = re.compile(rb"(" + _TOKEN + rb"):([ \t\x21-\x7e\x80-\xff]*)")
 _URL_RE = re.compile(r"http://(\[[0-9a-fA-F:.]+\]|[^/:\s]+)(?::(\d+))?(/\S*)?$")
 CHUNK_RE = re.compile(rb"([0-9A-Fa-f]{1,15})\r\n")
-# hop-by-hop: not forwarded (Upgrade would turn the connection into an unchecked stream)
-_HOP = (b"proxy-", b"connection", b"host", b"keep-alive", b"upgrade", b"te")
+# hop-by-hop: not forwarded (Upgrade would turn the connection into an unchecked stream), nor are
+# Proxy-* headers; Host is set to the checked host
+HOP_HEADERS = (b"connection", b"keep-alive", b"upgrade", b"te")
+_HOP = (b"proxy-", b"host", *HOP_HEADERS)
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Request:
     head: bytes = b""  # what goes upstream: the request line and headers (nothing for CONNECT)
     length: int = 0  # the body's bytes, from Content-Length
     chunked: bool = False  # the body is chunked (then length is 0)
+    target: str = ""  # an origin-form request (for the proxy itself: a credential's endpoint): its path
+    headers: tuple[tuple[bytes, bytes, bytes], ...] = ()  # of an origin-form request: (lower name, value, line)
 
 
 def parse_request(head: bytes) -> Request:
@@ -59,10 +63,6 @@ def parse_request(head: bytes) -> Request:
         if not sep or not port_text.isdigit():
             raise BadRequest("CONNECT needs host:port")
         return Request(method, host.strip("[]"), int(port_text))
-    u = _URL_RE.match(target)
-    if u is None:
-        raise BadRequest("a proxy request needs an absolute http:// URL (https goes through CONNECT)")
-    host, port, path = u.group(1).strip("[]"), int(u.group(2) or 80), u.group(3) or "/"
     lengths = [value for name, value, _ in headers if name == b"content-length"]
     codings = [value for name, value, _ in headers if name == b"transfer-encoding"]
     if lengths and codings:
@@ -73,12 +73,19 @@ def parse_request(head: bytes) -> Request:
         raise BadRequest("a Content-Length that is not one number")
     if codings and codings[0].lower() != b"chunked":
         raise BadRequest("a Transfer-Encoding other than chunked")
+    length, chunked = int(lengths[0]) if lengths else 0, bool(codings)
+    if target.startswith("/"):  # origin-form: a request for the proxy itself (a credential's endpoint)
+        return Request(method, "", 0, b"", length, chunked, target=target, headers=tuple(headers))
+    u = _URL_RE.match(target)
+    if u is None:
+        raise BadRequest("a proxy request needs an absolute http:// URL (https goes through CONNECT)")
+    host, port, path = u.group(1).strip("[]"), int(u.group(2) or 80), u.group(3) or "/"
     # the Host header is the checked one: a different Host would reach another site behind a shared front end
     kept = [line for name, _, line in headers if not name.startswith(_HOP[0]) and name not in _HOP[1:]]
     first = f"{method} {path} HTTP/1.1".encode("latin-1")
     host_header = f"Host: {host}" + ("" if port == 80 else f":{port}")
     forward = b"\r\n".join([first, host_header.encode("latin-1"), *kept, b"Connection: close", b"", b""])
-    return Request(method, host, port, forward, int(lengths[0]) if lengths else 0, bool(codings))
+    return Request(method, host, port, forward, length, chunked)
 
 
 # -- TLS: the server name of a ClientHello ----------------------------------------------------------
