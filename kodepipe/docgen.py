@@ -259,7 +259,7 @@ per\-name locks (flock): concurrent commands on one name are safe
 .B $KODEPIPE_STATE_DIR/locks/workspace.DEV.INO.lock
 one per workspace directory (by device and inode): kp\-run \-\-apply
 checks and writes under it, so concurrent applies to one workspace take turns
-{threats}.SH ENVIRONMENT
+{threats}{credentials}.SH ENVIRONMENT
 {env}
 .SH SEE ALSO
 {see_also}
@@ -341,6 +341,26 @@ def _codes() -> str:
     return "\n".join(f".TP\n.B {esc(code)}\n{esc(code.meaning)} (exit {code.status})" for code in errors.Code)
 
 
+def credentials_section() -> str:
+    """CREDENTIALS: how a credential is defined (the module's own words) and the built-in ones."""
+    from kodepipe.egress import credentials
+
+    doc = (credentials.__doc__ or "").strip().split("\n\n")
+    out = [".SH CREDENTIALS"]
+    for block in doc[1:]:
+        if block.startswith("    "):
+            out += [".PP", ".nf", *(esc(line) for line in block.splitlines()), ".fi"]
+        else:
+            out += [".PP", esc(" ".join(block.split()))]
+    out += [".PP", "Built in:"]
+    for name in credentials.names(credentials.BUILTIN_DIR / "-"):
+        d = credentials.load(name, credentials.BUILTIN_DIR / "-")
+        env = ", ".join(var for var, _ in d.env)
+        out += [".TP", f".B {esc(name)}", esc(f"{d.description}: {d.mode} mode, to {d.upstream}, the key in "
+                                              f"{d.header or d.query}; the agent gets {env}.")]
+    return "\n".join(out) + "\n"
+
+
 def contract_page() -> str:
     see_also = ", ".join(f"\\fB{esc(p)}\\fR(1)" for p in COMMANDS) + ", \\fBjq\\fR(1)"
     check_environment()
@@ -348,7 +368,7 @@ def contract_page() -> str:
     return CONTRACT.lstrip("\n").format(date=DATE, version=__version__, exits=_exit_statuses(),
                                         env=_environment(test_hooks=True), see_also=see_also, kinds=_kinds(),
                                         states=_states(),
-                                        codes=_codes(), threats=threats)
+                                        codes=_codes(), threats=threats, credentials=credentials_section())
 
 
 EVENTS = r"""

@@ -1,4 +1,5 @@
-"""A small HTTP origin server for the egress tests: GET or POST /PATH answers "<greeting> /PATH\\n".
+"""A small HTTP origin server for the egress tests: GET or POST /PATH answers "<greeting> /PATH\\n"
+(and /PATH?redirect-to=URL a 302 to URL).
 
 ``seen`` collects every request the origin received (method, path, Host, body), so a test can say
 what reached it, not only what the client got back.  A ``lenient`` origin keeps reading requests on
@@ -15,6 +16,7 @@ import shutil
 import ssl
 import tempfile
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +51,7 @@ def certificate() -> tuple[str, str]:
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=30))
             # api.test by name too: a verifying client (the proxy, for a credential) takes no wildcard of one label
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("*.test"), x509.DNSName("api.test")]),
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in ("*.test", "api.test", "other.test")]),
                            critical=False)
             .sign(key, hashes.SHA256()))
     folder = Path(tempfile.mkdtemp(prefix="kp-test-cert-"))
@@ -101,6 +103,12 @@ def origin(address: str, greeting: str, *, seen: list[dict[str, Any]] | None = N
                 seen.append({"method": self.command, "path": self.path, "host": self.headers.get("Host"),
                              "body": body, "headers": [(k.lower(), v) for k, v in self.headers.items()]})
             data = f"{greeting} {self.path}\n".encode()
+            if "?redirect-to=" in self.path:  # a redirect to elsewhere, for a client that follows it
+                self.send_response(302)
+                self.send_header("Location", urllib.parse.unquote(self.path.split("?redirect-to=", 1)[1]))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

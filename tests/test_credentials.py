@@ -281,7 +281,11 @@ def test_a_profiles_credentials_are_used_when_set_up_and_said_when_not(config_di
 class Upstream:
     port: int
     seen: list[dict[str, Any]]
-    ca: str
+    ca: str  # the test certificate's file, which verifies it
+
+    @property
+    def ca_pem(self) -> str:
+        return Path(self.ca).read_text()
 
 
 @pytest.fixture
@@ -304,7 +308,7 @@ def serve(tmp_path: Path, upstream: Upstream, *, ca: str | None = None, budget: 
     d = definition(hosts=[f"api.test:{upstream.port}"], ca=ca or upstream.ca)
     grant = creds.Grant(d, "TOKEN-1234", REAL)
     budgets = [creds.parse_budget(budget)] if budget else []
-    policy = egress_policy.Policy.build(allow, ["api.test=127.0.0.1"], [grant], budgets)
+    policy = egress_policy.Policy.build(allow, ["api.test=127.0.0.1", "other.test=127.0.0.1"], [grant], budgets)
     log = egress.DecisionLog(tmp_path / "egress.jsonl", "c1")
     tcp = socket.socket()
     tcp.bind(("127.0.0.1", 0))
@@ -384,3 +388,127 @@ def test_an_upstream_whose_certificate_does_not_verify_never_gets_the_key(tmp_pa
     assert upstream.seen == []
     [entry] = decisions(e.log)
     assert entry["decision"] == "error" and "CERTIFICATE_VERIFY_FAILED" in entry["reason"], entry
+
+
+def test_the_credentials_host_is_no_destination_of_its_own(tmp_path: Path, upstream: Upstream) -> None:
+    """In endpoint mode the upstream is reached only through the endpoint: a CONNECT to it is refused (it
+    is not on the allowlist), and a tunnel to an allowed name whose TLS names the credential's host (SNI)
+    is cut at the ClientHello; neither reaches the upstream, with or without the key."""
+    from tests.test_egress import https_get, tunnel
+
+    e = serve(tmp_path, upstream, allow=(f"other.test:{upstream.port}",))
+    try:
+        refused = ask(e.port, f"CONNECT api.test:{upstream.port} HTTP/1.1\r\n\r\n".encode())
+        assert refused.startswith(b"HTTP/1.1 403"), refused
+        s = tunnel(e.port, f"other.test:{upstream.port}")
+        assert https_get(s, "api.test", "/v1/sni") == b""
+        # and the allowed name itself is an ordinary end-to-end tunnel: nothing is added to it
+        s = tunnel(e.port, f"other.test:{upstream.port}")
+        assert b"upstream says /v1/plain" in https_get(s, "other.test", "/v1/plain")
+    finally:
+        e.proxy.stop()
+        e.proxy.log.close()
+    assert [s["path"] for s in upstream.seen] == ["/v1/plain"]
+    assert not any(REAL in str(s) for s in upstream.seen)
+    reasons = [d.get("reason", "") for d in decisions(e.log) if d["decision"] == "deny"]
+    assert any("not on the allowlist" in r for r in reasons) and any("TLS server name" in r for r in reasons)
+
+
+# -- interception mode: TLS ended at the proxy with the run's CA, for the credential's hosts only -----------
+
+
+def intercepting(tmp_path: Path, upstream: Upstream) -> Endpoint:
+    from kodepipe.egress.ca import RunCA
+
+    d = definition(hosts=[f"api.test:{upstream.port}"], ca=upstream.ca, mode="intercept",
+                   env={"TEST_KEY": "{token}"})
+    grant = creds.Grant(d, "PLACEHOLDER-77", REAL)
+    policy = egress_policy.Policy.build([f"other.test:{upstream.port}"], ["api.test=127.0.0.1", "other.test=127.0.0.1"],
+                                        [grant], [("t", creds.Budget(requests=2))])
+    policy.ca = RunCA(policy.intercepted_hosts())
+    log = egress.DecisionLog(tmp_path / "egress.jsonl", "c1")
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(16)
+    p = egress.Proxy(policy, log)
+    p.start(tcp, None)
+    return Endpoint(tcp.getsockname()[1], tmp_path / "egress.jsonl", "PLACEHOLDER-77", p)
+
+
+def through_tls(e: Endpoint, target: str, name: str, request: bytes, cadata: str | None) -> bytes:
+    """``request`` over TLS to ``name`` through a CONNECT to ``target``, verified with ``cadata`` (None: the
+    system's CAs).  The response, or the TLS error's text."""
+    import ssl
+
+    from tests.test_egress import tunnel
+
+    context = ssl.create_default_context(cadata=cadata) if cadata else ssl.create_default_context()
+    try:
+        with context.wrap_socket(tunnel(e.port, target), server_hostname=name) as t:
+            t.sendall(request)
+            got = b""
+            while chunk := t.recv(65536):
+                got += chunk
+            return got
+    except ssl.SSLError as exc:
+        return str(exc).encode()
+
+
+def test_interception_swaps_the_placeholder_for_hosts_that_trust_the_runs_ca(tmp_path: Path,
+                                                                               upstream: Upstream) -> None:
+    e = intercepting(tmp_path, upstream)
+    ca = e.proxy.policy.ca.pem.decode()
+    target, authority = f"api.test:{upstream.port}", f"Host: api.test:{upstream.port}\r\n"
+    try:
+        ok = through_tls(e, target, "api.test", f"POST /v1/messages HTTP/1.1\r\n{authority}x-api-key: "
+                         f"{e.token}\r\nContent-Length: 2\r\n\r\nhi".encode(), ca)
+        missing = through_tls(e, target, "api.test", f"GET /v1/none HTTP/1.1\r\n{authority}\r\n".encode(), ca)
+        other_host = through_tls(e, target, "api.test", f"GET /v1/h HTTP/1.1\r\nHost: other.test\r\nx-api-key: "
+                                 f"{e.token}\r\n\r\n".encode(), ca)
+        untrusted = through_tls(e, target, "api.test", b"GET / HTTP/1.1\r\n\r\n", None)
+        # another allowed host stays end to end: the upstream's own certificate, not the run's CA
+        plain = through_tls(e, f"other.test:{upstream.port}", "other.test",
+                            f"GET /v1/plain HTTP/1.1\r\nHost: other.test\r\nx-api-key: {e.token}\r\n\r\n".encode(),
+                            upstream.ca_pem)
+        again = through_tls(e, target, "api.test", f"GET /v1/again HTTP/1.1\r\n{authority}x-api-key: "
+                            f"{e.token}\r\n\r\n".encode(), ca)
+        over = through_tls(e, target, "api.test", f"GET /v1/over HTTP/1.1\r\n{authority}x-api-key: "
+                           f"{e.token}\r\n\r\n".encode(), ca)
+    finally:
+        e.proxy.stop()
+        e.proxy.log.close()
+    assert ok.startswith(b"HTTP/1.0 200") and ok.endswith(b"upstream says /v1/messages\n"), ok
+    assert missing.startswith(b"HTTP/1.1 403") and other_host.startswith(b"HTTP/1.1 403"), (missing, other_host)
+    assert b"CERTIFICATE_VERIFY_FAILED" in untrusted, untrusted
+    assert plain.endswith(b"upstream says /v1/plain\n") and again.endswith(b"upstream says /v1/again\n")
+    assert over.startswith(b"HTTP/1.1 429"), over
+    got = {s["path"]: dict(s["headers"]).get("x-api-key") for s in upstream.seen}
+    assert got == {"/v1/messages": REAL, "/v1/plain": e.token, "/v1/again": REAL}, got
+    log = decisions(e.log)
+    assert [d["path"] for d in log if d.get("injected")] == ["/v1/messages", "/v1/again"]
+    assert REAL not in e.log.read_text() and e.token not in e.log.read_text()
+
+
+def test_the_runs_ca_is_a_ca_strict_clients_accept_and_can_sign_for_nothing_else() -> None:
+    from cryptography import x509
+
+    from kodepipe.egress.ca import RunCA
+
+    ca = RunCA(["api.test", "llm.example.com"])
+    cert = ca.certificate
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).critical
+    usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert usage.key_cert_sign and usage.crl_sign
+    constraints = cert.extensions.get_extension_for_class(x509.NameConstraints)
+    assert constraints.critical and {n.value for n in constraints.value.permitted_subtrees or []} == {
+        "api.test", "llm.example.com"}
+    assert cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    assert cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
+    leaf = x509.load_pem_x509_certificate(ca.leaf("v1.llm.example.com")[0])
+    leaf.verify_directly_issued_by(cert)
+    with pytest.raises(ValueError, match="does not sign"):
+        ca.leaf("example.com")
+    assert RunCA(["api.test"]).pem != RunCA(["api.test"]).pem  # one per run
+    bundle = ca.bundle()
+    assert bundle.endswith(ca.pem) and b"PRIVATE KEY" not in bundle

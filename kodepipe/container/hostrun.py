@@ -129,6 +129,10 @@ def learn(policy: Policy) -> HostFacts:
 
         egress_policy = egress.Policy.build(policy.egress.rules, policy.egress.pins, policy.credentials,
                                             policy.budgets)
+        if egress_policy.intercepted_hosts():  # interception mode: the run's own CA, in memory only
+            from kodepipe.egress.ca import RunCA
+
+            egress_policy.ca = RunCA(egress_policy.intercepted_hosts(), policy.name or "run")
     seccomp_path, seccomp_text = seccomp.planned(paths.cache_dir() / "seccomp")
     facts = HostFacts(name="host", workspace=ws, uid=uid, gid=gid, uid_from=source, seccomp=seccomp_path,
                       seccomp_text=seccomp_text, oci_runtime=engine.oci_runtime(),
@@ -377,6 +381,14 @@ class Run:
                 os.chmod(resolv, 0o444)
                 extra_mounts.append(sandbox.Mount(str(resolv), "/etc/resolv.conf", True))
                 extra_env = egress.container_env()
+                if facts.egress.ca is not None:  # the run's CA in the trust store, its key not
+                    from kodepipe.egress.credentials import TRUST_ENV, TRUST_STORE
+
+                    trust = folder / "ca-certificates.crt"
+                    trust.write_bytes(facts.egress.ca.bundle())
+                    os.chmod(trust, 0o444)
+                    extra_mounts.append(sandbox.Mount(str(trust), TRUST_STORE, True))
+                    extra_env.update(dict.fromkeys(TRUST_ENV, TRUST_STORE))
             rendered = Facts(agent_uid=facts.uid, agent_gid=facts.gid, uid_from=facts.uid_from, workspace=bound,
                              seccomp=str(seccomp_path), oci_runtime=facts.oci_runtime, quotas=facts.quotas,
                              masked=facts.masked, protect=tuple(protect), protect_sources=protect_sources)

@@ -515,7 +515,7 @@ def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Po
         problems.append(f"--allow-file {', '.join(o.allow_files)}: no rule in it, and no other --allow: the run "
                         "would have no network at all (leave it out for that)")
     grants, missing = _credentials(o, profile, config, problems)
-    if o.pins and not raw and not (o.allow or o.allow_files) and not grants:
+    if o.pins and not raw and not (o.allow or o.allow_files) and not grants and not o.credentials:
         problems.append("--resolve only matters with --allow or --credential")
     egress = None
     if raw or o.pins or grants:

@@ -145,6 +145,7 @@ from kodepipe.core import fdtree, proc
 from kodepipe.core.errors import BadInput, CommandFailed, Interrupted, KpError, NotFound
 from kodepipe.core.records import Record
 from kodepipe.core.state import Store, new_id, now_iso
+from kodepipe.egress.credentials import TRUST_ENV, TRUST_STORE
 from kodepipe.egress.policy import RESOLV_CONF, container_env
 from kodepipe.egress.policy import Policy as EgressPolicy
 from kodepipe.host import gitguard
@@ -1192,6 +1193,10 @@ class VmRun:
         if policy.egress is not None:
             egress = EgressPolicy.build(policy.egress.rules, policy.egress.pins, policy.credentials,
                                         policy.budgets)
+            if egress.intercepted_hosts():  # interception mode: the run's own CA, in kp-run's memory only
+                from kodepipe.egress.ca import RunCA
+
+                egress.ca = RunCA(egress.intercepted_hosts(), policy.name or "run")
             _raise_nofile()
 
         host_folder = self.host_folder()  # the side effects start here
@@ -1205,10 +1210,16 @@ class VmRun:
         folder = f"{GUEST_DIR}/{self.name}-{self.meta['id']}"
         files = {"resolv.conf": RESOLV_CONF.encode()} if egress is not None else {}
         files["hosts"] = sandbox.hosts_text(self.name).encode()  # kodepipe's /etc/hosts, as on the host (D7)
+        trust_env: dict[str, str] = {}
+        if egress is not None and egress.ca is not None:  # the run's CA in the trust store, its key not
+            files["ca-certificates.crt"] = egress.ca.bundle()
+            trust_env = dict.fromkeys(TRUST_ENV, TRUST_STORE)
         staged, secret_list = self.folder_files(folder, uid, gid, secret_data, files)
         mask_file = f"{folder}/empty" if masked else None
         extra_mounts = [sandbox.Mount(f"{folder}/resolv.conf", "/etc/resolv.conf", True)] if egress else []
         extra_mounts.append(sandbox.Mount(f"{folder}/hosts", "/etc/hosts", True))  # and podman --no-hosts
+        if trust_env:
+            extra_mounts.append(sandbox.Mount(f"{folder}/ca-certificates.crt", TRUST_STORE, True))
 
         bound = ws  # what the container gets as its workspace: the overlay's merged dir in quarantine
         if quarantine is not None and ws is not None:
@@ -1219,7 +1230,8 @@ class VmRun:
                       protect=tuple(protect), protect_sources={p: f"{bound}/{p}" for p in protect})
         box = render(policy, guest, Staged(name=self.name, run_id=self.meta["id"], secrets=tuple(secret_list),
                                            mask_file=mask_file, extra_mounts=tuple(extra_mounts),
-                                           extra_env=container_env() if egress is not None else {},
+                                           extra_env={**container_env(), **trust_env} if egress is not None
+                                           else {},
                                            env_file=f"{folder}/env"))
         check_mounts(box)
         if box.env_file is not None:  # the container's environment: root's, 0400, removed with the folder

@@ -1,33 +1,44 @@
 """Credentials that stay on the host: their definitions, and what the proxy does with them.  Pure.
 
-A credential is defined as data: a JSON object, built in (kodepipe/egress/credentials.d/NAME.json:
-anthropic, openai, gemini) or the user's (``$KODEPIPE_CONFIG_DIR/credentials/NAME.json``, which
-replaces a built-in one of that name as a whole)::
+A credential is defined as data: a JSON object, built in (kodepipe/egress/credentials.d/NAME.json) or
+the user's ($KODEPIPE_CONFIG_DIR/credentials/NAME.json, ~/.config/kodepipe/credentials/NAME.json,
+which replaces a built-in one of that name as a whole).  Unknown keys are refused:
 
     {
-      "description": "Anthropic API key (Claude Code, the anthropic SDKs)",
+      "description": "Anthropic API key",
       "hosts": ["api.anthropic.com"],            # DOMAIN[:PORTS]; the first is the upstream (port 443)
       "header": "x-api-key",                     # or "query": "key", a query parameter
       "form": "{}",                              # the header's value around the key: "Bearer {}"
       "source": {"env": "ANTHROPIC_API_KEY"},    # or {"file": PATH} or {"command": [ARGV...]}, on the host
       "env": {"ANTHROPIC_API_KEY": "{token}",    # what the agent gets instead: the run's token and
               "ANTHROPIC_BASE_URL": "{endpoint}"},  # the proxy's endpoint for this credential
-      "lifetime": "1h",                          # optional: re-read the source after this long
+      "mode": "endpoint",                        # or "intercept"
+      "lifetime": "1h",                          # optional: read the source again after this long
       "budget": {"requests": 5000, "bytes": "2g"},  # optional: the run's default budget
       "ca": "/path/ca.pem",                      # optional: verify the upstream with this CA file
       "token_prefix": "sk-kp-"                   # optional: for clients that check a key's shape
     }
 
-Endpoint mode: the agent holds a random per-run token (``{token}``) where the key would be, and
-talks plain HTTP to ``{endpoint}``, ``http://127.0.0.1:3128/kodepipe/NAME`` (the egress proxy's own
-listener in the container's namespace; in a VM, the same proxy through its relay).  For each request
-there the proxy checks the token in the configured header (or query parameter), takes it out, puts
-the real value in, and sends the request over TLS, verified, to the credential's first host, and to
-nothing else.  The token is worth nothing anywhere else: the upstream does not know it, and the proxy
-that knows it lives as long as the run.
+Endpoint mode (the default, no CA): the agent holds a random per-run token ({token}) where the key
+would be, and talks plain HTTP to {endpoint}, http://127.0.0.1:3128/kodepipe/NAME: the egress proxy's
+own listener in the container's namespace (in a VM, the same proxy on the host through its relay).
+For each request there, the proxy checks the token in the configured header (or query parameter),
+takes it out, puts the real value in, and sends the request over verified TLS to the credential's
+first host, and to nothing else.  A request without the token, or with another, is refused (403).
 
-The real value is read on the host (kodepipe.egress.sources) before the run starts; it is held by the
-proxy alone, and never written to a record, a log, the container's environment or an error.
+Interception mode (opt-in, for clients that cannot change their URL): the agent keeps the real URL and
+holds the token as a placeholder.  A CONNECT to one of the credential's hosts is answered by the
+proxy itself: once the ClientHello names that host, it ends TLS with a certificate from the run's own
+CA, which is in the container's trust store (/etc/ssl/certs/ca-certificates.crt, and SSL_CERT_FILE,
+REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, GIT_SSL_CAINFO, NODE_EXTRA_CA_CERTS name it).  Inside, one request
+is read, its Host must be that host, and the placeholder is swapped in the configured header only, as
+at an endpoint.  The CA is made when the run starts, can sign only for the credential's hosts (name
+constraints), and its key never leaves kp-run's memory.  Every other allowed host stays end-to-end TLS.
+
+The token is worth nothing anywhere else: the upstream does not know it, and the proxy that knows it
+lives as long as the run.  The real value is read on the host (kodepipe.egress.sources) before the
+run starts, held by the proxy alone, and never written to a record, a log, the container's
+environment or an error.  If it cannot be read, the run does not start.
 """
 
 from __future__ import annotations
@@ -51,7 +62,10 @@ NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _HEADER_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9_-]{0,32}")
-MODES = ("endpoint",)
+MODES = ("endpoint", "intercept")
+# interception mode: the run's CA is added to the container's trust store, which these name
+TRUST_STORE = "/etc/ssl/certs/ca-certificates.crt"
+TRUST_ENV = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO", "NODE_EXTRA_CA_CERTS")
 KEYS = {"description", "hosts", "header", "query", "form", "source", "env", "lifetime", "budget", "ca",
         "token_prefix", "mode"}
 VALUE_LIMIT = 16 << 10  # bytes of a real value: keys and tokens are far shorter
@@ -109,17 +123,21 @@ class Definition:
         ports = self.hosts[0].ports
         return 443 if 443 in ports else ports[0]
 
-    def endpoint(self, host: str = "127.0.0.1", port: int = PROXY_PORT) -> str:
-        return f"http://{host}:{port}{ENDPOINT_PREFIX}{self.name}"
+    def endpoint(self, host: str = "127.0.0.1", port: int = PROXY_PORT) -> str | None:
+        return f"http://{host}:{port}{ENDPOINT_PREFIX}{self.name}" if self.mode == "endpoint" else None
 
     def environment(self, token: str) -> dict[str, str]:
         return {name: template.format(token=token, endpoint=self.endpoint()) for name, template in self.env}
+
+    def covers(self, host: str, port: int) -> bool:
+        """Whether requests to host:port are this (intercepting) credential's."""
+        return any(rule.matches(host, port) for rule in self.hosts)
 
     def record(self) -> dict[str, Any]:
         """What the run's record says of it: never the value, never the token."""
         return {"name": self.name, "mode": self.mode, "upstream": self.upstream, "source": self.source.describe(),
                 "env": [name for name, _ in self.env], "endpoint": self.endpoint(),
-                "lifetime": self.lifetime, "origin": self.origin}
+                "hosts": [_rule_text(r) for r in self.hosts], "lifetime": self.lifetime, "origin": self.origin}
 
 
 @dataclass(frozen=True)
@@ -133,6 +151,10 @@ class Grant:
     @property
     def name(self) -> str:
         return self.definition.name
+
+
+def _rule_text(rule: Rule) -> str:
+    return rule.pattern + ("" if rule.ports == (80, 443) else ":" + ",".join(map(str, rule.ports)))
 
 
 # -- definitions ---------------------------------------------------------------------------------
@@ -189,6 +211,8 @@ def parse(data: object, name: str, origin: str) -> Definition:
     mode = data.get("mode", "endpoint")
     if mode not in MODES:
         raise _fail(origin, f"'mode' must be one of {', '.join(MODES)}")
+    if mode == "intercept" and any("{endpoint}" in t for t in env.values()):
+        raise _fail(origin, "'env': an intercepting credential has no {endpoint} (clients keep their own URL)")
     lifetime = None
     if data.get("lifetime") is not None:
         if not isinstance(data["lifetime"], str):
@@ -337,9 +361,11 @@ def _same(given: bytes, wanted: str) -> bool:
     return hmac.compare_digest(given, wanted.encode("ascii"))
 
 
-def endpoint_head(request: Request, grant: Grant, path: str, value: str) -> bytes:
-    """The head that goes upstream for an endpoint request: the token checked and taken out, the real
-    ``value`` put in its place, Host the upstream's; Denied when the token is missing or wrong."""
+def endpoint_head(request: Request, grant: Grant, path: str, value: str, host: str | None = None,
+                  port: int | None = None) -> bytes:
+    """The head that goes upstream for a credential's request (at its endpoint, or intercepted for
+    ``host``:``port``): the token checked and taken out, the real ``value`` put in its place, Host the
+    upstream's; Denied when the token is missing or wrong."""
     d = grant.definition
     kept: list[bytes] = []
     tokens = 0
@@ -364,12 +390,23 @@ def endpoint_head(request: Request, grant: Grant, path: str, value: str) -> byte
     elif tokens != 1:
         raise Denied(f"no {d.header} header with this run's token for {d.name}" if not tokens else
                      f"{tokens} {d.header} headers: one is expected")
-    port = d.upstream_port
-    host = d.upstream + ("" if port == 443 else f":{port}")
-    lines = [f"{request.method} {path} HTTP/1.1".encode("latin-1"), f"Host: {host}".encode("latin-1")]
+    port = d.upstream_port if port is None else port
+    authority = (d.upstream if host is None else host) + ("" if port == 443 else f":{port}")
+    lines = [f"{request.method} {path} HTTP/1.1".encode("latin-1"), f"Host: {authority}".encode("latin-1")]
     if d.header is not None:
         lines.append(f"{d.header}: {d.form.format(value)}".encode("latin-1"))
     return b"\r\n".join([*lines, *kept, b"Connection: close", b"", b""])
+
+
+def host_header(request: Request) -> str | None:
+    """The one Host header of an origin-form request (without a port), lower case; None if there is not one."""
+    hosts = [value for name, value, _ in request.headers if name == b"host"]
+    if len(hosts) != 1:
+        return None
+    text = hosts[0].decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text.partition("]")[0] + "]"
+    return text.rpartition(":")[0] if ":" in text else text
 
 
 def loggable_path(path: str) -> str:

@@ -89,6 +89,20 @@ class Policy:
     pins: dict[str, list[str]] = field(default_factory=dict)
     grants: dict[str, Any] = field(default_factory=dict)  # credential name -> credentials.Grant
     budgets: dict[str, Any] = field(default_factory=dict)  # credential name or host -> credentials.Budget
+    ca: Any = None  # ca.RunCA: interception mode's per-run CA, when a credential intercepts
+
+    def intercepting(self, host: str, port: int) -> Any:
+        """The intercepting credential's grant for host:port, or None."""
+        for grant in self.grants.values():
+            if grant.definition.mode == "intercept" and grant.definition.covers(host, port):
+                return grant
+        return None
+
+    def intercepted_hosts(self) -> list[str]:
+        """The names the run's CA may sign for (a name covers its subdomains): every intercepting
+        credential's hosts, *.DOMAIN as DOMAIN."""
+        return sorted({rule.pattern.removeprefix("*.") for grant in self.grants.values()
+                       if grant.definition.mode == "intercept" for rule in grant.definition.hosts})
 
     @classmethod
     def build(cls, allow: Iterable[str], pins: Iterable[str] = (), grants: Iterable[Any] = (),
@@ -143,6 +157,7 @@ def container_env(host: str = "127.0.0.1", port: int = PROXY_PORT) -> dict[str, 
     url = f"http://{host}:{port}"
     env = {"HTTP_PROXY": url, "HTTPS_PROXY": url, "NO_PROXY": "localhost,127.0.0.1,::1"}
     env.update({k.lower(): v for k, v in env.items()})
+    env["NODE_USE_ENV_PROXY"] = "1"  # Node >= 22.21 and 24.5: fetch() and https follow HTTPS_PROXY too
     return env
 
 

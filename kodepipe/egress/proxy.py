@@ -60,7 +60,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import orjson
 
@@ -399,13 +399,18 @@ class Proxy:
                 self.log.write(decision="allow", bytes_up=up, bytes_down=down, seconds=seconds(), **fields)
                 return
             fields.update(method=request.method, host=request.host, port=request.port)
-            host = self.policy.check(request.host, request.port)
+            # a CONNECT to an intercepting credential's host needs no --allow: the credential is its rule
+            intercept = (self.policy.intercepting(request.host.strip().lower().rstrip("."), request.port)
+                         if request.method == "CONNECT" else None)
+            host = self.policy.check(request.host, request.port, listed=intercept is None)
             if host in self.policy.pins:  # no lookup: no need to leave the loop
                 addrs = permitted_addresses(self.policy, host, request.port)
             else:
                 addrs = await self.loop.run_in_executor(None, permitted_addresses, self.policy, host, request.port)
-            charged = self.ledger.charge([host])
-            if request.method == "CONNECT":
+            charged = self.ledger.charge([host]) if intercept is None else []
+            if intercept is not None:
+                up, down = await self._intercept(intercept, host, request.port, addrs, reader, writer, said, fields)
+            elif request.method == "CONNECT":
                 writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 said["tunnel"] = True
                 await writer.drain()
@@ -488,6 +493,75 @@ class Proxy:
             fields["dropped"] = dropped
         self.ledger.add(charged, up + down)
         return up, down
+
+    async def _intercept(self, grant: Grant, host: str, port: int, addrs: list[str],
+                         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, said: dict[str, bool],
+                         fields: dict[str, Any]) -> tuple[int, int]:
+        """A CONNECT to an intercepting credential's host: TLS ended here with the run's CA, once the
+        ClientHello names this host; one request read inside, its token checked and replaced by the real
+        value as at an endpoint, and sent over verified TLS to the host.  (bytes up, bytes down)"""
+        from kodepipe.egress import credentials
+
+        if self.policy.ca is None:
+            raise Denied("an intercepting credential, and no CA for it in this run")
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        said["tunnel"] = True
+        await writer.drain()
+        hello, sni = await self._client_hello(reader, said, fields)
+        if sni.lower().rstrip(".") != host:
+            raise Denied(f"TLS server name {sni!r} is not the host asked for")
+        fields["credential"] = grant.name
+        tls = _TlsSide(self.policy.ca.server_context(host), reader, writer, hello)
+        try:
+            async with asyncio.timeout(HELLO_TIMEOUT):
+                await tls.handshake()
+        except (TimeoutError, ssl.SSLError, BadHello) as exc:
+            # a client that does not trust the run's CA ends here: said, and nothing went upstream
+            raise Denied(f"the TLS handshake with the run's CA failed: {getattr(exc, 'reason', None) or exc}") from None
+        said["response"] = False
+        inner = asyncio.StreamReader(limit=HEAD_LIMIT)
+        pump = asyncio.ensure_future(tls.pump(inner))
+        try:
+            try:
+                async with asyncio.timeout(HEAD_TIMEOUT):
+                    head = await inner.readuntil(b"\r\n\r\n")
+                request = parse_request(head)
+                if not request.target:
+                    raise BadRequest("an absolute URI inside an intercepted connection")
+                fields.update(method=request.method, path=credentials.loggable_path(request.target))
+                if credentials.host_header(request) != host:
+                    raise Denied(f"the Host header is not {host}, the host this connection is for")
+                value = await self._value(grant)
+                head = credentials.endpoint_head(request, grant, request.target, value, host, port)
+                charged = self.ledger.charge([grant.name, host])
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                await tls.answer(400, "Bad Request", "kodepipe: no complete request\n")
+                said["response"] = True
+                raise BadRequest("no complete request inside the intercepted connection") from None
+            except OverBudget as exc:
+                await tls.answer(429, "Too Many Requests", f"kodepipe: {exc.reason}\n")
+                said["response"] = True
+                raise
+            except Denied as exc:
+                await tls.answer(403, "Forbidden", f"kodepipe: {exc.reason}\n")
+                said["response"] = True
+                raise
+            except BadRequest as exc:
+                await tls.answer(400, "Bad Request", f"kodepipe: {exc}\n")
+                said["response"] = True
+                raise
+            context = await self.loop.run_in_executor(None, self._context, grant.definition)
+            upstream_r, upstream_w, fields["address"] = await self._connect(addrs, port, context, host)
+            fields["injected"] = True
+            up, down, dropped = await _one_request(inner, tls, upstream_r, upstream_w,
+                                                   dataclasses.replace(request, head=head), said)
+            if dropped:
+                fields["dropped"] = dropped
+            self.ledger.add(charged, up + down)
+            return up, down
+        finally:
+            pump.cancel()
+            tls.close()
 
     async def _value(self, grant: Grant) -> str:
         """The credential's value, read again from its source once its lifetime is over."""
@@ -636,10 +710,107 @@ class _Dns(asyncio.DatagramProtocol):
         task.add_done_callback(self.proxy.tasks.discard)
 
 
+class _TlsSide:
+    """The proxy's server end of an intercepted TLS connection, over the client's stream (memory BIOs: the
+    ClientHello is already read).  Once the handshake is done it reads as ``pump`` into a StreamReader and
+    writes as a StreamWriter does, for _one_request."""
+
+    def __init__(self, context: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 first: bytes) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.incoming.write(first)
+        self.reader, self.writer = reader, writer
+
+    async def _send(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def _more(self) -> bool:
+        data = await self.reader.read(READ_SIZE)
+        if not data:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    async def handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                await self._send()
+                return
+            except ssl.SSLWantReadError:
+                await self._send()
+                if not await self._more():
+                    raise BadHello("the client closed during the TLS handshake") from None
+
+    async def pump(self, into: asyncio.StreamReader) -> None:
+        """What the client sends, decrypted, into ``into`` until it closes."""
+        try:
+            while True:
+                try:
+                    data = self.tls.read(READ_SIZE)
+                except ssl.SSLWantReadError:
+                    await self._send()
+                    if await self._more():
+                        continue
+                    data = b""
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    data = b""
+                if not data:
+                    break
+                into.feed_data(data)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            into.feed_eof()
+
+    async def answer(self, code: int, reason: str, body: str) -> None:
+        data = body.encode()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            self.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(data)}\r\n"
+                       "Connection: close\r\n\r\n".encode() + data)
+            await self.drain()
+
+    # as a StreamWriter, for _copy and _one_request
+    def write(self, data: bytes) -> None:
+        self.tls.write(data)
+
+    async def drain(self) -> None:
+        await self._send()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError, ValueError):
+            self.tls.unwrap()  # close_notify
+        with contextlib.suppress(OSError):
+            data = self.outgoing.read()
+            if data:
+                self.writer.write(data)
+
+
 # -- forwarding ---------------------------------------------------------------------------------------
 
 
-async def _copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter, counts: list[int], index: int,
+class Sink(Protocol):
+    """Where a response goes: a StreamWriter, or an intercepted connection's TLS side."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+async def _copy(src: asyncio.StreamReader, dst: Sink | asyncio.StreamWriter, counts: list[int], index: int,
                 said: dict[str, bool] | None = None) -> None:
     while True:
         data = await src.read(READ_SIZE)
@@ -702,7 +873,7 @@ async def _send_body(reader: asyncio.StreamReader, up: asyncio.StreamWriter, req
     return sent
 
 
-async def _one_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+async def _one_request(reader: asyncio.StreamReader, writer: Sink,
                        up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, request: Request,
                        said: dict[str, bool]) -> tuple[int, int, int]:
     """Send one request (its head and exactly its body) upstream while its response comes back;
