@@ -39,10 +39,11 @@ def definition(**overrides: Any) -> creds.Definition:
 
 def test_the_built_in_definitions_load_and_say_nothing_of_a_value(tmp_path: Path) -> None:
     names = creds.names(tmp_path)
-    assert {"anthropic", "claude-oauth", "openai", "gemini"} <= set(names)
+    assert {"anthropic", "claude-oauth", "openai", "gemini", "github-copilot"} <= set(names)
     for name in names:
         d = creds.load(name, tmp_path)
-        assert d.origin == "built-in" and d.mode == "endpoint" and not d.upstream.startswith("*")
+        assert d.origin == "built-in" and not d.upstream.startswith("*")
+        assert d.mode == ("intercept" if name == "github-copilot" else "endpoint")
         env = d.environment("TOKEN")
         assert "TOKEN" in env.values() and all("127.0.0.1:3128/kodepipe/" + name in v for v in env.values()
                                                  if v != "TOKEN")
@@ -80,6 +81,8 @@ def test_a_users_definition_replaces_the_built_in_one(tmp_path: Path) -> None:
     ({"form": "{} {}"}, "one {}"),
     ({"form": "{x}"}, "one {}"),
     ({"form": "Bearer {}\r\nX: y"}, "one {}"),
+    ({"form": ["token {}", "x"]}, "one {}"),
+    ({"form": [3]}, "one {}"),
     ({"source": {"env": "A", "file": "/x"}}, "'source'"),
     ({"source": {"file": "relative/path"}}, "'source'"),
     ({"source": {"command": []}}, "'source'"),
@@ -137,6 +140,17 @@ def test_the_token_is_checked_and_replaced_by_the_value_in_the_one_header() -> N
             creds.endpoint_head(request(b"GET /kodepipe/t/ HTTP/1.1\r\n" + bad + b"\r\n"), grant, "/", REAL)
     with pytest.raises(egress_policy.Denied, match="must start with /kodepipe/"):
         creds.route("/v1/messages")
+
+
+def test_a_list_of_forms_takes_any_and_sends_the_key_in_the_one_used() -> None:
+    grant = creds.Grant(definition(header="authorization", form=["token {}", "Bearer {}"]), "TOKEN", REAL)
+    for form in ("token", "Bearer"):
+        head = creds.endpoint_head(request(f"GET /kodepipe/t/x HTTP/1.1\r\nAuthorization: {form} TOKEN\r\n\r\n"
+                                           .encode()), grant, "/x", REAL)
+        assert f"authorization: {form} {REAL}".encode() in head and b"TOKEN" not in head
+    with pytest.raises(egress_policy.Denied):
+        creds.endpoint_head(request(b"GET /kodepipe/t/x HTTP/1.1\r\nAuthorization: Basic TOKEN\r\n\r\n"), grant,
+                            "/x", REAL)
 
 
 def test_a_bearer_form_and_a_query_parameter() -> None:

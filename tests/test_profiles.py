@@ -16,7 +16,7 @@ from kodepipe.container import profile
 from kodepipe.core.errors import BadInput, BadName, KpError
 from kodepipe.core.state import Store
 
-BUILTINS = ["aider", "claude", "codex", "gemini", "shell"]
+BUILTINS = ["aider", "claude", "codex", "copilot", "gemini", "opencode", "shell"]
 BASE_ID = "d684cd7d9028fbe4c95ef7f77e68d202401f9a59bfcd1ffed2f9414c01a33333"
 
 
@@ -66,9 +66,22 @@ def test_agent_profiles_name_what_they_need() -> None:
     assert aider.credentials == ("anthropic", "openai") and "api.openai.com" in aider.allow
     gemini = profile.load("gemini")
     assert gemini.credentials == ("gemini",) and "generativelanguage.googleapis.com" in gemini.allow
-    keys = {"ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY"}
-    for agent in (claude, codex, aider, gemini):
+    copilot, opencode = profile.load("copilot"), profile.load("opencode")
+    assert copilot.credentials == ("github-copilot",) and "api.githubcopilot.com" in copilot.allow
+    assert opencode.credentials == ("anthropic", "openai")
+    keys = {"ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY", "GEMINI_API_KEY", "GOOGLE_API_KEY",
+            "COPILOT_GITHUB_TOKEN", "GH_TOKEN", "GITHUB_TOKEN"}
+    for agent in (claude, codex, aider, gemini, copilot, opencode):
         assert not keys & set(agent.env), agent.name
+    # the agent's own permissions come as data in the image: no git push, no rm -rf
+    managed = json.loads((claude.folder / "managed-settings.json").read_text())["permissions"]["deny"]
+    assert {"Bash(git push:*)", "Bash(rm -rf:*)", "Read(~/.ssh/**)", "Read(./.env)"} <= set(managed)
+    assert "COPY managed-settings.json /etc/claude-code/managed-settings.json" in claude.containerfile.read_text()
+    excluded = json.loads((gemini.folder / "system-defaults.json").read_text())["tools"]["exclude"]
+    assert "run_shell_command(git push)" in excluded
+    bash = json.loads((opencode.folder / "opencode.json").read_text())["permission"]["bash"]
+    assert bash["git push*"] == bash["rm -rf*"] == "deny"
+    assert "shell(git push)" in copilot.command
     shell = profile.load("shell")
     assert shell.command == ("bash",) and shell.allow == () and shell.env == ()
     assert shell.defaults()["memory"] == "2g"
@@ -113,7 +126,7 @@ def test_an_unknown_profile_lists_the_known_ones(kp_env: dict[str, Path]) -> Non
     with pytest.raises(BadInput) as info:
         profile.load("nosuch")
     assert info.value.code == "unknown_profile"
-    assert "claude, codex, gemini, mine, shell" in info.value.message
+    assert "claude, codex, copilot, gemini, mine, opencode, shell" in info.value.message
     assert str(kp_env["config"] / "profiles" / "nosuch") in info.value.message
 
 

@@ -33,8 +33,8 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
               help="Mount the workspace as an overlay: the agent's writes land in kodepipe's folder for this "
                    "run and the checkout is untouched until kp-run --apply NAME (kp-rm NAME discards them).")
 @click.option("-p", "--profile", metavar="NAME",
-              help="Agent profile: image and defaults (shell, claude, aider, codex, gemini, or your own in "
-                   "~/.config/kodepipe/profiles). Default: shell.")
+              help="Agent profile: image and defaults (shell, claude, aider, codex, gemini, copilot, opencode, or "
+                   "your own in ~/.config/kodepipe/profiles). Default: shell.")
 @click.option("--image", metavar="IMAGE", help="Run this local image instead of the profile's.")
 @click.option("--name", metavar="NAME", help="Name of the run (default: run-XXXXXXXX).")
 @click.option("-m", "--memory", callback=_size, metavar="SIZE", help="Memory limit (default: the profile's, 2g).")

@@ -28,7 +28,12 @@ any other files
     of the image's hash.
 
 The built-in profiles live in kodepipe/container/profiles/ (shell, claude, aider,
-codex, gemini).  A user's profile in ``$KODEPIPE_CONFIG_DIR/profiles/NAME/``
+codex, gemini, copilot, opencode).  The agent profiles declare their credentials (kept on the host,
+see kp-run --credential) and bring the agent's own permission settings as data, in their folder:
+claude's managed-settings.json and gemini's system-defaults.json (no reading .env files or ~/.ssh
+where the agent supports it, no git push, no rm -rf), opencode's opencode.json, copilot's
+--deny-tool options in its command.  A profile of your own changes them.
+A user's profile in ``$KODEPIPE_CONFIG_DIR/profiles/NAME/``
 (~/.config/kodepipe/profiles/NAME/) replaces the built-in one of that name
 as a whole (no merging).
 

@@ -8,7 +8,8 @@ which replaces a built-in one of that name as a whole).  Unknown keys are refuse
       "description": "Anthropic API key",
       "hosts": ["api.anthropic.com"],            # DOMAIN[:PORTS]; the first is the upstream (port 443)
       "header": "x-api-key",                     # or "query": "key", a query parameter
-      "form": "{}",                              # the header's value around the key: "Bearer {}"
+      "form": "{}",                              # the header's value around the key: "Bearer {}"; a list
+                                                 # takes any of them, and sends the key in the one used
       "source": {"env": "ANTHROPIC_API_KEY"},    # or {"file": PATH} or {"command": [ARGV...]}, on the host
       "env": {"ANTHROPIC_API_KEY": "{token}",    # what the agent gets instead: the run's token and
               "ANTHROPIC_BASE_URL": "{endpoint}"},  # the proxy's endpoint for this credential
@@ -104,7 +105,7 @@ class Definition:
     source: Source
     header: str | None = None  # lower case
     query: str | None = None
-    form: str = "{}"
+    forms: tuple[str, ...] = ("{}",)  # what the header's value may look like; the first for a query
     env: tuple[tuple[str, str], ...] = ()  # NAME -> template with {token} and {endpoint}
     mode: str = "endpoint"
     lifetime: float | None = None
@@ -194,9 +195,11 @@ def parse(data: object, name: str, origin: str) -> Definition:
     if isinstance(header, str) and (header.lower().encode() in refused or header.lower().startswith("proxy-")):
         raise _fail(origin, f"'header' cannot be {header}")
     form = data.get("form", "{}")
-    if not isinstance(form, str) or _fields(form) != ["value"] or not VALUE_RE.fullmatch(form.replace("{}", "x")
-                                                                                         .replace(" ", "x")):
-        raise _fail(origin, "'form' must hold one {} where the key goes, e.g. \"Bearer {}\"")
+    forms = tuple(form) if isinstance(form, list) and form else (form,)
+    for one in forms:
+        if not isinstance(one, str) or _fields(one) != ["value"] or not VALUE_RE.fullmatch(one.replace("{}", "x")
+                                                                                          .replace(" ", "x")):
+            raise _fail(origin, "'form' must hold one {} where the key goes, e.g. \"Bearer {}\" (or a list of such)")
     source = _source(data.get("source"), origin)
     env = data.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
@@ -245,7 +248,7 @@ def parse(data: object, name: str, origin: str) -> Definition:
     if not isinstance(description, str):
         raise _fail(origin, "'description' must be a string")
     return Definition(name=name, hosts=rules, source=source, header=header.lower() if header else None,
-                      query=query, form=form, env=tuple(env.items()), mode=mode, lifetime=lifetime,
+                      query=query, forms=forms, env=tuple(env.items()), mode=mode, lifetime=lifetime,
                       budget=budget, ca=ca, token_prefix=prefix, description=description, origin=origin)
 
 
@@ -369,12 +372,15 @@ def endpoint_head(request: Request, grant: Grant, path: str, value: str, host: s
     d = grant.definition
     kept: list[bytes] = []
     tokens = 0
+    form = d.forms[0]
     for name, raw_value, line in request.headers:
         if name in HOP_HEADERS or name in (b"host",) or name.startswith(b"proxy-"):
             continue
         if d.header is not None and name == d.header.encode():
-            if not _same(raw_value, d.form.format(grant.token)):
+            matched = [f for f in d.forms if _same(raw_value, f.format(grant.token))]
+            if not matched:
                 raise Denied(f"the {d.header} header does not hold this run's token for {d.name}")
+            form = matched[0]
             tokens += 1
             continue
         kept.append(line)
@@ -382,10 +388,10 @@ def endpoint_head(request: Request, grant: Grant, path: str, value: str, host: s
         base, _, query = path.partition("?")
         pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
         given = [v for k, v in pairs if k == d.query]
-        if len(given) != 1 or not _same(given[0].encode("utf-8", "surrogateescape"), d.form.format(grant.token)):
+        if len(given) != 1 or not _same(given[0].encode("utf-8", "surrogateescape"), form.format(grant.token)):
             raise Denied(f"the {d.query} parameter does not hold this run's token for {d.name}")
         tokens = 1
-        pairs = [(k, d.form.format(value) if k == d.query else v) for k, v in pairs]
+        pairs = [(k, form.format(value) if k == d.query else v) for k, v in pairs]
         path = base + "?" + urllib.parse.urlencode(pairs)
     elif tokens != 1:
         raise Denied(f"no {d.header} header with this run's token for {d.name}" if not tokens else
@@ -394,7 +400,7 @@ def endpoint_head(request: Request, grant: Grant, path: str, value: str, host: s
     authority = (d.upstream if host is None else host) + ("" if port == 443 else f":{port}")
     lines = [f"{request.method} {path} HTTP/1.1".encode("latin-1"), f"Host: {authority}".encode("latin-1")]
     if d.header is not None:
-        lines.append(f"{d.header}: {d.form.format(value)}".encode("latin-1"))
+        lines.append(f"{d.header}: {form.format(value)}".encode("latin-1"))
     return b"\r\n".join([*lines, *kept, b"Connection: close", b"", b""])
 
 
