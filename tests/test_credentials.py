@@ -277,8 +277,11 @@ def test_a_profiles_credentials_are_used_when_set_up_and_said_when_not(config_di
     # two and same both give SHARED_KEY: the first set up wins, the other is left out
     assert [g.name for g in used.credentials] == ["one", "two"] and not used.credentials_missing
     partly = resolve(pol.Options(), prof, {"SAME_KEY": REAL})
-    assert [g.name for g in partly.credentials] == ["same"] and partly.credentials_missing == ("one", "two")
-    assert partly.record()["credentials_missing"] == ["one", "two"]
+    # two is not missing: same, its alternative (the same variable), serves the agent
+    assert [g.name for g in partly.credentials] == ["same"] and partly.credentials_missing == ("one",)
+    assert partly.record()["credentials_missing"] == ["one"]
+    none = resolve(pol.Options(), prof, {})
+    assert not none.credentials and none.credentials_missing == ("one", "two", "same")
     assert not resolve(pol.Options(no_profile_credentials=True), prof, {"ONE_KEY": REAL}).credentials
     assert not resolve(pol.Options(network="open"), prof, {"ONE_KEY": REAL}).credentials
     # a source that is set up and broken is never skipped

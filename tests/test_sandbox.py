@@ -33,7 +33,14 @@ def test_the_default_spec_is_locked_down() -> None:
     assert spec["resource_limits"]["pids"]["limit"] == 64
     assert spec["resource_limits"]["cpu"]["quota"] == 150000
     assert spec["env"] == {"HOME": "/tmp/home", "LANG": "C.UTF-8"}
-    assert [m["destination"] for m in spec["mounts"]] == ["/tmp", "/workspace"]
+    assert [m["destination"] for m in spec["mounts"]] == ["/tmp", "/tmp/home", "/workspace"]
+    # HOME is the agent's own tmpfs, owned by its uid there, never a root-owned directory Podman made
+    home = spec["mounts"][1]
+    assert home["type"] == "tmpfs" and "U" in home["options"] and "mode=0700" in home["options"]
+    args = box().podman_args()
+    assert args[args.index("--tmpfs") + 2:args.index("--tmpfs") + 4] == [
+        "--mount", f"type=tmpfs,destination=/tmp/home,tmpfs-size={spec['mounts'][0]['options'][0][5:]},"
+        "tmpfs-mode=0700,U=true"]
     uid = spec["idmappings"]["UIDMap"]
     assert {"container_id": 1000, "host_id": 1234, "size": 1} in uid
     assert all(m["host_id"] != 0 for m in uid) and sum(m["size"] for m in uid) == 65536

@@ -606,6 +606,7 @@ def _credentials(o: Options, profile: ProfileLike | None, config: Config,
                         "kodepipe's proxy, and --net open has none")
     grants: list[Grant] = []
     missing: list[str] = []
+    absent: dict[str, set[str]] = {}  # a profile's credential not set up here: the variables it would set
     taken: dict[str, str] = {}
     for name, fact in _asked(o, config):
         if fact.problem is not None:
@@ -624,12 +625,14 @@ def _credentials(o: Options, profile: ProfileLike | None, config: Config,
             problems.append(f"the profile's credential {name}: {fact.unavailable}")
         elif fact.grant is None:
             missing.append(name)
+            absent[name] = {var for var, _ in fact.definition.env} if fact.definition is not None else set()
         elif any(var in taken for var, _ in fact.grant.definition.env):
             continue  # another credential (the user's choice, or the profile's first) serves these variables
         else:
             taken.update({var: name for var, _ in fact.grant.definition.env})
             grants.append(fact.grant)
-    return grants, missing
+    # one not set up whose variables another serves was an alternative (claude-oauth beside anthropic)
+    return grants, [name for name in missing if not absent[name] & set(taken)]
 
 
 def _budgets(o: Options, grants: list[Grant], egress: Egress | None,

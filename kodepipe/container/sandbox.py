@@ -13,7 +13,8 @@ The defaults (design.md, "Security defaults of kp-run"):
   ids), so root inside is not root outside;
 - all capabilities dropped, no-new-privileges, kodepipe's seccomp profile
   (Podman's, minus new namespaces: see seccomp.py);
-- read-only root filesystem, a size-capped tmpfs at /tmp (HOME is /tmp/home);
+- read-only root filesystem, a size-capped tmpfs at /tmp, and one of the same size at HOME
+  (/tmp/home, the agent's own, mode 0700; both count against the memory limit);
 - no network (its own empty network namespace: only lo);
 - memory, CPU, pids and wall-time limits;
 - only the workspace mounted, at /workspace; no host environment, home, SSH
@@ -247,7 +248,11 @@ class Sandbox:
             "no_new_privileges": True,
             "read_only_filesystem": not self.writable_root,
             "mounts": [{"type": "tmpfs", "source": "tmpfs", "destination": "/tmp",
-                        "options": [f"size={self.limits.tmpfs}", "mode=1777", "nosuid", "nodev"]}]
+                        "options": [f"size={self.limits.tmpfs}", "mode=1777", "nosuid", "nodev"]},
+                       # HOME: the agent's own (U: owned by its uid in the container), never Podman's
+                       # root-owned workdir
+                       {"type": "tmpfs", "source": "tmpfs", "destination": HOME,
+                        "options": [f"size={self.limits.tmpfs}", "mode=0700", "nosuid", "nodev", "U"]}]
             + [{"type": "bind", "source": m.source, "destination": m.dest,
                 "options": ["rbind", "ro" if m.read_only else "rw"]} for m in self.mounts()],
             "netns": {"nsmode": "none" if self.network == "none" else "bridge"},
@@ -292,6 +297,7 @@ class Sandbox:
             # /var/tmp stays read-only as under the API (spec()), and /tmp is the capped one below
             args += ["--read-only", "--read-only-tmpfs=false"]
         args += ["--tmpfs", f"/tmp:rw,size={self.limits.tmpfs},mode=1777,nosuid,nodev"]
+        args += ["--mount", f"type=tmpfs,destination={HOME},tmpfs-size={self.limits.tmpfs},tmpfs-mode=0700,U=true"]
         for mount in self.mounts():
             if any(c in mount.source + mount.dest for c in ",\n"):
                 # --mount is comma-separated: a file named "x,source=/etc/shadow" would add options

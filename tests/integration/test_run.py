@@ -790,3 +790,16 @@ def test_git_metadata_is_read_only(request: pytest.FixtureRequest, backend: str,
     assert "SET" in err and "COMMITTED" in err and "writable-git" in record["loosened"], err
     assert [p["path"] for p in record["git_planted"]] == [".git/config"]
     assert (place.back() / ".git" / "config").read_bytes() == before
+
+
+def test_home_is_the_agents_own_with_or_without_a_workspace(request: pytest.FixtureRequest, backend: str,
+                                                            shell_image: str) -> None:
+    """HOME (/tmp/home) exists, is the agent's (its uid, mode 0700) and takes writes, whatever the working
+    directory: without a workspace Podman used to make HOME itself, owned by root, and agents that keep
+    caches there (OpenCode, Copilot CLI) could not start."""
+    from tests.integration.vmbackend import kprun_on
+
+    proc, record = kprun_on(request, backend, "--image", shell_image, "--", "sh", "-c",
+                            'echo "HOME: $(stat -c %u:%a "$HOME") $(pwd)"; mkdir "$HOME/.cache" && echo "WROTE: yes"')
+    assert record["exit_code"] == 0, proc.stderr[-3000:]
+    assert "HOME: 1000:700 /tmp/home" in proc.stderr and "WROTE: yes" in proc.stderr, proc.stderr[-3000:]
