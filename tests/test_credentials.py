@@ -529,3 +529,34 @@ def test_the_runs_ca_is_a_ca_strict_clients_accept_and_can_sign_for_nothing_else
     assert RunCA(["api.test"]).pem != RunCA(["api.test"]).pem  # one per run
     bundle = ca.bundle()
     assert bundle.endswith(ca.pem) and b"PRIVATE KEY" not in bundle
+
+
+def test_a_credential_with_a_lifetime_is_read_again_and_fails_closed_when_it_cannot_be(
+        tmp_path: Path, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short-lived token (a lifetime): the proxy reads its source again once it is over, and answers 503,
+    naming the source, when it cannot; the old value is never used past its lifetime."""
+    import dataclasses
+
+    d = dataclasses.replace(definition(hosts=[f"api.test:{upstream.port}"], ca=upstream.ca,
+                                       source={"env": "KP_ROTATING"}), lifetime=0.0)
+    monkeypatch.setenv("KP_ROTATING", "sk-first")
+    policy = egress_policy.Policy.build([], ["api.test=127.0.0.1"], [creds.Grant(d, "TOKEN-9", "sk-first")])
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(16)
+    e = Endpoint(tcp.getsockname()[1], tmp_path / "egress.jsonl", "TOKEN-9",
+                 egress.Proxy(policy, egress.DecisionLog(tmp_path / "egress.jsonl", "c1")))
+    e.proxy.start(tcp, None)
+    try:
+        first = post(e, key=e.token)
+        monkeypatch.setenv("KP_ROTATING", "sk-second")
+        second = post(e, key=e.token)
+        monkeypatch.delenv("KP_ROTATING")
+        third = post(e, key=e.token)
+    finally:
+        e.proxy.stop()
+        e.proxy.log.close()
+    assert first.startswith(b"HTTP/1.0 200") and second.startswith(b"HTTP/1.0 200"), (first, second)
+    assert third.startswith(b"HTTP/1.1 503") and b"KP_ROTATING is not set" in third, third
+    assert [dict(s["headers"])["x-api-key"] for s in upstream.seen] == ["sk-first", "sk-second"]
+    assert "sk-second" not in e.log.read_text()

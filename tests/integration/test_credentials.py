@@ -87,6 +87,11 @@ echo "HOLD: $(curl -sS --max-time 60 -H "$key" "$KP_TEST_API_BASE/v1/hold")"
 echo "OVER: $(code -H "$key" "$KP_TEST_API_BASE/v1/over")"
 n=0
 while [ ! -e /workspace/go.$RUN ] && [ $n -lt 3000 ]; do sleep 0.1; n=$((n+1)); done
+# after the memory scan (this joins the key's halves in the shell's memory): no file it can read holds the
+# key, where kodepipe writes (its /etc files, the trust store, /run, /tmp, the workspace); the token's file does
+places="/workspace /tmp /run /etc /var /root /home"
+echo "FILES: $(grep -rlsF -e "$KP_A$KP_B" $places 2>/dev/null | head -3)"
+echo "TOKENFILES: $(grep -rlsF -e "$KP_TEST_API_KEY" $places 2>/dev/null | head -3)"
 """
 ENDPOINT_PATHS = ["/v1/messages", "/v1/host", "/v1/redirect", "/v1/hold"]  # what the key went with
 
@@ -164,7 +169,8 @@ def test_the_key_stays_on_the_host_and_only_its_upstream_gets_it(request: pytest
     def args(run: str, *extra: str) -> list[str]:
         return ["--image", shell_image, "--name", f"cred-{tag}-{run}", "-w", ws, "--credential", "testapi",
                 "--allow", f"other.test:{port}", "--resolve", "api.test=127.0.0.1",
-                "--resolve", "other.test=127.0.0.1", "-e", f"PORT={port}", "-e", f"RUN={run}", *extra,
+                "--resolve", "other.test=127.0.0.1", "-e", f"PORT={port}", "-e", f"RUN={run}",
+                "-e", f"KP_A={REAL[:9]}", "-e", f"KP_B={REAL[9:]}", *extra,
                 "--", "bash", "-c", AGENT]
 
     proc = start(request, backend, args("1"), env)
@@ -187,6 +193,7 @@ def test_the_key_stays_on_the_host_and_only_its_upstream_gets_it(request: pytest
     assert record["exit_code"] == 0, err[-4000:]
     got = said(err)
     assert got["TOKEN"] == token and token.startswith("kp-") and token != REAL
+    assert got["FILES"] == "" and got["TOKENFILES"] == "/workspace/token.1", got
     assert got["BASE"] == "http://127.0.0.1:3128/kodepipe/testapi"
     assert got["OK"] == "upstream says /v1/messages" and got["HOLD"] == "upstream says /v1/hold", err[-3000:]
     assert got["NOTOKEN"] == got["WRONG"] == got["OLD"] == got["ABSOLUTE"] == got["CONNECT"] == "403", got
