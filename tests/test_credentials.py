@@ -483,6 +483,9 @@ def test_interception_swaps_the_placeholder_for_hosts_that_trust_the_runs_ca(tmp
         other_host = through_tls(e, target, "api.test", f"GET /v1/h HTTP/1.1\r\nHost: other.test\r\nx-api-key: "
                                  f"{e.token}\r\n\r\n".encode(), ca)
         untrusted = through_tls(e, target, "api.test", b"GET / HTTP/1.1\r\n\r\n", None)
+        # a CONNECT to the credential's host whose TLS names another host: cut at the ClientHello
+        other_sni = through_tls(e, target, "other.test", f"GET /v1/sni HTTP/1.1\r\nHost: other.test\r\n"
+                                f"x-api-key: {e.token}\r\n\r\n".encode(), ca)
         # another allowed host stays end to end: the upstream's own certificate, not the run's CA
         plain = through_tls(e, f"other.test:{upstream.port}", "other.test",
                             f"GET /v1/plain HTTP/1.1\r\nHost: other.test\r\nx-api-key: {e.token}\r\n\r\n".encode(),
@@ -497,6 +500,8 @@ def test_interception_swaps_the_placeholder_for_hosts_that_trust_the_runs_ca(tmp
     assert ok.startswith(b"HTTP/1.0 200") and ok.endswith(b"upstream says /v1/messages\n"), ok
     assert missing.startswith(b"HTTP/1.1 403") and other_host.startswith(b"HTTP/1.1 403"), (missing, other_host)
     assert b"CERTIFICATE_VERIFY_FAILED" in untrusted, untrusted
+    assert not other_sni.startswith(b"HTTP/"), other_sni
+    assert any("TLS server name 'other.test'" in d.get("reason", "") for d in decisions(e.log))
     assert plain.endswith(b"upstream says /v1/plain\n") and again.endswith(b"upstream says /v1/again\n")
     assert over.startswith(b"HTTP/1.1 429"), over
     got = {s["path"]: dict(s["headers"]).get("x-api-key") for s in upstream.seen}
