@@ -18,15 +18,20 @@ if TYPE_CHECKING:
     from kodepipe.vm.guest_agent import GuestAgent
 
 # $1 hostname, $2 MAC (or ""), $3 the host's clock, $4 fresh host randomness (hex),
-# $5 the new public host key; the private key comes on stdin.  Runs as root in the
-# guest, in one guest-exec: under TCG every extra process costs a few tenths of a second.
+# $5 the new public host key, $6 the new machine-id (made on the host); the private key comes
+# on stdin.  Runs as root in the guest, in one guest-exec: under TCG every extra process costs a
+# few tenths of a second.
 RESEED = r"""
 set -eu
-name=$1 mac=$2 now=$3 noise=$4 pub=$5
+name=$1 mac=$2 now=$3 noise=$4 pub=$5 machine_id=$6
 date -u -s "@$now" >/dev/null
-# mixed into the kernel pool first, so nothing below draws on the state every clone shares
+# mixed into the kernel's input pool, then the kernel's generator reseeded from it (RNDRESEEDCRNG):
+# a write alone is not drawn on until the next periodic reseed, and until then every clone's
+# generator gives the same bytes as the others' (two clones once drew the same machine-id from it)
 printf '%s' "$noise" > /dev/urandom
-cat /proc/sys/kernel/random/uuid | tr -d '-' > /etc/machine-id
+perl -e 'open(my $f, "<", "/dev/urandom") or exit; ioctl($f, 0x5207, 0)' 2>/dev/null || true
+# the host's randomness, not the guest's, for what must differ between clones
+printf '%s\n' "$machine_id" > /etc/machine-id
 hostname "$name"
 echo "$name" > /etc/hostname
 sed -i "s/^127\.0\.1\.1\s.*/127.0.1.1\t$name/" /etc/hosts
@@ -70,7 +75,8 @@ def reseed(agent: GuestAgent, name: str, mac: str | None) -> float:
     started = time.monotonic()
     private, public = host_key()
     now = f"{time.time():.6f}"
-    argv = ["/bin/sh", "-c", RESEED, "reseed", name, mac or "", now, os.urandom(64).hex(), public]
+    argv = ["/bin/sh", "-c", RESEED, "reseed", name, mac or "", now, os.urandom(64).hex(), public,
+            os.urandom(16).hex()]
     status, _, err = agent.exec(argv, input=private, timeout=60)
     if status != 0:
         raise KpError(f"{name}: giving the resumed VM its own identity failed: "
