@@ -259,7 +259,7 @@ per\-name locks (flock): concurrent commands on one name are safe
 .B $KODEPIPE_STATE_DIR/locks/workspace.DEV.INO.lock
 one per workspace directory (by device and inode): kp\-run \-\-apply
 checks and writes under it, so concurrent applies to one workspace take turns
-{threats}{credentials}.SH ENVIRONMENT
+{threats}{credentials}{review}.SH ENVIRONMENT
 {env}
 .SH SEE ALSO
 {see_also}
@@ -361,6 +361,35 @@ def credentials_section() -> str:
     return "\n".join(out) + "\n"
 
 
+def review_section() -> str:
+    """REVIEW RULES: how rules are written (the module's own words) and the built-in ones, with their severity."""
+    from kodepipe.review import rules
+
+    doc = (rules.__doc__ or "").strip().split("\n\n")
+    out = [".SH REVIEW RULES", ".PP", esc("kp-review(1) and kp-run --apply check a quarantine's changes against "
+                                          "these rules; --apply refuses findings at or above --fail-on (high) "
+                                          "unless --accept or --force.")]
+    for block in doc[1:]:
+        if block.lstrip().startswith("- "):
+            for item in block.split("\n- "):
+                out += [".IP \\(bu 2", esc(" ".join(item.lstrip("- ").split()))]
+        else:
+            out += [".PP", esc(" ".join(block.split()))]
+    out += [".PP", "The checks:"]
+    for check, meaning in rules.CHECKS.items():
+        out += [".TP", f".B {esc(check)}", esc(meaning)]
+    out += [".PP", "Built in:"]
+    for rule in rules.load(Path("/nonexistent")):
+        what = (f"check {rule.check}" if rule.check else
+                "; ".join(filter(None, [f"paths {', '.join(rule.paths)}" if rule.paths else "",
+                                        "added lines that match its expression (in rules.json)"
+                                        if rule.lines is not None else ""])))
+        limits = ", ".join(f"{k} {getattr(rule, k)}" for k in ("count", "share", "bytes") if getattr(rule, k))
+        out += [".TP", f".B {esc(rule.id)} ({esc(rule.severity)})",
+                esc(f"{rule.about}. {what}" + (f" ({limits})" if limits else "") + ".")]
+    return "\n".join(out) + "\n"
+
+
 def contract_page() -> str:
     see_also = ", ".join(f"\\fB{esc(p)}\\fR(1)" for p in COMMANDS) + ", \\fBjq\\fR(1)"
     check_environment()
@@ -368,7 +397,8 @@ def contract_page() -> str:
     return CONTRACT.lstrip("\n").format(date=DATE, version=__version__, exits=_exit_statuses(),
                                         env=_environment(test_hooks=True), see_also=see_also, kinds=_kinds(),
                                         states=_states(),
-                                        codes=_codes(), threats=threats, credentials=credentials_section())
+                                        codes=_codes(), threats=threats, credentials=credentials_section(),
+                                        review=review_section())
 
 
 EVENTS = r"""

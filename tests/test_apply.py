@@ -78,15 +78,22 @@ def tree(root: Path) -> dict[str, tuple[object, ...]]:
     return out
 
 
+def state_of(folder: Path) -> object:
+    """The state in a run's metadata (an applied quarantine stays until kp-rm)."""
+    return orjson.loads((folder / "meta.json").read_bytes())["state"]
+
+
 def temps(root: Path) -> list[str]:
     return [str(p.relative_to(root)) for p in root.rglob("*") if p.name.startswith(".kp-")]
 
 
-def apply_proc(*names: str, pause: str | None = None, pause_dir: Path | None = None) -> subprocess.Popen[bytes]:
+def apply_proc(*names: str, pause: str | None = None, pause_dir: Path | None = None,
+               accept: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     if pause is not None:
         env[applying.PAUSE_ENV] = f"{pause}:{pause_dir}"
     args = [str(BIN / "kp-run")] + [arg for name in names for arg in ("--apply", name)]
+    args += [arg for rule in accept for arg in ("--accept", rule)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
 
 
@@ -162,7 +169,7 @@ def test_the_second_of_two_concurrent_applies_waits_and_gets_a_conflict(workspac
     assert (workspace / "shared.txt").read_bytes() == versions["qa"]
     assert not (workspace / "qb.txt").exists() and (workspace / "qa.txt").exists()
     assert (kp_env["state"] / "containers" / "qb").is_dir()  # B's quarantine is kept for the user
-    assert not (kp_env["state"] / "containers" / "qa").exists()
+    assert state_of(kp_env["state"] / "containers" / "qa") == "applied"  # A's stays too, applied, until kp-rm
     assert temps(workspace) == []
 
 
@@ -290,7 +297,7 @@ def test_a_killed_apply_is_finished_by_the_next_and_leaves_no_temporary_file(poi
     assert records[-1]["state"] == "applied" and records[-1]["applied_count"] == 14
     assert tree(ws) == want
     assert temps(ws) == []
-    assert not folder.exists()
+    assert state_of(folder) == "applied" and not (folder / applying.JOURNAL).exists()
 
 
 @needs_root
@@ -403,6 +410,9 @@ def test_kp_run_apply_of_a_hostile_tree(tmp_path: Path, kp_env: dict[str, Path],
     put(ws, "main.py", "print('hello')\n")
     folder = quarantined("run-h", ws, hostile)
     status, records, err = finish(apply_proc("run-h"))
+    assert status == 1 and records[-1]["error"]["code"] == "findings"  # the review's findings refuse it first
+    assert "symlink-out" in err and "setid" in err and "control-characters" in err
+    status, records, err = finish(apply_proc("run-h", accept=("symlink-out", "setid", "control-characters")))
     assert status == 0, err[-3000:]
     assert "Traceback" not in err
     printable_lines(err)
@@ -411,7 +421,7 @@ def test_kp_run_apply_of_a_hostile_tree(tmp_path: Path, kp_env: dict[str, Path],
     assert "a symlink that may point out of the workspace" in err and "setuid/setgid bits stripped" in err
     (record,) = records
     assert record["state"] == "applied" and record["applied_count"] == DEPTH + 2 + 1 + len(ODD)
-    entries = record["quarantine"]["changes"]
+    entries = record["quarantine"]["applied_now"]
     assert {e["path"].rsplit("/", 1)[-1]: (e.get("setid"), e.get("escapes")) for e in entries
             if e["path"].startswith("d/d/") and e["type"] != "dir"} == {"suid": (True, None), "out": (None, True)}
     assert "odd/fifo" not in [e["path"] for e in entries]
@@ -426,7 +436,9 @@ def test_kp_run_apply_of_a_hostile_tree(tmp_path: Path, kp_env: dict[str, Path],
         fd = child
     assert stat.S_IMODE(os.stat("suid", dir_fd=fd).st_mode) == 0o755 and os.readlink("out", dir_fd=fd) == "/root/.ssh"
     os.close(fd)
-    assert not folder.exists()
+    assert state_of(folder) == "applied"  # the quarantine stays until kp-rm, which removes even its deep tree
+    removed = subprocess.run([str(BIN / "kp-rm"), "run-h"], capture_output=True)
+    assert removed.returncode == 0 and not folder.exists(), removed.stderr.decode()
 
 
 def test_kp_rm_of_a_hostile_run_and_then_of_another(tmp_path: Path, kp_env: dict[str, Path],

@@ -49,7 +49,10 @@ def options(*given: str, **kw: Any) -> pol.Options:
 # one row per conflict of docs/policy-plan.md §2: (id, options, profile, config, words in the message)
 CONFLICTS: list[tuple[str, pol.Options, Any, pol.Config, str]] = [
     ("C1", options(force=True), None, config(), "--force goes with --apply"),
-    ("C2", pol.Options(command=("true",), apply_names=("run-1",)), None, config(), "--apply takes no COMMAND"),
+    ("C2", pol.Options(command=("a.py",), apply_names=("run-1", "run-2")), None, config(),
+     "--apply NAME -- PATH... applies those paths of one run"),
+    ("C2", pol.Options(command=("a.py",), apply_names=("run-1",), to_branch="b"), None, config(),
+     "--to-branch exports the whole quarantine"),
     ("C2", pol.Options(apply_names=("run-1",), quarantine=True, given=frozenset({"quarantine"})), None, config(),
      "drop --quarantine"),
     ("C3", options(quarantine=True, read_only_workspace=True, workspace="/w"), None, config(),

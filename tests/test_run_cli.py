@@ -81,14 +81,18 @@ def test_conflicting_options_are_usage_errors_before_the_root_check(
                                       ("needs a --workspace", "--audit-mode only", "invalid container name"))
 
 
-def test_apply_takes_no_command_or_run_option() -> None:
-    """--apply NAME with a COMMAND or a run option was run as a plain --apply, the rest ignored (D2)."""
-    for args, words in [(["--apply", "r", "--", "make"], "drop COMMAND"),
-                        (["--apply", "r", "-w", "/tmp", "--quarantine"], "drop -w, --quarantine"),
-                        (["--apply", "r", "--net", "none"], "drop --net")]:
+def test_apply_takes_no_run_option_and_paths_of_one_run_only() -> None:
+    """--apply NAME with a run option was run as a plain --apply, the rest ignored (D2); its arguments are
+    the paths of a partial apply, of one run."""
+    for args, words in [(["--apply", "r", "-w", "/tmp", "--quarantine"], "--apply takes no run option"),
+                        (["--apply", "r", "--net", "none"], "drop --net"),
+                        (["--apply", "r", "--apply", "s", "--", "a.py"], "name exactly one run"),
+                        (["--apply", "-", "--", "a.py"], "name exactly one run"),
+                        (["--apply", "r", "--to-branch", "b", "--", "a.py"], "--to-branch exports the whole"),
+                        (["--accept", "secret", "--", "true"], "--accept goes with --apply"),
+                        (["--to-branch", "b", "--", "true"], "--to-branch goes with --apply")]:
         result = invoke("kp-run", *args)
-        assert result.status == 2 and "--apply takes no COMMAND and no run option" in result.stderr, result.stderr
-        assert words in result.stderr, (args, result.stderr)
+        assert result.status == 2 and words in result.stderr, (args, result.stderr)
 
 
 def test_a_profile_image_is_built_only_after_the_root_check(monkeypatch: pytest.MonkeyPatch) -> None:

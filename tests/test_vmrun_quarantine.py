@@ -202,10 +202,11 @@ def test_the_upper_dir_is_reviewed_and_applied_on_the_host(share: Path, tmp_path
     assert shlex.split(end)[-2:] == [gq, "remove"]
     # after the run: the share untouched; the review: no VM needed to apply it
     assert {p: p.read_bytes() for p in share.rglob("*") if p.is_file()} == before
-    with pytest.raises(KpError, match="git metadata"):
+    with pytest.raises(KpError, match=r"git-metadata \.git/hooks/pre-commit") as refused:
         apply.apply(Store(), record["name"], expect_id=None, force=False, say=lambda m: None)
+    assert refused.value.code == "findings"
     done = apply.apply(Store(), record["name"], expect_id=None, force=True, say=lambda m: None)
-    assert done["state"] == "applied" and not folder.exists()
+    assert done["state"] == "applied" and folder.is_dir()  # the quarantine stays until kp-rm
     assert (share / "main.py").read_text() == "print('hello')\nchanged\n" and not (share / "old.txt").exists()
     assert (share / "sub" / "y.txt").read_text() == "y\n" and not (share / "sub" / "x.txt").exists()
     assert (share / "new.txt").stat().st_uid == OWNER and not (share / "suid").stat().st_mode & 0o4000

@@ -15,4 +15,5 @@ COMMANDS = {
     "kp-rm": "kodepipe.commands.rm",
     "kp-trace": "kodepipe.commands.trace",
     "kp-run": "kodepipe.commands.run",
+    "kp-review": "kodepipe.commands.review",
 }

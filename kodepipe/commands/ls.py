@@ -19,7 +19,7 @@ from kodepipe.commands import options
 @click.option("--state", "states", multiple=True,
               # inventory.STATES, written out so that --help stays light (a test keeps them equal)
               type=click.Choice(["creating", "building", "ready", "broken", "stopped", "running", "suspended",
-                                 "frozen", "saved", "crashed", "exited", "quarantined", "orphaned"]),
+                                 "frozen", "saved", "crashed", "exited", "quarantined", "applied", "orphaned"]),
               help="Only this state (repeatable).")
 @click.option("--older-than", callback=options.duration, metavar="AGE",
               help="Only things created more than AGE ago (90s, 15m, 2h, 1d, 1w, 1h30m).")

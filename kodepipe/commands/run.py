@@ -104,10 +104,21 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
                    "halted and the container killed, so the log holds everything it did (outcome audit-capped).")
 @click.option("--apply", "apply_names", multiple=True, metavar="NAME",
               help="Apply a quarantined run's changes to its workspace (repeatable; or quarantined records on "
-                   "stdin with --apply -), then remove the quarantine. Refused if the checkout changed since. "
+                   "stdin with --apply -), from a snapshot checked against the last kp-review; with -- PATH... "
+                   "only those. Refused if the checkout changed since, or on findings at or above --fail-on. "
                    "Applies to one workspace take turns; one stopped half-way (killed, a full disk) is finished "
-                   "by the next --apply NAME.")
-@click.option("--force", is_flag=True, help="With --apply: apply even over files changed on the host since.")
+                   "by the next --apply NAME. The quarantine stays until kp-rm.")
+@click.option("--accept", multiple=True, metavar="RULE|PATH",
+              help="With --apply: take in the findings of this rule, or of this path (or directory); repeatable.")
+@click.option("--fail-on", type=click.Choice(["info", "low", "medium", "high", "critical"]), default="high",
+              show_default=True, help="With --apply: the severity of findings that refuses it.")
+@click.option("--to-branch", metavar="BRANCH",
+              help="With --apply: commit the changes on a new BRANCH of the workspace's git repository, on top of "
+                   "HEAD and authored as the agent, instead of writing the workspace (HEAD, index and files stay).")
+@click.option("--reviewed", metavar="ID",
+              help="With --apply: apply only if the quarantine is the snapshot kp-review showed as ID.")
+@click.option("--force", is_flag=True, help="With --apply: apply even over files changed on the host since, "
+                                            "and whatever the findings.")
 @click.option("-v", "--verbose", is_flag=True, default=None,
               help="Show progress (image builds, the API service) even when stderr is not a terminal.")
 @options.quiet
@@ -119,8 +130,8 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         cap_add: tuple[str, ...], writable_root: bool, env: tuple[str, ...], secret_specs: tuple[str, ...],
         masks: tuple[str, ...], no_default_masks: bool, writable_git_config: bool, interactive: bool, tty: bool,
         vm_name: str | None, keep: bool, audit: bool,
-        audit_mode: str, audit_cap: int | None, apply_names: tuple[str, ...], force: bool, verbose: bool | None,
-        quiet: bool) -> int:
+        audit_mode: str, audit_cap: int | None, apply_names: tuple[str, ...], accept: tuple[str, ...], fail_on: str,
+        to_branch: str | None, reviewed: str | None, force: bool, verbose: bool | None, quiet: bool) -> int:
     """Run COMMAND in a fresh, locked-down Podman container that sees one
     project directory and nothing else of the host, and is gone when it exits.
 
@@ -283,7 +294,8 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         if conflicts:
             raise click.UsageError("; ".join(conflicts))
         options.check_names([n for n in apply_names if n != "-"], "--apply")
-        return _apply(out, store, apply_names, force)
+        return _apply(out, store, apply_names, force, paths=command, accept=accept, fail_on=fail_on,
+                      to_branch=to_branch, reviewed=reviewed)
     # Every conflict first, as a usage error (2), for root and non-root alike, before the root check
     # and before any image is built (gather reads, resolve decides; neither changes anything)
     try:
@@ -476,10 +488,12 @@ def _in_named_vm(out: kpcli.Output, policy: Any, prof: Any, say: Any, name: str)
     _in_vm(out, policy, prof, say, record)
 
 
-def _apply(out: kpcli.Output, store: Any, names: tuple[str, ...], force: bool) -> int:
+def _apply(out: kpcli.Output, store: Any, names: tuple[str, ...], force: bool, *, paths: tuple[str, ...],
+           accept: tuple[str, ...], fail_on: str, to_branch: str | None, reviewed: str | None) -> int:
     from kodepipe.container import apply as applying
     from kodepipe.core.errors import KpError
     from kodepipe.core.records import check_name
+    from kodepipe.core.terminal import escape
 
     targets: list[tuple[str, str | None, dict[str, Any]]] = []
     for name in names:
@@ -492,11 +506,20 @@ def _apply(out: kpcli.Output, store: Any, names: tuple[str, ...], force: bool) -
     for name, expect_id, record in targets:
         try:
             check_name(name, "container name")
-            result = applying.apply(store, name, expect_id=expect_id, force=force, say=out.warn)
+            result = applying.apply(store, name, expect_id=expect_id, force=force, say=out.warn, paths=paths,
+                                    accept=accept, fail_on=fail_on, to_branch=to_branch, reviewed=reviewed)
         except KpError as exc:
             out.fail(record, exc)
             continue
-        out.info(f"{name}: applied {result.get('applied_count', 0)} change(s) to {result.get('workspace')}")
+        for finding in result.get("accepted") or []:
+            out.warn(f"{name}: accepted: {finding.get('severity')} {finding.get('rule')} "
+                     f"{escape(str(finding.get('path', '')))}")
+        exported = result.get("exported")
+        if isinstance(exported, dict):
+            out.info(f"{name}: committed {exported.get('count')} change(s) on the branch {exported.get('branch')} "
+                     f"({str(exported.get('commit'))[:12]}) of {exported.get('repository')}")
+        else:
+            out.info(f"{name}: applied {result.get('applied_count', 0)} change(s) to {result.get('workspace')}")
         out.emit(result)
     return out.status()
 

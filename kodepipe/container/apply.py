@@ -29,7 +29,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -52,10 +52,15 @@ class NotQuarantined(KpError):
     code = "not_quarantined"
 
 
-def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
-          say: Callable[[str], None]) -> Record:
-    """Apply, then remove the quarantine; nothing is removed if applying fails."""
-    from kodepipe.container import quarantine
+def apply(store: Store, name: str, *, expect_id: str | None, force: bool, say: Callable[[str], None],
+          paths: Sequence[str] = (), accept: Sequence[str] = (), fail_on: str = "high",
+          to_branch: str | None = None, reviewed: str | None = None) -> Record:
+    """Apply (all, or ``paths`` and what they need) from a fresh snapshot of the quarantine, or export
+    it to a new branch (``to_branch``); the quarantine stays until kp-rm.  Refused when the snapshot
+    differs from the one kp-review last showed (or from ``reviewed``), and when findings at or above
+    ``fail_on`` are neither accepted nor forced."""
+    from kodepipe.container import quarantine, review
+    from kodepipe.review import rules as review_rules
 
     folder = store.folder(folders.KIND, name)
     with store.lock(name):
@@ -79,31 +84,46 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
         owner = (int(user["host_uid"]), int(user["host_gid"])) if "host_uid" in user else None
         if isinstance(lower, str):
             owner = (int(q["owner"][0]), int(q["owner"][1]))
+        done_before = [quarantine.from_key(str(p)) for p in q.get("applied_paths") or []]
+        rules = review_rules.load()
         _pause("ready")
         with workspace_lock(store, workspace, f"{name}: waiting for another kp-run --apply to {workspace}", say):
             _pause("locked")
-            journal = read_journal(folder)
+            journal = read_journal(folder) if to_branch is None else None
+            findings: list[Any] = []
+            accepted: list[Any] = []
             if journal is None:
-                changes = quarantine.changes(upper, workspace)
-                if not force and not _as_listed(q, changes):
+                every = [c for c in quarantine.changes(upper, workspace) if c.path not in set(done_before)]
+                if not force and not _as_listed(q, every):
                     raise quarantine.Conflict(f"{name}: the quarantine's contents differ from what its record "
                                               "listed after the run (was its container still running?)",
-                                              hint="review it again with kp-ls; --force applies what is there now")
-                from kodepipe.host import gitguard
-
-                # any .git, and anything in or making a bare repository: git would read it as its
-                # configuration (hooks, core.fsmonitor, ...) and run the agent's code as you
-                risky = gitguard.in_changes(changes, workspace)
-                if risky and not force:
-                    raise quarantine.Conflict(f"{name}: the agent changed git metadata: {gitguard.shown(risky)}: git "
-                                              "reads it as configuration, hooks or a repository and can run its code "
-                                              "as you", hint=f"inspect them in {upper}; --force applies them anyway")
+                                              hint="review it again with kp-review; --force applies what is there now")
+                snap = review.snapshot(folder, upper, workspace, every, rules, message=review.commit_message(meta))
+                shown = review.saved(folder)
+                wanted = reviewed or (str(shown["id"]) if shown else None)
+                if wanted is not None and wanted != snap.id and not force:
+                    raise review.ChangedSinceReview(
+                        f"the quarantine is not what was reviewed (snapshot {wanted}; now {snap.id})",
+                        hint=f"kp-review {name} shows it as it is now")
+                changes = review.select(every, paths) if paths else every
+                findings = snap.scan(rules, {c.path for c in changes} if paths else None, workspace)
+                _, accepted = review.gate(findings, fail_on=fail_on, accept=accept, force=force, name=name)
+                if to_branch is not None:
+                    exported = review.export(snap, changes, upper, workspace, to_branch, owner=owner, meta=meta)
+                    record = {k: v for k, v in meta.items() if k not in (*folders.PRIVATE, "fingerprints")}
+                    record.update(review=snap.id, exported=exported, findings=[f.as_dict() for f in findings],
+                                  accepted=[f.as_dict() for f in accepted])
+                    record["removed"] = False
+                    return record
                 for finding in quarantine.findings(changes):
                     say(f"{name}: {finding}")
                 prefix, resume = quarantine.temp_prefix(), False
+                expect: dict[str, str] | None = snap.blobs
+                snap_id: str | None = snap.id
             else:
                 changes, prefix = journal["changes"], journal["prefix"]
                 force, resume = force or journal["force"], True
+                expect, snap_id = journal.get("expect"), journal.get("review")
                 say(f"{name}: finishing the apply that was interrupted (started {journal['started']})")
                 quarantine.remove_temps(workspace, changes, prefix)
             counts: dict[str, int] = {}
@@ -114,7 +134,8 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
                     _pause("checked")
                     if not resume:  # before the first change, and only once every check passed
                         write_journal(folder, {"started": now_iso(), "pid": os.getpid(), "workspace": str(workspace),
-                                               "force": force, "prefix": prefix,
+                                               "force": force, "prefix": prefix, "review": snap_id,
+                                               "expect": {quarantine.path_key(p): b for p, b in (expect or {}).items()},
                                                "changes": [c.as_dict() for c in changes]})
                     _pause("journaled")
                     return
@@ -124,7 +145,8 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
             try:
                 applied, warnings = quarantine.apply(upper, workspace, changes,
                                                      fingerprints=meta.get("fingerprints") or {}, owner=owner,
-                                                     force=force, tmp_prefix=prefix, resume=resume, on_step=on_step)
+                                                     force=force, tmp_prefix=prefix, resume=resume, on_step=on_step,
+                                                     expect=expect)
             except BaseException as exc:
                 if "checked" in counts and (folder / JOURNAL).exists():  # it stopped half-way
                     finish = f"kp-run --apply {name} finishes the apply (kp-rm {name} discards what is left of it)"
@@ -134,17 +156,64 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool,
                         say(f"{name}: interrupted half-way; {finish}")
                 raise
             _pause("applied")
+            done = {change.path for change in applied}
+            left_out = [change for change in changes if change.path not in done]  # fifos, sockets, devices
+            applied_paths = sorted({*done_before, *done, *(c.path for c in left_out)})
+            remaining = [c for c in _listed(q) if c.path not in set(applied_paths)]
+            q_now = {**q, **quarantine.summary(remaining), "applied_paths": [quarantine.path_key(p)
+                                                                             for p in applied_paths]}
+            meta["quarantine"] = q_now
+            if not remaining:
+                meta.update(state="applied", applied=now_iso())
+            meta["review"] = snap_id
+            store.write_meta(folder, meta)
+            if expect is not None:  # what is left is the rest of the snapshot reviewed
+                review.save_id(folder, review.snapshot_id(remaining, {c.path: expect[c.path] for c in remaining
+                                                                      if c.path in expect}))
+            (folder / JOURNAL).unlink(missing_ok=True)
         for warning in warnings:
             say(f"{name}: {warning}")
         record = {k: v for k, v in meta.items() if k not in (*folders.PRIVATE, "fingerprints")}
-        done = {change.path for change in applied}
-        left_out = [change.as_dict() for change in changes if change.path not in done]  # fifos, sockets, devices
-        record.update(state="applied", applied=now_iso(), applied_count=len(applied),
-                      quarantine={**q, **quarantine.summary(applied), "applied": True,
-                                  **({"not_applied": left_out} if left_out else {})})
-        store.discard(folder)
-    record["removed"] = True
+        record.update(applied=now_iso(), applied_count=len(applied),
+                      quarantine={**q_now, **({"applied": True} if not remaining else {}),
+                                  "applied_now": quarantine.summary(applied)["changes"],
+                                  **({"not_applied": [c.as_dict() for c in left_out]} if left_out else {})},
+                      findings=[f.as_dict() for f in findings], accepted=[f.as_dict() for f in accepted])
+        if remaining:
+            say(f"{name}: {len(remaining)} change{'s' * (len(remaining) != 1)} stay in quarantine "
+                f"(kp-run --apply {name} applies them, kp-rm {name} discards them)")
+    record["removed"] = False
     return record
+
+
+def locate(store: Store, name: str, expect_id: str | None) -> tuple[Path, dict[str, Any], Path, Path, list[Any]]:
+    """(folder, meta, upper, workspace, changes not yet applied) of a quarantined run, for a review."""
+    from kodepipe.container import quarantine
+
+    folder = store.folder(folders.KIND, name)
+    if not folder.is_dir():
+        raise NotFound(f"there is no kp-run named {name}", hint="kp-ls --kind container lists them")
+    meta = store.read_meta(folder)
+    if meta is None:
+        raise KpError(f"{name}: its metadata is unreadable", hint=f"look in {folder}; kp-rm {name} discards it")
+    check_id(meta, expect_id)
+    q = meta.get("quarantine")
+    if meta.get("state") != "quarantined" or not isinstance(q, dict):
+        raise NotQuarantined(f"{name} has no quarantined changes (it is {meta.get('state')})")
+    if mounts_under(folder):
+        raise KpError(f"{name}: its overlay is still mounted (is its kp-run still running?)",
+                      hint="wait for it to finish")
+    lower = q.get("lower")
+    upper, workspace = Path(q["path"]), Path(str(lower if isinstance(lower, str) else meta.get("workspace")))
+    done = {quarantine.from_key(str(p)) for p in q.get("applied_paths") or []}
+    return folder, meta, upper, workspace, [c for c in quarantine.changes(upper, workspace) if c.path not in done]
+
+
+def _listed(q: dict[str, Any]) -> list[Any]:
+    from kodepipe.container import quarantine
+
+    listed = q.get("changes")
+    return [quarantine.Change.from_dict(c) for c in listed] if isinstance(listed, list) else []
 
 
 def _as_listed(q: dict[str, Any], changes: list[Any]) -> bool:
@@ -209,9 +278,15 @@ def read_journal(folder: Path) -> dict[str, Any] | None:
             raise BadInput("no temporary name prefix")
         if not isinstance(data.get("workspace"), str) or not isinstance(data.get("force"), bool):
             raise BadInput("no workspace or force flag")
+        expect = data.get("expect")
+        if expect is not None and (not isinstance(expect, dict) or
+                                   not all(isinstance(v, str) for v in expect.values())):
+            raise BadInput("a bad list of reviewed blobs")
         return {"changes": [quarantine.Change.from_dict(c) for c in changes], "prefix": prefix,
                 "workspace": data["workspace"], "force": data["force"],
-                "started": started if isinstance(started, str) else "?"}
+                "started": started if isinstance(started, str) else "?",
+                "expect": None if expect is None else {quarantine.from_key(k): v for k, v in expect.items()},
+                "review": data.get("review") if isinstance(data.get("review"), str) else None}
     except BadInput as exc:
         raise KpError(f"{path} is corrupt ({exc.message})", hint="kp-rm discards the run") from None
 

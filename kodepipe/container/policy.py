@@ -177,6 +177,10 @@ class Options:
     no_profile_credentials: bool = False
     apply_names: tuple[str, ...] = ()
     force: bool = False
+    accept: tuple[str, ...] = ()  # with --apply: findings taken in
+    fail_on: str = "high"
+    to_branch: str | None = None
+    reviewed: str | None = None
     given: frozenset[str] = frozenset()
 
 
@@ -416,15 +420,22 @@ def secret_dest(spec: str, secret: SecretFile) -> tuple[str | None, str | None]:
     return dest, None
 
 
+APPLY_OPTIONS = ("force", "accept", "fail_on", "to_branch", "reviewed")
+
+
 def apply_conflicts(options: Options) -> list[str]:
-    """C2: --apply is a command of its own; COMMAND and the run options have nothing to do with it."""
+    """C2: --apply is a command of its own; the run options have nothing to do with it.  Its
+    arguments (after --) are paths of one run's changes: a partial apply."""
     others = [_flag(p) for p in RUN_OPTIONS if p in options.given]
-    if options.command:
-        others.insert(0, "COMMAND")
-    if not others:
-        return []
-    return ["--apply takes no COMMAND and no run option (it applies a quarantined run's changes): drop "
-            f"{', '.join(others)}"]
+    out = []
+    if others:
+        out.append("--apply takes no run option (it applies a quarantined run's changes): drop "
+                   f"{', '.join(others)}")
+    if options.command and (len(options.apply_names) != 1 or options.apply_names[0] == "-"):
+        out.append("--apply NAME -- PATH... applies those paths of one run: name exactly one run")
+    if options.to_branch is not None and options.command:
+        out.append("--to-branch exports the whole quarantine: drop the PATHs")
+    return out
 
 
 def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Policy:
@@ -437,7 +448,10 @@ def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Po
     given = o.given
     if o.apply_names:  # not a run: nothing else applies
         raise PolicyError(apply_conflicts(o) or ["--apply makes no run: it has no sandbox policy"])
-    # C1: --force goes with --apply
+    # C1: --force, --accept, --fail-on, --to-branch and --reviewed go with --apply
+    for param in APPLY_OPTIONS:
+        if param in given and param != "force":
+            problems.append(f"{_flag(param)} goes with --apply")
     if o.force:
         problems.append("--force goes with --apply")
     # C12: the name

@@ -185,6 +185,11 @@ def path_key(path: str) -> str:
     return path if is_utf8(path) else "\0" + base64.b64encode(os.fsencode(path)).decode()
 
 
+def from_key(key: str) -> str:
+    """The path of a ``path_key``."""
+    return os.fsdecode(base64.b64decode(key[1:])) if key.startswith("\0") else key
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(os.fsencode(text)).decode()
 
@@ -932,8 +937,18 @@ def _remove(dir_fd: int, name: str, force: bool) -> None:
         os.rmdir(name, dir_fd=dir_fd)
 
 
+def blob_id(data: bytes) -> str:
+    """Git's id of a blob of these bytes (what a review's snapshot names each file by)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
+
+
+def _unexpected(path: str, what: str) -> Conflict:
+    return Conflict(f"{show(path)}: {what} differs from the reviewed snapshot (changed since the review)",
+                    code="changed_since_review", hint="review it again (kp-review) before applying")
+
+
 def _copy_file(src_dir: int, dst_dir: int, name: str, path: str, owner: tuple[int, int] | None,
-               warnings: list[str], tmp: str, written: Callable[[], None]) -> None:
+               warnings: list[str], tmp: str, written: Callable[[], None], expect: str | None = None) -> None:
     src = os.open(name, _READ_FLAGS, dir_fd=src_dir)
     try:
         st = os.fstat(src)
@@ -943,10 +958,16 @@ def _copy_file(src_dir: int, dst_dir: int, name: str, path: str, owner: tuple[in
         dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                       dir_fd=dst_dir)
         try:
+            # the bytes written are hashed as git names a blob: they must be the reviewed ones
+            digest, size = hashlib.sha1(b"blob %d\0" % st.st_size, usedforsecurity=False), 0
             if st.st_size:
                 with os.fdopen(src, "rb", closefd=False) as fsrc, os.fdopen(dst, "wb", closefd=False) as fdst:
                     while chunk := fsrc.read(CHUNK):
                         fdst.write(chunk)
+                        digest.update(chunk)
+                        size += len(chunk)
+            if expect is not None and (size != st.st_size or digest.hexdigest() != expect):
+                raise _unexpected(path, "its content")
             if owner is not None:
                 os.fchown(dst, *owner)
             os.fchmod(dst, _strip(path, stat.S_IMODE(st.st_mode), warnings))
@@ -963,8 +984,10 @@ def _copy_file(src_dir: int, dst_dir: int, name: str, path: str, owner: tuple[in
 
 
 def _copy_symlink(src_dir: int, dst_dir: int, name: str, owner: tuple[int, int] | None, tmp: str,
-                  written: Callable[[], None]) -> None:
+                  written: Callable[[], None], path: str = "", expect: str | None = None) -> None:
     target = os.readlink(name, dir_fd=src_dir)
+    if expect is not None and blob_id(os.fsencode(target)) != expect:
+        raise _unexpected(path, "its target")
     os.symlink(target, tmp, dir_fd=dst_dir)
     try:
         if owner is not None:
@@ -1075,7 +1098,7 @@ def _no_step(event: str, path: str) -> None:
 
 def apply(upper: Path, lower: Path, changes: Iterable[Change], *, fingerprints: Mapping[str, object],
           owner: tuple[int, int] | None = None, force: bool = False, tmp_prefix: str | None = None,
-          resume: bool = False, on_step: Step = _no_step) -> Applied:
+          resume: bool = False, on_step: Step = _no_step, expect: Mapping[str, str] | None = None) -> Applied:
     """Make ``lower`` equal to the merged view at each of ``changes``; returns what was applied and warnings.
 
     Checks everything first and changes nothing if a check fails: every path
@@ -1099,6 +1122,11 @@ def apply(upper: Path, lower: Path, changes: Iterable[Change], *, fingerprints: 
     and before the first change (raising there changes nothing), "removed"
     and "wrote" after each change, and "tmp" when a temporary file is
     complete but not yet renamed into place.
+
+    ``expect`` (path -> git blob id, from a review's snapshot): every file
+    and symlink written must hash to it, checked on the bytes written before
+    they are renamed into place; one that does not stops the apply with
+    ``Conflict`` (code changed_since_review).  Files applied before it stay.
     """
     items = list(changes)
     for change in items:
@@ -1112,7 +1140,7 @@ def apply(upper: Path, lower: Path, changes: Iterable[Change], *, fingerprints: 
         try:
             with Cursor(upper_fd) as ucur, Cursor(lower_fd) as lcur:
                 return _apply(_Tree(ucur), _Tree(lcur), items, position, fingerprints, owner, force, prefix,
-                              resume, on_step, lower_fd)
+                              resume, on_step, lower_fd, expect)
         finally:
             os.close(lower_fd)
     finally:
@@ -1121,7 +1149,7 @@ def apply(upper: Path, lower: Path, changes: Iterable[Change], *, fingerprints: 
 
 def _apply(upper: _Tree, lower: _Tree, items: list[Change], position: dict[str, int],
            fingerprints: Mapping[str, object], owner: tuple[int, int] | None, force: bool, prefix: str,
-           resume: bool, on_step: Step, lower_fd: int) -> Applied:
+           resume: bool, on_step: Step, lower_fd: int, expect: Mapping[str, str] | None = None) -> Applied:
     _check(upper, lower, items, fingerprints, force, resume)
     on_step("checked", "")
     applied: list[Change] = []
@@ -1161,10 +1189,13 @@ def _apply(upper: _Tree, lower: _Tree, items: list[Change], position: dict[str, 
                 tmp = _temp_name(prefix, position[change.path])
                 written = functools.partial(on_step, "tmp", change.path)
                 try:
+                    want = None if expect is None else expect.get(change.path)
+                    if expect is not None and want is None:
+                        raise _unexpected(change.path, "its presence")
                     if change.type == "file":
-                        _copy_file(src, dst, _name(change.path), change.path, owner, warnings, tmp, written)
+                        _copy_file(src, dst, _name(change.path), change.path, owner, warnings, tmp, written, want)
                     else:
-                        _copy_symlink(src, dst, _name(change.path), owner, tmp, written)
+                        _copy_symlink(src, dst, _name(change.path), owner, tmp, written, change.path, want)
                 finally:
                     os.close(src)
                     os.close(dst)

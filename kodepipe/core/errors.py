@@ -173,6 +173,10 @@ class Code(StrEnum):
     unsupported_overlay = "unsupported_overlay", FAILED, "the quarantine uses an overlay feature kodepipe does not read"
     too_many_changes = "too_many_changes", FAILED, "the quarantine holds more changes than a review can carry"
     not_quarantined = "not_quarantined", FAILED, "kp-run --apply: the run named has no quarantine to apply"
+    findings = ("findings", FAILED,
+        "kp-run --apply: review findings at or above --fail-on that no --accept took in; nothing was applied")
+    changed_since_review = ("changed_since_review", FAILED,
+        "kp-run --apply: the quarantine is not the snapshot kp-review showed; what was applied before stays")
     upper_refused = ("upper_refused", FAILED,
         "a VM run's quarantine, streamed from the guest, holds an entry kodepipe does not accept")
     upper_truncated = "upper_truncated", FAILED, "a VM run's quarantine stream from the guest ended early"

@@ -133,7 +133,8 @@ def _failed(message: str) -> CommandFailed:
 
 def spawn(argv: Sequence[str | Path], *, stdout: int | IO[Any] | None = subprocess.DEVNULL,
           stderr: int | IO[Any] | None = subprocess.DEVNULL,
-          stdin: int | IO[Any] | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+          stdin: int | IO[Any] | None = subprocess.DEVNULL, cwd: Path | None = None,
+          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start a program and return at once; the caller must wait for it or kill it.
 
     For a child whose fate is decided by a clock (a probe that may hang):
@@ -141,7 +142,7 @@ def spawn(argv: Sequence[str | Path], *, stdout: int | IO[Any] | None = subproce
     """
     args = [str(a) for a in argv]
     args[0] = require(args[0])
-    return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr,
+    return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
                             preexec_fn=partial(_die_with_parent, os.getpid()))
 
 

@@ -71,7 +71,8 @@ class ContainerState(_Described):
     running = "running", "its kp-run runs it"
     exited = "exited", "kept after its run (--keep, an audit or egress log)"
     quarantined = "quarantined", "its changes wait for review (kp-run --apply, or kp-rm to discard them)"
-    applied = "applied", "kp-run --apply wrote its changes to the workspace (the record of the apply)"
+    applied = "applied", ("kp-run --apply wrote all its changes to the workspace; its folder (the quarantine "
+                          "as it was, and the review's snapshot) stays until kp-rm")
     orphaned = "orphaned", "its kp-run was killed, or ended while the container still ran; kp-rm removes what is left"
     broken = "broken", _BROKEN + "; kp-rm removes it"
     gone = "gone", _GONE
@@ -222,6 +223,11 @@ class ContainerRecord(_Object, total=False):
     fingerprints: JsonObject
     applied: str
     applied_count: int
+    applied_paths: list[str]  # a partial apply: every path applied so far (the rest stays quarantined)
+    review: str  # the id of the reviewed snapshot an apply or export worked from
+    findings: list[JsonObject]  # an apply's or export's findings (finding records without kind)
+    accepted: list[JsonObject]  # those of them at or above --fail-on that --accept or --force took in
+    exported: JsonObject  # kp-run --apply --to-branch: repository, branch, commit, not_exported
     egress_log: str
     egress: dict[str, int]  # decisions by kind
     audit_log: str
@@ -233,6 +239,23 @@ class ContainerRecord(_Object, total=False):
     audit_capped: JsonObject
     audit_unaccounted: JsonObject
     audit_copy: JsonObject  # in a VM: the host's copy of the guest's log (from, bytes, sha256, verified)
+
+
+class FindingRecord(TypedDict, total=False):
+    """kp-review --findings: one thing in a quarantine's changes that a rule asks a person to look at."""
+
+    kind: Required[Literal["finding"]]
+    name: Required[str]  # the run
+    id: str  # the run's id
+    review: Required[str]  # the id of the snapshot it was found in
+    severity: Required[Literal["info", "low", "medium", "high", "critical"]]
+    rule: Required[str]
+    path: str  # absent for a finding about the whole change (mass-deletion, large-addition)
+    path_b64: str  # the exact bytes, when the path is not UTF-8
+    line: int  # in the new file
+    excerpt: str  # the line, every secret in it redacted, escaped
+    fingerprint: str  # of a secret: "sha256:" and the first 16 hex digits of its SHA-256
+    message: Required[str]
 
 
 EventType = Literal["exec", "file", "net", "process", "signal", "exit", "syscall", "attach", "detach", "tracer",
@@ -434,12 +457,12 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
          ("kp-trace",)),
     Kind("summary", SummaryRecord, None, "one item of a trace's summary (kp-trace --summary)", ("kp-trace",)),
     Kind("egress", EgressRecord, None, "one decision of a run's egress proxy", ("kp-run's egress log", "kp-trace")),
+    Kind("finding", FindingRecord, None, "something in a quarantine's changes a review rule flags", ("kp-review",)),
 )}
 
 
-# what kp-ls can show: "gone" is only a refreshed record of something removed, and "applied" only
-# kp-run --apply's own record (its folder is removed)
-NOT_LISTED = frozenset({"gone", "applied"})
+# what kp-ls can show: "gone" is only a refreshed record of something removed
+NOT_LISTED = frozenset({"gone"})
 
 
 def listed_states() -> dict[str, str]:

@@ -1,0 +1,327 @@
+"""Findings: what a review of a quarantine's changes reports, rule by rule (see ``rules``).
+
+``scan(entries, added, rules, ...)`` takes the changes (``Entry``: path,
+kind, type, mode, ...) and the added lines of each changed text file (from
+the diff, with their line numbers in the new file) and returns ``Finding``s,
+sorted by severity (highest first), then path and line.
+
+A finding never carries a secret.  Every span of a line that a secret rule
+or detect-secrets matched is replaced by ``[REDACTED]`` in every excerpt of
+that line, whichever rule the excerpt is for; the finding of the secret
+itself carries ``fingerprint``: the first 16 hex digits of the SHA-256 of
+the secret, so that ``printf %s "$KEY" | sha256sum`` tells whether it is a
+key you know.  Excerpts are cut to ``EXCERPT`` characters and escaped for a
+terminal.
+
+Speed: each ``lines`` rule is one regular-expression pass over a file's
+added text; detect-secrets' format plugins (about 25 expressions, slow in
+Python's engine when run over everything) only see the lines that a cheap
+pre-filter picks: a token of at least 16 characters, "PRIVATE KEY", or a
+URL with a password.  detect-secrets' entropy and keyword plugins are left
+out: on source code they flag most long identifiers; the ``secret-assignment``
+rule covers keyword-style assignments.  This module runs no program.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kodepipe.core.fdtree import display, is_utf8
+from kodepipe.core.terminal import escape
+from kodepipe.review.rules import Rule, rank
+
+EXCERPT = 160
+SHARE_MIN = 5  # deletions below this many are never "mass" by their share alone (a workspace of three files)
+REDACTED = "[REDACTED]"
+PER_RULE_AND_FILE = 20  # findings of one rule in one file, then one that says how many more
+_PREFILTER = re.compile(r"[A-Za-z0-9+/=_.\-]{16,}|PRIVATE KEY|://[^/\s:@]{1,256}:[^/\s@]{1,256}@")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+APPLIED_TYPES = ("file", "dir", "symlink")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One change, as the scan needs it (``quarantine.Change`` plus what the review read)."""
+
+    path: str
+    kind: str  # added, modified, deleted
+    type: str  # file, dir, symlink, fifo, socket, chardev, blockdev, other
+    mode: int | None = None
+    target: str | None = None
+    escapes: bool = False
+    size: int = 0  # of the new file
+    caps: bool = False  # the new file has security.capability
+
+
+@dataclass(frozen=True)
+class Finding:
+    rule: str
+    severity: str
+    path: str | None
+    message: str
+    line: int | None = None
+    excerpt: str | None = None
+    fingerprint: str | None = None
+
+    def key(self) -> tuple[int, str, int]:
+        return (-rank(self.severity), self.path or "", self.line or 0)
+
+    def as_dict(self) -> dict[str, object]:
+        """The record's form (kind "finding" is added by the caller)."""
+        out: dict[str, object] = {"severity": self.severity, "rule": self.rule}
+        if self.path is not None:
+            out["path"] = display(self.path)
+            if not is_utf8(self.path):
+                import base64
+                import os
+
+                out["path_b64"] = base64.b64encode(os.fsencode(self.path)).decode()
+        if self.line is not None:
+            out["line"] = self.line
+        if self.excerpt is not None:
+            out["excerpt"] = self.excerpt
+        if self.fingerprint is not None:
+            out["fingerprint"] = self.fingerprint
+        out["message"] = self.message
+        return out
+
+    def shown(self) -> str:
+        """One line for a terminal, escaped."""
+        where = escape(self.path) if self.path is not None else "(the workspace)"
+        if self.line is not None:
+            where += f":{self.line}"
+        tail = f": {self.excerpt}" if self.excerpt else ""
+        return f"{self.severity} {self.rule} {where}: {escape(self.message)}{tail}"
+
+
+def fingerprint(secret: str) -> str:
+    return "sha256:" + hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _excerpt(line: str, spans: Sequence[tuple[int, int]], focus: int) -> str:
+    """The line with every secret span redacted, cut to EXCERPT characters around ``focus``, escaped."""
+    out, last, shift = [], 0, 0
+    for start, end in sorted(spans):
+        if start < last:
+            continue
+        out.append(line[last:start])
+        out.append(REDACTED)
+        if start < focus:
+            shift += len(REDACTED) - (end - start)
+        last = end
+    out.append(line[last:])
+    text = "".join(out).strip()
+    focus = max(0, focus + shift - (len("".join(out)) - len("".join(out).lstrip())))
+    if len(text) > EXCERPT:
+        begin = max(0, min(focus - EXCERPT // 4, len(text) - EXCERPT))
+        text = ("..." if begin else "") + text[begin:begin + EXCERPT] + ("..." if begin + EXCERPT < len(text) else "")
+    return escape(text)
+
+
+class _Secrets:
+    """detect-secrets' format plugins, loaded once, on first use."""
+
+    def __init__(self) -> None:
+        self._plugins: list[tuple[str, re.Pattern[str]]] | None = None
+
+    def patterns(self) -> list[tuple[str, re.Pattern[str]]]:
+        if self._plugins is None:
+            from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+            from detect_secrets.plugins.base import RegexBasedDetector
+
+            found: list[tuple[str, re.Pattern[str]]] = []
+            mapping: dict[str, Any] = dict(get_mapping_from_secret_type_to_class())
+            for secret_type, cls in sorted(mapping.items()):
+                if issubclass(cls, RegexBasedDetector):
+                    found.extend((secret_type, pattern) for pattern in cls.denylist)
+            self._plugins = found
+        return self._plugins
+
+    def find(self, line: str) -> list[tuple[str, int, int]]:
+        """(type, start, end) of each secret in ``line``."""
+        out = []
+        for secret_type, pattern in self.patterns():
+            for m in pattern.finditer(line):
+                # the whole match, or its first group when that is the secret part (a URL's password)
+                start, end = m.span()
+                if m.lastindex and m.group(1) and len(m.group(1)) >= 8:
+                    start, end = m.span(1)
+                if end > start:
+                    out.append((secret_type, start, end))
+        return out
+
+
+_SECRETS = _Secrets()
+
+
+class _File:
+    """The added lines of one file as one text, for one regex pass per rule."""
+
+    def __init__(self, lines: Sequence[tuple[int, str]]) -> None:
+        self.numbers = [n for n, _ in lines]
+        self.lines = [text for _, text in lines]
+        self.text = "\n".join(self.lines)
+        self.starts, pos = [], 0
+        for text in self.lines:
+            self.starts.append(pos)
+            pos += len(text) + 1
+        self.spans: dict[int, list[tuple[int, int]]] = {}  # line index -> secret spans in it
+
+    def at(self, offset: int) -> tuple[int, int]:
+        """(line index, column) of an offset in ``text``."""
+        index = bisect.bisect_right(self.starts, offset) - 1
+        return index, offset - self.starts[index]
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.found: list[Finding] = []
+        self.counts: dict[tuple[str, str | None], int] = {}
+
+    def add(self, finding: Finding) -> None:
+        key = (finding.rule, finding.path)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if self.counts[key] <= PER_RULE_AND_FILE:
+            self.found.append(finding)
+
+    def finish(self, rules: Mapping[str, Rule]) -> list[Finding]:
+        for (rid, path), count in self.counts.items():
+            if count > PER_RULE_AND_FILE:
+                rule = rules[rid]
+                self.found.append(Finding(rid, rule.severity, path,
+                                          f"{count - PER_RULE_AND_FILE} more findings of this rule in this file"))
+        return sorted(self.found, key=Finding.key)
+
+
+def _line_rules(path: str, file: _File, rules: Sequence[Rule], out: _Collector) -> None:
+    pending: list[tuple[Rule, int, int, str | None]] = []  # rule, line index, column, fingerprint
+    for rule in rules:
+        if rule.lines is None or not rule.matches_path(path):
+            continue
+        for m in rule.lines.finditer(file.text):
+            if m.start() == m.end() and not m.group(0):
+                continue
+            start, end = (m.span("secret") if rule.secret and "secret" in rule.lines.groupindex
+                          and m.group("secret") is not None else m.span())
+            value = file.text[start:end]
+            if rule.secret and rule.ignore is not None and rule.ignore.fullmatch(value.strip()):
+                continue
+            index, column = file.at(start)
+            if rule.secret:
+                # a match may run over a line's end (a key block): redact its part in each line
+                last, _ = file.at(max(start, end - 1))
+                for i in range(index, last + 1):
+                    a = max(start, file.starts[i]) - file.starts[i]
+                    b = min(end, file.starts[i] + len(file.lines[i])) - file.starts[i]
+                    if b > a:
+                        file.spans.setdefault(i, []).append((a, b))
+            pending.append((rule, index, column, fingerprint(value) if rule.secret else None))
+    detect = next((r for r in rules if r.check == "detect-secrets"), None)
+    if detect is not None:
+        picked = sorted({file.at(m.start())[0] for m in _PREFILTER.finditer(file.text)})
+        for index in picked:
+            for secret_type, start, end in _SECRETS.find(file.lines[index]):
+                file.spans.setdefault(index, []).append((start, end))
+                pending.append((Rule(detect.id, detect.severity, f"{detect.about.split(' (')[0]}: {secret_type}"),
+                                index, start, fingerprint(file.lines[index][start:end])))
+    for rule, index, column, print_ in pending:
+        out.add(Finding(rule.id, rule.severity, path, rule.about or rule.id, file.numbers[index],
+                        _excerpt(file.lines[index], file.spans.get(index, []), column), print_))
+
+
+def scan(entries: Iterable[Entry], added: Mapping[str, Sequence[tuple[int, str]]], rules: Sequence[Rule], *,
+         git_paths: Iterable[str] = (), workspace_files: Callable[[], int] | None = None) -> list[Finding]:
+    """Every finding of ``rules`` in these changes (see the module's docstring).
+
+    ``added`` maps a changed text file's path to its added lines (number in
+    the new file, text).  ``git_paths`` are the paths that touch git
+    metadata (``gitguard.in_changes``), for the "git" check.
+    ``workspace_files()`` counts the workspace's files, for a share of
+    deletions; it is called only when there are deletions.
+    """
+    items = sorted(entries, key=lambda e: e.path)
+    by_id = {rule.id: rule for rule in rules}
+    checks = {rule.check: rule for rule in rules if rule.check}
+    out = _Collector()
+
+    def found(check: str, path: str | None, message: str) -> None:
+        rule = checks.get(check)
+        if rule is not None:
+            out.add(Finding(rule.id, rule.severity, path, message))
+
+    path_rules = [r for r in rules if r.paths and r.lines is None and not r.check]
+    total = 0
+    for e in items:
+        for rule in path_rules:
+            if rule.matches_path(e.path):
+                out.add(Finding(rule.id, rule.severity, e.path, f"{e.kind} {e.type}: {rule.about or rule.id}"))
+        if _CONTROL.search(e.path) or not is_utf8(e.path):
+            found("control-characters", e.path, "its name has control characters or bytes that are not UTF-8 "
+                                                "(shown escaped)")
+        if e.kind == "deleted":
+            continue
+        if e.type == "symlink" and e.escapes:
+            found("symlink-out", e.path, f"a symlink to {escape(e.target or '')}, out of the workspace")
+        if e.mode is not None and e.mode & 0o6000:
+            found("setid", e.path, f"a {e.type} with mode {e.mode:04o} (setuid/setgid; apply strips the bits)")
+        if e.caps:
+            found("file-capability", e.path, "a file with file capabilities (security.capability; not applied)")
+        if e.type not in APPLIED_TYPES:
+            found("special", e.path, f"a {e.type}: apply leaves it out")
+        if e.type == "file":
+            total += e.size
+            big = checks.get("large-file")
+            if big is not None and e.size > big.bytes:
+                found("large-file", e.path, f"{e.size} bytes, more than {big.bytes}")
+    most = checks.get("large-total")
+    if most is not None and total > most.bytes:
+        found("large-total", None, f"{total} bytes added or modified in all, more than {most.bytes}")
+    for path in git_paths:
+        found("git", path, by_id[checks["git"].id].about if "git" in checks else "git metadata")
+    mass = checks.get("deletions")
+    deleted = [e for e in items if e.kind == "deleted" and e.type != "dir"]
+    if mass is not None and deleted:
+        many = len(deleted) > mass.count
+        files = workspace_files() if (not many and len(deleted) >= SHARE_MIN and workspace_files) else 0
+        if many or (files and len(deleted) / files > mass.share):
+            share = f" of the workspace's {files} ({len(deleted) / files:.0%})" if files else ""
+            found("deletions", None, f"{len(deleted)} files deleted{share}, more than the rule's "
+                                     f"{mass.count} files or {mass.share:.0%}")
+    line_rules = [r for r in rules if r.lines is not None or r.check == "detect-secrets"]
+    if line_rules:
+        for path in sorted(added):
+            if added[path]:
+                _line_rules(path, _File(added[path]), line_rules, out)
+    return out.finish(by_id)
+
+
+def blocking(findings: Iterable[Finding], fail_on: str, accept: Iterable[str]) -> tuple[list[Finding], list[Finding]]:
+    """(findings at or above ``fail_on`` that nothing in ``accept`` covers, findings accepted).
+
+    An accept value covers a finding when it is the finding's rule id, its
+    path, or a directory above its path ("dir" or "dir/").
+    """
+    accepts = [a for a in accept]
+    blocked, accepted = [], []
+    for f in findings:
+        if rank(f.severity) < rank(fail_on):
+            continue
+        if any(_covers(a, f) for a in accepts):
+            accepted.append(f)
+        else:
+            blocked.append(f)
+    return blocked, accepted
+
+
+def _covers(value: str, finding: Finding) -> bool:
+    if value == finding.rule:
+        return True
+    if finding.path is None:
+        return False
+    value = value.rstrip("/") if value not in ("", "/") else value
+    return finding.path == value or finding.path.startswith(value + "/")
