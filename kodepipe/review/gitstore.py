@@ -293,6 +293,10 @@ def find_repo(workspace: Path, user: User | None) -> Repo:
     done = _git(["rev-parse", "--show-toplevel", "--show-prefix"], cwd=workspace, user=user, own_config=True,
                 check=False)
     if done.returncode != 0:
+        said = done.stderr.decode("utf-8", "replace")
+        if user is not None and ("Permission denied" in said or "cannot change to" in said):
+            raise KpError(f"git, run as the workspace's owner (uid {user.uid}), cannot reach {workspace}",
+                          hint="the export writes to the repository as its owner, never as root: let them reach it")
         raise NotFound(f"{workspace} is not in a git repository", hint="--to-branch needs one; kp-review --patch "
                                                                        "writes a patch instead")
     top, prefix = [*done.stdout.decode("utf-8", "surrogateescape").split("\n"), "", ""][:2]
