@@ -386,8 +386,8 @@ def _report(out: kpcli.Output, record: dict[str, Any], status: int | None) -> No
     if record.get("state") == "quarantined":
         q = record.get("quarantine", {})
         out.info(f"{record['name']}: quarantined: {len(q.get('added', []))} added, {len(q.get('modified', []))} "
-                 f"modified, {len(q.get('deleted', []))} deleted; kp-run --apply {record['name']} applies them, "
-                 f"kp-rm {record['name']} discards them")
+                 f"modified, {len(q.get('deleted', []))} deleted; kp-review {record['name']} shows them, "
+                 f"kp-run --apply {record['name']} applies them, kp-rm {record['name']} discards them")
     if record.get("audit") == "incomplete":  # the agent's own exit_code stays in the record
         out.fail(record, errors.KpError(str(record.get("audit_problem")), code="audit_incomplete"))
         return

@@ -219,7 +219,7 @@ def snapshot(folder: Path, upper: Path, lower: Path, changes: Sequence[Change], 
         shutil.rmtree(git_dir)
     gitstore.init(git_dir)
     items = sorted(changes, key=lambda c: os.fsencode(c.path))
-    with gitstore.fast_import(git_dir) as (stream, marks), _cursors(upper, lower) as (ucur, lcur):
+    with gitstore.fast_import(git_dir, fast=True) as (stream, marks), _cursors(upper, lower) as (ucur, lcur):
         base_ops, head_ops, new_marks, info = feed(stream, ucur, lcur, items)
         stream.commit(BASE_REF, author=KODEPIPE, committer=KODEPIPE, when=when, message="the workspace\n",
                       parent=None, ops=base_ops)
@@ -291,11 +291,27 @@ def gate(findings: Sequence[Finding], *, fail_on: str, accept: Sequence[str], fo
 
     blocked, accepted = blocking(findings, fail_on, accept)
     if blocked and not force:
-        shown = "; ".join(f"{f.rule} {quarantine.show(f.path) if f.path is not None else '(all)'}"
-                          for f in blocked[:8]) + (f"; and {len(blocked) - 8} more" if len(blocked) > 8 else "")
+        shown = "; ".join(_by_rule(blocked))
         raise Refused(f"{len(blocked)} finding{'s' * (len(blocked) != 1)} at or above {fail_on}, not applied: {shown}",
                       hint=f"kp-review {name} shows them; --accept RULE|PATH takes one in, --force all")
     return blocked, accepted
+
+
+def _by_rule(findings: Sequence[Finding], most: int = 4) -> list[str]:
+    """One phrase per rule: its outermost paths (a path under another one named is left out), and how
+    many findings it has: "git-metadata b, sub/.git (54)"."""
+    rules: dict[str, list[str | None]] = {}
+    for f in findings:
+        rules.setdefault(f.rule, []).append(f.path)
+    out = []
+    for rule, paths in rules.items():
+        roots: list[str] = []
+        for path in sorted(p for p in paths if p is not None):
+            if not any(path.startswith(root + "/") for root in roots):
+                roots.append(path)
+        named = ", ".join(quarantine.show(p) for p in roots[:most]) + (", ..." if len(roots) > most else "")
+        out.append(f"{rule} {named or '(the whole change)'}" + (f" ({len(paths)})" if len(paths) > 1 else ""))
+    return out
 
 
 def finding_records(snap: Snapshot, name: str, run_id: str | None, findings: Iterable[Finding] | None = None

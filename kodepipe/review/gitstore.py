@@ -166,15 +166,20 @@ def _git(argv: Sequence[str | Path], *, git_dir: Path | None = None, cwd: Path |
 
 @contextmanager
 def fast_import(git_dir: Path | None, *, cwd: Path | None = None, user: User | None = None,
-                own_config: bool = False) -> Iterator[tuple[Stream, dict[int, str]]]:
-    """Run ``git fast-import`` and yield (the stream to write, the marks: filled in once it is done)."""
+                own_config: bool = False, fast: bool = False) -> Iterator[tuple[Stream, dict[int, str]]]:
+    """Run ``git fast-import`` and yield (the stream to write, the marks: filled in once it is done).
+    ``fast``: no compression and no deltas (the review's own short-lived repository: zlib at its
+    default level is most of the time a snapshot takes)."""
+    extra = ["--depth=0"] if fast else []
     marks: dict[int, str] = {}
     with tempfile.TemporaryDirectory(prefix="kp-fast-import-") as tmp:
         marks_file = Path(tmp) / "marks"
         if user is not None:
             os.chown(tmp, user.uid, user.gid)
-        args: list[str | Path] = ["git", *([f"--git-dir={git_dir}"] if git_dir else []), "fast-import", "--quiet",
-                                  "--done", f"--export-marks={marks_file}"]
+        options = ["-c", "core.compression=0", "-c", "pack.compression=0"] if fast else []
+        args: list[str | Path] = ["git", *([f"--git-dir={git_dir}"] if git_dir else []), *options, "fast-import",
+                                  "--quiet",
+                                  "--done", f"--export-marks={marks_file}", *extra]
         if user is not None:
             args = [*user.setpriv(), *args]
         env = _env(user.home if user else None, own_config=own_config)
@@ -258,7 +263,10 @@ def added_lines(git_dir: Path, base: str, head: str) -> dict[str, list[tuple[int
             m = _HUNK.match(raw)
             number = int(m.group(1)) if m else 0
         elif raw.startswith(b"+++ "):
+            # git ends an unquoted name that has a space with a tab (diff.c's "--- a/x y\t")
             target = raw[4:].rstrip(b"\n")
+            if not target.startswith(b'"') and target.endswith(b"\t"):
+                target = target[:-1]
             if target == b"/dev/null":
                 current = None
             else:

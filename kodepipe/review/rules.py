@@ -19,6 +19,9 @@ with each finding), and one of:
   Alone, any change to such a path is a finding.
 - ``lines``: a regular expression (Python's) searched in the added and
   modified lines of the changed files (of ``paths`` only, when given).
+  ``words`` (optional) lists words, one of which (in any case) a line must
+  hold for the expression to be tried on it: a fast pre-check, the
+  expression then runs on each such line alone.
   With ``"secret": true`` a match is a secret: its named group ``secret``
   (or the whole match) is never shown; the finding carries a redacted
   excerpt and the first 16 hex digits of the secret's SHA-256.  ``ignore``
@@ -57,7 +60,7 @@ CHECKS = {
     "large-file": "one file larger than bytes",
     "large-total": "more than bytes added or modified in all",
 }
-KEYS = {"id", "severity", "about", "paths", "lines", "secret", "ignore", "check", "count", "share", "bytes"}
+KEYS = {"id", "severity", "about", "paths", "lines", "words", "secret", "ignore", "check", "count", "share", "bytes"}
 BUILTIN = Path(__file__).with_name("rules.json")
 _ID = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
@@ -69,6 +72,7 @@ class Rule:
     about: str = ""
     paths: tuple[str, ...] = ()
     lines: re.Pattern[str] | None = None
+    words: tuple[bytes, ...] = ()  # lowercase: a line must hold one of them for ``lines`` to be tried on it
     secret: bool = False
     ignore: re.Pattern[str] | None = None
     check: str | None = None
@@ -77,7 +81,7 @@ class Rule:
     bytes: int = 0
 
     def matches_path(self, path: str) -> bool:
-        return not self.paths or any(glob_match(pattern, path) for pattern in self.paths)
+        return not self.paths or _globs(self.paths).fullmatch(path) is not None
 
     def as_doc(self) -> dict[str, object]:
         """The rule as kodepipe(7) shows it."""
@@ -124,6 +128,11 @@ def _glob(pattern: str) -> re.Pattern[str]:
     return re.compile(prefix + "".join(out), re.DOTALL)
 
 
+@functools.lru_cache(maxsize=256)
+def _globs(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{_glob(p).pattern})" for p in patterns), re.DOTALL)
+
+
 def glob_match(pattern: str, path: str) -> bool:
     """Whether a workspace-relative path matches a rule's glob (see the module's docstring)."""
     return _glob(pattern).fullmatch(path) is not None
@@ -157,6 +166,10 @@ def parse(data: Mapping[str, object], where: str) -> Rule:
     if not isinstance(paths, list) or not all(isinstance(p, str) and p.strip("/") for p in paths):
         raise BadInput(f"{where}: paths must be a list of globs")
     lines = _regex(data["lines"], f"{where}: lines") if "lines" in data else None
+    words = data.get("words", [])
+    if not isinstance(words, list) or not all(isinstance(w, str) and w and w.isascii() for w in words) or \
+            (words and lines is None):
+        raise BadInput(f"{where}: words must be a list of ASCII words, with lines")
     ignore = _regex(data["ignore"], f"{where}: ignore") if "ignore" in data else None
     check = data.get("check")
     if check is not None and check not in CHECKS:
@@ -176,7 +189,8 @@ def parse(data: Mapping[str, object], where: str) -> Rule:
             raise BadInput(f"{where}: {key} must be a {'fraction' if key == 'share' else 'whole number'} "
                            f"of at least 0: {value!r}")
         numbers[key] = value
-    return Rule(rid, str(severity), about, tuple(paths), lines, secret, ignore, check, int(numbers["count"]),
+    return Rule(rid, str(severity), about, tuple(paths), lines, tuple(w.lower().encode() for w in words), secret,
+                ignore, check, int(numbers["count"]),
                 float(numbers["share"]), int(numbers["bytes"]))
 
 
@@ -211,7 +225,8 @@ def load(folder: Path | None = None, *, builtin: Path = BUILTIN) -> list[Rule]:
             rid = str(raw.get("id"))
             base = merged.get(rid, {})
             if base and ("check" in raw or "paths" in raw or "lines" in raw):
-                base = {k: v for k, v in base.items() if k not in ("check", "paths", "lines", "ignore", "secret")}
+                replaced = ("check", "paths", "lines", "words", "ignore", "secret")
+                base = {k: v for k, v in base.items() if k not in replaced}
             merged[rid] = {**base, **raw}
             parse(merged[rid], str(path))  # say which file is wrong
     rules = [parse(raw, str(builtin)) for raw in merged.values()]

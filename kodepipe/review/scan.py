@@ -13,11 +13,13 @@ the secret, so that ``printf %s "$KEY" | sha256sum`` tells whether it is a
 key you know.  Excerpts are cut to ``EXCERPT`` characters and escaped for a
 terminal.
 
-Speed: each ``lines`` rule is one regular-expression pass over a file's
-added text; detect-secrets' format plugins (about 25 expressions, slow in
-Python's engine when run over everything) only see the lines that a cheap
-pre-filter picks: a token of at least 16 characters, "PRIVATE KEY", or a
-URL with a password.  detect-secrets' entropy and keyword plugins are left
+Speed: a ``lines`` rule is one regular-expression pass over a file's added
+text, or, with ``words``, a pass on each line that holds one of them (found
+with bytes.find).  detect-secrets' format plugins (about 25 expressions,
+slow in Python's engine when run over everything) only see the lines that a
+cheap pre-check picks: a run of at least 16 token characters (found in a
+translated copy of the text), "private key", or "://".  detect-secrets'
+entropy and keyword plugins are left
 out: on source code they flag most long identifiers; the ``secret-assignment``
 rule covers keyword-style assignments.  This module runs no program.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +42,6 @@ EXCERPT = 160
 SHARE_MIN = 5  # deletions below this many are never "mass" by their share alone (a workspace of three files)
 REDACTED = "[REDACTED]"
 PER_RULE_AND_FILE = 20  # findings of one rule in one file, then one that says how many more
-_PREFILTER = re.compile(r"[A-Za-z0-9+/=_.\-]{16,}|PRIVATE KEY|://[^/\s:@]{1,256}:[^/\s@]{1,256}@")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 APPLIED_TYPES = ("file", "dir", "symlink")
 
@@ -160,22 +162,55 @@ _SECRETS = _Secrets()
 
 
 class _File:
-    """The added lines of one file as one text, for one regex pass per rule."""
+    """The added lines of one file as one text, for one regex pass per rule, and as bytes, for the
+    pre-checks (a run of token characters, a rule's words) done with bytes.find at C speed."""
 
     def __init__(self, lines: Sequence[tuple[int, str]]) -> None:
         self.numbers = [n for n, _ in lines]
         self.lines = [text for _, text in lines]
         self.text = "\n".join(self.lines)
-        self.starts, pos = [], 0
-        for text in self.lines:
-            self.starts.append(pos)
-            pos += len(text) + 1
+        self._starts: list[int] | None = None
+        self._bytes: tuple[bytes, list[int]] | None = None
         self.spans: dict[int, list[tuple[int, int]]] = {}  # line index -> secret spans in it
+
+    @property
+    def starts(self) -> list[int]:
+        if self._starts is None:
+            self._starts = [0, *itertools.accumulate(len(text) + 1 for text in self.lines[:-1])]
+        return self._starts
 
     def at(self, offset: int) -> tuple[int, int]:
         """(line index, column) of an offset in ``text``."""
         index = bisect.bisect_right(self.starts, offset) - 1
         return index, offset - self.starts[index]
+
+    def _encoded(self) -> tuple[bytes, list[int]]:
+        if self._bytes is None:
+            data = self.text.encode("utf-8", "surrogateescape")
+            self._bytes = data, [0, *itertools.accumulate(len(part) + 1 for part in data.split(b"\n")[:-1])]
+        return self._bytes
+
+    def lines_with(self, needles: Iterable[bytes], *, lower: bool = False, tokens: bool = False) -> set[int]:
+        """The indexes of the lines that hold one of ``needles`` (in the text lowercased, or in its mask
+        of token characters)."""
+        data, starts = self._encoded()
+        hay = data.translate(_TOKENS) if tokens else data.lower() if lower else data
+        found: set[int] = set()
+        for needle in needles:
+            pos = hay.find(needle)
+            while pos >= 0:
+                index = bisect.bisect_right(starts, pos) - 1
+                found.add(index)
+                if index + 1 >= len(starts):
+                    break
+                pos = hay.find(needle, starts[index + 1])
+        return found
+
+
+_TOKENS = bytes(ord("a") if chr(c) in
+                "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_.-" else ord(" ")
+                for c in range(256))
+_RUN = b"a" * 16
 
 
 class _Collector:
@@ -200,14 +235,29 @@ class _Collector:
 
 def _line_rules(path: str, file: _File, rules: Sequence[Rule], out: _Collector) -> None:
     pending: list[tuple[Rule, int, int, str | None]] = []  # rule, line index, column, fingerprint
+
+    def secret_at(index: int, start: int, end: int) -> None:
+        file.spans.setdefault(index, []).append((start, end))
+
     for rule in rules:
         if rule.lines is None or not rule.matches_path(path):
             continue
+        if rule.words:  # the expression on each line that holds one of the words
+            for index in sorted(file.lines_with(rule.words, lower=True)):
+                line = file.lines[index]
+                for m in rule.lines.finditer(line):
+                    start, end = _span(rule, m)
+                    if end == start or (rule.secret and rule.ignore is not None
+                                        and rule.ignore.fullmatch(line[start:end].strip())):
+                        continue
+                    if rule.secret:
+                        secret_at(index, start, end)
+                    pending.append((rule, index, start, fingerprint(line[start:end]) if rule.secret else None))
+            continue
         for m in rule.lines.finditer(file.text):
-            if m.start() == m.end() and not m.group(0):
+            start, end = _span(rule, m)
+            if end == start:
                 continue
-            start, end = (m.span("secret") if rule.secret and "secret" in rule.lines.groupindex
-                          and m.group("secret") is not None else m.span())
             value = file.text[start:end]
             if rule.secret and rule.ignore is not None and rule.ignore.fullmatch(value.strip()):
                 continue
@@ -219,19 +269,27 @@ def _line_rules(path: str, file: _File, rules: Sequence[Rule], out: _Collector) 
                     a = max(start, file.starts[i]) - file.starts[i]
                     b = min(end, file.starts[i] + len(file.lines[i])) - file.starts[i]
                     if b > a:
-                        file.spans.setdefault(i, []).append((a, b))
+                        secret_at(i, a, b)
             pending.append((rule, index, column, fingerprint(value) if rule.secret else None))
     detect = next((r for r in rules if r.check == "detect-secrets"), None)
     if detect is not None:
-        picked = sorted({file.at(m.start())[0] for m in _PREFILTER.finditer(file.text)})
-        for index in picked:
+        picked = file.lines_with([_RUN], tokens=True) | file.lines_with([b"private key"], lower=True) | \
+            file.lines_with([b"://"])
+        for index in sorted(picked):
             for secret_type, start, end in _SECRETS.find(file.lines[index]):
-                file.spans.setdefault(index, []).append((start, end))
+                secret_at(index, start, end)
                 pending.append((Rule(detect.id, detect.severity, f"{detect.about.split(' (')[0]}: {secret_type}"),
                                 index, start, fingerprint(file.lines[index][start:end])))
     for rule, index, column, print_ in pending:
         out.add(Finding(rule.id, rule.severity, path, rule.about or rule.id, file.numbers[index],
                         _excerpt(file.lines[index], file.spans.get(index, []), column), print_))
+
+
+def _span(rule: Rule, m: re.Match[str]) -> tuple[int, int]:
+    """The secret's span in a match (its group "secret" when the rule has one), else the match's."""
+    if rule.secret and rule.lines is not None and "secret" in rule.lines.groupindex and m.group("secret") is not None:
+        return m.span("secret")
+    return m.span()
 
 
 def scan(entries: Iterable[Entry], added: Mapping[str, Sequence[tuple[int, str]]], rules: Sequence[Rule], *,
@@ -270,7 +328,7 @@ def scan(entries: Iterable[Entry], added: Mapping[str, Sequence[tuple[int, str]]
         if e.mode is not None and e.mode & 0o6000:
             found("setid", e.path, f"a {e.type} with mode {e.mode:04o} (setuid/setgid; apply strips the bits)")
         if e.caps:
-            found("file-capability", e.path, "a file with file capabilities (security.capability; not applied)")
+            found("capability", e.path, "a file with file capabilities (security.capability; not applied)")
         if e.type not in APPLIED_TYPES:
             found("special", e.path, f"a {e.type}: apply leaves it out")
         if e.type == "file":

@@ -274,7 +274,8 @@ def test_quarantine_apply_refuses_git_metadata(shell_image: str, place: Place, w
     changes = record["git_changes"]
     assert "sub/.git" in changes and "sub/.git/config" in changes and "b/HEAD" in changes and "b/config" in changes
     assert "the agent changed git metadata" in proc.stderr
-    assert applied.returncode == 1 and result["error"]["code"] == "conflict", applied.stderr
+    assert applied.returncode == 1 and result["error"]["code"] == "findings", applied.stderr
+    assert "git-metadata" in result["error"]["message"]
     assert "sub/.git" in result["error"]["message"]
     assert not (place.ws / "sub" / ".git").exists() and not (place.ws / "b").exists()
     assert not place.marker.exists()

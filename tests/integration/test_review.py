@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -47,6 +48,7 @@ ln -s /etc/shadow shadow
 mkfifo pipe
 touch "$(printf 'name\033[2Jwith\nnewline')"
 yes 'hello world' | head -c 11000000 > big.txt
+printf 'print(1)\033]0;pwned\007\033[2J\n' >> main.py
 """
 PLANTED = {"secret", "private-key", "secret-assignment", "mass-deletion", "git-metadata", "git-filter",
            "ci-definition", "package-install-script", "build-script", "shell-rc", "direnv", "editor-tasks", "setid",
@@ -77,7 +79,7 @@ def traversable(path: Path) -> None:
     for parent in path.parents:
         if parent == Path("/"):
             break
-        os.chmod(parent, parent.stat().st_mode | 0o111)
+        os.chmod(parent, parent.stat().st_mode | 0o111)  # noqa: S103 - search, not read or write
 
 
 def git_run(where: Path, *args: str, env: dict[str, str] | None = None) -> str:
@@ -143,6 +145,13 @@ def test_each_finding_fires_and_apply_refuses_until_accepted(request: pytest.Fix
         for secret in (AWS, PASSWORD, KEY_BODY):
             assert secret.encode() not in output
     assert b"\x1b" not in found.stderr and b"name\\x1b[2Jwith\\nnewline" in found.stderr
+    # on a terminal the diff is coloured, and nothing the agent wrote reaches it raw: names are quoted as
+    # git quotes them, and control characters in the content are escaped
+    coloured = kp(where, "kp-review", "--color", "always", record["name"]).stdout
+    assert b'"b/name\\033[2Jwith\\nnewline"' in coloured and b"\\x1b]0;pwned\\x07\\x1b[2J" in coloured
+    assert re.sub(rb"\x1b\[[0-9;]*m", b"", coloured).count(b"\x1b") == 0 and b"\x1b[32m" in coloured
+    piped = kp(where, "kp-review", record["name"]).stdout  # in a pipe: the exact bytes, for git apply
+    assert b"+print(1)\x1b]0;pwned\x07\x1b[2J\n" in piped
     # --apply refuses: the high and critical findings are listed, nothing reaches the workspace
     refused = kp(where, "kp-run", "--apply", record["name"])
     (failed,) = lines(refused.stdout)

@@ -509,7 +509,9 @@ def test_quarantine_round_trip(request: pytest.FixtureRequest, backend: str, she
     assert (where.dir / "sub" / "y.txt").exists() and not (where.dir / "sub" / "x.txt").exists()
     assert (where.dir / "dir" / "d.txt").read_text() == "d\n"
     assert (where.dir / "new.txt").stat().st_uid == where.owner
-    assert not Path(record["path"]).exists()
+    assert Path(record["path"]).is_dir()  # the applied quarantine stays until kp-rm
+    removed = subprocess.run([str(BIN / "kp-rm"), record["name"]], capture_output=True, env=where.env)
+    assert removed.returncode == 0 and not Path(record["path"]).exists(), removed.stderr.decode()
 
 
 def test_quarantine_discard_and_conflicts(request: pytest.FixtureRequest, backend: str, shell_image: str,
@@ -578,7 +580,7 @@ def test_a_hostile_agents_quarantine_is_reviewed_the_same_on_every_backend(
     assert "suid: file with the setuid/setgid bit (mode 4755); apply strips it" in err
     assert "the agent changed git metadata: sub/.git (5 paths)" in err
     refused = subprocess.run([str(BIN / "kp-run"), "--apply", record["name"]], capture_output=True, env=where.env)
-    assert refused.returncode != 0 and b"git metadata" in refused.stderr and tree(where.dir) == before
+    assert refused.returncode != 0 and b"git-metadata sub/.git" in refused.stderr and tree(where.dir) == before
     forced = subprocess.run([str(BIN / "kp-run"), "--apply", record["name"], "--force"], capture_output=True,
                             env=where.env)
     assert forced.returncode == 0, forced.stderr.decode()
