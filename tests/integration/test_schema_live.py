@@ -56,7 +56,8 @@ def test_container_records_of_real_runs(shell_image: str, ws: Path) -> None:
     seen = kp("kp-image", "base")  # built already (shell_image): only its record
     seen += kp(*base, "--", "sh", "-c", "exit 3")
     kept = kp(*base, "--keep", "--", "true")
-    quarantined = kp(*base, "--quarantine", "--", "sh", "-c", "echo new > /workspace/new.txt")
+    quarantined = kp(*base, "--quarantine", "--", "sh", "-c",
+                     "echo new > /workspace/new.txt; echo 'export API_TOKEN=abcdef0123456789' > /workspace/env.sh")
     assert quarantined[-1]["state"] == "quarantined", quarantined
     audited = kp(*base, "--audit", "--", "sh", "-c", "cat /workspace/main.py")
     assert audited[-1].get("audit_log"), audited
@@ -66,11 +67,14 @@ def test_container_records_of_real_runs(shell_image: str, ws: Path) -> None:
     seen += kp("kp-ls", "--json", "--kind", "container")
     seen += kp("kp-trace", input=feed(audited[-1:]))
     seen += kp("kp-trace", "--summary", input=feed(allowed[-1:]))
-    seen += kp("kp-run", "--apply", quarantined[-1]["name"])
-    assert seen[-1]["state"] == "applied", seen[-1]
+    findings = kp("kp-review", "--findings", quarantined[-1]["name"])
+    assert [f["rule"] for f in findings] == ["secret-assignment"], findings
+    seen += findings
+    seen += kp("kp-run", "--apply", quarantined[-1]["name"], "--accept", "env.sh")
+    assert seen[-1]["state"] == "applied" and seen[-1]["accepted"], seen[-1]
     seen += kp("kp-rm", input=feed([kept[-1], audited[-1], allowed[-1]]))  # the logs are kept: evidence
     seen += kp("kp-rm", "--evidence", input=feed([audited[-1], allowed[-1]]))
-    assert {r["kind"] for r in seen} >= {"container", "event", "summary", "container-image"}
+    assert {r["kind"] for r in seen} >= {"container", "event", "summary", "container-image", "finding"}
     fits(seen)
 
 
