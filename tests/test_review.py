@@ -16,9 +16,13 @@ from kodepipe.container.quarantine import Change
 from kodepipe.container.review import select
 from kodepipe.core.errors import BadInput
 from kodepipe.review import gitstore, rules
-from kodepipe.review.scan import Entry, Finding, blocking, scan
+from kodepipe.review.scan import Added, Entry, Finding, blocking, scan
 
 RULES = rules.load(Path("/nonexistent"))
+
+
+def of(lines: dict[str, list[tuple[int, str]]]) -> dict[str, Added]:
+    return {path: Added.of(found) for path, found in lines.items()}
 
 
 def ids(found: list[Finding]) -> list[str]:
@@ -144,7 +148,7 @@ def test_secrets_are_found_redacted_and_fingerprinted() -> None:
              "c.py": [(9, 'client = make("AKIAIOSFODNN7EXAMPLE", other="ghp_abcdefghijklmnopqrstuvwxyz0123456789")')],
              "package.json": [(2, '"postinstall": "node steal.js --token=ghp_abcdefghijklmnopqrstuvwxyz0123456789"')]}
     entries = [Entry(p, "added", "file") for p in added]
-    found = scan(entries, added, RULES)
+    found = scan(entries, of(added), RULES)
     by = {(f.rule, f.path, f.line): f for f in found}
     token = by[("secret-assignment", "a.env", 3)]
     assert token.excerpt == "export API_TOKEN=[REDACTED]"
@@ -164,16 +168,16 @@ def test_secrets_are_found_redacted_and_fingerprinted() -> None:
 def test_excerpts_are_escaped_and_cut() -> None:
     line = "\x1b]0;pwned\x07 x TOKEN=abcdefabcdefabcdef"
     token = rules.parse({"id": "t", "severity": "high", "lines": "TOKEN=(?P<secret>\\w+)", "secret": True}, "test")
-    (f,) = scan([Entry("t.sh", "added", "file")], {"t.sh": [(1, line)]}, [token])
+    (f,) = scan([Entry("t.sh", "added", "file")], of({"t.sh": [(1, line)]}), [token])
     assert f.excerpt == "\\x1b]0;pwned\\x07 x TOKEN=[REDACTED]"
-    (g,) = scan([Entry("p.sh", "added", "file")], {"p.sh": [(1, "  " + "\x1b[2J" + "y" * 300 + " TOKEN=abc")]},
+    (g,) = scan([Entry("p.sh", "added", "file")], of({"p.sh": [(1, "  " + "\x1b[2J" + "y" * 300 + " TOKEN=abc")]}),
                 [rules.parse({"id": "t", "severity": "high", "lines": "TOKEN="}, "test")])
     assert g.excerpt is not None and "\x1b" not in g.excerpt and len(g.excerpt) <= 170
 
 
 def test_findings_per_rule_and_file_are_capped() -> None:
     lines = [(i, f"PASSWORD=abcdefghijkl{i:04d}") for i in range(1, 101)]
-    found = scan([Entry("many.env", "added", "file")], {"many.env": lines}, RULES)
+    found = scan([Entry("many.env", "added", "file")], of({"many.env": lines}), RULES)
     assert len(found) == 21 and [f.message for f in found if f.line is None] == [
         "80 more findings of this rule in this file"]
 
@@ -221,8 +225,8 @@ def test_paths_are_quoted_for_fast_import_and_read_back_from_git(tmp_path: Path,
     shown = subprocess.run(["git", f"--git-dir={git_dir}", "ls-tree", "-r", "--name-only", "t"],
                            capture_output=True, check=True).stdout.rstrip(b"\n")
     assert gitstore.unquote(shown) == f"d/{name}"
-    added = gitstore.added_lines(git_dir, gitstore.EMPTY_TREE, "t")
-    assert added == {f"d/{name}": [(1, "x")]}
+    added = dict(gitstore.added_lines(git_dir, gitstore.EMPTY_TREE, "t"))
+    assert added == {f"d/{name}": Added([1], b"x")}
 
 
 def test_a_blob_shorter_or_longer_than_said_is_refused(tmp_path: Path) -> None:
@@ -238,3 +242,24 @@ def test_a_blob_shorter_or_longer_than_said_is_refused(tmp_path: Path) -> None:
                 stream.blob_fd(fd, size)
         finally:
             os.close(fd)
+
+
+def test_added_lines_are_git_s_hunks_read_a_hunk_at_a_time(tmp_path: Path) -> None:
+    """Removed lines skipped, "\\ No newline" markers skipped, a line that starts with "++" is content,
+    several hunks and files, a binary file has none."""
+    git_dir = tmp_path / "r.git"
+    gitstore.init(git_dir)
+    old = b"".join(b"line %d\n" % i for i in range(1, 30)) + b"no newline"
+    new = old.replace(b"line 2\n", b"++ plus\n").replace(b"line 20\n", b"line 20\n+++ b/x\nmore\n") + b"\nend"
+    with gitstore.fast_import(git_dir) as (stream, _marks):
+        a, b = stream.blob_bytes(old), stream.blob_bytes(new)
+        c, d = stream.blob_bytes(b"\0binary"), stream.blob_bytes(b"\0binary2")
+        e = stream.blob_bytes(b"only\nnew\n")
+        stream.commit("refs/heads/a", author="a <a@b>", committer="a <a@b>", when=0, message="m\n", parent=None,
+                      ops=[("M", "100644", f":{a}", "f.txt"), ("M", "100644", f":{c}", "bin")])
+        stream.commit("refs/heads/b", author="a <a@b>", committer="a <a@b>", when=0, message="m\n", parent=None,
+                      ops=[("M", "100644", f":{b}", "f.txt"), ("M", "100644", f":{d}", "bin"),
+                           ("M", "100644", f":{e}", "sp ace")])
+    added = dict(gitstore.added_lines(git_dir, "a", "b"))
+    assert added == {"f.txt": Added([2, 21, 22, 32, 33], b"++ plus\n+++ b/x\nmore\nno newline\nend"),
+                     "sp ace": Added([1, 2], b"only\nnew")}

@@ -202,7 +202,7 @@ def test_the_upper_dir_is_reviewed_and_applied_on_the_host(share: Path, tmp_path
     assert shlex.split(end)[-2:] == [gq, "remove"]
     # after the run: the share untouched; the review: no VM needed to apply it
     assert {p: p.read_bytes() for p in share.rglob("*") if p.is_file()} == before
-    with pytest.raises(KpError, match=r"git-metadata \.git/hooks/pre-commit") as refused:
+    with pytest.raises(KpError, match=r"git-metadata \.git \(3\)") as refused:
         apply.apply(Store(), record["name"], expect_id=None, force=False, say=lambda m: None)
     assert refused.value.code == "findings"
     done = apply.apply(Store(), record["name"], expect_id=None, force=True, say=lambda m: None)

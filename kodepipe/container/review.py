@@ -27,7 +27,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from kodepipe.core.fdtree import Cursor, Unreachable
 from kodepipe.core.state import now_iso, write_atomic
 from kodepipe.review import gitstore
 from kodepipe.review.rules import Rule
-from kodepipe.review.scan import Entry, Finding, scan
+from kodepipe.review.scan import Added, Entry, Finding, scan
 
 GIT_DIR = "review.git"
 SAVED = "review.json"
@@ -49,6 +49,7 @@ AGENT = "kodepipe agent <agent@kodepipe.invalid>"
 KODEPIPE = "kodepipe <kodepipe@kodepipe.invalid>"
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 COUNT_LIMIT = 1_000_000  # workspace files counted for a share of deletions, at most
+MAX_WORKERS, MANY = 4, 64  # fast-imports at once, for a snapshot of at least MANY changes
 
 
 class ChangedSinceReview(KpError):
@@ -70,7 +71,7 @@ class Snapshot:
     changes: list[Change]
     blobs: dict[str, str]  # path -> blob id of the new file or symlink
     entries: list[Entry]
-    added: dict[str, list[tuple[int, str]]] = field(repr=False)
+    added: dict[str, Added] = field(repr=False)
     git_paths: list[str]
     findings: list[Finding]
 
@@ -142,25 +143,31 @@ def _lower_type(cursor: Cursor, path: str) -> str | None:
     return "file" if stat.S_ISREG(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "other"
 
 
-def feed(stream: gitstore.Stream, upper: Cursor, lower: Cursor | None, changes: Sequence[Change]
-         ) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]], dict[str, int], dict[str, tuple[int, bool]]]:
-    """Stream the blobs of these changes: (base ops, reviewed ops, path -> mark of the new side,
-    path -> (size, capabilities) of new files).  ``lower`` None: no base side."""
-    base_ops: list[tuple[str, ...]] = []
-    removals: list[tuple[str, ...]] = []
-    writes: list[tuple[str, ...]] = []
-    marks: dict[str, int] = {}
+Op = tuple[str, ...] | tuple[str, str, tuple[int, int], str]  # ("D", path), ("M", mode, (stream, mark), path)
+
+
+def feed(streams: Sequence[gitstore.Stream], upper: Cursor, lower: Cursor | None, changes: Sequence[Change]
+         ) -> tuple[list[Op], list[Op], dict[str, tuple[int, int]], dict[str, tuple[int, bool]]]:
+    """Stream the blobs of these changes, each change's to the next stream in turn (so that several
+    fast-imports hash and write at once): (base ops, reviewed ops, path -> (stream, mark) of the new
+    side, path -> (size, capabilities) of new files).  ``lower`` None: no base side."""
+    base_ops: list[Op] = []
+    removals: list[Op] = []
+    writes: list[Op] = []
+    marks: dict[str, tuple[int, int]] = {}
     info: dict[str, tuple[int, bool]] = {}
-    for change in changes:
+    for index, change in enumerate(changes):
+        k = index % len(streams)
+        stream = streams[k]
         if lower is not None and change.kind != "added":
             old = _lower_type(lower, change.path)
             if old == "file":
                 mark, _, _ = _file_blob(stream, lower, change.path)
-                base_ops.append(("M", "100755" if _lower_exec(lower, change.path) else "100644", f":{mark}",
+                base_ops.append(("M", "100755" if _lower_exec(lower, change.path) else "100644", (k, mark),
                                  change.path))
             elif old == "symlink":
                 mark = stream.blob_bytes(os.fsencode(_readlink(lower, change.path)))
-                base_ops.append(("M", "120000", f":{mark}", change.path))
+                base_ops.append(("M", "120000", (k, mark), change.path))
             if old in ("file", "symlink") and (change.kind == "deleted" or change.type not in ("file", "symlink")):
                 removals.append(("D", change.path))
         if change.kind == "deleted":
@@ -180,10 +187,24 @@ def feed(stream: gitstore.Stream, upper: Cursor, lower: Cursor | None, changes: 
             mark = stream.blob_bytes(os.fsencode(target))
         else:
             continue
-        marks[change.path] = mark
+        marks[change.path] = (k, mark)
         mode = "120000" if change.type == "symlink" else ("100755" if (change.mode or 0) & 0o111 else "100644")
-        writes.append(("M", mode, f":{mark}", change.path))
+        writes.append(("M", mode, (k, mark), change.path))
     return base_ops, removals + writes, marks, info
+
+
+def resolve(ops: Iterable[Op], dataref: Callable[[tuple[int, int]], str], prefix: str = "") -> list[tuple[str, ...]]:
+    """fast-import's form of ops: each (stream, mark) as ``dataref`` names it, each path after ``prefix``."""
+    out: list[tuple[str, ...]] = []
+    for op in ops:
+        if op[0] == "M":
+            where = op[2]
+            if not isinstance(where, tuple):
+                raise TypeError(f"not a (stream, mark): {where!r}")
+            out.append(("M", str(op[1]), dataref(where), prefix + str(op[3])))
+        else:
+            out.append(("D", prefix + str(op[1])))
+    return out
 
 
 def _lower_exec(cursor: Cursor, path: str) -> bool:
@@ -219,20 +240,37 @@ def snapshot(folder: Path, upper: Path, lower: Path, changes: Sequence[Change], 
         shutil.rmtree(git_dir)
     gitstore.init(git_dir)
     items = sorted(changes, key=lambda c: os.fsencode(c.path))
-    with gitstore.fast_import(git_dir, fast=True) as (stream, marks), _cursors(upper, lower) as (ucur, lcur):
-        base_ops, head_ops, new_marks, info = feed(stream, ucur, lcur, items)
+    # the blobs: one fast-import per core (hashing and writing them is most of a snapshot), then the commits
+    workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1)) if len(items) >= MANY else 1
+    with contextlib.ExitStack() as stack:
+        imports = [stack.enter_context(gitstore.fast_import(git_dir, fast=True)) for _ in range(workers)]
+        ucur, lcur = stack.enter_context(_cursors(upper, lower))
+        base_ops, head_ops, new_marks, info = feed([stream for stream, _ in imports], ucur, lcur, items)
+    marks = [found for _, found in imports]
+
+    def sha1(where: tuple[int, int]) -> str:
+        return marks[where[0]][where[1]]
+
+    with gitstore.fast_import(git_dir, fast=True) as (stream, _):
         stream.commit(BASE_REF, author=KODEPIPE, committer=KODEPIPE, when=when, message="the workspace\n",
-                      parent=None, ops=base_ops)
+                      parent=None, ops=resolve(base_ops, sha1))
         stream.commit(HEAD_REF, author=AGENT, committer=KODEPIPE, when=when, message=message or "the agent\n",
-                      parent=BASE_REF, ops=head_ops)
-    blobs = {path: marks[mark] for path, mark in new_marks.items()}
+                      parent=BASE_REF, ops=resolve(head_ops, sha1))
+    blobs = {path: sha1(where) for path, where in new_marks.items()}
     base, head = gitstore.rev(git_dir, BASE_REF), gitstore.rev(git_dir, HEAD_REF)
-    added = gitstore.added_lines(git_dir, base, head)
     entries = [Entry(c.path, c.kind, c.type, c.mode, c.target, c.escapes, *info.get(c.path, (0, False)))
                for c in items]
     git_paths = gitguard.in_changes(items, lower)
+    added: dict[str, Added] = {}
+
+    def kept() -> Iterator[tuple[str, Added]]:  # each file scanned while git diffs the next
+        for path, lines in gitstore.added_lines(git_dir, base, head):
+            added[path] = lines
+            yield path, lines
+
+    findings = scan(entries, kept(), rules, git_paths=git_paths, workspace_files=lambda: count_files(lower))
     return Snapshot(snapshot_id(items, blobs), git_dir, base, head, list(items), blobs, entries, added, git_paths,
-                    scan(entries, added, rules, git_paths=git_paths, workspace_files=lambda: count_files(lower)))
+                    findings)
 
 
 def save(folder: Path, snap: Snapshot) -> None:
@@ -356,14 +394,14 @@ def export(snap: Snapshot, changes: Sequence[Change], upper: Path, workspace: Pa
     with gitstore.fast_import(None, cwd=repo.toplevel, user=user, own_config=True) as (stream, marks), \
             _cursors(upper, workspace) as (ucur, _):
         # the upper is read by the workspace-relative path; the commit names the repository path
-        _, ops, new_marks, _ = feed(stream, ucur, None, chosen)
+        _, writes, new_marks, _ = feed([stream], ucur, None, chosen)
         deletions = [("D", repo.prefix + c.path) for c in chosen
                      if c.kind == "deleted" or c.type not in ("file", "symlink")]
-        ops = deletions + [(op[0], op[1], op[2], repo.prefix + op[3]) for op in ops if op[0] == "M"]
+        ops = deletions + resolve((op for op in writes if op[0] == "M"), lambda where: f":{where[1]}", repo.prefix)
         stream.commit(ref, author=ident, committer=committer, when=int(time.time()), message=commit_message(meta),
                       parent=repo.head, ops=ops)
     commit = gitstore.show_ref(repo, ref, user)
-    wrong = [p for p, mark in new_marks.items() if marks.get(mark) != snap.blobs.get(p)]
+    wrong = [p for p, (_, mark) in new_marks.items() if marks.get(mark) != snap.blobs.get(p)]
     if wrong:
         gitstore.delete_ref(repo, ref, commit, user)
         raise ChangedSinceReview(f"{quarantine.show(wrong[0])} changed since the snapshot; the branch was not made",

@@ -25,6 +25,8 @@ hook.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import tempfile
@@ -36,8 +38,10 @@ from typing import IO
 
 from kodepipe.core import proc
 from kodepipe.core.errors import CommandFailed, Exists, KpError, NotFound
+from kodepipe.review.scan import Added
 
 CHUNK = 1 << 20
+F_SETPIPE_SZ, PIPE_SIZE = 1031, 1 << 20
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"
 GIT_TIMEOUT = 600.0
 _SAFE_BYTES = set(range(0x20, 0x7F)) - {ord('"'), ord("\\")}
@@ -187,6 +191,8 @@ def fast_import(git_dir: Path | None, *, cwd: Path | None = None, user: User | N
             child = proc.spawn(args, stdin=proc.PIPE, stdout=proc.DEVNULL, stderr=err, cwd=cwd, env=env)
             if child.stdin is None:
                 raise KpError("git fast-import has no stdin")
+            with contextlib.suppress(OSError):  # a bigger pipe: a file's blob fits while git is busy
+                fcntl.fcntl(child.stdin.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
             stream = Stream(child.stdin)
             try:
                 yield stream, marks
@@ -244,40 +250,81 @@ def diff(git_dir: Path, base: str, head: str, **options: object) -> bytes:
     return out
 
 
-_HUNK = re.compile(rb"^@@ -\d+(?:,\d+)? \+(\d+)(?:,\d+)? @@")
+_HUNK = re.compile(rb"@@ -\d+(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
 
 
-def added_lines(git_dir: Path, base: str, head: str) -> dict[str, list[tuple[int, str]]]:
-    """The added lines of every changed text file (git's own diff, no context): {path: [(line, text)]}."""
+def added_lines(git_dir: Path, base: str, head: str) -> Iterator[tuple[str, Added]]:
+    """The added lines of each changed text file, from git's own diff with no context, file by file
+    as git writes them (the caller scans one while git diffs the next): (path, Added(numbers in
+    the new file, bytes)).  Parsed a hunk at a time: in a -U0 diff a hunk's added lines follow its
+    removed ones, as many as its header says."""
     child = diff_process(git_dir, base, head, context=0)
     if child.stdout is None:
         raise KpError("git diff has no stdout")
-    out: dict[str, list[tuple[int, str]]] = {}
-    current: list[tuple[int, str]] | None = None
-    number = 0
-    for raw in child.stdout:
-        if raw.startswith(b"+") and current is not None and not raw.startswith(b"+++ "):
-            current.append((number, raw[1:].rstrip(b"\n").decode("utf-8", "surrogateescape")))
-            number += 1
-        elif raw.startswith(b"@@ "):
-            m = _HUNK.match(raw)
-            number = int(m.group(1)) if m else 0
-        elif raw.startswith(b"+++ "):
-            # git ends an unquoted name that has a space with a tab (diff.c's "--- a/x y\t")
-            target = raw[4:].rstrip(b"\n")
-            if not target.startswith(b'"') and target.endswith(b"\t"):
-                target = target[:-1]
-            if target == b"/dev/null":
-                current = None
-            else:
-                path = unquote(target)
-                current = out.setdefault(path[2:] if path.startswith("b/") else path, [])
-        elif raw.startswith(b"diff --git "):
-            current = None
-    child.wait(timeout=GIT_TIMEOUT)
+    try:
+        rest = b""
+        while True:
+            chunk = child.stdout.read(CHUNK)
+            data = rest + chunk
+            cut = len(data) if not chunk else data.rfind(b"\ndiff --git ")
+            if cut <= 0:
+                rest = data
+                if not chunk:
+                    break
+                continue
+            yield from _files(data[:cut].split(b"\n"))
+            rest = data[cut + 1:]
+            if not chunk:
+                break
+    finally:
+        child.stdout.close()
+        child.wait(timeout=GIT_TIMEOUT)
     if child.returncode != 0:
         raise CommandFailed(f"git diff exited with status {child.returncode}")
-    return out
+
+
+def _files(lines: list[bytes]) -> Iterator[tuple[str, Added]]:
+    """The files of a run of whole "diff --git" sections of a -U0 diff, with their added lines."""
+    numbers: list[int] = []
+    chunks: list[bytes] = []
+    path: str | None = None
+    i, count = 0, len(lines)
+    while i < count:
+        line = lines[i]
+        if line.startswith(b"diff --git "):
+            if path is not None and numbers:
+                yield path, Added(numbers, b"\n".join(chunks))
+            path, numbers, chunks = None, [], []
+            i += 1
+            while i < count and not lines[i].startswith((b"@@ ", b"diff --git ")):  # the file's header
+                if lines[i].startswith(b"+++ ") and lines[i] != b"+++ /dev/null":
+                    target = lines[i][4:]
+                    # git ends an unquoted name that has a space with a tab (diff.c's "--- a/x y\t")
+                    if not target.startswith(b'"') and target.endswith(b"\t"):
+                        target = target[:-1]
+                    name = unquote(target)
+                    path = name[2:] if name.startswith("b/") else name
+                i += 1
+            continue
+        m = _HUNK.match(line) if line.startswith(b"@@ ") else None
+        if m is None:
+            i += 1
+            continue
+        removed = 1 if m.group(1) is None else int(m.group(1))
+        start, many = int(m.group(2)), 1 if m.group(3) is None else int(m.group(3))
+        i += 1
+        while i < count and lines[i].startswith(b"\\"):  # "\ No newline at end of file"
+            i += 1
+        i += removed
+        while i < count and lines[i].startswith(b"\\"):
+            i += 1
+        if many:
+            block = lines[i:i + many]
+            numbers.extend(range(start, start + len(block)))
+            chunks.append(b"\n".join(block)[1:].replace(b"\n+", b"\n"))
+            i += many
+    if path is not None and numbers:
+        yield path, Added(numbers, b"\n".join(chunks))
 
 
 def format_patch(git_dir: Path, base: str, head: str) -> bytes:

@@ -26,9 +26,7 @@ rule covers keyword-style assignments.  This module runs no program.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
-import itertools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -161,50 +159,69 @@ class _Secrets:
 _SECRETS = _Secrets()
 
 
-class _File:
-    """The added lines of one file as one text, for one regex pass per rule, and as bytes, for the
-    pre-checks (a run of token characters, a rule's words) done with bytes.find at C speed."""
+@dataclass(frozen=True)
+class Added:
+    """The added lines of one file: their numbers in the new file, and their bytes joined by newlines."""
 
-    def __init__(self, lines: Sequence[tuple[int, str]]) -> None:
-        self.numbers = [n for n, _ in lines]
-        self.lines = [text for _, text in lines]
-        self.text = "\n".join(self.lines)
-        self._starts: list[int] | None = None
-        self._bytes: tuple[bytes, list[int]] | None = None
+    numbers: Sequence[int]
+    data: bytes
+
+    @classmethod
+    def of(cls, lines: Sequence[tuple[int, str]]) -> Added:
+        return cls([n for n, _ in lines], "\n".join(t for _, t in lines).encode("utf-8", "surrogateescape"))
+
+
+class _File:
+    """The added lines of one file: as bytes, for the pre-checks done with bytes.find at C speed (a
+    run of token characters, a rule's words), and as one text, for one regex pass per rule."""
+
+    def __init__(self, added: Added) -> None:
+        self.numbers = added.numbers
+        self.data = added.data
+        self._text: str | None = None
+        self._lines: list[str] | None = None
         self.spans: dict[int, list[tuple[int, int]]] = {}  # line index -> secret spans in it
 
     @property
-    def starts(self) -> list[int]:
-        if self._starts is None:
-            self._starts = [0, *itertools.accumulate(len(text) + 1 for text in self.lines[:-1])]
-        return self._starts
+    def text(self) -> str:
+        if self._text is None:
+            self._text = self.data.decode("utf-8", "surrogateescape")
+        return self._text
 
-    def at(self, offset: int) -> tuple[int, int]:
-        """(line index, column) of an offset in ``text``."""
-        index = bisect.bisect_right(self.starts, offset) - 1
-        return index, offset - self.starts[index]
+    @property
+    def lines(self) -> list[str]:
+        if self._lines is None:
+            self._lines = self.text.split("\n")
+        return self._lines
 
-    def _encoded(self) -> tuple[bytes, list[int]]:
-        if self._bytes is None:
-            data = self.text.encode("utf-8", "surrogateescape")
-            self._bytes = data, [0, *itertools.accumulate(len(part) + 1 for part in data.split(b"\n")[:-1])]
-        return self._bytes
+    def indexes(self, offsets: Iterable[int], text: str | bytes) -> list[int]:
+        """The line index of each offset (sorted) in ``text``."""
+        out, last, index = [], 0, 0
+        newline: str | bytes = "\n" if isinstance(text, str) else b"\n"
+        for offset in sorted(offsets):
+            index += text.count(newline, last, offset)  # type: ignore[arg-type]
+            last = offset
+            out.append(index)
+        return out
+
+    def line_start(self, index: int) -> int:
+        """The offset in ``text`` where line ``index`` starts."""
+        return sum(len(line) + 1 for line in self.lines[:index])
 
     def lines_with(self, needles: Iterable[bytes], *, lower: bool = False, tokens: bool = False) -> set[int]:
         """The indexes of the lines that hold one of ``needles`` (in the text lowercased, or in its mask
         of token characters)."""
-        data, starts = self._encoded()
-        hay = data.translate(_TOKENS) if tokens else data.lower() if lower else data
-        found: set[int] = set()
+        hay = self.data.translate(_TOKENS) if tokens else self.data.lower() if lower else self.data
+        hits: list[int] = []
         for needle in needles:
             pos = hay.find(needle)
             while pos >= 0:
-                index = bisect.bisect_right(starts, pos) - 1
-                found.add(index)
-                if index + 1 >= len(starts):
+                hits.append(pos)
+                end = hay.find(b"\n", pos)
+                if end < 0:
                     break
-                pos = hay.find(needle, starts[index + 1])
-        return found
+                pos = hay.find(needle, end + 1)
+        return set(self.indexes(hits, self.data))
 
 
 _TOKENS = bytes(ord("a") if chr(c) in
@@ -261,16 +278,17 @@ def _line_rules(path: str, file: _File, rules: Sequence[Rule], out: _Collector) 
             value = file.text[start:end]
             if rule.secret and rule.ignore is not None and rule.ignore.fullmatch(value.strip()):
                 continue
-            index, column = file.at(start)
+            index, last = file.indexes([start, max(start, end - 1)], file.text)
+            begin = file.line_start(index)
             if rule.secret:
                 # a match may run over a line's end (a key block): redact its part in each line
-                last, _ = file.at(max(start, end - 1))
+                offset = begin
                 for i in range(index, last + 1):
-                    a = max(start, file.starts[i]) - file.starts[i]
-                    b = min(end, file.starts[i] + len(file.lines[i])) - file.starts[i]
+                    a, b = max(start, offset) - offset, min(end, offset + len(file.lines[i])) - offset
                     if b > a:
                         secret_at(i, a, b)
-            pending.append((rule, index, column, fingerprint(value) if rule.secret else None))
+                    offset += len(file.lines[i]) + 1
+            pending.append((rule, index, start - begin, fingerprint(value) if rule.secret else None))
     detect = next((r for r in rules if r.check == "detect-secrets"), None)
     if detect is not None:
         picked = file.lines_with([_RUN], tokens=True) | file.lines_with([b"private key"], lower=True) | \
@@ -292,12 +310,13 @@ def _span(rule: Rule, m: re.Match[str]) -> tuple[int, int]:
     return m.span()
 
 
-def scan(entries: Iterable[Entry], added: Mapping[str, Sequence[tuple[int, str]]], rules: Sequence[Rule], *,
+def scan(entries: Iterable[Entry], added: Mapping[str, Added] | Iterable[tuple[str, Added]], rules: Sequence[Rule], *,
          git_paths: Iterable[str] = (), workspace_files: Callable[[], int] | None = None) -> list[Finding]:
     """Every finding of ``rules`` in these changes (see the module's docstring).
 
-    ``added`` maps a changed text file's path to its added lines (number in
-    the new file, text).  ``git_paths`` are the paths that touch git
+    ``added`` maps a changed text file's path to its added lines (``Added``:
+    their numbers in the new file, and their bytes), or yields (path, Added)
+    pairs: each file is scanned as it comes.  ``git_paths`` are the paths that touch git
     metadata (``gitguard.in_changes``), for the "git" check.
     ``workspace_files()`` counts the workspace's files, for a share of
     deletions; it is called only when there are deletions.
@@ -352,9 +371,9 @@ def scan(entries: Iterable[Entry], added: Mapping[str, Sequence[tuple[int, str]]
                                      f"{mass.count} files or {mass.share:.0%}")
     line_rules = [r for r in rules if r.lines is not None or r.check == "detect-secrets"]
     if line_rules:
-        for path in sorted(added):
-            if added[path]:
-                _line_rules(path, _File(added[path]), line_rules, out)
+        for path, lines in sorted(added.items()) if isinstance(added, Mapping) else added:
+            if lines.numbers:
+                _line_rules(path, _File(lines), line_rules, out)
     return out.finish(by_id)
 
 
