@@ -93,7 +93,8 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool, say: C
             findings: list[Any] = []
             accepted: list[Any] = []
             if journal is None:
-                every = [c for c in quarantine.changes(upper, workspace) if c.path not in set(done_before)]
+                done = set(done_before)
+                every = [c for c in quarantine.changes(upper, workspace) if c.path not in done]
                 if not force and not _as_listed(q, every):
                     raise quarantine.Conflict(f"{name}: the quarantine's contents differ from what its record "
                                               "listed after the run (was its container still running?)",
@@ -159,7 +160,8 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool, say: C
             done = {change.path for change in applied}
             left_out = [change for change in changes if change.path not in done]  # fifos, sockets, devices
             applied_paths = sorted({*done_before, *done, *(c.path for c in left_out)})
-            remaining = [c for c in _listed(q) if c.path not in set(applied_paths)]
+            gone = set(applied_paths)
+            remaining = [c for c in _listed(q) if c.path not in gone]
             q_now = {**q, **quarantine.summary(remaining), "applied_paths": [quarantine.path_key(p)
                                                                              for p in applied_paths]}
             meta["quarantine"] = q_now
