@@ -62,24 +62,9 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool, say: C
     from kodepipe.container import quarantine, review
     from kodepipe.review import rules as review_rules
 
-    folder = store.folder(folders.KIND, name)
     with store.lock(name):
-        if not folder.is_dir():
-            raise NotFound(f"there is no kp-run named {name}", hint="kp-ls --kind container lists them")
-        meta = store.read_meta(folder)
-        if meta is None:
-            raise KpError(f"{name}: its metadata is unreadable", hint=f"look in {folder}; kp-rm {name} discards it")
-        check_id(meta, expect_id)
-        q = meta.get("quarantine")
-        if meta.get("state") != "quarantined" or not isinstance(q, dict):
-            raise NotQuarantined(f"{name} has no quarantined changes (it is {meta.get('state')})")
-        # a VM run's quarantine names its lower layer on the host (the folder shared with kp-boot --share:
-        # the record's workspace is the guest's path) and the host ids its files get (vmrun.review)
+        folder, meta, q, upper, workspace = _open(store, name, expect_id)
         lower = q.get("lower")
-        upper, workspace = Path(q["path"]), Path(str(lower if isinstance(lower, str) else meta.get("workspace")))
-        if mounts_under(folder):
-            raise KpError(f"{name}: its overlay is still mounted (is its kp-run still running?)",
-                          hint="wait for it to finish; kp-rm removes a run whose kp-run was killed")
         user = meta.get("user") or {}
         owner = (int(user["host_uid"]), int(user["host_gid"])) if "host_uid" in user else None
         if isinstance(lower, str):
@@ -188,10 +173,8 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool, say: C
     return record
 
 
-def locate(store: Store, name: str, expect_id: str | None) -> tuple[Path, dict[str, Any], Path, Path, list[Any]]:
-    """(folder, meta, upper, workspace, changes not yet applied) of a quarantined run, for a review."""
-    from kodepipe.container import quarantine
-
+def _open(store: Store, name: str, expect_id: str | None) -> tuple[Path, dict[str, Any], dict[str, Any], Path, Path]:
+    """(folder, meta, its quarantine, upper, workspace) of a quarantined run whose kp-run has ended."""
     folder = store.folder(folders.KIND, name)
     if not folder.is_dir():
         raise NotFound(f"there is no kp-run named {name}", hint="kp-ls --kind container lists them")
@@ -204,9 +187,19 @@ def locate(store: Store, name: str, expect_id: str | None) -> tuple[Path, dict[s
         raise NotQuarantined(f"{name} has no quarantined changes (it is {meta.get('state')})")
     if mounts_under(folder):
         raise KpError(f"{name}: its overlay is still mounted (is its kp-run still running?)",
-                      hint="wait for it to finish")
+                      hint="wait for it to finish; kp-rm removes a run whose kp-run was killed")
+    # a VM run's quarantine names its lower layer on the host (the folder shared with kp-boot --share:
+    # the record's workspace is the guest's path) and the host ids its files get (vmrun.review)
     lower = q.get("lower")
     upper, workspace = Path(q["path"]), Path(str(lower if isinstance(lower, str) else meta.get("workspace")))
+    return folder, meta, q, upper, workspace
+
+
+def locate(store: Store, name: str, expect_id: str | None) -> tuple[Path, dict[str, Any], Path, Path, list[Any]]:
+    """(folder, meta, upper, workspace, changes not yet applied) of a quarantined run, for a review."""
+    from kodepipe.container import quarantine
+
+    folder, meta, q, upper, workspace = _open(store, name, expect_id)
     done = {quarantine.from_key(str(p)) for p in q.get("applied_paths") or []}
     return folder, meta, upper, workspace, [c for c in quarantine.changes(upper, workspace) if c.path not in done]
 
