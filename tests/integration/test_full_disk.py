@@ -138,7 +138,7 @@ def test_kp_run_apply_on_a_full_workspace_says_so_and_finishes_once_there_is_roo
         assert status == 0, err
         assert records[-1]["state"] == "applied"
         assert (ws / "a.txt").read_bytes() == big_a and (ws / "b.txt").read_bytes() == big_b
-        assert temps(ws) == [] and not folder.exists()
+        assert temps(ws) == [] and folder.is_dir()  # the applied quarantine stays until kp-rm
 
 
 def test_kp_run_apply_on_a_full_state_dir_changes_nothing(tmp_path: Path, kp_env: dict[str, Path]) -> None:
