@@ -106,6 +106,12 @@ def quarantined(request: pytest.FixtureRequest, backend: str, shell_image: str, 
     return where, record
 
 
+def gone(where: Quarantined, record: dict[str, Any]) -> None:
+    """kp-rm the run: a VM's runs share the session VM's state dir, where the next test counts them."""
+    removed = kp(where, "kp-rm", record["name"])
+    assert removed.returncode == 0 and not Path(record["path"]).exists(), removed.stderr.decode()
+
+
 def snapshot(root: Path) -> dict[str, tuple[str, bytes | str | None, int]]:
     out: dict[str, tuple[str, bytes | str | None, int]] = {}
     for path in sorted(root.rglob("*")):
@@ -170,7 +176,7 @@ def test_each_finding_fires_and_apply_refuses_until_accepted(request: pytest.Fix
     assert (where.dir / "settings.sh").read_text() == f"export DB_PASSWORD={PASSWORD}\n"
     assert not (where.dir / "f1").exists() and (where.dir / "f7").exists()
     assert Path(record["path"]).is_dir()  # the quarantine stays until kp-rm
-    assert kp(where, "kp-rm", record["name"]).returncode == 0 and not Path(record["path"]).exists()
+    gone(where, record)
 
 
 def test_a_clean_refactor_of_this_project_has_no_findings(request: pytest.FixtureRequest, backend: str,
@@ -195,6 +201,7 @@ def test_a_clean_refactor_of_this_project_has_no_findings(request: pytest.Fixtur
     applied = kp(where, "kp-run", "--apply", record["name"])  # nothing blocks it
     assert applied.returncode == 0, applied.stderr.decode()
     assert "KodepipeError" in (where.dir / "kodepipe" / "core" / "errors.py").read_text()
+    gone(where, record)
 
 
 EDIT = r"""
@@ -278,6 +285,7 @@ def test_diff_branch_export_and_partial_apply(request: pytest.FixtureRequest, ba
     rest = kp(where, "kp-run", "--apply", name)
     assert rest.returncode == 0, rest.stderr.decode()
     assert lines(rest.stdout)[0]["state"] == "applied" and snapshot(where.dir) == snapshot(new)
+    gone(where, record)
 
 
 SPOOF = "cd /workspace && echo agent > a.txt && echo agent2 > c.txt && ln c.txt h.txt && echo n > n.txt"
@@ -322,3 +330,4 @@ def test_a_quarantine_changed_after_its_review_never_lands(request: pytest.Fixtu
         assert not landed.exists() or landed.read_text() == "agent2\n", path
     assert not (where.dir / "n.txt").is_symlink()
     assert not [p for p in where.dir.iterdir() if p.name.startswith(".kp-apply-")]
+    gone(where, record)
