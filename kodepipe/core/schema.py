@@ -208,6 +208,7 @@ class ContainerRecord(_Object, total=False):
     engine: str
     image_transfer: JsonObject
     git_planted: list[JsonObject]
+    git_changes: list[str]  # in quarantine: the changes that touch git metadata (gitguard)
     git_problem: str
     started: str
     finished: str

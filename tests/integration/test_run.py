@@ -665,7 +665,19 @@ def one_podman_service(tmp_path_factory: pytest.TempPathFactory) -> Any:
         if eng.ping():
             break
         threading.Event().wait(0.01)
+    # the service ends after IDLE_SECONDS without a call; a test that spends longer on the host (the
+    # review of a 100,000-file hostile tree, twice, on a loaded machine) must not leave the next one without it
+    stop = threading.Event()
+
+    def keep_alive() -> None:
+        while not stop.wait(engine.IDLE_SECONDS / 5):
+            eng.ping()
+
+    pinger = threading.Thread(target=keep_alive, daemon=True)
+    pinger.start()
     yield
+    stop.set()
+    pinger.join(timeout=10)
     if old is None:
         del os.environ["KODEPIPE_PODMAN_URL"]
     else:
