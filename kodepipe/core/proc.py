@@ -44,6 +44,8 @@ PACKAGES = {
     "tar": "tar",
     "strace": "strace",
     "ip": "iproute2",
+    "git": "git",
+    "setpriv": "util-linux",
 }
 
 
