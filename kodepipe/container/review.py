@@ -75,9 +75,6 @@ class Snapshot:
     git_paths: list[str]
     findings: list[Finding]
 
-    def mode(self, change: Change) -> str:
-        return "120000" if change.type == "symlink" else ("100755" if (change.mode or 0) & 0o111 else "100644")
-
     def scan(self, rules: Sequence[Rule], paths: set[str] | None, lower: Path) -> list[Finding]:
         """The findings of the whole snapshot, or of only these paths (a partial apply)."""
         if paths is None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,16 +233,5 @@ def load(folder: Path | None = None, *, builtin: Path = BUILTIN) -> list[Rule]:
     return [rule for rule in rules if rule.severity != OFF]
 
 
-def at_least(severity: str) -> str:
-    """Check a --fail-on value."""
-    if severity not in SEVERITIES:
-        raise BadInput(f"not a severity: {severity!r}", hint=f"one of {', '.join(SEVERITIES)}")
-    return severity
-
-
 def by_id(rules: Sequence[Rule]) -> dict[str, Rule]:
     return {rule.id: rule for rule in rules}
-
-
-def ids(rules: Iterable[Rule]) -> list[str]:
-    return [rule.id for rule in rules]
