@@ -44,9 +44,27 @@ from kodepipe.commands import options, vmargs
                    "on the host run its code. Either way, when the VM stops (kp-stop, kp-rm) a repository the guest "
                    "made or swapped in the share, and with this flag a changed config or hook, is renamed to a name "
                    "git does not read and listed in the record (git_planted). Recorded in the vm record (loosened).")
+@click.option("--allow", "allow", multiple=True, metavar="DOMAIN[:PORTS]",
+              help="Seal the guest: its only way out is kodepipe's egress proxy on the host, which lets it reach "
+                   "DOMAIN (or *.DOMAIN) on PORTS (default 80,443) and nothing else, with the policy code and "
+                   "decision log of kp-run --allow (egress.jsonl in the VM's folder; kp-trace reads it). The "
+                   "guest finds the proxy at http://10.0.2.2:3128 (kp-ip sets it up system-wide: the "
+                   "environment, apt, sudo); every DNS query it sends, to any resolver, is answered by the proxy "
+                   "(names not on the list are refused); any other packet it sends, as root or not, is dropped "
+                   "on the host: no other address, no raw IP, no host loopback service, no cloud metadata. "
+                   "Repeatable; --net user only.")
+@click.option("--allow-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="More --allow rules, one per line (# comments).")
+@click.option("--resolve", "resolve", multiple=True, metavar="NAME=ADDRESS",
+              help="Pin an allowed NAME to ADDRESS for the proxy (which may then be the host's loopback).")
+@click.option("--publish", "publish", multiple=True, metavar="[HOSTADDR:]HOSTPORT:GUESTPORT",
+              help="Loosened: forward HOSTPORT on the host (127.0.0.1 unless HOSTADDR is given) to GUESTPORT in "
+                   "the guest, as SSH is, for a dev server in the VM. Listed in the vm record (publish, "
+                   "loosened) and kp-ls. A host port that is taken fails the boot. Repeatable; --net user only.")
 @options.quiet
 def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, host_loopback: bool,
-        share: Path | None, writable_git: bool, quiet: bool) -> int:
+        share: Path | None, writable_git: bool, allow: tuple[str, ...], allow_file: Path | None,
+        resolve: tuple[str, ...], publish: tuple[str, ...], quiet: bool) -> int:
     """Start VMs headless, from NAMEs or the vm records on stdin.
 
     Each VM runs as a detached QEMU under QEMU's seccomp sandbox, with a
@@ -82,9 +100,15 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
         raise click.UsageError("--writable-git loosens the git protection of a --share: give --share DIR too")
     if host_loopback and net != "user":
         raise click.UsageError("--host-loopback loosens --net user: it has no meaning with --net " + net)
+    rules = _rules(allow, allow_file, resolve)
     opts = qemu.BootOptions(memory=memory, cpus=cpus, accel=accel, net=net, share=share.resolve() if share else None,
-                            writable_git=writable_git, host_loopback=host_loopback)
+                            writable_git=writable_git, host_loopback=host_loopback, allow=rules, resolve=resolve,
+                            publish=publish)
     try:
+        from kodepipe.vm.passt import parse_publish
+
+        for each in publish:
+            parse_publish(each)
         opts.check()
     except BadInput as exc:
         raise click.BadParameter(exc.message) from None
@@ -115,6 +139,28 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
         return result
 
     return vmargs.run_each(out, names, act)
+
+
+def _rules(allow: tuple[str, ...], allow_file: Path | None, resolve: tuple[str, ...]) -> tuple[str, ...]:
+    """The --allow rules (with --allow-file's), each checked as kp-run checks them, and the pins."""
+    from kodepipe.core.errors import BadInput
+    from kodepipe.egress.policy import parse_pin, parse_rule
+
+    rules = list(allow)
+    try:
+        if allow_file is not None:
+            from kodepipe.egress.proxy import read_rules
+
+            rules += read_rules(allow_file)
+            if not rules:
+                raise BadInput(f"--allow-file {allow_file} holds no rule: the guest would reach nothing")
+        for rule in rules:
+            parse_rule(rule)
+        for pin in resolve:
+            parse_pin(pin)
+    except BadInput as exc:
+        raise click.BadParameter(exc.message) from None
+    return tuple(rules)
 
 
 def _check_memory(memory: str) -> None:

@@ -116,11 +116,14 @@ class Code(StrEnum):
     qemu_failed = "qemu_failed", FAILED, "QEMU failed to start, or did not come up in time"
     passt_failed = "passt_failed", FAILED, "passt (the VM's user-mode network) failed to start"
     no_bridge = "no_bridge", FAILED, "the bridge that --net bridge:NAME names does not exist"
+    port_taken = "port_taken", FAILED, "a host port that kp-boot --publish names cannot be bound (it is taken)"
+    proxy_settings_failed = ("proxy_settings_failed", FAILED,
+        "kp-ip could not point the programs of a guest booted with --allow at its egress proxy")
     bad_disk = "bad_disk", FAILED, "a VM's disk is not a qcow2 image with a backing chain kodepipe accepts"
     share_on_saved = ("share_on_saved", FAILED,
         "a saved or warm VM resumes with its saved hardware: --share cannot change it")
     net_on_saved = ("net_on_saved", FAILED,
-        "a saved or warm VM resumes with its saved network: --host-loopback cannot change it")
+        "a saved or warm VM resumes with its saved network: --host-loopback (or --allow with it) cannot change it")
     warm_outdated = ("warm_outdated", FAILED,
         "a warm state made with slirp cannot resume behind passt; warm the image again")
     share_busy = "share_busy", FAILED, "the VM cannot be saved while its shared folder is in use"

@@ -162,6 +162,10 @@ class VmRecord(_Object, total=False):
     loosened: list[str]
     tap: str
     passt: JsonObject
+    network: Literal["open", "allowlist"]  # --net user: open, or sealed behind the VM's egress proxy (--allow)
+    egress: JsonObject  # allow, resolve, proxy (the guest's proxy URL)
+    egress_log: str  # the VM's proxy's decision log (egress.jsonl), as a container's
+    publish: list[str]  # HOSTADDR:HOSTPORT:GUESTPORT forwarded to the guest (kp-boot --publish)
     dns: list[str]
     paused: bool
     ssh: JsonObject | None  # host, port, user

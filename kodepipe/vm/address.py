@@ -165,6 +165,8 @@ def _ask_agent(agent: Any, name: str, boot: dict[str, Any], deadline: float,
             if time.monotonic() > deadline:
                 raise timed_out(f"the guest made no SSH host key ({HOST_KEY})") from None
             time.sleep(0.5)
+    if boot.get("net") == "user":
+        _proxy_settings(agent, name, boot.get("egress"))
     if boot.get("share"):
         status, _, err = agent.exec(["/bin/sh", "-c", "mkdir -p /workspace && (mountpoint -q /workspace || "
                                      "mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "
@@ -173,6 +175,44 @@ def _ask_agent(agent: Any, name: str, boot: dict[str, Any], deadline: float,
             raise KpError(f"{name}: mounting the shared directory failed: {err.decode(errors='replace')}",
                           code="share_failed")
     return found, host_key
+
+
+# kp-boot --allow: the guest's programs find the proxy (the environment, read by PAM for SSH and su
+# sessions: curl, git, pip, npm; apt's own configuration; sudo keeps the variables).  Written at each
+# kp-ip, and taken away when the VM boots open again.  Each file is kodepipe's alone.
+_PROXY_SCRIPT = r"""
+set -eu
+env=/etc/environment
+touch "$env"
+grep -v '^#kodepipe-proxy$' "$env" | grep -Ev '^(http_proxy|https_proxy|no_proxy|HTTP_PROXY|HTTPS_PROXY|NO_PROXY)=' \
+    > "$env.kp-new" || true
+rm -f /etc/apt/apt.conf.d/80kodepipe-proxy /etc/sudoers.d/kodepipe-proxy
+if [ -n "$1" ]; then
+    {
+        echo '#kodepipe-proxy'
+        for v in http_proxy https_proxy HTTP_PROXY HTTPS_PROXY; do echo "$v=$1"; done
+        echo 'no_proxy=localhost,127.0.0.1,::1'; echo 'NO_PROXY=localhost,127.0.0.1,::1'
+    } >> "$env.kp-new"
+    printf 'Acquire::http::Proxy "%s";\nAcquire::https::Proxy "%s";\n' "$1" "$1" \
+        > /etc/apt/apt.conf.d/80kodepipe-proxy
+    if [ -d /etc/sudoers.d ]; then
+        echo 'Defaults env_keep += "http_proxy https_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY"' \
+            > /etc/sudoers.d/kodepipe-proxy
+        chmod 0440 /etc/sudoers.d/kodepipe-proxy
+    fi
+fi
+chmod 0644 "$env.kp-new"
+mv "$env.kp-new" "$env"
+"""
+
+
+def _proxy_settings(agent: Any, name: str, egress: object) -> None:
+    """Point the guest's programs at its egress proxy (kp-boot --allow), or at nothing."""
+    proxy = str(egress.get("proxy") or "") if isinstance(egress, dict) else ""
+    status, _, err = agent.exec(["/bin/sh", "-c", _PROXY_SCRIPT, "kp-proxy", proxy], timeout=30)
+    if status != 0:
+        raise KpError(f"{name}: setting up the guest's proxy failed: {err.decode(errors='replace')[-400:]}",
+                      code="proxy_settings_failed")
 
 
 def vms_user(store: Store, meta: dict[str, Any]) -> str:

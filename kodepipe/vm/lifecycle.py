@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kodepipe.core import proc
-from kodepipe.core.errors import KpError, NotFound
+from kodepipe.core.errors import BadInput, KpError, NotFound
 from kodepipe.core.records import Record
 from kodepipe.core.state import Store, check_id, now_iso
 from kodepipe.vm import images, passt, qemu, qemuuser, seriallog, vms
@@ -66,7 +66,14 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
             opts = qemu.BootOptions(memory=saved["memory"], cpus=saved["cpus"], accel=opts.accel,
                                     net=saved["net"], share=Path(saved["share"]) if saved.get("share") else None,
                                     writable_git=bool(saved.get("writable_git", opts.writable_git)),
-                                    host_loopback=_saved_host_loopback(name, saved, image, opts, say))
+                                    host_loopback=_saved_host_loopback(name, saved, image, opts, say),
+                                    # outside QEMU's saved state: the guard, the proxy and passt's forwards
+                                    allow=opts.allow, resolve=opts.resolve, publish=opts.publish)
+            try:
+                opts.check()
+            except BadInput as exc:
+                raise KpError(f"{name} resumes with the network it was saved with: {exc.message}",
+                              code="net_on_saved") from None
         sockets = qemu.Sockets.for_vm(name)
         for stale in sockets.paths():
             stale.unlink(missing_ok=True)
@@ -86,6 +93,7 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
         }
         if boot_meta["host_loopback"]:
             boot_meta["loosened"] = ["host-loopback"]
+        _network_meta(boot_meta, opts, folder, name)
         # recorded before QEMU starts, so a crash in between still leaves a trail to its pid file
         meta["boot"] = boot_meta
         store.write_meta(folder, meta)
@@ -222,6 +230,7 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
     vm = {**meta, "disk": str(folder / meta["disk"])}
     user = user or qemuuser.resolve()  # QEMU never runs as root (kodepipe.vm.qemuuser)
     passt_net = opts.net == "user" and not opts.host_loopback
+    _check_published(opts)
     for attempt in range(3):
         port = qemu.free_port() if opts.net == "user" else None
         fds: tuple[int, ...] = ()
@@ -235,7 +244,7 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
             # the serial log goes through a keeper that bounds it (kodepipe.vm.seriallog); --net user is
             # passt behind the loopback guard (kodepipe.vm.passt), unless --host-loopback asked for slirp
             with seriallog.pipe(serial_log, user=user) as serial_fd, \
-                    _network(passt_net, port, folder, qemu_log) as net, \
+                    _network(passt_net, port, folder, qemu_log, opts, user) as net, \
                     qemuuser.handed(user, sockets, image, Path(vm["disk"]), share=opts.share, tap=tap_device,
                                     read_only=share_readonly) as (handed, plan):
                 if boot_meta is not None and plan.idmap is not None:
@@ -263,12 +272,46 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
     raise AssertionError("unreachable")
 
 
-def _network(passt_net: bool, port: int | None, folder: Path,
-             qemu_log: Path) -> contextlib.AbstractContextManager[passt.Started | None]:
-    """passt and its loopback guard for one QEMU (kodepipe.vm.passt), or nothing (slirp, bridge, none)."""
+def _network_meta(boot_meta: dict[str, Any], opts: qemu.BootOptions, folder: Path, name: str) -> None:
+    """What the vm record says of the guest's network beyond ``net``: sealed behind its egress proxy
+    (``egress``, ``egress_log``: kp-trace reads it like a container's) or open, and its published ports."""
+    if opts.net != "user":
+        return
+    if opts.allow:
+        boot_meta["network"] = "allowlist"
+        boot_meta["egress"] = {"allow": list(opts.allow), "resolve": list(opts.resolve),
+                               "proxy": f"http://{passt.GATEWAY}:{passt.PROXY_PORT}"}
+        boot_meta["egress_log"] = str(folder / "egress.jsonl")
+        # the policy the VM's proxy reads (kodepipe.egress.gate), written before anything starts
+        import orjson
+
+        spec = {"name": name, "rules": list(opts.allow), "pins": list(opts.resolve)}
+        (folder / "egress.json").write_bytes(orjson.dumps(spec))
+    else:
+        boot_meta["network"] = "open"
+    if opts.publish:
+        boot_meta["publish"] = [str(passt.parse_publish(p)) for p in opts.publish]
+        boot_meta["loosened"] = [*boot_meta.get("loosened", []), *(f"publish:{p}" for p in boot_meta["publish"])]
+
+
+def _network(passt_net: bool, port: int | None, folder: Path, qemu_log: Path, opts: qemu.BootOptions,
+             user: qemuuser.QemuUser) -> contextlib.AbstractContextManager[passt.Started | None]:
+    """passt and its guard for one QEMU (kodepipe.vm.passt), and the VM's egress proxy with --allow; or
+    nothing (slirp, bridge, none)."""
     if not passt_net:
         return contextlib.nullcontext()
-    return passt.serving(folder / "passt.log", port, output=qemu_log)
+    gate = passt.Gate(folder, f"{user.uid}:{user.gid}") if opts.allow else None
+    return passt.serving(folder / "passt.log", port, output=qemu_log,
+                         publish=tuple(map(passt.parse_publish, opts.publish)), gate=gate)
+
+
+def _check_published(opts: qemu.BootOptions) -> None:
+    """A published host port that is taken fails now, with a clear error (not as a retry of SSH's)."""
+    for each in map(passt.parse_publish, opts.publish):
+        why = passt.port_taken(each)
+        if why is not None:
+            raise KpError(f"--publish {each}: the host port {each.host}:{each.port} cannot be bound ({why})",
+                          code="port_taken", hint="choose another host port, or stop what listens there")
 
 
 def _saved_host_loopback(name: str, saved: dict[str, Any], image: Record, opts: qemu.BootOptions,

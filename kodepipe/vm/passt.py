@@ -17,6 +17,11 @@ file permission is involved, and each ends when its socket does: QEMU exits, the
 there).  passt drops to nobody by itself when started as root (``--runas`` names another account).
 
 ``kp-boot --host-loopback`` keeps slirp, a loosening the vm record shows.
+
+``kp-boot --allow`` seals the guest (kodepipe.vm.netguard.Seal): the guard then passes only the
+guest's side of connections the host opened (SSH, ``--publish``) and its traffic to the VM's egress
+proxy (kodepipe.egress.gate, started here beside passt and the guard, on two sockets kodepipe binds
+on the host's 127.0.0.1 and hands over).  ``--publish`` ports are passt forwards like SSH's.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kodepipe.core.errors import KpError, MissingProgram
+from kodepipe.core.errors import BadInput, KpError, MissingProgram
 
 if TYPE_CHECKING:
     from kodepipe.core import proc
@@ -42,6 +47,7 @@ PASST = "passt"
 GUEST = "10.0.2.15"
 PREFIX = 24
 GATEWAY = "10.0.2.2"
+PROXY_PORT = 3128  # a sealed guest's proxy is GATEWAY:PROXY_PORT (kodepipe.vm.netguard.Seal)
 MAX_DNS = 3  # per family: passt keeps a few
 RESOLV_CONF = Path("/etc/resolv.conf")
 # systemd-resolved's list of the servers behind its 127.0.0.53 stub
@@ -109,8 +115,58 @@ def host_dns() -> Dns:
     return dns(read(RESOLV_CONF) or "", read(RESOLVED_CONF))
 
 
+@dataclass(frozen=True)
+class Publish:
+    """One ``kp-boot --publish [HOSTADDR:]HOSTPORT:GUESTPORT``: a host port forwarded to the guest."""
+
+    host: str
+    port: int
+    guest_port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}:{self.guest_port}"
+
+
+def parse_publish(text: str) -> Publish:
+    """``[HOSTADDR:]HOSTPORT:GUESTPORT``, the host address 127.0.0.1 unless given (IPv4).  Pure."""
+    parts = text.strip().split(":")
+    if len(parts) == 2:
+        parts.insert(0, "127.0.0.1")
+    usage = f"--publish {text!r}: use [HOSTADDR:]HOSTPORT:GUESTPORT, e.g. 8080:80 or 127.0.0.1:8080:80"
+    if len(parts) != 3:
+        raise BadInput(usage)
+    try:
+        host = ipaddress.IPv4Address(parts[0])
+        port, guest_port = int(parts[1]), int(parts[2])
+    except ValueError:
+        raise BadInput(usage + " (the host address is an IPv4 address)") from None
+    if not (0 < port < 65536 and 0 < guest_port < 65536):
+        raise BadInput(f"--publish {text!r}: a port must be between 1 and 65535")
+    if guest_port == 22:
+        raise BadInput(f"--publish {text!r}: the guest's SSH port is forwarded already (kp-ip gives its endpoint)")
+    return Publish(str(host), port, guest_port)
+
+
+def port_taken(publish: Publish) -> str | None:
+    """Why ``publish``'s host port cannot be bound now, or None (passt binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((publish.host, publish.port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The VM's egress proxy to start beside passt (kp-boot --allow): its policy file lies in ``folder``."""
+
+    folder: Path
+    user: str = ""  # UID:GID it drops to when started as root
+
+
 def argv(*, fd: int, ssh_port: int | None, log: Path, dns_args: tuple[str, ...] = (),
-         runas: str | None = None) -> list[str]:
+         runas: str | None = None, publish: tuple[Publish, ...] = ()) -> list[str]:
     """passt's command line.  Pure: starts nothing.
 
     ``fd`` is passt's end of the socketpair (its one client: passt exits when it closes); ``log``
@@ -123,14 +179,22 @@ def argv(*, fd: int, ssh_port: int | None, log: Path, dns_args: tuple[str, ...] 
             # nothing of the host is forwarded to the guest but SSH, on loopback; no UDP at all
             "--tcp-ports", f"127.0.0.1/{ssh_port}:22" if ssh_port else "none", "--udp-ports", "none",
             *dns_args]
+    for each in publish:  # kp-boot --publish: more forwards, each on the host address it names
+        args += ["--tcp-ports", f"{each.host}/{each.port}:{each.guest_port}"]
     if runas:
         args += ["--runas", runas]
     return args
 
 
-def guard_argv(guest_fd: int, passt_fd: int, label: str) -> list[str]:
+def guard_argv(guest_fd: int, passt_fd: int, label: str, seal: str | None = None) -> list[str]:
     # -S: no site-packages, a bare interpreter (the guard needs the standard library only)
-    return [sys.executable, "-S", "-m", "kodepipe.vm.netguard", str(guest_fd), str(passt_fd), label]
+    return [sys.executable, "-S", "-m", "kodepipe.vm.netguard", str(guest_fd), str(passt_fd), label,
+            *((seal,) if seal else ())]
+
+
+def gate_argv(folder: Path, tcp_fd: int, udp_fd: int, life_fd: int, user: str) -> list[str]:
+    return [sys.executable, "-m", "kodepipe.egress.gate", str(folder), str(tcp_fd), str(udp_fd), str(life_fd),
+            *((f"--user={user}",) if user else ())]
 
 
 @dataclass(frozen=True)
@@ -142,9 +206,13 @@ class Started:
     guard_pid: int
     log: str
     dns: Dns
+    gate_pid: int | None = None  # the VM's egress proxy (kp-boot --allow)
 
     def record(self) -> dict[str, Any]:
-        return {"pid": self.pid, "guard_pid": self.guard_pid, "log": self.log}
+        found: dict[str, Any] = {"pid": self.pid, "guard_pid": self.guard_pid, "log": self.log}
+        if self.gate_pid is not None:
+            found["gate_pid"] = self.gate_pid
+        return found
 
 
 def require() -> str:
@@ -161,11 +229,11 @@ def require() -> str:
 
 @contextlib.contextmanager
 def serving(log: Path, ssh_port: int | None, *, output: Path, runas: str | None = None,
-            timeout: float = 10.0) -> Iterator[Started]:
+            timeout: float = 10.0, publish: tuple[Publish, ...] = (), gate: Gate | None = None) -> Iterator[Started]:
     """Start passt and its guard for one QEMU.  The block starts QEMU with ``qemu_fd``; when it ends,
     kodepipe's copy of that fd is closed (QEMU holds its own).  If the block fails, passt and the
     guard are ended.  ``output`` gets what passt says before its log is open (start-up errors)."""
-    started = start(log, ssh_port, output=output, runas=runas, timeout=timeout)
+    started = start(log, ssh_port, output=output, runas=runas, timeout=timeout, publish=publish, gate=gate)
     try:
         yield started
     except BaseException:
@@ -175,18 +243,58 @@ def serving(log: Path, ssh_port: int | None, *, output: Path, runas: str | None 
     os.close(started.qemu_fd)
 
 
+def _start_gate(gate: Gate) -> tuple[Any, int, str]:
+    """The VM's egress proxy on two sockets bound here; returns it, the write end of its life pipe (for
+    the guard to hold) and the guard's seal without its inbound ports."""
+    import json
+
+    from kodepipe.core import proc
+
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    life_r, life_w = os.pipe()
+    try:
+        tcp.bind(("127.0.0.1", 0))
+        tcp.listen(256)
+        udp.bind(("127.0.0.1", 0))
+        root = str(Path(__file__).resolve().parents[2])
+        with open(gate.folder / "gate.log", "ab") as out:
+            child = proc.daemon(gate_argv(gate.folder, tcp.fileno(), udp.fileno(), life_r, gate.user),
+                                stdout=out, stderr=out, pass_fds=(tcp.fileno(), udp.fileno(), life_r), cwd="/",
+                                env={**os.environ, "PYTHONPATH": root})
+        seal = json.dumps({"proxy": tcp.getsockname()[1], "dns": udp.getsockname()[1]})
+    except BaseException:
+        os.close(life_w)
+        raise
+    finally:
+        tcp.close()
+        udp.close()
+        os.close(life_r)
+    return child, life_w, seal
+
+
 def start(log: Path, ssh_port: int | None, *, output: Path, runas: str | None = None,
-          timeout: float = 10.0) -> Started:
-    """passt and its guard, joined by socketpairs; returns once passt listens for SSH."""
+          timeout: float = 10.0, publish: tuple[Publish, ...] = (), gate: Gate | None = None) -> Started:
+    """passt and its guard, joined by socketpairs (and the VM's egress proxy, with ``gate``); returns once
+    passt listens for SSH."""
+    import json
+
     from kodepipe.core import proc
 
     path = require()
     chosen = host_dns()
     qemu_end, guard_guest = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     guard_passt, passt_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    passt = guard = None
+    passt = guard = gate_child = None
+    life_w = -1
     try:
-        command = argv(fd=passt_end.fileno(), ssh_port=ssh_port, log=log, dns_args=chosen.args, runas=runas)
+        seal = None
+        if gate is not None:
+            gate_child, life_w, ports = _start_gate(gate)
+            inbound = sorted({22, *(p.guest_port for p in publish)})
+            seal = json.dumps({"inbound": inbound, **json.loads(ports)}, separators=(",", ":"))
+        command = argv(fd=passt_end.fileno(), ssh_port=ssh_port, log=log, dns_args=chosen.args, runas=runas,
+                       publish=publish)
         start_at = output.stat().st_size if output.exists() else 0
         with open(output, "ab") as out:
             out.write(f"$ {' '.join(command)}\n".encode())
@@ -196,22 +304,29 @@ def start(log: Path, ssh_port: int | None, *, output: Path, runas: str | None = 
         root = str(Path(__file__).resolve().parents[2])
         # the guard holds nothing but its two sockets: started as root, it drops to nobody itself once
         # its interpreter is up (which nobody could not start from a root-only virtualenv), like passt
-        guard = proc.daemon(guard_argv(guard_guest.fileno(), guard_passt.fileno(), str(log.parent)),
-                            pass_fds=(guard_guest.fileno(), guard_passt.fileno()), cwd="/",
-                            env={"PYTHONPATH": root, "PATH": os.defpath})
+        # the guard holds the egress proxy's life pipe too: the proxy ends when the guard does
+        held = (guard_guest.fileno(), guard_passt.fileno(), *((life_w,) if life_w >= 0 else ()))
+        guard = proc.daemon(guard_argv(guard_guest.fileno(), guard_passt.fileno(), str(log.parent), seal),
+                            pass_fds=held, cwd="/", env={"PYTHONPATH": root, "PATH": os.defpath})
         for end in (guard_guest, guard_passt, passt_end):
             end.close()
+        if life_w >= 0:
+            os.close(life_w)
+            life_w = -1
         _wait_listening(passt, ssh_port, output, start_at, timeout)
     except BaseException:
         qemu_end.close()
         for end in (guard_guest, guard_passt, passt_end):
             end.close()
-        for child in (passt, guard):
+        if life_w >= 0:
+            os.close(life_w)
+        for child in (passt, guard, gate_child):
             if child is not None and child.poll() is None:
                 child.kill()
                 child.wait()
         raise
-    return Started(qemu_end.detach(), passt.pid, guard.pid, str(log), chosen)
+    return Started(qemu_end.detach(), passt.pid, guard.pid, str(log), chosen,
+                   gate_pid=gate_child.pid if gate_child is not None else None)
 
 
 def _wait_listening(passt: proc.Process[bytes], port: int | None, output: Path, start_at: int,
@@ -286,7 +401,9 @@ def running(record: object) -> list[int]:
     if not isinstance(record, dict):
         return []
     log = str(record.get("log") or "")
-    return [pid for pid, marker in ((record.get("pid"), log), (record.get("guard_pid"), str(Path(log).parent)))
+    folder = str(Path(log).parent)
+    return [pid for pid, marker in ((record.get("pid"), log), (record.get("guard_pid"), folder),
+                                    (record.get("gate_pid"), folder))
             if alive(pid, marker) and isinstance(pid, int)]
 
 

@@ -64,6 +64,9 @@ class BootOptions:
     share_tag: str = "workspace"
     writable_git: bool = False  # loosened (kp-boot --writable-git): the share's git metadata writable by the guest
     host_loopback: bool = False  # loosened (kp-boot --host-loopback): --net user by QEMU's slirp, not passt
+    allow: tuple[str, ...] = ()  # kp-boot --allow: the guest is sealed, its way out the VM's egress proxy
+    resolve: tuple[str, ...] = ()  # kp-boot --resolve NAME=ADDRESS for that proxy
+    publish: tuple[str, ...] = ()  # kp-boot --publish [HOSTADDR:]HOSTPORT:GUESTPORT
 
     def check(self) -> None:
         if not MEMORY_RE.fullmatch(self.memory):
@@ -76,6 +79,13 @@ class BootOptions:
             raise BadInput(f"invalid network {self.net!r}: user, none or bridge:NAME")
         if self.share is not None and not self.share.is_dir():
             raise BadInput(f"the shared directory {self.share} is not a directory")
+        if (self.allow or self.resolve) and (self.net != "user" or self.host_loopback):
+            raise BadInput("--allow seals a guest on --net user (passt): it cannot be combined with "
+                           + ("--host-loopback" if self.host_loopback else f"--net {self.net}"))
+        if self.resolve and not self.allow:
+            raise BadInput("--resolve pins names of the --allow list: give --allow too")
+        if self.publish and self.net != "user":
+            raise BadInput(f"--publish forwards host ports over --net user: it has no meaning with --net {self.net}")
 
 
 def mac_address(vm_id: str) -> str:
@@ -149,7 +159,11 @@ def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, s
     ]
     mac = mac_address(vm.get("id") or name)
     if opts.net == "user" and opts.host_loopback:
+        from kodepipe.vm.passt import parse_publish
+
         forward = f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22" if ssh_port else ""
+        for each in map(parse_publish, opts.publish):
+            forward += f",hostfwd=tcp:{each.host}:{each.port}-:{each.guest_port}"
         argv += ["-netdev", f"user,id=n0,hostname={name}{forward}",
                  "-device", f"virtio-net-pci,netdev=n0,mac={mac}"]
     elif opts.net == "user":
