@@ -159,9 +159,17 @@ def table(items: list[dict[str, object]], *, colour: bool) -> str:
             ssh = r.get("ssh")
             if r.get("state") in ("running", "suspended") and isinstance(ssh, dict):
                 detail += f", ssh {ssh.get('user')}@{ssh.get('host')}:{ssh.get('port')}"
+            egress = r.get("egress")
+            if r.get("network") == "allowlist" and isinstance(egress, dict):
+                detail += f", allow {' '.join(str(rule) for rule in egress.get('allow') or [])}"
+            published = r.get("publish")
+            if isinstance(published, list) and published:
+                detail += f", publish {' '.join(str(p) for p in published)}"
             loosened = r.get("loosened")
-            if isinstance(loosened, list) and loosened:  # e.g. host-loopback: the guest reaches the host's loopback
-                detail += f", loosened: {' '.join(str(item) for item in loosened)}"
+            if isinstance(loosened, list):  # e.g. host-loopback: the guest reaches the host's loopback
+                shown = [str(item) for item in loosened if not str(item).startswith("publish:")]  # said above
+                if shown:
+                    detail += f", loosened: {' '.join(shown)}"
         # a cell may quote what an agent or a guest chose (a workspace path, an address): its control
         # characters are shown escaped, never sent to the terminal
         rows.append(tuple(terminal.escape(cell) for cell in (

@@ -32,7 +32,8 @@ def kp_env(state: Path, home: Path, cache: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def golden(tmp_path_factory: pytest.TempPathFactory) -> Golden:
-    """Build the image "base" once, with an extra package, dotfiles and the user's key."""
+    """Build the image "base" once, with extra packages (less; curl for the sealed guest), dotfiles and
+    the user's key."""
     root = tmp_path_factory.mktemp("golden")
     home = root / "home"
     (home / ".ssh").mkdir(parents=True)
@@ -46,7 +47,7 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> Golden:
     # the .deb cache outlives the run when KODEPIPE_TEST_CACHE names a folder (developers' re-runs)
     cache = Path(os.environ.get("KODEPIPE_TEST_CACHE", root / "cache"))
     env = kp_env(root / "state", home, cache)
-    proc = subprocess.run([str(BIN / "kp-image"), "build", "base", "--packages", "less",
+    proc = subprocess.run([str(BIN / "kp-image"), "build", "base", "--packages", "less,curl",
                            "--dotfiles", str(dotfiles), "--size", "4G"],
                           env=env, capture_output=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr.decode()[-4000:]
