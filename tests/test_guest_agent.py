@@ -198,6 +198,7 @@ class FakeAgent:
             "killed": {"signal": 9},
             "slow": {"exitcode": 0, "out": b"done\n", "polls": 3},
             "hang": {"polls": 10**9},
+            "/bin/sh": {"exitcode": 0},  # kp-ip's set-up scripts (the proxy settings, the clone's key)
         }
         if path not in results:
             return {"error": {"class": "GenericError", "desc": f"Failed to execute child process {path!r}"}}
@@ -834,6 +835,10 @@ def test_kp_ip_with_a_working_agent(vm_agent: FakeAgent) -> None:
     result = invoke("kp-ip", "g1", "--timeout", str(ANSWERS))
     assert result.status == 0, result.stderr
     assert result.records[0]["address"] == "10.0.2.15"
+    # an open guest (no --allow) is told no proxy: a proxy left by an earlier sealed boot is taken away
+    scripts = [r["arguments"]["arg"] for r in vm_agent.received
+               if r["execute"] == "guest-exec" and r["arguments"]["path"] == "/bin/sh"]
+    assert [arg[2:] for arg in scripts if arg[2] == "kp-proxy"] == [["kp-proxy", ""]]
 
 
 @pytest.mark.parametrize(("command", "reply", "status", "code"), [

@@ -36,8 +36,8 @@ class _SplitAtDashes(click.Command):
                    "The command itself may run as long as it needs.")
 @click.option("-i", "--identity", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               callback=options.regular_file(1 << 20),
-              help="Private key to log in with, instead of kodepipe's own (which every image authorizes). "
-                   "The SSH agent is never used.")
+              help="Private key to log in with, instead of the VM's own (made by kp-clone, authorized by kp-ip in "
+                   "place of the key kodepipe's images share). The SSH agent is never used.")
 @click.option("--stream", is_flag=True,
               help="Also copy the command's stdout and stderr to stderr as they arrive, for a person watching.")
 @click.option("--config", "as_config", is_flag=True,
@@ -64,7 +64,8 @@ def cli(names: tuple[str, ...], timeout: float, identity: Path | None, stream: b
     The guest's host key must be the one kp-ip learned through the guest
     agent (written to the VM's known_hosts): any other key is refused
     (error "host_key_mismatch"); kp-ssh never adds one itself.  It logs
-    in with kodepipe's own key, never through your SSH agent.
+    in with the VM's own key (ssh_key in its record: each clone has its
+    own, which kp-rm removes), never through your SSH agent.
 
     --config prints, for plain ssh, scp and editors:
 
@@ -80,11 +81,9 @@ def cli(names: tuple[str, ...], timeout: float, identity: Path | None, stream: b
       kp-ssh proj -- sh -c 'cd /workspace && make test' | jq -r .stdout
       kp-ls --kind vm --state running | kp-ssh --stream -- sudo apt-get -y upgrade
     """
-    from kodepipe.vm.sshkeys import own_key
-
     remote: list[str] | None = click.get_current_context().meta.get(REMOTE)
     out = kpcli.Output("kp-ssh", quiet=quiet)
-    key_path = identity.resolve() if identity else own_key()[0]
+    key_path = identity.resolve() if identity else None  # else each VM's own key (kodepipe.vm.ssh.Endpoint)
     if as_config:
         if remote is not None:
             raise click.UsageError("--config prints ssh_config stanzas; it takes no COMMAND")
@@ -106,7 +105,7 @@ def _current(name: str, expect_id: str | None) -> dict[str, Any]:
     return vms.view(store, name)
 
 
-def _run_commands(out: kpcli.Output, names: tuple[str, ...], key_path: Path, timeout: float,
+def _run_commands(out: kpcli.Output, names: tuple[str, ...], key_path: Path | None, timeout: float,
                   remote: list[str], stream: bool) -> int:
     import shlex
 
@@ -115,7 +114,7 @@ def _run_commands(out: kpcli.Output, names: tuple[str, ...], key_path: Path, tim
     from kodepipe.vm import ssh, vms
 
     command = shlex.join(remote)
-    key = ssh.load_key(key_path)
+    keys: dict[Path, Any] = {}
 
     def echo(chunk: bytes) -> None:
         sys.stderr.buffer.write(chunk)
@@ -126,6 +125,8 @@ def _run_commands(out: kpcli.Output, names: tuple[str, ...], key_path: Path, tim
             current = _current(name, expect_id)
             record = vms.fresh(record, current)
             ep = ssh.endpoint(current)  # the endpoint and host key from the state, never from stdin
+            path = ep.key_path(key_path)
+            key = keys[path] if path in keys else keys.setdefault(path, ssh.load_key(path))
             outcome = _session(ep, key, timeout, command, echo if stream else None, _watch(out, name))
         except KpError as exc:
             out.fail(record, _why(name, exc))
@@ -199,7 +200,7 @@ def _terminal() -> int | None:
         return None
 
 
-def _interactive(out: kpcli.Output, names: tuple[str, ...], key_path: Path, timeout: float) -> int:
+def _interactive(out: kpcli.Output, names: tuple[str, ...], key_path: Path | None, timeout: float) -> int:
     from kodepipe.core.errors import KpError
     from kodepipe.vm import ssh
 
@@ -216,7 +217,7 @@ def _interactive(out: kpcli.Output, names: tuple[str, ...], key_path: Path, time
     name, expect_id, _ = chosen[0]
     ep = ssh.endpoint(_current(name, expect_id))
     try:
-        client = ssh.connect(ep, ssh.load_key(key_path), timeout=timeout)
+        client = ssh.connect(ep, ssh.load_key(ep.key_path(key_path)), timeout=timeout)
     except KpError as exc:
         raise _why(name, exc) from None
     try:
@@ -225,7 +226,7 @@ def _interactive(out: kpcli.Output, names: tuple[str, ...], key_path: Path, time
         client.close()
 
 
-def _print_config(out: kpcli.Output, names: tuple[str, ...], key_path: Path) -> int:
+def _print_config(out: kpcli.Output, names: tuple[str, ...], key_path: Path | None) -> int:
     from kodepipe import inventory
     from kodepipe.core.errors import KpError
     from kodepipe.core.state import Store

@@ -116,6 +116,7 @@ class Code(StrEnum):
     qemu_failed = "qemu_failed", FAILED, "QEMU failed to start, or did not come up in time"
     passt_failed = "passt_failed", FAILED, "passt (the VM's user-mode network) failed to start"
     no_bridge = "no_bridge", FAILED, "the bridge that --net bridge:NAME names does not exist"
+    ssh_key_failed = "ssh_key_failed", FAILED, "kp-ip could not authorize the VM's own SSH key in the guest"
     port_taken = "port_taken", FAILED, "a host port that kp-boot --publish names cannot be bound (it is taken)"
     proxy_settings_failed = ("proxy_settings_failed", FAILED,
         "kp-ip could not point the programs of a guest booted with --allow at its egress proxy")

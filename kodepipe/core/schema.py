@@ -138,6 +138,7 @@ class VmRecord(_Object, total=False):
     base_id: str
     disk: str
     warm_id: str  # the warm state it was cloned from
+    ssh_key: JsonObject  # path, fingerprint: the clone's own SSH key (kp-clone made it; kp-rm removes it)
     saved: JsonObject  # the hardware and network its saved RAM state resumes with
     qemu_status: str  # QEMU's own word for a frozen VM
     # from kp-boot (while booted; a record keeps them until the next boot)

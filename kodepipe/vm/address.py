@@ -115,6 +115,8 @@ def find(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
     try:
         with agent:
             found, host_key = _ask_agent(agent, name, boot, deadline, timed_out)
+            if boot.get("ssh") is not None or boot.get("net", "").startswith("bridge:"):
+                _authorize(agent, name, folder, meta, vms_user(store, meta))
     except KpError as exc:
         # an agent that stops answering halfway: if the VM froze under us, say that
         problem = stuck() if exc.code not in ("frozen", "suspended") else None
@@ -204,6 +206,38 @@ fi
 chmod 0644 "$env.kp-new"
 mv "$env.kp-new" "$env"
 """
+
+
+# The clone's own key replaces the key kodepipe's images share (kodepipe.vm.sshkeys.make_vm_key); the
+# user's own keys (kp-image --ssh-key) stay.  Written at each kp-ip: a guest that lost it gets it again.
+_AUTHORIZE_SCRIPT = r"""
+set -eu
+home=$(getent passwd "$1" | cut -d: -f6)
+[ -n "$home" ] || { echo "no user $1 in the guest" >&2; exit 1; }
+mkdir -p "$home/.ssh"
+keys="$home/.ssh/authorized_keys"
+{ [ ! -f "$keys" ] || grep -vF -e "$3" -e "$4" "$keys" || true; echo "$2"; } > "$keys.kp-new"
+chown "$1:" "$home/.ssh" "$keys.kp-new"
+chmod 0700 "$home/.ssh"
+chmod 0600 "$keys.kp-new"
+mv "$keys.kp-new" "$keys"
+"""
+
+
+def _authorize(agent: Any, name: str, folder: Path, meta: dict[str, Any], user: str) -> None:
+    """Authorize the clone's own SSH key in the guest, in place of kodepipe's shared key."""
+    from kodepipe.vm import sshkeys
+
+    key = meta.get("ssh_key")
+    if not isinstance(key, dict) or key.get("file") != sshkeys.VM_KEY:
+        return  # a clone made before clones had keys of their own: kodepipe's shared key it is
+    own = sshkeys.read_public_key(folder / (sshkeys.VM_KEY + ".pub"))
+    shared = sshkeys.own_key()[1]
+    status, _, err = agent.exec(["/bin/sh", "-c", _AUTHORIZE_SCRIPT, "kp-authorize", user, own,
+                                 shared.split()[1], own.split()[1]], timeout=30)
+    if status != 0:
+        raise KpError(f"{name}: authorizing its SSH key in the guest failed: {err.decode(errors='replace')[-400:]}",
+                      code="ssh_key_failed")
 
 
 def _proxy_settings(agent: Any, name: str, egress: object) -> None:

@@ -143,11 +143,9 @@ def connect(vm: Record) -> Remote:
     from kodepipe.core.records import check_name
     from kodepipe.core.state import Store
     from kodepipe.vm import lifecycle, ssh, vms
-    from kodepipe.vm.sshkeys import own_key
-
     name = check_name(vm.get("name"), "vm name")
     store = Store()
     expect = vm.get("id")
     lifecycle.vm_meta(store, name, expect if isinstance(expect, str) else None)
     ep = ssh.endpoint({**vm, **vms.view(store, name)})
-    return Remote(ssh.connect(ep, ssh.load_key(own_key()[0]), timeout=CONNECT_TIMEOUT), name)
+    return Remote(ssh.connect(ep, ssh.load_key(ep.key_path()), timeout=CONNECT_TIMEOUT), name)

@@ -82,7 +82,21 @@ def own_key() -> tuple[Path, str]:
     return private, read_public_key(public)
 
 
-def _generate(private: Path, public: Path) -> None:
+VM_KEY = "ssh_key"  # each clone's own key pair, in its folder (VM_KEY and VM_KEY.pub)
+
+
+def make_vm_key(folder: Path) -> str:
+    """A new ed25519 key pair for one clone, in its folder; returns its public key's fingerprint.
+
+    kp-ip authorizes it in the guest (through the guest agent) in place of kodepipe's shared key,
+    so a key that leaks opens one VM, not all of them; kp-rm removes it with the folder."""
+    private = folder / VM_KEY
+    public = folder / (VM_KEY + ".pub")
+    _generate(private, public, comment=f"kodepipe-{folder.name}")
+    return fingerprint(read_public_key(public))
+
+
+def _generate(private: Path, public: Path, comment: str = "kodepipe") -> None:
     # cryptography comes with paramiko; imported here only, it is slow to load
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -96,7 +110,7 @@ def _generate(private: Path, public: Path) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out:
             out.write(pem)
-        public.write_bytes(pub + b" kodepipe\n")
+        public.write_bytes(pub + b" " + comment.encode() + b"\n")
         os.replace(tmp, private)
     except OSError as exc:
         raise KpError(f"cannot create kodepipe's SSH key in {private.parent}: {exc.strerror}") from None

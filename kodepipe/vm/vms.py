@@ -56,6 +56,9 @@ def clone(store: Store, base: str, name: str, *, base_id: str | None = None, col
                                      "net": "user", "share": None, "warm": True}
                 else:
                     qemu_img.create_overlay(Path(image["disk"]), folder / DISK)
+                from kodepipe.vm import sshkeys
+
+                meta["ssh_key"] = {"file": sshkeys.VM_KEY, "fingerprint": sshkeys.make_vm_key(folder)}
                 meta.update(state="ready", disk=DISK)
                 store.write_meta(folder, meta)
     return view(store, name)
@@ -69,6 +72,9 @@ def view(store: Store, name: str) -> Record:
     folder = store.folder("vm", name)
     if isinstance(meta.get("disk"), str):
         record["disk"] = str(folder / meta["disk"])
+    key = meta.get("ssh_key")
+    if isinstance(key, dict) and key.get("file") == "ssh_key":  # the clone's own key (kodepipe.vm.sshkeys)
+        record["ssh_key"] = {"path": str(folder / "ssh_key"), "fingerprint": key.get("fingerprint")}
     if meta.get("state") == "creating":
         return record  # Store.record_base settled it: creating while kp-clone holds the lock, else broken
     record["state"] = "stopped"

@@ -261,3 +261,28 @@ def test_a_taken_host_port_fails_the_boot_clearly(golden: Golden) -> None:
             assert lines(after.stdout)[0]["state"] == "stopped"  # nothing was started
         finally:
             run(env, "kp-rm", "taken")
+
+
+def test_each_clone_logs_in_with_a_key_of_its_own_which_kp_rm_removes(sealed: dict[str, Any]) -> None:
+    from kodepipe.core.errors import KpError
+    from kodepipe.vm import ssh, sshkeys
+
+    env = sealed["env"]
+    (record,) = lines(run(env, "kp-ls", NAME).stdout)
+    own = Path(record["ssh_key"]["path"])
+    assert own.is_file() and own.parent == Path(record["path"]) and own.stat().st_mode & 0o077 == 0
+    # kp-ssh (every test above) logged in with it; kodepipe's shared key, which the image authorizes, no longer does
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KODEPIPE_STATE_DIR", env["KODEPIPE_STATE_DIR"])
+        shared = sshkeys.own_key()[0]
+        ep = ssh.endpoint(record)
+        with pytest.raises(KpError) as refused:
+            ssh.connect(ep, ssh.load_key(shared), timeout=60).close()
+        assert refused.value.code == "auth_failed"
+        ssh.connect(ep, ssh.load_key(own), timeout=60).close()
+    # another clone has another key; kp-rm takes it away with the clone
+    (other,) = lines(run(env, "kp-clone", "--cold", "base", "other-key").stdout)
+    assert other["ssh_key"]["fingerprint"] != record["ssh_key"]["fingerprint"]
+    assert Path(other["ssh_key"]["path"]).is_file()
+    assert run(env, "kp-rm", "other-key").returncode == 0
+    assert not Path(other["ssh_key"]["path"]).exists()
