@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -173,3 +174,35 @@ def test_the_sealed_stream_drops_and_translates_whole_frames() -> None:
 def test_the_seal_is_read_from_the_guards_command_line() -> None:
     seal = netguard.Seal.parse('{"inbound": [22, 8080], "proxy": 1, "dns": 2}')
     assert seal.inbound == {22, 8080} and (seal.proxy_port, seal.dns_port) == (1, 2)
+
+
+# -- kp-boot's options: every mistake is a usage error before any VM is touched -----------------------
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["--allow", "example.com", "--net", "none"], "--net none"),
+    (["--allow", "example.com", "--host-loopback"], "--host-loopback"),
+    (["--resolve", "a.test=127.0.0.1"], "give --allow too"),
+    (["--allow", "not a name"], "not a domain name"),
+    (["--allow", "1.2.3.4"], "not a domain name but an address"),
+    (["--allow", "a.test", "--resolve", "a.test"], "NAME=ADDRESS"),
+    (["--publish", "8080"], "HOSTPORT:GUESTPORT"),
+    (["--publish", "::1:8080:80"], "HOSTPORT:GUESTPORT"),
+    (["--publish", "8080:70000"], "between 1 and 65535"),
+    (["--publish", "2222:22"], "forwarded already"),
+    (["--publish", "8080:80", "--net", "none"], "--net none"),
+])
+def test_kp_boot_refuses_a_bad_network_option(args: list[str], said: str) -> None:
+    from tests.cli import invoke
+
+    result = invoke("kp-boot", *args, "nosuchvm")
+    assert result.status == 2, result.stderr
+    assert said in result.stderr and "nosuchvm" not in result.stderr
+
+
+def test_publish_parses_the_host_address_or_takes_loopback() -> None:
+    from kodepipe.vm import passt
+
+    assert str(passt.parse_publish("8080:80")) == "127.0.0.1:8080:80"
+    assert str(passt.parse_publish("0.0.0.0:8080:80")) == "0.0.0.0:8080:80"
+    assert passt.argv(fd=3, ssh_port=2222, log=Path("/x/passt.log"),
+                      publish=(passt.parse_publish("8080:80"),))[-2:] == ["--tcp-ports", "127.0.0.1/8080:80"]

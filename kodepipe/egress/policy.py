@@ -50,6 +50,9 @@ def parse_rule(text: str) -> Rule:
     spec = text.strip().lower().rstrip(".")
     host, sep, ports_text = spec.partition(":")
     host = host.rstrip(".")
+    if is_address(host):
+        raise BadInput(f"--allow {text!r}: not a domain name but an address: the proxy lets a sandbox reach "
+                       "names only (pin a name to it with --resolve NAME=ADDRESS)")
     if not _NAME_RE.fullmatch(host) or "." not in host.lstrip("*."):
         raise BadInput(f"--allow {text!r}: not a domain name (e.g. api.example.com or *.example.com)")
     ports: tuple[int, ...] = DEFAULT_PORTS
