@@ -14,15 +14,17 @@ from kodepipe.core import schema
 from kodepipe.core.errors import KpError, NotFound
 from kodepipe.core.records import NAME_RE, Record
 from kodepipe.core.state import Store, parse_iso
-from kodepipe.vm import images, vms
+from kodepipe.vm import disks, images, vms
 
-KINDS = ("image", "vm", "container")
+KINDS = ("image", "vm", "container", "disk")
 # every state kp-ls can show (kp-ls --state), with its meaning per kind: core/schema.py has them
 STATES = schema.listed_states()
 
 def view(store: Store, kind: str, name: str) -> Record:
     if kind == "container":
         return folders.view(store, name)
+    if kind == "disk":
+        return disks.view(store, name)
     return images.view(store, name) if kind == "image" else vms.view(store, name)
 
 
@@ -41,6 +43,8 @@ def records(store: Store, kinds: Iterable[str] = KINDS) -> list[Record]:
         out.extend(vms.view(store, n) for n in store.names("vm"))
     if "container" in kinds:
         out.extend(folders.view(store, n) for n in store.names("container"))
+    if "disk" in kinds:
+        out.extend(disks.view(store, n) for n in store.names("disk"))
     # removed while this listing ran
     out = [record for record in out if record.get("state") != "gone"]
     for record in out:
@@ -148,6 +152,8 @@ def _not_empty(folder: Path) -> bool:
 def keep_reason(record: Record, held: dict[str, str], allowed: Collection[str]) -> str | None:
     """Why a bulk removal keeps this (the current record), or None when it is disposable.  Pure."""
     kind, name = record.get("kind"), record.get("name")
+    if kind == "disk":
+        return f"disk {name} holds data a VM kept: kp-rm removes a disk only when it is named"
     if kind == "image" and "images" not in allowed:
         return f"image {name} is not disposable (a golden image); name it or pass {KEEP_FLAGS['images']}"
     missing = [flag for flag in held if flag not in allowed]
@@ -208,6 +214,8 @@ class Removal:
         store, dry_run = self.store, self.dry_run
         if kind == "container":
             record = folders.remove(store, name, expect_id=expect_id, dry_run=dry_run, check=check)
+        elif kind == "disk":
+            record = disks.remove(store, name, expect_id=expect_id, dry_run=dry_run, check=check)
         elif kind == "image":
             # a dry run removed nothing: the clones it would have removed still count unless ignored
             ignore = {n for k, n in self.removed if k == "vm"} if dry_run else set()

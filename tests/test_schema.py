@@ -83,7 +83,7 @@ def test_every_kind_describes_each_key_in_words() -> None:
 def test_the_states_kp_ls_can_show_are_the_schemas_states() -> None:
     # kp-ls --state and inventory.STATES list what a listing can show; "gone" is only ever a refreshed
     # record (the thing was removed) and "applied" only kp-run --apply's own record (its folder goes)
-    listed = {str(state) for kind in ("image", "vm", "container") for state in schema.KINDS[kind].states or ()}
+    listed = {str(state) for kind in ("image", "vm", "container", "disk") for state in schema.KINDS[kind].states or ()}
     assert listed - {"gone"} == set(inventory.STATES)
 
 

@@ -16,4 +16,5 @@ COMMANDS = {
     "kp-trace": "kodepipe.commands.trace",
     "kp-run": "kodepipe.commands.run",
     "kp-review": "kodepipe.commands.review",
+    "kp-disk": "kodepipe.commands.disk",
 }

@@ -61,10 +61,15 @@ from kodepipe.commands import options, vmargs
               help="Loosened: forward HOSTPORT on the host (127.0.0.1 unless HOSTADDR is given) to GUESTPORT in "
                    "the guest, as SSH is, for a dev server in the VM. Listed in the vm record (publish, "
                    "loosened) and kp-ls. A host port that is taken fails the boot. Repeatable; --net user only.")
+@click.option("--disk", "disk", multiple=True, metavar="NAME[:MOUNTPOINT]",
+              help="Attach the encrypted data disk NAME (made by kp-disk), its key read now from its source and "
+                   "handed to QEMU as a secret object; kp-ip formats it on first use and mounts it at MOUNTPOINT "
+                   "(default /mnt/NAME). One VM at a time: a disk another running VM has fails the boot "
+                   "(disk_in_use). Not on a warm or saved clone (its hardware is saved). Repeatable.")
 @options.quiet
 def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, host_loopback: bool,
         share: Path | None, writable_git: bool, allow: tuple[str, ...], allow_file: Path | None,
-        resolve: tuple[str, ...], publish: tuple[str, ...], quiet: bool) -> int:
+        resolve: tuple[str, ...], publish: tuple[str, ...], disk: tuple[str, ...], quiet: bool) -> int:
     """Start VMs headless, from NAMEs or the vm records on stdin.
 
     Each VM runs as a detached QEMU under QEMU's seccomp sandbox, with a
@@ -101,9 +106,19 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
     if host_loopback and net != "user":
         raise click.UsageError("--host-loopback loosens --net user: it has no meaning with --net " + net)
     rules = _rules(allow, allow_file, resolve)
+    from kodepipe.vm import disks
+
+    try:
+        attached = tuple(disks.parse_attach(d) for d in disk)
+    except BadInput as exc:
+        raise click.BadParameter(exc.message, param_hint="'--disk'") from None
+    if len({n for n, _ in attached}) != len(attached) or len({m for _, m in attached}) != len(attached):
+        raise click.BadParameter("each disk once, each at a mount point of its own", param_hint="'--disk'")
+    if len(attached) > disks.MAX_DISKS:
+        raise click.BadParameter(f"at most {disks.MAX_DISKS} disks per VM", param_hint="'--disk'")
     opts = qemu.BootOptions(memory=memory, cpus=cpus, accel=accel, net=net, share=share.resolve() if share else None,
                             writable_git=writable_git, host_loopback=host_loopback, allow=rules, resolve=resolve,
-                            publish=publish)
+                            publish=publish, disks=attached)
     try:
         from kodepipe.vm.passt import parse_publish
 
@@ -127,7 +142,8 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
             proc.require(qemu.QEMU)
             chosen.append(choose(accel))
             out.progress(f"accelerator: {chosen[0][0]} ({chosen[0][1]})")
-        result, already = lifecycle.boot(store, name, opts, chosen[0], expect_id=expect_id, say=out.warn)
+        result, already = lifecycle.boot(store, name, opts, chosen[0], expect_id=expect_id, say=out.warn,
+                                         disk_key=_disk_key)
         if not already and chosen[0][0] == "kvm" and result.get("accel") == "tcg":
             # the guest stayed silent under KVM and was booted again under TCG: so will the next ones be
             chosen[0] = ("tcg", str(result.get("accel_reason")))
@@ -139,6 +155,13 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
         return result
 
     return vmargs.run_each(out, names, act)
+
+
+def _disk_key(source: dict[str, object]) -> str:
+    """A data disk's key, read from the source its metadata names (as a credential's is read)."""
+    from kodepipe.egress import credentials, sources
+
+    return sources.read(credentials.parse_source(source, "the disk's key"))
 
 
 def _rules(allow: tuple[str, ...], allow_file: Path | None, resolve: tuple[str, ...]) -> tuple[str, ...]:

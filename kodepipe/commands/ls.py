@@ -13,14 +13,17 @@ from kodepipe.commands import options
 
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
 @click.argument("names", nargs=-1, metavar="[NAME]...",
-                shell_complete=kpcli.name_completion(("image", "vm", "container")))
-@click.option("--kind", "kinds", multiple=True, type=click.Choice(["image", "vm", "container"]),
+                shell_complete=kpcli.name_completion(("image", "vm", "container", "disk")))
+@click.option("--kind", "kinds", multiple=True, type=click.Choice(["image", "vm", "container", "disk"]),
               help="Only this kind (repeatable).")
 @click.option("--state", "states", multiple=True,
               # inventory.STATES, written out so that --help stays light (a test keeps them equal)
               type=click.Choice(["creating", "building", "ready", "broken", "stopped", "running", "suspended",
-                                 "frozen", "saved", "crashed", "exited", "quarantined", "applied", "orphaned"]),
-              help="Only this state (repeatable).")
+                                 "frozen", "saved", "crashed", "exited", "quarantined", "applied", "orphaned",
+                                 "attached"]), metavar="STATE",
+              help="Only this state (repeatable): creating, building, ready, broken, stopped, running, suspended, "
+                   "frozen, saved, crashed, exited, quarantined, applied, orphaned or attached (kodepipe(7), "
+                   "STATES, says what each means for each kind).")
 @click.option("--older-than", callback=options.duration, metavar="AGE",
               help="Only things created more than AGE ago (90s, 15m, 2h, 1d, 1w, 1h30m).")
 @click.option("--newer-than", callback=options.duration, metavar="AGE", help="Only things created less than AGE ago.")
@@ -151,6 +154,11 @@ def table(items: list[dict[str, object]], *, colour: bool) -> str:
             if r.get("state") == "quarantined" and isinstance(q, dict):
                 detail += (f", {len(q.get('added') or [])}+ {len(q.get('modified') or [])}~ "
                            f"{len(q.get('deleted') or [])}-")
+        elif r.get("kind") == "disk":
+            size = r.get("size")
+            detail = f"{human_size(size) if isinstance(size, int) else '?'} luks"
+            if r.get("attached_to"):
+                detail += f", attached to {r['attached_to']}"
         elif r.get("kind") == "image":
             clones = r.get("clones") or []
             detail = f"{len(clones)} clone(s)" if isinstance(clones, list) else ""

@@ -11,7 +11,7 @@ from kodepipe.core.errors import InUse, KpError
 
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
 @click.argument("names", nargs=-1, metavar="[NAME]...",
-                shell_complete=kpcli.name_completion(("image", "vm", "container")))
+                shell_complete=kpcli.name_completion(("image", "vm", "container", "disk")))
 @click.option("-f", "--force", is_flag=True,
               help="Remove an image even though clones still use it (they become broken).")
 @click.option("--images", is_flag=True,

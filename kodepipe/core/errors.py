@@ -116,6 +116,10 @@ class Code(StrEnum):
     qemu_failed = "qemu_failed", FAILED, "QEMU failed to start, or did not come up in time"
     passt_failed = "passt_failed", FAILED, "passt (the VM's user-mode network) failed to start"
     no_bridge = "no_bridge", FAILED, "the bridge that --net bridge:NAME names does not exist"
+    disk_in_use = "disk_in_use", FAILED, "a data disk is attached to another running VM (one VM at a time)"
+    disk_failed = "disk_failed", FAILED, "kp-ip could not format or mount a data disk in the guest"
+    disk_on_saved = ("disk_on_saved", FAILED,
+        "a saved or warm VM resumes with its saved hardware: --disk cannot add a disk to it")
     ssh_key_failed = "ssh_key_failed", FAILED, "kp-ip could not authorize the VM's own SSH key in the guest"
     port_taken = "port_taken", FAILED, "a host port that kp-boot --publish names cannot be bound (it is taken)"
     proxy_settings_failed = ("proxy_settings_failed", FAILED,

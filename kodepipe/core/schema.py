@@ -66,6 +66,14 @@ class VmState(_Described):
     gone = "gone", _GONE
 
 
+class DiskState(_Described):
+    creating = "creating", "kp-disk is making it (" + _CREATING.split(": ", 1)[1] + ")"
+    ready = "ready", "no running VM has it: kp-boot --disk attaches it"
+    attached = "attached", "a running VM has it (\"attached_to\" names the VM)"
+    broken = "broken", _BROKEN + "; kp-rm NAME removes it"
+    gone = "gone", _GONE
+
+
 class ContainerState(_Described):
     creating = "creating", "its kp-run, still alive, is setting it up"
     running = "running", "its kp-run runs it"
@@ -105,6 +113,16 @@ class _Object(TypedDict, total=False):
     kept: str  # kp-rm: why a bulk removal left it alone
     dry_run: bool  # kp-rm --dry-run
     disk_bytes: int  # kp-ls: space its disk uses
+
+
+class DiskRecord(_Object, total=False):
+    kind: Required[Literal["disk"]]
+    state: DiskState
+    size: int  # bytes
+    encryption: Literal["luks"]  # QEMU's qcow2 LUKS encryption
+    key: JsonObject  # where kp-boot reads the key: {"env": VAR}, {"file": PATH} or {"command": [ARGV]}; never the key
+    disk: str  # the qcow2 file
+    attached_to: str  # the running VM that has it
 
 
 class ImageRecord(_Object, total=False):
@@ -167,6 +185,7 @@ class VmRecord(_Object, total=False):
     egress: JsonObject  # allow, resolve, proxy (the guest's proxy URL)
     egress_log: str  # the VM's proxy's decision log (egress.jsonl), as a container's
     publish: list[str]  # HOSTADDR:HOSTPORT:GUESTPORT forwarded to the guest (kp-boot --publish)
+    disks: list[JsonObject]  # name, mountpoint, serial: its encrypted data disks (kp-boot --disk)
     dns: list[str]
     paused: bool
     ssh: JsonObject | None  # host, port, user
@@ -455,6 +474,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
                                                                   "kp-ls", "kp-rm")),
     Kind("container", ContainerRecord, ContainerState, "a kp-run: its container, its folder and how it ended",
          ("kp-run", "kp-ls", "kp-rm")),
+    Kind("disk", DiskRecord, DiskState, "an encrypted data disk VMs keep across clones", ("kp-disk", "kp-ls",
+                                                                                         "kp-rm")),
     Kind("container-image", ContainerImageRecord, None, "the local container base image of kp-run's profiles",
          ("kp-image base",)),
     Kind("result", ResultRecord, None, "a command run in a VM over SSH", ("kp-ssh",)),
@@ -475,7 +496,7 @@ def listed_states() -> dict[str, str]:
     """Every state kp-ls can show (kp-ls --state), in the order of the kinds, each with its meaning
     for every kind that has it ("image: ...; vm: ...")."""
     meanings: dict[str, list[str]] = {}
-    for kind in ("image", "vm", "container"):
+    for kind in ("image", "vm", "container", "disk"):
         for state in KINDS[kind].states or ():
             if state not in NOT_LISTED:
                 meanings.setdefault(str(state), []).append(f"{kind}: {state.meaning}")

@@ -36,7 +36,7 @@ import orjson
 from kodepipe.core import paths
 from kodepipe.core.errors import Busy, Exists, KpError, NotFound
 
-KIND_DIRS = {"image": "images", "vm": "vms", "container": "containers"}
+KIND_DIRS = {"image": "images", "vm": "vms", "container": "containers", "disk": "disks"}
 META = "meta.json"
 LOCK_WAIT = 10.0
 NEW_SUFFIX = ".new"
@@ -45,7 +45,8 @@ NEW_SUFFIX = ".new"
 # the locks this process holds now (lock file path: depth)
 _HELD: dict[str, int] = {}
 HELD_STATES = {"image": {"building": "the build was interrupted (its builder is gone)"},
-               "vm": {"creating": "creation was interrupted (kp-clone is gone)"}}
+               "vm": {"creating": "creation was interrupted (kp-clone is gone)"},
+               "disk": {"creating": "creation was interrupted (kp-disk is gone)"}}
 
 
 def now_iso() -> str:

@@ -177,14 +177,14 @@ def parse(data: object, name: str, origin: str) -> Definition:
     hosts = data.get("hosts")
     if not isinstance(hosts, list) or not hosts or not all(isinstance(h, str) for h in hosts):
         raise _fail(origin, "'hosts' must be a non-empty list of DOMAIN[:PORTS]")
+    if any(is_address(h.split(":", 1)[0].strip().rstrip(".")) for h in hosts):
+        raise _fail(origin, "'hosts' are names, never addresses (--resolve pins a name to an address)")
     try:
         rules = tuple(parse_rule(h) for h in hosts)
     except BadInput as exc:
         raise _fail(origin, exc.message) from None
     if rules[0].pattern.startswith("*."):
         raise _fail(origin, "the first host is the upstream, and cannot be a wildcard")
-    if any(is_address(r.pattern) for r in rules):
-        raise _fail(origin, "'hosts' are names, never addresses (--resolve pins a name to an address)")
     header, query = data.get("header"), data.get("query")
     if (header is None) == (query is None):
         raise _fail(origin, "give exactly one of 'header' (e.g. \"x-api-key\") and 'query' (a parameter name)")
@@ -257,6 +257,11 @@ def _fields(template: str) -> list[str]:
         return ["value" if f == "" else f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError:
         return ["?"]
+
+
+def parse_source(spec: object, origin: str) -> Source:
+    """{"env": NAME}, {"file": PATH} or {"command": [ARGV]}, as a credential's (and a disk key's) source."""
+    return _source(spec, origin)
 
 
 def _source(spec: object, origin: str) -> Source:

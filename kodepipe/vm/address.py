@@ -117,6 +117,8 @@ def find(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
             found, host_key = _ask_agent(agent, name, boot, deadline, timed_out)
             if boot.get("ssh") is not None or boot.get("net", "").startswith("bridge:"):
                 _authorize(agent, name, folder, meta, vms_user(store, meta))
+            for disk in boot.get("disks") or ():
+                _mount_disk(agent, name, disk)
     except KpError as exc:
         # an agent that stops answering halfway: if the VM froze under us, say that
         problem = stuck() if exc.code not in ("frozen", "suspended") else None
@@ -222,6 +224,31 @@ chmod 0700 "$home/.ssh"
 chmod 0600 "$keys.kp-new"
 mv "$keys.kp-new" "$keys"
 """
+
+
+# A data disk (kp-boot --disk): found by its virtio serial, given an ext4 file system if it has none
+# (its first use), and mounted.  kp-boot checked the mount point; the guest's root could have put
+# anything there since, which is the guest's own affair.
+_MOUNT_SCRIPT = r"""
+set -eu
+dev=/dev/disk/by-id/virtio-$1
+i=0
+while [ ! -b "$dev" ]; do i=$((i + 1)); [ $i -lt 100 ] || { echo "no disk $dev" >&2; exit 1; }; sleep 0.1; done
+if ! blkid "$dev" >/dev/null 2>&1; then mkfs.ext4 -q -L "$3" "$dev"; fi
+mkdir -p "$2"
+mountpoint -q "$2" || mount "$dev" "$2"
+"""
+
+
+def _mount_disk(agent: Any, name: str, disk: object) -> None:
+    """Mount one data disk in the guest, formatting it on first use."""
+    if not isinstance(disk, dict):
+        return
+    status, _, err = agent.exec(["/bin/sh", "-c", _MOUNT_SCRIPT, "kp-disk", str(disk.get("serial")),
+                                 str(disk.get("mountpoint")), str(disk.get("name"))[:16]], timeout=120)
+    if status != 0:
+        raise KpError(f"{name}: mounting disk {disk.get('name')} failed: {err.decode(errors='replace')[-400:]}",
+                      code="disk_failed")
 
 
 def _authorize(agent: Any, name: str, folder: Path, meta: dict[str, Any], user: str) -> None:

@@ -36,8 +36,10 @@ def vm_meta(store: Store, name: str, expect_id: str | None) -> tuple[Path, dict[
 
 
 def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str], *,
-         expect_id: str | None = None, say: Callable[[str], None] = lambda _m: None) -> tuple[Record, bool]:
-    """Start VM ``name``; returns its record and whether it was already running.  ``say`` warns."""
+         expect_id: str | None = None, say: Callable[[str], None] = lambda _m: None,
+         disk_key: Callable[[dict[str, Any]], str] | None = None) -> tuple[Record, bool]:
+    """Start VM ``name``; returns its record and whether it was already running.  ``say`` warns;
+    ``disk_key`` reads a data disk's key from its source (kodepipe.egress.sources, by kp-boot)."""
     with store.lock(name):
         folder, meta = vm_meta(store, name, expect_id)
         current = vms.view(store, name)
@@ -56,6 +58,12 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
         saved = meta.get("saved") if isinstance(meta.get("saved"), dict) else None
         if saved is not None:
             # a saved machine resumes with the very hardware it was saved with: a share cannot be added
+            if opts.disks:
+                how = "a warm clone" if saved.get("warm") else "a saved VM"
+                raise KpError(f"{name} is {how}: it resumes with the hardware it was saved with, which has no "
+                              "data disk", code="disk_on_saved",
+                              hint="clone it with kp-clone --cold to boot it with --disk" if saved.get("warm")
+                              else "boot it without --disk, or kp-stop and boot a fresh clone")
             if opts.share is not None and str(opts.share) != saved.get("share"):
                 how = "a warm clone" if saved.get("warm") else "a saved VM"
                 raise KpError(f"{name} is {how}: it resumes with the hardware it was saved with, which has "
@@ -68,7 +76,7 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
                                     writable_git=bool(saved.get("writable_git", opts.writable_git)),
                                     host_loopback=_saved_host_loopback(name, saved, image, opts, say),
                                     # outside QEMU's saved state: the guard, the proxy and passt's forwards
-                                    allow=opts.allow, resolve=opts.resolve, publish=opts.publish)
+                                    allow=opts.allow, resolve=opts.resolve, publish=opts.publish, disks=opts.disks)
             try:
                 opts.check()
             except BadInput as exc:
@@ -94,6 +102,16 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
         if boot_meta["host_loopback"]:
             boot_meta["loosened"] = ["host-loopback"]
         _network_meta(boot_meta, opts, folder, name)
+        data: list[tuple[str, Path, str]] = []  # (name, qcow2, key) of each data disk, claimed for this boot
+        for index, (disk_name, mountpoint) in enumerate(opts.disks):
+            from kodepipe.vm import disks
+
+            path, source = disks.claim(store, disk_name, name, boot_meta["started"])
+            if disk_key is None:
+                raise KpError("a data disk needs its key read (kp-boot reads it)")
+            data.append((disk_name, path, disk_key(source)))
+            boot_meta.setdefault("disks", []).append({"name": disk_name, "mountpoint": mountpoint,
+                                                      "serial": disks.serial(index)})
         # recorded before QEMU starts, so a crash in between still leaves a trail to its pid file
         meta["boot"] = boot_meta
         store.write_meta(folder, meta)
@@ -118,7 +136,8 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
             def launch(how: str) -> tuple[int, int | None]:
                 return _launch(meta, image, opts, sockets, how, serial_log, qemu_log, folder, saved,
                                boot_meta.get("tap"), share_git.read_only if share_git else None,
-                               boot_meta=boot_meta, user=qemu_user, say=lambda message: say(f"{name}: {message}"))
+                               boot_meta=boot_meta, user=qemu_user, say=lambda message: say(f"{name}: {message}"),
+                               data=data)
 
             if accel[0] == "kvm" and saved is None:  # a resumed guest says nothing: the guest agent proves it
                 pid, port = _launch_under_kvm(name, boot_meta, launch, sockets, serial_log, qemu_log,
@@ -226,7 +245,8 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
             serial_log: Path, qemu_log: Path, folder: Path, saved: dict[str, Any] | None,
             tap_device: str | None, share_readonly: hostpath.InPlace | None, *,
             boot_meta: dict[str, Any] | None = None, user: qemuuser.QemuUser | None = None,
-            say: Callable[[str], None] = lambda _m: None) -> tuple[int, int | None]:
+            say: Callable[[str], None] = lambda _m: None,
+            data: list[tuple[str, Path, str]] | None = None) -> tuple[int, int | None]:
     vm = {**meta, "disk": str(folder / meta["disk"])}
     user = user or qemuuser.resolve()  # QEMU never runs as root (kodepipe.vm.qemuuser)
     passt_net = opts.net == "user" and not opts.host_loopback
@@ -236,6 +256,7 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
         fds: tuple[int, ...] = ()
         incoming = None
         state_fd = None
+        opened: list[int] = []  # the data disks' fds and key pipes: QEMU holds its own copies
         if saved is not None:
             # QEMU's sandbox forbids exec: migrations come in on an inherited fd
             state_fd = os.open(_state_file(image, folder, saved), os.O_RDONLY)
@@ -254,11 +275,14 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
                     if net.dns.problem:
                         say(net.dns.problem)
                 net_fds = (net.qemu_fd,) if net is not None else ()
+                data_disks = _open_data(data or [], opened, user)
                 argv = qemu.command_line(vm, image, opts, sockets, accel=accel, ssh_port=port, serial_fd=serial_fd,
                                          incoming=incoming, tap=tap_device,
-                                         net_fd=net.qemu_fd if net is not None else None, fds=handed)
-                pid = qemu.launch(argv, qemu_log, sockets.qmp, pass_fds=(*fds, serial_fd, *net_fds, *handed.all()),
-                                  plan=plan)
+                                         net_fd=net.qemu_fd if net is not None else None, fds=handed,
+                                         data_disks=data_disks)
+                data_fds = tuple(fd for disk in data_disks for fd in (disk.fd, disk.key_fd))
+                pid = qemu.launch(argv, qemu_log, sockets.qmp,
+                                  pass_fds=(*fds, serial_fd, *net_fds, *handed.all(), *data_fds), plan=plan)
             if saved is not None:
                 _wait_incoming(sockets.qmp)
             return pid, port
@@ -269,7 +293,33 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
         finally:
             if state_fd is not None:
                 os.close(state_fd)
+            for fd in opened:
+                os.close(fd)
     raise AssertionError("unreachable")
+
+
+def _open_data(data: list[tuple[str, Path, str]], opened: list[int],
+               user: qemuuser.QemuUser) -> tuple[qemu.DataDisk, ...]:
+    """Each data disk's qcow2 opened for QEMU, and its key in a sealed memfd that only QEMU's user may
+    read, which QEMU's secret object reads through /proc/self/fd (QEMU opens it again by that path)."""
+    import fcntl
+
+    from kodepipe.vm import disks
+
+    found = []
+    for index, (_name, path, key) in enumerate(data):
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        opened.append(fd)
+        secret = os.memfd_create("kp-disk-key", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        opened.append(secret)
+        os.write(secret, key.encode())
+        fcntl.fcntl(secret, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        os.fchmod(secret, 0o400)
+        if os.geteuid() == 0:
+            os.fchown(secret, user.uid, user.gid)
+        found.append(qemu.DataDisk(str(path), fd, secret, disks.serial(index)))
+    return tuple(found)
 
 
 def _network_meta(boot_meta: dict[str, Any], opts: qemu.BootOptions, folder: Path, name: str) -> None:
@@ -535,6 +585,10 @@ def save(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
             vms.require_running(current)
         target = folder / RAM_STATE
         partial = folder / (RAM_STATE + ".partial")
+        if boot_meta.get("disks"):
+            raise KpError(f"{name} has data disks attached: a saved VM could not resume without them, and "
+                          "kodepipe does not keep their keys", code="disk_on_saved",
+                          hint=f"kp-stop {name} shuts it down instead (the disks keep what was written)")
         if boot_meta.get("share"):
             _unmount_share(boot_meta, name)
         try:

@@ -33,6 +33,7 @@ MEMORY_RE = re.compile(r"[1-9][0-9]*[MG]")
 SERIAL_FDSET = 9  # the -add-fd set of the serial log's pipe (kodepipe.vm.seriallog)
 DISK_FDSET = 10  # the disk's fd sets: 10 the VM's own overlay, 11 the file beneath it, ...
 MARKER_FDSET = 30  # an fd set whose opaque names the QMP socket, for qemu.alive
+DATA_FDSET = 40  # the fd sets of its encrypted data disks (kp-boot --disk): 40, 41, ...
 DISK_NODE = "kpdisk"
 
 
@@ -67,6 +68,7 @@ class BootOptions:
     allow: tuple[str, ...] = ()  # kp-boot --allow: the guest is sealed, its way out the VM's egress proxy
     resolve: tuple[str, ...] = ()  # kp-boot --resolve NAME=ADDRESS for that proxy
     publish: tuple[str, ...] = ()  # kp-boot --publish [HOSTADDR:]HOSTPORT:GUESTPORT
+    disks: tuple[tuple[str, str], ...] = ()  # kp-boot --disk: (disk name, mount point in the guest)
 
     def check(self) -> None:
         if not MEMORY_RE.fullmatch(self.memory):
@@ -102,9 +104,20 @@ def free_port() -> int:
         return port
 
 
+@dataclass(frozen=True)
+class DataDisk:
+    """An encrypted data disk (kodepipe.vm.disks) as QEMU gets it: the qcow2 and its key, both open fds."""
+
+    path: str
+    fd: int
+    key_fd: int  # a sealed memfd holding the key: a secret object reads it, never a command line
+    serial: str
+
+
 def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, sockets: Sockets, *,
                  accel: str, ssh_port: int | None, serial_fd: int, incoming: str | None = None,
-                 tap: str | None = None, net_fd: int | None = None, fds: qemuuser.Fds | None = None) -> list[str]:
+                 tap: str | None = None, net_fd: int | None = None, fds: qemuuser.Fds | None = None,
+                 data_disks: tuple[DataDisk, ...] = ()) -> list[str]:
     """The whole QEMU command line for ``vm``.  Pure: starts nothing.
 
     ``fds``: what kp-boot opened for a QEMU that runs as another user (kodepipe.vm.qemuuser): its
@@ -187,7 +200,23 @@ def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, s
                             "security_model=mapped-xattr,id=share0"]
     if incoming is not None:
         argv += ["-incoming", incoming]
-    return argv + disk_device
+    return argv + disk_device + _data_disks(data_disks)
+
+
+def _data_disks(data_disks: tuple[DataDisk, ...]) -> list[str]:
+    """Each encrypted data disk after the VM's own: its key a secret object read from an inherited memfd,
+    its qcow2 an fd set, LUKS opened by QEMU's qcow2 driver, and a virtio serial the guest finds it by."""
+    argv: list[str] = []
+    for index, disk in enumerate(data_disks):
+        node, fdset = f"kpdata{index}", DATA_FDSET + index
+        argv += ["-object", f"secret,id={node}-key,file=/proc/self/fd/{disk.key_fd}",
+                 "-add-fd", f"fd={disk.fd},set={fdset},opaque={_comma(disk.path)}",
+                 "-blockdev", f"driver=file,node-name={node}-file,filename=/dev/fdset/{fdset},discard=unmap",
+                 "-blockdev", f"driver=qcow2,node-name={node},file={node}-file,encrypt.format=luks,"
+                              f"encrypt.key-secret={node}-key,"
+                              "discard=unmap,detect-zeroes=unmap",
+                 "-device", f"virtio-blk-pci,drive={node},serial={disk.serial}"]
+    return argv
 
 
 def _blockdevs(layers: tuple[qemuuser.Layer, ...]) -> list[str]:
