@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -66,10 +67,16 @@ from kodepipe.commands import options, vmargs
                    "handed to QEMU as a secret object; kp-ip formats it on first use and mounts it at MOUNTPOINT "
                    "(default /mnt/NAME). One VM at a time: a disk another running VM has fails the boot "
                    "(disk_in_use). Not on a warm or saved clone (its hardware is saved). Repeatable.")
+@click.option("--preset", "preset_name", metavar="NAME",
+              help="Start from the VM preset NAME: dev (open network), agent (sealed: package registries, source "
+                   "hosts and model APIs only), offline (no network), credentials (no network, no share), or one of "
+                   "yours ($KODEPIPE_CONFIG_DIR/presets/NAME.json). Flags override it, list flags add to it, and "
+                   "what they make wider than the preset is recorded in loosened (preset:...).")
 @options.quiet
 def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, host_loopback: bool,
         share: Path | None, writable_git: bool, allow: tuple[str, ...], allow_file: Path | None,
-        resolve: tuple[str, ...], publish: tuple[str, ...], disk: tuple[str, ...], quiet: bool) -> int:
+        resolve: tuple[str, ...], publish: tuple[str, ...], disk: tuple[str, ...], preset_name: str | None,
+        quiet: bool) -> int:
     """Start VMs headless, from NAMEs or the vm records on stdin.
 
     Each VM runs as a detached QEMU under QEMU's seccomp sandbox, with a
@@ -101,11 +108,33 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
     from kodepipe.vm import lifecycle, qemu
     from kodepipe.vm.accel import choose
 
+    rules = _rules(allow, allow_file, resolve)
+    widened: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()
+    if preset_name is not None:
+        from kodepipe.core.errors import KpError
+        from kodepipe.egress.policy import parse_pin, parse_rule
+        from kodepipe.vm import presets
+
+        try:
+            preset = presets.load(preset_name)
+            for rule in preset.allow:
+                parse_rule(rule)
+            for pin in preset.resolve:
+                parse_pin(pin)
+        except KpError as exc:
+            where = "" if exc.message.startswith("preset ") else f"preset {preset_name}: "
+            raise click.BadParameter(where + exc.message, param_hint="'--preset'") from None
+        memory, cpus, net, share, rules, resolve, publish, disk, widened = _apply_preset(
+            preset, memory, cpus, net, share, rules, resolve, publish, disk)
+        packages = preset.packages
+        if packages and net == "none":
+            raise click.UsageError(f"preset {preset_name} installs packages through the network: not with --net none")
+        share = share.resolve() if share is not None else None
     if writable_git and share is None:
         raise click.UsageError("--writable-git loosens the git protection of a --share: give --share DIR too")
     if host_loopback and net != "user":
         raise click.UsageError("--host-loopback loosens --net user: it has no meaning with --net " + net)
-    rules = _rules(allow, allow_file, resolve)
     from kodepipe.vm import disks
 
     try:
@@ -118,7 +147,8 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
         raise click.BadParameter(f"at most {disks.MAX_DISKS} disks per VM", param_hint="'--disk'")
     opts = qemu.BootOptions(memory=memory, cpus=cpus, accel=accel, net=net, share=share.resolve() if share else None,
                             writable_git=writable_git, host_loopback=host_loopback, allow=rules, resolve=resolve,
-                            publish=publish, disks=attached)
+                            publish=publish, disks=attached, preset=preset_name, widened=widened,
+                            packages=packages)
     try:
         from kodepipe.vm.passt import parse_publish
 
@@ -155,6 +185,59 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
         return result
 
     return vmargs.run_each(out, names, act)
+
+
+def _apply_preset(preset: Any, memory: str, cpus: int, net: str, share: Path | None, rules: tuple[str, ...],
+                  resolve: tuple[str, ...], publish: tuple[str, ...], disk: tuple[str, ...]) -> tuple[Any, ...]:
+    """The options as the preset sets them and the flags override (list flags add to the preset's), and
+    what the flags made wider than the preset."""
+    import dataclasses
+
+    from click.core import ParameterSource
+
+    from kodepipe.vm import presets
+
+    context = click.get_current_context()
+
+    def given(param: str) -> bool:
+        return context.get_parameter_source(param) not in (ParameterSource.DEFAULT, None)
+
+    memory = memory if given("memory") or preset.memory is None else preset.memory
+    cpus = cpus if given("cpus") or preset.cpus is None else preset.cpus
+    if not given("net"):
+        net = "none" if preset.network == "none" and not rules else "user"
+    if net.startswith("bridge:"):
+        network = "open"
+    elif net == "none":
+        network = "none"
+    elif rules or (preset.network == "allowlist" and not given("net")):
+        network = "allowlist"
+    else:
+        network = "open"
+    if network == "allowlist":
+        rules = (*(preset.allow if preset.network == "allowlist" else ()),
+                 *(r for r in rules if r not in preset.allow))
+        resolve = (*preset.resolve, *(p for p in resolve if p not in preset.resolve))
+    else:
+        rules, resolve = (), ()
+    if share is None and isinstance(preset.share, str):
+        share = Path(preset.share).expanduser()
+        if not share.is_dir():
+            raise click.BadParameter(f"preset {preset.origin} shares {share}, which is not a directory",
+                                     param_hint="'--preset'")
+    from kodepipe.core.errors import BadInput
+    from kodepipe.vm.passt import parse_publish
+
+    try:  # compared as kp-boot records them (127.0.0.1:8080:80), whichever way they were written
+        publish = tuple(dict.fromkeys(str(parse_publish(p)) for p in (*preset.publish, *publish)))
+        ours = {str(parse_publish(p)) for p in preset.publish}
+    except BadInput as exc:
+        raise click.BadParameter(exc.message) from None
+    preset = dataclasses.replace(preset, publish=tuple(ours))
+    disk = (*preset.disks, *(d for d in disk if d not in preset.disks))
+    wider = presets.widenings(preset, network=network, allow=rules, resolve=resolve,
+                              share=share is not None and preset.share is False, publish=publish)
+    return memory, cpus, net, share, rules, resolve, publish, disk, tuple(wider)
 
 
 def _disk_key(source: dict[str, object]) -> str:

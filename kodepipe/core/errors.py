@@ -102,7 +102,8 @@ class Code(StrEnum):
     no_mirror = "no_mirror", FAILED, "no Debian archive is configured in apt's sources"
     mirror_unreachable = "mirror_unreachable", FAILED, "the Debian mirror could not be reached, or lacks the suite"
     debootstrap_failed = "debootstrap_failed", FAILED, "debootstrap failed; the message has its output"
-    packages_failed = "packages_failed", FAILED, "installing the kernel and the packages into the image failed"
+    packages_failed = ("packages_failed", FAILED,
+        "installing packages failed: an image's kernel and packages (kp-image), or a VM preset's (kp-ip)")
     dotfiles_failed = "dotfiles_failed", FAILED, "the image's dotfiles script exited non-zero"
     build_failed = "build_failed", FAILED, "building the image failed at the step the message names"
     # -- VMs

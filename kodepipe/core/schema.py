@@ -186,6 +186,8 @@ class VmRecord(_Object, total=False):
     egress_log: str  # the VM's proxy's decision log (egress.jsonl), as a container's
     publish: list[str]  # HOSTADDR:HOSTPORT:GUESTPORT forwarded to the guest (kp-boot --publish)
     disks: list[JsonObject]  # name, mountpoint, serial: its encrypted data disks (kp-boot --disk)
+    preset: str  # kp-boot --preset
+    packages: list[str]  # the preset's packages, installed by kp-ip when missing
     dns: list[str]
     paused: bool
     ssh: JsonObject | None  # host, port, user

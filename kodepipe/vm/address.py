@@ -119,6 +119,8 @@ def find(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
                 _authorize(agent, name, folder, meta, vms_user(store, meta))
             for disk in boot.get("disks") or ():
                 _mount_disk(agent, name, disk)
+            if boot.get("packages"):
+                _install(agent, name, [str(p) for p in boot["packages"]], deadline)
     except KpError as exc:
         # an agent that stops answering halfway: if the VM froze under us, say that
         problem = stuck() if exc.code not in ("frozen", "suspended") else None
@@ -238,6 +240,32 @@ if ! blkid "$dev" >/dev/null 2>&1; then mkfs.ext4 -q -L "$3" "$dev"; fi
 mkdir -p "$2"
 mountpoint -q "$2" || mount "$dev" "$2"
 """
+
+
+# A preset's packages: those the guest lacks, installed by apt through the guest's own network (its
+# egress proxy when it is sealed: apt's configuration names it).
+_INSTALL_SCRIPT = r"""
+set -eu
+missing=""
+for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing="$missing $p"
+done
+[ -n "$missing" ] || exit 0
+export DEBIAN_FRONTEND=noninteractive
+err=$(mktemp)
+apt-get -q update >/dev/null 2>"$err" || { tail -5 "$err" >&2; exit 1; }
+apt-get -q -y --no-install-recommends install $missing >/dev/null 2>"$err" || { tail -5 "$err" >&2; exit 1; }
+"""
+
+
+def _install(agent: Any, name: str, packages: list[str], deadline: float) -> None:
+    """Install the preset's packages the guest does not have (apt, through its network)."""
+    left = max(deadline - time.monotonic(), 30.0)
+    status, _, err = agent.exec(["/bin/sh", "-c", _INSTALL_SCRIPT, "kp-packages", *packages], timeout=left)
+    if status != 0:
+        raise KpError(f"{name}: installing {' '.join(packages)} failed: {err.decode(errors='replace')[-600:]}",
+                      code="packages_failed", hint="the preset's network must reach the Debian mirror (an "
+                      "allowlist needs deb.debian.org), or build the packages into the image (kp-image --packages)")
 
 
 def _mount_disk(agent: Any, name: str, disk: object) -> None:

@@ -76,7 +76,8 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
                                     writable_git=bool(saved.get("writable_git", opts.writable_git)),
                                     host_loopback=_saved_host_loopback(name, saved, image, opts, say),
                                     # outside QEMU's saved state: the guard, the proxy and passt's forwards
-                                    allow=opts.allow, resolve=opts.resolve, publish=opts.publish, disks=opts.disks)
+                                    allow=opts.allow, resolve=opts.resolve, publish=opts.publish, disks=opts.disks,
+                                    preset=opts.preset, widened=opts.widened, packages=opts.packages)
             try:
                 opts.check()
             except BadInput as exc:
@@ -102,6 +103,12 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
         if boot_meta["host_loopback"]:
             boot_meta["loosened"] = ["host-loopback"]
         _network_meta(boot_meta, opts, folder, name)
+        if opts.preset is not None:
+            boot_meta["preset"] = opts.preset
+        if opts.widened:
+            boot_meta["loosened"] = [*boot_meta.get("loosened", []), *opts.widened]
+        if opts.packages:
+            boot_meta["packages"] = list(opts.packages)
         data: list[tuple[str, Path, str]] = []  # (name, qcow2, key) of each data disk, claimed for this boot
         for index, (disk_name, mountpoint) in enumerate(opts.disks):
             from kodepipe.vm import disks

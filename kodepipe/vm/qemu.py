@@ -69,6 +69,9 @@ class BootOptions:
     resolve: tuple[str, ...] = ()  # kp-boot --resolve NAME=ADDRESS for that proxy
     publish: tuple[str, ...] = ()  # kp-boot --publish [HOSTADDR:]HOSTPORT:GUESTPORT
     disks: tuple[tuple[str, str], ...] = ()  # kp-boot --disk: (disk name, mount point in the guest)
+    preset: str | None = None  # kp-boot --preset: recorded, with what the flags widened
+    widened: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()  # installed by kp-ip when missing (a preset's)
 
     def check(self) -> None:
         if not MEMORY_RE.fullmatch(self.memory):

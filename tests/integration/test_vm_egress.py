@@ -36,6 +36,7 @@ from tests.integration.test_vm_loopback import RAW_SYN, Listener, as_root, host_
 pytestmark = pytest.mark.integration
 
 NAME = "sealed"
+MIRROR = "deb.debian.org"  # the image's mirror: the preset lets the guest's apt reach it
 GUEST_PORT = 8000  # the guest's dev server, published on the host
 
 
@@ -103,7 +104,13 @@ def repository(folder: Path) -> Iterator[tuple[int, list[str]]]:
 @pytest.fixture(scope="module")
 def sealed(golden: Golden, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """One sealed guest, and the host's servers: a repository by name, a loopback listener, an outside one."""
-    env = golden["env"]
+    # a preset of the user's own: sealed, the Debian mirror allowed, and a package kp-ip installs through it
+    config = tmp_path_factory.mktemp("config")
+    (config / "presets").mkdir()
+    (config / "presets" / "sealed-test.json").write_text(orjson.dumps(
+        {"description": "the sealed guest's test", "memory": "1G", "network": "allowlist",
+         "allow": [f"{MIRROR}:80"], "packages": ["hello"]}).decode())
+    env = {**golden["env"], "KODEPIPE_CONFIG_DIR": str(config)}
     loopback, outside = Listener("127.0.0.1"), Listener(host_address())
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -111,11 +118,11 @@ def sealed(golden: Golden, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with repository(tmp_path_factory.mktemp("repo")) as (port, seen):
         clone = run(env, "kp-clone", "--cold", "base", NAME)
         assert clone.returncode == 0, clone.stderr.decode()
-        booted = run(env, "kp-boot", "--accel", "tcg", "--allow", f"allowed.test:{port}",
+        booted = run(env, "kp-boot", "--accel", "tcg", "--preset", "sealed-test", "--allow", f"allowed.test:{port}",
                      "--resolve", "allowed.test=127.0.0.1", "--allow", f"raw.test:{outside.port}",
                      "--publish", f"{published}:{GUEST_PORT}", NAME)
         assert booted.returncode == 0, booted.stderr.decode()
-        found = run(env, "kp-ip", NAME, "--timeout", "400", timeout=900)
+        found = run(env, "kp-ip", NAME, "--timeout", "900", timeout=1200)  # it installs the preset's package
         assert found.returncode == 0, found.stderr.decode()
         yield {"env": env, "record": dict(lines(found.stdout)[0]), "port": port, "seen": seen,
                "loopback": loopback, "outside": outside, "published": published}
@@ -130,14 +137,25 @@ def egress_log(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_the_record_says_the_guest_is_sealed_and_what_is_published(sealed: dict[str, Any]) -> None:
     record = sealed["record"]
-    assert record["network"] == "allowlist"
-    assert record["egress"]["allow"] == [f"allowed.test:{sealed['port']}", f"raw.test:{sealed['outside'].port}"]
+    assert record["network"] == "allowlist" and record["preset"] == "sealed-test"
+    # the preset's rule first, then the flags' (which widen the preset, and say so)
+    extra = [f"allowed.test:{sealed['port']}", f"raw.test:{sealed['outside'].port}"]
+    assert record["egress"]["allow"] == [f"{MIRROR}:80", *extra]
     assert record["egress"]["resolve"] == ["allowed.test=127.0.0.1"]
-    assert record["publish"] == [f"127.0.0.1:{sealed['published']}:{GUEST_PORT}"]
-    assert f"publish:127.0.0.1:{sealed['published']}:{GUEST_PORT}" in record["loosened"]
+    published = f"127.0.0.1:{sealed['published']}:{GUEST_PORT}"
+    assert record["publish"] == [published]
+    assert record["loosened"] == [f"publish:{published}", *(f"preset:allow:{rule}" for rule in extra),
+                                  "preset:resolve:allowed.test=127.0.0.1", f"preset:publish:{published}"]
     shown = run(sealed["env"], "kp-ls", NAME, "--table")
-    assert f"allow allowed.test:{sealed['port']}" in shown.stdout.decode()
+    assert f"allow {MIRROR}:80 allowed.test:{sealed['port']} raw.test:" in shown.stdout.decode()
     assert f"publish 127.0.0.1:{sealed['published']}:{GUEST_PORT}" in shown.stdout.decode()
+
+
+def test_the_presets_package_came_through_the_proxy(sealed: dict[str, Any]) -> None:
+    result = as_root(sealed["env"], NAME, "hello")
+    assert result["exit_status"] == 0 and result["stdout"] == "Hello, world!\n", result
+    decisions = egress_log(sealed["record"])
+    assert any(d["decision"] == "allow" and d.get("host") == MIRROR for d in decisions)
 
 
 def test_an_allowed_name_is_reached_as_root_with_curl_and_apt(sealed: dict[str, Any]) -> None:
@@ -181,7 +199,7 @@ curl -sS -m 20 -o /dev/null -w '%{http_code}' "http://169.254.169.254/" ; echo "
 # DNS: an allowed name resolves, others do not, and another resolver is no way around it
 getent hosts allowed.test >/dev/null; say dns_allowed $?
 getent hosts example.com >/dev/null; say dns_denied $?
-resolvectl query --cache=no -4 deb.debian.org >/dev/null 2>&1; say dns_denied_resolved $?
+resolvectl query --cache=no -4 ftp.debian.org >/dev/null 2>&1; say dns_denied_resolved $?
 # a query sent straight to a public resolver is answered on the host all the same: REFUSED (rcode 5)
 perl -MIO::Socket::INET -e '
     my $s = IO::Socket::INET->new(PeerAddr => "1.1.1.1:53", Proto => "udp") or die $!;
