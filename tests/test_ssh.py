@@ -361,3 +361,18 @@ def test_help_is_fast_and_does_not_load_paramiko() -> None:
             "    except SystemExit: pass\n"
             "assert 'paramiko' not in sys.modules, 'paramiko loaded'\n")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_each_vm_is_reached_with_its_own_key_and_only_the_states_path_of_it(tmp_path: Path) -> None:
+    own = tmp_path / "ssh_key"
+    own.write_text("key\n")
+    record = {"name": "p", "id": "abc", "state": "running", "ssh": {"host": "127.0.0.1", "port": 2222, "user": "kp"},
+              "known_hosts": str(tmp_path / "known_hosts"), "ssh_key": {"path": str(own), "fingerprint": "x"}}
+    (tmp_path / "known_hosts").write_text("")
+    ep = ssh.endpoint(record)
+    assert ep.identity == own and ep.key_path() == own
+    assert ep.key_path(Path("/chosen")) == Path("/chosen")  # kp-ssh --identity wins
+    assert f"    IdentityFile {own}\n" in ssh.config([ep]) + "\n"
+    # a key that is not there (a record from before clones had keys, a removed file): kodepipe's own
+    missing = ssh.endpoint({**record, "ssh_key": {"path": str(tmp_path / "gone")}})
+    assert missing.identity is None and missing.key_path() == own_key()[0]

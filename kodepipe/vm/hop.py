@@ -147,5 +147,6 @@ def connect(vm: Record) -> Remote:
     store = Store()
     expect = vm.get("id")
     lifecycle.vm_meta(store, name, expect if isinstance(expect, str) else None)
-    ep = ssh.endpoint({**vm, **vms.view(store, name)})
+    # the key's path from the state only, never from a record on stdin
+    ep = ssh.endpoint({**{k: v for k, v in vm.items() if k != "ssh_key"}, **vms.view(store, name)})
     return Remote(ssh.connect(ep, ssh.load_key(ep.key_path()), timeout=CONNECT_TIMEOUT), name)
