@@ -835,10 +835,26 @@ def test_kp_ip_with_a_working_agent(vm_agent: FakeAgent) -> None:
     result = invoke("kp-ip", "g1", "--timeout", str(ANSWERS))
     assert result.status == 0, result.stderr
     assert result.records[0]["address"] == "10.0.2.15"
-    # an open guest (no --allow) is told no proxy: a proxy left by an earlier sealed boot is taken away
-    scripts = [r["arguments"]["arg"] for r in vm_agent.received
-               if r["execute"] == "guest-exec" and r["arguments"]["path"] == "/bin/sh"]
-    assert [arg[2:] for arg in scripts if arg[2] == "kp-proxy"] == [["kp-proxy", ""]]
+    # an open guest that was never sealed is asked for nothing more; a second kp-ip of the same boot
+    # asks for no set-up at all
+    def scripts() -> list[list[str]]:
+        return [r["arguments"]["arg"][2:] for r in vm_agent.received
+                if r["execute"] == "guest-exec" and r["arguments"]["path"] == "/bin/sh"]
+
+    assert scripts() == []
+    from kodepipe.core.state import Store
+
+    store = Store()
+    folder = store.folder("vm", "g1")
+    meta = store.read_meta(folder) or {}
+    meta["guest_proxy"] = True  # an earlier boot was sealed: its settings are taken away
+    meta["boot"].pop("set_up", None)
+    store.write_meta(folder, meta)
+    assert invoke("kp-ip", "g1", "--timeout", str(ANSWERS)).status == 0
+    assert scripts() == [["kp-proxy", ""]]
+    assert (store.read_meta(folder) or {})["guest_proxy"] is False
+    assert invoke("kp-ip", "g1", "--timeout", str(ANSWERS)).status == 0
+    assert scripts() == [["kp-proxy", ""]]
 
 
 @pytest.mark.parametrize(("command", "reply", "status", "code"), [

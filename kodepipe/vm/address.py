@@ -115,12 +115,8 @@ def find(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
     try:
         with agent:
             found, host_key = _ask_agent(agent, name, boot, deadline, timed_out)
-            if boot.get("ssh") is not None or boot.get("net", "").startswith("bridge:"):
-                _authorize(agent, name, folder, meta, vms_user(store, meta))
-            for disk in boot.get("disks") or ():
-                _mount_disk(agent, name, disk)
-            if boot.get("packages"):
-                _install(agent, name, [str(p) for p in boot["packages"]], deadline)
+            if not boot.get("set_up"):  # once per boot: a second kp-ip asks the agent for nothing more
+                _set_up(agent, name, store, folder, meta, boot, deadline)
     except KpError as exc:
         # an agent that stops answering halfway: if the VM froze under us, say that
         problem = stuck() if exc.code not in ("frozen", "suspended") else None
@@ -145,7 +141,7 @@ def find(store: Store, name: str, *, timeout: float, expect_id: str | None = Non
                                 host_key=fingerprint(host_key), ssh=ssh,
                                 known_hosts=str(folder / "known_hosts") if ssh else None,
                                 waited_seconds=round(time.monotonic() - started, 1),
-                                ready=now_iso())
+                                ready=now_iso(), set_up=True)
             store.write_meta(folder, meta)
     return vms.view(store, name)
 
@@ -171,8 +167,6 @@ def _ask_agent(agent: Any, name: str, boot: dict[str, Any], deadline: float,
             if time.monotonic() > deadline:
                 raise timed_out(f"the guest made no SSH host key ({HOST_KEY})") from None
             time.sleep(0.5)
-    if boot.get("net") == "user":
-        _proxy_settings(agent, name, boot.get("egress"))
     if boot.get("share"):
         status, _, err = agent.exec(["/bin/sh", "-c", "mkdir -p /workspace && (mountpoint -q /workspace || "
                                      "mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 "
@@ -302,6 +296,25 @@ def _proxy_settings(agent: Any, name: str, egress: object) -> None:
     if status != 0:
         raise KpError(f"{name}: setting up the guest's proxy failed: {err.decode(errors='replace')[-400:]}",
                       code="proxy_settings_failed")
+
+
+def _set_up(agent: Any, name: str, store: Store, folder: Path, meta: dict[str, Any], boot: dict[str, Any],
+            deadline: float) -> None:
+    """What kp-ip does in the guest once per boot, through the agent: the clone's own SSH key, the proxy
+    settings (or their removal), the data disks, the preset's packages."""
+    if boot.get("ssh") is not None or boot.get("net", "").startswith("bridge:"):
+        _authorize(agent, name, folder, meta, vms_user(store, meta))
+    if boot.get("net") == "user" and (boot.get("egress") or meta.get("guest_proxy")):
+        _proxy_settings(agent, name, boot.get("egress"))
+        with store.lock(name):  # an open boot after a sealed one takes the settings away
+            latest = store.read_meta(folder) or meta
+            latest["guest_proxy"] = bool(boot.get("egress"))
+            store.write_meta(folder, latest)
+            meta.update(guest_proxy=latest["guest_proxy"])
+    for disk in boot.get("disks") or ():
+        _mount_disk(agent, name, disk)
+    if boot.get("packages"):
+        _install(agent, name, [str(p) for p in boot["packages"]], deadline)
 
 
 def vms_user(store: Store, meta: dict[str, Any]) -> str:

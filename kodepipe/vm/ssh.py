@@ -153,7 +153,7 @@ def connect(ep: Endpoint, key: Any, *, timeout: float) -> Any:
             client.close()
             raise KpError(f"the VM refused the SSH key as user {ep.user}: {exc}", code="auth_failed",
                           hint="kp-ip authorizes the VM's own key (ssh_key in its record) through the guest "
-                               "agent: run kp-ip again; with --identity, give a key the image was built with") from None
+                               "agent at each boot; with --identity, give a key the image was built with") from None
         except KpError:
             client.close()
             raise
