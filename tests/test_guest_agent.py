@@ -835,6 +835,9 @@ def test_kp_ip_with_a_working_agent(vm_agent: FakeAgent) -> None:
     result = invoke("kp-ip", "g1", "--timeout", str(ANSWERS))
     assert result.status == 0, result.stderr
     assert result.records[0]["address"] == "10.0.2.15"
+    from kodepipe.core.schema import problems
+
+    assert problems(result.records[0], strict=True) == []  # bookkeeping such as set_up stays in the meta
     # an open guest that was never sealed is asked for nothing more; a second kp-ip of the same boot
     # asks for no set-up at all
     def scripts() -> list[list[str]]:

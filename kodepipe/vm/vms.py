@@ -64,6 +64,9 @@ def clone(store: Store, base: str, name: str, *, base_id: str | None = None, col
     return view(store, name)
 
 
+_INTERNAL = frozenset({"boot_id", "set_up"})  # boot meta that is bookkeeping, not part of the vm record
+
+
 def view(store: Store, name: str) -> Record:
     """The vm record for ``name``, with its state checked now."""
     record, meta = store.record_base("vm", name)
@@ -80,7 +83,7 @@ def view(store: Store, name: str) -> Record:
     record["state"] = "stopped"
     boot = record.pop("boot", None)
     if isinstance(boot, dict):
-        record.update({k: v for k, v in boot.items() if k != "boot_id"})
+        record.update({k: v for k, v in boot.items() if k not in _INTERNAL})
         record.update(live_state(boot, name, busy=lambda: store.lock_held(name)).fields())
         return record
     if isinstance(meta.get("saved"), dict):
