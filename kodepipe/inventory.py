@@ -132,7 +132,7 @@ def holdings(record: Record) -> dict[str, str]:
             isinstance(quarantine, dict) and record.get("state") not in ("exited", "applied")) or (
             folder is not None and _not_empty(folder / "upper")):
         held["quarantines"] = "an un-applied quarantine"
-    from kodepipe.container.hostrun import AUDIT_LOG, EGRESS_LOG
+    from kodepipe.container.evidence import AUDIT_LOG, EGRESS_LOG
 
     logs = [what for key, file, what in (("audit_log", AUDIT_LOG, "audit"), ("egress_log", EGRESS_LOG, "egress"))
             if isinstance(record.get(key), str) or (folder is not None and (folder / file).exists())]

@@ -103,6 +103,7 @@ def _review(out: kpcli.Output, store: Any, name: str, rid: str | None, stdout: I
         snap = review.snapshot(folder, upper, workspace, changes, rules.load(),
                                message=review.commit_message(meta))
         review.save(folder, snap)
+        _log_review(out, store, folder, meta, name, snap)
     if patch_file is not None:
         data = gitstore.format_patch(snap.git_dir, snap.base, snap.head)
         if patch_file == "-":
@@ -123,6 +124,19 @@ def _review(out: kpcli.Output, store: Any, name: str, rid: str | None, stdout: I
         out.warn(f"{name}: {finding.shown()}")
     out.info(f"{name}: review {snap.id}: {len(snap.changes)} change(s), {len(snap.findings)} finding(s); "
              f"kp-run --apply {name} applies exactly this, kp-rm {name} discards it")
+
+
+def _log_review(out: kpcli.Output, store: Any, folder: Path, meta: dict[str, Any], name: str, snap: Any) -> None:
+    """What this review showed (its snapshot and findings), into the run's review log (evidence.py)."""
+    from kodepipe.container import evidence
+    from kodepipe.core.errors import KpError
+
+    try:
+        evidence.note(folder, meta, "findings", review=snap.id, changes=len(snap.changes),
+                      findings=[f.as_dict() for f in snap.findings])
+        store.write_meta(folder, meta)
+    except (KpError, OSError) as exc:
+        out.warn(f"{name}: the review log could not be written: {getattr(exc, 'message', None) or exc}")
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -102,6 +102,9 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--audit-cap", callback=_size, metavar="SIZE",
               help="Stop the run when its audit log reaches SIZE (default 256m, at least 64k): the agent is "
                    "halted and the container killed, so the log holds everything it did (outcome audit-capped).")
+@click.option("--sign", is_flag=True,
+              help="Sign the heads of the run's hash-chained logs with this host's ed25519 key (made on first "
+                   "use in the config dir: audit_ed25519, and .pub, which is all kp-trace --verify --key needs).")
 @click.option("--apply", "apply_names", multiple=True, metavar="NAME",
               help="Apply a quarantined run's changes to its workspace (repeatable; or quarantined records on "
                    "stdin with --apply -), from a snapshot checked against the last kp-review; with -- PATH... "
@@ -130,7 +133,8 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         cap_add: tuple[str, ...], writable_root: bool, env: tuple[str, ...], secret_specs: tuple[str, ...],
         masks: tuple[str, ...], no_default_masks: bool, writable_git_config: bool, interactive: bool, tty: bool,
         vm_name: str | None, keep: bool, audit: bool,
-        audit_mode: str, audit_cap: int | None, apply_names: tuple[str, ...], accept: tuple[str, ...], fail_on: str,
+        audit_mode: str, audit_cap: int | None, sign: bool, apply_names: tuple[str, ...], accept: tuple[str, ...],
+        fail_on: str,
         to_branch: str | None, reviewed: str | None, force: bool, verbose: bool | None, quiet: bool) -> int:
     """Run COMMAND in a fresh, locked-down Podman container that sees one
     project directory and nothing else of the host, and is gone when it exits.
@@ -309,6 +313,13 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     def say(level: str, message: str) -> None:
         getattr(out, {"warn": "warn", "progress": "progress"}.get(level, "info"))(message)
 
+    if policy.sign:  # the key first: a run that asked for signed evidence does not start without it
+        from kodepipe.container import evidence
+
+        key, made = evidence.signer()
+        if made:
+            out.info(f"made this host's signing key {evidence.key_path()} ({key.fingerprint}); kp-trace --verify "
+                     f"--key {evidence.key_path()}.pub checks signed runs")
     if policy.env_missing:  # D6: never dropped without a word (and the record has them: env_missing)
         names = " ".join(policy.env_missing)
         out.warn(f"the profile passes {', '.join(policy.env_missing)}, which kp-run's environment does not have "

@@ -96,6 +96,10 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool, say: C
                 _, accepted = review.gate(findings, fail_on=fail_on, accept=accept, force=force, name=name)
                 if to_branch is not None:
                     exported = review.export(snap, changes, upper, workspace, to_branch, owner=owner, meta=meta)
+                    _note(folder, meta, say, name, "export", review=snap.id, exported=exported,
+                          findings=[f.as_dict() for f in findings], accepted=[f.as_dict() for f in accepted],
+                          forced=force)
+                    store.write_meta(folder, meta)
                     record = {k: v for k, v in meta.items() if k not in (*folders.PRIVATE, "fingerprints")}
                     record.update(review=snap.id, exported=exported, findings=[f.as_dict() for f in findings],
                                   accepted=[f.as_dict() for f in accepted])
@@ -153,6 +157,9 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool, say: C
             if not remaining:
                 meta.update(state="applied", applied=now_iso())
             meta["review"] = snap_id
+            _note(folder, meta, say, name, "apply", review=snap_id, count=len(applied),
+                  applied=[c.as_dict() for c in applied], findings=[f.as_dict() for f in findings],
+                  accepted=[f.as_dict() for f in accepted], forced=force, resumed=resume)
             store.write_meta(folder, meta)
             if expect is not None:  # what is left is the rest of the snapshot reviewed
                 review.save_id(folder, review.snapshot_id(remaining, {c.path: expect[c.path] for c in remaining
@@ -171,6 +178,17 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool, say: C
                 f"(kp-run --apply {name} applies them, kp-rm {name} discards them)")
     record["removed"] = False
     return record
+
+
+def _note(folder: Path, meta: dict[str, Any], say: Callable[[str], None], name: str, action: str,
+          **fields: Any) -> None:
+    """The decision, into the run's review log (evidence.py); a failure is said, never the apply's end."""
+    from kodepipe.container import evidence
+
+    try:
+        evidence.note(folder, meta, action, **fields)
+    except Exception as exc:
+        say(f"{name}: the review log could not be written: {exc.message if isinstance(exc, KpError) else exc!r}")
 
 
 def _open(store: Store, name: str, expect_id: str | None) -> tuple[Path, dict[str, Any], dict[str, Any], Path, Path]:

@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from kodepipe.audit import cap as auditcap
-from kodepipe.container import folders, sandbox
+from kodepipe.container import evidence, folders, sandbox
 from kodepipe.container.backend import Learned
+from kodepipe.container.evidence import AUDIT_LOG, EGRESS_LOG
 from kodepipe.container.policy import Policy, Quotas
 from kodepipe.container.render import Facts, render
 from kodepipe.container.render import Staged as RenderStaged
@@ -55,8 +56,6 @@ from kodepipe.core.records import Record
 from kodepipe.core.state import Store, new_id, now_iso
 from kodepipe.host import hostpath
 
-AUDIT_LOG = "audit.strace"
-EGRESS_LOG = "egress.jsonl"
 STRACE_ATTACH_WAIT = 10.0
 STRACE_END_WAIT = 10.0
 # Tests only: kp-run stops itself (SIGSTOP) at the named point, so that a test can SIGKILL it
@@ -227,6 +226,7 @@ class Run:
         self.strace_said: collections.deque[str] = collections.deque(maxlen=4)
         self.tracer_watch: threading.Thread | None = None
         self.audit_cap: auditcap.SizeCap | None = None
+        self.chainer: Any = None  # core.chain.Follower of the audit log
         self.tracer_reader: threading.Thread | None = None
         self.audit_problem: str | None = None  # why the audit log is incomplete, when it is
         self.timed_out = False
@@ -307,7 +307,8 @@ class Run:
                          # it learns the container's id
                          "container_name": self.name,
                          "pid": os.getpid(), "pid_start": proc.start_time(os.getpid()),
-                         "boot_id": proc.boot_id()}
+                         "boot_id": proc.boot_id(),
+                         **({"evidence": {"signed": True}} if policy.sign else {})}
             with self.store.creating("container", self.name, self.meta) as made:
                 self.folder = folder = made
         os.chmod(folder, 0o700)
@@ -483,6 +484,9 @@ class Run:
         self.audit_cap = auditcap.SizeCap(folder / AUDIT_LOG, audit.cap, tracer,
                                           self._kill_process, lambda m: self.say("warn", f"{self.name}: {m}"))
         self.audit_cap.start()
+        from kodepipe.core import chain
+
+        self.chainer = chain.Follower(folder / AUDIT_LOG).start()  # the log's hash chain, as strace writes
         # strace says "Process N attached" once it holds every thread; start only then
         said = b""
         stderr = tracer.stderr
@@ -635,6 +639,10 @@ class Run:
                 meta["audit_problem"] = self.audit_problem
                 if outcome == "exited":
                     outcome = "audit-lost"
+        if self.chainer is not None:  # strace has ended: the rest of its log is chained
+            self.chainer.close()
+            if self.chainer.problem:
+                self.say("warn", f"{self.name}: {self.chainer.problem}")
         if self.audit_cap is not None:  # the log reached its cap: the run was stopped there
             self.audit_cap.close()
             capped = self.audit_cap.record()
@@ -694,6 +702,7 @@ class Run:
             if meta.get("state") != "quarantined":
                 meta["state"] = "exited"
             if keep and self.folder.is_dir():
+                evidence.close_run(self.folder, meta, lambda m: self.say("warn", f"{self.name}: {m}"))
                 self.store.write_meta(self.folder, meta)
             else:
                 self.store.discard(self.folder)

@@ -172,6 +172,7 @@ class Options:
     audit: bool = False
     audit_mode: str = "default"
     audit_cap: int | None = None
+    sign: bool = False
     credentials: tuple[str, ...] = ()  # --credential NAME
     budgets: tuple[str, ...] = ()  # --budget KEY=REQUESTS[,BYTES]
     no_profile_credentials: bool = False
@@ -313,6 +314,7 @@ class Policy:
     writable_root: bool = False
     keep: bool = False
     audit: Audit | None = None
+    sign: bool = False  # the heads of the run's chained logs are signed with the host's key (evidence.py)
     tty: bool = False
     interactive: bool = False
     term: str | None = None  # TERM for a -t run, captured once
@@ -593,7 +595,7 @@ def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Po
         git_writable=o.writable_git_config, network=o.network, egress=egress, secrets=tuple(secrets),
         env=tuple(env.items()), env_missing=tuple(sorted({n for n in unset if n not in env})),
         cap_add=tuple(c.upper() for c in o.cap_add), writable_root=o.writable_root,
-        keep=o.keep, audit=audit, tty=tty, interactive=o.interactive or tty,
+        keep=o.keep, audit=audit, sign=o.sign, tty=tty, interactive=o.interactive or tty,
         term=(config.term if config.term is not None else DEFAULT_TERM) if tty else None,
         credentials=tuple(grants), credentials_missing=tuple(missing), budgets=tuple(budgets))
 

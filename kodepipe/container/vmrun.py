@@ -137,8 +137,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kodepipe.container import folders, sandbox
-from kodepipe.container.hostrun import AUDIT_LOG, EGRESS_LOG, new_name
+from kodepipe.container import evidence, folders, sandbox
+from kodepipe.container.evidence import AUDIT_LOG, EGRESS_LOG
+from kodepipe.container.hostrun import new_name
 from kodepipe.container.policy import DEFAULT_TERM, Policy, SecretSpec, check_workspace_place
 from kodepipe.container.render import Facts, Staged, render
 from kodepipe.core import fdtree, proc
@@ -1098,8 +1099,10 @@ class VmRun:
         self.meta: dict[str, Any] = {"kind": "container", "name": self.name, "id": new_id(), "created": now_iso(),
                                      "state": "creating", "host": self.vm_name, "vm_id": vm.get("id"),
                                      "image": policy.image, "profile": policy.profile,
-                                     "command": list(policy.command)}
+                                     "command": list(policy.command),
+                                     **({"evidence": {"signed": True}} if policy.sign else {})}
         self.policy = policy
+        self.chainer: Any = None  # core.chain.Follower of the audit log's host copy
         self._undo = contextlib.ExitStack()  # what the run set up, undone in reverse on leaving it
 
     def __enter__(self) -> VmRun:
@@ -1354,6 +1357,9 @@ class VmRun:
         host_log = prepared.host_folder / AUDIT_LOG
         self.meta.update(audit_log=str(host_log), audit_blind=[*strace.BLIND[audit.mode], strace.ATTACHED_NOTE])
         copy = LogCopy(remote.open(audit_copy_command(guest_log, int(answers["strace"]))), host_log, limit).start()
+        from kodepipe.core import chain
+
+        self.chainer = chain.Follower(host_log).start()  # the host's copy, hash-chained as it grows
         cap = auditcap.SizeCap(host_log, audit.cap, None, lambda: self._audit_stop(remote, stop),
                                lambda m: self.say("warn", f"{self.name}: {m}"))
         cap.start()
@@ -1368,6 +1374,17 @@ class VmRun:
                 with contextlib.suppress(Exception):
                     remote.run(stop, timeout=60)
             self._audit_end(remote, folder, copy, cap, limit)
+
+    @staticmethod
+    def _chain_again(log: Path) -> None:
+        from kodepipe.core import chain
+
+        chain.chain_path(log).unlink(missing_ok=True)
+        fresh = chain.Chain(log)
+        try:
+            fresh.catch_up(final=True)
+        finally:
+            fresh.close()
 
     def _audit_stop(self, remote: Remote, command: str) -> None:
         """The cap reached: strace halted, the container killed, strace let go on (AUDIT_STOP)."""
@@ -1395,6 +1412,11 @@ class VmRun:
             copy.channel.close()
         copy.wait(10)
         cap.close()
+        chained = self.chainer
+        if chained is not None:
+            chained.close()
+            if chained.problem:
+                problems.append(chained.problem)
         status = end.get("status")
         if status == "":
             problems.append(f"strace in {self.vm_name} did not end within {AUDIT_END_WAIT} s of the container: "
@@ -1420,6 +1442,7 @@ class VmRun:
                     again.channel.close()
                 again.wait(10)
                 copied.update(bytes=again.size, sha256=again.sha256.hexdigest(), pulled_again=True)
+                self._chain_again(copy.path)  # the copy was written anew: so is its chain
                 same = size == str(again.size) and digest == copied["sha256"]
             except Exception as exc:
                 problems.append(f"the audit log could not be copied again: {exc}")
@@ -1529,6 +1552,8 @@ class VmRun:
                 meta["signal"] = signal.Signals(exit_code - 128).name
         failure = self.review(prepared, outcome) if prepared is not None and prepared.quarantine is not None \
             else None
+        if prepared is not None and self._kept():  # the quarantine's changes logged, the logs' heads sealed
+            evidence.close_run(prepared.host_folder, meta, lambda m: self.say("warn", f"{self.name}: {m}"))
         record = {k: v for k, v in meta.items() if k not in (*folders.PRIVATE, "fingerprints")}
         if prepared is not None and self._kept():
             record["path"] = str(prepared.host_folder)

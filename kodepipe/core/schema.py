@@ -266,6 +266,7 @@ class ContainerRecord(_Object, total=False):
     audit_capped: JsonObject
     audit_unaccounted: JsonObject
     audit_copy: JsonObject  # in a VM: the host's copy of the guest's log (from, bytes, sha256, verified)
+    evidence: JsonObject  # the chained logs sealed in the host's index: logs, signed, key, sealed; or problem
 
 
 class FindingRecord(TypedDict, total=False):
@@ -342,6 +343,8 @@ class EventRecord(TypedDict, total=False):
     against: str
     complete: bool
     more: int
+    run: str  # in a run's timeline (kp-trace RUN): the run's name and id
+    run_id: str
     why: str
     container: str  # the container record the trace came from
 
@@ -405,6 +408,60 @@ class EgressRecord(TypedDict, total=False):
     path: str  # at a credential's endpoint: the path upstream, without its query
     injected: bool  # the credential's real value went upstream with this request
     budget: str  # the budget (credential name or host) this request was over
+    run: str  # in a run's timeline (kp-trace): the run's name and id
+    run_id: str
+
+
+class ReviewRecord(TypedDict, total=False):
+    """One entry of a run's review log (review.jsonl, hash-chained): its quarantine's changes when it
+    ended, what a kp-review showed, an apply or an export.  kp-trace puts them in the run's timeline."""
+
+    kind: Required[Literal["review"]]
+    ts: Required[float]
+    action: Required[Literal["quarantine", "findings", "apply", "export"]]
+    run: Required[str | None]
+    run_id: Required[str | None]
+    changes: list[JsonObject] | int  # quarantine: each change (path, change, type, mode); findings: how many
+    count: int  # quarantine: the changes; apply: those applied
+    more: int  # quarantine: changes past the first 10,000, not listed
+    review: str | None  # the snapshot's id
+    findings: list[JsonObject]
+    accepted: list[JsonObject]
+    applied: list[JsonObject]
+    exported: JsonObject
+    forced: bool
+    resumed: bool  # an apply that finished one interrupted before
+
+
+class HeadRecord(TypedDict, total=False):
+    """One line of the host's evidence index (STATE/evidence/index.jsonl): a log's sealed chain head."""
+
+    kind: Required[Literal["head"]]
+    ts: Required[float]
+    run: Required[str]
+    run_id: Required[str]
+    log: Required[str]  # its file name in the run's folder
+    entries: Required[int]
+    bytes: Required[int]
+    lines: Required[int]
+    head: Required[str]  # the last entry's link (SHA-256, hex)
+    prev: Required[str]  # the SHA-256 of the index's line before this one
+    key: str  # the signing key's fingerprint
+    sig: str  # ed25519, base64, over the head and prev
+
+
+class VerifyRecord(TypedDict, total=False):
+    """kp-trace --verify: a run's logs checked against their chains and the index's sealed heads."""
+
+    kind: Required[Literal["verify"]]
+    name: Required[str | None]
+    id: Required[str | None]
+    verified: Required[bool]
+    signed: Required[bool]  # every head checked was signed and its signature verified
+    logs: Required[list[JsonObject]]  # per log: log, ok, entries, lines, bytes, signed; problem, entry, first_line
+    problem: str  # the first problem found, when not verified
+    index_problem: str  # the index's own chain is broken
+    error: ErrorObject
 
 
 class ContainerImageRecord(TypedDict, total=False):
@@ -487,6 +544,10 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("summary", SummaryRecord, None, "one item of a trace's summary (kp-trace --summary)", ("kp-trace",)),
     Kind("egress", EgressRecord, None, "one decision of a run's egress proxy", ("kp-run's egress log", "kp-trace")),
     Kind("finding", FindingRecord, None, "something in a quarantine's changes a review rule flags", ("kp-review",)),
+    Kind("review", ReviewRecord, None, "one entry of a run's review log: changes, a review, an apply",
+         ("kp-run", "kp-review", "kp-trace")),
+    Kind("head", HeadRecord, None, "a log's sealed chain head, in the host's evidence index", ("kp-run",)),
+    Kind("verify", VerifyRecord, None, "a run's logs checked against their hash chains", ("kp-trace --verify",)),
 )}
 
 

@@ -60,7 +60,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import orjson
 
@@ -195,9 +195,13 @@ def host_address(addr: str) -> bool:
 
 
 class DecisionLog:
+    """The decisions, one JSON line each, hash-chained as they are written (core/chain.py)."""
+
     def __init__(self, path: Path, container: str) -> None:
+        from kodepipe.core import chain
+
         self.path, self.container = path, container
-        self._file: IO[bytes] = open(path, "ab")  # noqa: SIM115 - closed by close()
+        self._file = chain.Chain(path)
         self.counts = {"allow": 0, "deny": 0, "error": 0}
         self.written = 0
 
@@ -216,8 +220,7 @@ class DecisionLog:
         if self.written >= LOG_LIMIT:
             line = orjson.dumps({"kind": "egress", "ts": record["ts"], "container": self.container,
                                  "decision": "error", "reason": "log full: later decisions are only counted"}) + b"\n"
-        self._file.write(line)
-        self._file.flush()
+        self._file.append(line)
 
     def close(self) -> None:
         self._file.close()
