@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -17,8 +18,16 @@ from kodepipe.commands import options
 Record = dict[str, Any]
 
 
-@click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
-@click.argument("command", nargs=-1, metavar="[-- COMMAND [ARG]...]")
+class _TraceCommand(click.Command):
+    """Tells ``kp-trace RUN...`` from ``kp-trace -- COMMAND...``: the ``--`` is what says a command."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["kp_command"] = "--" in args
+        return super().parse_args(ctx, args)
+
+
+@click.command(cls=_TraceCommand, context_settings=options.CONTEXT, epilog=options.EPILOG)
+@click.argument("command", nargs=-1, metavar="[RUN]... | -- COMMAND [ARG]...")
 @click.option("--mode", type=click.Choice(["minimal", "default", "full"]), default="default", show_default=True,
               help="What to capture when tracing COMMAND: minimal = processes only (near native speed); "
                    "default = files, processes and network through --seccomp-bpf; full = every system call "
@@ -28,8 +37,20 @@ Record = dict[str, Any]
                    "code), network destination and denied operation, then totals.")
 @click.option("--log", "log", type=click.Path(dir_okay=False, path_type=Path),
               help="Keep strace's raw output of COMMAND in this file (default: a temporary file, removed).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "ocsf"]), default="jsonl", show_default=True,
+              help="jsonl: kodepipe's records (kodepipe-events(7)); ocsf: each one as an OCSF event "
+                   "(Process, File System, Network, HTTP and DNS Activity...), for a SIEM.")
+@click.option("--verify", is_flag=True,
+              help="Check each run's logs against their hash chains and the heads sealed in the host's index: "
+                   "one verify record per run, naming the first broken link; exit 1 if any does not verify.")
+@click.option("--key", type=click.Path(dir_okay=False, exists=True, path_type=Path), metavar="PUBKEY",
+              help="With --verify: every head must be signed by this ed25519 public key (kp-run --sign).")
+@click.option("--report", is_flag=True,
+              help="Write one self-contained HTML page about the run (facts, processes, files, network, "
+                   "findings, timeline, integrity) instead of records.")
 @options.quiet
-def cli(command: tuple[str, ...], mode: str, summary: bool, log: Path | None, quiet: bool) -> int:
+def cli(command: tuple[str, ...], mode: str, summary: bool, log: Path | None, fmt: str, verify: bool,
+        key: Path | None, report: bool, quiet: bool) -> int:
     """Turn system-call traces into JSON-lines events (see kodepipe-events(7)).
 
     With a COMMAND, kp-trace runs it under strace from the outside, in the
@@ -80,18 +101,50 @@ def cli(command: tuple[str, ...], mode: str, summary: bool, log: Path | None, qu
       strace -f -ttt -T -yy -o log -- sh -c 'git status'; kp-trace < log
       kp-trace --summary -- git commit -am wip | jq 'select(.item=="file_written").path'
     """
+    ctx = click.get_current_context()
+    traced = bool(ctx.meta.get("kp_command")) and bool(command)
+    runs = () if traced else command
+    _check_usage(ctx, traced, runs, summary=summary, fmt=fmt, verify=verify, key=key, report=report)
     if log is not None:
         _check_log(log)
     out = kpcli.Output("kp-trace", quiet=quiet)
-    sink = _Sink(out, summary)
-    if command:
+    if verify:
+        _verify(out, runs, key)
+        return out.status()
+    sink = _Sink(out, summary, fmt=fmt, report=report)
+    if traced:
         _trace_command(list(command), mode, log, out, sink)
+    elif runs:
+        _read_runs(runs, out, sink)
     elif kpcli.stdin_is_piped():
         _read_stdin(sys.stdin.buffer, out, sink)
     else:
-        raise click.UsageError("give a COMMAND after --, or strace output or records on stdin")
+        raise click.UsageError("name a RUN, give a COMMAND after --, or pipe strace output or records")
     sink.close()
     return out.status()
+
+
+def _check_usage(ctx: click.Context, traced: bool, runs: tuple[str, ...], *, summary: bool, fmt: str, verify: bool,
+                 key: Path | None, report: bool) -> None:
+    """Options that contradict each other are a usage error (2), all named at once."""
+    given = {name for name in ctx.params
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    problems = []
+    if not traced and given & {"mode", "log"}:
+        problems.append("--mode and --log only matter with -- COMMAND")
+    if traced and (verify or report):
+        problems.append("--verify and --report read runs (RUN, or records on stdin), not a COMMAND")
+    if key is not None and not verify:
+        problems.append("--key only matters with --verify")
+    if verify and (summary or report or fmt != "jsonl"):
+        problems.append("--verify writes verify records: drop --summary, --report and --format")
+    if report and (summary or fmt != "jsonl"):
+        problems.append("--report writes a page: drop --summary and --format")
+    if report and len(runs) > 1:
+        problems.append("--report takes one RUN")
+    if problems:
+        raise click.UsageError("; ".join(problems))
+    options.check_names(list(runs))
 
 
 def _check_log(log: Path) -> None:
@@ -110,14 +163,34 @@ def _check_log(log: Path) -> None:
 
 
 class _Sink:
-    """Where events go: straight out, or into a summary written at the end."""
+    """Where records go: straight out (as kodepipe's records or as OCSF events), into a summary
+    written at the end, or into a report page written at the end."""
 
-    def __init__(self, out: kpcli.Output, summary: bool) -> None:
+    def __init__(self, out: kpcli.Output, summary: bool, fmt: str = "jsonl", report: bool = False) -> None:
         from kodepipe.audit import strace
 
         self.out = out
         self.summary = strace.Summary() if summary else None
         self.egress_counts: dict[tuple[Any, bool, Any], int] = {}
+        self.review_counts: dict[Any, int] = {}
+        self.convert: Callable[[Record], Record | None] | None = None
+        if fmt == "ocsf":
+            from kodepipe.audit import ocsf
+
+            self.convert = ocsf.event
+        self.report: list[Record] | None = [] if report else None
+        self.run: Record | None = None
+
+    def _emit(self, item: Record) -> None:
+        if self.report is not None:
+            self.report.append(item)
+            return
+        if self.convert is not None:
+            converted = self.convert(item)
+            if converted is None:
+                return
+            item = converted
+        self.out.emit(item)
 
     def events(self, evs: Iterable[Record], extra: Record | None = None) -> None:
         for ev in evs:
@@ -126,25 +199,93 @@ class _Sink:
             if self.summary is not None:
                 self.summary.add(ev)
             else:
-                self.out.emit(ev)
+                self._emit(ev)
 
     def record(self, record: Record) -> None:
-        self.out.emit(record)
+        if self.report is not None:
+            self.run = record  # the last state of the run (a failure's record follows its events)
+            return
+        self._emit(record)
 
     def egress(self, decision: Record) -> None:
         if self.summary is None:
-            self.out.emit(decision)
+            self._emit(decision)
             return
         key = (decision.get("decision"), decision.get("method") == "DNS", decision.get("host"))
         self.egress_counts[key] = self.egress_counts.get(key, 0) + 1
 
+    def review(self, entry: Record) -> None:
+        if self.summary is None:
+            self._emit(entry)
+            return
+        action = entry.get("action")
+        self.review_counts[action] = self.review_counts.get(action, 0) + 1
+
+    def item(self, item: Record) -> None:
+        """One item of a run's merged timeline, by its kind."""
+        kind = item.get("kind")
+        if kind == "egress":
+            self.egress(item)
+        elif kind == "review":
+            self.review(item)
+        else:
+            self.events([item])
+
     def close(self) -> None:
-        if self.summary is not None:
-            for (decision, dns, host), count in sorted(self.egress_counts.items(), key=str):
-                self.out.emit({"kind": "summary", "item": "egress", "decision": decision,
-                               "dns": dns, "host": host, "count": count})
-            for item in self.summary.items():
-                self.out.emit(item)
+        if self.report is not None:
+            self._write_report()
+            return
+        if self.summary is None:
+            return
+        items: list[Record] = []
+        for (decision, dns, host), count in sorted(self.egress_counts.items(), key=str):
+            items.append({"kind": "summary", "item": "egress", "decision": decision, "dns": dns, "host": host,
+                          "count": count})
+        for action, count in sorted(self.review_counts.items(), key=str):
+            items.append({"kind": "summary", "item": "review", "action": action, "count": count})
+        items.extend(self.summary.items())
+        if sys.stdout.isatty():
+            sys.stdout.write(summary_table(items))
+            sys.stdout.flush()
+            return
+        for item in items:
+            self.out.emit(item)
+
+    def _write_report(self) -> None:
+        from kodepipe.audit import report
+
+        if self.run is None:
+            return
+        page = report.render(self.run, self.report or [], verify=self.verified,
+                             generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        sys.stdout.buffer.write(page.encode("utf-8", "replace"))
+        sys.stdout.flush()
+
+    verified: Record | None = None
+
+
+SUMMARY_COLUMNS = (("item", "what"), ("count", "count"), ("path", "path / host / program"), ("decision", "decision"),
+                   ("exit_code", "exit"))
+
+
+def summary_table(items: list[Record]) -> str:
+    """--summary on a terminal: one compact, escaped row per item."""
+    from kodepipe.core.terminal import escape
+
+    def cell(item: Record, key: str) -> str:
+        if key == "path":
+            value = item.get("path") or item.get("host") or item.get("argv") or item.get("address") \
+                or item.get("action") or ""
+            if isinstance(value, list):
+                value = " ".join(str(v) for v in value)
+        else:
+            value = item.get(key, "")
+        text = escape(str("" if value is None else value))
+        return text if len(text) <= 70 else text[:69] + "\u2026"
+
+    rows = [[title for _, title in SUMMARY_COLUMNS]] + [[cell(i, key) for key, _ in SUMMARY_COLUMNS] for i in items]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(SUMMARY_COLUMNS))]
+    return "".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() + "\n" for row in rows)
 
 
 # strace writes strings of at most 256 bytes (-s 256) and as many array elements: a line of its
@@ -199,12 +340,7 @@ def _text(numbered: Iterable[tuple[int, Any]], bad: _BadLines, limit: int = STRA
 
 
 def _parse_stream(lines: Iterable[str | Unreadable], sink: _Sink, extra: Record | None = None) -> None:
-    from kodepipe.audit.strace import Parser
-
-    parser = Parser()
-    for line in lines:
-        sink.events(parser.unreadable(*line) if isinstance(line, tuple) else parser.feed(line), extra)
-    sink.events(parser.finish(), extra)
+    sink.events(_events(lines, extra or {}))
 
 
 # A run that failed in these ways still ran: what its audit recorded up to the failure is
@@ -213,8 +349,8 @@ EVIDENCE_OF_FAILED_RUNS = ("audit_incomplete", "engine_lost")
 
 
 def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
-    from kodepipe.core.errors import BadInput, KpError
-    from kodepipe.core.records import MAX_LINE, TooLong, bounded_lines, open_regular
+    from kodepipe.core.errors import BadInput
+    from kodepipe.core.records import MAX_LINE, TooLong, bounded_lines
 
     numbered = bounded_lines(stream, MAX_LINE)
     for first in numbered:
@@ -239,31 +375,166 @@ def _read_stdin(stream: IO[bytes], out: kpcli.Output, sink: _Sink) -> None:
         except BadInput as exc:
             out.fail(record, exc)
             continue
-        if log is None:
+        if log is None and egress_log is None:
             sink.record(record)
-            if egress_log is not None:
-                _egress(egress_log, record, out, sink)
             continue
+        _timeline(record, log, egress_log, _review_log(record, log, egress_log), out, sink)
+
+
+def _review_log(record: Record, *logs: str | None) -> Path | None:
+    """The review log beside a run's other logs (in its folder), if it has one."""
+    from kodepipe.container.evidence import REVIEW_LOG
+
+    folder = record.get("path")
+    places = [Path(folder)] if isinstance(folder, str) and folder.startswith("/") else []
+    places += [Path(log).parent for log in logs if log is not None]
+    for place in places:
+        if (place / REVIEW_LOG).is_file():
+            return place / REVIEW_LOG
+    return None
+
+
+def _timeline(record: Record, log: str | None, egress_log: str | None, review_log: Path | None,
+              out: kpcli.Output, sink: _Sink) -> None:
+    """The run's record, then its sources merged into one time-ordered stream (audit/timeline.py),
+    each item with the run's name and id; a source that fails is said after the rest, with the record."""
+    from kodepipe.audit import timeline
+    from kodepipe.core.errors import KpError
+    from kodepipe.core.records import bounded_lines, open_regular
+
+    name = record.get("name") or record.get("id")
+    extra: Record = {"container": name}
+    extra.update({k: v for k, v in (("run", record.get("name")), ("run_id", record.get("id"))) if isinstance(v, str)})
+    handle = None
+    if log is not None:
         try:
             handle = open_regular(log, "the audit log")
         except KpError as exc:
             out.fail(record, exc)
-            continue
-        sink.record(record)
-        name = record.get("name") or record.get("id")
-        bad = _BadLines(out, f"{name}: the audit log {log}")
-        try:
-            with handle:
-                _parse_stream(after_runtime(_text(_reading(bounded_lines(handle, STRACE_LINE), "the audit log", log),
-                                                  bad)), sink, {"container": name})
-        except KpError as exc:  # the events read so far are out: the record follows them, with why
-            out.fail(record, exc)
-            continue
-        finally:
-            bad.close()
-        _unaccounted(record, out, sink, {"container": name})
+            return
+    sink.record(record)
+    failures: list[KpError] = []
+    sources: list[Iterable[Record]] = []
+    with contextlib.ExitStack() as stack:
+        if handle is not None and log is not None:
+            stack.enter_context(handle)
+            bad = _BadLines(out, f"{name}: the audit log {log}")
+            stack.callback(bad.close)
+            lines = after_runtime(_text(_reading(bounded_lines(handle, STRACE_LINE), "the audit log", log), bad))
+            sources.append(_guarded(_events(lines, extra), failures))
         if egress_log is not None:
-            _egress(egress_log, record, out, sink)
+            sources.append(_guarded(_egress(egress_log, record, out, extra), failures))
+        if review_log is not None:
+            sources.append(_guarded(_reviews(review_log, record, out), failures))
+        for item in timeline.merge(sources):
+            sink.item(item)
+    if log is not None and not failures:
+        _unaccounted(record, out, sink, extra)
+    for failure in failures:  # what was read is out: the record follows it, with why
+        out.fail(record, failure)
+
+
+def _guarded(items: Iterable[Record], failures: list[Any]) -> Iterator[Record]:
+    """A source whose failure ends it, kept for later, not the whole timeline."""
+    from kodepipe.core.errors import KpError
+
+    try:
+        yield from items
+    except KpError as exc:
+        failures.append(exc)
+
+
+def _events(lines: Iterable[str | Unreadable], extra: Record) -> Iterator[Record]:
+    from kodepipe.audit.strace import Parser
+
+    parser = Parser()
+    for line in lines:
+        for ev in parser.unreadable(*line) if isinstance(line, tuple) else parser.feed(line):
+            ev.update(extra)
+            yield ev
+    for ev in parser.finish():
+        ev.update(extra)
+        yield ev
+
+
+def _read_runs(names: tuple[str, ...], out: kpcli.Output, sink: _Sink) -> None:
+    """kp-trace RUN...: each run's record and timeline, its logs found in its folder."""
+    from kodepipe.container import evidence, folders
+    from kodepipe.core.errors import NotFound
+    from kodepipe.core.state import Store
+
+    store = Store()
+    for name in names:
+        record = folders.view(store, name)
+        if record.get("state") == "gone" or not store.folder(folders.KIND, name).is_dir():
+            out.fail({"kind": "container", "name": name}, NotFound(f"no run named {name}"))
+            continue
+        folder = store.folder(folders.KIND, name)
+        log = str(folder / evidence.AUDIT_LOG) if isinstance(record.get("audit_log"), str) else None
+        egress_log = str(folder / evidence.EGRESS_LOG) if isinstance(record.get("egress_log"), str) else None
+        review = folder / evidence.REVIEW_LOG
+        if sink.report is not None:
+            meta = store.read_meta(folder) or {}
+            sink.verified = evidence.verify(folder, meta)
+        if log is None and egress_log is None and not review.is_file():
+            sink.record(record)
+            continue
+        _timeline(record, log, egress_log, review if review.is_file() else None, out, sink)
+
+
+def _verify(out: kpcli.Output, names: tuple[str, ...], key: Path | None) -> None:
+    """kp-trace --verify: a verify record per run (named, or container records on stdin)."""
+    from kodepipe.container import evidence, folders
+    from kodepipe.core.errors import BadInput, KpError, NotFound
+    from kodepipe.core.state import Store
+
+    public = key.read_bytes() if key is not None else None
+    if public is not None:
+        try:
+            from kodepipe.core.chain import fingerprint
+
+            fingerprint(public)
+        except (ValueError, IndexError):
+            raise click.BadParameter(f"{key} is not an OpenSSH public key", param_hint="'--key'") from None
+    targets: list[tuple[str, str | None, Record]] = [(n, None, {"kind": "container", "name": n}) for n in names]
+    if not names:
+        if not kpcli.stdin_is_piped():
+            raise click.UsageError("name a RUN to verify, or pipe its record (kp-ls NAME | kp-trace --verify)")
+        targets = [(n, rid, line.record) for line, n, rid in out.objects(("container",))]
+    store = Store()
+    for name, rid, record in targets:
+        folder = store.folder(folders.KIND, name)
+        meta = store.read_meta(folder) if folder.is_dir() else None
+        if meta is None:
+            out.fail(record, NotFound(f"no run named {name}"))
+            continue
+        if rid is not None and meta.get("id") != rid:
+            out.fail(record, BadInput(f"{name}: the run here is {meta.get('id')}, not the record's {rid}"))
+            continue
+        try:
+            result = evidence.verify(folder, meta, public)
+        except (KpError, OSError) as exc:
+            out.fail(record, exc if isinstance(exc, KpError) else KpError(f"{name}: {exc}"))
+            continue
+        out.emit(result)
+        if not result["verified"]:
+            out.statuses.add(1)
+            out.error(f"{name}: does not verify: {result.get('problem')}")
+
+
+def _reviews(path: Path, record: Record, out: kpcli.Output) -> Iterator[Record]:
+    """The run's review log: each entry as it was written (bad lines reported and skipped)."""
+    from kodepipe.core.records import bounded_lines, lines_of, open_regular
+
+    handle = open_regular(str(path), "the review log")
+    bad = _BadLines(out, f"{record.get('name') or record.get('id')}: the review log {path}")
+    try:
+        with handle:
+            for line in lines_of(_reading(bounded_lines(handle, EGRESS_LINE), "the review log", str(path)), bad):
+                if line.record.get("kind") == "review":
+                    yield line.record
+    finally:
+        bad.close()
 
 
 def _unaccounted(record: Record, out: kpcli.Output, sink: _Sink, extra: Record) -> None:
@@ -301,17 +572,13 @@ def _unaccounted(record: Record, out: kpcli.Output, sink: _Sink, extra: Record) 
     sink.events(events, extra)
 
 
-def _egress(path: str, record: Record, out: kpcli.Output, sink: _Sink) -> None:
+def _egress(path: str, record: Record, out: kpcli.Output, extra: Record) -> Iterator[Record]:
     """The egress proxy's decisions of a kp-run --allow, as they were logged: each line a JSON object
     (bad lines are reported and skipped), read a line at a time from a regular file only."""
-    from kodepipe.core.errors import BadInput, KpError
+    from kodepipe.core.errors import BadInput
     from kodepipe.core.records import bounded_lines, lines_of, open_regular
 
-    try:
-        handle = open_regular(path, "the egress log")
-    except KpError as exc:
-        out.fail(record, exc)
-        return
+    handle = open_regular(path, "the egress log")
     bad = _BadLines(out, f"{record.get('name') or record.get('id')}: the egress log {path}")
     try:
         with handle:
@@ -322,9 +589,9 @@ def _egress(path: str, record: Record, out: kpcli.Output, sink: _Sink) -> None:
                 except BadInput as exc:
                     bad(exc)
                     continue
-                sink.egress(line.record)
-    except KpError as exc:  # the decisions read so far are out: the record follows them, with why
-        out.fail(record, exc)
+                decision = line.record
+                decision.update({k: v for k, v in extra.items() if k != "container" or "container" not in decision})
+                yield decision
     finally:
         bad.close()
 

@@ -42,13 +42,11 @@ def key_path() -> Path:
     return paths.config_dir() / KEY
 
 
-def signer(make: bool = True) -> tuple[chain.Signer, bool]:
-    """The host's signing key, and whether it was made just now."""
+def signer() -> tuple[chain.Signer, bool]:
+    """The host's signing key (made on first use), and whether it was made just now."""
     private = key_path()
     made = False
     if not private.exists():
-        if not make:
-            raise KpError(f"there is no signing key ({private})", code="no_key")
         chain.make_key(private)
         made = True
     try:
@@ -115,3 +113,40 @@ def quarantine_entry(changes: list[dict[str, Any]]) -> dict[str, Any]:
     if len(changes) > CHANGES_LOGGED:
         out["more"] = len(changes) - CHANGES_LOGGED
     return out
+
+
+def verify(folder: Path, meta: dict[str, Any], public: bytes | None = None) -> dict[str, Any]:
+    """kp-trace --verify of one run: each of its logs (those in its folder, and those the index has
+    heads for) against its chain and sealed head.  With ``public`` every head must be signed by it;
+    without, heads that are signed are checked against this host's key when it has one, and a run
+    whose record says it was signed must have signed heads."""
+    index = chain.read_index(index_path())
+    run_id = str(meta.get("id"))
+    names = {name for name in LOGS if (folder / name).exists() or chain.chain_path(folder / name).exists()}
+    names |= {log for (rid, log) in index.heads if rid == run_id and log in LOGS}
+    local = key_path().with_name(KEY + ".pub")
+    key = public if public is not None else (local.read_bytes() if local.is_file() else None)
+    evidence = meta.get("evidence")
+    must_sign = public is not None or (isinstance(evidence, dict) and evidence.get("signed") is True)
+    logs = []
+    for name in sorted(names):
+        head = index.heads.get((run_id, name))
+        checked_with = key if (must_sign or (head is not None and head.get("sig"))) else None
+        logs.append(chain.verify_log(folder / name, head, public=checked_with))
+    problems = [f"{r['log']}: {r['problem']}" for r in logs if not r["ok"]]
+    if must_sign and key is None:
+        problems.append(f"the run's heads are signed, and there is no key to check them: give --key (its .pub), "
+                        f"or keep this host's at {local}")
+    if not logs:
+        problems.append("the run has no chained log (no --audit, --allow or quarantine, or it predates chaining)")
+    if index.problem:
+        problems.append(f"the index ({index_path()}): {index.problem}")
+    record: dict[str, Any] = {"kind": "verify", "name": meta.get("name"), "id": meta.get("id"),
+                              "verified": not problems,
+                              "signed": bool(logs) and key is not None and all(r["signed"] for r in logs),
+                              "logs": logs}
+    if problems:
+        record["problem"] = problems[0]
+    if index.problem:
+        record["index_problem"] = index.problem
+    return record

@@ -87,6 +87,10 @@ def view(store: Store, name: str) -> Record:
     folder = store.folder(KIND, name)
     if mounts_under(folder):
         record["mounted"] = True
+    for key, file in (("audit_log", "audit.strace"), ("egress_log", "egress.jsonl")):
+        # the logs where the folder is now: a state directory that was moved is still read (kp-trace)
+        if isinstance(record.get(key), str) and Path(record[key]).name == file:
+            record[key] = str(folder / file)
     for key in PRIVATE:
         record.pop(key, None)
     return record

@@ -90,6 +90,7 @@ class Code(StrEnum):
     unreadable = "unreadable", FAILED, "a file kodepipe had to read could not be read (an I/O error)"
     bad_directory = "bad_directory", FAILED, "a directory kodepipe keeps its state in (KODEPIPE_*_DIR) cannot be used"
     mounted = "mounted", FAILED, "a folder to delete has something mounted inside it; nothing was deleted"
+    bad_key = "bad_key", FAILED, "the host's signing key (kp-run --sign) cannot be read or is not an ed25519 key"
     no_space = "no_space", FAILED, "a disk is full (ENOSPC); nothing half-written is left; free space and run it again"
     tree_changed = "tree_changed", FAILED, "a directory was moved or replaced while kodepipe walked it"
     too_many_entries = "too_many_entries", FAILED, "a directory tree has more entries than kodepipe reads"

@@ -353,8 +353,9 @@ class SummaryRecord(TypedDict, total=False):
     """kp-trace --summary: one item of what a trace did."""
 
     kind: Required[Literal["summary"]]
-    item: Required[Literal["file_written", "file_read", "exec", "net", "denied", "egress", "totals"]]
+    item: Required[Literal["file_written", "file_read", "exec", "net", "denied", "egress", "review", "totals"]]
     path: str | None
+    action: str  # review: the review log's action, counted
     ops: list[str]
     count: int
     argv: list[str]
