@@ -69,6 +69,35 @@ def cli(command: tuple[str, ...], mode: str, summary: bool, log: Path | None, fm
     "egress_log" (kp-run --allow) are followed by the proxy's decisions
     (kind "egress"; with --summary, counted per host and decision).
 
+    kp-trace RUN (or a run's record on stdin, as kp-ls NAME | kp-trace)
+    writes the run's record, then one timeline: its system-call events,
+    its egress decisions (credential injections among them) and its
+    review log (the quarantine's changes when the run ended, each
+    kp-review, each apply or export), merged in time order, each item
+    with the run's name and id ("run", "run_id").  Each source keeps its
+    own order; nothing is dropped.
+
+    Every log kodepipe keeps for a run is hash-chained as it is written
+    (a FILE.chain beside it, whose entries each carry the link before
+    them), and when the run ends, and after each apply, the chains'
+    heads are sealed in the host's index (STATE/evidence/index.jsonl,
+    itself chained), signed with kp-run --sign.  --verify checks each
+    log against its chain and its sealed head: a line edited, deleted,
+    inserted, reordered or cut off is found, and the verify record
+    names the first broken link (log, chain entry, first line).  A log
+    and chain recomputed by a forger and an index rewritten to match are
+    caught only by a signature: --verify --key PUBKEY (the .pub of
+    CONFIG/audit_ed25519, which kp-run --sign makes) requires every head
+    to be signed by it.  Paths are relative to the run's folder, so a
+    moved state directory verifies.  Exit 1 when a run does not verify.
+
+    --format ocsf writes each record and event as an OCSF event (the
+    schema version is in each event's metadata) for a SIEM; --report
+    writes one self-contained HTML page of the run (facts and loosened
+    defaults, a process tree with argv, files written and deleted,
+    network decisions, findings, the timeline and the integrity check)
+    that loads nothing from anywhere.  --summary on a terminal is a table.
+
     A line strace printed that kp-trace cannot read becomes a "parse_error"
     event with the raw text: nothing is dropped.  The audit of a run whose
     tracer died or whose Podman service was lost (error audit_incomplete or
@@ -100,6 +129,10 @@ def cli(command: tuple[str, ...], mode: str, summary: bool, log: Path | None, fm
       kp-trace --mode full -- python3 agent.py | jq 'select(.denied)'
       strace -f -ttt -T -yy -o log -- sh -c 'git status'; kp-trace < log
       kp-trace --summary -- git commit -am wip | jq 'select(.item=="file_written").path'
+      kp-trace run-1a2b3c4d | jq 'select(.kind=="egress" and .decision=="deny")'
+      kp-trace --verify --key ~/.config/kodepipe/audit_ed25519.pub run-1a2b3c4d
+      kp-trace --report run-1a2b3c4d > report.html
+      kp-ls --kind container | kp-trace --format ocsf > ocsf.jsonl
     """
     ctx = click.get_current_context()
     traced = bool(ctx.meta.get("kp_command")) and bool(command)
