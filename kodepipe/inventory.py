@@ -129,7 +129,7 @@ def holdings(record: Record) -> dict[str, str]:
     quarantine = record.get("quarantine")
     # quarantined; or still running (or killed) with a quarantine; or changes on disk whatever the metadata says
     if record.get("state") == "quarantined" or (
-            isinstance(quarantine, dict) and record.get("state") not in ("exited", "applied")) or (
+            isinstance(quarantine, dict) and record.get("state") not in ("exited", "applied", "discarded")) or (
             folder is not None and _not_empty(folder / "upper")):
         held["quarantines"] = "an un-applied quarantine"
     from kodepipe.container.evidence import AUDIT_LOG, EGRESS_LOG

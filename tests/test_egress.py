@@ -436,6 +436,10 @@ def test_allowed_http_and_tls_connect_pass_denied_ones_do_not(proxy: Running, or
     assert got_log[1]["sni"] == "allowed.test"
     assert "raw IP" in got_log[3]["reason"] and "forbidden" in got_log[4]["reason"]
     assert all(d["container"] == "c1" for d in got_log)
+    from kodepipe.core import chain  # each decision was hash-chained as it was written
+
+    assert chain.verify_log(proxy.log, chain.head_of(proxy.log))["entries"] == len(got_log)
+    assert chain.verify_log(proxy.log, chain.head_of(proxy.log))["ok"] is True
 
 
 def test_two_hundred_concurrent_connections(proxy: Running, origin: Origin) -> None:

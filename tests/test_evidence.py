@@ -140,3 +140,32 @@ def test_usage_errors(args: tuple[str, ...], message: str) -> None:
 def test_a_run_that_is_not_there(kp_env: dict[str, Path]) -> None:
     result = invoke("kp-trace", "run-00000000")
     assert result.status != 0 and "no run named run-00000000" in result.stderr
+
+
+def test_discard_throws_the_changes_away_and_keeps_the_evidence(kp_env: dict[str, Path], tmp_path: Path) -> None:
+    folder, meta = make_run("run-0d15ca4d")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    upper = folder / "upper"
+    (upper / "sub").mkdir(parents=True)
+    (upper / "sub" / "new.txt").write_text("agent")
+    meta.update(state="quarantined", workspace=str(ws),
+                quarantine={"path": str(upper), "changes": [{"path": "sub", "change": "added", "type": "dir"},
+                                                            {"path": "sub/new.txt", "change": "added",
+                                                             "type": "file"}]})
+    Store().write_meta(folder, meta)
+    assert invoke("kp-run", "--discard", meta["name"], "-w", str(ws)).status == 2  # nothing else goes with it
+    result = invoke("kp-run", "--discard", meta["name"])
+    assert result.status == 0, result.stderr
+    record = result.records[0]
+    assert record["state"] == "discarded" and record["quarantine"]["discarded"]
+    assert list(upper.iterdir()) == [] and list(ws.iterdir()) == []
+    entries = [orjson.loads(line) for line in (folder / "review.jsonl").read_bytes().splitlines()]
+    assert entries[-1]["action"] == "discard" and entries[-1]["discarded"] == 2
+    assert [c["path"] for c in entries[-1]["changes"]] == ["sub", "sub/new.txt"]
+    assert invoke("kp-trace", "--verify", meta["name"]).records[0]["verified"] is True
+    timeline = invoke("kp-trace", meta["name"]).records
+    assert timeline[-1]["kind"] == "review" and timeline[-1]["action"] == "discard"
+    assert invoke("kp-ls", "--state", "discarded").records[0]["name"] == meta["name"]
+    again = invoke("kp-run", "--discard", meta["name"])
+    assert again.status != 0 and "no quarantined changes" in again.stderr

@@ -19,11 +19,11 @@ from kodepipe.commands import options
 @click.option("--state", "states", multiple=True,
               # inventory.STATES, written out so that --help stays light (a test keeps them equal)
               type=click.Choice(["creating", "building", "ready", "broken", "stopped", "running", "suspended",
-                                 "frozen", "saved", "crashed", "exited", "quarantined", "applied", "orphaned",
-                                 "attached"]), metavar="STATE",
+                                 "frozen", "saved", "crashed", "exited", "quarantined", "applied", "discarded",
+                                 "orphaned", "attached"]), metavar="STATE",
               help="Only this state (repeatable): creating, building, ready, broken, stopped, running, suspended, "
-                   "frozen, saved, crashed, exited, quarantined, applied, orphaned or attached (kodepipe(7), "
-                   "STATES, says what each means for each kind).")
+                   "frozen, saved, crashed, exited, quarantined, applied, discarded, orphaned or attached "
+                   "(kodepipe(7), STATES, says what each means for each kind).")
 @click.option("--older-than", callback=options.duration, metavar="AGE",
               help="Only things created more than AGE ago (90s, 15m, 2h, 1d, 1w, 1h30m).")
 @click.option("--newer-than", callback=options.duration, metavar="AGE", help="Only things created less than AGE ago.")

@@ -111,6 +111,9 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
                    "only those. Refused if the checkout changed since, or on findings at or above --fail-on. "
                    "Applies to one workspace take turns; one stopped half-way (killed, a full disk) is finished "
                    "by the next --apply NAME. The quarantine stays until kp-rm.")
+@click.option("--discard", "discard_names", multiple=True, metavar="NAME",
+              help="Throw a quarantined run's changes away, and keep the run (its audit, egress and review logs, "
+                   "and this decision in its review log) until kp-rm (repeatable; - reads records on stdin).")
 @click.option("--accept", multiple=True, metavar="RULE|PATH",
               help="With --apply: take in the findings of this rule, or of this path (or directory); repeatable.")
 @click.option("--fail-on", type=click.Choice(["info", "low", "medium", "high", "critical"]), default="high",
@@ -133,8 +136,8 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         cap_add: tuple[str, ...], writable_root: bool, env: tuple[str, ...], secret_specs: tuple[str, ...],
         masks: tuple[str, ...], no_default_masks: bool, writable_git_config: bool, interactive: bool, tty: bool,
         vm_name: str | None, keep: bool, audit: bool,
-        audit_mode: str, audit_cap: int | None, sign: bool, apply_names: tuple[str, ...], accept: tuple[str, ...],
-        fail_on: str,
+        audit_mode: str, audit_cap: int | None, sign: bool, apply_names: tuple[str, ...],
+        discard_names: tuple[str, ...], accept: tuple[str, ...], fail_on: str,
         to_branch: str | None, reviewed: str | None, force: bool, verbose: bool | None, quiet: bool) -> int:
     """Run COMMAND in a fresh, locked-down Podman container that sees one
     project directory and nothing else of the host, and is gone when it exits.
@@ -300,6 +303,12 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         options.check_names([n for n in apply_names if n != "-"], "--apply")
         return _apply(out, store, apply_names, force, paths=command, accept=accept, fail_on=fail_on,
                       to_branch=to_branch, reviewed=reviewed)
+    if discard_names:
+        conflicts = pol.discard_conflicts(opts) + (["--discard makes no run: drop --vm"] if vm_name else [])
+        if conflicts:
+            raise click.UsageError("; ".join(conflicts))
+        options.check_names([n for n in discard_names if n != "-"], "--discard")
+        return _discard(out, store, discard_names)
     # Every conflict first, as a usage error (2), for root and non-root alike, before the root check
     # and before any image is built (gather reads, resolve decides; neither changes anything)
     try:
@@ -531,6 +540,30 @@ def _apply(out: kpcli.Output, store: Any, names: tuple[str, ...], force: bool, *
                      f"({str(exported.get('commit'))[:12]}) of {exported.get('repository')}")
         else:
             out.info(f"{name}: applied {result.get('applied_count', 0)} change(s) to {result.get('workspace')}")
+        out.emit(result)
+    return out.status()
+
+
+def _discard(out: kpcli.Output, store: Any, names: tuple[str, ...]) -> int:
+    from kodepipe.container import apply as applying
+    from kodepipe.core.errors import KpError
+    from kodepipe.core.records import check_name
+
+    targets: list[tuple[str, str | None, dict[str, Any]]] = []
+    for name in names:
+        if name == "-":
+            targets.extend((run_name, rid, line.record) for line, run_name, rid in out.objects(("container",)))
+        else:
+            targets.append((name, None, {"kind": "container", "name": name}))
+    for name, expect_id, record in targets:
+        try:
+            check_name(name, "container name")
+            result = applying.discard(store, name, expect_id=expect_id, say=out.warn)
+        except KpError as exc:
+            out.fail(record, exc)
+            continue
+        out.info(f"{name}: discarded its quarantined changes; its logs stay (kp-trace {name}; kp-rm {name} "
+                 "removes them)")
         out.emit(result)
     return out.status()
 

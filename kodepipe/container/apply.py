@@ -180,6 +180,36 @@ def apply(store: Store, name: str, *, expect_id: str | None, force: bool, say: C
     return record
 
 
+def discard(store: Store, name: str, *, expect_id: str | None, say: Callable[[str], None]) -> Record:
+    """Throw a quarantined run's changes away and keep the rest of it: its logs, and the decision,
+    logged in its review log and sealed (evidence.py).  State discarded; kp-rm removes the run."""
+    from kodepipe.container import evidence, quarantine
+    from kodepipe.core.state import remove_tree
+
+    with store.lock(name):
+        folder, meta, q, upper, _ = _open(store, name, expect_id)
+        if (folder / JOURNAL).exists():
+            raise KpError(f"{name}: an apply stopped half-way",
+                          hint=f"kp-run --apply {name} finishes it first; kp-rm {name} removes the whole run")
+        if upper.parent != folder or upper.name != "upper":
+            raise KpError(f"{name}: its quarantine is not in its folder ({quarantine.show(str(upper))})")
+        done = {quarantine.from_key(str(p)) for p in q.get("applied_paths") or []}
+        thrown = [c for c in _listed(q) if c.path not in done]
+        aside = folder / f".discarded-{os.getpid()}"
+        if upper.exists():
+            os.rename(upper, aside)  # the name is free at once; a kill from here leaves only this to remove
+            remove_tree(aside)
+        os.mkdir(upper, 0o700)
+        meta["quarantine"] = {**q, "discarded": now_iso(), **quarantine.summary([])}
+        meta["state"] = "discarded"
+        _note(folder, meta, say, name, "discard", discarded=len(thrown),
+              **evidence.quarantine_entry([c.as_dict() for c in thrown]))
+        store.write_meta(folder, meta)
+    record = {k: v for k, v in meta.items() if k not in (*folders.PRIVATE, "fingerprints")}
+    record["path"] = str(folder)
+    return record
+
+
 def _note(folder: Path, meta: dict[str, Any], say: Callable[[str], None], name: str, action: str,
           **fields: Any) -> None:
     """The decision, into the run's review log (evidence.py); a failure is said, never the apply's end."""

@@ -62,7 +62,7 @@ RUN_OPTIONS = ("workspace", "read_only_workspace", "quarantine", "profile", "ima
                "pids", "time_limit", "tmp_size", "network", "allow", "allow_files", "pins", "no_profile_allow",
                "cap_add", "writable_root", "env", "secret_specs", "masks", "no_default_masks",
                "writable_git_config", "interactive", "tty", "keep", "audit", "audit_mode", "audit_cap",
-               "credentials", "budgets", "no_profile_credentials")
+               "credentials", "budgets", "no_profile_credentials", "sign")
 
 
 class PolicyError(KpError):
@@ -177,6 +177,7 @@ class Options:
     budgets: tuple[str, ...] = ()  # --budget KEY=REQUESTS[,BYTES]
     no_profile_credentials: bool = False
     apply_names: tuple[str, ...] = ()
+    discard_names: tuple[str, ...] = ()
     force: bool = False
     accept: tuple[str, ...] = ()  # with --apply: findings taken in
     fail_on: str = "high"
@@ -440,6 +441,17 @@ def apply_conflicts(options: Options) -> list[str]:
     return out
 
 
+def discard_conflicts(options: Options) -> list[str]:
+    """--discard is a command of its own too: nothing else goes with it."""
+    others = [_flag(p) for p in (*RUN_OPTIONS, *APPLY_OPTIONS) if p in options.given]
+    out = []
+    if others or options.apply_names:
+        out.append(f"--discard takes no other option: drop {', '.join(others or ['--apply'])}")
+    if options.command:
+        out.append("--discard discards a run's whole quarantine: drop the COMMAND or PATHs")
+    return out
+
+
 def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Policy:
     """The Policy for these options, or PolicyError naming every conflict (C1-C16 of docs/policy-plan.md)."""
     from kodepipe.core.units import parse_duration, parse_size
@@ -450,6 +462,8 @@ def resolve(options: Options, profile: ProfileLike | None, config: Config) -> Po
     given = o.given
     if o.apply_names:  # not a run: nothing else applies
         raise PolicyError(apply_conflicts(o) or ["--apply makes no run: it has no sandbox policy"])
+    if o.discard_names:
+        raise PolicyError(discard_conflicts(o) or ["--discard makes no run: it has no sandbox policy"])
     # C1: --force, --accept, --fail-on, --to-branch and --reviewed go with --apply
     for param in APPLY_OPTIONS:
         if param in given and param != "force":

@@ -81,6 +81,8 @@ class ContainerState(_Described):
     quarantined = "quarantined", "its changes wait for review (kp-run --apply, or kp-rm to discard them)"
     applied = "applied", ("kp-run --apply wrote all its changes to the workspace; its folder (the quarantine "
                           "as it was, and the review's snapshot) stays until kp-rm")
+    discarded = "discarded", ("kp-run --discard threw its quarantined changes away; its folder (its logs, and "
+                              "the decision in its review log) stays until kp-rm")
     orphaned = "orphaned", "its kp-run was killed, or ended while the container still ran; kp-rm removes what is left"
     broken = "broken", _BROKEN + "; kp-rm removes it"
     gone = "gone", _GONE
@@ -419,7 +421,7 @@ class ReviewRecord(TypedDict, total=False):
 
     kind: Required[Literal["review"]]
     ts: Required[float]
-    action: Required[Literal["quarantine", "findings", "apply", "export"]]
+    action: Required[Literal["quarantine", "findings", "apply", "export", "discard"]]
     run: Required[str | None]
     run_id: Required[str | None]
     changes: list[JsonObject] | int  # quarantine: each change (path, change, type, mode); findings: how many
@@ -432,6 +434,7 @@ class ReviewRecord(TypedDict, total=False):
     exported: JsonObject
     forced: bool
     resumed: bool  # an apply that finished one interrupted before
+    discarded: int  # discard: the changes thrown away
 
 
 class HeadRecord(TypedDict, total=False):

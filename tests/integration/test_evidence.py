@@ -155,6 +155,16 @@ def test_a_signed_run_verifies_with_the_public_key_alone(request: pytest.Fixture
     public.write_bytes((config / "audit_ed25519.pub").read_bytes())
     good = kp(request, backend, "kp-trace", "--verify", "--key", str(public), name)
     assert good.returncode == 0 and lines(good.stdout)[0]["signed"] is True, good.stderr.decode()
+    if backend == "host":  # a discard: the changes go, the decision is logged and sealed (signed) again
+        discarded = kp(request, backend, "kp-run", "--discard", name)
+        assert discarded.returncode == 0, discarded.stderr.decode()
+        assert lines(discarded.stdout)[0]["state"] == "discarded"
+        assert not (tmp_path / "proj" / "made.txt").exists() and (tmp_path / "proj" / "old.txt").exists()
+        assert list((folder / "upper").iterdir()) == []
+        reviews = [orjson.loads(raw) for raw in (folder / "review.jsonl").read_bytes().splitlines()]
+        assert [r["action"] for r in reviews] == ["quarantine", "discard"]
+        good = kp(request, backend, "kp-trace", "--verify", "--key", str(public), name)
+        assert good.returncode == 0 and lines(good.stdout)[0]["signed"] is True, good.stderr.decode()
     # a forger with write access and no private key: the log replaced, re-chained, the index re-sealed
     from kodepipe.core import chain
 
