@@ -100,11 +100,24 @@ def test_a_runs_evidence_end_to_end(request: pytest.FixtureRequest, backend: str
     verified = lines(kp(request, backend, "kp-trace", "--verify", name).stdout)
     assert verified[0]["verified"] is True, verified
     assert {log["log"] for log in verified[0]["logs"]} == set(record["evidence"]["logs"])
+    ocsf_validates(request, backend, name, len(items) + 1)
     if host:
         review_and_apply(request, backend, name, folder)
     report_renders(request, backend, name, tmp_path)
     tamper(request, backend, name, folder)
     remove(request, backend, name)
+
+
+def ocsf_validates(request: pytest.FixtureRequest, backend: str, name: str, count: int) -> None:
+    """--format ocsf of this real run: one OCSF event per record and timeline item, each valid."""
+    from tests.test_ocsf import problems
+
+    converted = kp(request, backend, "kp-trace", "--format", "ocsf", name)
+    assert converted.returncode == 0, converted.stderr.decode()
+    events = lines(converted.stdout)
+    assert len(events) == count
+    assert {e["class_uid"] for e in events} >= {1007, 1001}  # process and file system activity
+    assert [(n, p) for n, e in enumerate(events) for p in problems(e)] == []
 
 
 def review_and_apply(request: pytest.FixtureRequest, backend: str, name: str, folder: Path) -> None:
