@@ -169,3 +169,14 @@ def test_discard_throws_the_changes_away_and_keeps_the_evidence(kp_env: dict[str
     assert invoke("kp-ls", "--state", "discarded").records[0]["name"] == meta["name"]
     again = invoke("kp-run", "--discard", meta["name"])
     assert again.status != 0 and "no quarantined changes" in again.stderr
+
+
+def test_the_report_of_a_run(kp_env: dict[str, Path]) -> None:
+    _, meta = make_run()
+    page = invoke("kp-trace", "--report", meta["name"])
+    assert page.status == 0, page.stderr
+    html = page.stdout.decode()
+    assert html.startswith("<!DOCTYPE html>") or html.lower().startswith("<!doctype html>")
+    for section in ("facts", "processes", "files", "network", "findings", "timeline", "integrity"):
+        assert f'id="{section}"' in html
+    assert "h1.example" in html and "/workspace/f19" in html  # from the spooled timeline

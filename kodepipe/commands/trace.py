@@ -211,12 +211,20 @@ class _Sink:
             from kodepipe.audit import ocsf
 
             self.convert = ocsf.event
-        self.report: list[Record] | None = [] if report else None
+        # --report: the items spooled to a temporary file (a big audit's events do not fit in memory),
+        # read back once into the page at the end
+        self.report: IO[bytes] | None = None
+        if report:
+            import tempfile
+
+            self.report = tempfile.SpooledTemporaryFile(max_size=16 << 20)  # noqa: SIM115 - closed in close()
         self.run: Record | None = None
 
     def _emit(self, item: Record) -> None:
         if self.report is not None:
-            self.report.append(item)
+            import orjson
+
+            self.report.write(orjson.dumps(item, default=str) + b"\n")
             return
         if self.convert is not None:
             converted = self.convert(item)
@@ -287,10 +295,22 @@ class _Sink:
     def _write_report(self) -> None:
         from kodepipe.audit import report
 
-        if self.run is None:
+        spool = self.report
+        if self.run is None or spool is None:
             return
-        page = report.render(self.run, self.report or [], verify=self.verified,
-                             generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+        def spooled() -> Iterator[Record]:
+            import orjson
+
+            spool.seek(0)
+            for line in spool:
+                yield orjson.loads(line)
+
+        try:
+            page = report.render(self.run, spooled(), verify=self.verified,
+                                 generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        finally:
+            spool.close()
         sys.stdout.buffer.write(page.encode("utf-8", "replace"))
         sys.stdout.flush()
 
