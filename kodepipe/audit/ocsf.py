@@ -961,14 +961,7 @@ def _container(item: Item) -> Item | None:
     for key, value in (("started", started), ("finished", finished), ("created", created)):
         if value is not None:
             ev.take(key)
-    process: Item = {"uid": identity}
-    command = item.get("command")
-    if type(command) is list and command and all(type(a) is str for a in command):
-        import shlex
-
-        process["cmd_line"] = shlex.join(command)
-        process["name"] = _name(command[0])
-        ev.take("command")
+    process = _command_process(ev, item, identity)
     if started is not None:
         out["start_time"] = process["created_time"] = started
     if finished is not None:
@@ -1005,6 +998,20 @@ def _container(item: Item) -> Item | None:
     return ev.done()
 
 
+def _command_process(ev: _Event, item: Item, identity: str) -> Item:
+    """The process of a run's or a traced command's record: its id, and its command line when it is
+    a list of strings (taken from unmapped)."""
+    process: Item = {"uid": identity}
+    command = item.get("command")
+    if type(command) is list and command and all(type(a) is str for a in command):
+        import shlex
+
+        process["cmd_line"] = shlex.join(command)
+        process["name"] = _name(command[0])
+        ev.take("command")
+    return process
+
+
 def _traced_command(item: Item) -> Item | None:
     """kp-trace -- COMMAND's own record (kind trace): the command started (running) or ended."""
     identity = _str(item.get("id"))
@@ -1015,15 +1022,7 @@ def _traced_command(item: Item) -> Item | None:
     ev.take("id", "state")
     ev.metadata("kp-trace")
     ev.time()
-    process: Item = {"uid": identity}
-    command = item.get("command")
-    if type(command) is list and command and all(type(a) is str for a in command):
-        import shlex
-
-        process["cmd_line"] = shlex.join(command)
-        process["name"] = _name(command[0])
-        ev.take("command")
-    ev.out["process"] = process
+    ev.out["process"] = _command_process(ev, item, identity)
     ev.out["actor"] = {"app_name": "kp-trace"}
     code, signal = _int(item.get("exit_code")), _str(item.get("signal"))
     if code is not None:
