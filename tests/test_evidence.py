@@ -180,3 +180,16 @@ def test_the_report_of_a_run(kp_env: dict[str, Path]) -> None:
     for section in ("facts", "processes", "files", "network", "findings", "timeline", "integrity"):
         assert f'id="{section}"' in html
     assert "h1.example" in html and "/workspace/f19" in html  # from the spooled timeline
+
+
+def test_the_summary_table_is_compact_and_escaped() -> None:
+    from kodepipe.commands.trace import summary_table
+
+    table = summary_table([{"kind": "summary", "item": "file_written", "path": "/w/\x1b[2Jevil\nrow", "ops": ["write"]},
+                           {"kind": "summary", "item": "egress", "decision": "deny", "host": "x.example", "count": 3},
+                           {"kind": "summary", "item": "exec", "argv": ["sh", "-c", "y" * 200], "exit_code": 0}])
+    rows = table.splitlines()
+    assert len(rows) == 4 and rows[0].split() == ["what", "count", "path", "/", "host", "/", "program", "decision",
+                                                  "exit"]
+    assert "\x1b" not in table and "\\x1b[2Jevil\\nrow" in table
+    assert all(len(row) < 160 for row in rows)
