@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,23 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--sign", is_flag=True,
               help="Sign the heads of the run's hash-chained logs with this host's ed25519 key (made on first "
                    "use in the config dir: audit_ed25519, and .pub, which is all kp-trace --verify --key needs).")
+@click.option("--emit", type=click.Choice(["kube", "agent-sandbox", "agent-sandbox-claim"]),
+              help="Render the run's policy as Kubernetes objects on stdout instead of running it: a Pod (kube), "
+                   "or agent-sandbox's SandboxTemplate and a Sandbox, or a SandboxWarmPool and a SandboxClaim.")
+@click.option("--runtime-class", metavar="NAME", help="With --emit: the pod's RuntimeClass (gvisor, kata-qemu).")
+@click.option("--namespace", metavar="NS", help="With --emit: the objects' namespace.")
+@click.option("--workspace-claim", metavar="PVC", help="With --emit: use this existing claim for the workspace.")
+@click.option("--workspace-size", default="10Gi", show_default=True, metavar="QUANTITY",
+              help="With --emit: the size of the workspace claim kp-run emits.")
+@click.option("--workspace-image", metavar="REF", help="With --emit: the workspace as an image volume (read-only).")
+@click.option("--seccomp", "seccomp_mode", type=click.Choice(["kodepipe", "runtime-default"]), default="kodepipe",
+              show_default=True, help="With --emit: kodepipe's seccomp profile (Localhost; to install on the "
+                                      "nodes), or the runtime's (loosens; recorded).")
+@click.option("--proxy-image", default="localhost/kodepipe-egress:latest", show_default=True, metavar="IMAGE",
+              help="With --emit and --allow: the egress proxy's image (kp-image egress builds it).")
+@click.option("--local", "emit_local", is_flag=True,
+              help="With --emit kube: the variant podman kube play (4.3) runs, its differences in the record.")
+@click.option("--json", "emit_json", is_flag=True, help="With --emit: JSON lines of objects, then the emit record.")
 @click.option("--apply", "apply_names", multiple=True, metavar="NAME",
               help="Apply a quarantined run's changes to its workspace (repeatable; or quarantined records on "
                    "stdin with --apply -), from a snapshot checked against the last kp-review; with -- PATH... "
@@ -136,7 +154,9 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         cap_add: tuple[str, ...], writable_root: bool, env: tuple[str, ...], secret_specs: tuple[str, ...],
         masks: tuple[str, ...], no_default_masks: bool, writable_git_config: bool, interactive: bool, tty: bool,
         vm_name: str | None, keep: bool, audit: bool,
-        audit_mode: str, audit_cap: int | None, sign: bool, apply_names: tuple[str, ...],
+        audit_mode: str, audit_cap: int | None, sign: bool, emit: str | None, runtime_class: str | None,
+        namespace: str | None, workspace_claim: str | None, workspace_size: str, workspace_image: str | None,
+        seccomp_mode: str, proxy_image: str, emit_local: bool, emit_json: bool, apply_names: tuple[str, ...],
         discard_names: tuple[str, ...], accept: tuple[str, ...], fail_on: str,
         to_branch: str | None, reviewed: str | None, force: bool, verbose: bool | None, quiet: bool) -> int:
     """Run COMMAND in a fresh, locked-down Podman container that sees one
@@ -319,6 +339,17 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     except BadInput as exc:  # an unknown or broken profile
         raise click.BadParameter(exc.message, param_hint="'-p' / '--profile'") from None
 
+    given = gather.given_on_command_line(ctx)
+    emit_only = {"runtime_class", "namespace", "workspace_claim", "workspace_size", "workspace_image", "seccomp_mode",
+                 "proxy_image", "emit_local", "emit_json"} & given
+    if emit is None and emit_only:
+        flags = ", ".join("--" + n.replace("_", "-").replace("emit-", "") for n in sorted(emit_only))
+        raise click.UsageError(f"{flags} only matter with --emit")
+    if emit is not None:
+        return _emit(out, policy, prof, emit, vm_name=vm_name, runtime_class=runtime_class, namespace=namespace,
+                     workspace_claim=workspace_claim, workspace_size=workspace_size, workspace_image=workspace_image,
+                     seccomp=seccomp_mode, proxy_image=proxy_image, local=emit_local, as_json=emit_json)
+
     def say(level: str, message: str) -> None:
         getattr(out, {"warn": "warn", "progress": "progress"}.get(level, "info"))(message)
 
@@ -372,6 +403,39 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         _emit_interrupted(out, exc)
         raise
     _report(out, record, status)
+    return out.status()
+
+
+def _emit(out: kpcli.Output, policy: Any, prof: Any, mode: str, *, vm_name: str | None, **given: Any) -> int:
+    """kp-run --emit: the policy as Kubernetes objects on stdout; nothing runs, nothing is written."""
+    from kodepipe.container import kube, kubeemit
+    from kodepipe.container.hostrun import new_name
+
+    local, as_json = given.pop("local"), given.pop("as_json")
+    problems = []
+    if vm_name is not None:
+        problems.append("--emit renders the policy for a cluster: drop --vm")
+    if local and mode != "kube":
+        problems.append("--local is a variant of --emit kube")
+    if local and policy.workspace is not None and not Path(policy.workspace).is_dir():
+        problems.append("--local binds the workspace from this host: -w must be a directory here")
+    if given["workspace_image"] and given["workspace_claim"]:
+        problems.append("--workspace-image and --workspace-claim are two workspaces: give one")
+    if (given["workspace_image"] or given["workspace_claim"]) and policy.workspace is None:
+        problems.append("--workspace-image and --workspace-claim need -w (the workspace's place in the pod)")
+    if problems:
+        raise click.UsageError("; ".join(problems))
+    name = policy.name or new_name()
+    policy = _built(out, policy, prof)
+    empty = kubeemit.empty_file() if local else None
+    emitted = kube.render(policy, name, kubeemit.options(policy, mode=mode, local=local, empty_file=empty, **given))
+    for item in emitted.not_carried:
+        out.warn(f"not carried over to the cluster: {item['control']}: {item['why']}")
+    if as_json:
+        kubeemit.write_json(sys.stdout.buffer, emitted, name)
+    else:
+        kubeemit.write_yaml(sys.stdout, emitted, name)
+    sys.stdout.flush()
     return out.status()
 
 

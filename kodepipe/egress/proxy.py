@@ -197,11 +197,13 @@ def host_address(addr: str) -> bool:
 class DecisionLog:
     """The decisions, one JSON line each, hash-chained as they are written (core/chain.py)."""
 
-    def __init__(self, path: Path, container: str) -> None:
+    def __init__(self, path: Path, container: str, writer: Any = None) -> None:
+        """``writer``: where lines go instead of ``path`` and its chain (an object with append and close:
+        the egress-proxy image writes to its stdout, for the cluster's log collector)."""
         from kodepipe.core import chain
 
         self.path, self.container = path, container
-        self._file = chain.Chain(path)
+        self._file = writer if writer is not None else chain.Chain(path)
         self.counts = {"allow": 0, "deny": 0, "error": 0}
         self.written = 0
 
