@@ -75,13 +75,16 @@ LOCAL = {
     "secrets": "a hostPath of each --secret file instead of a Secret volume (podman 4.3 mounts a Secret's "
                "data still base64-encoded, writable)",
     "seccomp": "also the container.seccomp.security.alpha.kubernetes.io annotation (podman 4.3 ignores "
-               "seccompProfile); the profile is found under podman kube play --seccomp-profile-root",
+               "seccompProfile), naming the profile's file alone (podman 4.3 reads one path component after "
+               "localhost/): the file goes straight in podman kube play's --seccomp-profile-root",
     "network": "no NetworkPolicy (podman ignores it): play with --network none",
     "pids": "no field exists: the pod's pids cgroup is set before it starts (podman kube play --start=false)",
     "activeDeadlineSeconds": "ignored by podman 4.3: the caller's own timeout ends the pod",
     "tmp": "/tmp and HOME are disk-backed emptyDirs without a size limit (podman 4.3 ignores medium and "
            "sizeLimit)",
     "runAsNonRoot": "ignored by podman 4.3; runAsUser 1000 holds it",
+    "annotations": "no kodepipe.io/loosened and kodepipe.io/not-carried on the Pod (podman 4.3 refuses an annotation "
+                   "value longer than 63 characters); the YAML's header and the emit record list both",
 }
 
 
@@ -187,8 +190,11 @@ def _security_context(policy: Policy) -> Obj:
             "runAsNonRoot": True, "runAsUser": AGENT_UID, "runAsGroup": AGENT_UID, "capabilities": caps}
 
 
-def seccomp_name(profile: bytes) -> str:
-    return f"{SECCOMP_DIR}/{hashlib.sha256(profile).hexdigest()[:16]}.json"
+def seccomp_name(profile: bytes, local: bool = False) -> str:
+    """The profile's path under the seccomp root.  The local variant's is the file name alone: podman 4.3
+    looks a localhost/ annotation up as <--seccomp-profile-root>/<its first path component> only."""
+    base = f"{hashlib.sha256(profile).hexdigest()[:16]}.json"
+    return base if local else f"{SECCOMP_DIR}/{base}"
 
 
 def render(policy: Policy, name: str, options: EmitOptions) -> Emitted:
@@ -209,8 +215,8 @@ def render(policy: Policy, name: str, options: EmitOptions) -> Emitted:
     env: list[Obj] = [{"name": "HOME", "value": HOME}]
     seccomp_info: Obj | None = None
     if options.seccomp == "kodepipe":
-        profile_name = seccomp_name(options.seccomp_profile)
-        cm_name = f"kp-seccomp-{profile_name.split('/')[1][:16]}"
+        profile_name = seccomp_name(options.seccomp_profile, options.local)
+        cm_name = f"kp-seccomp-{posixpath.basename(profile_name)[:16]}"
         objects.append({"apiVersion": "v1", "kind": "ConfigMap",
                         "metadata": _meta(cm_name, options, {"app.kubernetes.io/name": "kodepipe-seccomp"}),
                         "data": {"profile.json": options.seccomp_profile.decode()}})
@@ -300,8 +306,9 @@ def render(policy: Policy, name: str, options: EmitOptions) -> Emitted:
                    "kodepipe.io/not-carried": json.dumps([n["control"] for n in not_carried])}
     if options.local and seccomp_info is not None:
         annotations["container.seccomp.security.alpha.kubernetes.io/agent"] = f"localhost/{seccomp_info['localhost']}"
-    if options.local:  # what podman kube play 4.3 has no use for, or mounts wrongly
+    if options.local:  # what podman kube play 4.3 has no use for, mounts wrongly or refuses
         volumes[0:2] = [{"name": "tmp", "emptyDir": {}}, {"name": "home", "emptyDir": {}}]
+        annotations = {k: v for k, v in annotations.items() if not k.startswith("kodepipe.io/")}
         objects = [o for o in objects
                    if o["kind"] != "ConfigMap" or not o["metadata"]["name"].startswith("kp-seccomp-")]
     else:
