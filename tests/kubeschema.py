@@ -25,7 +25,8 @@ _CLAIM_TEMPLATES = {"type": "array", "items": {
                                                "annotations": _STRINGS}},
                    "spec": {"type": "object"}}}}
 _POLICY = {"enum": ["Allowed", "Overrides", "Disallowed"]}
-_REF = {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {"name": {"type": "string"}}}
+_REF = {"type": "object", "required": ["name"], "additionalProperties": False,
+        "properties": {"name": {"type": "string"}}}
 
 SPECS: dict[tuple[str, str], Obj] = {
     (kube.SANDBOX_GROUP, "Sandbox"): {
@@ -82,7 +83,7 @@ def validate(obj: Obj) -> str:
 
     key = (obj.get("apiVersion"), obj.get("kind"))
     if key not in SPECS:
-        return "kubernetes " + kubernetes_validate.validate(obj, kube.K8S_VERSION, strict=True)
+        return "kubernetes " + str(kubernetes_validate.validate(obj, kube.K8S_VERSION, strict=True))
     api_version, kind = key
     jsonschema.Draft202012Validator(_resource(str(api_version), str(kind), SPECS[key]),
                                     format_checker=jsonschema.FormatChecker()).validate(obj)
