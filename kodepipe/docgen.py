@@ -552,6 +552,56 @@ def events_page() -> str:
                                       exits=_exit_statuses())
 
 
+FLEET_HEADING = "## Running a fleet on Kubernetes"
+FLEET = r"""
+.TH KODEPIPE\-FLEET 7 "{date}" "kodepipe {version}" "kodepipe manual"
+.SH NAME
+kodepipe\-fleet \- kodepipe's sandbox on Kubernetes: kp\-run \-\-emit, its objects, the runtime class,
+what an operator installs
+{body}.SH NOT CARRIED OVER
+Every control of a kp\-run policy that the emitted objects cannot hold, as
+\fBkp\-run \-\-emit\fR lists it (the list of a run is the part of this one its policy uses):
+{not_carried}.SH THE LOCAL VARIANT
+What \fBkp\-run \-\-emit kube \-\-local\fR changes so that Podman 4.3's \fBpodman kube play\fR runs the pod:
+{local}.SH EXIT STATUS
+kp\-run \-\-emit exits 0 when it wrote the objects, and as kp\-run does otherwise:
+{exits}
+.SH SEE ALSO
+\fBkp\-run\fR(1), \fBkodepipe\fR(7), \fBkubectl\fR(1), \fBpodman\-kube\-play\fR(1)
+"""
+
+
+def readme_section(readme: str, heading: str) -> str:
+    """A README section as man page paragraphs (code blocks kept as they are), so the two cannot drift."""
+    start = readme.find(heading + "\n")
+    if start < 0:
+        raise ValueError(f"README.md has no section {heading!r}")
+    body = readme[start + len(heading):]
+    body = body[:body.find("\n## ")] if "\n## " in body else body
+    out: list[str] = []
+    for block in re.split(r"\n\s*\n", body):
+        block = block.strip()
+        if not block:
+            continue
+        if block.startswith("```"):
+            code = [line for line in block.splitlines() if not line.startswith("```")]
+            out += [".PP", ".nf", *(esc(line) for line in code), ".fi"]
+        else:
+            out += [".PP", _inline(" ".join(block.split()))]
+    return ".SH DESCRIPTION\n" + "\n".join(out) + "\n"
+
+
+def fleet_page() -> str:
+    from kodepipe.container import kube
+
+    not_carried = "".join(f".TP\n.B {esc(control)}\n{esc(why)}" + (f"; instead: {esc(instead)}" if instead else "")
+                          + "\n" for control, (why, instead) in kube.NOT_CARRIED.items())
+    local = "".join(f".TP\n.B {esc(key)}\n{esc(why)}\n" for key, why in kube.LOCAL.items())
+    body = readme_section(README.read_text(), FLEET_HEADING) if README.exists() else ""
+    return FLEET.lstrip("\n").format(date=DATE, version=__version__, body=body, not_carried=not_carried,
+                                      local=local, exits=_exit_statuses())
+
+
 def completion(prog: str, command: click.Command, shell: str) -> str:
     var = "_{}_COMPLETE".format(prog.replace("-", "_").upper())
     cls = get_completion_class(shell)
@@ -574,6 +624,7 @@ def generate(root: Path) -> list[Path]:
         put(root / "man" / "man1" / f"{prog}.1", man_page(prog, command))
         for shell, pattern in SHELLS.items():
             put(root / "completions" / shell / pattern.format(prog=prog), completion(prog, command, shell))
+    put(root / "man" / "man7" / "kodepipe-fleet.7", fleet_page())
     put(root / "man" / "man7" / "kodepipe.7", contract_page())
     put(root / "man" / "man7" / "kodepipe-events.7", events_page())
     return written

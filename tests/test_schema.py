@@ -110,7 +110,7 @@ def literal_records() -> Iterator[tuple[str, int, str, list[str]]]:
                 continue
             keys = [k.value if isinstance(k, ast.Constant) and isinstance(k.value, str) else None
                     for k in node.keys]
-            if "kind" not in keys:
+            if "kind" not in keys or "apiVersion" in keys:  # a Kubernetes object (kp-run --emit), not a record
                 continue
             value = node.values[keys.index("kind")]
             kind: str | None

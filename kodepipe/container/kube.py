@@ -81,7 +81,8 @@ LOCAL = {
     "pids": "no field exists: the pod's pids cgroup is set before it starts (podman kube play --start=false)",
     "activeDeadlineSeconds": "ignored by podman 4.3: the caller's own timeout ends the pod",
     "tmp": "/tmp and HOME are disk-backed emptyDirs without a size limit (podman 4.3 ignores medium and "
-           "sizeLimit)",
+           "sizeLimit), named after the run: podman 4.3 makes an emptyDir a named volume of the volume's name, "
+           "which every pod with that name would share",
     "runAsNonRoot": "ignored by podman 4.3; runAsUser 1000 holds it",
     "annotations": "no kodepipe.io/loosened and kodepipe.io/not-carried on the Pod (podman 4.3 refuses an annotation "
                    "value longer than 63 characters); the YAML's header and the emit record list both",
@@ -130,55 +131,65 @@ def quantity(n: int) -> str:
     return str(n)
 
 
-def _not_carried(policy: Policy, options: EmitOptions) -> list[Obj]:
-    """Every part of the policy the emitted objects cannot hold, and why."""
-    out: list[Obj] = [
-        {"control": "--pids", "why": f"a pod's pids limit ({policy.limits.pids}) is the kubelet's podPidsLimit, "
-                                     "one value for every pod of a node",
-         "instead": "set podPidsLimit in the nodes' kubelet configuration"},
-        {"control": "kernel quotas", "why": "the per-user inotify, signal and message-queue shares are set by "
-                                            "kp-run on its own host", "instead": "the runtime class's own limits"},
-        {"control": "/etc/hosts", "why": "the kubelet writes a pod's /etc/hosts (its own address included)",
-         "instead": None},
-        {"control": "no-new-namespaces and keyring rules of the seccomp profile" if options.seccomp != "kodepipe"
-         else "the seccomp profile's installation",
-         "why": "RuntimeDefault is the runtime's profile, which allows unshare and the keyring"
-         if options.seccomp != "kodepipe" else
-         "a Localhost profile must be on every node before the pod starts (the kubelet refuses it otherwise)",
-         "instead": "install the profile from its ConfigMap (README: running a fleet)"
-         if options.seccomp == "kodepipe" else "a runtime class whose kernel is not the node's (gVisor, Kata)"},
+# Every control of a policy that the objects cannot hold: why, and what to do instead (None: nothing).
+NOT_CARRIED: dict[str, tuple[str, str | None]] = {
+    "--pids": ("a pod's pids limit is the kubelet's podPidsLimit, one value for every pod of a node",
+               "set podPidsLimit in the nodes' kubelet configuration"),
+    "kernel quotas": ("the per-user inotify, signal and message-queue shares are set by kp-run on its own host",
+                      "the runtime class's own limits"),
+    "/etc/hosts": ("the kubelet writes a pod's /etc/hosts (its own address included)", None),
+    "the seccomp profile's installation": (
+        "a Localhost profile must be on every node before the pod starts (the kubelet refuses it otherwise)",
+        "install the profile from its ConfigMap (kodepipe-fleet(7))"),
+    "no-new-namespaces and keyring rules of the seccomp profile": (
+        "RuntimeDefault (--seccomp runtime-default) is the runtime's profile, which allows unshare and the keyring",
+        "a runtime class whose kernel is not the node's (gVisor, Kata)"),
+    "read-only git repositories": ("the workspace's repositories are found on the host at run time; the volume's "
+                                   "contents are not known here",
+                                   "give the agent a clone it may write, or review its commits"),
+    "--quarantine": ("the review and kp-run --apply need the overlay's upper dir on this host",
+                     "an image or PVC snapshot per run, reviewed before merging"),
+    "glob masks": ("a glob is matched against the workspace's files, and there is none here to match",
+                   "mask exact paths (--mask PATH), or emit from a checkout (-w DIR)"),
+    "--audit": ("strace from outside the container needs the node's ptrace of the agent, which gVisor and Kata do "
+                "not give and a cluster does not grant", "the runtime's own audit (gVisor's strace option)"),
+    "--resolve": ("pins are answered by kp-run's own DNS; the proxy Deployment resolves through the cluster's DNS",
+                  "a hostAliases entry in the proxy's pod"),
+    "--credential": ("the real key would have to be given to the proxy Deployment as a Secret; kp-run does not "
+                     "emit keys", None),
+    "--budget": ("budgets are counted by kp-run's proxy for one run", None),
+    "--keep": ("restartPolicy Never keeps the pod until it is deleted", None),
+    "DNS for allowed names only": ("the agent's pod gets no resolver at all (the proxy resolves names for it); "
+                                   "tools that resolve before they connect fail",
+                                   "use the HTTPS_PROXY the pod's environment names"),
+}
+
+
+def not_carried(policy: Policy, options: EmitOptions) -> list[Obj]:
+    """The parts of NOT_CARRIED this policy uses."""
+    used = ["--pids", "kernel quotas", "/etc/hosts",
+            "the seccomp profile's installation" if options.seccomp == "kodepipe"
+            else "no-new-namespaces and keyring rules of the seccomp profile"]
+    conditions = [
+        ("read-only git repositories", policy.workspace is not None and not policy.git_writable),
+        ("--quarantine", policy.quarantine),
+        ("glob masks", bool(options.unresolved_masks)),
+        ("--audit", policy.audit is not None),
+        ("--resolve", policy.egress is not None and bool(policy.egress.pins)),
+        ("--credential", bool(policy.credentials)),
+        ("--budget", bool(policy.budgets)),
+        ("--keep", policy.keep),
+        ("DNS for allowed names only", policy.egress is not None),
     ]
-    if policy.workspace is not None and not policy.git_writable:
-        out.append({"control": "read-only git repositories", "why": "the workspace's repositories are found on "
-                    "the host at run time; the volume's contents are not known here",
-                    "instead": "give the agent a clone it may write, or review its commits"})
-    if policy.quarantine:
-        out.append({"control": "--quarantine", "why": "the review and kp-run --apply need the overlay's upper "
-                    "dir on this host", "instead": "an image or PVC snapshot per run, reviewed before merging"})
-    if options.unresolved_masks:
-        out.append({"control": f"masks {', '.join(options.unresolved_masks)}",
-                    "why": "a glob is matched against the workspace's files, and there is none here to match",
-                    "instead": "mask exact paths (--mask PATH), or emit from a checkout (-w DIR)"})
-    if policy.audit is not None:
-        out.append({"control": "--audit", "why": "strace from outside the container needs the node's ptrace "
-                    "of the agent, which gVisor and Kata do not give and a cluster does not grant",
-                    "instead": "the runtime's own audit (gVisor's strace option, Kata's agent logs)"})
-    if policy.egress is not None and policy.egress.pins:
-        out.append({"control": "--resolve", "why": "pins are answered by kp-run's own DNS; the proxy Deployment "
-                    "resolves through the cluster's DNS", "instead": "a hostAliases entry in the proxy's pod"})
-    if policy.credentials:
-        out.append({"control": "--credential", "why": "the real key would have to be given to the proxy "
-                    "Deployment as a Secret; kp-run does not emit keys", "instead": None})
-    if policy.budgets:
-        out.append({"control": "--budget", "why": "budgets are counted by kp-run's proxy for one run",
-                    "instead": None})
-    if policy.keep:
-        out.append({"control": "--keep", "why": "restartPolicy Never keeps the pod until it is deleted",
-                    "instead": None})
-    if policy.egress is not None:
-        out.append({"control": "DNS for allowed names only", "why": "the agent's pod gets no resolver at all "
-                    "(the proxy resolves names for it); tools that resolve before they connect fail",
-                    "instead": "use the HTTPS_PROXY the pod's environment names"})
+    used += [control for control, applies in conditions if applies]
+    out = []
+    for control in used:
+        why, instead = NOT_CARRIED[control]
+        if control == "--pids":
+            why += f" (this run's: {policy.limits.pids})"
+        if control == "glob masks":
+            control = f"masks {', '.join(options.unresolved_masks)}"
+        out.append({"control": control, "why": why, "instead": instead})
     return out
 
 
@@ -289,7 +300,7 @@ def render(policy: Policy, name: str, options: EmitOptions) -> Emitted:
         container["envFrom"] = [{"secretRef": {"name": f"kp-{name}-env"}}]
     if policy.interactive or policy.tty:
         container.update(stdin=True, tty=policy.tty)
-    not_carried = _not_carried(policy, options)
+    carried_not = not_carried(policy, options)
     pod_spec: Obj = {
         "hostUsers": False, "automountServiceAccountToken": False, "enableServiceLinks": policy.egress is not None,
         "restartPolicy": "Never", "hostname": name,
@@ -303,11 +314,12 @@ def render(policy: Policy, name: str, options: EmitOptions) -> Emitted:
     if options.runtime_class:
         pod_spec["runtimeClassName"] = options.runtime_class
     annotations = {"kodepipe.io/loosened": json.dumps(loosened),
-                   "kodepipe.io/not-carried": json.dumps([n["control"] for n in not_carried])}
+                   "kodepipe.io/not-carried": json.dumps([n["control"] for n in carried_not])}
     if options.local and seccomp_info is not None:
         annotations["container.seccomp.security.alpha.kubernetes.io/agent"] = f"localhost/{seccomp_info['localhost']}"
     if options.local:  # what podman kube play 4.3 has no use for, mounts wrongly or refuses
-        volumes[0:2] = [{"name": "tmp", "emptyDir": {}}, {"name": "home", "emptyDir": {}}]
+        volumes[0:2] = [{"name": f"kp-{name}-tmp", "emptyDir": {}}, {"name": f"kp-{name}-home", "emptyDir": {}}]
+        mounts[0:2] = [{"name": f"kp-{name}-tmp", "mountPath": "/tmp"}, {"name": f"kp-{name}-home", "mountPath": HOME}]
         annotations = {k: v for k, v in annotations.items() if not k.startswith("kodepipe.io/")}
         objects = [o for o in objects
                    if o["kind"] != "ConfigMap" or not o["metadata"]["name"].startswith("kp-seccomp-")]
@@ -318,7 +330,7 @@ def render(policy: Policy, name: str, options: EmitOptions) -> Emitted:
                                                                              annotations), "spec": pod_spec})
     else:
         objects.extend(_sandbox_objects(name, options, labels, annotations, pod_spec, policy.egress is not None))
-    return Emitted(objects, not_carried, loosened, secrets_to_create, seccomp_info,
+    return Emitted(objects, carried_not, loosened, secrets_to_create, seccomp_info,
                    dict(LOCAL) if options.local else None)
 
 

@@ -468,6 +468,20 @@ class VerifyRecord(TypedDict, total=False):
     error: ErrorObject
 
 
+class EmitRecord(TypedDict, total=False):
+    """kp-run --emit --json: after the Kubernetes objects, what they are and what of the policy they do not hold."""
+
+    kind: Required[Literal["emit"]]
+    name: Required[str]  # the run's name
+    objects: Required[list[str]]  # KIND/NAME, in the order to apply them
+    not_carried: Required[list[JsonObject]]  # control, why, instead
+    loosened: Required[list[str]]
+    k8s_version: Required[str]  # the Kubernetes schema the objects are checked against
+    secrets_to_create: list[JsonObject]  # secret, key, from: kubectl create secret generic before applying
+    seccomp: JsonObject  # localhost (the profile's path under the kubelet's seccomp root), configmap
+    local: dict[str, str]  # --local: what the podman kube play variant changed, and why
+
+
 class ContainerImageRecord(TypedDict, total=False):
     """kp-image base: the local container base image kp-run's profile images are built on."""
 
@@ -551,6 +565,8 @@ KINDS: dict[str, Kind] = {kind.name: kind for kind in (
     Kind("review", ReviewRecord, None, "one entry of a run's review log: changes, a review, an apply",
          ("kp-run", "kp-review", "kp-trace")),
     Kind("head", HeadRecord, None, "a log's sealed chain head, in the host's evidence index", ("kp-run",)),
+    Kind("emit", EmitRecord, None, "what kp-run --emit wrote, and what of the policy it could not",
+         ("kp-run --emit",)),
     Kind("verify", VerifyRecord, None, "a run's logs checked against their hash chains", ("kp-trace --verify",)),
 )}
 
