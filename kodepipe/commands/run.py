@@ -293,6 +293,16 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     options, ...) are a usage error (exit 2), all named at once, before
     the root check and before anything is built or started.
 
+    --emit kube (or agent-sandbox, agent-sandbox-claim) runs nothing: it
+    resolves the same options and profile, and writes the policy as
+    Kubernetes objects on stdout (multi-document YAML; --json: JSON lines,
+    then an emit record), for a cluster's RuntimeClass (--runtime-class
+    gvisor).  What the objects cannot hold (the pids limit, --audit,
+    --quarantine, ...) is listed in the YAML's header, the pod's
+    kodepipe.io/not-carried annotation, on stderr and in the record, never
+    dropped: kodepipe-fleet(7).  It needs no root, unless the profile's image
+    has to be built first (give --image REGISTRY/IMAGE to use a pushed one).
+
     kp-run needs root (sudo): rootful Podman with an explicit user
     namespace is what enforces the limits on every host.  It starts its
     own Podman API service on demand (set KODEPIPE_PODMAN_URL to use
@@ -306,6 +316,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
       sudo kp-run --apply run-1a2b3c4d
       sudo kp-run --audit -w . -- pytest | kp-trace | jq 'select(.type=="net")'
       kp-clone base vm | kp-boot --share ~/code/proj | kp-ip | sudo kp-run -- make test
+      kp-run --emit kube -p claude -w . --allow pypi.org --runtime-class gvisor > run.yaml
     """
     from kodepipe.container import gather
     from kodepipe.container import policy as pol
