@@ -75,7 +75,10 @@ def write_yaml(stream: IO[str], emitted: kube.Emitted, name: str) -> None:
     for item in emitted.secrets_to_create:
         lines.append(f"# create the Secret first: kubectl create secret generic {item['secret']} "
                      f"--from-file={item['key']}={item['from']}")
-    if emitted.seccomp is not None:
+    if emitted.seccomp is not None and emitted.local is not None:
+        lines.append(f"# write the seccomp profile as {emitted.seccomp['localhost']} in the directory given to "
+                     "podman kube play --seccomp-profile-root")
+    elif emitted.seccomp is not None:
         lines.append(f"# install the seccomp profile on every node as /var/lib/kubelet/seccomp/"
                      f"{emitted.seccomp['localhost']} (ConfigMap {emitted.seccomp['configmap']})")
     if emitted.local is not None:
