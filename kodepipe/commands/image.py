@@ -1,4 +1,4 @@
-"""kp-image: build golden VM images and the local container base image."""
+"""kp-image: build golden VM images, the local container base image and the egress proxy's image."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def cli() -> None:
 
     List VM images with kp-ls --kind image and remove them with kp-rm.
     kp-image base makes the local Podman image that kp-run's profiles are
-    built on, without any container registry.
+    built on, without any container registry; kp-image egress makes the
+    egress proxy's image that kp-run --emit kube --allow deploys.
     """
 
 
@@ -215,6 +216,60 @@ def base(suite: str | None, mirror: str | None, rebuild: bool, verbose: bool | N
     except KpError as exc:
         name = containerimage.base_tag(suite) if suite else containerimage.BASE_REPO
         out.fail({"kind": containerimage.KIND, "name": name}, exc)
+        return out.status()
+    if "build_seconds" in record:
+        out.progress(f"{record['name']} is ready ({record['build_seconds']} s)")
+    out.emit(record)
+    return out.status()
+
+
+@cli.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
+@click.option("--suite", callback=_match(SUITE_RE, "a Debian suite name"),
+              help="Debian release of the base image it is built on. Default: the one apt is configured with.")
+@click.option("-v", "--verbose", is_flag=True, default=None, help="Show progress, and the build's output, even "
+              "when stderr is not a terminal.")
+@options.quiet
+def egress(suite: str | None, verbose: bool | None, quiet: bool) -> int:
+    """Build the egress proxy's image localhost/kodepipe-egress for kp-run --emit kube.
+
+    kp-run --emit kube --allow DOMAIN hands the agent's traffic to a
+    Deployment of this image (kp-run --proxy-image, default
+    localhost/kodepipe-egress:latest), which runs python3 -m
+    kodepipe.egress.serve: the same proxy, checks and decision records as
+    kp-run's own, each decision a JSON line on its stdout.
+
+    It is built FROM the local base image (kp-image base, made first if it
+    is missing) with python3 from the Debian mirror, kodepipe's proxy
+    modules, and the Python packages they import (orjson, dnspython)
+    copied from this kodepipe installation: no container registry and no
+    Python index is used.  The base image's python3 must be the version
+    kodepipe runs on (the build says so when it is not).  It runs as uid
+    65534 and needs no capabilities and no writable file.
+
+    The image is tagged localhost/kodepipe-egress:HASH, HASH covering its
+    files and the base image, and :latest.  If that image exists, only its
+    record is written: another kodepipe, or a new base image (kp-image base
+    --rebuild, for Debian's newer python3), makes a new one.  The build is
+    logged to the cache dir (logs/kodepipe-egress.log).  Writes one
+    container-image record.  To run it in a cluster, push it to a registry
+    the cluster pulls from and pass that name to kp-run --proxy-image.
+
+    \b
+    Examples:
+      sudo kp-image egress
+      podman push localhost/kodepipe-egress:latest registry.example/kodepipe-egress:1
+    """
+    from kodepipe.container import egress_image
+    from kodepipe.container import images as containerimage
+    from kodepipe.core import proc
+    from kodepipe.core.errors import KpError
+
+    proc.require("podman")
+    out = kpcli.Output("kp-image", verbose=verbose, quiet=quiet)
+    try:
+        record = egress_image.ensure(suite, progress=out.progress, echo=out.verbose and not out.quiet)
+    except KpError as exc:
+        out.fail({"kind": containerimage.KIND, "name": egress_image.LATEST}, exc)
         return out.status()
     if "build_seconds" in record:
         out.progress(f"{record['name']} is ready ({record['build_seconds']} s)")

@@ -120,7 +120,10 @@ def pids_file(cgroup_path: str) -> Path:
 
 def podman(*args: str, env: Mapping[str, str], timeout: float = STEP_TIMEOUT,
            check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, env=dict(env))
+    """podman ARGS, in the scratch directory named by env's KP_PLAY_CWD: conmon writes an "oom" file into
+    its working directory when a container hits its memory limit, never into the checkout."""
+    proc = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout, env=dict(env),
+                          cwd=env.get("KP_PLAY_CWD"))
     if check and proc.returncode != 0:
         raise PlayFailed(f"podman {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
     return proc
@@ -147,7 +150,7 @@ def play(yaml_text: str, where: Path, *, host_uid: int | None, pids: int | None,
     kubefile.write_text(yaml_text)
     conf = where / "containers.conf"
     conf.write_text(containers_conf(PODMAN_CONF.read_text()))
-    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    env = {**os.environ, "CONTAINERS_CONF": str(conf), "KP_PLAY_CWD": str(where)}
     seccomp_root = where / "seccomp"
     seccomp_root.mkdir(exist_ok=True)
     for file, data in (profiles or {}).items():
@@ -165,7 +168,8 @@ def play(yaml_text: str, where: Path, *, host_uid: int | None, pids: int | None,
     bind = 'mount --bind "$1" /etc/subuid && mount --bind "$1" /etc/subgid && shift && exec podman "$@"'
     try:
         proc = subprocess.run(["unshare", "-m", "--propagation", "slave", "sh", "-c", bind, "sh", str(subid),
-                               *args], capture_output=True, text=True, timeout=STEP_TIMEOUT, env=env)
+                               *args], capture_output=True, text=True, timeout=STEP_TIMEOUT, env=env,
+                              cwd=where)
         if proc.returncode != 0:
             raise PlayFailed(f"podman {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
         if pids is not None:
