@@ -219,3 +219,14 @@ def test_the_local_variant_says_what_it_changed(workspace: Path) -> None:
     assert not by_kind(objects, "NetworkPolicy")  # podman ignores them: --network none instead
     for obj in objects:
         kubeschema.validate(obj)
+
+
+def test_the_profile_as_a_file(workspace: Path, tmp_path: Path) -> None:
+    target = tmp_path / "profile.json"
+    _, _, record = emit("kube", "--json", "--image", IMAGE, "-w", str(workspace), "--seccomp-file", str(target))
+    profile = target.read_bytes()
+    assert kube.seccomp_name(profile) == record["seccomp"]["localhost"]  # named by what it holds
+    rules = orjson.loads(profile)
+    allowed = {name for rule in rules["syscalls"] if rule["action"] == "SCMP_ACT_ALLOW" and not rule.get("args")
+               for name in rule["names"]}
+    assert not {"unshare", "setns", "keyctl", "add_key", "request_key"} & allowed  # kodepipe's, not the runtime's

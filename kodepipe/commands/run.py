@@ -118,6 +118,9 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 @click.option("--seccomp", "seccomp_mode", type=click.Choice(["kodepipe", "runtime-default"]), default="kodepipe",
               show_default=True, help="With --emit: kodepipe's seccomp profile (Localhost; to install on the "
                                       "nodes), or the runtime's (loosens; recorded).")
+@click.option("--seccomp-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="With --emit: also write kodepipe's seccomp profile to FILE, to install on the nodes (or in "
+                   "podman kube play's --seccomp-profile-root) under the name the pod gives it.")
 @click.option("--proxy-image", default="localhost/kodepipe-egress:latest", show_default=True, metavar="IMAGE",
               help="With --emit and --allow: the egress proxy's image (kp-image egress builds it).")
 @click.option("--local", "emit_local", is_flag=True,
@@ -156,8 +159,8 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
         vm_name: str | None, keep: bool, audit: bool,
         audit_mode: str, audit_cap: int | None, sign: bool, emit: str | None, runtime_class: str | None,
         namespace: str | None, workspace_claim: str | None, workspace_size: str, workspace_image: str | None,
-        seccomp_mode: str, proxy_image: str, emit_local: bool, emit_json: bool, apply_names: tuple[str, ...],
-        discard_names: tuple[str, ...], accept: tuple[str, ...], fail_on: str,
+        seccomp_mode: str, seccomp_file: Path | None, proxy_image: str, emit_local: bool, emit_json: bool,
+        apply_names: tuple[str, ...], discard_names: tuple[str, ...], accept: tuple[str, ...], fail_on: str,
         to_branch: str | None, reviewed: str | None, force: bool, verbose: bool | None, quiet: bool) -> int:
     """Run COMMAND in a fresh, locked-down Podman container that sees one
     project directory and nothing else of the host, and is gone when it exits.
@@ -352,14 +355,15 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
 
     given = gather.given_on_command_line(ctx)
     emit_only = {"runtime_class", "namespace", "workspace_claim", "workspace_size", "workspace_image", "seccomp_mode",
-                 "proxy_image", "emit_local", "emit_json"} & given
+                 "seccomp_file", "proxy_image", "emit_local", "emit_json"} & given
     if emit is None and emit_only:
         flags = ", ".join("--" + n.replace("_", "-").replace("emit-", "") for n in sorted(emit_only))
         raise click.UsageError(f"{flags} only matter with --emit")
     if emit is not None:
         return _emit(out, policy, prof, emit, vm_name=vm_name, runtime_class=runtime_class, namespace=namespace,
                      workspace_claim=workspace_claim, workspace_size=workspace_size, workspace_image=workspace_image,
-                     seccomp=seccomp_mode, proxy_image=proxy_image, local=emit_local, as_json=emit_json)
+                     seccomp=seccomp_mode, proxy_image=proxy_image, local=emit_local, as_json=emit_json,
+                     seccomp_file=seccomp_file)
 
     def say(level: str, message: str) -> None:
         getattr(out, {"warn": "warn", "progress": "progress"}.get(level, "info"))(message)
@@ -422,7 +426,7 @@ def _emit(out: kpcli.Output, policy: Any, prof: Any, mode: str, *, vm_name: str 
     from kodepipe.container import kube, kubeemit
     from kodepipe.container.hostrun import new_name
 
-    local, as_json = given.pop("local"), given.pop("as_json")
+    local, as_json, seccomp_file = given.pop("local"), given.pop("as_json"), given.pop("seccomp_file")
     problems = []
     if vm_name is not None:
         problems.append("--emit renders the policy for a cluster: drop --vm")
@@ -432,6 +436,8 @@ def _emit(out: kpcli.Output, policy: Any, prof: Any, mode: str, *, vm_name: str 
         problems.append("--local binds the workspace from this host: -w must be a directory here")
     if given["workspace_image"] and given["workspace_claim"]:
         problems.append("--workspace-image and --workspace-claim are two workspaces: give one")
+    if seccomp_file is not None and given["seccomp"] != "kodepipe":
+        problems.append("--seccomp-file writes kodepipe's profile: drop --seccomp runtime-default")
     if (given["workspace_image"] or given["workspace_claim"]) and policy.workspace is None:
         problems.append("--workspace-image and --workspace-claim need -w (the workspace's place in the pod)")
     if problems:
@@ -440,6 +446,10 @@ def _emit(out: kpcli.Output, policy: Any, prof: Any, mode: str, *, vm_name: str 
     policy = _built(out, policy, prof)
     empty = kubeemit.empty_file() if local else None
     emitted = kube.render(policy, name, kubeemit.options(policy, mode=mode, local=local, empty_file=empty, **given))
+    if seccomp_file is not None:
+        seccomp_file.write_bytes(kubeemit.profile_bytes())
+        out.info(f"wrote kodepipe's seccomp profile to {seccomp_file}: install it as "
+                 f"{emitted.seccomp['localhost'] if emitted.seccomp else '?'}")
     for item in emitted.not_carried:
         out.warn(f"not carried over to the cluster: {item['control']}: {item['why']}")
     if as_json:

@@ -21,11 +21,8 @@ def options(policy: Policy, *, mode: str, namespace: str | None, runtime_class: 
     """The emit options, with the profile read from this host and the masks resolved in the workspace
     when it is a directory here (a glob cannot be resolved otherwise: it is listed as not carried)."""
     from kodepipe.container import sandbox
-    from kodepipe.container import seccomp as seccomp_profile
 
-    profile = b""
-    if seccomp == "kodepipe":  # compact: the ConfigMap's one line, and the file installed from it
-        profile = orjson.dumps(orjson.loads(seccomp_profile.render(seccomp_profile.SYSTEM_PROFILE.read_bytes())))
+    profile = profile_bytes() if seccomp == "kodepipe" else b""
     masked: list[str] = []
     unresolved: list[str] = []
     where = Path(policy.workspace) if policy.workspace is not None else None
@@ -41,6 +38,13 @@ def options(policy: Policy, *, mode: str, namespace: str | None, runtime_class: 
                             proxy_image=proxy_image, masked=tuple(masked), unresolved_masks=tuple(unresolved),
                             local=local, workspace_path=str(where.resolve()) if local and where else None,
                             empty_file=empty_file)
+
+
+def profile_bytes() -> bytes:
+    """kodepipe's seccomp profile, compact: the ConfigMap's one line, and the file installed from it."""
+    from kodepipe.container import seccomp
+
+    return orjson.dumps(orjson.loads(seccomp.render(seccomp.SYSTEM_PROFILE.read_bytes())))
 
 
 def empty_file() -> str:
