@@ -554,7 +554,10 @@ def _verify(out: kpcli.Output, names: tuple[str, ...], key: Path | None) -> None
         if not kpcli.stdin_is_piped():
             raise click.UsageError("name a RUN to verify, or pipe its record (kp-ls NAME | kp-trace --verify)")
         targets = [(n, rid, line.record) for line, n, rid in out.objects(("container",))]
+    from kodepipe.core import chain
+
     store = Store()
+    index = chain.read_index(evidence.index_path())
     for name, rid, record in targets:
         folder = store.folder(folders.KIND, name)
         meta = store.read_meta(folder) if folder.is_dir() else None
@@ -565,7 +568,7 @@ def _verify(out: kpcli.Output, names: tuple[str, ...], key: Path | None) -> None
             out.fail(record, BadInput(f"{name}: the run here is {meta.get('id')}, not the record's {rid}"))
             continue
         try:
-            result = evidence.verify(folder, meta, public)
+            result = evidence.verify(folder, meta, public, index)
         except (KpError, OSError) as exc:
             out.fail(record, exc if isinstance(exc, KpError) else KpError(f"{name}: {exc}"))
             continue

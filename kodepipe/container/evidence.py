@@ -115,12 +115,13 @@ def quarantine_entry(changes: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def verify(folder: Path, meta: dict[str, Any], public: bytes | None = None) -> dict[str, Any]:
+def verify(folder: Path, meta: dict[str, Any], public: bytes | None = None,
+           index: chain.Index | None = None) -> dict[str, Any]:
     """kp-trace --verify of one run: each of its logs (those in its folder, and those the index has
     heads for) against its chain and sealed head.  With ``public`` every head must be signed by it;
     without, heads that are signed are checked against this host's key when it has one, and a run
     whose record says it was signed must have signed heads."""
-    index = chain.read_index(index_path())
+    index = index if index is not None else chain.read_index(index_path())  # read once for many runs
     run_id = str(meta.get("id"))
     names = {name for name in LOGS if (folder / name).exists() or chain.chain_path(folder / name).exists()}
     names |= {log for (rid, log) in index.heads if rid == run_id and log in LOGS}
