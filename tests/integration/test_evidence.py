@@ -163,7 +163,7 @@ def test_a_signed_run_verifies_with_the_public_key_alone(request: pytest.Fixture
     record = audited_run(request, backend, shell_image, tmp_path, "--sign")
     name, folder = record["name"], Path(record["path"])
     assert record["evidence"]["signed"] is True
-    config = Path(env_of(request, backend)["KODEPIPE_CONFIG_DIR"])
+    config = config_dir(env_of(request, backend))
     public = tmp_path / "audit.pub"
     public.write_bytes((config / "audit_ed25519.pub").read_bytes())
     good = kp(request, backend, "kp-trace", "--verify", "--key", str(public), name)
@@ -193,6 +193,17 @@ def test_a_signed_run_verifies_with_the_public_key_alone(request: pytest.Fixture
     bad = kp(request, backend, "kp-trace", "--verify", "--key", str(public), name)
     assert bad.returncode == 1 and "not signed" in lines(bad.stdout)[0]["problem"]
     remove(request, backend, name)
+
+
+def config_dir(env: dict[str, str]) -> Path:
+    """kodepipe's config directory for the kp-* commands of ``env`` (KODEPIPE_CONFIG_DIR, or XDG's under
+    HOME: the VM backend's environment sets only HOME)."""
+    import sys
+
+    code = "from kodepipe.core import paths; print(paths.config_dir())"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60,
+                          check=True)
+    return Path(done.stdout.strip())
 
 
 class _Ids(HTMLParser):
