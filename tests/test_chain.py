@@ -233,3 +233,18 @@ def test_a_rechained_log_under_the_old_index_is_caught(folder: Path) -> None:
     written(folder, lines=[line.replace(b"h3.example", b"innocent.example") for line in LINES])
     result = check(log, index)
     assert result["ok"] is False and "replaced" in str(result["problem"])
+
+
+def test_a_writer_needs_no_path_once_it_is_open(folder: Path, tmp_path: Path) -> None:
+    """A VM's egress proxy opens its log as root, then runs as QEMU's user, who cannot open the VM's
+    folder: every later read and write goes through the descriptors (here: the folder moved away)."""
+    writer = chain.Chain(folder / "egress.jsonl")
+    writer.append(LINES[0])
+    moved = tmp_path / "moved"
+    os.rename(folder, moved)
+    for line in LINES[1:]:
+        writer.append(line)
+    writer.close()
+    log = moved / "egress.jsonl"
+    assert chain.verify_log(log, chain.head_of(log))["entries"] == len(LINES)
+    assert chain.verify_log(log, chain.head_of(log))["ok"] is True

@@ -76,14 +76,16 @@ class Chain:
 
     def __init__(self, log: Path) -> None:
         self.log = log
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        # both read and written through these descriptors only: a writer that drops its privileges once
+        # they are open (a VM's egress proxy) may not be able to open either by its path again
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
         self._log_fd = os.open(log, flags, 0o600)
         self._chain_fd = os.open(chain_path(log), flags, 0o600)
         self._lock = threading.Lock()
 
     def _tip(self) -> _Tip:
         """Where the chain ends, from its last entry (read under the flock)."""
-        last = last_line(chain_path(self.log))
+        last = _last_line_of(self._chain_fd)
         if last is None:
             return _Tip()
         try:
@@ -119,7 +121,7 @@ class Chain:
         with self._turn() as tip:
             size = os.fstat(self._log_fd).st_size
             if size > tip.end:  # bytes no chained writer wrote: chained as foreign, for verify to report
-                tip = self._write_entry(tip, tip.end, _read(self.log, tip.end, size - tip.end), foreign=True)
+                tip = self._write_entry(tip, tip.end, _pread(self._log_fd, tip.end, size - tip.end), foreign=True)
             os.write(self._log_fd, data)
             self._write_entry(tip, size, data)
 
@@ -133,7 +135,7 @@ class Chain:
                 size = os.fstat(self._log_fd).st_size
                 if size <= tip.end:
                     return done
-                data = _read(self.log, tip.end, min(size - tip.end, SPAN))
+                data = _pread(self._log_fd, tip.end, min(size - tip.end, SPAN))
                 cut = data.rfind(b"\n") + 1
                 if not final and len(data) < SPAN:
                     data = data[:cut]
@@ -148,10 +150,22 @@ class Chain:
                 os.close(fd)
 
 
-def _read(path: Path, start: int, size: int) -> bytes:
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        return handle.read(size)
+def _pread(fd: int, start: int, size: int) -> bytes:
+    chunks = []
+    while size > 0:
+        chunk = os.pread(fd, size, start)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        start += len(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _last_line_of(fd: int, most: int = MAX_ENTRY) -> bytes | None:
+    size = os.fstat(fd).st_size
+    tail = _pread(fd, max(0, size - most), min(size, most))
+    return tail.rstrip(b"\n").rsplit(b"\n", 1)[-1] or None
 
 
 def last_line(path: Path, most: int = MAX_ENTRY) -> bytes | None:
