@@ -88,7 +88,9 @@ def write_yaml(stream: IO[str], emitted: kube.Emitted, name: str) -> None:
     if emitted.local is not None:
         lines.append("# the local variant, for podman kube play 4.3:")
         lines.extend(f"#   - {key}: {why}" for key, why in emitted.local.items())
-    stream.write("\n".join(_safe(line) for line in lines) + "\n")
+    from kodepipe.core.terminal import escape  # a comment line stays one line, whatever a path in it holds
+
+    stream.write("\n".join(escape(line) for line in lines) + "\n")
     class Dumper(yaml.SafeDumper):
         def ignore_aliases(self, data: Any) -> bool:  # every object whole: no &anchors for kubectl to read
             return True
@@ -100,12 +102,3 @@ def write_json(stream: IO[bytes], emitted: kube.Emitted, name: str) -> None:
     for obj in emitted.objects:
         stream.write(orjson.dumps(obj) + b"\n")
     stream.write(orjson.dumps(emitted.record(name)) + b"\n")
-
-
-def _safe(line: str) -> str:
-    """A comment line stays one comment line, whatever a path in it holds."""
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in line)
-
-
-def record_of(emitted: kube.Emitted, name: str) -> dict[str, Any]:
-    return emitted.record(name)

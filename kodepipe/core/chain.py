@@ -171,14 +171,13 @@ def _last_line_of(fd: int, most: int = MAX_ENTRY) -> bytes | None:
 def last_line(path: Path, most: int = MAX_ENTRY) -> bytes | None:
     """The last complete line of a file (read from its end), or None."""
     try:
-        with open(path, "rb") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, size - most))
-            tail = handle.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    lines = tail.rstrip(b"\n").rsplit(b"\n", 1)
-    return lines[-1] or None
+    try:
+        return _last_line_of(fd, most)
+    finally:
+        os.close(fd)
 
 
 def _entry(value: Any) -> dict[str, Any]:
