@@ -8,8 +8,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pytest_subprocess import FakeProcess
 
-from kodepipe.core.errors import BadInput
+from kodepipe.core.errors import BadInput, CommandFailed
 from kodepipe.vm import disks, qemu
 from tests.cli import invoke
 from tests.test_qemu import argv, value
@@ -93,3 +94,33 @@ def test_a_bulk_removal_never_takes_a_disk_and_kp_ls_shows_it() -> None:
     table = invoke("kp-ls", "--table", "kept").stdout.decode()
     assert "1.0G luks" in table
     assert invoke("kp-rm", "kept").records[0]["removed"] is True and not folder.exists()
+
+
+def _create_argv(path: Path) -> list[str]:
+    return ["/usr/bin/qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=kpkey,file=/dev/stdin",
+            "-o", "encrypt.format=luks,encrypt.key-secret=kpkey,encrypt.hash-alg=sha512", str(path), str(1 << 30)]
+
+
+def test_an_untimed_pbkdf_benchmark_is_tried_again(fp: FakeProcess, tmp_path: Path) -> None:
+    # qemu-img gives up when its benchmark round fits in one scheduler tick (half the time on a
+    # 4 ms-tick kernel with SHA-256): kp-disk tries again, and the disk is made
+    disk = tmp_path / "disk.qcow2"
+    untimed = f"qemu-img: {disk}: Unable to get accurate CPU usage"
+    fp.register(_create_argv(disk), stderr=untimed, returncode=1)
+    fp.register(_create_argv(disk), stderr=untimed, returncode=1)
+    fp.register(_create_argv(disk), returncode=0)
+    disks._make_qcow2(disk, 1 << 30, "k")
+    assert fp.call_count(_create_argv(disk)) == 3
+
+
+def test_other_failures_and_a_benchmark_that_never_times_are_not_hidden(fp: FakeProcess, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.qcow2"
+    fp.register(_create_argv(disk), stderr="qemu-img: No space left on device", returncode=1)
+    with pytest.raises(CommandFailed, match="No space left"):
+        disks._make_qcow2(disk, 1 << 30, "k")
+    assert fp.call_count(_create_argv(disk)) == 1
+    for _ in range(disks.CREATE_TRIES):
+        fp.register(_create_argv(disk), stderr="Unable to get accurate CPU usage", returncode=1)
+    with pytest.raises(CommandFailed, match="accurate CPU usage"):
+        disks._make_qcow2(disk, 1 << 30, "k")
+    assert fp.call_count(_create_argv(disk)) == 1 + disks.CREATE_TRIES

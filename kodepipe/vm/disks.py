@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kodepipe.core.errors import BadInput, KpError
+from kodepipe.core.errors import BadInput, CommandFailed, KpError
 from kodepipe.core.records import Record
 from kodepipe.core.state import Store, check_id, new_id, now_iso
 
@@ -56,7 +56,6 @@ def serial(index: int) -> str:
 def create(store: Store, name: str, *, size: int, key: str, source: dict[str, Any]) -> Record:
     """Make disk ``name``: an empty LUKS-encrypted qcow2 of ``size`` bytes, keyed by ``key``, whose
     source (``{"env": VAR}``, ``{"file": PATH}`` or ``{"command": ARGV}``) the metadata keeps."""
-    from kodepipe.core import proc
 
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise BadInput(f"a disk's size is between {MIN_SIZE >> 20} MiB and {MAX_SIZE >> 40} TiB")
@@ -64,14 +63,36 @@ def create(store: Store, name: str, *, size: int, key: str, source: dict[str, An
         meta: dict[str, Any] = {"kind": "disk", "name": name, "id": new_id(), "created": now_iso(),
                                 "state": "creating", "size": size, "encryption": "luks", "key": source}
         with store.creating("disk", name, meta) as folder:
-            # the key goes to qemu-img on its stdin, read as the secret object's file
-            proc.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=kpkey,file=/dev/stdin",
-                      "-o", "encrypt.format=luks,encrypt.key-secret=kpkey", folder / DISK, str(size)],
-                     input=key.encode())
+            _make_qcow2(folder / DISK, size, key)
             os.chmod(folder / DISK, 0o600)
             meta.update(state="ready", disk=DISK)
             store.write_meta(folder, meta)
     return view(store, name)
+
+
+# qemu-img times its PBKDF benchmark by the thread's CPU time, which many kernels count in scheduler
+# ticks (4 ms here): a round that fits inside one tick reads as 0 ms and qemu-img gives up with this
+# message.  SHA-512 makes each round about twice as long as SHA-256 on CPUs with SHA extensions, and
+# a round that still reads as 0 is tried again, a bounded number of times.
+UNTIMED = "Unable to get accurate CPU usage"
+CREATE_TRIES = 6
+
+
+def _make_qcow2(path: Path, size: int, key: str) -> None:
+    from kodepipe.core import proc
+
+    # the key goes to qemu-img on its stdin, read as the secret object's file
+    argv: list[str | Path] = [
+        "qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=kpkey,file=/dev/stdin",
+        "-o", "encrypt.format=luks,encrypt.key-secret=kpkey,encrypt.hash-alg=sha512", path, str(size)]
+    for attempt in range(CREATE_TRIES):
+        try:
+            proc.run(argv, input=key.encode())
+            return
+        except CommandFailed as exc:
+            if UNTIMED not in str(exc) or attempt == CREATE_TRIES - 1:
+                raise
+            path.unlink(missing_ok=True)
 
 
 def view(store: Store, name: str) -> Record:
