@@ -716,3 +716,51 @@ def test_a_connection_whose_client_half_closed_lives_until_its_answer(tmp_path: 
             p.log.close()
     (decision,) = decisions(running.log)
     assert decision["decision"] == "allow" and decision["bytes_down"] > 0
+
+
+def test_a_checked_tunnel_is_spliced_whole_both_ways(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once its ClientHello is checked, a tunnel's bytes are moved by the kernel (splice), not copied
+    through Python: what the client sent with its ClientHello in one write comes first, megabytes
+    arrive whole and in order both ways, a half-close passes through, and the log counts every byte."""
+    def no_copy(*_args: Any) -> Any:
+        raise AssertionError("the tunnel was copied through Python buffers")
+
+    monkeypatch.setattr(egress, "_pipe", no_copy)
+    payload = bytes(range(256)) * (12 << 12)  # 12 MiB, more than a pipe holds
+    hello = client_hello("echo.test")
+    with socket.create_server(("127.0.0.1", 0)) as upstream:
+        port = upstream.getsockname()[1]
+        p, running = start_proxy(tmp_path, [f"echo.test:{port}"], ["echo.test=127.0.0.1"])
+
+        upstream.settimeout(30)  # bounded: a broken tunnel fails the test instead of hanging it
+
+        def echo() -> int:
+            conn, _ = upstream.accept()
+            conn.settimeout(30)
+            total = 0
+            with conn:
+                while data := conn.recv(1 << 16):
+                    conn.sendall(data)
+                    total += len(data)
+            return total
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                echoed = pool.submit(echo)
+                s = tunnel(running.port, f"echo.test:{port}", [hello + b"early"])
+                s.settimeout(30)
+
+                def send() -> None:
+                    s.sendall(payload)
+                    s.shutdown(socket.SHUT_WR)
+
+                pool.submit(send)
+                got = rest(s)
+                assert echoed.result(30) == len(hello) + 5 + len(payload)
+        finally:
+            p.stop()
+            p.log.close()
+    assert got == hello + b"early" + payload
+    (decision,) = logged(running.log, 1)
+    assert decision["decision"] == "allow" and decision["sni"] == "echo.test"
+    assert decision["bytes_up"] == decision["bytes_down"] == len(got)

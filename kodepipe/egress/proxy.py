@@ -424,9 +424,7 @@ class Proxy:
                 if sni.lower().rstrip(".") != host:
                     raise Denied(f"TLS server name {sni!r} is not the host asked for")
                 upstream_r, upstream_w, fields["address"] = await self._connect(addrs, request.port)
-                upstream_w.write(hello)
-                up, down = await _pipe(reader, writer, upstream_r, upstream_w)
-                up += len(hello)
+                up, down = await _tunnel(reader, writer, upstream_r, upstream_w, hello)
             else:
                 upstream_r, upstream_w, fields["address"] = await self._connect(addrs, request.port)
                 up, down, dropped = await _one_request(reader, writer, upstream_r, upstream_w, request, said)
@@ -932,3 +930,133 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         with contextlib.suppress(Exception):
             up_writer.close()
     return counts[0], counts[1]
+
+
+# -- a checked tunnel, copied by the kernel --------------------------------------------------------
+
+SPLICE_CHUNK = 1 << 20  # at most this much in flight per direction: one pipe's worth
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+async def _tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                  up_reader: asyncio.StreamReader, up_writer: asyncio.StreamWriter, hello: bytes) -> tuple[int, int]:
+    """Carry a CONNECT tunnel whose ClientHello has been checked: from now on the proxy only counts
+    bytes, so both sockets leave asyncio's streams and the kernel moves the bytes between them
+    through a pipe (splice(2)), never through Python buffers.  What the streams had already read
+    goes first.  Sockets that cannot splice (or a loop without file descriptors) are copied as before.
+    Returns the bytes sent up (the ClientHello included) and down."""
+    client, upstream = _detach(writer), _detach(up_writer)
+    if client is None or upstream is None:
+        for sock in (client, upstream):
+            if sock is not None:
+                sock.close()
+        up_writer.write(hello)
+        up, down = await _pipe(reader, writer, up_reader, up_writer)
+        return up + len(hello), down
+    loop = asyncio.get_running_loop()
+    try:
+        early_up = hello + _take_buffered(reader)
+        early_down = _take_buffered(up_reader)
+        for stream in (writer, up_writer):
+            stream.transport.abort()  # its socket is closed; the duplicate carries the connection on
+        counts = [0, 0]
+
+        async def one_way(src: socket.socket, dst: socket.socket, early: bytes, index: int) -> None:
+            try:
+                if early:
+                    await loop.sock_sendall(dst, early)
+                    counts[index] += len(early)
+                try:
+                    await _splice(loop, src.fileno(), dst.fileno(), counts, index)
+                except NoSplice:
+                    while data := await loop.sock_recv(src, READ_SIZE):
+                        await loop.sock_sendall(dst, data)
+                        counts[index] += len(data)
+            except OSError:
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
+
+        await asyncio.gather(one_way(client, upstream, early_up, 0), one_way(upstream, client, early_down, 1))
+        return counts[0], counts[1]
+    finally:
+        client.close()
+        upstream.close()
+
+
+def _detach(writer: asyncio.StreamWriter) -> socket.socket | None:
+    """A duplicate of the stream's socket, non-blocking, with reading paused on the stream so that it
+    buffers nothing more; None if the stream has no real socket."""
+    transport = writer.transport
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.type != socket.SOCK_STREAM or transport.get_write_buffer_size():
+        return None
+    transport.pause_reading()  # type: ignore[attr-defined]
+    dup = socket.socket(fileno=os.dup(sock.fileno()))
+    dup.setblocking(False)
+    return dup
+
+
+def _take_buffered(reader: asyncio.StreamReader) -> bytes:
+    """What the stream has read and nobody has consumed yet (StreamReader keeps it in ``_buffer``)."""
+    buffer = getattr(reader, "_buffer", None)
+    if not isinstance(buffer, bytearray):
+        return b""
+    data = bytes(buffer)
+    buffer.clear()
+    return data
+
+
+class NoSplice(Exception):
+    """The socket cannot be spliced (EINVAL before a byte moved)."""
+
+
+async def _splice(loop: asyncio.AbstractEventLoop, src: int, dst: int, counts: list[int], index: int) -> None:
+    """Move bytes from socket ``src`` to socket ``dst`` until ``src`` ends, through a pipe, waiting on
+    the loop whenever either side would block; ``counts[index]`` counts them as they go."""
+    import fcntl
+
+    pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, SPLICE_CHUNK)
+    pending, first = 0, True
+    try:
+        while True:
+            if not pending:
+                try:
+                    pending = os.splice(src, pipe_w, SPLICE_CHUNK, flags=SPLICE_FLAGS)
+                except BlockingIOError:
+                    await _ready(loop, src, write=False)
+                    continue
+                except OSError as exc:
+                    if exc.errno == errno.EINVAL and first:
+                        raise NoSplice from exc
+                    raise
+                if not pending:
+                    return
+                first = False
+            try:
+                sent = os.splice(pipe_r, dst, pending, flags=SPLICE_FLAGS)
+            except BlockingIOError:
+                await _ready(loop, dst, write=True)
+                continue
+            pending -= sent
+            counts[index] += sent
+    finally:
+        os.close(pipe_r)
+        os.close(pipe_w)
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    waiter = loop.create_future()
+
+    def wake() -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
+    try:
+        await waiter
+    finally:
+        (loop.remove_writer if write else loop.remove_reader)(fd)
