@@ -45,8 +45,8 @@ class SizeCap:
     copy of its log), so its RLIMIT_FSIZE is set where it runs, and ``stop`` halts it, kills the
     container and lets it go on, all three."""
 
-    def __init__(self, path: Path, cap: int, tracer: proc.Process[bytes] | None, stop: Callable[[], None],
-                 say: Callable[[str], None] = lambda _m: None) -> None:
+    def __init__(self, path: Path, cap: int, tracer: proc.Process[bytes] | proc.Foreign | None,
+                 stop: Callable[[], None], say: Callable[[str], None] = lambda _m: None) -> None:
         self.path, self.cap, self.tracer = path, cap, tracer
         self.stop, self.say = stop, say
         self.reached: int | None = None
@@ -73,7 +73,8 @@ class SizeCap:
                 continue
             self.reached = size
             self.say(f"the audit log reached its cap ({self.cap} bytes): stopping the container")
-            # Popen.send_signal does nothing once the tracer was reaped: never a reused pid
+            # Popen.send_signal does nothing once the tracer was reaped, a Foreign's goes by its pidfd:
+            # never to a reused pid
             try:
                 with contextlib.suppress(ProcessLookupError):
                     if self.tracer is not None:

@@ -327,15 +327,18 @@ def marks(events: Iterable[Mapping[str, Any]], into: Marks | None = None) -> Mar
     return m
 
 
-def read_log(path: str | os.PathLike[str]) -> Marks:
-    """Parse an audit log (strace text, as kp-run --audit writes it) into Marks."""
+def read_log(path: str | os.PathLike[str], skip: int = 0) -> Marks:
+    """Parse an audit log (strace text, as kp-run --audit writes it) into Marks; its first ``skip``
+    lines are the container runtime's own (the record's audit_setup_lines)."""
     from kodepipe.audit.strace import Parser
     from kodepipe.core.records import TooLong, bounded_lines
 
     parser = Parser()
     result = Marks()
     with open(path, "rb") as handle:
-        for _, raw in bounded_lines(handle, LOG_LINE):
+        for number, raw in bounded_lines(handle, LOG_LINE):
+            if number <= skip:
+                continue
             if isinstance(raw, TooLong):
                 marks(parser.unreadable("...", "too long"), result)
                 continue

@@ -42,9 +42,23 @@ CAPTURE_FLAGS = ("-f", "-ttt", "-T", "-yy", "-s", "256")
 # Capture modes of kp-trace (and a later kp-run --audit): strace arguments,
 # and what the mode cannot see (said in the first record of the output).
 FILE_EXTRA = "fchmod,fchown,ftruncate,fchdir,mount,umount2,ptrace,kill,tkill,tgkill"
+# The default mode's system calls: every one that creates, changes, moves, links or removes a file
+# or opens one (a file written is seen at its open, by its flags), runs a program, makes or ends a
+# process, sends a signal or touches a socket.  Not the calls that only look (stat, access,
+# readlink, getcwd) nor the waits: they change nothing, and under a tracer each costs a stop (a git
+# status makes one lstat per tracked file; a shell one wait per command).
+DEFAULT_CALLS = (
+    "open,openat,openat2,creat,open_by_handle_at,name_to_handle_at,memfd_create,"
+    "truncate,ftruncate,fallocate,unlink,unlinkat,rmdir,rename,renameat,renameat2,link,linkat,"
+    "symlink,symlinkat,mkdir,mkdirat,mknod,mknodat,chmod,fchmod,fchmodat,chown,lchown,fchown,fchownat,"
+    "utime,utimes,utimensat,futimesat,setxattr,lsetxattr,fsetxattr,removexattr,lremovexattr,fremovexattr,"
+    "chdir,fchdir,chroot,mount,umount2,pivot_root,swapon,swapoff,acct,quotactl,"
+    "execve,execveat,fork,vfork,clone,clone3,exit,exit_group,unshare,setns,"
+    "kill,tkill,tgkill,rt_sigqueueinfo,rt_tgsigqueueinfo,pidfd_send_signal,pidfd_open,pidfd_getfd,ptrace,"
+    "%network")
 MODES: dict[str, tuple[str, ...]] = {
     "minimal": ("--seccomp-bpf", "-e", "trace=%process,kill,tkill,tgkill"),
-    "default": ("--seccomp-bpf", "-e", f"trace=%process,%file,%network,{FILE_EXTRA}"),
+    "default": ("--seccomp-bpf", "-e", f"trace={DEFAULT_CALLS}"),
     "full": (),
 }
 BLIND: dict[str, list[str]] = {
@@ -56,6 +70,7 @@ BLIND: dict[str, list[str]] = {
     ],
     "default": [
         "data: reads and writes on descriptors already open (files written are seen at open, by their flags)",
+        "calls that only look at a file (stat, access, readlink) and waits for a child (its end is seen)",
         "memory mapping, ioctl, polling and other system calls outside the file, process and network sets",
         "system calls that another seccomp filter denied with an errno (strace's own filter never sees them)",
     ],
@@ -65,7 +80,9 @@ BLIND: dict[str, list[str]] = {
     ],
 }
 ATTACHED_NOTE = ("--seccomp-bpf does not apply to processes attached with -p: every mode then stops "
-                 "the tracee at each system call, and the filtering is done by -e only")
+                 "the tracee at each system call, and the filtering is done by -e only (kp-run --audit attaches "
+                 "so in a VM, and on a Podman service kodepipe did not start: the record's audit_tracer is "
+                 "\"attached\"; on its own service strace starts the container's runtime, and the filter applies)")
 
 
 def attach_argv(mode: str, log: str, pid: int) -> list[str]:
@@ -74,6 +91,53 @@ def attach_argv(mode: str, log: str, pid: int) -> list[str]:
     on recording if kp-run dies), attached to ``pid`` and all it starts.  --seccomp-bpf is left out: it
     applies only to processes strace starts (ATTACHED_NOTE)."""
     return [*CAPTURE_FLAGS, *[a for a in MODES[mode] if a != "--seccomp-bpf"], "-o", log, "-p", str(pid)]
+
+def runtime_wrapper(runtime: str, plans: str) -> str:
+    """The OCI runtime of kodepipe's own Podman service (a shell script named as ``runtime``, whose
+    name Podman reads as the runtime's kind): every command goes to ``runtime``, except the
+    ``create`` of a container that kp-run --audit left a plan for (``plans``/ID), which the plan
+    runs (``runtime_plan``)."""
+    import shlex
+
+    return ("#!/bin/sh\n"
+            "# kodepipe's Podman service runs its containers with this OCI runtime (kodepipe.audit.strace)\n"
+            f"plans={shlex.quote(plans)}\n"
+            'for id; do :; done\n'
+            'case " $* " in *" create "*)\n'
+            '    case $id in *[!0-9a-f]*|"") ;; *) [ -f "$plans/$id" ] && exec /bin/sh "$plans/$id" "$@" ;; esac ;;\n'
+            "esac\n"
+            f'exec {shlex.quote(runtime)} "$@"\n')
+
+
+def runtime_plan(strace: str, runtime: str, mode: str, log: str) -> str:
+    """kp-run --audit's plan for its container's ``create`` (run by ``runtime_wrapper``): the runtime
+    under strace.
+
+    strace starts the runtime itself, so --seccomp-bpf applies: its filter is installed in the
+    runtime before the container exists, and every process of the container inherits it, so the
+    agent stops only at the mode's system calls (attached with -p, it would stop at every one).
+    ``-DDD``: the tracer is the runtime's grandchild, in a session of its own, so that ``create``
+    returns while the container's first process, blocked until the start, is still traced.  It
+    runs on the host, outside every namespace of the container.  What the runtime does before the
+    agent's command starts is in the log too; the record says how many lines to skip (``setup_end``)."""
+    import shlex
+
+    argv = [strace, "-DDD", *CAPTURE_FLAGS, *MODES[mode], "-o", log, "--", runtime]
+    return f'# kp-run --audit: this container is created under strace\nexec {shlex.join(argv)} "$@"\n'
+
+
+def setup_end(lines: Iterable[bytes], pid: int, limit: int = 1 << 20) -> int | None:
+    """How many lines, in a log whose tracer started the OCI runtime, come before process ``pid``
+    (the container's first) starts the agent's command (its first execve): the runtime's setup.
+    None if no such line is among the first ``limit``."""
+    start = f"{pid} ".encode()
+    for number, line in enumerate(lines):
+        if number >= limit:
+            return None
+        if line.startswith(start) and re.match(rb"\d+ +[\d.:]+ +execve(at)?\(", line):
+            return number
+    return None
+
 
 EVENT_TYPES = ("exec", "file", "net", "process", "signal", "exit", "syscall", "attach", "detach", "tracer",
                "parse_error")

@@ -252,7 +252,15 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     guest's at the end (audit_copy).  Such an audit is only as
     trustworthy as the guest's kernel and root, and is not cross-checked
     (audit_unaccounted says so).  An image without strace refuses
-    --audit: rebuild it (kp-image build) and clone again.  If the Podman
+    --audit: rebuild it (kp-image build) and clone again.  On the host,
+    kodepipe's own Podman service creates the container under strace, so
+    strace's seccomp-bpf filter is in every process of it and the agent
+    stops only at the mode's system calls (audit_tracer "seccomp-bpf");
+    the runtime's own start-up lines are skipped by readers
+    (audit_setup_lines).  With a Podman service you named, and in a VM,
+    strace attaches to the container's first process instead and every
+    system call stops the agent (audit_tracer "attached"): the same
+    record, slower.  If the Podman
     service dies during a run (error code engine_lost, exit 1), kp-run
     starts its own service again (for one you named, it stops the
     container's processes itself) and removes the container;

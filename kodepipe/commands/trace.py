@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -473,7 +474,10 @@ def _timeline(record: Record, log: str | None, egress_log: str | None, review_lo
             stack.enter_context(handle)
             bad = _BadLines(out, f"{name}: the audit log {log}")
             stack.callback(bad.close)
-            lines = after_runtime(_text(_reading(bounded_lines(handle, STRACE_LINE), "the audit log", log), bad))
+            setup = record.get("audit_setup_lines")
+            setup = setup if isinstance(setup, int) and not isinstance(setup, bool) and setup > 0 else 0
+            lines = after_runtime(_text(_reading(bounded_lines(handle, STRACE_LINE), "the audit log", log), bad),
+                                  setup)
             sources.append(_guarded(_events(lines, extra), failures))
         if egress_log is not None:
             sources.append(_guarded(_egress(egress_log, record, out, extra), failures))
@@ -662,10 +666,13 @@ def _reading(numbered: Iterator[tuple[int, Any]], what: str, path: str) -> Itera
         raise KpError(f"cannot read {what} {path}: {exc.strerror}", code="unreadable") from None
 
 
-def after_runtime(lines: Iterable[str | Unreadable]) -> Iterator[str | Unreadable]:
+def after_runtime(lines: Iterable[str | Unreadable], setup: int = 0) -> Iterator[str | Unreadable]:
     """An audit log from its first execve on: the lines before it are the container
-    runtime's own start-up (runc's init writing to its exec fifo), not the agent."""
+    runtime's own start-up (runc's init writing to its exec fifo), not the agent.  ``setup``:
+    the record's audit_setup_lines, the runtime's own lines when strace started it."""
     it = iter(lines)
+    for _ in itertools.islice(it, setup):
+        pass
     for line in it:
         if isinstance(line, str) and "execve(" in line:
             yield line

@@ -81,12 +81,15 @@ class Engine:
     """A connection to one Podman service."""
 
     def __init__(self, url: str, *, own: bool = False) -> None:
-        from podman import PodmanClient
-
         self.url = url
         self.own = own  # kodepipe's own service, which it may start again
-        self.client = PodmanClient(base_url=url)
-        self.api = self.client.api
+        self.api: Any
+        if url.startswith("unix://"):
+            self.api = UnixApi(url[len("unix://"):])
+        else:  # ssh:// and tcp:// services go through podman-py, which knows how to reach them
+            from podman import PodmanClient
+
+            self.api = PodmanClient(base_url=url).api
 
     # -- connecting -----------------------------------------------------------
 
@@ -121,7 +124,7 @@ class Engine:
 
     def ping(self) -> bool:
         try:
-            return bool(self.client.ping())
+            return bool(self.api.head("/_ping").status_code == 200)
         except Exception:
             return False
 
@@ -181,6 +184,20 @@ class Engine:
         result: dict[str, Any] = self._check(self._call("get", f"/containers/{cid}/json", "inspecting"),
                                              "inspecting").json()
         return result
+
+    def plan_create(self, cid: str, info: dict[str, Any], plan: str) -> Path | None:
+        """Leave ``plan`` for the runtime's create of container ``cid`` (its inspect ``info``): where, or None
+        when the container's runtime is not kodepipe's wrapper (a service kodepipe did not start, or
+        one started before it had one)."""
+        if not self.own or not info.get("OCIRuntime", "").startswith(str(paths.runtime_dir() / "oci") + "/"):
+            return None
+        if not cid or not all(c in "0123456789abcdef" for c in cid):
+            return None
+        path = plans_dir() / cid
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(plan)
+        return path
 
     def exists(self, cid: str) -> bool:
         return bool(self._call("get", f"/containers/{cid}/exists", "looking for the container").status_code == 204)
@@ -304,6 +321,104 @@ class Engine:
         return result
 
 
+API_PREFIX = "/v4.0.0/libpod"  # the libpod API of Podman 4 and later
+
+
+class Response:
+    """A Podman answer: the parts of a requests.Response that the engine reads."""
+
+    def __init__(self, status: int, body: bytes, raw: Any = None) -> None:
+        self.status_code, self.content, self.raw = status, body, raw
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        try:
+            return orjson.loads(self.content)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class UnixApi:
+    """HTTP/1.1 to a Podman service on a unix socket, with the standard library: one connection per
+    request, as podman-py's client would make.  podman-py (with requests, urllib3 and rich) takes
+    longer to import than kp-run -- true spends in all its requests; it stays for ssh:// and
+    tcp:// services.  Errors are OSErrors, as podman-py's are."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def request(self, method: str, path: str, *, params: dict[str, Any] | None = None, data: bytes | None = None,
+                headers: dict[str, str] | None = None, stream: bool = False) -> Response:
+        import http.client
+        import urllib.parse
+
+        query = ""
+        if params:
+            query = "?" + urllib.parse.urlencode(
+                {k: ("true" if v is True else "false" if v is False else str(v)) for k, v in params.items()})
+        conn = _unix_connection(self.path)
+        try:
+            conn.request(method.upper(), API_PREFIX + path + query, body=data, headers=headers or {})
+            response = conn.getresponse()
+            if stream:  # the caller reads the body as it comes; it owns the connection now
+                return Response(response.status, b"", raw=response)
+            body = response.read()
+        except http.client.HTTPException as exc:
+            conn.close()
+            raise ConnectionError(f"a broken answer ({type(exc).__name__}: {exc})") from None
+        except OSError:
+            conn.close()
+            raise
+        conn.close()
+        return Response(response.status, body)
+
+    def get(self, path: str, **kwargs: Any) -> Response:
+        return self.request("get", path, **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> Response:
+        return self.request("post", path, **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> Response:
+        return self.request("delete", path, **kwargs)
+
+    def head(self, path: str, **kwargs: Any) -> Response:
+        return self.request("head", path, **kwargs)
+
+
+def _connection_class() -> type:
+    import http.client
+
+    class UnixConnection(http.client.HTTPConnection):
+        def __init__(self, path: str) -> None:
+            super().__init__("podman")
+            self.unix_path = path
+
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.unix_path)
+            except OSError:
+                sock.close()
+                raise
+            self.sock = sock
+
+    return UnixConnection
+
+
+def _unix_connection(path: str) -> Any:
+    """An HTTPConnection to the socket at ``path`` (its class made on first use: http.client is lazy)."""
+    global _connection_type
+    if _connection_type is None:
+        _connection_type = _connection_class()
+    return _connection_type(path)
+
+
+_connection_type: type | None = None
+
+
 def _cause(exc: BaseException) -> str:
     """The innermost reason of a connection failure (requests wraps it three times)."""
     while exc.__cause__ is not None or exc.__context__ is not None:
@@ -341,9 +456,41 @@ def service_log() -> Path:
     return paths.cache_dir() / "logs" / "podman-service.log"
 
 
+def wrapper_path(runtime: str) -> Path:
+    """Where kodepipe's own service finds its OCI runtime (strace.runtime_wrapper), named as the
+    runtime it wraps (Podman reads a runtime's features from its name)."""
+    return paths.runtime_dir() / "oci" / Path(runtime).name
+
+
+def plans_dir() -> Path:
+    return paths.runtime_dir() / "audit-plans"
+
+
+def _write_wrapper() -> Path | None:
+    """The service's OCI runtime, written afresh; None when no runtime binary is found (the service then
+    runs Podman's default, and kp-run --audit attaches its tracer instead)."""
+    from kodepipe.audit import strace
+
+    runtime = proc.which(oci_runtime() or "crun")
+    if runtime is None:
+        return None
+    wrapper = wrapper_path(runtime)
+    wrapper.parent.mkdir(mode=0o700, exist_ok=True)
+    plans_dir().mkdir(mode=0o700, exist_ok=True)
+    fresh = wrapper.with_name(f".{wrapper.name}.{os.getpid()}")
+    fresh.unlink(missing_ok=True)
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o700)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(strace.runtime_wrapper(os.path.realpath(runtime), str(plans_dir())))
+    os.replace(fresh, wrapper)
+    return wrapper
+
+
 def _start_service(sock: Path) -> None:
     podman = proc.require("podman")
     force_chown_copies()
+    wrapper = _write_wrapper()
+    runtime = ["--runtime", str(wrapper)] if wrapper is not None else []
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
     log = service_log()
@@ -354,7 +501,7 @@ def _start_service(sock: Path) -> None:
             # working directory is the socket's private dir: conmon, which it starts, drops an
             # "oom" file into its cwd when a container hits its memory limit, and that must not
             # be the user's project
-            proc.daemon([podman, "system", "service", f"--time={IDLE_SECONDS}", f"unix://{sock}"], stdout=out,
-                        stderr=out, cwd=sock.parent)
+            proc.daemon([podman, *runtime, "system", "service", f"--time={IDLE_SECONDS}", f"unix://{sock}"],
+                        stdout=out, stderr=out, cwd=sock.parent)
         except CommandFailed as exc:
             raise CommandFailed(f"could not start the Podman service: {exc}") from exc

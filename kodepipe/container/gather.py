@@ -77,14 +77,14 @@ def _is_tty(stream: Any) -> bool:
 
 def config(opts: pol.Options, prof: Any, environ: Mapping[str, str] | None = None) -> pol.Config:
     """What resolve needs to know of kp-run's environment, and nothing else."""
-    from kodepipe.egress.proxy import read_rules
-
     env_source = os.environ if environ is None else environ
     wanted = [v for v in opts.env if "=" not in v] + list(prof.env if prof is not None else ())
     env = {name: env_source[name] for name in wanted if name in env_source}
     rules: dict[str, tuple[str, ...]] = {}
     unreadable: dict[str, str] = {}
     for path in opts.allow_files:
+        from kodepipe.egress.proxy import read_rules  # the proxy's module (asyncio, ssl): only when asked
+
         try:
             rules[path] = tuple(read_rules(Path(path)))
         except BadInput as exc:

@@ -222,7 +222,9 @@ class Run:
         self.container_pid: int | None = None  # the container's first process, as the host sees it
         self.container_pid_start: int | None = None
         self.proxy: Any = None
-        self.strace: subprocess.Popen[bytes] | None = None
+        self.strace: subprocess.Popen[bytes] | proc.Foreign | None = None
+        self.wrapped = False  # the audit's strace starts the OCI runtime (seccomp-bpf), not attached with -p
+        self.plan: Path | None = None  # its plan for the runtime's create, until the create is done
         self.strace_said: collections.deque[str] = collections.deque(maxlen=4)
         self.tracer_watch: threading.Thread | None = None
         self.audit_cap: auditcap.SizeCap | None = None
@@ -425,9 +427,15 @@ class Run:
         self.made = True
         self.cid = cid = self.engine.create(box.spec())
         _checkpoint("container-created")
+        if self.policy.audit is not None:
+            self._plan_audit(cid, staged.folder)
         # its processes and namespaces exist, nothing runs yet: the tracer and the proxy attach
         # now, and its first process is on record, so kp-ls can tell whether it still runs
-        self.engine.init(cid)
+        try:
+            self.engine.init(cid)
+        finally:
+            if self.plan is not None:  # the create is done: the plan has had its one use
+                self.plan.unlink(missing_ok=True)
         pid = int(self.engine.inspect(cid)["State"].get("Pid") or 0)
         if pid <= 0:
             raise KpError("Podman did not say which process the container's is: kp-run cannot set its "
@@ -452,16 +460,58 @@ class Run:
         if self.policy.audit is not None:
             from kodepipe.audit import strace
 
+            blind = strace.BLIND[self.policy.audit.mode]
             self.meta.update(audit_log=str(staged.folder / AUDIT_LOG),
-                             audit_blind=[*strace.BLIND[self.policy.audit.mode], strace.ATTACHED_NOTE])
+                             audit_tracer="seccomp-bpf" if self.wrapped else "attached",
+                             audit_blind=blind if self.wrapped else [*blind, strace.ATTACHED_NOTE])
         if self.egress is not None:
             self.meta["egress_log"] = str(staged.folder / EGRESS_LOG)
         self.store.write_meta(staged.folder, self.meta)
         if self.egress is not None:
             self._start_proxy(staged.folder, started)
         if self.policy.audit is not None:
-            self._attach_strace(staged.folder, started, self.policy.audit)
+            if self.wrapped:
+                self._adopt_strace(staged.folder, started, self.policy.audit)
+            else:
+                self._attach_strace(staged.folder, started, self.policy.audit)
         return started
+
+    def _plan_audit(self, cid: str, folder: Path) -> None:
+        """kp-run --audit on kodepipe's own service: a plan that creates the container under strace
+        (strace.runtime_plan), so that strace's seccomp-bpf filter is in every process of it.
+        Elsewhere (or with no strace plan possible) strace attaches with -p after the init."""
+        from kodepipe.audit import strace
+
+        audit = self.policy.audit
+        runtime = proc.which(self.facts.oci_runtime or "crun")
+        if audit is None or runtime is None:
+            return
+        plan = strace.runtime_plan(proc.require("strace"), os.path.realpath(runtime), audit.mode,
+                                   str(folder / AUDIT_LOG))
+        self.plan = self.engine.plan_create(cid, self.engine.inspect(cid), plan)
+        self.wrapped = self.plan is not None
+
+    def _adopt_strace(self, folder: Path, started: Started, audit: Any) -> None:
+        """The tracer the runtime's create started (strace.runtime_wrapper): found as the tracer of the
+        container's first process, checked to be strace, watched by its pidfd.  No tracer, no run."""
+        tracer_pid = proc.tracer_of(started.pid)
+        strace_path = os.path.realpath(proc.require("strace"))
+        try:
+            if tracer_pid is None or os.readlink(f"/proc/{tracer_pid}/exe") != strace_path:
+                raise ProcessLookupError
+            tracer = proc.Foreign(tracer_pid)
+        except (OSError, ProcessLookupError):
+            raise KpError("the audit's tracer did not take the container (no strace traces its first process): "
+                          "kp-run does not start an audit that does not record", code="audit_failed") from None
+        self.strace = tracer
+        self.audit_cap = auditcap.SizeCap(folder / AUDIT_LOG, audit.cap, tracer,
+                                          self._kill_process, lambda m: self.say("warn", f"{self.name}: {m}"))
+        self.audit_cap.start()
+        from kodepipe.core import chain
+
+        self.chainer = chain.Follower(folder / AUDIT_LOG).start()  # the log's hash chain, as strace writes
+        self.tracer_watch = threading.Thread(target=self._watch_tracer, args=(tracer,), daemon=True)
+        self.tracer_watch.start()
 
     def _start_proxy(self, folder: Path, started: Started) -> None:
         from kodepipe.egress import proxy as egress
@@ -503,6 +553,19 @@ class Run:
         self.tracer_watch = threading.Thread(target=self._watch_tracer, args=(tracer,), daemon=True)
         self.tracer_watch.start()
 
+    def _setup_lines(self, log: Path, pid: int) -> None:
+        """The record's audit_setup_lines: how many of the log's first lines are the runtime's own,
+        before the container's first process starts the agent's command (readers skip them)."""
+        from kodepipe.audit import strace
+
+        try:
+            with open(log, "rb") as handle:
+                setup = strace.setup_end(handle, pid)
+        except OSError:
+            setup = None
+        if setup is not None:
+            self.meta["audit_setup_lines"] = setup
+
     def _read_tracer(self, stream: Any) -> None:
         """Keep strace's last messages: they say why it ended, if it ended early."""
         for line in stream:
@@ -510,16 +573,27 @@ class Run:
             if text and not text.endswith(" attached"):
                 self.strace_said.append(text)
 
-    def _watch_tracer(self, tracer: subprocess.Popen[bytes]) -> None:
+    def _watch_tracer(self, tracer: subprocess.Popen[bytes] | proc.Foreign) -> None:
         """A tracer that ends while the container runs leaves the rest of the run unrecorded:
         stop the container then.  strace ends with status 0 when the last process it traces has
-        ended; killed or failed, it ends otherwise."""
+        ended; killed or failed, it ends otherwise.  The status of a tracer that is not kp-run's
+        child is unknown: it ended early if the container's first process still runs."""
+        from kodepipe.container import folders
+
         status = tracer.wait()
-        if status == 0 or self.ending:
+        if self.ending:
+            return
+        if isinstance(tracer, proc.Foreign):
+            if self.container_pid is None or not folders.process_running(self.container_pid,
+                                                                         self.container_pid_start):
+                return
+        elif status == 0:
             return
         if self.tracer_reader is not None:
             self.tracer_reader.join(timeout=2.0)  # its last words, up to the end of its stderr
-        how = (f"was killed by {signal.Signals(-status).name}" if status < 0 and -status in signal.valid_signals()
+        how = ("ended (killed, or failed: not being its parent, kp-run cannot see its status)"
+               if isinstance(tracer, proc.Foreign)
+               else f"was killed by {signal.Signals(-status).name}" if status < 0 and -status in signal.valid_signals()
                else f"ended with status {status}")
         said = "; ".join(self.strace_said)
         self.audit_problem = (f"strace (pid {tracer.pid}) {how} while the container ran"
@@ -633,6 +707,10 @@ class Run:
                     "the end of the audit log may be missing")
             if self.tracer_watch is not None:
                 self.tracer_watch.join(timeout=STRACE_END_WAIT)
+            if isinstance(self.strace, proc.Foreign):
+                self.strace.close()
+            if self.wrapped and self.folder is not None and self.container_pid is not None:
+                self._setup_lines(self.folder / AUDIT_LOG, self.container_pid)
         if self.policy.audit is not None and self.strace is not None:
             meta["audit"] = "incomplete" if self.audit_problem else "complete"
             if self.audit_problem:
@@ -768,7 +846,7 @@ class Run:
                 size = (self.folder / AUDIT_LOG).stat().st_size
                 if size > 16 << 20:  # it reads about 5 MB a second
                     self.say("progress", f"{self.name}: checking the audit ({size >> 20} MiB) against the real changes")
-                marks = crosscheck.read_log(self.folder / AUDIT_LOG)
+                marks = crosscheck.read_log(self.folder / AUDIT_LOG, meta.get("audit_setup_lines", 0))
             except OSError as exc:
                 why = f"the audit log could not be read: {exc.strerror}"
         if why is not None or marks is None or real is None:

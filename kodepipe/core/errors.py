@@ -176,6 +176,8 @@ class Code(StrEnum):
     no_seccomp = "no_seccomp", FAILED, "the VM lacks the seccomp profile that kp-run derives its own from"
     audit_incomplete = ("audit_incomplete", FAILED,
         "kp-run --audit: strace ended before the container did (audit_problem says why)")
+    audit_failed = ("audit_failed", FAILED,
+        "kp-run --audit: no strace took the container at its creation, so it was not started")
     unsafe_path = ("unsafe_path", FAILED,
         "a path would escape the workspace or pass through a symlink that is not trusted")
     conflict = ("conflict", FAILED,

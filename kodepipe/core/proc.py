@@ -10,6 +10,7 @@ explains itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -179,3 +180,54 @@ def start_time(pid: int) -> int | None:
         return int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def tracer_of(pid: int) -> int | None:
+    """The pid of the process that ptraces ``pid`` (as this pid namespace sees it), or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("TracerPid:"):
+                return int(line.split()[1]) or None
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
+
+
+class Foreign:
+    """A process that is not this one's child, held by a pidfd: a signal never reaches a pid that was
+    reused, and its end is seen on the pidfd.  It cannot be waited for, so its exit status is not
+    known: ``returncode`` is 0 once it has ended.  Popen's interface, as far as it goes."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd = os.pidfd_open(pid)  # ProcessLookupError if it is gone already
+        self.returncode: int | None = None
+
+    def _ended(self, timeout: float | None) -> bool:
+        import select
+
+        if self.returncode is None and select.select([self.fd], [], [], timeout)[0]:
+            self.returncode = 0
+        return self.returncode is not None
+
+    def poll(self) -> int | None:
+        self._ended(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if not self._ended(timeout):
+            raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+        return 0
+
+    def send_signal(self, sig: int) -> None:
+        """ProcessLookupError once it has ended."""
+        signal.pidfd_send_signal(self.fd, sig)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.send_signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -263,6 +263,8 @@ class ContainerRecord(_Object, total=False):
     audit_mode: str
     audit_cap: int | None
     audit_blind: list[str]
+    audit_tracer: Literal["seccomp-bpf", "attached"]  # strace started the runtime (its filter applies), or -p
+    audit_setup_lines: int  # the audit log's first lines that are the container runtime's own (readers skip them)
     audit: Literal["complete", "incomplete", "capped"]
     audit_problem: str
     audit_capped: JsonObject
