@@ -5,7 +5,8 @@ if kp-run dies.  A watcher thread in kp-run looks at the log's size every
 POLL seconds; when it has reached the cap, the watcher
 
 1. stops strace (SIGSTOP): every traced process then halts at its next
-   system call, since none goes on before its tracer lets it;
+   traced system call (each one, when strace is attached; the mode's, when
+   its seccomp filter decides), since none goes on before its tracer lets it;
 2. has the container killed (SIGKILL, the callback), which a process halted
    at a system call cannot ignore;
 3. lets strace go on (SIGCONT), so that it writes the ends of the processes
@@ -100,6 +101,6 @@ class SizeCap:
             out["audit_capped"] = {
                 "log_bytes": self._size(), "cap": self.cap, "run": "stopped",
                 "message": f"the audit log reached its cap ({self.cap} bytes): kp-run halted the tracer, so "
-                           "the agent's processes stopped at their next system call, and killed the "
+                           "the agent's processes stopped at their next traced system call, and killed the "
                            "container; the log records everything up to there"}
         return out

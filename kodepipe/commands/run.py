@@ -234,7 +234,7 @@ def cli(command: tuple[str, ...], workspace: Path | None, read_only_workspace: b
     unrecorded: outcome audit-lost, error code audit_incomplete, exit 1
     (kp-trace < its audit_log reads what was recorded).  The audit log has
     a cap (--audit-cap, 256m): when it is reached, kp-run halts the agent
-    at its next system call and kills the container, so the run is
+    at its next traced system call and kills the container, so the run is
     stopped, not left unrecorded: "audit" is "capped", "audit_capped"
     says where, outcome audit-capped, exit 1.  After an audited run,
     every real change (the quarantine's, or what differs between
