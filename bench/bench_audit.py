@@ -73,24 +73,28 @@ def main() -> None:
         from kodepipe.container import profile
 
         image = profile.ensure_image(profile.load("shell"), cli.Output("bench"))
-    # "default-attached": the same service named by KODEPIPE_PODMAN_URL, so kp-run treats it as one it
-    # did not start and attaches strace with -p (as in a VM): every system call stops the agent
+    # "default-attached": a plain Podman service (no kodepipe wrapper) named by KODEPIPE_PODMAN_URL, so
+    # strace attaches with -p, as in a VM: every system call stops the agent
     modes = ("untraced", "minimal", "default", "full", "default-attached")
     samples: dict[str, dict[str, list[float]]] = {m: {p: [] for p in PARTS} for m in modes}
     with tempfile.TemporaryDirectory(prefix="kp-bench-") as tmp:
         env = {**os.environ, "KODEPIPE_STATE_DIR": f"{tmp}/state", "KODEPIPE_RUNTIME_DIR": f"{tmp}/run"}
+        plain = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{tmp}/plain.sock"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
         for n in range(args.runs):
             for mode in modes[n % len(modes):] + modes[:n % len(modes)]:  # no mode always first
                 ws = Path(tmp) / f"ws-{mode}-{n}"
                 ws.mkdir()
                 os.chown(ws, 4321, 4321)
                 audit = [] if mode == "untraced" else ["--audit", "--audit-mode", mode.split("-")[0]]
-                extra = {"KODEPIPE_PODMAN_URL": f"unix://{tmp}/run/podman.sock"} if mode.endswith("attached") else {}
+                extra = {"KODEPIPE_PODMAN_URL": f"unix://{tmp}/plain.sock"} if mode.endswith("attached") else {}
                 got = inner([kp_run, "--image", image, "-w", str(ws), "--pids", "2048", *audit,
                              "--", "bash", "-c", WORKLOAD], {**env, **extra})
                 for part in PARTS:
                     samples[mode][part].append(got[part])
         subprocess.run(["pkill", "-f", f"unix://{tmp}/run/podman.sock"], check=False)
+        plain.terminate()
+        plain.wait(30)
     med = {m: {p: statistics.median(v) for p, v in parts.items()} for m, parts in samples.items()}
     result = {"bench": "audit", "image": image, "runs": args.runs,
               "inner_median_s": {m: {p: round(v, 3) for p, v in parts.items()} for m, parts in med.items()},

@@ -47,7 +47,9 @@ def call(wrapper: Path, *args: str) -> str:
 def test_the_wrapper_runs_a_plan_only_for_the_create_it_was_left_for(wrapper: Path) -> None:
     plans = wrapper.parent.parent / "plans"
     (plans / ID).write_text('echo "plan $*"\n')
-    assert call(wrapper, "--root", "/r", "create", "--bundle", "/b", ID) == f"plan --root /r create --bundle /b {ID}\n"
+    runtime = wrapper.parent.parent / "runc"
+    assert call(wrapper, "--root", "/r", "create", "--bundle", "/b", ID) == \
+        f"plan {runtime} --root /r create --bundle /b {ID}\n"  # the plan is given the runtime the wrapper wraps
     assert call(wrapper, "start", ID) == f"runtime start {ID}\n"  # every other command goes to the runtime
     other = "f" * 64
     assert call(wrapper, "create", "--bundle", "/b", other) == f"runtime create --bundle /b {other}\n"
@@ -58,12 +60,41 @@ def test_the_wrapper_runs_a_plan_only_for_the_create_it_was_left_for(wrapper: Pa
 
 
 def test_the_plan_runs_the_runtime_under_strace_with_the_modes_filter(tmp_path: Path) -> None:
-    plan = strace.runtime_plan("/usr/bin/strace", "/usr/sbin/runc", "default", str(tmp_path / "a log"))
-    assert plan.endswith('"$@"\n')
+    plan = strace.runtime_plan("/usr/bin/strace", "default", str(tmp_path / "a log"), str(tmp_path / "err"))
+    assert plan.endswith('"$runtime" "$@"\n') and 'rm -f -- "$0"' in plan  # it runs once
     argv = plan.splitlines()[-1].split()
     assert argv[:3] == ["exec", "/usr/bin/strace", "-DDD"] and "--seccomp-bpf" in argv
-    assert argv[argv.index("--") + 1] == "/usr/sbin/runc" and f"'{tmp_path}/a log'" in plan
+    assert argv[argv.index("--") + 1] == "/bin/sh" and f"'{tmp_path}/a log'" in plan
     assert "trace=%process,%file" not in plan and "openat" in plan and "newfstatat" not in plan
+
+
+def test_a_plan_is_used_once_and_stracess_messages_stay_out_of_the_containers_output(tmp_path: Path) -> None:
+    """A plan removes itself before anything else (a later create of the same container, as Podman
+    makes for a restart, must not truncate the first run's log); strace's own stderr goes to the
+    run's file, while the runtime, and so the container, keep the stderr they were given."""
+    runtime = tmp_path / "runc"
+    runtime.write_text('#!/bin/sh\necho "runtime says" >&2\n')
+    runtime.chmod(0o755)
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    script = tmp_path / "wrapper"
+    script.write_text(strace.runtime_wrapper(str(runtime), str(plans)))
+    script.chmod(0o700)
+    errors = tmp_path / "strace.err"
+
+    def create(log: Path) -> subprocess.CompletedProcess[str]:
+        (plans / ID).write_text(strace.runtime_plan(proc.require("strace"), "default", str(log), str(errors)))
+        done = subprocess.run([str(script), "create", ID], capture_output=True, text=True, timeout=60)
+        assert not (plans / ID).exists()
+        return done
+
+    done = create(tmp_path / "audit.strace")
+    assert done.stderr == "runtime says\n" and "runtime says" not in errors.read_text()
+    assert "execve(" in (tmp_path / "audit.strace").read_text()  # it ran under strace
+    failed = create(tmp_path / "no" / "log")  # a strace that cannot write its log says so, in the file
+    assert "strace" in errors.read_text() and "strace" not in failed.stderr and failed.returncode != 0
+    again = subprocess.run([str(script), "create", ID], capture_output=True, text=True, timeout=60)
+    assert again.stderr == "runtime says\n"  # no plan now: the runtime alone
 
 
 def test_a_real_strace_started_this_way_filters_and_traces_the_runtimes_children(tmp_path: Path) -> None:
@@ -76,7 +107,7 @@ def test_a_real_strace_started_this_way_filters_and_traces_the_runtimes_children
     log = tmp_path / "audit.strace"
     plans = tmp_path / "plans"
     plans.mkdir()
-    (plans / ID).write_text(strace.runtime_plan(proc.require("strace"), str(runtime), "default", str(log)))
+    (plans / ID).write_text(strace.runtime_plan(proc.require("strace"), "default", str(log), str(tmp_path / "err")))
     script = tmp_path / "wrapper"
     script.write_text(strace.runtime_wrapper(str(runtime), str(plans)))
     script.chmod(0o700)

@@ -53,8 +53,12 @@ DEFAULT_CALLS = (
     "symlink,symlinkat,mkdir,mkdirat,mknod,mknodat,chmod,fchmod,fchmodat,chown,lchown,fchown,fchownat,"
     "utime,utimes,utimensat,futimesat,setxattr,lsetxattr,fsetxattr,removexattr,lremovexattr,fremovexattr,"
     "chdir,fchdir,chroot,mount,umount2,pivot_root,swapon,swapoff,acct,quotactl,"
+    "open_tree,move_mount,fsopen,fsconfig,fsmount,fspick,mount_setattr,"
     "execve,execveat,fork,vfork,clone,clone3,exit,exit_group,unshare,setns,"
     "kill,tkill,tgkill,rt_sigqueueinfo,rt_tgsigqueueinfo,pidfd_send_signal,pidfd_open,pidfd_getfd,ptrace,"
+    "process_vm_writev,"
+    # newer than some strace builds (6.1 lacks them): '?' lets an strace that does not know a name go on
+    "?fchmodat2,?setxattrat,?removexattrat,"
     "%network")
 MODES: dict[str, tuple[str, ...]] = {
     "minimal": ("--seccomp-bpf", "-e", "trace=%process,kill,tkill,tgkill"),
@@ -92,38 +96,53 @@ def attach_argv(mode: str, log: str, pid: int) -> list[str]:
     applies only to processes strace starts (ATTACHED_NOTE)."""
     return [*CAPTURE_FLAGS, *[a for a in MODES[mode] if a != "--seccomp-bpf"], "-o", log, "-p", str(pid)]
 
+
+# how a wrapper begins: kp-run knows one by it (engine.Engine.plan_create)
+WRAPPER_HEAD = ("#!/bin/sh\n"
+                "# kodepipe's Podman service runs its containers with this OCI runtime (kodepipe.audit.strace)\n")
+
+
 def runtime_wrapper(runtime: str, plans: str) -> str:
     """The OCI runtime of kodepipe's own Podman service (a shell script named as ``runtime``, whose
     name Podman reads as the runtime's kind): every command goes to ``runtime``, except the
     ``create`` of a container that kp-run --audit left a plan for (``plans``/ID), which the plan
-    runs (``runtime_plan``)."""
+    runs (``runtime_plan``), given the runtime first."""
     import shlex
 
-    return ("#!/bin/sh\n"
-            "# kodepipe's Podman service runs its containers with this OCI runtime (kodepipe.audit.strace)\n"
-            f"plans={shlex.quote(plans)}\n"
+    return (WRAPPER_HEAD +
+            f"runtime={shlex.quote(runtime)} plans={shlex.quote(plans)}\n"
             'for id; do :; done\n'
             'case " $* " in *" create "*)\n'
-            '    case $id in *[!0-9a-f]*|"") ;; *) [ -f "$plans/$id" ] && exec /bin/sh "$plans/$id" "$@" ;; esac ;;\n'
+            '    case $id in *[!0-9a-f]*|"") ;;\n'
+            '    *) [ -f "$plans/$id" ] && exec /bin/sh "$plans/$id" "$runtime" "$@" ;; esac ;;\n'
             "esac\n"
-            f'exec {shlex.quote(runtime)} "$@"\n')
+            'exec "$runtime" "$@"\n')
 
 
-def runtime_plan(strace: str, runtime: str, mode: str, log: str) -> str:
-    """kp-run --audit's plan for its container's ``create`` (run by ``runtime_wrapper``): the runtime
-    under strace.
+def runtime_plan(strace: str, mode: str, log: str, errors: str) -> str:
+    """kp-run --audit's plan for its container's ``create`` (run once by ``runtime_wrapper``, which
+    removes it first, so that a later create of the same container can never run it again): the
+    runtime under strace.
 
     strace starts the runtime itself, so --seccomp-bpf applies: its filter is installed in the
     runtime before the container exists, and every process of the container inherits it, so the
     agent stops only at the mode's system calls (attached with -p, it would stop at every one).
     ``-DDD``: the tracer is the runtime's grandchild, in a session of its own, so that ``create``
     returns while the container's first process, blocked until the start, is still traced.  It
-    runs on the host, outside every namespace of the container.  What the runtime does before the
-    agent's command starts is in the log too; the record says how many lines to skip (``setup_end``)."""
+    runs on the host, outside every namespace of the container.  strace's own messages go to
+    ``errors``, never into the container's output: the runtime gets its stderr back through a
+    trampoline.  What the runtime does before the agent's command starts is in the log too; the
+    record says how many lines to skip (``setup_end``)."""
     import shlex
 
-    argv = [strace, "-DDD", *CAPTURE_FLAGS, *MODES[mode], "-o", log, "--", runtime]
-    return f'# kp-run --audit: this container is created under strace\nexec {shlex.join(argv)} "$@"\n'
+    argv = [strace, "-DDD", *CAPTURE_FLAGS, *MODES[mode], "-o", log, "--",
+            "/bin/sh", "-c", 'exec 2>&3 3>&-; exec "$0" "$@"']
+    return ('# kp-run --audit: this container is created under strace, once\n'
+            'rm -f -- "$0"\n'
+            'runtime=$1\n'
+            'shift\n'
+            f'exec 3>&2 2>>{shlex.quote(errors)}\n'
+            f'exec {shlex.join(argv)} "$runtime" "$@"\n')
 
 
 def setup_end(lines: Iterable[bytes], pid: int, limit: int = 1 << 20) -> int | None:
@@ -346,13 +365,13 @@ for _op, _names in {
     "symlink": "symlink symlinkat",
     "mkdir": "mkdir mkdirat",
     "mknod": "mknod mknodat",
-    "chmod": "chmod fchmod fchmodat",
+    "chmod": "chmod fchmod fchmodat fchmodat2",
     "chown": "chown lchown fchown fchownat",
     "truncate": "truncate ftruncate",
     "chdir": "chdir fchdir",
     "chroot": "chroot",
     "utime": "utime utimes utimensat futimesat",
-    "xattr": "setxattr lsetxattr fsetxattr removexattr lremovexattr fremovexattr",
+    "xattr": "setxattr lsetxattr fsetxattr removexattr lremovexattr fremovexattr setxattrat removexattrat",
     "mount": "mount umount2 pivot_root",
 }.items():
     for _n in _names.split():
@@ -382,7 +401,8 @@ _PATH_ARGS: dict[str, tuple[int, int | None]] = {
     "unlink": (0, None), "unlinkat": (1, 0), "rmdir": (0, None), "rename": (0, None), "renameat": (1, 0),
     "renameat2": (1, 0), "link": (0, None), "linkat": (1, 0), "symlink": (1, None), "symlinkat": (2, 1),
     "mkdir": (0, None), "mkdirat": (1, 0), "mknod": (0, None), "mknodat": (1, 0), "chmod": (0, None),
-    "fchmodat": (1, 0), "chown": (0, None), "lchown": (0, None), "fchownat": (1, 0), "truncate": (0, None),
+    "fchmodat": (1, 0), "fchmodat2": (1, 0), "chown": (0, None), "lchown": (0, None), "fchownat": (1, 0),
+    "truncate": (0, None), "setxattrat": (1, 0), "removexattrat": (1, 0),
     "chdir": (0, None), "chroot": (0, None), "utime": (0, None), "utimes": (0, None), "utimensat": (1, 0),
     "futimesat": (1, 0), "setxattr": (0, None), "lsetxattr": (0, None), "removexattr": (0, None),
     "lremovexattr": (0, None), "mount": (1, None), "umount2": (0, None), "execve": (0, None),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -187,13 +188,32 @@ class Engine:
 
     def plan_create(self, cid: str, info: dict[str, Any], plan: str) -> Path | None:
         """Leave ``plan`` for the runtime's create of container ``cid`` (its inspect ``info``): where, or None
-        when the container's runtime is not kodepipe's wrapper (a service kodepipe did not start, or
-        one started before it had one)."""
-        if not self.own or not info.get("OCIRuntime", "").startswith(str(paths.runtime_dir() / "oci") + "/"):
+        when the container's runtime is not a kodepipe wrapper (a service kodepipe did not start, or one
+        started before it had one).  The wrapper is recognised by what it is, not by a name: a file of
+        this user's, that nobody else may write, beginning as strace.runtime_wrapper writes it, in an
+        ``oci`` folder beside the ``audit-plans`` folder it reads (this user's, mode 0700), wherever the
+        service was started from."""
+        from kodepipe.audit import strace
+
+        runtime = info.get("OCIRuntime")
+        if not isinstance(runtime, str) or not runtime.startswith("/") or not cid \
+                or not all(c in "0123456789abcdef" for c in cid):
             return None
-        if not cid or not all(c in "0123456789abcdef" for c in cid):
+        wrapper = Path(runtime)
+        plans = wrapper.parent.parent / PLANS
+        try:
+            for path, mode in ((wrapper, 0o022), (wrapper.parent, 0o022), (plans, 0o077)):
+                st = os.lstat(path)
+                if st.st_uid != os.geteuid() or st.st_mode & mode or stat.S_ISLNK(st.st_mode):
+                    return None
+            if wrapper.parent.name != "oci":
+                return None
+            with open(wrapper, "rb") as handle:
+                if not handle.read(4096).startswith(strace.WRAPPER_HEAD.encode()):
+                    return None
+        except OSError:
             return None
-        path = plans_dir() / cid
+        path = plans / cid
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(plan)
@@ -361,7 +381,9 @@ class UnixApi:
                 {k: ("true" if v is True else "false" if v is False else str(v)) for k, v in params.items()})
         conn = _unix_connection(self.path)
         try:
-            conn.request(method.upper(), API_PREFIX + path + query, body=data, headers=headers or {})
+            # quoted as requests would: a name with a space is Podman's to refuse, not a broken request
+            target = urllib.parse.quote(API_PREFIX + path, safe="/:@!$&'()*+,;=~")
+            conn.request(method.upper(), target + query, body=data, headers=headers or {})
             response = conn.getresponse()
             if stream:  # the caller reads the body as it comes; it owns the connection now
                 return Response(response.status, b"", raw=response)
@@ -462,8 +484,11 @@ def wrapper_path(runtime: str) -> Path:
     return paths.runtime_dir() / "oci" / Path(runtime).name
 
 
+PLANS = "audit-plans"  # beside the wrapper's folder: where kp-run leaves its plans for that service
+
+
 def plans_dir() -> Path:
-    return paths.runtime_dir() / "audit-plans"
+    return paths.runtime_dir() / PLANS
 
 
 def _write_wrapper() -> Path | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import secrets as pysecrets
 import shutil
 import signal
@@ -58,6 +59,7 @@ from kodepipe.host import hostpath
 
 STRACE_ATTACH_WAIT = 10.0
 STRACE_END_WAIT = 10.0
+TRACER_ERRORS = "strace.err"  # what an audit's strace says, when the runtime's create started it
 # Tests only: kp-run stops itself (SIGSTOP) at the named point, so that a test can SIGKILL it
 # exactly there.  The one point: "container-created" (Podman made the container, meta.json
 # does not have its id yet).
@@ -483,11 +485,10 @@ class Run:
         from kodepipe.audit import strace
 
         audit = self.policy.audit
-        runtime = proc.which(self.facts.oci_runtime or "crun")
-        if audit is None or runtime is None:
+        if audit is None:
             return
-        plan = strace.runtime_plan(proc.require("strace"), os.path.realpath(runtime), audit.mode,
-                                   str(folder / AUDIT_LOG))
+        plan = strace.runtime_plan(proc.require("strace"), audit.mode, str(folder / AUDIT_LOG),
+                                   str(folder / TRACER_ERRORS))
         self.plan = self.engine.plan_create(cid, self.engine.inspect(cid), plan)
         self.wrapped = self.plan is not None
 
@@ -497,9 +498,12 @@ class Run:
         tracer_pid = proc.tracer_of(started.pid)
         strace_path = os.path.realpath(proc.require("strace"))
         try:
-            if tracer_pid is None or os.readlink(f"/proc/{tracer_pid}/exe") != strace_path:
+            if tracer_pid is None:
                 raise ProcessLookupError
-            tracer = proc.Foreign(tracer_pid)
+            tracer = proc.Foreign(tracer_pid)  # held first, then checked: the pid cannot be another's now
+            if os.readlink(f"/proc/{tracer_pid}/exe") != strace_path or proc.tracer_of(started.pid) != tracer_pid:
+                tracer.close()
+                raise ProcessLookupError
         except (OSError, ProcessLookupError):
             raise KpError("the audit's tracer did not take the container (no strace traces its first process): "
                           "kp-run does not start an audit that does not record", code="audit_failed") from None
@@ -553,6 +557,29 @@ class Run:
         self.tracer_watch = threading.Thread(target=self._watch_tracer, args=(tracer,), daemon=True)
         self.tracer_watch.start()
 
+    def _tracer_errors(self) -> None:
+        """What strace said on its stderr (its plan sends it to a file in the run's folder): the last lines."""
+        if self.folder is None:
+            return
+        with contextlib.suppress(OSError), open(self.folder / TRACER_ERRORS, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 4096))
+            for line in handle.read().decode(errors="replace").splitlines()[-4:]:
+                if line.strip():
+                    self.strace_said.append(line.strip())
+
+    def _ended_whole(self, log: Path, pid: int) -> bool:
+        """Whether a tracer that is not kp-run's child recorded the end of the container's first process
+        (its exit or its death by a signal) before it ended: its status is not kp-run's to see, and a
+        tracer killed just as the container ended must not leave an audit called complete."""
+        end = re.compile(rb"^%d +[\d.:]+ \+\+\+ (exited with|killed by) " % pid, re.M)
+        try:
+            with open(log, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                handle.seek(max(0, size - (4 << 20)))
+                return end.search(handle.read()) is not None
+        except OSError:
+            return False
+
     def _setup_lines(self, log: Path, pid: int) -> None:
         """The record's audit_setup_lines: how many of the log's first lines are the runtime's own,
         before the container's first process starts the agent's command (readers skip them)."""
@@ -587,6 +614,7 @@ class Run:
             if self.container_pid is None or not folders.process_running(self.container_pid,
                                                                          self.container_pid_start):
                 return
+            self._tracer_errors()
         elif status == 0:
             return
         if self.tracer_reader is not None:
@@ -707,10 +735,14 @@ class Run:
                     "the end of the audit log may be missing")
             if self.tracer_watch is not None:
                 self.tracer_watch.join(timeout=STRACE_END_WAIT)
-            if isinstance(self.strace, proc.Foreign):
-                self.strace.close()
             if self.wrapped and self.folder is not None and self.container_pid is not None:
                 self._setup_lines(self.folder / AUDIT_LOG, self.container_pid)
+                if not self.audit_problem and not self._ended_whole(self.folder / AUDIT_LOG, self.container_pid):
+                    self._tracer_errors()
+                    said = "; ".join(self.strace_said)
+                    self.audit_problem = ("strace ended without recording the end of the container's first "
+                                          "process" + (f" ({said})" if said else "")
+                                          + ": the end of the audit log is missing")
         if self.policy.audit is not None and self.strace is not None:
             meta["audit"] = "incomplete" if self.audit_problem else "complete"
             if self.audit_problem:
@@ -729,6 +761,8 @@ class Run:
             meta.update(capped)
             if "audit_capped" in capped and outcome == "exited":
                 outcome = "audit-capped"
+        if isinstance(self.strace, proc.Foreign):  # only now: the cap and the watcher no longer use it
+            self.strace.close()
         meta.update(exit_code=exit_code, finished=now_iso(), timed_out=self.timed_out, outcome=outcome)
         if exit_code is not None and 128 < exit_code < 160:  # the shell's convention: killed by a signal
             import signal

@@ -1355,7 +1355,8 @@ class VmRun:
         stop = _q("sudo", "-n", "sh", "-c", AUDIT_STOP, "kp-run", answers["strace"], str(created.pid),
                   answers.get("start", ""))
         host_log = prepared.host_folder / AUDIT_LOG
-        self.meta.update(audit_log=str(host_log), audit_blind=[*strace.BLIND[audit.mode], strace.ATTACHED_NOTE])
+        self.meta.update(audit_log=str(host_log), audit_tracer="attached",
+                         audit_blind=[*strace.BLIND[audit.mode], strace.ATTACHED_NOTE])
         copy = LogCopy(remote.open(audit_copy_command(guest_log, int(answers["strace"]))), host_log, limit).start()
         from kodepipe.core import chain
 

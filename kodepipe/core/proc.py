@@ -206,8 +206,13 @@ class Foreign:
     def _ended(self, timeout: float | None) -> bool:
         import select
 
-        if self.returncode is None and select.select([self.fd], [], [], timeout)[0]:
-            self.returncode = 0
+        if self.returncode is None and self.fd < 0:  # closed: nothing more can be learnt or sent
+            return True
+        if self.returncode is None:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN)
+            if poller.poll(None if timeout is None else int(timeout * 1000)):
+                self.returncode = 0
         return self.returncode is not None
 
     def poll(self) -> int | None:
@@ -220,7 +225,9 @@ class Foreign:
         return 0
 
     def send_signal(self, sig: int) -> None:
-        """ProcessLookupError once it has ended."""
+        """ProcessLookupError once it has ended (or its pidfd was closed)."""
+        if self.fd < 0:
+            raise ProcessLookupError(self.pid)
         signal.pidfd_send_signal(self.fd, sig)
 
     def kill(self) -> None:

@@ -934,7 +934,7 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 # -- a checked tunnel, copied by the kernel --------------------------------------------------------
 
-SPLICE_CHUNK = 1 << 20  # at most this much in flight per direction: one pipe's worth
+SPLICE_CHUNK = 1 << 20  # asked for per splice; a pipe of the default size (64 KiB) moves less at a time
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
@@ -978,7 +978,10 @@ async def _tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
 
-        await asyncio.gather(one_way(client, upstream, early_up, 0), one_way(upstream, client, early_down, 1))
+        # a group: an unexpected error in one direction cancels the other before the sockets close
+        async with asyncio.TaskGroup() as group:
+            group.create_task(one_way(client, upstream, early_up, 0))
+            group.create_task(one_way(upstream, client, early_down, 1))
         return counts[0], counts[1]
     finally:
         client.close()
@@ -1009,17 +1012,18 @@ def _take_buffered(reader: asyncio.StreamReader) -> bytes:
 
 
 class NoSplice(Exception):
-    """The socket cannot be spliced (EINVAL before a byte moved)."""
+    """The socket cannot be spliced (EINVAL before a byte moved), or no pipe could be made."""
 
 
 async def _splice(loop: asyncio.AbstractEventLoop, src: int, dst: int, counts: list[int], index: int) -> None:
     """Move bytes from socket ``src`` to socket ``dst`` until ``src`` ends, through a pipe, waiting on
     the loop whenever either side would block; ``counts[index]`` counts them as they go."""
-    import fcntl
-
-    pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, SPLICE_CHUNK)
+    # the default pipe size: a bigger one is charged to the user's pipe quota, which the agent's tunnels
+    # could use up for every other program of that user
+    try:
+        pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:  # out of descriptors or pipes: copied instead, never dropped
+        raise NoSplice from exc
     pending, first = 0, True
     try:
         while True:

@@ -101,6 +101,8 @@ def test_audit_records_the_agent_from_outside(request: pytest.FixtureRequest, ba
     assert record["audit"] == "complete" and record["outcome"] == "exited", record
     log = Path(record["audit_log"])
     assert log.is_file() and record["audit_mode"] == mode and record["audit_blind"]
+    # on the host strace took the container at its creation (its seccomp filter applies); a guest attaches
+    assert record["audit_tracer"] == ("seccomp-bpf" if backend == "host" else "attached")
     assert not str(log).startswith(str(ws))  # out of the agent's reach: not in the workspace
     assert log.parent == Path(record["path"]) and log.parent.parent.name == "containers"  # the run's folder here
     check_copy(request, backend, record)
@@ -175,7 +177,10 @@ def test_a_child_cannot_escape_the_audit_with_clone_untraced(request: pytest.Fix
     assert "clone3: errno 38\n" in err  # ENOSYS: the C library falls back to clone
     assert "fork: 0\n" in err and "thread: ok\n" in err
     assert "kp-fork-marker" in log and "kp-spawn-marker" in log  # what children do is on record
-    assert "CLONE_UNTRACED" in log  # the attempt itself is on record too
+    if record["audit_tracer"] == "attached":  # strace stops at every call: the refused attempt is on record
+        assert "CLONE_UNTRACED" in log
+    else:  # strace's seccomp filter never sees a call the container's own filter refuses: the record says so
+        assert any("denied with an errno" in line for line in record["audit_blind"])
     check_copy(request, backend, record)
     remove(request, backend, record["name"])
 
@@ -487,3 +492,35 @@ def test_every_way_of_writing_a_file_is_in_the_default_audit(request: pytest.Fix
     else:
         assert record["audit_unaccounted"]["complete"] is False
     remove(request, backend, record["name"])
+
+
+def test_on_a_service_kodepipe_did_not_start_strace_attaches_and_records_the_same(
+        shell_image: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain Podman service runs no kodepipe wrapper, so nothing can create the container under strace:
+    strace attaches to its first process before it starts (audit_tracer "attached"), as in a VM."""
+    run_dir = tmp_path_factory.mktemp("plain-podman")
+    run_dir.chmod(0o700)
+    sock = run_dir / "podman.sock"
+    service = subprocess.Popen(["podman", "system", "service", "--time=0", f"unix://{sock}"], cwd=run_dir,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: subprocess.run(["podman", "--url", f"unix://{sock}", "version"],
+                                        capture_output=True).returncode == 0, "the service answers")
+        monkeypatch.setenv("KODEPIPE_PODMAN_URL", f"unix://{sock}")
+        ws = tmp_path / "proj"
+        ws.mkdir()
+        os.chown(ws, 4321, 4321)
+        proc = subprocess.run([str(BIN / "kp-run"), "--image", shell_image, "-w", str(ws), "--audit", "--",
+                               "sh", "-c", "echo x > /workspace/made.txt"], capture_output=True, timeout=BOUND)
+        (record,) = lines(proc.stdout)
+        assert proc.returncode == 0 and record["audit"] == "complete", (record, proc.stderr.decode()[-3000:])
+        assert record["audit_tracer"] == "attached" and "audit_setup_lines" not in record
+        traced = lines(subprocess.run([str(BIN / "kp-trace")], input=proc.stdout, capture_output=True,
+                                      timeout=120).stdout)
+        assert any(e.get("type") == "file" and e.get("path") == "/workspace/made.txt" and e.get("write")
+                   for e in traced)
+        subprocess.run([str(BIN / "kp-rm"), record["name"]], capture_output=True, timeout=BOUND, check=True)
+    finally:
+        service.kill()
+        service.wait()
