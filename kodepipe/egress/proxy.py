@@ -934,7 +934,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 # -- a checked tunnel, copied by the kernel --------------------------------------------------------
 
-SPLICE_CHUNK = 1 << 20  # asked for per splice; a pipe of the default size (64 KiB) moves less at a time
+SPLICE_CHUNK = 1 << 20  # asked for per splice; a pipe moves at most its size at a time
+PIPE_SIZE, BIG_PIPES = 256 << 10, 32  # 8 MiB of pipes at most; the rest keep the default size
+_big_pipes = 0  # directions with a big pipe now (the loop's thread only)
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
@@ -1018,12 +1020,21 @@ class NoSplice(Exception):
 async def _splice(loop: asyncio.AbstractEventLoop, src: int, dst: int, counts: list[int], index: int) -> None:
     """Move bytes from socket ``src`` to socket ``dst`` until ``src`` ends, through a pipe, waiting on
     the loop whenever either side would block; ``counts[index]`` counts them as they go."""
-    # the default pipe size: a bigger one is charged to the user's pipe quota, which the agent's tunnels
-    # could use up for every other program of that user
+    import fcntl
+
     try:
         pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:  # out of descriptors or pipes: copied instead, never dropped
         raise NoSplice from exc
+    # a pipe bigger than the default 64 KiB moves more per call, but pipes count against the user's pipe
+    # quota (fs.pipe-user-pages-soft, 64 MiB), which the agent's tunnels must not use up: only the first
+    # BIG_PIPES directions get one
+    global _big_pipes
+    big = _big_pipes < BIG_PIPES
+    if big:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        _big_pipes += 1
     pending, first = 0, True
     try:
         while True:
@@ -1050,6 +1061,8 @@ async def _splice(loop: asyncio.AbstractEventLoop, src: int, dst: int, counts: l
     finally:
         os.close(pipe_r)
         os.close(pipe_w)
+        if big:
+            _big_pipes -= 1
 
 
 async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
