@@ -116,7 +116,8 @@ def test_a_real_strace_started_this_way_filters_and_traces_the_runtimes_children
     assert status["Seccomp"] == "2" and int(status["TracerPid"]) not in (0, os.getpid())
     # the tracer is nobody's child here: the log is whole once the runtime's own exit is in it
     deadline = time.monotonic() + 60
-    while not re.search(rb"^(\d+) .*execve\(.*\n(?:.*\n)*\1 [\d.]+ \+\+\+ exited", log.read_bytes(), re.M):
+    # (strace pads its pid column: "5662  1796..." when another pid is wider)
+    while not re.search(rb"^(\d+) +.*execve\(.*\n(?:.*\n)*\1 +[\d.]+ \+\+\+ exited", log.read_bytes(), re.M):
         assert time.monotonic() < deadline, log.read_text()[-2000:]
         time.sleep(0.05)
     text = log.read_text()
