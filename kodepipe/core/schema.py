@@ -318,20 +318,20 @@ class EventRecord(TypedDict, total=False):
     op: str
     path: str | None
     path_b64: str
-    target: str | int
+    target: str | int | None  # None: strace did not print it (a call resumed after its start was skipped)
     fd: int | None
     flags: str
     write: bool
     resolved: str
-    bytes: int
+    bytes: int | None
     argv: list[str]
     argv_truncated: bool
-    family: str
+    family: str | None
     socket: str | None
     address: JsonObject | None
-    peer_fd: int
-    peer_socket: str
-    child: int
+    peer_fd: int | None
+    peer_socket: str | None
+    child: int | None
     thread: bool
     code: int | None
     signal: str | None
