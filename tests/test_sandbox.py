@@ -233,14 +233,23 @@ def test_a_run_gets_a_share_of_the_kernel_quotas(tmp_path: Path) -> None:
     assert read.sigpending > 0 and read.msgqueue > 0
 
 
-def test_the_user_namespace_limits_script() -> None:
+def test_the_user_namespace_limits_script(tmp_path: Path) -> None:
+    import subprocess
+
     from kodepipe.container import userns
 
-    text = userns.script({"max_inotify_instances": 16, "max_user_namespaces": 0})
-    assert text == ('echo 16 > /proc/sys/user/max_inotify_instances && '
-                    'test "$(cat /proc/sys/user/max_inotify_instances)" = 16 && '
-                    'echo 0 > /proc/sys/user/max_user_namespaces && '
-                    'test "$(cat /proc/sys/user/max_user_namespaces)" = 0')
+    folder = tmp_path / "user"
+    folder.mkdir()
+    values = {"max_inotify_instances": 16, "max_user_namespaces": 0}
+    assert "/proc/sys/user/max_user_namespaces" in userns.script(values)
+    # run for real against a folder of files: each value written, and read back
+    subprocess.run(["/bin/sh", "-c", userns.script(values, str(folder))], check=True)
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {"max_inotify_instances": "16\n",
+                                                                  "max_user_namespaces": "0\n"}
+    # a value that does not read back as written (the kernel kept another) fails the script
+    (folder / "max_inotify_watches").symlink_to("/dev/null")
+    failed = subprocess.run(["/bin/sh", "-c", userns.script({"max_inotify_watches": 8}, str(folder))])
+    assert failed.returncode != 0
     for bad in ({"../../fs/x": 1}, {"max_x": -1}, {"max_x; reboot": 1}, {"max_x": "1; reboot"}):
         with pytest.raises(ValueError):
             userns.script(bad)  # type: ignore[arg-type]

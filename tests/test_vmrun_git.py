@@ -357,7 +357,7 @@ def test_the_quota_hook_sets_the_limits_in_the_processes_user_namespace(tmp_path
     in a user namespace of its own (a stand-in for the container's first process)."""
     import orjson
 
-    _, text = vmrun.quota_hook({"max_inotify_instances": 7, "max_user_namespaces": 0})
+    _, text = vmrun.quota_hook({"max_inotify_instances": 17, "max_user_namespaces": 0})
     hook = orjson.loads(text)
     assert hook["stages"] == ["prestart"] and hook["hook"]["path"] == "/bin/sh"
     child = subprocess.Popen(["unshare", "--user", "--map-root-user", "sleep", "60"])
@@ -374,7 +374,7 @@ def test_the_quota_hook_sets_the_limits_in_the_processes_user_namespace(tmp_path
         read = subprocess.run(["nsenter", "--user", "--target", str(child.pid), "cat",
                                "/proc/sys/user/max_inotify_instances", "/proc/sys/user/max_user_namespaces"],
                               capture_output=True, check=True, timeout=30).stdout.split()
-        assert read == [b"7", b"0"]
+        assert read == [b"17", b"0"]  # two digits: the read-back reads whole files
         with pytest.raises(subprocess.CalledProcessError):  # no pid: the container must not start
             subprocess.run(hook["hook"]["args"], executable="/bin/sh", input=b"{}", check=True, timeout=30,
                            capture_output=True)

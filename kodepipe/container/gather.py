@@ -107,6 +107,9 @@ def config(opts: pol.Options, prof: Any, environ: Mapping[str, str] | None = Non
 def credentials(opts: pol.Options, prof: Any, environ: Mapping[str, str]) -> dict[str, pol.CredentialFact]:
     """Each credential the run may use (--credential's, and the profile's unless left out): its definition,
     its real value read from its source on this host, and a fresh token for the agent; or why not."""
+    wanted = list(dict.fromkeys(opts.credentials)) + list(pol.profile_credentials(opts, prof))
+    if not wanted:
+        return {}
     import secrets as random
 
     from kodepipe.core import paths
@@ -114,9 +117,6 @@ def credentials(opts: pol.Options, prof: Any, environ: Mapping[str, str]) -> dic
     from kodepipe.egress import credentials as creds
     from kodepipe.egress import sources
 
-    wanted = list(dict.fromkeys(opts.credentials)) + list(pol.profile_credentials(opts, prof))
-    if not wanted:
-        return {}
     user_dir = paths.config_dir() / "credentials"
     facts: dict[str, pol.CredentialFact] = {}
     for name in wanted:

@@ -283,7 +283,7 @@ class Run:
 
     def stage(self) -> Staged:
         """The side effects, in order; a failure half way leaves only what finish ends."""
-        from kodepipe.container import engine, quarantine, seccomp
+        from kodepipe.container import engine, seccomp
 
         policy, facts = self.policy, self.facts
         if self.staged is not None:
@@ -320,6 +320,8 @@ class Run:
         bound = str(ws) if ws is not None else None
         upper = merged = None
         if policy.quarantine and ws is not None:
+            from kodepipe.container import quarantine
+
             upper, work = quarantine.prepare(folder)
             info = ws.stat()
             # the overlay's root takes its owner and mode from the upper dir
@@ -705,8 +707,6 @@ class Run:
 
     def finish(self, exit_code: int | None, outcome: str) -> Record:
         """Remove what should not outlive the run; return the record of what happened."""
-        from kodepipe.container import quarantine
-
         if self.finished is not None:
             return self.finished
         meta = self.meta
@@ -787,6 +787,8 @@ class Run:
         if self.folder is not None:
             folders.unmount(self.folder)  # the overlay, and any staging bind a failure left behind
             if upper is not None and ws is not None:
+                from kodepipe.container import quarantine
+
                 try:
                     changes = quarantine.changes(upper, ws)
                     meta["quarantine"] = {"path": str(upper), **quarantine.summary(changes)}
@@ -841,11 +843,11 @@ class Run:
                                               "why": f"the cross-check failed: {exc!r}"}
 
     def _crosscheck_snapshots(self, staged: Staged) -> None:
-        from kodepipe.audit import crosscheck
-
         before, git = staged.snapshot_before, self.facts.git
         if before is None or git is None or git.root_fd < 0:
             return
+        from kodepipe.audit import crosscheck
+
         if not before.complete:
             self._crosscheck(None, "workspace", before.why)
             return

@@ -25,12 +25,14 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kodepipe.container.capabilities import CAPABILITIES as CAPABILITIES
 from kodepipe.core.errors import USAGE, BadInput, KpError
-from kodepipe.egress.credentials import Budget, Definition, Grant
 from kodepipe.egress.policy import DEFAULT_PORTS, Rule
+
+if TYPE_CHECKING:  # a run without credentials never imports them (kp-run's start-up)
+    from kodepipe.egress.credentials import Budget, Definition, Grant
 
 # -- the defaults ------------------------------------------------------------------------------
 
@@ -668,13 +670,15 @@ def _credentials(o: Options, profile: ProfileLike | None, config: Config,
 def _budgets(o: Options, grants: list[Grant], egress: Egress | None,
              problems: list[str]) -> list[tuple[str, Budget]]:
     """Each credential's default budget, and --budget's (which win), by credential name or host."""
+    out = {g.name: g.definition.budget for g in grants if g.definition.budget is not None}
+    if not o.budgets:
+        return sorted(out.items())
+    if egress is None:
+        problems.append("--budget only matters with --allow or --credential (the proxy counts requests)")
+        return []
     from kodepipe.egress.credentials import parse_budget
     from kodepipe.egress.policy import parse_rule
 
-    out = {g.name: g.definition.budget for g in grants if g.definition.budget is not None}
-    if o.budgets and egress is None:
-        problems.append("--budget only matters with --allow or --credential (the proxy counts requests)")
-        return []
     names = {g.name for g in grants}
     rules = [parse_rule(r) for r in egress.rules] if egress is not None else []
     upstreams = {g.definition.upstream for g in grants}

@@ -20,15 +20,20 @@ from kodepipe.core.errors import KpError
 _NAME = re.compile(r"[a-z_]+")
 
 
-def script(values: dict[str, int]) -> str:
-    """The shell commands that write ``values`` (names under /proc/sys/user) and read them back."""
-    parts = []
+def script(values: dict[str, int], folder: str = "/proc/sys/user") -> str:
+    """The shell commands that write ``values`` (names under ``folder``) and read them all back with
+    one cat (the shell's own read takes one byte, and a sysctl file ends for it after the first)."""
+    writes, paths = [], []
     for name, value in values.items():
         if not _NAME.fullmatch(name) or not isinstance(value, int) or value < 0:
             raise ValueError(f"not a user-namespace limit: {name}={value!r}")
-        path = f"/proc/sys/user/{name}"
-        parts.append(f"echo {value} > {path} && test \"$(cat {path})\" = {value}")
-    return " && ".join(parts) or "true"
+        path = f"{folder}/{name}"
+        writes.append(f"echo {value} > {path}")
+        paths.append(path)
+    if not writes:
+        return "true"
+    expected = "\n".join(str(v) for v in values.values())
+    return " && ".join(writes) + f' && test "$(cat {" ".join(paths)})" = "{expected}"'
 
 
 def limit(pid: int, values: dict[str, int]) -> None:
