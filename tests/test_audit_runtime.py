@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 
@@ -232,3 +232,60 @@ def test_a_service_that_is_gone_is_engine_lost(tmp_path: Path) -> None:
     with pytest.raises(engine.EngineLost):
         engine.Engine(f"unix://{tmp_path}/mute.sock").inspect("abc")
     listener.close()
+
+
+def test_kp_runs_own_service_is_not_pinged_when_its_socket_is_there(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # kp-run's start-up: an existing socket is trusted, and the first real request proves it
+    rt = tmp_path / "rt"
+    rt.mkdir(mode=0o700)
+    monkeypatch.setenv("KODEPIPE_RUNTIME_DIR", str(rt))
+    server = _UnixServer(str(rt / "podman.sock"), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    started: list[Path] = []
+    monkeypatch.setattr(engine, "_start_service", started.append)
+    try:
+        _Handler.seen.clear()
+        eng = engine.Engine.connect()
+        assert eng.inspect("abc") == {"Id": "abc"}
+        assert [(m, p) for m, p, _ in _Handler.seen] == [("GET", "/v4.0.0/libpod/containers/abc/json")]
+        assert started == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_stale_socket_of_kp_runs_own_service_starts_it_and_the_request_is_made_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = tmp_path / "rt"
+    rt.mkdir(mode=0o700)
+    monkeypatch.setenv("KODEPIPE_RUNTIME_DIR", str(rt))
+    sock = rt / "podman.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(sock))
+    stale.close()  # the file of a service that ended: nobody listens on it
+    servers: list[Any] = []
+
+    def start(path: Path) -> None:
+        path.unlink()
+        servers.append(_UnixServer(str(path), _Handler))
+        threading.Thread(target=servers[-1].serve_forever, daemon=True).start()
+
+    monkeypatch.setattr(engine, "_start_service", start)
+    told: list[str] = []
+    try:
+        _Handler.seen.clear()
+        eng = engine.Engine.connect(told.append)
+        assert eng.wait("abc") == 0
+        assert told == ["starting a Podman API service"] and len(servers) == 1
+        waits = [p for m, p, _ in _Handler.seen if "/wait" in p]
+        assert len(waits) == 1  # asked once, after the start: the refused attempt sent nothing
+        # proven now: a service that goes away later is a lost engine, never started again silently
+        servers[0].shutdown()
+        servers[0].server_close()
+        with pytest.raises(engine.EngineLost):
+            eng.inspect("abc")
+        assert len(servers) == 1
+    finally:
+        for server in servers:
+            server.server_close()

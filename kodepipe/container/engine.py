@@ -84,6 +84,9 @@ class Engine:
     def __init__(self, url: str, *, own: bool = False) -> None:
         self.url = url
         self.own = own  # kodepipe's own service, which it may start again
+        # set by connect when it trusted an existing socket without asking: who to tell if the first
+        # request finds no one listening and the service is started after all
+        self._unproven: Callable[[str], None] | None = None
         self.api: Any
         if url.startswith("unix://"):
             self.api = UnixApi(url[len("unix://"):])
@@ -106,6 +109,16 @@ class Engine:
             return engine
         sock = paths.runtime_dir() / "podman.sock"
         engine = cls(f"unix://{sock}", own=True)
+        if sock.is_socket():
+            # most likely the service of an earlier run still answers: the first request finds out (one
+            # round trip less than a ping), and one that finds nobody listening starts it (_call)
+            engine._unproven = progress
+            return engine
+        return engine._start_own(progress)
+
+    def _start_own(self, progress: Callable[[str], None]) -> Engine:
+        """kodepipe's own service, started unless it answers (under a lock: one kp-run starts it)."""
+        engine, sock = self, Path(self.url[len("unix://"):])
         if engine.ping():
             return engine
         from kodepipe.core.state import Store
@@ -149,10 +162,20 @@ class Engine:
     def _call(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
         """One request; a service that is gone (refused, reset, closed) raises EngineLost."""
         try:
-            return getattr(self.api, method)(path, **kwargs)
+            answer = getattr(self.api, method)(path, **kwargs)
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            if self._unproven is None:
+                raise EngineLost(f"{what}: the Podman service at {self.url} stopped answering ({_cause(exc)})",
+                                 hint=f"see {service_log()}" if self.own else None) from None
+            # nobody listened, so nothing was sent: the service is started, and asked again
+            progress, self._unproven = self._unproven, None
+            self._start_own(progress)
+            return self._call(method, path, what, **kwargs)
         except OSError as exc:  # podman-py's APIError and requests' ConnectionError are OSErrors
             raise EngineLost(f"{what}: the Podman service at {self.url} stopped answering ({_cause(exc)})",
                              hint=f"see {service_log()}" if self.own else None) from None
+        self._unproven = None
+        return answer
 
     def _check(self, response: Any, what: str) -> Any:
         if response.status_code < 400:
