@@ -38,6 +38,7 @@ def records(store: Store, kinds: Iterable[str] = KINDS) -> list[Record]:
             record = images.view(store, name)
             record["clones"] = [vm for vm, meta in vm_metas
                                 if meta.get("base") == name and meta.get("base_id") == record.get("id")]
+            _add_pool(store, name, record)
             out.append(record)
     if "vm" in kinds:
         out.extend(vms.view(store, n) for n in store.names("vm"))
@@ -58,11 +59,20 @@ def refresh(store: Store, record: Record) -> Record:
     if not NAME_RE.fullmatch(name) or not store.folder(kind, name).is_dir():
         return {**record, "state": "gone"}
     current = view(store, kind, name)
+    if kind == "image":
+        _add_pool(store, name, current)
     if isinstance(record.get("id"), str) and current.get("id") not in (None, record["id"]):
         # same name, but a different object than the record named
         return {**record, "state": "gone"}
     _add_disk_bytes(current)
     return vms.fresh(record, current)
+
+
+def _add_pool(store: Store, name: str, record: Record) -> None:
+    from kodepipe.vm import pool
+
+    if (store.folder("image", name) / pool.POOL_FILE).exists():
+        record["pool"] = pool.summary(store, name, record)
 
 
 def _add_disk_bytes(record: Record) -> None:
@@ -208,6 +218,9 @@ class Removal:
                 _check_listed(listed, current)
             if bulk:
                 why = being_made(self.store, current) or keep_reason(current, holdings(current), self.allowed)
+                if why is None and kind == "vm" and isinstance(current.get("pool"), str):
+                    why = (f"vm {name} is in the warm pool of {current['pool']} (kp-pool); name it, or empty "
+                           f"the pool with kp-pool {current['pool']} --size 0")
                 if why is not None:
                     raise Kept(why)
 
@@ -217,6 +230,14 @@ class Removal:
         elif kind == "disk":
             record = disks.remove(store, name, expect_id=expect_id, dry_run=dry_run, check=check)
         elif kind == "image":
+            from kodepipe.vm import pool
+
+            # its pool goes with it (never from a bulk removal that keeps the image: check() says so first)
+            if not bulk or "images" in self.allowed:
+                if dry_run:
+                    self.removed.update(("vm", n) for n in pool.members(store, name))
+                else:
+                    pool.empty(store, name, progress=self.say)
             # a dry run removed nothing: the clones it would have removed still count unless ignored
             ignore = {n for k, n in self.removed if k == "vm"} if dry_run else set()
             record = images.remove(store, name, expect_id=expect_id, force=self.force, dry_run=dry_run,

@@ -17,4 +17,5 @@ COMMANDS = {
     "kp-run": "kodepipe.commands.run",
     "kp-review": "kodepipe.commands.review",
     "kp-disk": "kodepipe.commands.disk",
+    "kp-pool": "kodepipe.commands.pool",
 }

@@ -87,7 +87,10 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
     KVM, a cold boot waits for the guest's first line on its serial console,
     at most 30 s; with --accel auto a silent guest is booted again under TCG
     and accel_reason says why).  A VM that is already running passes
-    through as it is; one saved with kp-stop --save resumes where it was.
+    through as it is, unless an option given asks for something it does not
+    run with (--allow on an open VM, another --memory, a --preset): that
+    fails with running_differently, naming each difference.  One saved with
+    kp-stop --save resumes where it was.
     A launch failure carries QEMU's own message.
 
     QEMU never runs as root: run by root it runs as the owner of the --share
@@ -164,6 +167,7 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
     out = kpcli.Output("kp-boot", quiet=quiet)
     store = Store()
     chosen: list[tuple[str, str]] = []
+    given = _given()
 
     def act(name: str, expect_id: str | None, record: dict[str, object]) -> dict[str, object]:
         if not chosen:  # probe the accelerator once, and only when there is something to boot
@@ -179,12 +183,82 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
             chosen[0] = ("tcg", str(result.get("accel_reason")))
             out.warn(f"{name}: {chosen[0][1]}")
         if already:
+            differ = _differences(result, opts, given)
+            if differ:
+                from kodepipe.core.errors import KpError
+
+                raise KpError(f"{name} is already {result['state']}, and not as asked: " + "; ".join(differ),
+                              code="running_differently",
+                              hint=f"kp-stop {name} first to boot it so, or clone another VM (kp-clone --cold "
+                                   "for a VM that is neither pooled nor resumed with saved hardware)")
             out.info(f"{name}: already {result['state']}")
         else:
             out.progress(f"{name}: started (pid {result.get('pid')})")
         return result
 
     return vmargs.run_each(out, names, act)
+
+
+# what a preset sets: given when the preset is
+_PRESET_SETS = frozenset({"memory", "cpus", "net", "allow", "resolve", "publish", "disk", "preset_name", "share"})
+
+
+def _given() -> frozenset[str]:
+    """The options on the command line (or in the environment), not left at their defaults."""
+    from click.core import ParameterSource
+
+    context = click.get_current_context()
+    given = {name for name in context.params
+             if context.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
+    if "allow_file" in given:
+        given.add("allow")
+    return frozenset(given | _PRESET_SETS) if "preset_name" in given else frozenset(given)
+
+
+def _differences(record: dict[str, object], opts: Any, given: frozenset[str]) -> list[str]:
+    """How VM ``record``, already running, differs from what the options ``given`` ask for: a running VM
+    is never silently taken for one booted as asked (a pooled or warm one above all: --allow must not
+    pass as done on an open VM)."""
+    out: list[str] = []
+
+    def differ(flag: str, want: object, have: object) -> None:
+        if want != have:
+            out.append(f"{flag} {want} asked, it runs with {have if have not in (None, [], '') else 'none'}")
+
+    def listed(key: str, within: Any = record) -> list[Any]:
+        value = within.get(key) if isinstance(within, dict) else None
+        return value if isinstance(value, list) else []
+
+    egress = record.get("egress")
+    if "memory" in given:
+        differ("--memory", opts.memory, record.get("memory"))
+    if "cpus" in given:
+        differ("--cpus", opts.cpus, record.get("cpus"))
+    if "net" in given:
+        differ("--net", opts.net, record.get("net"))
+    if "share" in given:
+        differ("--share", str(opts.share) if opts.share else None, record.get("share"))
+    if "allow" in given or opts.allow:
+        differ("--allow", sorted(opts.allow), sorted(map(str, listed("allow", egress))))
+    if "resolve" in given:
+        differ("--resolve", sorted(opts.resolve), sorted(map(str, listed("resolve", egress))))
+    if "publish" in given:
+        from kodepipe.vm.passt import parse_publish
+
+        differ("--publish", sorted(str(parse_publish(p)) for p in opts.publish),
+               sorted(map(str, listed("publish"))))
+    if "disk" in given:
+        differ("--disk", sorted(f"{n}:{m}" for n, m in opts.disks),
+               sorted(f"{d.get('name')}:{d.get('mountpoint')}" for d in listed("disks") if isinstance(d, dict)))
+    if "preset_name" in given:
+        differ("--preset", opts.preset, record.get("preset"))
+    if "host_loopback" in given:
+        differ("--host-loopback", opts.host_loopback, bool(record.get("host_loopback")))
+    if "writable_git" in given:
+        differ("--writable-git", True, "writable-git" in listed("loosened"))
+    if "accel" in given and opts.accel != "auto":
+        differ("--accel", opts.accel, record.get("accel"))
+    return out
 
 
 def _apply_preset(preset: Any, memory: str, cpus: int, net: str, share: Path | None, rules: tuple[str, ...],

@@ -12,7 +12,7 @@ from kodepipe.core.errors import Exists, KpError
 @click.command(context_settings=options.CONTEXT, epilog=options.EPILOG)
 @click.argument("base", shell_complete=kpcli.name_completion(("image",)))
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
-@click.option("--cold", is_flag=True, help="Boot cold even when BASE is warm (kp-image warm).")
+@click.option("--cold", is_flag=True, help="Boot cold even when BASE is warm (kp-image warm); never take a pooled VM.")
 @options.quiet
 def cli(base: str, names: tuple[str, ...], cold: bool, quiet: bool) -> int:
     """Make VMs as copy-on-write clones of the golden image BASE.
@@ -22,7 +22,10 @@ def cli(base: str, names: tuple[str, ...], cold: bool, quiet: bool) -> int:
     Writes one vm record per clone, with state "stopped"; kp-boot starts it.
 
     When BASE is warm (kp-image warm), clones resume from its saved running
-    state at their first kp-boot, unless --cold.
+    state at their first kp-boot, unless --cold.  When BASE has a pool
+    (kp-pool) with a ready VM, NAME is that VM, handed out at once: its
+    record has state "running", its SSH endpoint and "from_pool": true, and
+    a kp-pool --refill starts in the background to replace it.
 
     BASE "-" reads image records from stdin (from kp-image or kp-ls) and
     clones every NAME from each of them; other records pass through
@@ -50,13 +53,27 @@ def cli(base: str, names: tuple[str, ...], cold: bool, quiet: bool) -> int:
     store = Store()
 
     def make(base_name: str, base_id: str | None) -> None:
+        from kodepipe.vm import pool
+
+        adopted = False
         for name in names:
             try:
                 if name == base_name:  # never wait on the lock it holds itself
                     raise Exists(f"{name} is the base image itself: a clone needs a name of its own")
+                record = None if cold else pool.adopt(store, base_name, name, base_id=base_id)
+                if record is not None:
+                    adopted = True
+                    out.progress(f"{name}: handed out by {base_name}'s pool")
+                    out.emit(record)
+                    continue
                 out.emit(vms.clone(store, base_name, name, base_id=base_id, cold=cold))
             except KpError as exc:
                 out.fail({"kind": "vm", "name": name, "base": base_name}, exc)
+        if adopted:
+            try:
+                pool.spawn_refill(store, base_name)
+            except KpError as exc:
+                out.warn(f"{base_name}: could not start refilling its pool: {exc.message}")
 
     if base != "-":
         make(base, None)

@@ -162,8 +162,13 @@ def table(items: list[dict[str, object]], *, colour: bool) -> str:
         elif r.get("kind") == "image":
             clones = r.get("clones") or []
             detail = f"{len(clones)} clone(s)" if isinstance(clones, list) else ""
+            pool = r.get("pool")
+            if isinstance(pool, dict):
+                detail += f", pool {pool.get('ready', '?')}/{pool.get('keeps', pool.get('size', '?'))} ready"
+                if pool.get("problem"):
+                    detail += f" ({pool['problem']})"
         else:
-            detail = f"base {r.get('base')}"
+            detail = f"base {r.get('base')}" + (", pooled" if r.get("pool") else "")
             ssh = r.get("ssh")
             if r.get("state") in ("running", "suspended") and isinstance(ssh, dict):
                 detail += f", ssh {ssh.get('user')}@{ssh.get('host')}:{ssh.get('port')}"

@@ -42,8 +42,8 @@ def cli(names: tuple[str, ...], force: bool, images: bool, quarantines: bool, ev
     (with its warm state) is kept unless --images; a container holding
     changes that were never applied (quarantined, or still running in
     quarantine) is kept unless --quarantines; one holding an audit or egress
-    log is kept unless --evidence; a run whose kp-run is still alive
-    (creating or running) is always kept.  Each one kept is said on stderr, one
+    log is kept unless --evidence; a VM of a warm pool (kp-pool) is kept;
+    a run whose kp-run is still alive (creating or running) is always kept.  Each one kept is said on stderr, one
     line each ("kept: image base is not disposable (a golden image); name it
     or pass --images"; -q silences it), and written on stdout with
     "removed": false and "kept" (why); keeping is not a failure.  A NAME on
@@ -55,8 +55,9 @@ def cli(names: tuple[str, ...], force: bool, images: bool, quarantines: bool, ev
     fails as busy, status 75), then acts on what is there.  Idempotent:
     something already gone is not an error.  An image that clones still use
     is refused unless --force; one that comes before its clones is tried
-    again at the end, so kp-ls | kp-rm --images removes both.  Workspaces
-    are never touched.  Removing a container stops it if it still runs and
+    again at the end, so kp-ls | kp-rm --images removes both.  Removing an
+    image empties its warm pool (kp-pool) first.  Workspaces are never
+    touched.  Removing a container stops it if it still runs and
     discards its folder.
 
     Writes each removed record with "removed": true.  With --dry-run,

@@ -140,6 +140,11 @@ class Code(StrEnum):
     reseed_failed = ("reseed_failed", FAILED,
         "giving a resumed clone its own identity (hostname, machine-id, keys) failed")
     vm_died = "vm_died", FAILED, "the VM exited while kodepipe waited for its guest agent"
+    base_not_warm = "base_not_warm", FAILED, "a warm pool needs a warm image (kp-image warm)"
+    rename_failed = "rename_failed", FAILED, "setting a pooled VM's hostname through its guest agent failed"
+    running_differently = ("running_differently", FAILED,
+        "kp-boot of a VM that already runs, with options it does not run with (it is never taken for one "
+        "booted so)")
     qmp = "qmp", FAILED, "the VM's monitor (QMP) refused a command"
     qmp_unreachable = "qmp_unreachable", FAILED, "the VM's monitor (QMP) cannot be reached"
     guest_agent = "guest_agent", FAILED, "the guest agent answered a command with an error"

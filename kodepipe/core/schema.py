@@ -149,6 +149,9 @@ class ImageRecord(_Object, total=False):
     ssh_keys: list[str]  # fingerprints of the authorised keys
     clones: list[str]  # kp-ls: the VMs made from it
     warm: JsonObject  # kp-image warm: the saved running machine clones resume from
+    # kp-pool: size, max_memory, keeps, members, ready, and limited_by and problem when they apply
+    # (an unreadable pool.json: only problem)
+    pool: JsonObject | None
 
 
 class VmRecord(_Object, total=False):
@@ -158,6 +161,11 @@ class VmRecord(_Object, total=False):
     base_id: str
     disk: str
     warm_id: str  # the warm state it was cloned from
+    pool: str  # a member of this image's warm pool (kp-pool), not yet handed out
+    pool_ready: str  # when the pool's member became ready to hand out
+    from_pool: bool  # kp-clone handed it out from its base's pool (then "adopted" and "hostname_seconds")
+    adopted: str
+    hostname_seconds: float
     ssh_key: JsonObject  # path, fingerprint: the clone's own SSH key (kp-clone made it; kp-rm removes it)
     saved: JsonObject  # the hardware and network its saved RAM state resumes with
     qemu_status: str  # QEMU's own word for a frozen VM

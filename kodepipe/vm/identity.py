@@ -82,3 +82,23 @@ def reseed(agent: GuestAgent, name: str, mac: str | None) -> float:
         raise KpError(f"{name}: giving the resumed VM its own identity failed: "
                       f"{err.decode('utf-8', 'replace').strip()}", code="reseed_failed")
     return time.monotonic() - started
+
+
+# $1 the new hostname: a pooled VM handed over under its user's name (kodepipe.vm.pool); the rest of
+# its identity was its own from its boot
+RENAME = r"""
+set -eu
+hostname "$1"
+echo "$1" > /etc/hostname
+sed -i "s/^127\.0\.1\.1\s.*/127.0.1.1\t$1/" /etc/hosts
+"""
+
+
+def rename(agent: GuestAgent, name: str) -> float:
+    """Give a running VM the hostname ``name``; return the seconds it took."""
+    started = time.monotonic()
+    status, _, err = agent.exec(["/bin/sh", "-c", RENAME, "rename", name], timeout=30)
+    if status != 0:
+        raise KpError(f"{name}: setting the hostname failed: {err.decode('utf-8', 'replace').strip()}",
+                      code="rename_failed")
+    return time.monotonic() - started

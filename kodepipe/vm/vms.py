@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 DISK = "disk.qcow2"
 
 
-def clone(store: Store, base: str, name: str, *, base_id: str | None = None, cold: bool = False) -> Record:
+def clone(store: Store, base: str, name: str, *, base_id: str | None = None, cold: bool = False,
+          pool: str | None = None) -> Record:
     """Make VM ``name`` as a qcow2 overlay on image ``base``.
 
     When the image is warm (kp-image warm), the overlay goes on the warm
@@ -46,6 +47,8 @@ def clone(store: Store, base: str, name: str, *, base_id: str | None = None, col
         with store.lock(name):
             meta: dict[str, Any] = {"kind": "vm", "name": name, "id": new_id(), "created": now_iso(),
                                     "state": "creating", "base": base, "base_id": image["id"]}
+            if pool is not None:  # a member of BASE's warm pool (kodepipe.vm.pool), from its first moment
+                meta["pool"] = pool
             warm = image.get("warm") if not cold and isinstance(image.get("warm"), dict) else None
             with store.creating("vm", name, meta) as folder:
                 if warm is not None:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import BIN, lines
@@ -218,6 +219,66 @@ def test_warm_clones_are_ssh_ready_in_seconds_with_their_own_identity(golden: di
     finally:
         run(env, "kp-rm", "w-1", "w-2")
     assert qemu_processes("w-1") == [] and qemu_processes("w-2") == []
+
+
+def test_a_warm_pool_hands_out_a_ready_vm_whose_identity_no_other_vm_had(golden: dict[str, Any]) -> None:
+    env = golden["env"]
+    state = Path(env["KODEPIPE_STATE_DIR"])
+    if not isinstance(one(run(env, "kp-ls", "--kind", "image", "base")).get("warm"), dict):
+        one(run(env, "kp-image", "warm", "base", timeout=900))  # made by the test above when it ran
+    member = ""
+    try:
+        pool = one(run(env, "kp-pool", "base", "--size", "1", timeout=600))["pool"]
+        assert pool["size"] == 1 and pool["keeps"] == 1 and pool["ready"] == 1 and len(pool["members"]) == 1, pool
+        member = pool["members"][0]
+        listed = {r["name"]: r for r in lines(run(env, "kp-ls", "--kind", "vm").stdout)}
+        assert listed[member]["pool"] == "base" and listed[member]["state"] == "running", listed[member]
+        # cron's clean-up keeps it (kp-ls --older-than 1d | kp-rm): it is the pool's, and not named
+        kept = lines(run(env, "kp-rm", input=orjson.dumps(listed[member]) + b"\n").stdout)
+        assert kept[0]["removed"] is False and "pool" in kept[0]["kept"], kept
+        before = ssh(env, member, "sh", "-c", "hostname; cat /etc/machine-id")["stdout"].split()
+        assert before[0] == member
+
+        started = time.monotonic()
+        handed = one(run(env, "kp-clone", "base", "mine"))
+        print(f"pool: kp-clone handed a ready VM out in {time.monotonic() - started:.2f} s "
+              f"(its hostname: {handed.get('hostname_seconds')} s)")
+        assert handed["from_pool"] is True and handed["state"] == "running" and handed["name"] == "mine", handed
+        assert "pool" not in handed and isinstance(handed["ssh"]["port"], int), handed
+        assert not (state / "vms" / member).exists() and (state / "vms" / "mine" / "ssh_key").is_file()
+        # the same machine, now called mine: its identity was made for it alone, at its resume
+        after = ssh(env, "mine", "sh", "-c", "hostname; cat /etc/machine-id")["stdout"].split()
+        assert after == ["mine", before[1]], (before, after)
+        # the usual pipeline takes it as it is; options it does not run with are refused, never dropped
+        piped = subprocess.run(["bash", "-o", "pipefail", "-c", f"{BIN}/kp-ls mine | {BIN}/kp-boot | "
+                                f"{BIN}/kp-ip --timeout 120"], env=env, capture_output=True, timeout=300)
+        assert piped.returncode == 0 and lines(piped.stdout)[0]["name"] == "mine", piped.stderr.decode()[-2000:]
+        refused = run(env, "kp-boot", "--allow", "example.com", "mine")
+        assert refused.returncode == 1 and b"not as asked" in refused.stderr, refused.stderr.decode()
+        assert lines(refused.stdout)[0]["error"]["code"] == "running_differently"
+
+        # kp-clone refilled the pool in the background: a new member, with a machine-id of its own
+        deadline = time.monotonic() + 600
+        while True:
+            pool = one(run(env, "kp-ls", "--kind", "image", "base"))["pool"]
+            assert "problem" not in pool, pool
+            if pool["ready"] == 1 and pool["members"] != [member]:
+                break
+            assert time.monotonic() < deadline, pool
+            time.sleep(1)
+        fresh = pool["members"][0]
+        again = ssh(env, fresh, "cat", "/etc/machine-id")["stdout"].split()
+        assert again[0] not in (before[1],), (again, before)
+
+        emptied = one(run(env, "kp-pool", "base", "--size", "0"))
+        assert emptied.get("pool") is None, emptied
+        assert [r["name"] for r in lines(run(env, "kp-ls", "--kind", "vm").stdout) if r.get("pool")] == []
+        assert qemu_processes(fresh) == []
+        assert one(run(env, "kp-ls", "mine"))["state"] == "running"  # what was handed out is the user's
+    finally:
+        run(env, "kp-pool", "base", "--size", "0")
+        run(env, "kp-rm", "mine")
+    assert member and qemu_processes(member) == []  # its QEMU kept its first name: gone with mine
 
 
 def test_boot_without_qemu_exits_69(golden: dict[str, Any], tmp_path: Path) -> None:

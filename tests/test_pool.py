@@ -1,0 +1,198 @@
+"""Warm pools (kodepipe.vm.pool) without QEMU: settings, the memory budget, what a hand-out rewrites,
+what kp-rm keeps, and kp-boot refusing options a running VM does not run with.  The hand-out of a
+real VM, its refill and its identity are tested on real QEMU in tests/integration/test_vm.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kodepipe import inventory
+from kodepipe.core.errors import BadInput, KpError
+from kodepipe.core.state import Store
+from kodepipe.vm import pool, qemu
+
+
+def make_image(store: Store, name: str = "base", *, warm: bool = True, memory: str = "1G") -> Path:
+    folder = store.folder("image", name)
+    folder.mkdir(parents=True)
+    for file in ("disk.qcow2", "vmlinuz", "initrd.img", "warm.qcow2"):
+        (folder / file).write_bytes(b"x")
+    meta: dict[str, Any] = {"kind": "image", "name": name, "id": "aaaaaaaaaaaa", "created": "2026-01-01T00:00:00Z",
+                            "state": "ready", "disk": "disk.qcow2", "kernel": "vmlinuz", "initrd": "initrd.img"}
+    if warm:
+        meta["warm"] = {"id": "bbbbbbbbbbbb", "disk": "warm.qcow2", "state": "warm.state", "memory": memory,
+                        "cpus": 2, "created": "2026-01-01T00:00:00Z"}
+    store.write_meta(folder, meta)
+    return folder
+
+
+def make_member(store: Store, name: str, base: str = "base", **extra: Any) -> Path:
+    folder = store.folder("vm", name)
+    folder.mkdir(parents=True)
+    (folder / "disk.qcow2").write_bytes(b"x")
+    store.write_meta(folder, {"kind": "vm", "name": name, "id": name[-12:].rjust(12, "0"),
+                              "created": "2026-01-01T00:00:00Z", "state": "ready", "base": base,
+                              "base_id": "aaaaaaaaaaaa", "warm_id": "bbbbbbbbbbbb", "disk": "disk.qcow2",
+                              "pool": base, **extra})
+    return folder
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "state")
+
+
+def test_a_hand_out_moves_every_path_in_the_members_folder_and_nothing_else() -> None:
+    old, new = "/s/vms/pool-0123", "/s/vms/mine"
+    meta = {"serial_log": f"{old}/serial.log", "known_hosts": f"{old}/known_hosts", "folder": old,
+            "other": "/s/vms/pool-01234/x", "sockets": {"qmp": "/run/kp/pool-0123.qmp"},
+            "list": [f"{old}/a", "relative/pool-0123"], "n": 3, "none": None}
+    assert pool._moved(meta, old, new) == {
+        "serial_log": "/s/vms/mine/serial.log", "known_hosts": "/s/vms/mine/known_hosts", "folder": new,
+        "other": "/s/vms/pool-01234/x",  # a folder whose name only starts the same is another folder
+        "sockets": {"qmp": "/run/kp/pool-0123.qmp"},  # sockets keep the paths QEMU and passt were given
+        "list": ["/s/vms/mine/a", "relative/pool-0123"], "n": 3, "none": None}
+
+
+def test_the_memory_budget_keeps_fewer_than_the_size_and_says_so() -> None:
+    image = {"warm": {"memory": "1G"}}
+    assert pool.target({"size": 3, "max_memory": 8 << 30}, image) == (3, None)
+    assert pool.target({"size": 3, "max_memory": (2 << 30) + 1}, image) == (2, "max-memory")
+    assert pool.target({"size": 3, "max_memory": 1 << 29}, {"warm": {"memory": "512M"}}) == (1, "max-memory")
+    assert pool.target({"size": 2, "max_memory": 0}, image) == (0, "max-memory")
+
+
+def test_a_pool_needs_a_warm_ready_image_and_a_size_within_bounds(store: Store) -> None:
+    make_image(store, "cold", warm=False)
+    with pytest.raises(KpError) as info:
+        pool.configure(store, "cold", 1, None)
+    assert info.value.code == "base_not_warm" and "kp-image warm cold" in str(info.value.hint)
+    with pytest.raises(KpError) as missing:
+        pool.configure(store, "nothing", 1, None)
+    assert missing.value.code == "base_missing"
+    make_image(store)
+    for size in (-1, pool.MAX_SIZE + 1):
+        with pytest.raises(BadInput):
+            pool.configure(store, "base", size, None)
+    data = pool.configure(store, "base", 2, 3 << 30)
+    assert data["size"] == 2 and data["max_memory"] == 3 << 30
+    assert pool.settings(store, "base") == data
+    assert pool.configure(store, "base", 1, None)["max_memory"] == pool.default_max_memory()
+
+
+@pytest.mark.parametrize("text", [b"[]", b'{"size": true, "max_memory": 1}', b'{"size": 1, "max_memory": "1G"}',
+                                  b'{"size": 1}', b"{not json", b'{"size": 1.5, "max_memory": 1}'])
+def test_pool_settings_that_kodepipe_did_not_write_are_a_clear_error(store: Store, text: bytes) -> None:
+    folder = make_image(store)
+    (folder / pool.POOL_FILE).write_bytes(text)
+    with pytest.raises(KpError) as info:
+        pool.settings(store, "base")
+    assert info.value.code == "broken" and "kp-pool base --size N" in str(info.value.hint)
+    # kp-ls shows the problem on the image's record, and lists the rest
+    record = next(r for r in inventory.records(store) if r["name"] == "base")
+    assert "problem" in record["pool"]
+    assert pool.adopt(store, "base", "mine") is None  # nothing is handed out of a pool it cannot read
+
+
+def test_only_a_ready_running_member_is_handed_out(store: Store) -> None:
+    make_image(store)
+    assert pool.adopt(store, "base", "mine") is None  # no pool
+    pool.configure(store, "base", 1, None)
+    make_member(store, "pool-000000000001")  # stopped: no QEMU
+    make_member(store, "pool-000000000002", pool_ready="2026-01-01T00:00:00Z")  # ready, but not running
+    assert pool.adopt(store, "base", "mine") is None
+    assert not store.folder("vm", "mine").exists()
+    summary = pool.summary(store, "base", {"warm": {"memory": "1G"}})
+    assert summary is not None and summary["ready"] == 0 and len(summary["members"]) == 2
+
+
+def test_a_bulk_removal_keeps_pooled_vms_and_a_named_one_goes(store: Store) -> None:
+    make_image(store)
+    make_member(store, "pool-000000000001")
+    make_member(store, "pool-000000000002")
+    removal = inventory.Removal(store, force=False, dry_run=False)
+    listed = inventory.view(store, "vm", "pool-000000000001")
+    with pytest.raises(inventory.Kept) as kept:
+        removal.remove("vm", "pool-000000000001", expect_id=listed["id"], bulk=True, listed=listed)
+    assert "warm pool of base" in kept.value.message and "kp-pool base --size 0" in kept.value.message
+    assert store.folder("vm", "pool-000000000001").is_dir()
+    assert inventory.remove(store, "vm", "pool-000000000001", expect_id=None, force=False,
+                            dry_run=False) is not None
+    assert not store.folder("vm", "pool-000000000001").exists()
+    # removing the image (named) empties its pool first: its members are not the user's clones
+    pool.configure(store, "base", 1, None)
+    assert inventory.remove(store, "image", "base", expect_id=None, force=False, dry_run=False) is not None
+    assert not store.folder("vm", "pool-000000000002").exists()
+
+
+def test_emptying_a_pool_removes_its_settings_and_members_only(store: Store) -> None:
+    make_image(store)
+    pool.configure(store, "base", 2, None)
+    make_member(store, "pool-000000000001")
+    other = make_member(store, "mine")
+    meta = orjson.loads((other / "meta.json").read_bytes())
+    meta.pop("pool")
+    (other / "meta.json").write_bytes(orjson.dumps(meta))
+    assert pool.empty(store, "base") == ["pool-000000000001"]
+    assert pool.settings(store, "base") is None and store.folder("vm", "mine").is_dir()
+
+
+def test_a_filler_that_finds_its_pool_gone_removes_what_it_left(store: Store) -> None:
+    make_image(store)
+    make_member(store, "pool-000000000001")
+    assert pool.fill(store, "base") == 0
+    assert pool.members(store, "base") == []
+
+
+def test_a_filler_removes_members_that_can_no_longer_be_handed_out(store: Store,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    make_image(store)
+    pool.configure(store, "base", 1, None)
+    make_member(store, "pool-000000000001", pool_ready="2026-01-01T00:00:00Z")  # its QEMU is gone
+    made: list[str] = []
+
+    def make(store_: Store, base: str, name: str, timeout: float) -> None:
+        made.append(name)
+        raise KpError("no QEMU here", code="launch_failed")
+
+    monkeypatch.setattr(pool, "_make", make)
+    with pytest.raises(KpError):
+        pool.fill(store, "base")
+    assert not store.folder("vm", "pool-000000000001").exists() and len(made) == 1
+    data = pool.settings(store, "base")
+    assert data is not None and "no QEMU here" in data["problem"]  # kept for kp-ls
+    assert "no QEMU here" in next(r for r in inventory.records(store) if r["name"] == "base")["pool"]["problem"]
+
+
+RUNNING_OPEN = {"name": "mine", "state": "running", "memory": "1G", "cpus": 2, "net": "user", "share": None,
+                "network": "open", "accel": "tcg", "host_loopback": False}
+
+
+@pytest.mark.parametrize(("given", "opts", "expected"), [
+    (frozenset(), qemu.BootOptions(), []),
+    (frozenset({"memory"}), qemu.BootOptions(memory="1G"), []),
+    (frozenset({"memory"}), qemu.BootOptions(memory="2G"), ["--memory 2G asked, it runs with 1G"]),
+    (frozenset({"allow"}), qemu.BootOptions(allow=("example.com",)),
+     ["--allow ['example.com'] asked, it runs with none"]),
+    (frozenset({"net"}), qemu.BootOptions(net="none"), ["--net none asked, it runs with user"]),
+    (frozenset({"accel"}), qemu.BootOptions(accel="kvm"), ["--accel kvm asked, it runs with tcg"]),
+    (frozenset({"accel"}), qemu.BootOptions(accel="auto"), []),
+])
+def test_kp_boot_names_every_option_a_running_vm_does_not_run_with(given: frozenset[str], opts: Any,
+                                                                    expected: list[str]) -> None:
+    from kodepipe.commands import boot
+
+    assert boot._differences(RUNNING_OPEN, opts, given) == expected
+
+
+def test_kp_boot_of_a_sealed_vm_with_its_own_rules_passes() -> None:
+    from kodepipe.commands import boot
+
+    sealed = {**RUNNING_OPEN, "network": "allowlist", "egress": {"allow": ["example.com"], "resolve": []}}
+    assert boot._differences(sealed, qemu.BootOptions(allow=("example.com",)), frozenset({"allow"})) == []
+    assert boot._differences(sealed, qemu.BootOptions(allow=("other.com",)), frozenset({"allow"})) == [
+        "--allow ['other.com'] asked, it runs with ['example.com']"]
