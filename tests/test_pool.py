@@ -196,3 +196,23 @@ def test_kp_boot_of_a_sealed_vm_with_its_own_rules_passes() -> None:
     assert boot._differences(sealed, qemu.BootOptions(allow=("example.com",)), frozenset({"allow"})) == []
     assert boot._differences(sealed, qemu.BootOptions(allow=("other.com",)), frozenset({"allow"})) == [
         "--allow ['other.com'] asked, it runs with ['example.com']"]
+
+
+def test_the_hand_outs_rename_script_sets_the_hostname_files_and_nothing_else(tmp_path: Path) -> None:
+    import subprocess
+
+    from kodepipe.vm import identity
+
+    files = {"/proc/sys/kernel/hostname": tmp_path / "kernel", "/etc/hostname": tmp_path / "hostname",
+             "/etc/hosts": tmp_path / "hosts"}
+    script = identity.RENAME
+    for real, fake in files.items():
+        assert real in script
+        script = script.replace(real, str(fake))
+    files["/etc/hosts"].write_text("127.0.0.1\tlocalhost\n127.0.1.1\tpool-0123\n# 127.0.1.1 a comment\n"
+                                   "::1\tlocalhost ip6-localhost\nno-newline-at-the-end")
+    subprocess.run(["/bin/sh", "-c", script, "rename", "mine"], check=True)
+    assert files["/proc/sys/kernel/hostname"].read_text() == "mine\n"
+    assert files["/etc/hostname"].read_text() == "mine\n"
+    assert files["/etc/hosts"].read_text() == ("127.0.0.1\tlocalhost\n127.0.1.1\tmine\n# 127.0.1.1 a comment\n"
+                                               "::1\tlocalhost ip6-localhost\nno-newline-at-the-end\n")

@@ -84,13 +84,22 @@ def reseed(agent: GuestAgent, name: str, mac: str | None) -> float:
     return time.monotonic() - started
 
 
-# $1 the new hostname: a pooled VM handed over under its user's name (kodepipe.vm.pool); the rest of
-# its identity was its own from its boot
+# $1 the new hostname: a pooled VM handed out under its user's name (kodepipe.vm.pool); the rest of
+# its identity was its own from its resume.  Shell built-ins only: under TCG each program the shell
+# starts costs tenths of a second, and the hand-out waits for this.
 RENAME = r"""
 set -eu
-hostname "$1"
-echo "$1" > /etc/hostname
-sed -i "s/^127\.0\.1\.1\s.*/127.0.1.1\t$1/" /etc/hosts
+printf '%s\n' "$1" > /proc/sys/kernel/hostname
+printf '%s\n' "$1" > /etc/hostname
+hosts=''
+while IFS= read -r line || [ -n "$line" ]; do
+    case $line in
+        127.0.1.1[[:space:]]*) line="127.0.1.1	$1" ;;
+    esac
+    hosts="$hosts$line
+"
+done < /etc/hosts
+printf '%s' "$hosts" > /etc/hosts
 """
 
 

@@ -247,8 +247,9 @@ def test_a_warm_pool_hands_out_a_ready_vm_whose_identity_no_other_vm_had(golden:
         assert "pool" not in handed and isinstance(handed["ssh"]["port"], int), handed
         assert not (state / "vms" / member).exists() and (state / "vms" / "mine" / "ssh_key").is_file()
         # the same machine, now called mine: its identity was made for it alone, at its resume
-        after = ssh(env, "mine", "sh", "-c", "hostname; cat /etc/machine-id")["stdout"].split()
-        assert after == ["mine", before[1]], (before, after)
+        after = ssh(env, "mine", "sh", "-c", "hostname; cat /etc/machine-id; cat /etc/hostname; "
+                    "awk '$1 == \"127.0.1.1\" {print $2}' /etc/hosts")["stdout"].split()
+        assert after == ["mine", before[1], "mine", "mine"], (before, after)
         # the usual pipeline takes it as it is; options it does not run with are refused, never dropped
         piped = subprocess.run(["bash", "-o", "pipefail", "-c", f"{BIN}/kp-ls mine | {BIN}/kp-boot | "
                                 f"{BIN}/kp-ip --timeout 120"], env=env, capture_output=True, timeout=300)
