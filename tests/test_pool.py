@@ -216,3 +216,26 @@ def test_the_hand_outs_rename_script_sets_the_hostname_files_and_nothing_else(tm
     assert files["/etc/hostname"].read_text() == "mine\n"
     assert files["/etc/hosts"].read_text() == ("127.0.0.1\tlocalhost\n127.0.1.1\tmine\n# 127.0.1.1 a comment\n"
                                                "::1\tlocalhost ip6-localhost\nno-newline-at-the-end\n")
+
+
+def test_a_member_whose_hand_out_fails_is_never_tried_again(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a guest agent that does not answer (or a hostile guest) must not make every kp-clone wait on it
+    from kodepipe.vm import vms
+
+    make_image(store)
+    pool.configure(store, "base", 1, None)
+    folder = make_member(store, "pool-000000000001", pool_ready="2026-01-01T00:00:00Z",
+                         boot={"sockets": {"qga": "/nonexistent/qga"}})
+    monkeypatch.setattr(vms, "view", lambda _s, name: {"name": name, "state": "running",
+                                                       "pool_ready": "2026-01-01T00:00:00Z"})
+    asked: list[str] = []
+
+    def agent(*_a: object, **_k: object) -> None:
+        asked.append("agent")
+        raise KpError("the guest agent did not answer", code="timeout")
+
+    monkeypatch.setattr("kodepipe.vm.guest_agent.wait_for_agent", agent)
+    assert pool.adopt(store, "base", "mine") is None
+    meta = orjson.loads((folder / "meta.json").read_bytes())
+    assert "pool_ready" not in meta and "did not answer" in meta["pool_problem"] and asked == ["agent"]
+    assert not store.folder("vm", "mine").exists()

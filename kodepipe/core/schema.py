@@ -163,6 +163,7 @@ class VmRecord(_Object, total=False):
     warm_id: str  # the warm state it was cloned from
     pool: str  # a member of this image's warm pool (kp-pool), not yet handed out
     pool_ready: str  # when the pool's member became ready to hand out
+    pool_problem: str  # why a member is no longer ready (its hand-out failed): the next fill replaces it
     from_pool: bool  # kp-clone handed it out from its base's pool (then "adopted" and "hostname_seconds")
     adopted: str
     hostname_seconds: float

@@ -334,8 +334,12 @@ def _hand_over(store: Store, base: str, member: str, name: str) -> Record:
         try:
             with wait_for_agent(Path(boot["sockets"]["qga"]), 10.0, alive=lambda: qemu.is_alive(boot)) as agent:
                 identity.rename(agent, name)
-        except KpError:
-            raise _Skip from None  # left in the pool: the next fill finds it crashed or stuck and replaces it
+        except KpError as exc:
+            # never handed out, nor tried again: no longer ready, so the next fill replaces it
+            meta.pop("pool_ready", None)
+            meta["pool_problem"] = f"setting its hostname to {name} failed: {exc.message}"
+            store.write_meta(old, meta)
+            raise _Skip from None
         new = store.folder("vm", name)
         meta = _moved(meta, str(old), str(new))
         for key in ("pool", "pool_ready"):
