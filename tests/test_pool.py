@@ -162,7 +162,7 @@ def test_a_filler_removes_members_that_can_no_longer_be_handed_out(store: Store,
     monkeypatch.setattr(pool, "_make", make)
     with pytest.raises(KpError):
         pool.fill(store, "base")
-    assert not store.folder("vm", "pool-000000000001").exists() and len(made) == 1
+    assert not store.folder("vm", "pool-000000000001").exists() and len(made) == pool.ATTEMPTS
     data = pool.settings(store, "base")
     assert data is not None and "no QEMU here" in data["problem"]  # kept for kp-ls
     assert "no QEMU here" in next(r for r in inventory.records(store) if r["name"] == "base")["pool"]["problem"]
@@ -239,3 +239,26 @@ def test_a_member_whose_hand_out_fails_is_never_tried_again(store: Store, monkey
     meta = orjson.loads((folder / "meta.json").read_bytes())
     assert "pool_ready" not in meta and "did not answer" in meta["pool_problem"] and asked == ["agent"]
     assert not store.folder("vm", "mine").exists()
+
+
+def test_a_member_that_fails_once_is_replaced_and_the_fill_goes_on(store: Store,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from kodepipe.vm import vms
+
+    make_image(store)
+    pool.configure(store, "base", 1, None)
+    made: list[str] = []
+
+    def make(store_: Store, base: str, name: str, timeout: float) -> None:
+        made.append(name)
+        if len(made) == 1:
+            raise KpError("lost the connection to the guest agent", code="guest_agent_unreachable")
+        make_member(store_, name, pool_ready="2026-01-01T00:00:00Z")
+
+    monkeypatch.setattr(pool, "_make", make)
+    monkeypatch.setattr(vms, "view", lambda _s, name: {"name": name, "state": "running",
+                                                       "pool_ready": "2026-01-01T00:00:00Z"})
+    assert pool.fill(store, "base") == 1
+    assert len(made) == 2 and pool.members(store, "base") == [made[1]]
+    data = pool.settings(store, "base")
+    assert data is not None and "problem" not in data

@@ -56,8 +56,14 @@ def cli(base: str, size: int | None, max_memory: int | None, refill: bool, timeo
     from kodepipe.vm import images, pool
 
     options.check_names([base], "BASE")
-    out = kpcli.Output("kp-pool", quiet=quiet or refill)
+    out = kpcli.Output("kp-pool", quiet=quiet)
     store = Store()
+    say = out.progress
+    if refill:  # its stderr is pool.log: each step goes there, with the time, for whoever reads why it failed
+        import time
+
+        def say(message: str) -> None:
+            out.info(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {message}")
     try:
         if size == 0:
             for name in pool.empty(store, base, progress=out.progress):
@@ -72,7 +78,7 @@ def cli(base: str, size: int | None, max_memory: int | None, refill: bool, timeo
                                (int(current["max_memory"]) if current else None))
             elif pool.settings(store, base) is None:
                 raise click.UsageError(f"{base} has no pool: kp-pool {base} --size N makes one")
-            made = pool.fill(store, base, progress=out.progress, timeout=timeout, wait=0.0 if refill else 600.0)
+            made = pool.fill(store, base, progress=say, timeout=timeout, wait=0.0 if refill else 600.0)
             if made:
                 out.progress(f"{base}: {made} VM(s) made ready")
     except KpError as exc:

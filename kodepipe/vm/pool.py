@@ -44,6 +44,9 @@ LOG_CAP = 1 << 20
 PREFIX = "pool-"
 MEMBER_TIMEOUT = 300.0  # for one member, from its clone to SSH answering (a warm resume under TCG: seconds)
 MAX_SIZE = 64
+# a member that fails is removed and a new one made, this many times in all, before the fill gives up
+# (a guest agent connection that QEMU drops right after a resume has been seen, rarely)
+ATTEMPTS = 2
 
 
 def _settings_lock(base: str) -> str:
@@ -208,16 +211,21 @@ def fill(store: Store, base: str, *, progress: Callable[[str], None] = lambda _m
             if len(current) == keeps:
                 _note(store, base, problem=None)
                 return made
-            name = PREFIX + new_id()
-            progress(f"{name}: resuming a member of {base}'s pool ({len(current) + 1} of {keeps})")
-            try:
-                _make(store, base, name, timeout)
-            except BaseException as exc:
-                message = exc.message if isinstance(exc, KpError) else f"{type(exc).__name__}: {exc}"
-                _note(store, base, problem=f"making {name} failed: {message}")
-                with contextlib.suppress(KpError):
-                    vms.remove(store, name, expect_id=None, dry_run=False)
-                raise
+            for attempt in range(ATTEMPTS):
+                name = PREFIX + new_id()
+                progress(f"{name}: resuming a member of {base}'s pool ({len(current) + 1} of {keeps})")
+                try:
+                    _make(store, base, name, timeout)
+                    break
+                except BaseException as exc:
+                    message = exc.message if isinstance(exc, KpError) else f"{type(exc).__name__}: {exc}"
+                    with contextlib.suppress(KpError):
+                        vms.remove(store, name, expect_id=None, dry_run=False)
+                    if attempt + 1 < ATTEMPTS and isinstance(exc, KpError):
+                        progress(f"{name}: {message}; trying a new one")
+                        continue
+                    _note(store, base, problem=f"making {name} failed: {message}")
+                    raise
             made += 1
 
 
@@ -236,8 +244,16 @@ def _make(store: Store, base: str, name: str, timeout: float) -> None:
 
     deadline = time.monotonic() + timeout
     vms.clone(store, base, name, pool=base)
-    lifecycle.boot(store, name, qemu.BootOptions(), accel.choose("auto"))
-    address.find(store, name, timeout=max(deadline - time.monotonic(), 1.0))
+    try:
+        lifecycle.boot(store, name, qemu.BootOptions(), accel.choose("auto"))
+    except KpError as exc:
+        exc.args = (f"resuming it: {exc.args[0] if exc.args else exc.code}",)
+        raise
+    try:
+        address.find(store, name, timeout=max(deadline - time.monotonic(), 1.0))
+    except KpError as exc:
+        exc.args = (f"setting it up (kp-ip): {exc.args[0] if exc.args else exc.code}",)
+        raise
     with store.lock(name):
         folder = store.folder("vm", name)
         meta = store.read_meta(folder)
@@ -317,7 +333,7 @@ class _Skip(Exception):
 def _hand_over(store: Store, base: str, member: str, name: str) -> Record:
     from kodepipe.core.errors import Exists
     from kodepipe.vm import identity, qemu, vms
-    from kodepipe.vm.guest_agent import wait_for_agent
+    from kodepipe.vm.guest_agent import AgentUnreachable, wait_for_agent
 
     with store.lock(member), store.lock(name):
         existing = store.lookup(name)
@@ -332,8 +348,15 @@ def _hand_over(store: Store, base: str, member: str, name: str) -> Record:
         boot = meta["boot"]
         started = time.monotonic()
         try:
-            with wait_for_agent(Path(boot["sockets"]["qga"]), 10.0, alive=lambda: qemu.is_alive(boot)) as agent:
-                identity.rename(agent, name)
+            for attempt in range(ATTEMPTS):  # the script is idempotent: a dropped connection is tried again
+                try:
+                    with wait_for_agent(Path(boot["sockets"]["qga"]), 10.0,
+                                        alive=lambda: qemu.is_alive(boot)) as agent:
+                        identity.rename(agent, name)
+                    break
+                except AgentUnreachable:
+                    if attempt + 1 == ATTEMPTS:
+                        raise
         except KpError as exc:
             # never handed out, nor tried again: no longer ready, so the next fill replaces it
             meta.pop("pool_ready", None)
