@@ -232,16 +232,19 @@ class Removal:
         elif kind == "image":
             from kodepipe.vm import pool
 
-            # its pool goes with it (never from a bulk removal that keeps the image: check() says so first)
-            if not bulk or "images" in self.allowed:
-                if dry_run:
-                    self.removed.update(("vm", n) for n in pool.members(store, name))
-                else:
-                    pool.empty(store, name, progress=self.say)
+            # its pool goes with it, but only once every check has passed with the pool's VMs not counted
+            # as clones: an image that is kept, refused or no longer the one named keeps its pool too
+            pooled = set(pool.members(store, name))
             # a dry run removed nothing: the clones it would have removed still count unless ignored
-            ignore = {n for k, n in self.removed if k == "vm"} if dry_run else set()
+            ignore = ({n for k, n in self.removed if k == "vm"} if dry_run else set()) | pooled
+            if pooled and not dry_run:
+                images.remove(store, name, expect_id=expect_id, force=self.force, dry_run=True, check=check,
+                              ignore_clones=ignore)
+                pool.empty(store, name, progress=self.say)
             record = images.remove(store, name, expect_id=expect_id, force=self.force, dry_run=dry_run,
                                    check=check, ignore_clones=ignore)
+            if dry_run and record is not None:
+                self.removed.update(("vm", n) for n in pooled)
         else:
             record = vms.remove(store, name, expect_id=expect_id, dry_run=dry_run, check=check, say=self.say)
         if record is not None:

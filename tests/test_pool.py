@@ -41,6 +41,12 @@ def make_member(store: Store, name: str, base: str = "base", **extra: Any) -> Pa
     return folder
 
 
+def ready_view(name: str, **changes: Any) -> dict[str, Any]:
+    """A member's view as kp-ls shows one ready to hand out: running in the boot it was set up in."""
+    return {"name": name, "state": "running", "pool_ready": "2026-01-01T00:00:00Z", "pool_boot": "t0",
+            "started": "t0", "base_id": "aaaaaaaaaaaa", "warm_id": "bbbbbbbbbbbb", **changes}
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store(tmp_path / "state")
@@ -226,8 +232,7 @@ def test_a_member_whose_hand_out_fails_is_never_tried_again(store: Store, monkey
     pool.configure(store, "base", 1, None)
     folder = make_member(store, "pool-000000000001", pool_ready="2026-01-01T00:00:00Z",
                          boot={"sockets": {"qga": "/nonexistent/qga"}})
-    monkeypatch.setattr(vms, "view", lambda _s, name: {"name": name, "state": "running",
-                                                       "pool_ready": "2026-01-01T00:00:00Z"})
+    monkeypatch.setattr(vms, "view", lambda _s, name: ready_view(name))
     asked: list[str] = []
 
     def agent(*_a: object, **_k: object) -> None:
@@ -256,9 +261,84 @@ def test_a_member_that_fails_once_is_replaced_and_the_fill_goes_on(store: Store,
         make_member(store_, name, pool_ready="2026-01-01T00:00:00Z")
 
     monkeypatch.setattr(pool, "_make", make)
-    monkeypatch.setattr(vms, "view", lambda _s, name: {"name": name, "state": "running",
-                                                       "pool_ready": "2026-01-01T00:00:00Z"})
+    monkeypatch.setattr(vms, "view", lambda _s, name: ready_view(name))
     assert pool.fill(store, "base") == 1
     assert len(made) == 2 and pool.members(store, "base") == [made[1]]
     data = pool.settings(store, "base")
     assert data is not None and "problem" not in data
+
+
+@pytest.mark.parametrize(("changes", "ready"), [
+    ({}, True),
+    ({"state": "stopped"}, False),
+    ({"started": "t1"}, False),  # booted again since it was set up (perhaps with other options)
+    ({"pool_boot": None}, False),
+    ({"warm_id": "cccccccccccc"}, False),  # the warm state was remade (kp-image warm --force)
+    ({"base_id": "dddddddddddd"}, False),  # the image was rebuilt
+    ({"pool_ready": None}, False),
+])
+def test_ready_means_running_in_the_boot_it_was_set_up_in_from_the_current_warm_state(
+        store: Store, changes: dict[str, Any], ready: bool) -> None:
+    from kodepipe.vm import images
+
+    make_image(store)
+    assert pool._is_ready(ready_view("pool-000000000001", **changes), images.view(store, "base")) is ready
+
+
+def test_an_image_that_is_refused_keeps_its_pool(store: Store) -> None:
+    from kodepipe.core.errors import InUse
+
+    make_image(store)
+    pool.configure(store, "base", 1, None)
+    make_member(store, "pool-000000000001")
+    user = make_member(store, "mine")
+    meta = orjson.loads((user / "meta.json").read_bytes())
+    meta.pop("pool")
+    (user / "meta.json").write_bytes(orjson.dumps(meta))
+    with pytest.raises(InUse):
+        inventory.remove(store, "image", "base", expect_id=None, force=False, dry_run=False)
+    assert pool.settings(store, "base") is not None and store.folder("vm", "pool-000000000001").is_dir()
+    # a stale record (another id) is refused before anything happens too
+    with pytest.raises(KpError):
+        inventory.remove(store, "image", "base", expect_id="ffffffffffff", force=True, dry_run=False)
+    assert pool.settings(store, "base") is not None and store.folder("vm", "pool-000000000001").is_dir()
+
+
+def test_a_name_that_exists_is_never_handed_a_member(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kodepipe.vm import vms
+
+    make_image(store)
+    pool.configure(store, "base", 1, None)
+    make_member(store, "pool-000000000001", pool_ready="2026-01-01T00:00:00Z")
+    monkeypatch.setattr(vms, "view", lambda _s, name: ready_view(name))
+    # its own name (kp-clone base pool-...): no lock taken twice, no wait; kp-clone then says it exists
+    assert pool.adopt(store, "base", "pool-000000000001") is None
+
+
+def test_kp_boot_compares_memory_as_a_size_and_writable_git_as_asked() -> None:
+    from kodepipe.commands import boot
+
+    running = {**RUNNING_OPEN, "memory": "1G", "loosened": ["writable-git"]}
+    assert boot._differences(running, qemu.BootOptions(memory="1024M"), frozenset({"memory"})) == []
+    assert boot._differences(running, qemu.BootOptions(writable_git=True), frozenset({"writable_git"})) == []
+    assert boot._differences(RUNNING_OPEN, qemu.BootOptions(writable_git=True), frozenset({"writable_git"})) == [
+        "--writable-git True asked, it runs with False"]
+
+
+def test_kp_boot_refuses_a_warm_clone_options_it_would_not_resume_with(store: Store) -> None:
+    from kodepipe.commands import boot
+
+    make_image(store)
+    folder = make_member(store, "warm-1")
+    meta = orjson.loads((folder / "meta.json").read_bytes())
+    meta.pop("pool")
+    meta["saved"] = {"saved": "2026-01-01T00:00:00Z", "memory": "1G", "cpus": 2, "net": "user", "share": None,
+                     "warm": True}
+    (folder / "meta.json").write_bytes(orjson.dumps(meta))
+    boot._check_saved(store, "warm-1", qemu.BootOptions(), frozenset())  # nothing asked: it resumes
+    boot._check_saved(store, "warm-1", qemu.BootOptions(memory="1024M"), frozenset({"memory"}))
+    with pytest.raises(KpError) as info:  # --net none must never resume an open VM
+        boot._check_saved(store, "warm-1", qemu.BootOptions(net="none"), frozenset({"net"}))
+    assert info.value.code == "net_on_saved" and "--net none asked" in info.value.message
+    with pytest.raises(KpError):
+        boot._check_saved(store, "warm-1", qemu.BootOptions(memory="4G"), frozenset({"memory"}))

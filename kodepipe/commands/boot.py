@@ -112,6 +112,7 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
     from kodepipe.vm.accel import choose
 
     rules = _rules(allow, allow_file, resolve)
+    preset: Any = None
     widened: tuple[str, ...] = ()
     packages: tuple[str, ...] = ()
     if preset_name is not None:
@@ -167,7 +168,7 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
     out = kpcli.Output("kp-boot", quiet=quiet)
     store = Store()
     chosen: list[tuple[str, str]] = []
-    given = _given()
+    given = _given(preset)
 
     def act(name: str, expect_id: str | None, record: dict[str, object]) -> dict[str, object]:
         if not chosen:  # probe the accelerator once, and only when there is something to boot
@@ -176,6 +177,7 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
             proc.require(qemu.QEMU)
             chosen.append(choose(accel))
             out.progress(f"accelerator: {chosen[0][0]} ({chosen[0][1]})")
+        _check_saved(store, name, opts, given)
         result, already = lifecycle.boot(store, name, opts, chosen[0], expect_id=expect_id, say=out.warn,
                                          disk_key=_disk_key)
         if not already and chosen[0][0] == "kvm" and result.get("accel") == "tcg":
@@ -199,12 +201,9 @@ def cli(names: tuple[str, ...], memory: str, cpus: int, accel: str, net: str, ho
     return vmargs.run_each(out, names, act)
 
 
-# what a preset sets: given when the preset is
-_PRESET_SETS = frozenset({"memory", "cpus", "net", "allow", "resolve", "publish", "disk", "preset_name", "share"})
-
-
-def _given() -> frozenset[str]:
-    """The options on the command line (or in the environment), not left at their defaults."""
+def _given(preset: Any = None) -> frozenset[str]:
+    """The options on the command line (or in the environment), not left at their defaults, and those
+    the preset sets."""
     from click.core import ParameterSource
 
     context = click.get_current_context()
@@ -212,7 +211,43 @@ def _given() -> frozenset[str]:
              if context.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)}
     if "allow_file" in given:
         given.add("allow")
-    return frozenset(given | _PRESET_SETS) if "preset_name" in given else frozenset(given)
+    if preset is not None:
+        given.add("net")  # a preset always says which network
+        for key, sets in (("memory", preset.memory is not None), ("cpus", preset.cpus is not None),
+                          ("allow", preset.network == "allowlist"), ("resolve", bool(preset.resolve)),
+                          ("publish", bool(preset.publish)), ("disk", bool(preset.disks)),
+                          ("share", isinstance(preset.share, str))):
+            if sets:
+                given.add(key)
+    return frozenset(given)
+
+
+def _check_saved(store: Any, name: str, opts: Any, given: frozenset[str]) -> None:
+    """A warm clone or a saved VM resumes with the memory, CPUs and network it was saved with: options
+    given that ask for others are refused, never dropped (--net none must not resume an open VM)."""
+    from kodepipe.core.errors import KpError
+    from kodepipe.vm import vms
+
+    current = vms.view(store, name)
+    saved = current.get("saved")
+    if current.get("state") not in ("stopped", "saved") or not isinstance(saved, dict):
+        return
+    differ = _differences({"memory": saved.get("memory"), "cpus": saved.get("cpus"), "net": saved.get("net")},
+                          opts, given & {"memory", "cpus", "net"})
+    if differ:
+        how = "a warm clone" if saved.get("warm") else "a saved VM"
+        raise KpError(f"{name} is {how}: it resumes with what it was saved with, not as asked: " + "; ".join(differ),
+                      code="net_on_saved",
+                      hint="kp-clone --cold makes a clone that boots as asked" if saved.get("warm")
+                      else "boot it without those options, or kp-stop and boot a fresh clone")
+
+
+def _mib(memory: object) -> object:
+    """Guest memory in MiB ("1G" and "1024M" are the same), or the value itself when it is not a size."""
+    text = str(memory)
+    if text[:-1].isdigit() and text[-1:] in ("M", "G"):
+        return int(text[:-1]) * (1024 if text.endswith("G") else 1)
+    return memory
 
 
 def _differences(record: dict[str, object], opts: Any, given: frozenset[str]) -> list[str]:
@@ -230,7 +265,7 @@ def _differences(record: dict[str, object], opts: Any, given: frozenset[str]) ->
         return value if isinstance(value, list) else []
 
     egress = record.get("egress")
-    if "memory" in given:
+    if "memory" in given and _mib(opts.memory) != _mib(record.get("memory")):
         differ("--memory", opts.memory, record.get("memory"))
     if "cpus" in given:
         differ("--cpus", opts.cpus, record.get("cpus"))
@@ -255,7 +290,7 @@ def _differences(record: dict[str, object], opts: Any, given: frozenset[str]) ->
     if "host_loopback" in given:
         differ("--host-loopback", opts.host_loopback, bool(record.get("host_loopback")))
     if "writable_git" in given:
-        differ("--writable-git", True, "writable-git" in listed("loosened"))
+        differ("--writable-git", opts.writable_git, "writable-git" in listed("loosened"))
     if "accel" in given and opts.accel != "auto":
         differ("--accel", opts.accel, record.get("accel"))
     return out

@@ -69,7 +69,8 @@ def cli(base: str, names: tuple[str, ...], cold: bool, quiet: bool) -> int:
                 out.emit(vms.clone(store, base_name, name, base_id=base_id, cold=cold))
             except KpError as exc:
                 out.fail({"kind": "vm", "name": name, "base": base_name}, exc)
-        if adopted:
+        # after a hand-out, or when the pool had none ready (a host reboot stops every member): refill it
+        if adopted or (not cold and pool.settings_or_none(store, base_name) is not None):
             try:
                 pool.spawn_refill(store, base_name)
             except KpError as exc:

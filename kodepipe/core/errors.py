@@ -130,7 +130,7 @@ class Code(StrEnum):
     share_on_saved = ("share_on_saved", FAILED,
         "a saved or warm VM resumes with its saved hardware: --share cannot change it")
     net_on_saved = ("net_on_saved", FAILED,
-        "a saved or warm VM resumes with its saved network: --host-loopback (or --allow with it) cannot change it")
+        "a saved or warm VM resumes with its saved network, memory and CPUs: options asking for others fail")
     warm_outdated = ("warm_outdated", FAILED,
         "a warm state made with slirp cannot resume behind passt; warm the image again")
     share_busy = "share_busy", FAILED, "the VM cannot be saved while its shared folder is in use"

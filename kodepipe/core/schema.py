@@ -164,6 +164,8 @@ class VmRecord(_Object, total=False):
     pool: str  # a member of this image's warm pool (kp-pool), not yet handed out
     pool_ready: str  # when the pool's member became ready to hand out
     pool_problem: str  # why a member is no longer ready (its hand-out failed): the next fill replaces it
+    pool_boot: str | None  # the boot ("started") it was set up in: ready in that boot only
+    pooled: str  # a handed-out VM: when it was made, for the pool ("created" is its hand-out)
     from_pool: bool  # kp-clone handed it out from its base's pool (then "adopted" and "hostname_seconds")
     adopted: str
     hostname_seconds: float

@@ -83,11 +83,22 @@ def settings(store: Store, base: str) -> dict[str, Any] | None:
     except (OSError, orjson.JSONDecodeError) as exc:
         raise KpError(f"the pool settings of {base} are unreadable ({exc})", code="broken",
                       hint=f"kp-pool {base} --size N writes them again") from None
-    if not isinstance(data, dict) or not isinstance(data.get("size"), int) or isinstance(data.get("size"), bool) \
-            or not isinstance(data.get("max_memory"), int) or isinstance(data.get("max_memory"), bool):
+    if not isinstance(data, dict) or not _whole(data.get("size"), MAX_SIZE) or \
+            not _whole(data.get("max_memory"), 1 << 60):
         raise KpError(f"the pool settings of {base} are not kodepipe's ({path})", code="broken",
                       hint=f"kp-pool {base} --size N writes them again")
     return data
+
+
+def _whole(value: object, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
+
+
+def settings_or_none(store: Store, base: str) -> dict[str, Any] | None:
+    try:
+        return settings(store, base)
+    except KpError:
+        return None
 
 
 def _write(store: Store, base: str, data: dict[str, Any]) -> None:
@@ -157,7 +168,7 @@ def summary(store: Store, base: str, image: Record) -> dict[str, Any] | None:
     views = [vms.view(store, n) for n in names]
     keeps, limit = target(data, image) if isinstance(image.get("warm"), dict) else (0, "not warm")
     out: dict[str, Any] = {"size": data["size"], "max_memory": data["max_memory"], "keeps": keeps,
-                           "members": names, "ready": sum(1 for v in views if _is_ready(v))}
+                           "members": names, "ready": sum(1 for v in views if _is_ready(v, image))}
     if limit is not None:
         out["limited_by"] = limit
     for key in ("problem", "failed"):
@@ -166,8 +177,14 @@ def summary(store: Store, base: str, image: Record) -> dict[str, Any] | None:
     return out
 
 
-def _is_ready(record: Record) -> bool:
-    return record.get("state") == "running" and isinstance(record.get("pool_ready"), str)
+def _is_ready(record: Record, image: Record) -> bool:
+    """Ready to hand out: running in the very boot the filler set it up in (a member that was stopped and
+    booted again, perhaps with other options, is not), from the image's current warm state."""
+    warm = image.get("warm")
+    warm_id = warm.get("id") if isinstance(warm, dict) else None
+    return (warm_id is not None and record.get("state") == "running" and isinstance(record.get("pool_ready"), str)
+            and record.get("pool_boot") is not None and record.get("pool_boot") == record.get("started")
+            and record.get("base_id") == image.get("id") and record.get("warm_id") == warm_id)
 
 
 # -- filling ------------------------------------------------------------------------------------------
@@ -194,7 +211,7 @@ def fill(store: Store, base: str, *, progress: Callable[[str], None] = lambda _m
             current = []
             for name in members(store, base):
                 record = vms.view(store, name)
-                if _is_ready(record):
+                if _is_ready(record, image):
                     current.append(name)
                     continue
                 # only this filler makes members (its lock): one not ready now was left by a filler that
@@ -221,7 +238,8 @@ def fill(store: Store, base: str, *, progress: Callable[[str], None] = lambda _m
                     message = exc.message if isinstance(exc, KpError) else f"{type(exc).__name__}: {exc}"
                     with contextlib.suppress(KpError):
                         vms.remove(store, name, expect_id=None, dry_run=False)
-                    if attempt + 1 < ATTEMPTS and isinstance(exc, KpError):
+                    gone = settings_or_none(store, base) is None  # emptied meanwhile: nothing to retry for
+                    if attempt + 1 < ATTEMPTS and isinstance(exc, KpError) and not gone:
                         progress(f"{name}: {message}; trying a new one")
                         continue
                     _note(store, base, problem=f"making {name} failed: {message}")
@@ -260,6 +278,7 @@ def _make(store: Store, base: str, name: str, timeout: float) -> None:
         if meta is None:
             raise KpError(f"{name} vanished while it was being made")
         meta["pool_ready"] = now_iso()
+        meta["pool_boot"] = (meta.get("boot") or {}).get("started")  # ready in this boot only
         store.write_meta(folder, meta)
 
 
@@ -304,25 +323,26 @@ def spawn_refill(store: Store, base: str) -> None:
 def adopt(store: Store, base: str, name: str, *, base_id: str | None = None) -> Record | None:
     """Hand BASE's oldest ready member out as VM ``name``; None when no member is ready (or BASE has no
     pool).  The record says ``from_pool``."""
-    from kodepipe.vm import vms
+    from kodepipe.core.errors import Busy
+    from kodepipe.vm import images, vms
 
+    if settings_or_none(store, base) is None or store.lookup(name) is not None:
+        return None  # no pool, or a name taken (kp-clone says so): nothing is handed out
     try:
-        data = settings(store, base)
-    except KpError:
-        return None
-    if data is None:
-        return None
-    with store.lock(_settings_lock(base)):
-        ready = []
-        for member in members(store, base):
-            record = vms.view(store, member)
-            if _is_ready(record) and (base_id is None or record.get("base_id") == base_id):
-                ready.append((str(record.get("pool_ready")), member))
-        for _, member in sorted(ready):
-            try:
-                return _hand_over(store, base, member, name)
-            except _Skip:
-                continue
+        with store.lock(_settings_lock(base), wait=2.0):
+            image = images.view(store, base)
+            ready = []
+            for member in members(store, base):
+                record = vms.view(store, member)
+                if _is_ready(record, image) and (base_id is None or record.get("base_id") == base_id):
+                    ready.append((str(record.get("pool_ready")), member))
+            for _, member in sorted(ready):
+                try:
+                    return _hand_over(store, base, member, name)
+                except _Skip:
+                    continue
+    except Busy:
+        return None  # another hand-out, or a member being removed: an ordinary clone rather than a wait
     return None
 
 
@@ -332,10 +352,10 @@ class _Skip(Exception):
 
 def _hand_over(store: Store, base: str, member: str, name: str) -> Record:
     from kodepipe.core.errors import Exists
-    from kodepipe.vm import identity, qemu, vms
+    from kodepipe.vm import identity, images, qemu, vms
     from kodepipe.vm.guest_agent import AgentUnreachable, wait_for_agent
 
-    with store.lock(member), store.lock(name):
+    with store.lock(member, wait=2.0), store.lock(name, wait=2.0):
         existing = store.lookup(name)
         if existing is not None:
             raise Exists(f"{name} already exists (a {existing[0]})",
@@ -343,7 +363,7 @@ def _hand_over(store: Store, base: str, member: str, name: str) -> Record:
         old = store.folder("vm", member)
         meta = store.read_meta(old)
         record = vms.view(store, member)
-        if meta is None or meta.get("pool") != base or not _is_ready(record):
+        if meta is None or meta.get("pool") != base or not _is_ready(record, images.view(store, base)):
             raise _Skip
         boot = meta["boot"]
         started = time.monotonic()
@@ -364,10 +384,16 @@ def _hand_over(store: Store, base: str, member: str, name: str) -> Record:
             store.write_meta(old, meta)
             raise _Skip from None
         new = store.folder("vm", name)
+        # passt and its guard are found by the log path on their command lines: that path stays as it was
+        passt = boot.get("passt")
         meta = _moved(meta, str(old), str(new))
-        for key in ("pool", "pool_ready"):
+        if passt is not None:
+            meta["boot"]["passt"] = passt
+        for key in ("pool", "pool_ready", "pool_boot"):
             meta.pop(key, None)
-        meta.update(name=name, from_pool=True, adopted=now_iso(), hostname_seconds=round(time.monotonic() - started, 3))
+        # the user's VM is as old as the hand-out (kp-ls --older-than 1d | kp-rm must not take it at once)
+        meta.update(name=name, from_pool=True, pooled=meta.get("created"), created=now_iso(),
+                    adopted=now_iso(), hostname_seconds=round(time.monotonic() - started, 3))
         store.write_meta(old, meta)
         os.rename(old, new)
     return vms.view(store, name)

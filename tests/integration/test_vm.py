@@ -245,6 +245,8 @@ def test_a_warm_pool_hands_out_a_ready_vm_whose_identity_no_other_vm_had(golden:
               f"(its hostname: {handed.get('hostname_seconds')} s)")
         assert handed["from_pool"] is True and handed["state"] == "running" and handed["name"] == "mine", handed
         assert "pool" not in handed and isinstance(handed["ssh"]["port"], int), handed
+        # as old as the hand-out, not as its time in the pool (cron's --older-than must not take it)
+        assert handed["pooled"] <= handed["created"] and handed["created"] >= handed["started"], handed
         assert not (state / "vms" / member).exists() and (state / "vms" / "mine" / "ssh_key").is_file()
         # the same machine, now called mine: its identity was made for it alone, at its resume
         after = ssh(env, "mine", "sh", "-c", "hostname; cat /etc/machine-id; cat /etc/hostname; "
