@@ -30,14 +30,15 @@ def make_image(store: Store, name: str = "base", *, warm: bool = True, memory: s
     return folder
 
 
-def make_member(store: Store, name: str, base: str = "base", **extra: Any) -> Path:
+def make_member(store: Store, name: str, base: str = "base", *, pooled: bool = True, **extra: Any) -> Path:
+    """A clone of ``base`` (without QEMU): a member of its pool unless ``pooled`` is False."""
     folder = store.folder("vm", name)
     folder.mkdir(parents=True)
     (folder / "disk.qcow2").write_bytes(b"x")
     store.write_meta(folder, {"kind": "vm", "name": name, "id": name[-12:].rjust(12, "0"),
                               "created": "2026-01-01T00:00:00Z", "state": "ready", "base": base,
                               "base_id": "aaaaaaaaaaaa", "warm_id": "bbbbbbbbbbbb", "disk": "disk.qcow2",
-                              "pool": base, **extra})
+                              **({"pool": base} if pooled else {}), **extra})
     return folder
 
 
@@ -139,10 +140,7 @@ def test_emptying_a_pool_removes_its_settings_and_members_only(store: Store) -> 
     make_image(store)
     pool.configure(store, "base", 2, None)
     make_member(store, "pool-000000000001")
-    other = make_member(store, "mine")
-    meta = orjson.loads((other / "meta.json").read_bytes())
-    meta.pop("pool")
-    (other / "meta.json").write_bytes(orjson.dumps(meta))
+    make_member(store, "mine", pooled=False)
     assert pool.empty(store, "base") == ["pool-000000000001"]
     assert pool.settings(store, "base") is None and store.folder("vm", "mine").is_dir()
 
@@ -291,10 +289,7 @@ def test_an_image_that_is_refused_keeps_its_pool(store: Store) -> None:
     make_image(store)
     pool.configure(store, "base", 1, None)
     make_member(store, "pool-000000000001")
-    user = make_member(store, "mine")
-    meta = orjson.loads((user / "meta.json").read_bytes())
-    meta.pop("pool")
-    (user / "meta.json").write_bytes(orjson.dumps(meta))
+    make_member(store, "mine", pooled=False)
     with pytest.raises(InUse):
         inventory.remove(store, "image", "base", expect_id=None, force=False, dry_run=False)
     assert pool.settings(store, "base") is not None and store.folder("vm", "pool-000000000001").is_dir()
@@ -329,12 +324,8 @@ def test_kp_boot_refuses_a_warm_clone_options_it_would_not_resume_with(store: St
     from kodepipe.commands import boot
 
     make_image(store)
-    folder = make_member(store, "warm-1")
-    meta = orjson.loads((folder / "meta.json").read_bytes())
-    meta.pop("pool")
-    meta["saved"] = {"saved": "2026-01-01T00:00:00Z", "memory": "1G", "cpus": 2, "net": "user", "share": None,
-                     "warm": True}
-    (folder / "meta.json").write_bytes(orjson.dumps(meta))
+    make_member(store, "warm-1", pooled=False, saved={"saved": "2026-01-01T00:00:00Z", "memory": "1G", "cpus": 2,
+                                                     "net": "user", "share": None, "warm": True})
     boot._check_saved(store, "warm-1", qemu.BootOptions(), frozenset())  # nothing asked: it resumes
     boot._check_saved(store, "warm-1", qemu.BootOptions(memory="1024M"), frozenset({"memory"}))
     with pytest.raises(KpError) as info:  # --net none must never resume an open VM

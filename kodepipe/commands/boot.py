@@ -225,6 +225,8 @@ def _given(preset: Any = None) -> frozenset[str]:
 def _check_saved(store: Any, name: str, opts: Any, given: frozenset[str]) -> None:
     """A warm clone or a saved VM resumes with the memory, CPUs and network it was saved with: options
     given that ask for others are refused, never dropped (--net none must not resume an open VM)."""
+    if not given & {"memory", "cpus", "net"}:
+        return  # nothing asked that a resume could ignore: no view of the VM needed (lifecycle makes one)
     from kodepipe.core.errors import KpError
     from kodepipe.vm import vms
 
@@ -242,12 +244,15 @@ def _check_saved(store: Any, name: str, opts: Any, given: frozenset[str]) -> Non
                       else "boot it without those options, or kp-stop and boot a fresh clone")
 
 
-def _mib(memory: object) -> object:
-    """Guest memory in MiB ("1G" and "1024M" are the same), or the value itself when it is not a size."""
-    text = str(memory)
-    if text[:-1].isdigit() and text[-1:] in ("M", "G"):
-        return int(text[:-1]) * (1024 if text.endswith("G") else 1)
-    return memory
+def _size(memory: object) -> object:
+    """Guest memory in bytes ("1G" and "1024M" are the same), or the value itself when it is not a size."""
+    from kodepipe.core.errors import BadInput
+    from kodepipe.core.units import parse_size
+
+    try:
+        return parse_size(str(memory))
+    except BadInput:
+        return memory
 
 
 def _differences(record: dict[str, object], opts: Any, given: frozenset[str]) -> list[str]:
@@ -265,7 +270,7 @@ def _differences(record: dict[str, object], opts: Any, given: frozenset[str]) ->
         return value if isinstance(value, list) else []
 
     egress = record.get("egress")
-    if "memory" in given and _mib(opts.memory) != _mib(record.get("memory")):
+    if "memory" in given and _size(opts.memory) != _size(record.get("memory")):
         differ("--memory", opts.memory, record.get("memory"))
     if "cpus" in given:
         differ("--cpus", opts.cpus, record.get("cpus"))
