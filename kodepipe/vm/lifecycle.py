@@ -264,11 +264,19 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
         incoming = None
         state_fd = None
         opened: list[int] = []  # the data disks' fds and key pipes: QEMU holds its own copies
+        ram = None  # a warm clone's RAM: the warm state's, shared copy-on-write (kodepipe.vm.warmram)
         if saved is not None:
             # QEMU's sandbox forbids exec: migrations come in on an inherited fd
             state_fd = os.open(_state_file(image, folder, saved), os.O_RDONLY)
             fds, incoming = (state_fd,), f"fd:{state_fd}"
         try:
+            from kodepipe.vm import warmram
+
+            if saved is not None and saved.get("warm") and warmram.shared(image):
+                ram = warmram.obtain(image)
+                opened.append(ram)
+                # the capability must be set before the state comes in, so QEMU waits for it
+                fds, incoming = (ram,), "defer"
             # the serial log goes through a keeper that bounds it (kodepipe.vm.seriallog); --net user is
             # passt behind the loopback guard (kodepipe.vm.passt), unless --host-loopback asked for slirp
             with seriallog.pipe(serial_log, user=user) as serial_fd, \
@@ -286,10 +294,12 @@ def _launch(meta: dict[str, Any], image: Record, opts: qemu.BootOptions, sockets
                 argv = qemu.command_line(vm, image, opts, sockets, accel=accel, ssh_port=port, serial_fd=serial_fd,
                                          incoming=incoming, tap=tap_device,
                                          net_fd=net.qemu_fd if net is not None else None, fds=handed,
-                                         data_disks=data_disks)
+                                         data_disks=data_disks, ram=(ram, False) if ram is not None else None)
                 data_fds = tuple(fd for disk in data_disks for fd in (disk.fd, disk.key_fd))
                 pid = qemu.launch(argv, qemu_log, sockets.qmp,
                                   pass_fds=(*fds, serial_fd, *net_fds, *handed.all(), *data_fds), plan=plan)
+            if ram is not None and state_fd is not None:
+                _load_shared(sockets.qmp, state_fd)
             if saved is not None:
                 _wait_incoming(sockets.qmp)
             return pid, port
@@ -410,6 +420,18 @@ def _state_file(image: Record, folder: Path, saved: dict[str, Any]) -> Path:
     return folder / RAM_STATE
 
 
+def _load_shared(qmp_socket: Path, state_fd: int) -> None:
+    """Load a warm state saved with x-ignore-shared into a QEMU started with -incoming defer: the devices
+    come from the state, the RAM is already there (the warm RAM's memfd, mapped privately)."""
+    from kodepipe.vm.qmp import Monitor
+
+    with Monitor(qmp_socket) as monitor:
+        monitor.execute("migrate-set-capabilities",
+                        {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+        monitor.send_fd(state_fd, "kpload")
+        monitor.execute("migrate-incoming", {"uri": "fd:kpload"})
+
+
 def _wait_incoming(qmp_socket: Path, timeout: float = 120.0) -> None:
     from kodepipe.vm.qmp import Monitor
 
@@ -515,8 +537,11 @@ def pause(store: Store, name: str, *, resume: bool, expect_id: str | None = None
     return vms.view(store, name)
 
 
-def save_ram(qmp_socket: Path, target: Path, *, timeout: float) -> None:
+def save_ram(qmp_socket: Path, target: Path, *, timeout: float, ignore_shared: bool = False) -> None:
     """Freeze the VM, write its whole state to ``target`` and end QEMU.
+
+    ``ignore_shared``: leave out RAM that is a shared file mapping (kp-image warm's memfd, which
+    kodepipe.vm.warmram keeps itself): the state is then the devices alone.
 
     The file goes to QEMU as an open fd (its sandbox forbids exec: URIs).
     On failure, a timeout or an interruption the save is cancelled and the
@@ -530,6 +555,10 @@ def save_ram(qmp_socket: Path, target: Path, *, timeout: float) -> None:
     try:
         with Monitor(qmp_socket) as monitor:
             monitor.execute("stop")
+            # said either way: a warm clone's QEMU loaded its state with the capability on, and a state saved
+            # with it on loads only into a QEMU that sets it too
+            monitor.execute("migrate-set-capabilities",
+                            {"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]})
             monitor.send_fd(fd, "kpsave")
             monitor.execute("migrate", {"uri": "fd:kpsave"})
             deadline = time.monotonic() + timeout

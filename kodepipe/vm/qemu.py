@@ -120,8 +120,11 @@ class DataDisk:
 def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, sockets: Sockets, *,
                  accel: str, ssh_port: int | None, serial_fd: int, incoming: str | None = None,
                  tap: str | None = None, net_fd: int | None = None, fds: qemuuser.Fds | None = None,
-                 data_disks: tuple[DataDisk, ...] = ()) -> list[str]:
+                 data_disks: tuple[DataDisk, ...] = (), ram: tuple[int, bool] | None = None) -> list[str]:
     """The whole QEMU command line for ``vm``.  Pure: starts nothing.
+
+    ``ram``: the guest's RAM as an inherited memfd and whether QEMU writes it (kp-image warm's machine)
+    or maps it privately (a warm clone sharing it: kodepipe.vm.warmram).
 
     ``fds``: what kp-boot opened for a QEMU that runs as another user (kodepipe.vm.qemuuser): its
     sockets, disk chain, kernel, initrd, share and tap as inherited fds, so it resolves no path in
@@ -152,6 +155,7 @@ def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, s
         QEMU, "-name", f"{name},process=kp-{name}",
         "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
         "-m", opts.memory, "-smp", str(opts.cpus),
+        *(_ram_args(ram, opts.memory) if ram is not None else ()),
         # nothing but what is listed here: no default NIC, no VGA, no monitor on stdio
         "-nodefaults", "-no-user-config", "-display", "none",
         *pidfile,
@@ -204,6 +208,12 @@ def command_line(vm: dict[str, Any], image: dict[str, Any], opts: BootOptions, s
     if incoming is not None:
         argv += ["-incoming", incoming]
     return argv + disk_device + _data_disks(data_disks)
+
+
+def _ram_args(ram: tuple[int, bool], memory: str) -> list[str]:
+    from kodepipe.vm import warmram
+
+    return warmram.qemu_args(ram[0], memory, share=ram[1])
 
 
 def _data_disks(data_disks: tuple[DataDisk, ...]) -> list[str]:

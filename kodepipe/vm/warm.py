@@ -1,10 +1,14 @@
 """Warm images: boot a golden image once, save its running state, and let
 clones resume from it in seconds instead of booting cold.
 
-The warm state is two files beside the golden disk: ``warm.qcow2`` (an
-overlay holding what the first boot wrote) and ``warm.state`` (the RAM and
-device state).  Clones are overlays on ``warm.qcow2``; kp-boot resumes them
-from ``warm.state`` and gives each its own identity (kodepipe.vm.identity).
+The warm state is three files beside the golden disk: ``warm.qcow2`` (an
+overlay holding what the first boot wrote), ``warm.state`` (the device
+state) and ``warm.ram`` (the guest's RAM, sparse).  Clones are overlays on
+``warm.qcow2``; kp-boot resumes them from ``warm.state`` with their RAM
+mapped copy-on-write from one sealed copy of ``warm.ram`` that they all
+share (kodepipe.vm.warmram), and gives each its own identity
+(kodepipe.vm.identity).  A warm state made before warm.ram existed holds
+its RAM in warm.state, and its clones resume from it as they always did.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kodepipe.core import units
 from kodepipe.core.errors import InUse, KpError, Timeout
 from kodepipe.core.records import Record
 from kodepipe.core.state import Store, new_id, now_iso, remove_tree
-from kodepipe.vm import address, images, lifecycle, passt, qemu, qemu_img, qemuuser, seriallog
+from kodepipe.vm import address, images, lifecycle, passt, qemu, qemu_img, qemuuser, seriallog, warmram
 
 WARM_DISK = "warm.qcow2"
 WARM_STATE = "warm.state"
@@ -50,7 +55,10 @@ def make_warm(store: Store, name: str, *, memory: str, cpus: int, accel: tuple[s
         boot_meta: dict[str, Any] = {"sockets": {"qmp": str(sockets.qmp), "qga": str(sockets.qga),
                                                   "serial": str(sockets.serial), "pidfile": str(sockets.pidfile)},
                                      "serial_log": str(work / "serial.log"), "accel": accel[0]}
+        ram_fd = None
         try:
+            # its RAM is a memfd held here, which QEMU writes (share=on): saved apart, clones share it
+            ram_fd = warmram.template(units.parse_size(memory))
             qemu_img.create_overlay(Path(image["disk"]), work / WARM_DISK)
             for stale in sockets.paths():
                 stale.unlink(missing_ok=True)
@@ -66,23 +74,27 @@ def make_warm(store: Store, name: str, *, memory: str, cpus: int, accel: tuple[s
                 boot_meta["passt"] = net.record()
                 argv = qemu.command_line({"name": name, "id": image["id"], "disk": str(work / WARM_DISK)}, image,
                                          opts, sockets, accel=accel[0], ssh_port=port, serial_fd=serial_fd,
-                                         net_fd=net.qemu_fd, fds=handed)
+                                         net_fd=net.qemu_fd, fds=handed, ram=(ram_fd, True))
                 boot_meta["pid"] = qemu.launch(argv, work / "qemu.log", sockets.qmp,
-                                               pass_fds=(serial_fd, net.qemu_fd, *handed.all()), plan=plan)
+                                               pass_fds=(serial_fd, net.qemu_fd, ram_fd, *handed.all()), plan=plan)
             _wait_ready(boot_meta, port, started + timeout, progress)
             booted = time.monotonic() - started
             progress(f"ready after {booted:.0f} s; saving its state")
-            lifecycle.save_ram(sockets.qmp, work / WARM_STATE, timeout=timeout)
+            lifecycle.save_ram(sockets.qmp, work / WARM_STATE, timeout=timeout, ignore_shared=True)
             qemu.wait_gone(boot_meta, 10.0)
+            ram_bytes = warmram.write_sparse(ram_fd, work / warmram.RAM_FILE)
         except BaseException:
             qemu.kill(boot_meta)
             qemu.cleanup(boot_meta)
             remove_tree(work)
             raise
+        finally:
+            if ram_fd is not None:
+                os.close(ram_fd)
         qemu.kill(boot_meta)
         qemu.cleanup(boot_meta)
         # the warm files are only ever read from now on, like the golden disk
-        for file in (WARM_DISK, WARM_STATE):
+        for file in (WARM_DISK, WARM_STATE, warmram.RAM_FILE):
             os.chmod(work / file, 0o444)
             os.replace(work / file, folder / file)
         # the overlay named its base relative to .warming/; it now sits beside it
@@ -94,7 +106,8 @@ def make_warm(store: Store, name: str, *, memory: str, cpus: int, accel: tuple[s
         meta["warm"] = {"id": new_id(), "created": now_iso(), "disk": WARM_DISK, "state": WARM_STATE,
                         "memory": memory, "cpus": cpus, "accel": accel[0], "boot_seconds": round(booted, 1),
                         "netdev": passt.NETDEV,
-                        "state_bytes": (folder / WARM_STATE).stat().st_size}
+                        "state_bytes": (folder / WARM_STATE).stat().st_size,
+                        "ram": warmram.RAM_FILE, "ram_bytes": ram_bytes}
         store.write_meta(folder, meta)
     return images.view(store, name)
 
