@@ -27,7 +27,7 @@ from pathlib import Path
 import orjson
 
 from kodepipe.core.state import Store
-from kodepipe.vm import address, images, passt, qemu, qemu_img, seriallog
+from kodepipe.vm import address, images, passt, qemu, qemu_img, seriallog, warmram
 from kodepipe.vm.accel import choose
 from kodepipe.vm.qmp import Monitor
 
@@ -60,24 +60,33 @@ def by_hand(image: dict[str, object], accel: str, work: Path, warm: bool) -> flo
     port = qemu.free_port()
     fds: tuple[int, ...] = ()
     incoming = None
+    ram = None
     if warm:
         fd = os.open(folder / "warm.state", os.O_RDONLY)
         fds, incoming = (fd,), f"fd:{fd}"
+        if warmram.shared(image):
+            # the RAM apart: QEMU maps warm.ram itself, privately (root opens the read-only file read-write)
+            ram = os.open(folder / warmram.RAM_FILE, os.O_RDONLY)
+            fds, incoming = (fd, ram), "defer"
     # the default --net user: passt behind the loopback guard, as kp-boot starts it
     with seriallog.pipe(work / "serial.log") as serial_fd, \
             passt.serving(work / "passt.log", port, output=work / "passt.out") as net:
         argv = qemu.command_line({"name": "bench", "id": "bench", "disk": str(disk)}, image,
                                  qemu.BootOptions(), sockets, accel=accel, ssh_port=port,
-                                 serial_fd=serial_fd, incoming=incoming, net_fd=net.qemu_fd)
+                                 serial_fd=serial_fd, incoming=incoming, net_fd=net.qemu_fd,
+                                 ram=(ram, False) if ram is not None else None)
         child = subprocess.Popen(argv, pass_fds=(*fds, serial_fd, net.qemu_fd), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
     try:
         if warm:
-            os.close(fds[0])
             while not sockets.qmp.exists():
                 time.sleep(0.02)
             time.sleep(0.1)
             with Monitor(sockets.qmp) as monitor:
+                if ram is not None:
+                    monitor.execute("migrate-set-capabilities",
+                                    {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+                    monitor.execute("migrate-incoming", {"uri": f"fd:{fds[0]}"})
                 while monitor.execute("query-migrate").get("status") != "completed":
                     time.sleep(0.05)
                 monitor.execute("cont")
@@ -89,6 +98,8 @@ def by_hand(image: dict[str, object], accel: str, work: Path, warm: bool) -> flo
     finally:
         child.kill()
         child.wait()
+        for each in fds:
+            os.close(each)
 
 
 def row(name: str, kp: list[float], raw: list[float]) -> dict[str, object]:
