@@ -139,12 +139,20 @@ def warm(name: str, memory: str, cpus: int, accel: str, timeout: float, force: b
          quiet: bool) -> int:
     """Boot the image NAME once and save the running machine, so clones start in seconds.
 
-    Waits until the guest agent and SSH answer, then saves the RAM and
-    device state beside the golden disk.  Clones made afterwards (kp-clone,
-    unless --cold) resume from it: SSH-ready in a few seconds instead of a
-    cold boot.  Each resumed clone is given its own identity at once:
-    clock, hostname, machine-id, SSH host key, MAC, and fresh randomness
-    mixed into its kernel RNG.  Writes the image record, with "warm".
+    Waits until the guest agent and SSH answer, then saves the device
+    state (warm.state) and, apart, the guest's RAM (warm.ram, its zero
+    pages left as holes) beside the golden disk.  Clones made afterwards
+    (kp-clone, unless --cold) resume from it: SSH-ready in a few seconds
+    instead of a cold boot.  Their RAM is mapped copy-on-write from one
+    sealed copy of warm.ram that a keeper process holds while clones start
+    from it: a page a clone never writes is shared by all of them, so idle
+    clones cost little more than one, and a resume copies no RAM.  Nothing,
+    not even a QEMU that its guest took over, can write the shared copy.
+    Each resumed clone is given its own identity at once: clock, hostname,
+    machine-id, SSH host key, MAC, and fresh randomness mixed into its
+    kernel RNG.  Writes the image record, with "warm" ("ram", "ram_bytes").
+    A warm state made before warm.ram existed holds its RAM in warm.state:
+    its clones resume from it unshared; --force remakes it.
 
     \b
     Examples:
