@@ -241,17 +241,19 @@ def test_the_mapped_check_sees_a_mapping_in_another_process(tmp_path: Path) -> N
     fd = warmram.load(ram)
     try:
         info = os.fstat(fd)
-        assert not warmram.mapped(info.st_ino, info.st_dev)
+        assert warmram.mapped(info.st_ino, info.st_dev) is None
         code = (f"import mmap,os,sys,time; m=mmap.mmap({fd}, 1<<20, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ);"
                 "sys.stdout.write('ok\\n'); sys.stdout.flush(); time.sleep(30)")
         child = proc.daemon(["python3", "-c", code], pass_fds=(fd,), stdout=-1)
         try:
             assert child.stdout is not None and child.stdout.readline() == b"ok\n"
-            assert warmram.mapped(info.st_ino, info.st_dev)
+            found = warmram.mapped(info.st_ino, info.st_dev)
+            assert found == str(child.pid)
+            assert warmram.mapped(info.st_ino, info.st_dev, found) == found
         finally:
             child.kill()
             child.wait()
-        assert not warmram.mapped(info.st_ino, info.st_dev)
+        assert warmram.mapped(info.st_ino, info.st_dev, found) is None
     finally:
         os.close(fd)
 

@@ -240,20 +240,22 @@ def load(ram: Path) -> int:
     return fd
 
 
-def mapped(inode: int, memfd_dev: int) -> bool:
-    """Whether any process maps the memfd ``inode`` (a QEMU resumed from it)."""
+def mapped(inode: int, memfd_dev: int, first: str | None = None) -> str | None:
+    """A process that maps the memfd ``inode`` (a QEMU resumed from it), or None.  ``first``: the pid
+    that did last time, looked at before all the others (a clone runs for a while)."""
     dev = f"{os.major(memfd_dev):02x}:{os.minor(memfd_dev):02x}"
     needle = f" {dev} {inode} ".encode()
-    for pid in os.listdir("/proc"):
+    pids = os.listdir("/proc")
+    for pid in ([first] if first else []) + pids:
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             with open(f"/proc/{pid}/maps", "rb") as maps:
                 if any(needle in line and MEMFD_NAME.encode() in line for line in maps):
-                    return True
+                    return pid
         except OSError:
             continue
-    return False
+    return None
 
 
 def keep(ram: Path, where: Path) -> int:
@@ -267,6 +269,7 @@ def keep(ram: Path, where: Path) -> int:
     server.listen(16)
     server.settimeout(CHECK)
     last_asked = time.monotonic()
+    user: str | None = None  # a process that mapped it when last looked
     while True:
         try:
             conn, _ = server.accept()
@@ -285,7 +288,9 @@ def keep(ram: Path, where: Path) -> int:
             outdated = (now.st_ino, now.st_dev) != (identity.st_ino, identity.st_dev)
         except FileNotFoundError:
             outdated = True
-        if outdated or (time.monotonic() - last_asked > IDLE and not mapped(info.st_ino, info.st_dev)):
+        if not outdated and time.monotonic() - last_asked > IDLE:
+            user = mapped(info.st_ino, info.st_dev, user)
+        if outdated or (time.monotonic() - last_asked > IDLE and user is None):
             # under kp-boot's lock: one that found nobody answering starts the next keeper only after this
             # one has let go of the socket's name
             with _locked(where.with_suffix(".lock")):
