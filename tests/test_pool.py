@@ -202,24 +202,37 @@ def test_kp_boot_of_a_sealed_vm_with_its_own_rules_passes() -> None:
         "--allow ['other.com'] asked, it runs with ['example.com']"]
 
 
-def test_the_hand_outs_rename_script_sets_the_hostname_files_and_nothing_else(tmp_path: Path) -> None:
-    import subprocess
-
+def test_the_hand_out_sets_the_hostname_files_and_nothing_else() -> None:
     from kodepipe.vm import identity
 
-    files = {"/proc/sys/kernel/hostname": tmp_path / "kernel", "/etc/hostname": tmp_path / "hostname",
-             "/etc/hosts": tmp_path / "hosts"}
-    script = identity.RENAME
-    for real, fake in files.items():
-        assert real in script
-        script = script.replace(real, str(fake))
-    files["/etc/hosts"].write_text("127.0.0.1\tlocalhost\n127.0.1.1\tpool-0123\n# 127.0.1.1 a comment\n"
-                                   "::1\tlocalhost ip6-localhost\nno-newline-at-the-end")
-    subprocess.run(["/bin/sh", "-c", script, "rename", "mine"], check=True)
-    assert files["/proc/sys/kernel/hostname"].read_text() == "mine\n"
-    assert files["/etc/hostname"].read_text() == "mine\n"
-    assert files["/etc/hosts"].read_text() == ("127.0.0.1\tlocalhost\n127.0.1.1\tmine\n# 127.0.1.1 a comment\n"
-                                               "::1\tlocalhost ip6-localhost\nno-newline-at-the-end\n")
+    class Agent:
+        def __init__(self) -> None:
+            self.files = {"/etc/hosts": b"127.0.0.1\tlocalhost\n127.0.1.1\tpool-0123\n# 127.0.1.1 a comment\n"
+                                        b"127.0.1.10\tother\n::1\tlocalhost ip6-localhost\nno-newline-\xff-at-the-end"}
+            self.calls: list[str] = []
+
+        def write_file(self, path: str, data: bytes, timeout: float = 60.0) -> None:
+            self.calls.append(f"write {path}")
+            self.files[path] = data
+
+        def read_file(self, path: str, limit: int = 1 << 20, timeout: float = 30.0) -> bytes:
+            self.calls.append(f"read {path}")
+            if len(self.files[path]) > limit:
+                raise KpError(f"{path} in the guest is larger than {limit} bytes", code="too_large")
+            return self.files[path]
+
+    agent = Agent()
+    identity.rename(agent, "mine")  # type: ignore[arg-type]
+    assert agent.files["/proc/sys/kernel/hostname"] == b"mine\n" and agent.files["/etc/hostname"] == b"mine\n"
+    assert agent.files["/etc/hosts"] == (b"127.0.0.1\tlocalhost\n127.0.1.1\tmine\n# 127.0.1.1 a comment\n"
+                                         b"127.0.1.10\tother\n::1\tlocalhost ip6-localhost\n"
+                                         b"no-newline-\xff-at-the-end\n")
+    assert sorted(agent.calls) == sorted(["write /proc/sys/kernel/hostname", "write /etc/hostname",
+                                          "read /etc/hosts", "write /etc/hosts"])
+    agent.files["/etc/hosts"] = b"#" * (identity.HOSTS_LIMIT + 1)  # not a pool member's own: no rename
+    with pytest.raises(KpError) as caught:
+        identity.rename(agent, "other")  # type: ignore[arg-type]
+    assert caught.value.code == "rename_failed" and "larger than" in caught.value.message
 
 
 def test_a_member_whose_hand_out_fails_is_never_tried_again(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
