@@ -346,3 +346,17 @@ def test_kp_boot_refuses_a_warm_clone_options_it_would_not_resume_with(store: St
     assert info.value.code == "net_on_saved" and "--net none asked" in info.value.message
     with pytest.raises(KpError):
         boot._check_saved(store, "warm-1", qemu.BootOptions(memory="4G"), frozenset({"memory"}))
+
+
+def test_a_failed_members_qemu_log_is_kept_in_pool_log_and_the_problem_points_there(store: Store) -> None:
+    folder = make_image(store)
+    member = make_member(store, "pool-000000000009")
+    (member / "qemu.log").write_bytes(b"x" * 5000 + b"\n$ qemu-system-x86_64 ...\nqemu: could not load kernel\n")
+    message = f"QEMU failed to start: could not load kernel; its command line and output are in {member}/qemu.log"
+    said = pool._keep_qemu_log(store, "base", "pool-000000000009", message)
+    assert said == (f"QEMU failed to start: could not load kernel; its command line and output are in "
+                    f"{folder}/pool.log (copied from pool-000000000009's, removed)")
+    kept = (folder / "pool.log").read_bytes()
+    assert b"qemu: could not load kernel" in kept and len(kept) < 4200  # the end only
+    # a member that never got as far as a log: the message stays as it was
+    assert pool._keep_qemu_log(store, "base", "pool-00000000000a", "resuming it failed") == "resuming it failed"

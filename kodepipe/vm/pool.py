@@ -236,6 +236,7 @@ def fill(store: Store, base: str, *, progress: Callable[[str], None] = lambda _m
                     break
                 except BaseException as exc:
                     message = exc.message if isinstance(exc, KpError) else f"{type(exc).__name__}: {exc}"
+                    message = _keep_qemu_log(store, base, name, message)
                     with contextlib.suppress(KpError):
                         vms.remove(store, name, expect_id=None, dry_run=False)
                     gone = settings_or_none(store, base) is None  # emptied meanwhile: nothing to retry for
@@ -245,6 +246,27 @@ def fill(store: Store, base: str, *, progress: Callable[[str], None] = lambda _m
                     _note(store, base, problem=f"making {name} failed: {message}")
                     raise
             made += 1
+
+
+def _keep_qemu_log(store: Store, base: str, name: str, message: str) -> str:
+    """Before a failed member is removed: the end of its QEMU log goes into pool.log, and ``message``,
+    which may point at the log in the member's folder, points there instead."""
+    member_log = store.folder("vm", name) / "qemu.log"
+    pool_log = store.folder("image", base) / LOG_FILE
+    try:
+        with open(member_log, "rb") as log:
+            log.seek(max(0, os.fstat(log.fileno()).st_size - 4096))
+            tail = log.read(4096)
+    except OSError:
+        return message
+    with contextlib.suppress(OSError):
+        fd = os.open(pool_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, f"--- the end of {name}'s qemu.log ---\n".encode() + tail + b"\n--- end ---\n")
+        finally:
+            os.close(fd)
+        return message.replace(str(member_log), f"{pool_log} (copied from {name}'s, removed)")
+    return message
 
 
 def _created(store: Store) -> Callable[[str], str]:

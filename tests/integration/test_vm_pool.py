@@ -263,6 +263,9 @@ def test_a_refill_that_fails_is_shown_by_kp_ls_until_kp_pool_mends_it(
         assert log.is_file()
         written = log.read_bytes()[logged:].decode("utf-8", "replace")
         assert "trying a new one" in written and STUB_MESSAGE in written, written
+        # the problem points at a log that is there: the failed member's own went with its folder
+        assert "/vms/pool-" not in problem and f"{log} (copied from pool-" in problem, problem
+        assert "'s qemu.log ---" in written and "$ " in written, written  # its QEMU's command line and output
 
         # kp-pool base, with a QEMU that starts, makes the pool whole and forgets the problem
         mended = fill(env, count=1)
