@@ -15,16 +15,11 @@ import pytest
 
 from tests.conftest import BIN, lines
 from tests.integration.conftest import run
+from tests.integration.test_vm import one
 
 pytestmark = pytest.mark.integration
 
 NAMES = [f"dense-{n}" for n in range(1, 6)]
-
-
-def one(proc: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    (record,) = lines(proc.stdout)
-    return record
 
 
 def booted(env: dict[str, str], *names: str) -> dict[str, dict[str, Any]]:

@@ -22,6 +22,7 @@ import pytest
 from kodepipe.core.state import parse_iso
 from tests.conftest import BIN, lines
 from tests.integration.conftest import run
+from tests.integration.test_vm import one, qemu_processes, ssh
 
 pytestmark = pytest.mark.integration
 
@@ -31,20 +32,6 @@ MEMBER_BOUND = 600.0  # seconds for one member under TCG, from its clone to SSH 
 STUB_MESSAGE = "kp-test stub: this QEMU refuses to start"
 
 
-def one(proc: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
-    assert proc.returncode == 0, proc.stderr.decode()
-    records = lines(proc.stdout)
-    assert len(records) == 1, records
-    return records[0]
-
-
-def ssh(env: dict[str, str], name: str, *command: str) -> dict[str, Any]:
-    proc = run(env, "kp-ssh", name, "--", *command, timeout=120)
-    results = [r for r in lines(proc.stdout) if r.get("kind") == "result"]
-    assert len(results) == 1, proc.stderr.decode()
-    return results[0]
-
-
 def _live(pid: str) -> bool:
     """Whether /proc/PID is a process that has not exited (a zombie only waits for its parent's wait())."""
     try:
@@ -52,21 +39,6 @@ def _live(pid: str) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"
-
-
-def qemu_processes(name: str) -> list[int]:
-    """Live QEMU processes of VM ``name`` (QEMU keeps the name it was started under: a pool member
-    handed out as X still runs as kp-pool-ID)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            if stat[stat.index("(") + 1:stat.rindex(")")] == f"kp-{name}"[:15] and _live(pid):
-                found.append(int(pid))
-    return found
 
 
 def refills(state: Path) -> list[int]:
