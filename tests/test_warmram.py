@@ -88,8 +88,9 @@ def test_the_loaded_memfd_is_the_file_and_nobody_can_write_it_even_root(tmp_path
         out.truncate(8 * MIB)
         out.seek(3 * MIB)
         out.write(b"kernel text")
-    fd = warmram.load(ram)
+    fd, loaded = warmram.load(ram)
     try:
+        assert loaded.st_ino == os.stat(ram).st_ino
         assert os.pread(fd, 8 * MIB, 0) == ram.read_bytes()
         assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & warmram.SEALS == warmram.SEALS
         # what a QEMU that its guest took over could try, through the fd or by opening it again
@@ -238,7 +239,7 @@ def test_the_mapped_check_sees_a_mapping_in_another_process(tmp_path: Path) -> N
 
     ram = tmp_path / "warm.ram"
     ram.write_bytes(b"\x05" * MIB)
-    fd = warmram.load(ram)
+    fd, _ = warmram.load(ram)
     try:
         info = os.fstat(fd)
         assert warmram.mapped(info.st_ino, info.st_dev) is None
@@ -267,3 +268,93 @@ def test_errno_of_a_sealed_write_is_eperm() -> None:
         assert caught.value.errno == errno.EPERM
     finally:
         os.close(fd)
+
+
+def test_a_keeper_that_does_not_answer_is_waited_for_never_replaced(tmp_path: Path, runtime: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live keeper that is slow (its queue full) is not a dead one: kp-boot must not take its socket's
+    name and start a second copy of the RAM, which the first would then unlink when it ends."""
+    import threading
+
+    monkeypatch.setattr(warmram, "START_BOUND", 1.5)
+    image = image_with(tmp_path, bytes(4 * MIB))
+    where = runtime / "ram-cccccccccccc.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(where))
+    server.listen(8)
+    stop = threading.Event()
+
+    def mute() -> None:  # accepts, says nothing, hangs up
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            conn.close()
+
+    thread = threading.Thread(target=mute)
+    thread.start()
+    try:
+        with pytest.raises(KpError) as caught:
+            warmram.obtain(image)
+        assert caught.value.code == "resume_failed" and "did not hand it over" in caught.value.message
+        assert not keepers(str(where)) and where.exists()  # no second keeper; the socket left alone
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def test_a_keeper_ending_removes_only_its_own_socket(tmp_path: Path, runtime: Path) -> None:
+    image = image_with(tmp_path, bytes(4 * MIB))
+    where = runtime / "ram-cccccccccccc.sock"
+    fd = warmram.obtain(image)
+    os.close(fd)
+    # someone else's socket now has the name (a keeper started after this one was thought gone)
+    os.replace(where, runtime / "old.sock")
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(where))
+    try:
+        (tmp_path / warmram.RAM_FILE).unlink()  # outdated: the keeper ends at its next look
+        wait_until(lambda: not keepers(str(where)), warmram.CHECK * 4)
+        assert where.exists(), "the ending keeper removed a socket it had not bound"
+        assert not where.with_suffix(".log").exists()  # its own log, with nothing in it, goes
+    finally:
+        other.close()
+
+
+def test_the_received_memfd_is_close_on_exec(tmp_path: Path) -> None:
+    image = image_with(tmp_path, bytes(4 * MIB))
+    fd = warmram.obtain(image)
+    try:
+        assert not os.get_inheritable(fd)
+    finally:
+        os.close(fd)
+        (tmp_path / warmram.RAM_FILE).unlink()
+
+
+def test_a_warm_state_missing_a_file_is_said_and_its_clones_do_not_resume(tmp_path: Path) -> None:
+    from kodepipe.core.state import Store
+    from kodepipe.vm import images, lifecycle
+    from tests.test_pool import make_image, make_member
+
+    store = Store(tmp_path / "state")
+    folder = make_image(store)
+    meta = store.read_meta(folder) or {}
+    meta["warm"] = {**meta["warm"], "ram": warmram.RAM_FILE}
+    store.write_meta(folder, meta)
+    (folder / "warm.state").write_bytes(b"s")
+    (folder / warmram.RAM_FILE).write_bytes(b"r")
+    record = images.view(store, "base")
+    assert record["state"] == "ready" and "problem" not in record["warm"]
+    (folder / warmram.RAM_FILE).unlink()  # a user's clean-up, a failed copy
+    record = images.view(store, "base")
+    assert record["state"] == "ready"  # cold clones still boot from it
+    assert record["warm"]["problem"] == "missing warm.ram"
+    make_member(store, "w-1", pooled=False, saved={"warm": True, "memory": "1G", "cpus": 2, "net": "user",
+                                                   "share": None})
+    with pytest.raises(KpError) as caught:
+        lifecycle.boot(store, "w-1", qemu.BootOptions(), ("tcg", "test"))
+    assert caught.value.code == "broken" and "missing warm.ram" in caught.value.message
+    assert "kp-image warm --force base" in (caught.value.hint or "")

@@ -37,6 +37,13 @@ def view(store: Store, name: str) -> Record:
         if missing:
             record["state"] = "broken"
             record["problem"] = f"missing {', '.join(missing)} file"
+        warm = meta.get("warm")
+        if isinstance(warm, dict):
+            # cold clones do not need it: the image stays ready, its warm state says what it lacks
+            gone = [str(warm[k]) for k in ("disk", "state", "ram")
+                    if isinstance(warm.get(k), str) and not (folder / warm[k]).is_file()]
+            if gone:
+                record["warm"] = {**warm, "problem": f"missing {', '.join(gone)}"}
     return record
 
 

@@ -40,7 +40,7 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
          disk_key: Callable[[dict[str, Any]], str] | None = None) -> tuple[Record, bool]:
     """Start VM ``name``; returns its record and whether it was already running.  ``say`` warns;
     ``disk_key`` reads a data disk's key from its source (kodepipe.egress.sources, by kp-boot)."""
-    with store.lock(name):
+    with store.lock(name), contextlib.ExitStack() as hold:
         folder, meta = vm_meta(store, name, expect_id)
         current = vms.view(store, name)
         if current["state"] in ("running", "suspended"):
@@ -54,8 +54,17 @@ def boot(store: Store, name: str, opts: qemu.BootOptions, accel: tuple[str, str]
             qemu.cleanup(meta["boot"])
         # what a guest that crashed (or was killed) left in its share is dealt with before a new one starts
         _settle_share(folder, name, meta.get("boot") or meta.get("saved") or {}, {}, say)
-        image = images.view(store, meta["base"])
         saved = meta.get("saved") if isinstance(meta.get("saved"), dict) else None
+        if saved is not None and saved.get("warm"):
+            # the warm state's files, its RAM and its id read as one: kp-image warm --force replaces them
+            # under the image's lock
+            hold.enter_context(store.lock(meta["base"], shared=True, wait=10.0))
+        image = images.view(store, meta["base"])
+        if saved is not None and saved.get("warm") and isinstance(image.get("warm"), dict) \
+                and image["warm"].get("problem"):
+            raise KpError(f"{name} cannot resume: the warm state of {meta['base']} is damaged "
+                          f"({image['warm']['problem']})", code="broken",
+                          hint=f"remake it with kp-image warm --force {meta['base']}, or clone it with kp-clone --cold")
         if saved is not None:
             # a saved machine resumes with the very hardware it was saved with: a share cannot be added
             if opts.disks:

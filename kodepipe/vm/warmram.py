@@ -126,12 +126,21 @@ def obtain(image: dict[str, Any]) -> int:
     ram = Path(str(image["path"])) / str(warm["ram"])
     size = units.parse_size(str(warm["memory"]))
     where = paths.socket_path(f"ram-{warm['id']}", "sock")
-    fd = _ask(where)
-    if fd is None:
-        with _locked(where.with_suffix(".lock")):
+    deadline = time.monotonic() + START_BOUND
+    while True:
+        try:
             fd = _ask(where)
             if fd is None:
-                fd = _start(ram, where)
+                with _locked(where.with_suffix(".lock")):
+                    fd = _ask(where)
+                    if fd is None:  # nobody listens: start one (a live keeper's socket is never taken over)
+                        fd = _start(ram, where)
+            break
+        except _Busy as exc:
+            if time.monotonic() > deadline:
+                raise KpError(f"the keeper of the warm RAM {ram} did not hand it over: {exc}",
+                              code="resume_failed", hint="try again") from None
+            time.sleep(0.1)
     try:
         _check(fd, size)
     except KpError:
@@ -153,23 +162,42 @@ def _check(fd: int, size: int) -> None:
                       code="resume_failed", hint="kill the process listening on its socket and boot again")
 
 
+class _Busy(Exception):
+    """A keeper listens but did not hand the memfd over (its queue full, or slow): not a dead one."""
+
+
 def _ask(where: Path) -> int | None:
-    """The memfd from the keeper listening at ``where``; None when nobody does."""
+    """The memfd from the keeper listening at ``where``; None when nobody listens there (no socket, or
+    one whose keeper is gone).  _Busy when one listens and did not answer."""
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as conn:
             conn.settimeout(10.0)
             conn.connect(os.fspath(where))
             _pid, uid, _gid = _peer(conn)
             if uid not in (os.geteuid(), 0):
-                return None  # not kodepipe's own keeper: ignore it (the runtime dir is ours alone anyway)
-            _msg, fds, _flags, _addr = socket.recv_fds(conn, 16, 4)
+                raise _Busy(f"the socket {where} is not kodepipe's own keeper's")
+            fds = _receive(conn)
     except (FileNotFoundError, ConnectionRefusedError):
         return None
-    except OSError:
-        return None
+    except OSError as exc:
+        raise _Busy(str(exc)) from None
+    if not fds:
+        raise _Busy("the keeper handed nothing over")
     for extra in fds[1:]:
         os.close(extra)
-    return fds[0] if fds else None
+    return fds[0]
+
+
+def _receive(conn: socket.socket) -> list[int]:
+    """The fds of one message, close-on-exec from the start (socket.recv_fds leaves them inheritable)."""
+    import array
+
+    ints = array.array("i")
+    _msg, ancillary, _flags, _addr = conn.recvmsg(16, socket.CMSG_SPACE(4 * ints.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            ints.frombytes(data[:len(data) - len(data) % ints.itemsize])
+    return list(ints)
 
 
 def _peer(conn: socket.socket) -> tuple[int, int, int]:
@@ -206,9 +234,10 @@ def _start(ram: Path, where: Path) -> int:
         os.close(out)
     deadline = time.monotonic() + START_BOUND
     while True:
-        fd = _ask(where)
-        if fd is not None:
-            return fd
+        with contextlib.suppress(_Busy):
+            fd = _ask(where)
+            if fd is not None:
+                return fd
         if keeper.poll() is not None or time.monotonic() > deadline:
             if keeper.poll() is None:
                 keeper.kill()
@@ -224,11 +253,12 @@ def _start(ram: Path, where: Path) -> int:
 # -- the keeper -----------------------------------------------------------------------------------
 
 
-def load(ram: Path) -> int:
-    """A memfd holding ``ram``'s bytes (holes stay holes), sealed for good."""
+def load(ram: Path) -> tuple[int, os.stat_result]:
+    """A memfd holding ``ram``'s bytes (holes stay holes), sealed for good; and what the file it read was."""
     src = os.open(ram, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        size = os.fstat(src).st_size
+        loaded = os.fstat(src)
+        size = loaded.st_size
         fd = os.memfd_create(MEMFD_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(fd, size)
         for start, end in _extents(src, size):
@@ -237,7 +267,7 @@ def load(ram: Path) -> int:
     finally:
         os.close(src)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
-    return fd
+    return fd, loaded
 
 
 def mapped(inode: int, memfd_dev: int, first: str | None = None) -> str | None:
@@ -260,13 +290,13 @@ def mapped(inode: int, memfd_dev: int, first: str | None = None) -> str | None:
 
 def keep(ram: Path, where: Path) -> int:
     """Load ``ram``, listen at ``where``, hand the memfd to whoever asks; end when idle or outdated."""
-    identity = os.stat(ram, follow_symlinks=False)
-    fd = load(ram)
+    fd, identity = load(ram)
     info = os.fstat(fd)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     server.bind(os.fspath(where))
     os.chmod(where, 0o600)
-    server.listen(16)
+    bound = os.stat(where)  # its own socket file: the only one it ever removes
+    server.listen(128)
     server.settimeout(CHECK)
     last_asked = time.monotonic()
     user: str | None = None  # a process that mapped it when last looked
@@ -295,7 +325,12 @@ def keep(ram: Path, where: Path) -> int:
             # one has let go of the socket's name
             with _locked(where.with_suffix(".lock")):
                 server.close()
-                where.unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    now_there = os.stat(where)
+                    if (now_there.st_ino, now_there.st_dev) == (bound.st_ino, bound.st_dev):
+                        where.unlink()
+                with contextlib.suppress(FileNotFoundError):
+                    where.with_suffix(".log").unlink()  # its own stderr: nothing went wrong
             return 0
 
 
