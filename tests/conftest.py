@@ -117,6 +117,19 @@ def snapshot(root: Path) -> dict[str, bytes]:
             if p.is_file() and "locks" not in p.parts}
 
 
+def processes_with(*words: bytes) -> list[int]:
+    """Pids of the processes whose argv holds every one of ``words`` (kodepipe's detached keepers)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(word in argv for word in words):
+            found.append(int(pid))
+    return found
+
+
 def lines(text: str | bytes) -> list[Record]:
     return [orjson.loads(line) for line in (text.splitlines() if text else [])]
 

@@ -18,6 +18,7 @@ import pytest
 
 from kodepipe.core.errors import KpError
 from kodepipe.vm import qemu, warmram
+from tests.conftest import processes_with
 
 MIB = 1 << 20
 
@@ -46,15 +47,7 @@ def image_with(folder: Path, ram: bytes | None = None, *, warm_id: str = "cccccc
 
 
 def keepers(where: str) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"kodepipe.vm.warmram" in argv and where.encode() in argv:
-            found.append(int(pid))
-    return found
+    return processes_with(b"kodepipe.vm.warmram", where.encode())
 
 
 def wait_until(condition: Any, bound: float = 30.0) -> None:

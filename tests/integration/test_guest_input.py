@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from kodepipe.vm import seriallog
-from tests.conftest import BIN, lines
+from tests.conftest import BIN, lines, processes_with
 from tests.integration.conftest import run
 
 pytestmark = pytest.mark.integration
@@ -90,15 +90,7 @@ def as_root(env: dict[str, str], script: str, timeout: float = 300) -> dict[str,
 
 
 def keepers(log: Path) -> list[int]:
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"kodepipe.vm.seriallog" in argv and os.fsencode(str(log)) in argv:
-            found.append(int(pid))
-    return found
+    return processes_with(b"kodepipe.vm.seriallog", os.fsencode(str(log)))
 
 
 @pytest.fixture(scope="module")
